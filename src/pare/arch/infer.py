@@ -1,0 +1,348 @@
+"""Infer a :class:`ModelArch` from a loaded model.
+
+Sources, in order: the decoder-layer class from ``_no_split_modules``; the tensor-parallel plan
+(``base_model_tp_plan``: ``colwise`` projections read the block input, ``rowwise`` ones write the
+block output); conventional projection names; config fields; the weights' shapes. A built-in
+:class:`ArchOverride` corrects the few families where that is not enough (GPT-2, GPT-NeoX, OPT...).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Any
+
+from torch import nn
+
+from pare.arch.overrides import BUILTIN_OVERRIDES, ArchOverride
+from pare.arch.roles import (
+    AttentionRoles,
+    ConfigFields,
+    ExpertsRoles,
+    LayerRoles,
+    MLPRoles,
+    ModelArch,
+    Proj,
+)
+from pare.errors import UnsupportedArchitectureError
+
+log = logging.getLogger(__name__)
+
+ROLE_NAMES: dict[str, tuple[str, ...]] = {
+    "q": ("q_proj", "query", "q"),
+    "k": ("k_proj", "key", "k"),
+    "v": ("v_proj", "value", "v"),
+    "qkv": ("qkv_proj", "query_key_value", "c_attn", "Wqkv", "W_pack"),
+    "o": ("o_proj", "out_proj", "dense", "wo", "c_proj"),
+    "gate_up": ("gate_up_proj",),
+    "gate": ("gate_proj", "w1"),
+    "up": ("up_proj", "w3", "fc1", "c_fc", "dense_h_to_4h", "fc_in"),
+    "down": ("down_proj", "w2", "fc2", "dense_4h_to_h", "fc_out", "c_proj"),
+}
+ATTN_ROLES = ("q", "k", "v", "qkv", "o")
+MLP_ROLES = ("gate_up", "gate", "up", "down")
+FINAL_NORM_NAMES = ("norm", "final_layer_norm", "ln_f", "final_layernorm", "final_norm")
+
+
+def _is_conv1d(module: nn.Module) -> bool:
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
+
+
+def _is_projection(module: nn.Module) -> bool:
+    return isinstance(module, nn.Linear) or _is_conv1d(module)
+
+
+def find_layers_path(model: nn.Module, override: ArchOverride | None = None) -> str:
+    """Dotted path of the ModuleList holding the decoder layers."""
+    if override is not None and override.layers_path:
+        return override.layers_path
+    layer_classes = set(getattr(model, "_no_split_modules", None) or ())
+    candidates = []
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and len(module) > 0:
+            first = type(module[0]).__name__
+            if first in layer_classes:
+                return name
+            if all(type(m).__name__ == first for m in module) and any(
+                _is_projection(m) for m in module[0].modules()
+            ):
+                candidates.append(name)
+    if len(candidates) == 1:
+        return candidates[0]
+    raise UnsupportedArchitectureError(
+        f"{type(model).__name__}: cannot find the decoder layers (no ModuleList of "
+        f"{sorted(layer_classes) or 'any _no_split_modules class'}; candidates: {candidates}). "
+        "Pass ArchOverride(layers_path='model.layers') to pare.arch.describe, or --arch-override "
+        "with `layers_path:` on the CLI."
+    )
+
+
+def _module_name(model: nn.Module, target: nn.Module | None) -> str | None:
+    if target is None:
+        return None
+    for name, module in model.named_modules():
+        if module is target:
+            return name
+    return None
+
+
+def _tp_kind(tp_plan: dict[str, str], rel: str) -> str | None:
+    kind = tp_plan.get(f"layers.*.{rel}")
+    if kind is None:
+        return None
+    if kind.startswith("colwise") or kind == "packed_colwise":
+        return "in"
+    if kind.startswith("rowwise"):
+        return "out"
+    return None
+
+
+def _match_roles(layer: nn.Module, override: ArchOverride | None) -> dict[str, str]:
+    """Map role -> relative path of the projection inside ``layer``."""
+    projections = {n: m for n, m in layer.named_modules() if n and _is_projection(m)}
+    roles: dict[str, str] = {}
+    forced = dict(override.names) if override else {}
+    for role, rel in forced.items():
+        roles[role] = rel
+    for rel in projections:
+        leaf = rel.rsplit(".", 1)[-1]
+        parent = rel.rsplit(".", 1)[0] if "." in rel else ""
+        if "shared_expert" in rel or rel in roles.values():
+            continue
+        for role, names in ROLE_NAMES.items():
+            if role in roles or leaf not in names:
+                continue
+            in_attn = any(k in parent for k in ("attn", "attention"))
+            if role in ATTN_ROLES and role != "o" and not in_attn and leaf in ("q", "k", "v"):
+                continue
+            if role == "o" and leaf == "c_proj" and not in_attn:
+                continue  # GPT-2 style: c_proj in the MLP is the down projection
+            if role == "down" and leaf == "c_proj" and in_attn:
+                continue
+            if role == "o" and leaf == "dense" and not in_attn:
+                continue
+            roles[role] = rel
+            break
+    return roles
+
+
+def _experts(layer: nn.Module, config: Any, fields: ConfigFields) -> ExpertsRoles | None:
+    for rel, module in layer.named_modules():
+        params = dict(module.named_parameters(recurse=False))
+        gu = next((n for n in ("gate_up_proj", "w13", "gate_up") if n in params), None)
+        dn = next((n for n in ("down_proj", "w2") if n in params), None)
+        if gu is None or dn is None or params[gu].dim() != 3:
+            continue
+        parent = rel.rsplit(".", 1)[0] if "." in rel else ""
+        prefix = f"{parent}." if parent else ""
+        router = next(
+            (f"{prefix}{n}" for n in ("gate", "router") if _has(layer, f"{prefix}{n}")), None
+        )
+        if router is None:
+            return None
+        num_experts, two_i, _ = params[gu].shape
+        shared = None
+        if _has(layer, f"{prefix}shared_expert.down_proj"):
+            shared = MLPRoles(
+                path=f"{prefix}shared_expert",
+                gate=Proj(f"{prefix}shared_expert.gate_proj"),
+                up=Proj(f"{prefix}shared_expert.up_proj"),
+                down=Proj(f"{prefix}shared_expert.down_proj"),
+            )
+        shared_gate = f"{prefix}shared_expert_gate" if _has(layer, f"{prefix}shared_expert_gate") else None
+        return ExpertsRoles(
+            path=rel,
+            gate_up_param=gu,
+            down_param=dn,
+            num_experts=int(num_experts),
+            intermediate=int(two_i) // 2,
+            router=router,
+            top_k=int(getattr(config, "num_experts_per_tok", 0) or getattr(config, "top_k", 0) or 0),
+            shared=shared,
+            shared_gate=shared_gate,
+        )
+    return None
+
+
+def _has(module: nn.Module, path: str) -> bool:
+    try:
+        module.get_submodule(path)
+        return True
+    except AttributeError:
+        return False
+
+
+def _parent(rel: str) -> str:
+    return rel.rsplit(".", 1)[0] if "." in rel else ""
+
+
+def config_head_counts(config: Any) -> tuple[int, int, int]:
+    """(heads, kv_heads, head_dim) as the config states them."""
+    heads = int(config.num_attention_heads)
+    kv = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or int(config.hidden_size) // heads
+    return heads, int(kv), int(head_dim)
+
+
+def _attention(layer: nn.Module, roles: dict[str, str], config: Any, layout: str) -> AttentionRoles | None:
+    if "o" not in roles or not ({"q", "k", "v"} <= roles.keys() or "qkv" in roles):
+        return None
+
+    def proj(role: str) -> Proj:
+        return Proj(roles[role], conv1d=_is_conv1d(layer.get_submodule(roles[role])))
+
+    heads, kv, head_dim = config_head_counts(config)
+    o = proj("o")
+    o_mod = layer.get_submodule(o.path)
+    o_in = o_mod.weight.shape[0] if o.conv1d else o_mod.weight.shape[1]
+    layer_heads = int(o_in) // head_dim
+    path = _parent(o.path)
+    q_norm = f"{path}.q_norm" if _has(layer, f"{path}.q_norm") else None
+    k_norm = f"{path}.k_norm" if _has(layer, f"{path}.k_norm") else None
+    if "qkv" in roles:
+        qkv = proj("qkv")
+        qkv_mod = layer.get_submodule(qkv.path)
+        total = (qkv_mod.weight.shape[1] if qkv.conv1d else qkv_mod.weight.shape[0]) // head_dim
+        layer_kv = (int(total) - layer_heads) // 2
+        return AttentionRoles(
+            path=path, o=o, num_heads=layer_heads, num_kv_heads=layer_kv, head_dim=head_dim,
+            qkv=qkv, qkv_layout=layout,  # type: ignore[arg-type]
+            q_norm=q_norm, k_norm=k_norm,
+        )
+    k = proj("k")
+    k_mod = layer.get_submodule(k.path)
+    layer_kv = int(k_mod.weight.shape[1] if k.conv1d else k_mod.weight.shape[0]) // head_dim
+    return AttentionRoles(
+        path=path, o=o, num_heads=layer_heads, num_kv_heads=layer_kv, head_dim=head_dim,
+        q=proj("q"), k=k, v=proj("v"), q_norm=q_norm, k_norm=k_norm,
+    )
+
+
+def _mlp(layer: nn.Module, roles: dict[str, str]) -> MLPRoles | None:
+    if "down" not in roles:
+        return None
+
+    def proj(role: str) -> Proj | None:
+        if role not in roles:
+            return None
+        return Proj(roles[role], conv1d=_is_conv1d(layer.get_submodule(roles[role])))
+
+    down = proj("down")
+    assert down is not None
+    gate_up, gate, up = proj("gate_up"), proj("gate"), proj("up")
+    if gate_up is None and up is None:
+        return None
+    return MLPRoles(path=_parent(down.path), down=down, up=up, gate=gate, gate_up=gate_up)
+
+
+def _norms(layer: nn.Module, attention: AttentionRoles | None) -> tuple[str, ...]:
+    skip = {attention.q_norm, attention.k_norm} if attention else set()
+    out = []
+    for rel, module in layer.named_modules():
+        if rel and rel not in skip and "norm" in type(module).__name__.lower() and "shared" not in rel:
+            if hasattr(module, "weight"):
+                out.append(rel)
+    return tuple(out)
+
+
+def describe_layer(layer: nn.Module, index: int, config: Any, override: ArchOverride | None) -> LayerRoles:
+    """The roles of one decoder layer, with head counts read from its weights."""
+    roles = _match_roles(layer, override)
+    layout = (override.qkv_layout if override and override.qkv_layout else None) or "concat"
+    attention = _attention(layer, roles, config, layout)
+    fields = override.fields if override and override.fields else ConfigFields()
+    experts = _experts(layer, config, fields)
+    mlp = None if experts is not None else _mlp(layer, roles)
+    parallel = bool(getattr(config, "use_parallel_residual", False) or getattr(config, "parallel_attn", False))
+    if override and override.parallel_residual is not None:
+        parallel = override.parallel_residual
+    return LayerRoles(
+        index=index, attention=attention, mlp=mlp, experts=experts,
+        norms=_norms(layer, attention), parallel_residual=parallel,
+    )
+
+
+def _config_fields(config: Any, override: ArchOverride | None, num_layers: int) -> ConfigFields:
+    fields = override.fields if override and override.fields else ConfigFields()
+    if fields.kv_heads and getattr(config, fields.kv_heads, None) is None:
+        fields = dataclasses.replace(fields, kv_heads=None)
+    if fields.head_dim and getattr(config, fields.head_dim, None) is None:
+        fields = dataclasses.replace(fields, head_dim=None)
+    lists = tuple(
+        k for k, v in sorted(vars(config).items())
+        if isinstance(v, (list, tuple)) and len(v) == num_layers and k not in ("architectures",)
+    )
+    return dataclasses.replace(fields, per_layer_lists=lists)
+
+
+def describe(model: nn.Module, override: ArchOverride | None = None) -> ModelArch:
+    """Describe a loaded causal LM.
+
+    Args:
+        model: a transformers ``*ForCausalLM`` (any device, any dtype).
+        override: corrections for architectures inference gets wrong; defaults to the built-in
+            override of the model's ``model_type`` if any.
+
+    Raises:
+        UnsupportedArchitectureError: naming what could not be inferred and how to override it.
+    """
+    config = model.config
+    model_type = getattr(config, "model_type", type(model).__name__)
+    if override is None:
+        override = BUILTIN_OVERRIDES.get(model_type)
+    layers_path = find_layers_path(model, override)
+    layer_list = model.get_submodule(layers_path)
+    layers = [describe_layer(layer, i, config, override) for i, layer in enumerate(layer_list)]
+    missing = []
+    first = layers[0]
+    if first.attention is None:
+        missing.append("attention projections (q/k/v or fused qkv, and the output projection)")
+    if first.mlp is None and first.experts is None:
+        missing.append("MLP projections (gate/up or fc1, and down or fc2) or MoE experts")
+    embed_path = _module_name(model, model.get_input_embeddings())
+    lm_head_path = _module_name(model, model.get_output_embeddings())
+    if embed_path is None:
+        missing.append("input embeddings")
+    if lm_head_path is None:
+        missing.append("lm_head (output embeddings)")
+    if missing:
+        found = sorted(n for n, m in layer_list[0].named_modules() if n and _is_projection(m))
+        raise UnsupportedArchitectureError(
+            f"pare cannot describe {type(model).__name__} (model_type={model_type!r}): could not infer "
+            f"{'; '.join(missing)}. Projections found in layer 0: {found}. Supported families are "
+            "llama, mistral, qwen2, qwen3, gemma2/3, phi3, gpt_neox, gpt2, opt, mixtral, qwen2_moe, "
+            "qwen3_moe and look-alikes. Add an override naming the modules, e.g. "
+            "ArchOverride(names={'q': 'attn.wq', 'k': 'attn.wk', 'v': 'attn.wv', 'o': 'attn.wo', "
+            "'up': 'ffn.w1', 'down': 'ffn.w2'}) passed to pare.arch.describe(model, override=...), "
+            "or the same mapping under `names:` in a YAML file given to --arch-override."
+        )
+    base_prefix = getattr(model, "base_model_prefix", "")
+    base_path = base_prefix if base_prefix and _has(model, base_prefix) else ""
+    final_norm = None
+    parent = _parent(layers_path)
+    for name in FINAL_NORM_NAMES:
+        candidate = f"{parent}.{name}" if parent else name
+        if _has(model, candidate):
+            final_norm = candidate
+            break
+    embed = model.get_input_embeddings()
+    head = model.get_output_embeddings()
+    tied = head is not None and embed is not None and head.weight is embed.weight
+    extra = tuple(
+        n for n, m in model.named_modules()
+        if isinstance(m, nn.Embedding) and n != embed_path and not n.startswith(layers_path)
+    )
+    arch = ModelArch(
+        model_type=model_type,
+        base_path=base_path,
+        layers_path=layers_path,
+        embed_path=embed_path or "",
+        final_norm_path=final_norm,
+        lm_head_path=lm_head_path or "",
+        tied=tied,
+        fields=_config_fields(config, override, len(layers)),
+        layers=layers,
+        extra_embeddings=extra,
+    )
+    log.debug("described %s: %d layers at %s", model_type, len(layers), layers_path)
+    return arch

@@ -1,0 +1,67 @@
+"""Short per-family corrections where inference from the model alone is wrong or ambiguous.
+
+An override never copies a forward: it only names modules, layouts and config fields. To add an
+architecture that inference cannot handle, pass an :class:`ArchOverride` to
+:func:`pare.arch.describe` (or ``--arch-override file.yaml`` on the CLI).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from pare.arch.roles import ConfigFields, QkvLayout
+
+
+@dataclass(frozen=True)
+class ArchOverride:
+    """Corrections to the inferred description (every field optional).
+
+    Attributes:
+        layers_path: dotted path of the decoder ``ModuleList`` (``"model.decoder.layers"``).
+        names: role -> module name inside a layer (leaf name or dotted relative path), for roles
+            ``q k v qkv o gate up gate_up down``.
+        qkv_layout: layout of a fused q/k/v projection.
+        fields: config field names for each size.
+        parallel_residual: attention and MLP read the same input (GPT-NeoX, GPT-J).
+    """
+
+    layers_path: str | None = None
+    names: dict[str, str] = field(default_factory=dict)
+    qkv_layout: QkvLayout | None = None
+    fields: ConfigFields | None = None
+    parallel_residual: bool | None = None
+
+    @classmethod
+    def from_dict(cls, data: dict) -> ArchOverride:
+        data = dict(data)
+        if "fields" in data and isinstance(data["fields"], dict):
+            data["fields"] = ConfigFields(**data["fields"])
+        return cls(**data)
+
+
+_NO_GQA = ConfigFields(kv_heads=None, head_dim=None)
+
+BUILTIN_OVERRIDES: dict[str, ArchOverride] = {
+    # GPT-2: Conv1D weights, fused concat c_attn, c_proj is both attention-out and MLP-down.
+    "gpt2": ArchOverride(
+        names={"qkv": "attn.c_attn", "o": "attn.c_proj", "up": "mlp.c_fc", "down": "mlp.c_proj"},
+        qkv_layout="concat",
+        fields=ConfigFields(intermediate="n_inner", kv_heads=None, head_dim=None),
+    ),
+    # GPT-NeoX / Pythia: query_key_value interleaves [q_h; k_h; v_h] per head.
+    "gpt_neox": ArchOverride(qkv_layout="per_head", fields=_NO_GQA),
+    # OPT: fc1/fc2 sit directly in the layer; ffn_dim is the MLP width.
+    "opt": ArchOverride(fields=ConfigFields(intermediate="ffn_dim", kv_heads=None, head_dim=None)),
+    "phi3": ArchOverride(qkv_layout="concat"),
+    "mixtral": ArchOverride(fields=ConfigFields(num_experts="num_local_experts")),
+    "qwen2_moe": ArchOverride(
+        fields=ConfigFields(
+            moe_intermediate="moe_intermediate_size",
+            shared_intermediate="shared_expert_intermediate_size",
+            num_experts="num_experts",
+        )
+    ),
+    "qwen3_moe": ArchOverride(
+        fields=ConfigFields(moe_intermediate="moe_intermediate_size", num_experts="num_experts")
+    ),
+}

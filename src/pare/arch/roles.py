@@ -1,0 +1,184 @@
+"""The architecture description: what each module of a causal LM *is*.
+
+One :class:`ModelArch` per loaded model says where the decoder layers are and, for every layer, which
+modules are the attention input/output projections, the MLP input/output projections, the norms,
+the MoE experts and router, with head counts read from the actual weight shapes (so a model whose
+layers were pruned non-uniformly is still described correctly). Every method works from this
+description; none of them looks for module names itself.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+from torch import nn
+
+QkvLayout = Literal["concat", "per_head"]
+"""How a fused q/k/v projection stacks its outputs.
+
+``concat``: rows ``[q (H*d); k (K*d); v (K*d)]`` (Phi-3, GPT-2). ``per_head``: rows grouped per head as
+``[q_h; k_h; v_h]`` for h in heads (GPT-NeoX / Pythia).
+"""
+
+
+@dataclass(frozen=True)
+class Proj:
+    """A projection inside a decoder layer.
+
+    Attributes:
+        path: dotted path relative to the decoder layer (``"self_attn.q_proj"``).
+        conv1d: True for GPT-2's ``Conv1D``, whose weight is stored ``[in, out]``.
+    """
+
+    path: str
+    conv1d: bool = False
+
+
+@dataclass(frozen=True)
+class AttentionRoles:
+    """The attention block of one layer.
+
+    Either ``q``/``k``/``v`` or ``qkv`` (fused, with ``qkv_layout``) is set. ``o`` is the output
+    projection. Counts are those of this layer.
+    """
+
+    path: str
+    o: Proj
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    q: Proj | None = None
+    k: Proj | None = None
+    v: Proj | None = None
+    qkv: Proj | None = None
+    qkv_layout: QkvLayout = "concat"
+    q_norm: str | None = None
+    k_norm: str | None = None
+
+    @property
+    def inputs(self) -> tuple[Proj, ...]:
+        """Projections that read the block's input (hidden size on their input side)."""
+        if self.qkv is not None:
+            return (self.qkv,)
+        return tuple(p for p in (self.q, self.k, self.v) if p is not None)
+
+    @property
+    def group_size(self) -> int:
+        """Query heads per KV head (1 for multi-head attention)."""
+        return self.num_heads // self.num_kv_heads
+
+
+@dataclass(frozen=True)
+class MLPRoles:
+    """A dense MLP: ``down(act(gate(x)) * up(x))`` or ``down(act(up(x)))`` (fc1/fc2).
+
+    ``gate_up`` is a fused ``[gate; up]`` projection (Phi-3). ``up`` alone is fc1 / c_fc / dense_h_to_4h.
+    """
+
+    path: str
+    down: Proj
+    up: Proj | None = None
+    gate: Proj | None = None
+    gate_up: Proj | None = None
+
+    @property
+    def inputs(self) -> tuple[Proj, ...]:
+        if self.gate_up is not None:
+            return (self.gate_up,)
+        return tuple(p for p in (self.gate, self.up) if p is not None)
+
+    @property
+    def gated(self) -> bool:
+        return self.gate is not None or self.gate_up is not None
+
+
+@dataclass(frozen=True)
+class ExpertsRoles:
+    """MoE experts stored as fused 3-D parameters (transformers 5).
+
+    ``gate_up`` is ``[E, 2I, H]`` (rows ``[gate; up]``) and ``down`` is ``[E, H, I]``; each expert's
+    slice is an ``[out, in]`` matrix. ``router`` is the gate module; ``shared`` an always-on MLP.
+    """
+
+    path: str
+    gate_up_param: str
+    down_param: str
+    num_experts: int
+    intermediate: int
+    router: str
+    top_k: int
+    shared: MLPRoles | None = None
+    shared_gate: str | None = None
+
+
+@dataclass(frozen=True)
+class LayerRoles:
+    """The roles inside one decoder layer."""
+
+    index: int
+    attention: AttentionRoles | None
+    mlp: MLPRoles | None
+    experts: ExpertsRoles | None = None
+    norms: tuple[str, ...] = ()
+    parallel_residual: bool = False
+
+
+@dataclass(frozen=True)
+class ConfigFields:
+    """Which config attributes describe each size (rewritten after a structural cut)."""
+
+    hidden: str = "hidden_size"
+    intermediate: str | None = "intermediate_size"
+    heads: str = "num_attention_heads"
+    kv_heads: str | None = "num_key_value_heads"
+    head_dim: str | None = "head_dim"
+    layers: str = "num_hidden_layers"
+    max_positions: str | None = "max_position_embeddings"
+    moe_intermediate: str | None = None
+    shared_intermediate: str | None = None
+    num_experts: str | None = None
+    per_layer_lists: tuple[str, ...] = ()
+
+
+@dataclass
+class ModelArch:
+    """Where everything is in a causal LM. Build it with :func:`pare.arch.describe`."""
+
+    model_type: str
+    base_path: str
+    layers_path: str
+    embed_path: str
+    final_norm_path: str | None
+    lm_head_path: str
+    tied: bool
+    fields: ConfigFields
+    layers: list[LayerRoles] = field(default_factory=list)
+    extra_embeddings: tuple[str, ...] = ()
+
+    def layer_modules(self, model: nn.Module) -> nn.ModuleList:
+        mods = model.get_submodule(self.layers_path)
+        assert isinstance(mods, nn.ModuleList)
+        return mods
+
+    def layer_prefix(self, index: int) -> str:
+        return f"{self.layers_path}.{index}"
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+
+def get_weight(module: nn.Module, proj: Proj) -> torch.Tensor:
+    """The ``[out, in]`` view of a projection's weight (a view: writing into it edits the model)."""
+    w = module.weight
+    return w.data.t() if proj.conv1d else w.data
+
+
+def out_features(module: nn.Module, proj: Proj) -> int:
+    return int(get_weight(module, proj).shape[0])
+
+
+def in_features(module: nn.Module, proj: Proj) -> int:
+    return int(get_weight(module, proj).shape[1])

@@ -1,0 +1,325 @@
+"""The layer-wise runner: process a model one decoder layer at a time on calibration data.
+
+It captures the inputs of every decoder layer exactly as the model passes them (hidden states plus
+whatever positional embeddings, masks and cache arguments it sends, per layer, so Gemma's
+sliding/global layers each get their own mask) by standing a recorder in for each layer during one
+embedding-only forward. No transformers ``forward`` is copied. Then, for each layer in turn, it
+moves the layer to the compute device, lets the caller gather statistics and prune, recomputes the
+layer's outputs with the pruned weights and feeds them to the next layer.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from pare.arch.roles import LayerRoles, ModelArch
+
+log = logging.getLogger(__name__)
+
+
+class _StandIn(nn.Module):
+    """Takes a decoder layer's place for one forward: records its call, returns a chosen output.
+
+    Attribute reads fall through to the real layer, so model code that reads e.g.
+    ``layer.attention_type`` keeps working.
+    """
+
+    def __init__(self, inner: nn.Module, on_call: Callable[..., torch.Tensor], as_tuple: bool) -> None:
+        super().__init__()
+        self.inner = inner
+        self._on_call = on_call
+        self._as_tuple = as_tuple
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self._modules["inner"], name)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        out = self._on_call(*args, **kwargs)
+        return (out,) if self._as_tuple else out
+
+
+@contextlib.contextmanager
+def stand_ins(layers: nn.ModuleList, make_call: Callable[[int], Callable[..., torch.Tensor]], as_tuple: bool):
+    """Swap every layer of ``layers`` for a :class:`_StandIn`; always put the real layers back."""
+    originals = list(layers)
+    try:
+        for i, layer in enumerate(originals):
+            layers[i] = _StandIn(layer, make_call(i), as_tuple)
+        yield
+    finally:
+        for i, layer in enumerate(originals):
+            layers[i] = layer
+
+
+class _Interner:
+    """Deduplicates equal tensors across batches and layers (masks, rotary tables) to save memory."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.seen: list[torch.Tensor] = []
+        self.by_id: dict[int, torch.Tensor] = {}
+
+    def __call__(self, obj: Any) -> Any:
+        if isinstance(obj, torch.Tensor):
+            if id(obj) in self.by_id:
+                return self.by_id[id(obj)]
+            for t in self.seen:
+                if t.shape == obj.shape and t.dtype == obj.dtype and torch.equal(t, obj.to(t.device)):
+                    self.by_id[id(obj)] = t
+                    return t
+            stored = obj.detach().to(self.device)
+            self.seen.append(stored)
+            self.by_id[id(obj)] = stored
+            return stored
+        if isinstance(obj, tuple):
+            return tuple(self(o) for o in obj)
+        if isinstance(obj, list):
+            return [self(o) for o in obj]
+        if isinstance(obj, dict):
+            return {k: self(v) for k, v in obj.items()}
+        return obj
+
+
+def _to(obj: Any, device: torch.device) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if isinstance(obj, tuple):
+        return tuple(_to(o, device) for o in obj)
+    if isinstance(obj, list):
+        return [_to(o, device) for o in obj]
+    if isinstance(obj, dict):
+        return {k: _to(v, device) for k, v in obj.items()}
+    return obj
+
+
+def first_tensor(out: Any) -> torch.Tensor:
+    """A decoder layer's hidden-state output, whether it returns a tensor or a tuple."""
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def move_outside_layers(model: nn.Module, arch: ModelArch, device: torch.device) -> None:
+    """Move every parameter and buffer that is not inside a decoder layer to ``device``."""
+    prefix = arch.layers_path + "."
+    for name, module in model.named_modules():
+        if name == arch.layers_path or name.startswith(prefix):
+            continue
+        for pname, p in list(module._parameters.items()):
+            if p is not None and p.device != device:
+                p.data = p.data.to(device)
+        for bname, b in list(module._buffers.items()):
+            if b is not None and b.device != device:
+                module._buffers[bname] = b.to(device)
+
+
+def model_device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+@dataclass
+class LayerCall:
+    """How the model calls one layer for one batch: positional extras and keyword arguments."""
+
+    args: tuple
+    kwargs: dict
+
+
+@dataclass
+class Captured:
+    """First-layer hidden states per batch and every layer's call arguments per batch."""
+
+    hidden: list[torch.Tensor]
+    calls: list[list[LayerCall]]  # [layer][batch]
+    as_tuple: bool
+
+
+def _returns_tuple(layer: nn.Module, args: tuple, kwargs: dict) -> bool:
+    with torch.no_grad():
+        out = layer(*args, **kwargs)
+    return isinstance(out, (tuple, list))
+
+
+def base_module(model: nn.Module, arch: ModelArch) -> nn.Module:
+    return model.get_submodule(arch.base_path) if arch.base_path else model
+
+
+def capture(
+    model: nn.Module, arch: ModelArch, batches: list[torch.Tensor], device: torch.device, store: torch.device
+) -> Captured:
+    """Record every decoder layer's inputs for each batch of token ids ``[B, L]``.
+
+    Only the modules outside the decoder layers run (embeddings, rotary tables, mask building).
+    """
+    layers = arch.layer_modules(model)
+    interner = _Interner(store)
+    hidden: list[torch.Tensor] = []
+    calls: list[list[LayerCall]] = [[] for _ in range(len(layers))]
+
+    def make_call(i: int) -> Callable[..., torch.Tensor]:
+        def call(hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+            if i == 0:
+                hidden.append(hidden_states.detach().to(store))
+            calls[i].append(LayerCall(interner(args), interner(kwargs)))
+            return hidden_states
+
+        return call
+
+    with torch.no_grad(), stand_ins(layers, make_call, as_tuple=False):
+        base = base_module(model, arch)
+        for batch in batches:
+            interner.by_id.clear()  # ids are only unique among live objects: reset per forward
+            base(input_ids=batch.to(device), use_cache=False)
+    # Learn whether layers return tuples (transformers 4.x) or tensors (5.x), from one real call.
+    layer0 = layers[0]
+    original_device = model_device(layer0)
+    layer0.to(device)
+    first = calls[0][0]
+    as_tuple = _returns_tuple(layer0, (hidden[0].to(device), *_to(first.args, device)), _to(first.kwargs, device))
+    layer0.to(original_device)
+    return Captured(hidden=hidden, calls=calls, as_tuple=as_tuple)
+
+
+@dataclass
+class LayerStep:
+    """One decoder layer, on the compute device, with its calibration inputs.
+
+    Attributes:
+        index: layer index.
+        layer: the decoder layer module (already on ``device``).
+        roles: its architecture roles.
+        prefix: its full module name (``model.layers.3``).
+        inputs: per batch, the hidden states entering the layer (on the storage device).
+        calls: per batch, the other arguments the model passes to this layer.
+    """
+
+    index: int
+    layer: nn.Module
+    roles: LayerRoles
+    prefix: str
+    inputs: list[torch.Tensor]
+    calls: list[LayerCall]
+    device: torch.device
+    dense_outputs: list[torch.Tensor] | None = field(default=None)
+
+    def forward_batch(self, b: int, hidden: torch.Tensor | None = None) -> torch.Tensor:
+        """Run the layer on batch ``b`` (or on ``hidden`` with batch ``b``'s arguments)."""
+        call = self.calls[b]
+        x = (self.inputs[b] if hidden is None else hidden).to(self.device)
+        out = self.layer(x, *_to(call.args, self.device), **_to(call.kwargs, self.device))
+        return first_tensor(out)
+
+    def run(self, keep_outputs: bool = False) -> list[torch.Tensor] | None:
+        """Run the layer over every batch (e.g. with statistic hooks attached)."""
+        outs = []
+        with torch.no_grad():
+            for b in range(len(self.inputs)):
+                y = self.forward_batch(b)
+                if keep_outputs:
+                    outs.append(y.detach().to(self.inputs[b].device))
+        return outs if keep_outputs else None
+
+
+class LayerwiseRunner:
+    """Walks the decoder layers with calibration data; see the module docstring.
+
+    Args:
+        model: the causal LM (its weights may live on the CPU).
+        arch: its description.
+        input_ids: calibration windows ``[N, L]``.
+        device: where each layer runs.
+        batch_size: windows per forward.
+        offload: keep every layer but the current one (and the activations) on the CPU.
+        sequential: feed each layer the outputs of the already-pruned layers (False: dense outputs).
+        progress: show a progress bar over layers.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        arch: ModelArch,
+        input_ids: torch.Tensor,
+        device: str | torch.device | None = None,
+        batch_size: int = 8,
+        offload: bool = True,
+        sequential: bool = True,
+        progress: bool = True,
+    ) -> None:
+        self.model = model
+        self.arch = arch
+        self.device = resolve_device(device)
+        self.offload = offload
+        self.sequential = sequential
+        self.progress = progress
+        self.batches = list(input_ids.split(batch_size))
+        self.store = torch.device("cpu") if offload else self.device
+        self.final_hidden: list[torch.Tensor] | None = None
+
+    def steps(self, layer_indices: list[int] | None = None) -> Iterator[LayerStep]:
+        """Yield a :class:`LayerStep` per layer; when the caller resumes, the layer's outputs
+        (with whatever the caller changed) become the next layer's inputs."""
+        model, arch = self.model, self.arch
+        home = model_device(model)
+        if self.offload:
+            move_outside_layers(model, arch, self.device)
+        else:
+            model.to(self.device)
+        captured = capture(model, arch, self.batches, self.device, self.store)
+        if self.offload and home != self.device:
+            move_outside_layers(model, arch, home)
+        hidden = captured.hidden
+        layers = arch.layer_modules(model)
+        wanted = set(range(len(layers)) if layer_indices is None else layer_indices)
+        bar = tqdm(range(len(layers)), desc="layers", disable=not self.progress, leave=False)
+        for i in bar:
+            layer = layers[i]
+            layer_home = model_device(layer)
+            layer.to(self.device)
+            step = LayerStep(i, layer, arch.layers[i], arch.layer_prefix(i), hidden, captured.calls[i], self.device)
+            if i in wanted:
+                if not self.sequential:
+                    step.dense_outputs = step.run(keep_outputs=True)
+                yield step
+            if step.dense_outputs is not None:
+                hidden = step.dense_outputs
+            else:
+                hidden = step.run(keep_outputs=True) or []
+            if self.offload:
+                layer.to(layer_home if layer_home.type == "cpu" else torch.device("cpu"))
+        self.final_hidden = hidden
+
+
+@torch.no_grad()
+def logits_from_hidden(model: nn.Module, arch: ModelArch, input_ids: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+    """The model's own logits for last-layer outputs ``hidden`` (final norm, lm_head, softcapping...).
+
+    Runs the model with every decoder layer stood in for: each passes its input through except the
+    last, which returns ``hidden``. Used to score layer-wise outputs without copying the head code.
+    """
+    layers = arch.layer_modules(model)
+    last = len(layers) - 1
+    device = model_device(model)
+
+    def make_call(i: int) -> Callable[..., torch.Tensor]:
+        def call(hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+            return hidden.to(hidden_states.device, hidden_states.dtype) if i == last else hidden_states
+
+        return call
+
+    with stand_ins(layers, make_call, as_tuple=False):
+        return model(input_ids=input_ids.to(device), use_cache=False).logits

@@ -1,0 +1,57 @@
+"""Tiny random causal LMs of every supported family, built offline from configs (seconds on CPU)."""
+
+from __future__ import annotations
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
+
+VOCAB = 128
+
+_COMMON = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4, vocab_size=VOCAB)
+_GQA = dict(_COMMON, num_key_value_heads=2)
+
+TINY_SPECS: dict[str, dict] = {
+    "llama": dict(_GQA, max_position_embeddings=256),
+    "mistral": dict(_GQA, max_position_embeddings=256, sliding_window=None),
+    "qwen2": dict(_GQA, max_position_embeddings=256),
+    "qwen3": dict(_GQA, head_dim=16, max_position_embeddings=256),
+    "gemma2": dict(_GQA, head_dim=16, max_position_embeddings=256, sliding_window=8),
+    "gemma3_text": dict(_GQA, head_dim=16, max_position_embeddings=256, sliding_window=8),
+    "phi3": dict(_GQA, max_position_embeddings=256, pad_token_id=0, bos_token_id=1, eos_token_id=2),
+    "gpt_neox": dict(_COMMON, max_position_embeddings=256),
+    "gpt2": dict(n_embd=64, n_layer=3, n_head=4, vocab_size=VOCAB, n_positions=256, bos_token_id=0, eos_token_id=0),
+    "opt": dict(
+        hidden_size=64, ffn_dim=96, num_hidden_layers=3, num_attention_heads=4, vocab_size=VOCAB,
+        word_embed_proj_dim=64, max_position_embeddings=256,
+    ),
+    "mixtral": dict(_GQA, max_position_embeddings=256, num_local_experts=4, num_experts_per_tok=2),
+    "qwen2_moe": dict(
+        _GQA, moe_intermediate_size=32, shared_expert_intermediate_size=48, max_position_embeddings=256,
+        num_experts=4, num_experts_per_tok=2,
+    ),
+    "qwen3_moe": dict(
+        _GQA, head_dim=16, moe_intermediate_size=32, max_position_embeddings=256, num_experts=4,
+        num_experts_per_tok=2,
+    ),
+}
+TINY_ARCHS = tuple(TINY_SPECS)
+
+
+def tiny_config(model_type: str, **overrides):
+    return AutoConfig.for_model(model_type, **{**TINY_SPECS[model_type], **overrides})
+
+
+def tiny_model(model_type: str, seed: int = 0, **overrides) -> PreTrainedModel:
+    """A random model of ``model_type`` in fp32 eval mode; weights scaled so activations stay sane."""
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config(model_type, **overrides), dtype=torch.float32)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() >= 2 and "norm" not in name:
+                p.normal_(0.0, 0.08)
+    return model.eval()
+
+
+def tiny_batch(n: int = 2, seqlen: int = 16, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, VOCAB, (n, seqlen), generator=g)
