@@ -1,0 +1,196 @@
+"""The verbs: ``load_model``, ``prune``, ``evaluate``, ``save``, ``load``."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from pare.arch import ArchOverride, describe
+from pare.arch.targets import check_selection
+from pare.config import CalibrationConfig, PruneConfig, RuntimeConfig
+from pare.errors import ConfigError, ModelNotFoundError
+from pare.eval.cost import measure_cost
+from pare.io import load, save
+from pare.methods import PruneContext, pruner_for
+from pare.methods.base import SparsityConfig, measure_sparsity
+from pare.report import Report
+
+log = logging.getLogger(__name__)
+
+DENSE_ZEROS_NOTE = (
+    "Unstructured/N:M sparsity leaves a dense checkpoint of the same size and dense speed: the zeros "
+    "are stored. Gains need a sparse format or kernels (the N:M pattern is recorded for them)."
+)
+
+
+def load_model(name_or_path: str, dtype: str | torch.dtype = "auto", device: str | None = None):
+    """Load a causal LM and its tokenizer by hub id or local path, with a clear error when missing.
+
+    Returns:
+        ``(model, tokenizer)``; the model is in eval mode.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype)
+    except (OSError, ValueError) as exc:
+        local = Path(name_or_path).exists()
+        hint = (
+            "the directory has no loadable config/weights"
+            if local
+            else "it is neither a local directory nor a model id the Hugging Face Hub could serve (offline?)"
+        )
+        raise ModelNotFoundError(f"cannot load model {name_or_path!r}: {hint}. ({exc.__class__.__name__}: {exc})") from exc
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+    except (OSError, ValueError) as exc:
+        raise ModelNotFoundError(f"model {name_or_path!r} loaded but its tokenizer did not: {exc}") from exc
+    if device is not None:
+        model.to(device)
+    return model.eval(), tokenizer
+
+
+def max_context(model: nn.Module) -> int | None:
+    cfg = model.config  # type: ignore[union-attr]
+    for name in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        value = getattr(cfg, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def check_seqlen(model: nn.Module, seqlen: int) -> None:
+    """Raise ConfigError when ``seqlen`` exceeds the model's context."""
+    limit = max_context(model)
+    if limit is not None and seqlen > limit:
+        raise ConfigError(f"seqlen {seqlen} is longer than the model's context of {limit} tokens; use --seqlen {limit} or less")
+
+
+def calibration_ids(tokenizer: Any, calib: CalibrationConfig, model: nn.Module | None = None) -> torch.Tensor:
+    """Token windows ``[nsamples, seqlen]`` for a calibration config."""
+    from pare.calibration.data import calibration_windows
+
+    if model is not None:
+        check_seqlen(model, calib.seqlen)
+    return calibration_windows(tokenizer, calib.dataset, calib.nsamples, calib.seqlen, seed=calib.seed)
+
+
+def prune(
+    model: nn.Module,
+    config: PruneConfig,
+    calibration: torch.Tensor | CalibrationConfig | None = None,
+    *,
+    tokenizer: Any = None,
+    runtime: RuntimeConfig | None = None,
+    arch_override: ArchOverride | None = None,
+    batch_size: int | None = None,
+) -> Report:
+    """Prune ``model`` in place with the method of ``config`` and return the report.
+
+    Args:
+        model: a transformers causal LM.
+        config: a method config (``MagnitudeConfig(sparsity=0.5)``...).
+        calibration: token windows ``[N, L]``, or a :class:`CalibrationConfig` (needs ``tokenizer``);
+            ignored by data-free methods.
+        tokenizer: used to build calibration windows from a CalibrationConfig.
+        runtime: device / offload / sequential options.
+        arch_override: corrections for architectures pare cannot infer.
+        batch_size: windows per forward (default: the CalibrationConfig's, else 8).
+    """
+    runtime = runtime or RuntimeConfig()
+    pruner_cls = pruner_for(config.method)
+    if not isinstance(config, pruner_cls.config_class):
+        raise ConfigError(f"{type(config).__name__} is not the config of method {config.method!r}")
+    arch = describe(model, arch_override)
+    check_selection(arch, model, config.targets, config.ignore)
+    calib_info: dict[str, Any] | None = None
+    ids: torch.Tensor | None = None
+    if pruner_cls.needs_calibration:
+        if isinstance(calibration, CalibrationConfig):
+            if tokenizer is None:
+                raise ConfigError("a CalibrationConfig needs the tokenizer (prune(..., tokenizer=tok))")
+            calib_info = calibration.to_dict()
+            batch_size = batch_size or calibration.batch_size
+            ids = calibration_ids(tokenizer, calibration, model)
+        elif isinstance(calibration, torch.Tensor):
+            ids = calibration
+            check_seqlen(model, int(ids.shape[1]))
+            calib_info = {"nsamples": int(ids.shape[0]), "seqlen": int(ids.shape[1]), "dataset": "tensor"}
+        else:
+            raise ConfigError(f"method {config.method!r} needs calibration data: pass token windows or a CalibrationConfig")
+    report = Report(method=config.method, config=config.to_dict(), calibration=calib_info)
+    params_before = sum(p.numel() for p in model.parameters())
+    pruner = pruner_cls(config)
+    ctx = PruneContext(model, arch, ids, runtime, report, batch_size or 8)
+    with torch.no_grad(), measure_cost() as cost:
+        pruner.run(ctx)
+    report.prune_seconds = cost.seconds
+    report.peak_rss_mb = cost.peak_rss_mb
+    arch_after = describe(model, arch_override)
+    if isinstance(config, SparsityConfig):
+        report.pattern = None if config.nm is None else config.pattern
+        report.modules = _pruned_modules(model, arch_after, config)
+        report.notes.append(DENSE_ZEROS_NOTE)
+    report.figures.setdefault("params_before", params_before)
+    report.figures["params_after"] = sum(p.numel() for p in model.parameters())
+    report.figures["nonzero_after"] = int(sum(int(torch.count_nonzero(p)) for p in model.parameters()))
+    log.info("%s: %.1fs, peak RSS %.0f MB", config.method, cost.seconds, cost.peak_rss_mb)
+    return report
+
+
+def _pruned_modules(model: nn.Module, arch, config: PruneConfig) -> dict[str, dict]:
+    from pare.arch.targets import layer_targets, select
+
+    layers = arch.layer_modules(model)
+    names = {
+        t.name
+        for i, roles in enumerate(arch.layers)
+        for t in select(layer_targets(layers[i], roles, arch.layer_prefix(i)), config.targets, config.ignore)
+    }
+    return measure_sparsity(model, arch, names)
+
+
+def evaluate(
+    model: nn.Module,
+    tokenizer: Any,
+    dataset: str | None = "wikitext2",
+    seqlen: int = 2048,
+    batch_size: int = 1,
+    max_windows: int | None = None,
+    speed: bool = True,
+    device: str | torch.device | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Perplexity (papers' protocol), parameter counts and prefill/decode tokens/s.
+
+    Returns:
+        A flat dict: ``ppl``, ``n_tokens``, ``n_windows``, ``seqlen``, ``dataset``, ``params``,
+        ``nonzero_params``, ``prefill_tokens_per_s``, ``decode_tokens_per_s``.
+    """
+    from pare.calibration.data import eval_token_ids
+    from pare.eval.perplexity import perplexity
+    from pare.eval.size import count_nonzero, count_parameters
+    from pare.eval.speed import measure_speed
+
+    if device is not None:
+        model.to(device)
+    out: dict[str, Any] = {"params": count_parameters(model), "nonzero_params": count_nonzero(model)}
+    if dataset:
+        check_seqlen(model, seqlen)
+        ids = eval_token_ids(tokenizer, dataset, split="test")
+        res = perplexity(model, ids, seqlen, batch_size=batch_size, progress=progress, max_windows=max_windows)
+        out.update({k: v for k, v in asdict(res).items()})
+        out["dataset"] = dataset
+    if speed:
+        sp = measure_speed(model, prompt_len=min(128, max_context(model) or 128), new_tokens=32)
+        out["prefill_tokens_per_s"] = sp.prefill_tokens_per_s
+        out["decode_tokens_per_s"] = sp.decode_tokens_per_s
+    return out
+
+
+__all__ = ["evaluate", "load", "load_model", "prune", "save"]

@@ -1,0 +1,75 @@
+"""Load a model saved by pare: plain ``from_pretrained`` for uniform shapes, otherwise rebuild the
+recorded structural edits on a model built from the config and load the weights into it."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
+
+from pare.errors import ModelNotFoundError, PareError
+from pare.io.save import MANIFEST
+
+
+def read_manifest(path: str | Path) -> dict[str, Any] | None:
+    """The ``pare.json`` manifest of a saved model, or None when it has none."""
+    f = Path(path) / MANIFEST
+    if not f.is_file():
+        return None
+    return json.loads(f.read_text(encoding="utf-8"))
+
+
+def _state_dict(path: Path) -> dict[str, torch.Tensor]:
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    else:
+        files = ["model.safetensors"]
+    state: dict[str, torch.Tensor] = {}
+    for name in files:
+        state.update(load_file(str(path / name)))
+    return state
+
+
+def load(path: str | Path, device: str | torch.device | None = None,
+         dtype: torch.dtype | None = None) -> PreTrainedModel:
+    """Load a pruned model, rebuilding non-uniform shapes from the manifest when needed.
+
+    Args:
+        path: directory written by :func:`pare.save` (or any Hugging Face model directory).
+        device: where to put the model (default: CPU).
+        dtype: override the saved dtype.
+    """
+    p = Path(path)
+    if not (p / "config.json").is_file():
+        raise ModelNotFoundError(f"{str(p)!r} is not a saved model directory (no config.json)")
+    manifest = read_manifest(p) or {}
+    edits = manifest.get("edits") or []
+    if manifest.get("uniform", True) or not edits:
+        model = AutoModelForCausalLM.from_pretrained(p, dtype=dtype or "auto")
+    else:
+        from pare.arch.surgery import replay
+
+        config = AutoConfig.from_pretrained(p)
+        saved_dtype = getattr(config, "dtype", None) or torch.float32
+        if isinstance(saved_dtype, str):
+            saved_dtype = getattr(torch, saved_dtype)
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype or saved_dtype)
+        replay(model, edits)
+        state = _state_dict(p)
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        tied = {k for k in missing if "lm_head" in k and getattr(config, "tie_word_embeddings", False)}
+        if unexpected or set(missing) - tied:
+            raise PareError(
+                f"{str(p)!r}: weights do not fit the rebuilt model (missing {sorted(set(missing) - tied)[:5]}, "
+                f"unexpected {sorted(unexpected)[:5]}); the manifest may be from another pare version"
+            )
+        if tied:
+            model.tie_weights()
+    if device is not None:
+        model.to(device)
+    return model.eval()

@@ -1,0 +1,49 @@
+"""Magnitude pruning: zero the weights with the smallest ``|W_ij|``.
+
+The classic data-free baseline (Han et al., 2015, "Learning both Weights and Connections"). Scores
+are compared within each output row (``granularity="row"``, as Wanda does) or across the whole
+matrix (``granularity="layer"``); an N:M pattern compares within each group of M inputs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+from pare.arch.targets import Target
+from pare.calibration.stats import InputStats
+from pare.config import help_field
+from pare.errors import ConfigError
+from pare.methods.base import SparsityConfig, SparsityPruner
+from pare.ops.masks import make_mask
+
+
+@dataclass(frozen=True)
+class MagnitudeConfig(SparsityConfig):
+    """Magnitude pruning options.
+
+    Attributes:
+        granularity: ``row`` (compare within each output row) or ``layer`` (whole matrix).
+    """
+
+    method: ClassVar[str] = "magnitude"
+
+    granularity: str = help_field("row", "compare weights within each output 'row' or across the 'layer'")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.granularity not in ("row", "layer"):
+            raise ConfigError(f"granularity must be 'row' or 'layer', got {self.granularity!r}")
+
+
+class MagnitudePruner(SparsityPruner):
+    """Zero the smallest-magnitude weights of every target matrix."""
+
+    config_class = MagnitudeConfig
+    config: MagnitudeConfig
+    needs_calibration: ClassVar[bool] = False
+
+    def prune_target(self, target: Target, stats: InputStats | None, sparsity: float) -> None:
+        w = target.weight()
+        mask = make_mask(w.abs().float(), sparsity, self.config.nm, per_row=self.config.granularity == "row")
+        w.masked_fill_(mask, 0)

@@ -1,0 +1,1 @@
+"""Pure tensor math used by the methods (no modules, no hooks)."""
