@@ -55,3 +55,29 @@ def tiny_model(model_type: str, seed: int = 0, **overrides) -> PreTrainedModel:
 def tiny_batch(n: int = 2, seqlen: int = 16, seed: int = 0) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return torch.randint(0, VOCAB, (n, seqlen), generator=g)
+
+
+_TEXT = (
+    "Once upon a time there was a little girl named Lily. She liked to play in the park with her dog. "
+    "One day the sun was bright and the birds sang. The dog ran to the tree and barked at a cat. "
+    "Lily laughed and said hello to her friend Tom, who had a red ball and a big blue kite. "
+)
+
+
+def tiny_tokenizer(vocab_size: int = VOCAB):
+    """A BPE tokenizer trained offline on a few sentences; every id is below ``vocab_size``."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.decoder = decoders.Metaspace()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<unk>", "<|endoftext|>"], show_progress=False)
+    tok.train_from_iterator([_TEXT] * 4, trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, unk_token="<unk>", eos_token="<|endoftext|>", bos_token="<|endoftext|>"
+    )
+
+
+def tiny_text(repeats: int = 40) -> str:
+    return "\n\n".join([_TEXT] * repeats)

@@ -45,7 +45,9 @@ def load_model(name_or_path: str, dtype: str | torch.dtype = "auto", device: str
             if local
             else "it is neither a local directory nor a model id the Hugging Face Hub could serve (offline?)"
         )
-        raise ModelNotFoundError(f"cannot load model {name_or_path!r}: {hint}. ({exc.__class__.__name__}: {exc})") from exc
+        raise ModelNotFoundError(
+            f"cannot load model {name_or_path!r}: {hint}. ({exc.__class__.__name__}: {exc})"
+        ) from exc
     try:
         tokenizer = AutoTokenizer.from_pretrained(name_or_path)
     except (OSError, ValueError) as exc:
@@ -68,7 +70,9 @@ def check_seqlen(model: nn.Module, seqlen: int) -> None:
     """Raise ConfigError when ``seqlen`` exceeds the model's context."""
     limit = max_context(model)
     if limit is not None and seqlen > limit:
-        raise ConfigError(f"seqlen {seqlen} is longer than the model's context of {limit} tokens; use --seqlen {limit} or less")
+        raise ConfigError(
+            f"seqlen {seqlen} is longer than the model's context of {limit} tokens; use --seqlen {limit} or less"
+        )
 
 
 def calibration_ids(tokenizer: Any, calib: CalibrationConfig, model: nn.Module | None = None) -> torch.Tensor:
@@ -122,7 +126,9 @@ def prune(
             check_seqlen(model, int(ids.shape[1]))
             calib_info = {"nsamples": int(ids.shape[0]), "seqlen": int(ids.shape[1]), "dataset": "tensor"}
         else:
-            raise ConfigError(f"method {config.method!r} needs calibration data: pass token windows or a CalibrationConfig")
+            raise ConfigError(
+                f"method {config.method!r} needs calibration data: pass token windows or a CalibrationConfig"
+            )
     report = Report(method=config.method, config=config.to_dict(), calibration=calib_info)
     params_before = sum(p.numel() for p in model.parameters())
     pruner = pruner_cls(config)

@@ -191,7 +191,7 @@ def _attention(layer: nn.Module, roles: dict[str, str], config: Any, layout: str
     def proj(role: str) -> Proj:
         return Proj(roles[role], conv1d=_is_conv1d(layer.get_submodule(roles[role])))
 
-    heads, kv, head_dim = config_head_counts(config)
+    _, _, head_dim = config_head_counts(config)
     o = proj("o")
     o_mod = layer.get_submodule(o.path)
     o_in = o_mod.weight.shape[0] if o.conv1d else o_mod.weight.shape[1]
@@ -239,9 +239,9 @@ def _norms(layer: nn.Module, attention: AttentionRoles | None) -> tuple[str, ...
     skip = {attention.q_norm, attention.k_norm} if attention else set()
     out = []
     for rel, module in layer.named_modules():
-        if rel and rel not in skip and "norm" in type(module).__name__.lower() and "shared" not in rel:
-            if hasattr(module, "weight"):
-                out.append(rel)
+        is_norm = "norm" in type(module).__name__.lower() and hasattr(module, "weight")
+        if rel and rel not in skip and is_norm and "shared" not in rel:
+            out.append(rel)
     return tuple(out)
 
 

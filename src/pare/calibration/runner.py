@@ -114,7 +114,7 @@ def move_outside_layers(model: nn.Module, arch: ModelArch, device: torch.device)
     for name, module in model.named_modules():
         if name == arch.layers_path or name.startswith(prefix):
             continue
-        for pname, p in list(module._parameters.items()):
+        for _pname, p in list(module._parameters.items()):
             if p is not None and p.device != device:
                 p.data = p.data.to(device)
         for bname, b in list(module._buffers.items()):
@@ -295,17 +295,17 @@ class LayerwiseRunner:
                 if not self.sequential:
                     step.dense_outputs = step.run(keep_outputs=True)
                 yield step
-            if step.dense_outputs is not None:
-                hidden = step.dense_outputs
-            else:
-                hidden = step.run(keep_outputs=True) or []
+            dense = step.dense_outputs
+            hidden = dense if dense is not None else (step.run(keep_outputs=True) or [])
             if self.offload:
                 layer.to(layer_home if layer_home.type == "cpu" else torch.device("cpu"))
         self.final_hidden = hidden
 
 
 @torch.no_grad()
-def logits_from_hidden(model: nn.Module, arch: ModelArch, input_ids: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+def logits_from_hidden(
+    model: nn.Module, arch: ModelArch, input_ids: torch.Tensor, hidden: torch.Tensor
+) -> torch.Tensor:
     """The model's own logits for last-layer outputs ``hidden`` (final norm, lm_head, softcapping...).
 
     Runs the model with every decoder layer stood in for: each passes its input through except the

@@ -96,8 +96,9 @@ def record_inputs(targets: list[Target], stats: dict[str, InputStats]) -> Iterat
                 wanted = {(t.expert, t.input_kind): stats[t.name] for t in group}
                 n = max(t.expert for t in group if t.expert is not None) + 1
 
-                def ex_hook(m, args, kwargs, _out, wanted=wanted, n=n):
-                    param = group[0].gate_up_param or "gate_up_proj"
+                param = group[0].gate_up_param or "gate_up_proj"
+
+                def ex_hook(m, args, kwargs, _out, wanted=wanted, n=n, param=param):
                     with torch.no_grad():
                         for e, x, mid in _expert_inputs(m, args, kwargs, param, n):
                             if (e, "expert_in") in wanted:

@@ -6,12 +6,30 @@
 from __future__ import annotations
 
 from pare.errors import ConfigError
-from pare.methods.base import Pruner, PruneContext, SparsityConfig, SparsityPruner
+from pare.methods.angular import AngularConfig, AngularPruner
+from pare.methods.base import PruneContext, Pruner, SparsityConfig, SparsityPruner
+from pare.methods.layers import LayersConfig, LayersPruner
 from pare.methods.magnitude import MagnitudeConfig, MagnitudePruner
+from pare.methods.ppl_window import PplWindowConfig, PplWindowPruner
+from pare.methods.shortgpt import ShortGPTConfig, ShortGPTPruner
+from pare.methods.sparsegpt import SparseGPTConfig, SparseGPTPruner
+from pare.methods.sublayer import SublayerConfig, SublayerPruner
+from pare.methods.wanda import WandaConfig, WandaPruner
 
 METHODS: dict[str, type[Pruner]] = {
     "magnitude": MagnitudePruner,
+    "wanda": WandaPruner,
+    "sparsegpt": SparseGPTPruner,
+    "shortgpt": ShortGPTPruner,
+    "angular": AngularPruner,
+    "ppl-window": PplWindowPruner,
+    "layers": LayersPruner,
+    "sublayer": SublayerPruner,
 }
+
+
+DEFAULT_METHOD = "wanda" if "wanda" in METHODS else "magnitude"
+"""The method ``make demo`` and the docs lead with: Wanda needs no weight update and little memory."""
 
 
 def pruner_for(method: str) -> type[Pruner]:
@@ -23,12 +41,27 @@ def pruner_for(method: str) -> type[Pruner]:
 
 
 __all__ = [
+    "DEFAULT_METHOD",
     "METHODS",
+    "AngularConfig",
+    "AngularPruner",
+    "LayersConfig",
+    "LayersPruner",
     "MagnitudeConfig",
     "MagnitudePruner",
+    "PplWindowConfig",
+    "PplWindowPruner",
     "PruneContext",
     "Pruner",
+    "ShortGPTConfig",
+    "ShortGPTPruner",
+    "SparseGPTConfig",
+    "SparseGPTPruner",
     "SparsityConfig",
     "SparsityPruner",
+    "SublayerConfig",
+    "SublayerPruner",
+    "WandaConfig",
+    "WandaPruner",
     "pruner_for",
 ]

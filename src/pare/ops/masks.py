@@ -59,7 +59,9 @@ def nm_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
     return mask.reshape(out_f, in_f)
 
 
-def make_mask(scores: torch.Tensor, sparsity: float, pattern: tuple[int, int] | None, per_row: bool = True) -> torch.Tensor:
+def make_mask(
+    scores: torch.Tensor, sparsity: float, pattern: tuple[int, int] | None, per_row: bool = True
+) -> torch.Tensor:
     """Dispatch to :func:`nm_mask`, :func:`row_mask` or :func:`layer_mask`."""
     if pattern is not None:
         return nm_mask(scores, *pattern)

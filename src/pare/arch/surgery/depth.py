@@ -1,10 +1,323 @@
-"""Depth surgery: remove decoder layers and attention/MLP sub-layers."""
+"""Depth surgery: remove decoder layers and attention/MLP sub-layers.
+
+Whole-layer removal (:func:`remove_layers`) deletes layers from the decoder ``ModuleList`` and
+rewrites everything transformers reads by layer index, so the result reloads with plain
+``from_pretrained`` and generates with the KV cache:
+
+* every submodule's ``layer_idx`` (the KV-cache slot: a stale one writes into another layer's cache),
+* ``num_hidden_layers`` (``n_layer`` for GPT-2, through the config's attribute map),
+* per-layer config lists (``layer_types``: sliding/full attention, which also decides the mask and
+  the cache layer kind, and Gemma-3's rotary table),
+* index lists: Qwen-MoE's ``mlp_only_layers`` / ``decoder_sparse_step``, rewritten as
+  ``decoder_sparse_step=1`` plus an explicit list of dense layers so no MoE layer turns dense.
+
+Sub-layer removal (:func:`remove_sublayer`) swaps an attention or MLP block for a parameter-free
+module whose output is zero, so the decoder layer adds nothing to the residual stream (Gemma's
+post-norms of zero are zero). The attention stand-in still writes a placeholder into its KV-cache
+slot so that cache lengths (read from layer 0) and masks stay right during generation.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+import copy
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
+import torch
 from torch import nn
 
-REPLAY: dict[str, Callable[[nn.Module, dict[str, Any]], None]] = {}
+from pare.arch.roles import ModelArch
+from pare.errors import ConfigError
+
+INDEX_LISTS = ("mlp_only_layers",)
+"""Config lists that hold layer *indices* (remapped, removed ones dropped)."""
+
+
+def check_layer_indices(indices: Sequence[int], num_layers: int) -> list[int]:
+    """Sorted unique layer indices, or ConfigError saying what would work."""
+    out = sorted({int(i) for i in indices})
+    if not out:
+        raise ConfigError("no layers to remove: give at least one layer index")
+    bad = [i for i in out if i < 0 or i >= num_layers]
+    if bad:
+        raise ConfigError(f"layer index(es) {bad} outside the model: it has {num_layers} layers, valid indices are 0..{num_layers - 1}")
+    if len(out) >= num_layers:
+        raise ConfigError(f"cannot remove all {num_layers} layers; at least one must remain (remove at most {num_layers - 1})")
+    return out
+
+
+def _config(model: nn.Module) -> Any:
+    return model.config  # type: ignore[union-attr]
+
+
+def _renumber(layers: nn.ModuleList) -> None:
+    for new, layer in enumerate(layers):
+        for module in layer.modules():
+            if isinstance(getattr(module, "layer_idx", None), int):
+                module.layer_idx = new
+
+
+def _moe_layout(config: Any, arch: ModelArch, kept: list[int]) -> dict[str, Any]:
+    """Qwen-MoE style configs decide sparse vs dense per index: make the kept layers keep theirs."""
+    if not (hasattr(config, "decoder_sparse_step") and hasattr(config, "mlp_only_layers")):
+        return {}
+    if not getattr(config, "num_experts", 0):
+        return {}
+    dense = [new for new, old in enumerate(kept) if arch.layers[old].experts is None]
+    return {"decoder_sparse_step": 1, "mlp_only_layers": dense}
+
+
+def remove_layers(model: nn.Module, arch: ModelArch, indices: Sequence[int]) -> dict[str, Any]:
+    """Delete decoder layers ``indices`` and fix every index and config field that refers to them.
+
+    Args:
+        model: a transformers causal LM, edited in place.
+        arch: its description (``pare.arch.describe(model)``); re-describe after this call.
+        indices: layer indices of the current model to delete (any order, not necessarily consecutive).
+
+    Returns:
+        The edit ``{"op": "remove_layers", "removed": [...], "kept": [...], "num_layers_before",
+        "num_layers_after", "config": {field: new value}}``; ``"uniform": False`` only when the config
+        cannot express the result (GPT-2 with ``scale_attn_by_inverse_layer_idx``).
+
+    Raises:
+        ConfigError: empty, out-of-range indices, or all layers.
+    """
+    layers = arch.layer_modules(model)
+    n = len(layers)
+    removed = check_layer_indices(indices, n)
+    kept = [i for i in range(n) if i not in set(removed)]
+    config = _config(model)
+    changes: dict[str, Any] = {}
+    for name in arch.fields.per_layer_lists:
+        value = getattr(config, name, None)
+        if isinstance(value, (list, tuple)) and len(value) == n:
+            changes[name] = type(value)(value[i] for i in kept)
+    for name in INDEX_LISTS:
+        value = getattr(config, name, None)
+        if isinstance(value, (list, tuple)) and name not in changes:
+            changes[name] = [kept.index(i) for i in value if i in kept]
+    changes.update(_moe_layout(config, arch, kept))
+    changes[arch.fields.layers] = len(kept)
+    new_layers = [layers[i] for i in kept]
+    layers._modules.clear()
+    for i, layer in enumerate(new_layers):
+        layers.add_module(str(i), layer)
+    _renumber(layers)
+    for name, value in changes.items():
+        setattr(config, name, value)
+    edit: dict[str, Any] = {
+        "op": "remove_layers", "removed": removed, "kept": kept, "num_layers_before": n,
+        "num_layers_after": len(kept), "config": {k: list(v) if isinstance(v, tuple) else v for k, v in changes.items()},
+    }
+    if getattr(config, "scale_attn_by_inverse_layer_idx", False):
+        edit["uniform"] = False  # GPT-2 scales attention by 1/(layer_idx+1) at build time: keep the old scale
+    return edit
+
+
+def _replay_remove_layers(model: nn.Module, edit: dict[str, Any]) -> None:
+    """On a model built from the saved (already shortened) config the layers are gone; restore the
+    per-layer attention scale of GPT-2 models built with ``scale_attn_by_inverse_layer_idx``."""
+    from pare.arch import describe
+
+    arch = describe(model)
+    layers = arch.layer_modules(model)
+    if len(layers) == edit["num_layers_before"]:
+        remove_layers(model, arch, edit["removed"])
+        layers = describe(model).layer_modules(model)
+    if getattr(_config(model), "scale_attn_by_inverse_layer_idx", False):
+        for new, old in enumerate(edit["kept"]):
+            for module in layers[new].modules():
+                if hasattr(module, "scale_attn_by_inverse_layer_idx") and hasattr(module, "scaling"):
+                    base = module.head_dim**-0.5 if module.scale_attn_weights else 1.0
+                    module.scaling = base / float(old + 1)
+
+
+@contextlib.contextmanager
+def layers_removed(model: nn.Module, arch: ModelArch, indices: Sequence[int]) -> Iterator[dict[str, Any]]:
+    """Temporarily remove layers (e.g. to score a candidate window); everything is restored on exit."""
+    layers = arch.layer_modules(model)
+    originals = list(layers)
+    config = _config(model)
+    slots = [(m, m.layer_idx) for layer in originals for m in layer.modules() if isinstance(getattr(m, "layer_idx", None), int)]
+    names = (*arch.fields.per_layer_lists, *INDEX_LISTS, "decoder_sparse_step", arch.fields.layers)
+    before = {k: copy.deepcopy(getattr(config, k)) for k in names if hasattr(config, k)}
+    try:
+        yield remove_layers(model, arch, indices)
+    finally:
+        layers._modules.clear()
+        for i, layer in enumerate(originals):
+            layers.add_module(str(i), layer)
+        for module, slot in slots:
+            module.layer_idx = slot
+        for k, v in before.items():
+            setattr(config, k, v)
+
+
+class ZeroAttention(nn.Module):
+    """An attention block removed to its residual identity: output zeros, attention weights None.
+
+    It keeps the ``layer_idx`` of the block it replaces and, when the model passes a KV cache, writes
+    a placeholder of the right sequence length into that slot (``[B, 1, T, 1]`` for dynamic caches,
+    the full ``[B, kv_heads, T, head_dim]`` for pre-allocated ones) so that cache lengths and masks,
+    which transformers reads from layer 0 or the first sliding layer, stay right.
+    """
+
+    def __init__(self, layer_idx: int | None, num_kv_heads: int, head_dim: int) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_kv_heads = num_kv_heads
+        self.head_dim = head_dim
+
+    def _placeholder(self, cache: Any, x: torch.Tensor) -> None:
+        from transformers.cache_utils import DynamicLayer, EncoderDecoderCache
+
+        if isinstance(cache, EncoderDecoderCache):
+            cache = cache.self_attention_cache
+        if self.layer_idx is None or not hasattr(cache, "update"):
+            return
+        slots = getattr(cache, "layers", None)
+        slot = slots[self.layer_idx] if slots is not None and self.layer_idx < len(slots) else None
+        small = slot is None or isinstance(slot, DynamicLayer)
+        heads, dim = (1, 1) if small else (self.num_kv_heads, self.head_dim)
+        kv = x.new_zeros(x.shape[0], heads, x.shape[1], dim)
+        cache.update(kv, kv.clone(), self.layer_idx)
+
+    def forward(self, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, None]:
+        from transformers.cache_utils import Cache
+
+        x = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+        for value in (*args[1:], *kwargs.values()):
+            if isinstance(value, Cache):
+                self._placeholder(value, x)
+                break
+        return torch.zeros_like(x), None
+
+
+class ZeroMLP(nn.Module):
+    """An MLP block removed to its residual identity: returns zeros of the input's shape."""
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return torch.zeros_like(x)
+
+
+class EmptyProjection(nn.Module):
+    """Stands in for an MLP input projection of a layer without an MLP module (OPT's ``fc1``):
+    a zero-width output, so the activation costs nothing."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x[..., :0]
+
+
+class ZeroProjection(nn.Module):
+    """Stands in for an MLP output projection without an MLP module (OPT's ``fc2``): zeros ``[..., out]``."""
+
+    def __init__(self, out_features: int) -> None:
+        super().__init__()
+        self.out_features = out_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.new_zeros(*x.shape[:-1], self.out_features)
+
+
+def set_submodule(root: nn.Module, path: str, module: nn.Module) -> None:
+    parent, _, leaf = path.rpartition(".")
+    owner = root.get_submodule(parent) if parent else root
+    setattr(owner, leaf, module)
+
+
+def sublayer_parameters(arch: ModelArch, model: nn.Module, layer_idx: int, part: str) -> int:
+    """Parameters in the attention or MLP/MoE block of a layer (what :func:`remove_sublayer` frees)."""
+    layer = arch.layer_modules(model)[layer_idx]
+    roles = arch.layers[layer_idx]
+    if part == "attention":
+        if roles.attention is None:
+            return 0
+        return sum(p.numel() for p in layer.get_submodule(roles.attention.path).parameters())
+    block = roles.experts.path.rpartition(".")[0] if roles.experts is not None else (roles.mlp.path if roles.mlp else None)
+    if block is None:
+        return 0
+    if block == "" and roles.mlp is not None:
+        return sum(p.numel() for proj in (*roles.mlp.inputs, roles.mlp.down) for p in layer.get_submodule(proj.path).parameters())
+    return sum(p.numel() for p in layer.get_submodule(block).parameters())
+
+
+def remove_sublayer(model: nn.Module, arch: ModelArch, layer_idx: int, part: str = "attention") -> dict[str, Any]:
+    """Replace the attention or MLP block of one layer by its residual identity (a zero output).
+
+    Args:
+        model: the causal LM, edited in place.
+        arch: its description.
+        layer_idx: the layer.
+        part: ``"attention"`` or ``"mlp"`` (for MoE layers: the whole expert block, router and shared
+            expert included).
+
+    Returns:
+        The edit ``{"op": "remove_sublayer", "layer", "part", "params_removed", ...}``. The config cannot
+        express a missing block, so the pruning report must set ``uniform = False``; ``pare.load``
+        replays the edit.
+
+    Raises:
+        ConfigError: unknown part, index outside the model, or a block that is already removed.
+    """
+    layers = arch.layer_modules(model)
+    n = len(layers)
+    if part not in ("attention", "mlp"):
+        raise ConfigError(f"part must be 'attention' or 'mlp', got {part!r}")
+    if not isinstance(layer_idx, int) or not 0 <= layer_idx < n:
+        raise ConfigError(f"layer index {layer_idx!r} outside the model: valid indices are 0..{n - 1}")
+    roles = arch.layers[layer_idx]
+    layer = layers[layer_idx]
+    freed = sublayer_parameters(arch, model, layer_idx, part)
+    edit: dict[str, Any] = {
+        "op": "remove_sublayer", "layer": layer_idx, "part": part, "params_removed": freed, "layers_path": arch.layers_path,
+    }
+    if part == "attention":
+        att = roles.attention
+        if att is None:
+            raise ConfigError(f"layer {layer_idx} has no attention block left to remove")
+        old = layer.get_submodule(att.path)
+        layer_slot = getattr(old, "layer_idx", layer_idx)
+        edit.update(path=att.path, num_kv_heads=att.num_kv_heads, head_dim=att.head_dim)
+        set_submodule(layer, att.path, ZeroAttention(layer_slot, att.num_kv_heads, att.head_dim))
+        return edit
+    if roles.experts is not None:
+        path = roles.experts.path.rpartition(".")[0]
+    elif roles.mlp is not None:
+        path = roles.mlp.path
+    else:
+        raise ConfigError(f"layer {layer_idx} has no MLP block left to remove")
+    if path:
+        edit["path"] = path
+        set_submodule(layer, path, ZeroMLP())
+        return edit
+    assert roles.mlp is not None
+    down = layer.get_submodule(roles.mlp.down.path)
+    out = int(down.weight.shape[1] if roles.mlp.down.conv1d else down.weight.shape[0])
+    edit.update(inputs=[p.path for p in roles.mlp.inputs], down=roles.mlp.down.path, out_features=out)
+    for proj in roles.mlp.inputs:
+        set_submodule(layer, proj.path, EmptyProjection())
+    set_submodule(layer, roles.mlp.down.path, ZeroProjection(out))
+    return edit
+
+
+def _replay_remove_sublayer(model: nn.Module, edit: dict[str, Any]) -> None:
+    # No describe() here: a layer whose block is already a stand-in has no roles to infer.
+    layer = model.get_submodule(edit["layers_path"])[edit["layer"]]
+    if edit["part"] == "attention":
+        old = layer.get_submodule(edit["path"])
+        slot = getattr(old, "layer_idx", edit["layer"])
+        set_submodule(layer, edit["path"], ZeroAttention(slot, edit["num_kv_heads"], edit["head_dim"]))
+    elif "path" in edit:
+        set_submodule(layer, edit["path"], ZeroMLP())
+    else:
+        for p in edit["inputs"]:
+            set_submodule(layer, p, EmptyProjection())
+        set_submodule(layer, edit["down"], ZeroProjection(edit["out_features"]))
+
+
+REPLAY: dict[str, Callable[[nn.Module, dict[str, Any]], None]] = {
+    "remove_layers": _replay_remove_layers,
+    "remove_sublayer": _replay_remove_sublayer,
+}

@@ -1,10 +1,512 @@
-"""Width surgery: MLP channels, attention heads, hidden size (structured width pruning)."""
+"""Width surgery: MLP channels, attention heads, hidden size (structured width pruning).
+
+The only place that changes width shapes. Each function slices the weights (and biases) of every
+module a cut touches, updates the module attributes transformers 5 reads in ``forward``
+(``num_key_value_groups``, GPT-2 ``num_heads``/``split_size``, OPT ``num_heads``, MoE
+``intermediate_dim``/``hidden_dim``, LayerNorm ``normalized_shape``) and returns an *edit* dict.
+:func:`sync_config` then rewrites the config from the actual shapes and says whether the config
+alone describes the model (``uniform``); otherwise ``pare.load`` replays the edits through
+:data:`REPLAY` on a model freshly built from the saved config.
+
+Hidden-size pruning and RMSNorm: RMSNorm divides by ``sqrt(mean_j x_j^2)`` over the channels it
+sees, so over fewer channels the statistic changes. :func:`prune_hidden` multiplies RMSNorm
+weights by ``sqrt(H / H')`` (``rms_scale``), which is exact when the removed channels carry no
+energy (the zero-channel invariant the tests check) and approximate otherwise. LayerNorm
+(GPT-2, OPT, GPT-NeoX) also subtracts the mean, so no scale makes it exact; it is left as is.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import copy
+import math
+from collections.abc import Callable, Sequence
 from typing import Any
 
+import torch
 from torch import nn
 
-REPLAY: dict[str, Callable[[nn.Module, dict[str, Any]], None]] = {}
+from pare.arch.roles import AttentionRoles, LayerRoles, ModelArch, MLPRoles, Proj
+from pare.errors import ConfigError
+
+Edit = dict[str, Any]
+
+ATTN_WIDTH_IS_HIDDEN = frozenset({"gpt2", "opt", "gpt_neox"})
+"""Families whose attention reads ``head_dim = hidden_size // num_heads`` from the config, so a
+head cut is only expressible in the config when ``heads * head_dim == hidden_size``."""
+
+
+# --------------------------------------------------------------------------- primitive slicing
+def _index(keep: Sequence[int] | torch.Tensor, device: torch.device) -> torch.Tensor:
+    return torch.as_tensor(keep, dtype=torch.long).to(device)
+
+
+def _set_param(module: nn.Module, name: str, value: torch.Tensor) -> None:
+    old = getattr(module, name)
+    setattr(module, name, nn.Parameter(value.contiguous(), requires_grad=old.requires_grad))
+
+
+def slice_out(module: nn.Module, proj_conv1d: bool, idx: torch.Tensor) -> None:
+    """Keep output features ``idx`` of a Linear / Conv1D (weight rows, bias entries)."""
+    w = module.weight.data
+    idx = idx.to(w.device)
+    _set_param(module, "weight", w[:, idx] if proj_conv1d else w[idx])
+    if getattr(module, "bias", None) is not None:
+        _set_param(module, "bias", module.bias.data[idx])
+    if proj_conv1d:
+        module.nf = len(idx)
+    else:
+        module.out_features = len(idx)
+
+
+def slice_in(module: nn.Module, proj_conv1d: bool, idx: torch.Tensor) -> None:
+    """Keep input features ``idx`` of a Linear / Conv1D (weight columns)."""
+    w = module.weight.data
+    idx = idx.to(w.device)
+    _set_param(module, "weight", w[idx] if proj_conv1d else w[:, idx])
+    if proj_conv1d:
+        module.nx = len(idx)
+    else:
+        module.in_features = len(idx)
+
+
+def _sub(layer: nn.Module, proj: Proj | None) -> nn.Module | None:
+    return None if proj is None else layer.get_submodule(proj.path)
+
+
+# --------------------------------------------------------------------------- MLP channels
+def _prune_dense_mlp(layer: nn.Module, mlp: MLPRoles, keep: torch.Tensor) -> None:
+    down = layer.get_submodule(mlp.down.path)
+    if mlp.gate_up is not None:
+        fused = layer.get_submodule(mlp.gate_up.path)
+        width = (fused.weight.shape[1] if mlp.gate_up.conv1d else fused.weight.shape[0]) // 2
+        slice_out(fused, mlp.gate_up.conv1d, torch.cat([keep, keep + width]))
+    for proj in (mlp.gate, mlp.up):
+        if proj is not None:
+            slice_out(layer.get_submodule(proj.path), proj.conv1d, keep)
+    slice_in(down, mlp.down.conv1d, keep)
+    parent = layer.get_submodule(mlp.path) if mlp.path else layer
+    if hasattr(parent, "intermediate_size"):
+        parent.intermediate_size = len(keep)
+
+
+EXPERT_ALIGN_BYTES = 16
+"""transformers' grouped-mm MoE kernel needs expert matrix strides that are multiples of 16 bytes."""
+
+
+def check_expert_width(width: int, dtype: torch.dtype, what: str = "expert width") -> None:
+    """Raise ConfigError unless ``width`` keeps fused expert strides 16-byte aligned."""
+    elem = torch.empty((), dtype=dtype).element_size()
+    if (width * elem) % EXPERT_ALIGN_BYTES:
+        step = EXPERT_ALIGN_BYTES // math.gcd(EXPERT_ALIGN_BYTES, elem)
+        raise ConfigError(
+            f"{what} {width} is not a multiple of {step} for {dtype}: transformers' grouped-mm MoE kernel "
+            f"needs 16-byte aligned strides; round it to {max(step, width - width % step)} or "
+            f"{width - width % step + step}"
+        )
+
+
+def expert_alignment(dtype: torch.dtype) -> int:
+    """Channel multiple that keeps fused expert parameters 16-byte aligned (4 in fp32, 8 in bf16)."""
+    elem = torch.empty((), dtype=dtype).element_size()
+    return EXPERT_ALIGN_BYTES // math.gcd(EXPERT_ALIGN_BYTES, elem)
+
+
+def _prune_experts(layer: nn.Module, roles: LayerRoles, keep: torch.Tensor) -> None:
+    ex = roles.experts
+    assert ex is not None
+    experts = layer.get_submodule(ex.path)
+    gu = getattr(experts, ex.gate_up_param).data  # [E, 2I, H]
+    dn = getattr(experts, ex.down_param).data  # [E, H, I]
+    n_exp, two_i, hidden = gu.shape
+    width = two_i // 2
+    check_expert_width(int(keep.shape[-1]), gu.dtype)
+    if keep.dim() == 1:
+        keep = keep.unsqueeze(0).expand(n_exp, -1)
+    keep = keep.to(gu.device)
+    rows = torch.cat([keep, keep + width], dim=1)
+    _set_param(experts, ex.gate_up_param, torch.gather(gu, 1, rows.unsqueeze(-1).expand(-1, -1, hidden)))
+    _set_param(experts, ex.down_param, torch.gather(dn, 2, keep.unsqueeze(1).expand(-1, dn.shape[1], -1)))
+    if hasattr(experts, "intermediate_dim"):
+        experts.intermediate_dim = keep.shape[1]
+
+
+def prune_mlp_channels(
+    model: nn.Module, arch: ModelArch, layer_idx: int, keep: torch.Tensor | Sequence[int],
+    shared_keep: torch.Tensor | Sequence[int] | None = None,
+) -> Edit:
+    """Keep MLP intermediate channels ``keep`` of one layer.
+
+    Dense MLP: rows of gate/up (fused ``gate_up`` rows ``[gate; up]``; fc1/``c_fc`` with bias) and
+    columns of down (fc2/``c_proj``). MoE: the intermediate of every expert's fused 3-D parameters
+    (``keep`` ``[k]`` for all experts or ``[E, k]`` per expert); ``shared_keep`` cuts the shared expert.
+
+    Returns:
+        ``{"op": "mlp_channels", "layer": i, "width": k, "shared_width": k_s | None}``.
+    """
+    layer = arch.layer_modules(model)[layer_idx]
+    roles = arch.layers[layer_idx]
+    device = next(layer.parameters()).device
+    idx = _index(keep, device)
+    edit: Edit = {"op": "mlp_channels", "layer": layer_idx, "width": int(idx.shape[-1]), "shared_width": None}
+    if roles.experts is not None:
+        _prune_experts(layer, roles, idx)
+        if shared_keep is not None and roles.experts.shared is not None:
+            s_idx = _index(shared_keep, device)
+            _prune_dense_mlp(layer, roles.experts.shared, s_idx)
+            edit["shared_width"] = int(len(s_idx))
+    elif roles.mlp is not None:
+        _prune_dense_mlp(layer, roles.mlp, idx)
+    else:
+        raise ConfigError(f"layer {layer_idx} has no MLP to prune")
+    return edit
+
+
+# --------------------------------------------------------------------------- attention heads
+def valid_head_counts(num_heads: int, num_kv_heads: int, mode: str) -> list[tuple[int, int]]:
+    """``(heads, kv_heads)`` pairs reachable by pruning: ``query`` drops query heads evenly in
+    every KV group (KV heads kept); ``kv`` drops whole KV groups (with their query heads)."""
+    group = num_heads // num_kv_heads
+    if num_kv_heads == num_heads:  # MHA: every head is its own group
+        return [(h, h) for h in range(1, num_heads + 1)]
+    if mode == "kv":
+        return [(k * group, k) for k in range(1, num_kv_heads + 1)]
+    return [(q * num_kv_heads, num_kv_heads) for q in range(1, group + 1)]
+
+
+def head_count_for_ratio(num_heads: int, num_kv_heads: int, ratio: float, mode: str = "query") -> tuple[int, int]:
+    """The ``(heads, kv_heads)`` that remove exactly ``ratio`` of the query heads.
+
+    Raises:
+        ConfigError: listing the nearest valid ratios when ``ratio`` cannot be realised
+            (Qwen2-7B, 28 heads / 4 KV heads, ``query`` mode: only k/7).
+    """
+    options = valid_head_counts(num_heads, num_kv_heads, mode)
+    for h, k in options:
+        if abs((1 - h / num_heads) - ratio) < 1e-6:
+            return h, k
+    ratios = sorted({round(1 - h / num_heads, 4) for h, _ in options} | {0.0})
+    nearest = sorted(ratios, key=lambda r: abs(r - ratio))[:3]
+    other = "kv" if mode == "query" else "query"
+    other_r = sorted({round(1 - h / num_heads, 4) for h, _ in valid_head_counts(num_heads, num_kv_heads, other)})
+    raise ConfigError(
+        f"attention ratio {ratio} cannot be realised with {num_heads} query heads / {num_kv_heads} KV heads "
+        f"in '{mode}' mode (heads must stay a multiple of the KV heads); nearest valid ratios: {nearest} "
+        f"(all: {ratios}); '{other}' mode allows {other_r}"
+    )
+
+
+def _qkv_rows(att: AttentionRoles, q_heads: torch.Tensor, kv_heads: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    d = att.head_dim
+    ar = torch.arange(d, device=q_heads.device)
+    q_rows = (q_heads[:, None] * d + ar).flatten()
+    kv_rows = (kv_heads[:, None] * d + ar).flatten()
+    return q_rows, kv_rows
+
+
+def _update_attention_attrs(attn: nn.Module, heads: int, kv_heads: int, head_dim: int) -> None:
+    if hasattr(attn, "num_key_value_groups"):
+        attn.num_key_value_groups = heads // kv_heads
+    for name, value in (("num_heads", heads), ("num_key_value_heads", kv_heads), ("num_attention_heads", heads)):
+        if hasattr(attn, name):
+            setattr(attn, name, value)
+    if hasattr(attn, "split_size"):  # GPT-2 splits c_attn's output in three by this
+        attn.split_size = heads * head_dim
+    cfg = getattr(attn, "config", None)
+    if cfg is not None and (getattr(cfg, "num_attention_heads", heads) != heads
+                            or getattr(cfg, "num_key_value_heads", kv_heads) != kv_heads):
+        # Phi-3's forward reads config.num_attention_heads: give this layer its own view of the counts.
+        own = copy.copy(cfg)
+        own.num_attention_heads = heads
+        if hasattr(cfg, "num_key_value_heads"):
+            own.num_key_value_heads = kv_heads
+        attn.config = own
+
+
+def prune_heads(
+    model: nn.Module, arch: ModelArch, layer_idx: int,
+    keep_query_heads: torch.Tensor | Sequence[int] | None = None,
+    keep_kv_groups: torch.Tensor | Sequence[int] | None = None,
+) -> Edit:
+    """Keep query heads ``keep_query_heads`` (or whole KV groups ``keep_kv_groups``) of one layer.
+
+    GQA stays valid: the KV heads kept are those with a kept query head, and every kept KV group
+    must keep the same number of query heads. Separate q/k/v, fused concat qkv (Phi-3, GPT-2
+    ``c_attn``) and per-head interleaved qkv (GPT-NeoX) are handled; q_norm/k_norm act per
+    head_dim and are untouched.
+
+    Returns:
+        ``{"op": "heads", "layer": i, "num_heads": H', "num_kv_heads": K'}``.
+    """
+    layer = arch.layer_modules(model)[layer_idx]
+    att = arch.layers[layer_idx].attention
+    if att is None:
+        raise ConfigError(f"layer {layer_idx} has no attention to prune")
+    device = next(layer.parameters()).device
+    group = att.num_heads // att.num_kv_heads
+    if keep_kv_groups is not None:
+        groups = _index(keep_kv_groups, device)
+        q_heads = (groups[:, None] * group + torch.arange(group, device=device)).flatten()
+    elif keep_query_heads is not None:
+        q_heads = _index(keep_query_heads, device).sort().values
+    else:
+        raise ConfigError("prune_heads needs keep_query_heads or keep_kv_groups")
+    kv_of = q_heads // group
+    kv_heads, counts = torch.unique(kv_of, return_counts=True)
+    if len(q_heads) == 0 or (counts != counts[0]).any():
+        raise ConfigError(
+            f"layer {layer_idx}: every kept KV group must keep the same number of query heads "
+            f"(got {counts.tolist()} for groups {kv_heads.tolist()})"
+        )
+    # order query heads group by group so that head h' uses KV head h' // new_group
+    q_heads = q_heads[torch.argsort(kv_of * att.num_heads + q_heads)]
+    _slice_attention(layer, att, q_heads, kv_heads)
+    heads, kv = len(q_heads), len(kv_heads)
+    _update_attention_attrs(layer.get_submodule(att.path) if att.path else layer, heads, kv, att.head_dim)
+    return {"op": "heads", "layer": layer_idx, "num_heads": heads, "num_kv_heads": kv}
+
+
+def _slice_attention(layer: nn.Module, att: AttentionRoles, q_heads: torch.Tensor, kv_heads: torch.Tensor) -> None:
+    d = att.head_dim
+    q_rows, kv_rows = _qkv_rows(att, q_heads, kv_heads)
+    if att.qkv is not None:
+        fused = layer.get_submodule(att.qkv.path)
+        if att.qkv_layout == "per_head":  # GPT-NeoX: [q_h; k_h; v_h] per head (MHA)
+            ar = torch.arange(3 * d, device=q_heads.device)
+            rows = (q_heads[:, None] * 3 * d + ar).flatten()
+        else:
+            hq, hk = att.num_heads * d, att.num_kv_heads * d
+            rows = torch.cat([q_rows, hq + kv_rows, hq + hk + kv_rows])
+        slice_out(fused, att.qkv.conv1d, rows)
+    else:
+        assert att.q is not None and att.k is not None and att.v is not None
+        slice_out(layer.get_submodule(att.q.path), att.q.conv1d, q_rows)
+        slice_out(layer.get_submodule(att.k.path), att.k.conv1d, kv_rows)
+        slice_out(layer.get_submodule(att.v.path), att.v.conv1d, kv_rows)
+    slice_in(layer.get_submodule(att.o.path), att.o.conv1d, q_rows)
+
+
+# --------------------------------------------------------------------------- hidden size
+def _is_rms(module: nn.Module) -> bool:
+    return "rmsnorm" in type(module).__name__.lower()
+
+
+def _slice_norm(norm: nn.Module, idx: torch.Tensor, rms_scale: float) -> None:
+    if getattr(norm, "weight", None) is not None:
+        w = norm.weight.data[idx.to(norm.weight.device)]
+        if _is_rms(norm) and rms_scale != 1.0:
+            # Gemma's RMSNorm multiplies by (1 + w); everyone else by w.
+            offset = 1.0 if "gemma" in type(norm).__name__.lower() else 0.0
+            w = (w + offset) * rms_scale - offset
+        _set_param(norm, "weight", w)
+    if getattr(norm, "bias", None) is not None:
+        _set_param(norm, "bias", norm.bias.data[idx.to(norm.bias.device)])
+    if hasattr(norm, "normalized_shape"):
+        norm.normalized_shape = (len(idx),)
+
+
+def _hidden_in(layer: nn.Module, projs: Sequence[Proj | None], idx: torch.Tensor) -> None:
+    for p in projs:
+        if p is not None:
+            slice_in(layer.get_submodule(p.path), p.conv1d, idx)
+
+
+def _hidden_layer(layer: nn.Module, roles: LayerRoles, idx: torch.Tensor, rms_scale: float) -> None:
+    att = roles.attention
+    if att is not None:
+        _hidden_in(layer, att.inputs, idx)
+        slice_out(layer.get_submodule(att.o.path), att.o.conv1d, idx)
+    if roles.mlp is not None:
+        _hidden_in(layer, roles.mlp.inputs, idx)
+        slice_out(layer.get_submodule(roles.mlp.down.path), roles.mlp.down.conv1d, idx)
+    ex = roles.experts
+    if ex is not None:
+        experts = layer.get_submodule(ex.path)
+        check_expert_width(len(idx), getattr(experts, ex.gate_up_param).dtype, "hidden size (MoE)")
+        gu, dn = getattr(experts, ex.gate_up_param).data, getattr(experts, ex.down_param).data
+        _set_param(experts, ex.gate_up_param, gu[:, :, idx.to(gu.device)])
+        _set_param(experts, ex.down_param, dn[:, idx.to(dn.device), :])
+        router = layer.get_submodule(ex.router)
+        _set_param(router, "weight", router.weight.data[:, idx.to(router.weight.device)])
+        if isinstance(router, nn.Linear):
+            router.in_features = len(idx)
+        if ex.shared is not None:
+            _hidden_in(layer, ex.shared.inputs, idx)
+            slice_out(layer.get_submodule(ex.shared.down.path), False, idx)
+        if ex.shared_gate is not None:
+            slice_in(layer.get_submodule(ex.shared_gate), False, idx)
+    for name in roles.norms:
+        _slice_norm(layer.get_submodule(name), idx, rms_scale)
+
+
+def _sync_hidden_attrs(model: nn.Module, old: int, new: int) -> None:
+    for module in model.modules():
+        for name in ("hidden_size", "hidden_dim", "embed_dim", "embedding_dim"):
+            if getattr(module, name, None) == old and not isinstance(getattr(type(module), name, None), property):
+                setattr(module, name, new)
+
+
+def prune_hidden(model: nn.Module, arch: ModelArch, keep: torch.Tensor | Sequence[int],
+                 rms_scale: float | None = None) -> Edit:
+    """Keep hidden (residual-stream) channels ``keep`` everywhere.
+
+    Embeddings (token and learned positions), every norm's weight/bias, every input of
+    q/k/v/qkv/gate/up/router/experts/shared expert, every output of o/down, the final norm and
+    lm_head (re-tied when tied). RMSNorm weights are multiplied by ``rms_scale`` (default
+    ``sqrt(H/H')``, see the module docstring); Gemma's embedding scale becomes ``sqrt(H')`` to match
+    what transformers computes on reload.
+
+    Returns:
+        ``{"op": "hidden", "width": H'}``.
+    """
+    embed = model.get_submodule(arch.embed_path)
+    old = int(embed.weight.shape[1])
+    idx = _index(keep, embed.weight.device).sort().values
+    new = len(idx)
+    if getattr(model.get_submodule(arch.base_path) if arch.base_path else model, "project_in", None) is not None:
+        raise ConfigError("hidden-size pruning of OPT with word_embed_proj_dim != hidden_size is not supported")
+    scale = math.sqrt(old / new) if rms_scale is None else rms_scale
+    head = model.get_submodule(arch.lm_head_path)
+    _set_param(embed, "weight", embed.weight.data[:, idx])
+    for name in arch.extra_embeddings:
+        pe = model.get_submodule(name)
+        _set_param(pe, "weight", pe.weight.data[:, idx.to(pe.weight.device)])
+    if hasattr(embed, "embed_scale") and hasattr(embed, "scalar_embed_scale"):
+        embed.scalar_embed_scale = new**0.5
+        embed.embed_scale.fill_(new**0.5)
+    layers = arch.layer_modules(model)
+    for i, roles in enumerate(arch.layers):
+        _hidden_layer(layers[i], roles, idx.to(next(layers[i].parameters()).device), scale)
+    if arch.final_norm_path:
+        _slice_norm(model.get_submodule(arch.final_norm_path), idx, scale)
+    if arch.tied:
+        head.weight = embed.weight
+    else:
+        slice_in(head, False, idx)
+    if isinstance(head, nn.Linear):
+        head.in_features = new
+    _sync_hidden_attrs(model, old, new)
+    return {"op": "hidden", "width": new}
+
+
+# --------------------------------------------------------------------------- config
+def _field_set(config: Any, name: str | None, value: int) -> None:
+    if name:
+        setattr(config, name, value)
+
+
+def _uniform(values: list[int]) -> int | None:
+    return values[0] if values and all(v == values[0] for v in values) else None
+
+
+def sync_config(model: nn.Module, arch: ModelArch) -> bool:
+    """Rewrite the config from the model's actual shapes; True when the config alone describes them.
+
+    Updates ``hidden_size``, the intermediate field (``intermediate_size``/``ffn_dim``/``n_inner``),
+    ``moe_intermediate_size`` / shared-expert width, ``num_attention_heads``,
+    ``num_key_value_heads`` and an explicit ``head_dim`` when every layer agrees. ``arch`` must
+    describe the model *after* the surgery (call :func:`pare.arch.describe` again).
+    """
+    cfg = model.config
+    f = arch.fields
+    uniform = True
+    hidden = int(model.get_submodule(arch.embed_path).weight.shape[1])
+    _field_set(cfg, f.hidden, hidden)
+    if arch.model_type == "opt" and hasattr(cfg, "word_embed_proj_dim"):
+        cfg.word_embed_proj_dim = hidden
+    layers = arch.layer_modules(model)
+    dense = [_mlp_width(layers[r.index], r.mlp) for r in arch.layers if r.mlp is not None]
+    moe = [r.experts.intermediate for r in arch.layers if r.experts is not None]
+    shared = [_mlp_width(layers[r.index], r.experts.shared) for r in arch.layers
+              if r.experts is not None and r.experts.shared is not None]
+    for values, name in ((dense, f.intermediate), (moe, f.moe_intermediate or f.intermediate),
+                         (shared, f.shared_intermediate)):
+        if values:
+            width = _uniform(values)
+            if width is None or not name:
+                uniform = False
+            else:
+                _field_set(cfg, name, width)
+    atts = [r.attention for r in arch.layers if r.attention is not None]
+    heads, kv = _uniform([a.num_heads for a in atts]), _uniform([a.num_kv_heads for a in atts])
+    head_dim = atts[0].head_dim if atts else None
+    if head_dim is not None and arch.model_type not in ATTN_WIDTH_IS_HIDDEN:
+        cfg.head_dim = head_dim  # explicit: hidden // heads may no longer give it
+    if heads is None or kv is None or head_dim is None:
+        return False
+    if arch.model_type in ATTN_WIDTH_IS_HIDDEN:
+        if heads * head_dim != hidden:
+            return False  # head_dim would be re-derived as hidden // heads: keep the old counts, replay
+        _field_set(cfg, f.heads, heads)
+    else:
+        _field_set(cfg, f.heads, heads)
+        if f.kv_heads or hasattr(cfg, "num_key_value_heads"):
+            _field_set(cfg, f.kv_heads or "num_key_value_heads", kv)
+    return uniform
+
+
+def _mlp_width(layer: nn.Module, mlp: MLPRoles | None) -> int:
+    assert mlp is not None
+    down = layer.get_submodule(mlp.down.path)
+    return int(down.weight.shape[0] if mlp.down.conv1d else down.weight.shape[1])
+
+
+# --------------------------------------------------------------------------- replay
+def _replay_mlp(model: nn.Module, edit: Edit) -> None:
+    from pare.arch import describe
+
+    arch = describe(model)
+    i = int(edit["layer"])
+    roles = arch.layers[i]
+    current = roles.experts.intermediate if roles.experts is not None else _mlp_width(arch.layer_modules(model)[i], roles.mlp)
+    shared = edit.get("shared_width")
+    keep = torch.arange(int(edit["width"]))
+    if current == len(keep) and shared is None:
+        return
+    prune_mlp_channels(model, arch, i, keep, None if shared is None else torch.arange(int(shared)))
+
+
+def _replay_heads(model: nn.Module, edit: Edit) -> None:
+    from pare.arch import describe
+
+    arch = describe(model)
+    i = int(edit["layer"])
+    att = arch.layers[i].attention
+    assert att is not None
+    heads, kv = int(edit["num_heads"]), int(edit["num_kv_heads"])
+    if att.num_heads == heads and att.num_kv_heads == kv:
+        return
+    group = att.num_heads // att.num_kv_heads
+    per_group = heads // kv
+    keep = (torch.arange(kv)[:, None] * group + torch.arange(per_group)).flatten()
+    prune_heads(model, arch, i, keep_query_heads=keep)
+
+
+def _replay_hidden(model: nn.Module, edit: Edit) -> None:
+    from pare.arch import describe
+
+    arch = describe(model)
+    width = int(edit["width"])
+    if int(model.get_submodule(arch.embed_path).weight.shape[1]) != width:
+        prune_hidden(model, arch, torch.arange(width), rms_scale=1.0)
+
+
+REPLAY: dict[str, Callable[[nn.Module, dict[str, Any]], None]] = {
+    "mlp_channels": _replay_mlp,
+    "heads": _replay_heads,
+    "hidden": _replay_hidden,
+}
+
+__all__ = [
+    "ATTN_WIDTH_IS_HIDDEN",
+    "REPLAY",
+    "check_expert_width",
+    "expert_alignment",
+    "head_count_for_ratio",
+    "prune_heads",
+    "prune_hidden",
+    "prune_mlp_channels",
+    "slice_in",
+    "slice_out",
+    "sync_config",
+    "valid_head_counts",
+]

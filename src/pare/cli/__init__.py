@@ -1,0 +1,183 @@
+"""The ``pare`` command: ``inspect``, ``prune``, ``eval``, ``methods``.
+
+Method options are generated from the method config dataclasses (``--sparsity``, ``--pattern``...),
+so every config field is a flag and a YAML/JSON config key at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from typing import Any
+
+from pare.cli.options import add_config_options, build_config, given_dests
+from pare.config import CalibrationConfig, RuntimeConfig, read_config_file
+from pare.errors import ConfigError, PareError
+
+log = logging.getLogger("pare")
+
+COMMON = {"model", "method", "out", "overwrite", "config", "eval", "speed", "eval_seqlen", "eval_batch_size",
+          "eval_max_windows", "arch_override", "dtype", "verbose", "json"}
+
+
+def _prune_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    from pare.methods import METHODS
+
+    p = sub.add_parser("prune", help="prune a model and save it", description="Prune a model and save it.")
+    p.add_argument("--model", help="hub id or local directory")
+    p.add_argument("--method", help=f"one of {', '.join(sorted(METHODS))}")
+    p.add_argument("--out", "--save_model", dest="out", help="output directory (written atomically)")
+    p.add_argument("--overwrite", action="store_true", default=None, help="replace an existing --out")
+    p.add_argument("--config", help="YAML or JSON file with any of these options")
+    p.add_argument("--eval", default=None, help="evaluate perplexity before and after on this set (e.g. wikitext2)")
+    p.add_argument("--eval-seqlen", type=int, default=None, help="evaluation window (default: --seqlen)")
+    p.add_argument("--eval-batch-size", type=int, default=None, help="windows per forward in evaluation")
+    p.add_argument("--eval-max-windows", type=int, default=None, help="score at most this many windows")
+    p.add_argument("--speed", action=argparse.BooleanOptionalAction, default=None,
+                   help="with --eval, also measure prefill/decode tokens/s (default: yes)")
+    p.add_argument("--arch-override", default=None, help="YAML/JSON ArchOverride for unknown architectures")
+    p.add_argument("--dtype", default=None, help="load dtype (auto, float32, bfloat16, float16)")
+    p.add_argument("--json", action="store_true", default=None, help="print the report as JSON")
+    p.add_argument("-v", "--verbose", action="store_true", default=None)
+    taken = set(COMMON)
+    calib = p.add_argument_group("calibration")
+    calib_help = CalibrationConfig.__dataclass_fields__["dataset"].metadata["help"]
+    calib.add_argument("--calib", dest="dataset", default=None, help=calib_help)
+    taken.add("dataset")
+    calib.add_argument("--max_seq_len", dest="seqlen", type=int, default=None, help="alias of --seqlen")
+    add_config_options(calib, CalibrationConfig, taken)
+    add_config_options(p.add_argument_group("runtime"), RuntimeConfig, taken)
+    group = p.add_argument_group("method options (each applies to the methods that define it)")
+    for cls in METHODS.values():
+        add_config_options(group, cls.config_class, taken)
+    return p
+
+
+def _eval_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("eval", help="perplexity, parameters, size on disk and tokens/s of a model")
+    p.add_argument("model", help="directory written by pare prune, any local model, or a hub id")
+    p.add_argument("--ppl", default="wikitext2", help="data set for perplexity ('none' to skip)")
+    p.add_argument("--seqlen", type=int, default=2048, help="evaluation window in tokens")
+    p.add_argument("--batch-size", type=int, default=1, help="windows per forward")
+    p.add_argument("--max-windows", type=int, default=None, help="score at most this many windows")
+    p.add_argument("--speed", action=argparse.BooleanOptionalAction, default=True, help="measure tokens/s")
+    p.add_argument("--device", default=None)
+    p.add_argument("--json", action="store_true")
+    p.add_argument("-v", "--verbose", action="store_true")
+
+
+def build_parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
+    """The ``pare`` parser and its ``prune`` sub-parser."""
+    parser = argparse.ArgumentParser(prog="pare", description="Prune causal LMs and prove what each cut costs.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    ins = sub.add_parser("inspect", help="the model's roles: layers, heads, MLP width, params by part")
+    ins.add_argument("model")
+    ins.add_argument("--json", action="store_true")
+    ins.add_argument("-v", "--verbose", action="store_true")
+    sub.add_parser("methods", help="list the pruning methods and their options")
+    prune_parser = _prune_parser(sub)
+    _eval_parser(sub)
+    return parser, prune_parser
+
+
+def _file_sections(data: dict[str, Any]) -> tuple[dict, dict, dict, dict]:
+    """Split a config file into (top-level, calibration, runtime, method options)."""
+    data = dict(data)
+    calib = dict(data.pop("calibration", {}) or {})
+    runtime = dict(data.pop("runtime", {}) or {})
+    method_opts = dict(data.pop("options", {}) or {})
+    from pare.methods import METHODS
+
+    method = data.get("method")
+    if method in data and isinstance(data[method], dict):
+        method_opts.update(data.pop(method))
+    calib_names = set(CalibrationConfig.__dataclass_fields__) | {"calib"}
+    runtime_names = set(RuntimeConfig.__dataclass_fields__)
+    for key in list(data):
+        k = key.replace("-", "_")
+        if k in COMMON:
+            continue
+        value = data.pop(key)
+        if k in calib_names:
+            calib["dataset" if k == "calib" else k] = value
+        elif k in runtime_names:
+            runtime[k] = value
+        else:
+            method_opts[k] = value
+    del METHODS
+    return data, calib, runtime, method_opts
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser, prune_parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if getattr(args, "verbose", False) else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        if args.command == "methods":
+            return _cmd_methods()
+        if args.command == "inspect":
+            from pare.cli.commands import inspect_cmd
+
+            return inspect_cmd(args)
+        if args.command == "eval":
+            from pare.cli.commands import eval_cmd
+
+            return eval_cmd(args)
+        return _cmd_prune(args, given_dests(prune_parser, argv))
+    except PareError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: nothing was written", file=sys.stderr)
+        return 130
+
+
+def _cmd_methods() -> int:
+    import dataclasses
+
+    from pare.methods import METHODS
+
+    for name, cls in sorted(METHODS.items()):
+        doc = (cls.config_class.__doc__ or "").strip().splitlines()[0]
+        print(f"{name:12s} {doc}")
+        for f in dataclasses.fields(cls.config_class):
+            print(f"    --{f.name.replace('_', '-'):22s} {f.metadata.get('help', '')} (default {f.default!r})")
+    return 0
+
+
+def _cmd_prune(args: argparse.Namespace, given: set[str]) -> int:
+    from pare.cli.commands import prune_cmd
+    from pare.methods import pruner_for
+
+    file_data = read_config_file(args.config) if args.config else {}
+    top, calib_vals, runtime_vals, method_vals = _file_sections(file_data)
+    for key in ("model", "method", "out", "overwrite", "eval", "arch_override", "dtype"):
+        if getattr(args, key, None) is None and key in top:
+            setattr(args, key, top[key])
+    if not args.model:
+        raise ConfigError("no model: pass --model (a hub id or a local directory) or `model:` in --config")
+    if not args.method:
+        raise ConfigError("no method: pass --method (see `pare methods`) or `method:` in --config")
+    pruner = pruner_for(args.method)
+    method_fields = set(pruner.config_class.__dataclass_fields__)
+    foreign = sorted(
+        d for d in given
+        if d not in method_fields and d not in COMMON and d not in CalibrationConfig.__dataclass_fields__
+        and d not in RuntimeConfig.__dataclass_fields__ and d != "help"
+    )
+    if foreign:
+        raise ConfigError(
+            f"option(s) {['--' + f.replace('_', '-') for f in foreign]} do not apply to method {args.method!r}; "
+            f"its options are {sorted('--' + f.replace('_', '-') for f in method_fields)}"
+        )
+    method_cfg = build_config(pruner.config_class, method_vals, args, given)
+    calib_cfg = build_config(CalibrationConfig, calib_vals, args, given)
+    runtime_cfg = build_config(RuntimeConfig, runtime_vals, args, given)
+    return prune_cmd(args, method_cfg, calib_cfg, runtime_cfg, needs_calibration=pruner.needs_calibration)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,254 @@
+"""What each ``pare`` subcommand does, once its options are parsed into configs."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from pare.config import CalibrationConfig, PruneConfig, RuntimeConfig
+
+
+def _arch_override(path: str | None):
+    if not path:
+        return None
+    from pare.arch import ArchOverride
+    from pare.config import read_config_file
+
+    return ArchOverride.from_dict(read_config_file(path))
+
+
+def print_table(rows: list[tuple[str, ...]], header: tuple[str, ...]) -> None:
+    """A plain aligned text table on stdout."""
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    line = "  ".join("-" * w for w in widths)
+    print("  ".join(str(h).ljust(w) for h, w in zip(header, widths, strict=True)))
+    print(line)
+    for r in rows:
+        print("  ".join(str(c).ljust(w) for c, w in zip(r, widths, strict=True)))
+
+
+def _fmt(value: Any, digits: int = 3) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:,.{digits}f}"
+    if isinstance(value, int):
+        return f"{value:,}"
+    return str(value)
+
+
+def params_by_part(model: nn.Module, arch) -> dict[str, int]:
+    """Parameter counts split into embeddings, attention, mlp, experts, norms, lm_head, other."""
+    parts = dict.fromkeys(("embeddings", "attention", "mlp", "experts", "norms", "lm_head", "other"), 0)
+    seen: set[int] = set()
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        parts[_part_of(name, arch)] += p.numel()
+    parts["total"] = sum(parts.values())
+    return parts
+
+
+def _part_of(name: str, arch) -> str:
+    if name.startswith(arch.embed_path + ".") or any(name.startswith(e + ".") for e in arch.extra_embeddings):
+        return "embeddings"
+    if arch.lm_head_path and name.startswith(arch.lm_head_path + "."):
+        return "lm_head"
+    prefix = arch.layers_path + "."
+    if not name.startswith(prefix):
+        return "norms" if arch.final_norm_path and name.startswith(arch.final_norm_path + ".") else "other"
+    idx_str, _, rel = name[len(prefix):].partition(".")
+    roles = arch.layers[int(idx_str)]
+    if roles.experts is not None and rel.startswith(roles.experts.path.rsplit(".", 1)[0] + "."):
+        return "experts"
+    if roles.attention is not None and rel.startswith(roles.attention.path + "."):
+        return "attention"
+    if any(rel.startswith(n + ".") for n in roles.norms):
+        return "norms"
+    if roles.mlp is not None:
+        mlp_paths = [p.path for p in (*roles.mlp.inputs, roles.mlp.down)]
+        if any(rel.startswith(p + ".") for p in mlp_paths) or (roles.mlp.path and rel.startswith(roles.mlp.path + ".")):
+            return "mlp"
+    return "other"
+
+
+def _meta_model(name_or_path: str):
+    """Build the model on the meta device from its config (no weights read), replaying pare edits."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from pare.errors import ModelNotFoundError
+    from pare.io import read_manifest
+
+    try:
+        config = AutoConfig.from_pretrained(name_or_path)
+    except (OSError, ValueError) as exc:
+        raise ModelNotFoundError(f"cannot read a model config from {name_or_path!r}: {exc}") from exc
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    manifest = read_manifest(name_or_path) if Path(name_or_path).is_dir() else None
+    if manifest and not manifest.get("uniform", True):
+        from pare.arch.surgery import replay
+
+        replay(model, manifest.get("edits") or [])
+    return model
+
+
+def inspect_cmd(args: argparse.Namespace) -> int:
+    from pare.arch import describe
+
+    model = _meta_model(args.model)
+    arch = describe(model)
+    parts = params_by_part(model, arch)
+    layers = []
+    for r in arch.layers:
+        a, m, e = r.attention, r.mlp, r.experts
+        layers.append({
+            "layer": r.index,
+            "heads": a.num_heads if a else None,
+            "kv_heads": a.num_kv_heads if a else None,
+            "head_dim": a.head_dim if a else None,
+            "mlp": _mlp_width(model, arch, r.index) if m else None,
+            "experts": f"{e.num_experts}x{e.intermediate} top{e.top_k}" if e else None,
+            "parallel": r.parallel_residual,
+        })
+    if args.json:
+        print(json.dumps({"model_type": arch.model_type, "layers_path": arch.layers_path,
+                          "tied": arch.tied, "params": parts, "layers": layers}, indent=2))
+        return 0
+    print(f"{args.model}: {arch.model_type}, {arch.num_layers} decoder layers at {arch.layers_path}, "
+          f"lm_head {'tied to' if arch.tied else 'separate from'} {arch.embed_path}")
+    r0 = arch.layers[0]
+    if r0.attention:
+        at = r0.attention
+        names = ", ".join(p.path for p in (*at.inputs, at.o))
+        print(f"attention: {names}" + (f" (fused, {at.qkv_layout})" if at.qkv else ""))
+    if r0.mlp:
+        print(f"mlp: {', '.join(p.path for p in (*r0.mlp.inputs, r0.mlp.down))}")
+    if r0.experts:
+        ex = r0.experts
+        print(f"experts: {ex.path} ({ex.gate_up_param}, {ex.down_param}), router {ex.router}")
+    print(f"norms: {', '.join(r0.norms)}")
+    print()
+    print_table([tuple(_fmt(v) for v in d.values()) for d in layers], tuple(layers[0].keys()))
+    print()
+    print_table([(k, _fmt(v)) for k, v in parts.items()], ("part", "params"))
+    return 0
+
+
+def _mlp_width(model: nn.Module, arch, index: int) -> int:
+    from pare.arch.roles import get_weight
+
+    layer = arch.layer_modules(model)[index]
+    down = arch.layers[index].mlp.down
+    return int(get_weight(layer.get_submodule(down.path), down).shape[1])
+
+
+def model_dir_bytes(path: str | Path) -> int | None:
+    p = Path(path)
+    if not p.is_dir():
+        return None
+    return sum(f.stat().st_size for f in p.glob("*.safetensors")) + sum(f.stat().st_size for f in p.glob("*.bin"))
+
+
+def _load_any(name_or_path: str, dtype: str | None = None):
+    from transformers import AutoTokenizer
+
+    from pare.api import load_model
+    from pare.io import load, read_manifest
+
+    if Path(name_or_path).is_dir() and read_manifest(name_or_path):
+        model = load(name_or_path, dtype=getattr(torch, dtype) if dtype and dtype != "auto" else None)
+        return model, AutoTokenizer.from_pretrained(name_or_path)
+    return load_model(name_or_path, dtype=dtype or "auto")
+
+
+def eval_cmd(args: argparse.Namespace) -> int:
+    from pare.api import evaluate
+
+    model, tok = _load_any(args.model)
+    dataset = None if args.ppl in (None, "", "none") else args.ppl
+    res = evaluate(model, tok, dataset=dataset, seqlen=args.seqlen, batch_size=args.batch_size,
+                   max_windows=args.max_windows, speed=args.speed, device=args.device)
+    res["size_on_disk_bytes"] = model_dir_bytes(args.model)
+    res["model"] = args.model
+    if args.json:
+        print(json.dumps(res, indent=2, default=str))
+        return 0
+    if dataset:
+        print(f"{dataset} test: {res['n_tokens']:,} tokens after tokenization; scored {res['n_windows']:,} "
+              f"windows of {res['seqlen']:,} tokens")
+    rows = [(k, _fmt(res.get(k))) for k in ("ppl", "params", "nonzero_params", "size_on_disk_bytes",
+                                             "prefill_tokens_per_s", "decode_tokens_per_s") if k in res]
+    print_table(rows, ("metric", "value"))
+    return 0
+
+
+def _evaluate_figures(model, tok, args: argparse.Namespace, seqlen: int, runtime: RuntimeConfig) -> dict[str, Any]:
+    from pare.api import evaluate
+
+    return evaluate(model, tok, dataset=args.eval, seqlen=args.eval_seqlen or seqlen,
+                    batch_size=args.eval_batch_size or 1, max_windows=args.eval_max_windows,
+                    speed=args.speed is not False, device=runtime.device, progress=runtime.progress)
+
+
+def prune_cmd(args: argparse.Namespace, method: PruneConfig, calib: CalibrationConfig,
+              runtime: RuntimeConfig, needs_calibration: bool) -> int:
+    """Load, (evaluate), prune, (evaluate), save, print the before/after table."""
+    from pare.api import prune
+    from pare.io import save
+    from pare.io.save import check_output
+
+    if args.out:
+        check_output(args.out, bool(args.overwrite))  # fail before any long work
+    model, tok = _load_any(args.model, args.dtype)
+    before = _evaluate_figures(model, tok, args, calib.seqlen, runtime) if args.eval else {}
+    if before:
+        model.to("cpu") if runtime.offload else None
+    report = prune(model, method, calib if needs_calibration else None, tokenizer=tok, runtime=runtime,
+                   arch_override=_arch_override(args.arch_override), batch_size=calib.batch_size)
+    after = _evaluate_figures(model, tok, args, calib.seqlen, runtime) if args.eval else {}
+    for key, value in before.items():
+        report.figures[f"{key}_before"] = value
+    for key, value in after.items():
+        report.figures[f"{key}_after"] = value
+    report.figures["size_on_disk_bytes_before"] = model_dir_bytes(args.model)
+    if args.out:
+        out = save(model, tok, args.out, report, overwrite=bool(args.overwrite))
+        report.figures["size_on_disk_bytes_after"] = model_dir_bytes(out)
+        from pare.io.save import MANIFEST
+
+        (out / MANIFEST).write_text(json.dumps(report.to_dict(), indent=2, default=str), encoding="utf-8")
+    if args.json:
+        print(json.dumps(report.to_dict(), indent=2, default=str))
+        return 0
+    _print_prune_summary(report, args)
+    return 0
+
+
+def _print_prune_summary(report, args: argparse.Namespace) -> None:
+    f = report.figures
+    rows = [
+        ("params", _fmt(f.get("params_before")), _fmt(f.get("params_after"))),
+        ("nonzero params", _fmt(f.get("params_before")), _fmt(f.get("nonzero_after"))),
+        ("size on disk (bytes)", _fmt(f.get("size_on_disk_bytes_before")), _fmt(f.get("size_on_disk_bytes_after"))),
+    ]
+    if args.eval:
+        rows.insert(0, (f"ppl ({args.eval})", _fmt(f.get("ppl_before")), _fmt(f.get("ppl_after"))))
+        for label, key in (("prefill tokens/s", "prefill_tokens_per_s"), ("decode tokens/s", "decode_tokens_per_s")):
+            rows.append((label, _fmt(f.get(f"{key}_before"), 0), _fmt(f.get(f"{key}_after"), 0)))
+    print(f"method {report.method}: pruned in {report.prune_seconds:.2f}s, peak RSS {report.peak_rss_mb:.0f} MB")
+    if report.modules:
+        print(f"sparsity of pruned modules (counted in the weights): {report.overall_sparsity:.4f}"
+              + (f", pattern {report.pattern}" if report.pattern else ""))
+    print()
+    print_table(rows, ("", "before", "after"))
+    for note in report.notes:
+        print(f"note: {note}")
+    if args.out:
+        print(f"saved to {args.out}")

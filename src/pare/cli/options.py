@@ -1,0 +1,81 @@
+"""Turn config dataclass fields into argparse options, and parsed options back into configs."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import types
+import typing
+from typing import Any
+
+from pare.config import BaseConfig
+from pare.errors import ConfigError
+
+
+def _base_type(hint: Any) -> tuple[Any, bool]:
+    """(element type, is_tuple) of a field annotation; Optional[...] unwrapped."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        return _base_type(args[0]) if len(args) == 1 else (str, False)
+    if origin is tuple:
+        args = typing.get_args(hint)
+        return (args[0] if args else str), True
+    if origin is typing.Literal:
+        return str, False
+    return hint, False
+
+
+def flag_names(name: str, aliases: list[str] | None = None) -> list[str]:
+    names = [f"--{name.replace('_', '-')}"]
+    if "_" in name:
+        names.append(f"--{name}")
+    return names + list(aliases or [])
+
+
+def add_config_options(parser: argparse.ArgumentParser, cls: type[BaseConfig], taken: set[str]) -> list[str]:
+    """Add one option per field of ``cls`` not already in ``taken``; return the dests added."""
+    hints = typing.get_type_hints(cls)
+    added = []
+    for f in dataclasses.fields(cls):
+        if f.name in taken or not f.init:
+            continue
+        elem, is_tuple = _base_type(hints[f.name])
+        if elem is dict or typing.get_origin(elem) is dict:
+            continue  # mappings come from the config file only
+        kwargs: dict[str, Any] = {"dest": f.name, "default": None, "help": f.metadata.get("help", "")}
+        names = flag_names(f.name, f.metadata.get("aliases"))
+        if elem is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        else:
+            kwargs["type"] = elem if elem in (int, float, str) else str
+            if is_tuple:
+                kwargs["nargs"] = "+"
+        parser.add_argument(*names, **kwargs)
+        taken.add(f.name)
+        added.append(f.name)
+    return added
+
+
+def build_config(cls: type[BaseConfig], file_values: dict[str, Any], args: argparse.Namespace,
+                 given: set[str]) -> Any:
+    """A config of type ``cls`` from config-file values overridden by the command line."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    values = {k.replace("-", "_"): v for k, v in file_values.items()}
+    for name in names:
+        value = getattr(args, name, None)
+        if name in given and value is not None:
+            values[name] = value
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise ConfigError(f"{cls.__name__} has no option(s) {unknown}; valid options are {sorted(names)}")
+    return cls.from_dict(values)
+
+
+def given_dests(parser: argparse.ArgumentParser, argv: list[str]) -> set[str]:
+    """The dests the user actually typed (so config-file values are only overridden by them)."""
+    out = set()
+    for action in parser._actions:
+        if any(a == opt or a.startswith(opt + "=") for a in argv for opt in action.option_strings):
+            out.add(action.dest)
+    return out

@@ -1,0 +1,39 @@
+"""Shared fixtures: tiny models on sys.path, the real checkpoint in ../shared, quiet logs."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("PARE_SHARED_DIR", REPO.parent / "shared"))
+STORIES = SHARED / "models" / "stories260K"
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+@pytest.fixture
+def stories_path() -> Path:
+    """The real pretrained stories260K Llama, or skip when ../shared is absent."""
+    if not (STORIES / "config.json").is_file():
+        pytest.skip(f"real checkpoint not found at {STORIES}")
+    return STORIES
+
+
+@pytest.fixture
+def shared_data() -> Path:
+    data = Path(os.environ.get("PARE_DATA_DIR", SHARED / "data"))
+    if not data.is_dir():
+        pytest.skip(f"shared data not found at {data}")
+    return data
+
+
+@pytest.fixture(autouse=True)
+def _seed() -> None:
+    torch.manual_seed(0)

@@ -1,0 +1,82 @@
+"""The layer-wise runner reproduces the full model when nothing is pruned, on every family."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pare.arch import describe
+from pare.arch.targets import layer_targets
+from pare.calibration.runner import LayerwiseRunner, _StandIn, logits_from_hidden
+from pare.calibration.stats import InputStats, record_inputs
+from tiny import TINY_ARCHS, tiny_batch, tiny_model
+
+
+def _runner_logits(model, ids, **kwargs) -> torch.Tensor:
+    arch = describe(model)
+    runner = LayerwiseRunner(model, arch, ids, device="cpu", progress=False, **kwargs)
+    for _ in runner.steps():
+        pass
+    assert runner.final_hidden is not None
+    return logits_from_hidden(model, arch, ids, torch.cat(runner.final_hidden))
+
+
+@pytest.mark.parametrize("model_type", TINY_ARCHS)
+def test_runner_reproduces_full_model_logits(model_type: str) -> None:
+    model = tiny_model(model_type)
+    ids = tiny_batch(5, 24)
+    with torch.no_grad():
+        ref = model(ids).logits
+    got = _runner_logits(model, ids, batch_size=2)
+    assert (got - ref).abs().max().item() <= 1e-4
+    layers = describe(model).layer_modules(model)
+    assert not any(isinstance(layer, _StandIn) for layer in layers)  # stand-ins always removed
+
+
+@pytest.mark.parametrize("model_type", ["llama", "gemma3_text", "gpt2", "mixtral"])
+@pytest.mark.parametrize("options", [{"offload": False}, {"sequential": False}, {"batch_size": 1}])
+def test_runner_options_do_not_change_results(model_type: str, options: dict) -> None:
+    model = tiny_model(model_type)
+    ids = tiny_batch(3, 16)
+    with torch.no_grad():
+        ref = model(ids).logits
+    got = _runner_logits(model, ids, **{"batch_size": 2, **options})
+    assert (got - ref).abs().max().item() <= 1e-4
+
+
+def test_sequential_inputs_see_pruned_layers_and_dense_inputs_do_not() -> None:
+    model = tiny_model("llama")
+    ids = tiny_batch(2, 16)
+    arch = describe(model)
+    seen = {}
+    for sequential in (True, False):
+        m = tiny_model("llama")
+        runner = LayerwiseRunner(m, arch, ids, device="cpu", progress=False, sequential=sequential)
+        for step in runner.steps():
+            seen[(sequential, step.index)] = torch.cat(step.inputs).clone()
+            step.layer.mlp.down_proj.weight.data.zero_()  # a drastic "prune"
+    assert torch.equal(seen[(True, 0)], seen[(False, 0)])
+    assert not torch.allclose(seen[(True, 2)], seen[(False, 2)])
+
+
+@pytest.mark.parametrize("model_type", ["llama", "gpt2", "mixtral", "qwen2_moe"])
+def test_record_inputs_counts_tokens_and_removes_hooks(model_type: str) -> None:
+    model = tiny_model(model_type)
+    ids = tiny_batch(2, 16)
+    arch = describe(model)
+    runner = LayerwiseRunner(model, arch, ids, device="cpu", progress=False)
+    step = next(iter(runner.steps()))
+    targets = layer_targets(step.layer, step.roles, step.prefix)
+    stats = {t.name: InputStats(want_gram=True) for t in targets}
+    with record_inputs(targets, stats):
+        step.run()
+    for t in targets:
+        s = stats[t.name]
+        if t.expert is None:
+            assert s.tokens == 32
+        assert s.gram is None or s.gram.shape == (t.shape[1], t.shape[1])
+    routed = sum(stats[t.name].tokens for t in targets if t.input_kind == "expert_in")
+    if arch.layers[0].experts is not None:
+        assert routed == 32 * arch.layers[0].experts.top_k  # every token reaches top_k experts
+    for module in step.layer.modules():
+        assert not module._forward_hooks and not module._forward_pre_hooks

@@ -1,0 +1,102 @@
+"""The ``pare`` command end to end on tiny offline models, and its errors on bad input."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from transformers import AutoModelForCausalLM
+
+from pare.cli import main
+from tiny import tiny_model, tiny_text, tiny_tokenizer
+
+
+@pytest.fixture
+def model_dir(tmp_path: Path) -> Path:
+    path = tmp_path / "tiny-llama"
+    tiny_model("llama").save_pretrained(path)
+    tiny_tokenizer().save_pretrained(path)
+    return path
+
+
+@pytest.fixture
+def text_file(tmp_path: Path) -> Path:
+    path = tmp_path / "text.txt"
+    path.write_text(tiny_text(60))
+    return path
+
+
+def test_inspect_prints_roles_and_params(model_dir: Path, capsys) -> None:
+    assert main(["inspect", str(model_dir)]) == 0
+    out = capsys.readouterr().out
+    assert "llama" in out and "self_attn.q_proj" in out and "kv_heads" in out and "total" in out
+    assert main(["inspect", str(model_dir), "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["layers"][0]["heads"] == 4 and data["layers"][0]["kv_heads"] == 2 and data["layers"][0]["mlp"] == 96
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    assert data["params"]["total"] == sum(p.numel() for p in model.parameters())
+
+
+def test_prune_then_eval(model_dir: Path, text_file: Path, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "pruned"
+    code = main(["prune", "--model", str(model_dir), "--method", "magnitude", "--sparsity", "0.5",
+                 "--pattern", "2:4", "--out", str(out), "--eval", str(text_file), "--seqlen", "32",
+                 "--no-progress", "--no-speed"])
+    assert code == 0
+    text = capsys.readouterr().out
+    assert "ppl" in text and "before" in text and "after" in text and "pattern 2:4" in text
+    manifest = json.loads((out / "pare.json").read_text())
+    assert manifest["pattern"] == "2:4" and manifest["figures"]["ppl_after"] > 0
+    assert manifest["figures"]["size_on_disk_bytes_after"] > 0
+    w = AutoModelForCausalLM.from_pretrained(out).model.layers[0].mlp.up_proj.weight
+    assert ((w.reshape(w.shape[0], -1, 4) == 0).sum(-1) == 2).all()
+    assert main(["eval", str(out), "--ppl", str(text_file), "--seqlen", "32", "--json"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["ppl"] == pytest.approx(manifest["figures"]["ppl_after"], rel=1e-6)
+    assert res["n_windows"] == res["n_tokens"] // 32 and res["decode_tokens_per_s"] > 0
+    assert main(["eval", str(out), "--ppl", str(text_file), "--seqlen", "32", "--no-speed"]) == 0
+    assert "tokens after tokenization" in capsys.readouterr().out
+
+
+def test_config_file_and_cli_override(model_dir: Path, tmp_path: Path) -> None:
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(f"model: {model_dir}\nmethod: magnitude\nsparsity: 0.25\ngranularity: layer\n")
+    out = tmp_path / "o"
+    assert main(["prune", "--config", str(cfg), "--sparsity", "0.75", "--out", str(out), "--no-progress"]) == 0
+    manifest = json.loads((out / "pare.json").read_text())
+    assert manifest["config"]["sparsity"] == 0.75 and manifest["config"]["granularity"] == "layer"
+
+
+def _error(capsys, argv: list[str]) -> str:
+    assert main(argv) == 2
+    return capsys.readouterr().err
+
+
+def test_bad_inputs_are_clear_errors_and_lose_nothing(model_dir: Path, tmp_path: Path, text_file: Path, capsys) -> None:
+    out = tmp_path / "exists"
+    out.mkdir()
+    (out / "keep.txt").write_text("x")
+    base = ["prune", "--model", str(model_dir), "--method", "magnitude", "--no-progress"]
+    assert "already exists" in _error(capsys, [*base, "--out", str(out)])
+    assert (out / "keep.txt").read_text() == "x"
+    assert "outside [0, 1)" in _error(capsys, [*base, "--sparsity", "1.0"])
+    assert "outside [0, 1)" in _error(capsys, [*base, "--sparsity", "-0.2"])
+    assert "N < M" in _error(capsys, [*base, "--pattern", "4:4"])
+    assert "cannot load model" in _error(capsys, ["prune", "--model", str(tmp_path / "nope"), "--method", "magnitude"])
+    assert "unknown method" in _error(capsys, ["prune", "--model", str(model_dir), "--method", "voodoo"])
+    assert "does not exist" in _error(capsys, [*base, "--config", str(tmp_path / "missing.yaml")])
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("sparsity: [unclosed\n")
+    assert "not valid YAML" in _error(capsys, [*base, "--config", str(bad)])
+    assert "longer than the model's context" in _error(
+        capsys, ["eval", str(model_dir), "--ppl", str(text_file), "--seqlen", "100000"]
+    )
+    assert "matches no prunable module" in _error(capsys, [*base, "--targets", "nothing_here"])
+
+
+def test_unknown_model_type_is_reported(tmp_path: Path, capsys) -> None:
+    path = tmp_path / "odd"
+    path.mkdir()
+    (path / "config.json").write_text(json.dumps({"model_type": "not-a-real-arch", "hidden_size": 8}))
+    assert "not-a-real-arch" in _error(capsys, ["inspect", str(path)])
