@@ -22,11 +22,12 @@ $(STAMP): pyproject.toml
 demo: install
 	$(PY) scripts/demo.py
 
+# Tests are offline by design: fail fast instead of retrying the Hub.
 test: install
-	$(PY) -m pytest -q -p no:cacheprovider tests
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(PY) -m pytest -q -p no:cacheprovider tests
 
 test-fast: install
-	$(PY) -m pytest -q -p no:cacheprovider -m "not slow" tests
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(PY) -m pytest -q -p no:cacheprovider -m "not slow" tests
 
 lint: install
 	$(VENV)/bin/ruff check src tests bench scripts

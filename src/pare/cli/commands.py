@@ -35,6 +35,8 @@ def print_table(rows: list[tuple[str, ...]], header: tuple[str, ...]) -> None:
 def _fmt(value: Any, digits: int = 3) -> str:
     if value is None:
         return "-"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
     if isinstance(value, float):
         return f"{value:,.{digits}f}"
     if isinstance(value, int):
@@ -134,6 +136,11 @@ def inspect_cmd(args: argparse.Namespace) -> int:
         ex = r0.experts
         print(f"experts: {ex.path} ({ex.gate_up_param}, {ex.down_param}), router {ex.router}")
     print(f"norms: {', '.join(r0.norms)}")
+    f = arch.fields
+    sizes = {"hidden": f.hidden, "intermediate": f.intermediate, "heads": f.heads, "kv_heads": f.kv_heads,
+             "head_dim": f.head_dim, "layers": f.layers, "moe_intermediate": f.moe_intermediate,
+             "num_experts": f.num_experts, "per-layer lists": ", ".join(f.per_layer_lists) or None}
+    print("config fields: " + "; ".join(f"{k}={v}" for k, v in sizes.items() if v))
     print()
     print_table([tuple(_fmt(v) for v in d.values()) for d in layers], tuple(layers[0].keys()))
     print()

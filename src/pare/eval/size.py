@@ -1,0 +1,62 @@
+"""Sizes: parameter counts, non-zeros, bytes on disk, sparsity of a weight."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Number of parameters; a tied (shared) tensor counts once, as ``model.parameters()`` yields it."""
+    return sum(p.numel() for p in model.parameters())
+
+
+def count_nonzero(model: nn.Module) -> int:
+    """Number of non-zero values in the model's floating-point parameters.
+
+    Integer or boolean parameters (e.g. packed quantized weights) are skipped, since their zeros do
+    not mean pruned weights; so are parameters on the meta device, which hold no values.
+    """
+    total = 0
+    skipped = 0
+    for p in model.parameters():
+        if not p.is_floating_point() or p.is_meta:
+            skipped += 1
+            continue
+        total += int(torch.count_nonzero(p.detach()).item())
+    if skipped:
+        logger.debug("count_nonzero skipped %d non-floating or meta parameters", skipped)
+    return total
+
+
+def dir_size_bytes(path: str | os.PathLike[str]) -> int:
+    """Total size in bytes of the files under ``path`` (or of ``path`` itself if it is a file).
+
+    Symbolic links are followed, so a Hugging Face cache snapshot counts its blobs.
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+    """
+    root = Path(path)
+    if root.is_file():
+        return root.stat().st_size
+    if not root.is_dir():
+        raise FileNotFoundError(f"{root} does not exist")
+    return sum(f.stat().st_size for f in root.rglob("*") if f.is_file())
+
+
+def linear_sparsity(weight: torch.Tensor | nn.Module) -> float:
+    """Fraction of exact zeros in a weight (or a module's ``.weight``); 0.0 for an empty tensor."""
+    tensor = weight.weight if isinstance(weight, nn.Module) else weight
+    if not isinstance(tensor, torch.Tensor):
+        raise TypeError(f"linear_sparsity needs a tensor or a module with a weight, got {type(weight)}")
+    numel = tensor.numel()
+    if numel == 0:
+        return 0.0
+    return 1.0 - int(torch.count_nonzero(tensor.detach()).item()) / numel

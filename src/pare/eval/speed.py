@@ -1,0 +1,152 @@
+"""Prefill and decode throughput of a causal LM on random prompts.
+
+Prefill is one forward pass over the prompt (building the KV cache); decode is greedy generation
+one token per forward pass, feeding back the ``past_key_values`` each step returns (transformers 5
+returns a ``Cache`` object there, which the next call takes as is). The loop is written out rather
+than calling ``generate`` so that no generation config (sampling, stop tokens, min/max lengths)
+changes how many steps run.
+"""
+
+from __future__ import annotations
+
+import logging
+import statistics
+import time
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from pare.errors import ConfigError
+from pare.eval.perplexity import eval_mode, model_context_length, model_device
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SpeedResult:
+    """Median throughput over the timed repeats.
+
+    Attributes:
+        prefill_tokens_per_s: ``batch_size * prompt_len`` / prefill seconds.
+        decode_tokens_per_s: ``batch_size * new_tokens`` / decode seconds.
+        prompt_len: prompt tokens per sequence.
+        new_tokens: decode steps (tokens generated per sequence).
+        batch_size: sequences per forward pass.
+        device: where the inputs ran, e.g. ``"cpu"`` or ``"cuda:1"``.
+        repeats: timed repeats (after the warm-up ones).
+    """
+
+    prefill_tokens_per_s: float
+    decode_tokens_per_s: float
+    prompt_len: int
+    new_tokens: int
+    batch_size: int
+    device: str
+    repeats: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _vocab_size(model: nn.Module) -> int:
+    sizes = []
+    config = getattr(model, "config", None)
+    if config is not None and hasattr(config, "get_text_config"):
+        config = config.get_text_config()
+    if isinstance(getattr(config, "vocab_size", None), int):
+        sizes.append(config.vocab_size)
+    get_embeddings = getattr(model, "get_input_embeddings", None)
+    embeddings = get_embeddings() if callable(get_embeddings) else None
+    if isinstance(embeddings, nn.Embedding):
+        sizes.append(embeddings.num_embeddings)
+    if not sizes:
+        raise ConfigError("cannot tell the model's vocabulary size (no config.vocab_size, no input embedding)")
+    return min(sizes)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _run_once(model: nn.Module, prompt: torch.Tensor, new_tokens: int) -> tuple[float, float]:
+    """Seconds for the prefill and for ``new_tokens`` greedy decode steps."""
+    device = prompt.device
+    _sync(device)
+    t0 = time.perf_counter()
+    out = model(input_ids=prompt, use_cache=True)
+    _sync(device)
+    t1 = time.perf_counter()
+    past = out.past_key_values
+    token = out.logits[:, -1].argmax(dim=-1, keepdim=True)
+    for _ in range(new_tokens):
+        out = model(input_ids=token, past_key_values=past, use_cache=True)
+        past = out.past_key_values
+        token = out.logits[:, -1].argmax(dim=-1, keepdim=True)
+    _sync(device)
+    t2 = time.perf_counter()
+    return t1 - t0, t2 - t1
+
+
+def measure_speed(
+    model: nn.Module,
+    prompt_len: int = 128,
+    new_tokens: int = 32,
+    batch_size: int = 1,
+    repeats: int = 3,
+    warmup: int = 1,
+    device: str | torch.device | None = None,
+    seed: int = 0,
+) -> SpeedResult:
+    """Median prefill and decode tokens per second over ``repeats`` runs after ``warmup`` runs.
+
+    Args:
+        model: a causal LM that accepts ``past_key_values``/``use_cache``; it is not moved.
+        prompt_len: tokens per prompt (random ids below the vocabulary size).
+        new_tokens: greedy decode steps after the prefill.
+        batch_size: prompts per forward pass.
+        repeats: timed runs; the median is reported.
+        warmup: untimed runs first (kernel selection, allocator warm-up).
+        device: where the prompts go; defaults to the device of the model's first parameter.
+        seed: seeds a local generator for the prompt ids.
+
+    Raises:
+        ConfigError: a non-positive size, or ``prompt_len + new_tokens`` beyond the model's context.
+    """
+    for arg, value, low in (
+        ("prompt_len", prompt_len, 1), ("new_tokens", new_tokens, 1), ("batch_size", batch_size, 1),
+        ("repeats", repeats, 1), ("warmup", warmup, 0),
+    ):
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ConfigError(f"{arg} must be an integer >= {low}, got {value!r}")
+    limit = model_context_length(model)
+    if limit is not None and prompt_len + new_tokens > limit:
+        raise ConfigError(
+            f"prompt_len + new_tokens = {prompt_len + new_tokens} exceeds the model's context of {limit}"
+        )
+    target = torch.device(device) if device is not None else model_device(model)
+    generator = torch.Generator().manual_seed(seed)
+    prompt = torch.randint(0, _vocab_size(model), (batch_size, prompt_len), generator=generator)
+    prompt = prompt.to(target)
+    prefill: list[float] = []
+    decode: list[float] = []
+    with eval_mode(model), torch.inference_mode():
+        for i in range(warmup + repeats):
+            t_prefill, t_decode = _run_once(model, prompt, new_tokens)
+            if i >= warmup:
+                prefill.append(t_prefill)
+                decode.append(t_decode)
+    result = SpeedResult(
+        prefill_tokens_per_s=batch_size * prompt_len / max(statistics.median(prefill), 1e-9),
+        decode_tokens_per_s=batch_size * new_tokens / max(statistics.median(decode), 1e-9),
+        prompt_len=prompt_len,
+        new_tokens=new_tokens,
+        batch_size=batch_size,
+        device=str(target),
+        repeats=repeats,
+    )
+    logger.info("speed: prefill %.1f tok/s, decode %.1f tok/s on %s",
+                result.prefill_tokens_per_s, result.decode_tokens_per_s, result.device)
+    return result

@@ -1,0 +1,120 @@
+"""Perplexity protocol on a tiny random Llama, plus the speed, size and memory helpers."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from pare.errors import ConfigError, NotEnoughDataError
+from pare.eval.memory import peak_rss_mb
+from pare.eval.perplexity import PerplexityResult, perplexity
+from pare.eval.size import count_nonzero, count_parameters, dir_size_bytes, linear_sparsity
+from pare.eval.speed import SpeedResult, measure_speed
+
+
+@pytest.fixture(scope="module")
+def model() -> LlamaForCausalLM:
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=100,
+        max_position_embeddings=128,
+    )
+    return LlamaForCausalLM(config).eval()
+
+
+@pytest.fixture(scope="module")
+def ids() -> torch.Tensor:
+    return torch.randint(0, 100, (1, 300), generator=torch.Generator().manual_seed(1))
+
+
+def one_window_at_a_time(model: LlamaForCausalLM, ids: torch.Tensor, seqlen: int) -> float:
+    """The reference: exp(mean over windows of transformers' own loss)."""
+    with torch.no_grad():
+        losses = [
+            model(ids[:, i : i + seqlen], labels=ids[:, i : i + seqlen]).loss
+            for i in range(0, ids.shape[1] - seqlen + 1, seqlen)
+        ]
+    return math.exp(torch.stack(losses).mean().item())
+
+
+@pytest.mark.parametrize("batch_size", [1, 3, 8])
+def test_batched_equals_one_window_loop(model: LlamaForCausalLM, ids: torch.Tensor, batch_size: int) -> None:
+    result = perplexity(model, ids, seqlen=64, batch_size=batch_size, progress=False)
+    assert result.ppl == pytest.approx(one_window_at_a_time(model, ids, 64), rel=1e-5)
+    assert result.nll == pytest.approx(math.log(result.ppl), rel=1e-12)
+
+
+def test_counts_and_max_windows(model: LlamaForCausalLM, ids: torch.Tensor) -> None:
+    result = perplexity(model, ids, seqlen=64, progress=False, dataset="random")
+    assert isinstance(result, PerplexityResult)
+    assert (result.n_windows, result.n_tokens, result.seqlen) == (4, 256, 64)  # 300 // 64, tail dropped
+    assert result.dataset == "random"
+    short = perplexity(model, ids[0], seqlen=64, progress=False, max_windows=2)
+    assert (short.n_windows, short.n_tokens) == (2, 128)
+    assert short.ppl == pytest.approx(one_window_at_a_time(model, ids[:, :128], 64), rel=1e-5)
+
+
+def test_restores_training_mode(model: LlamaForCausalLM, ids: torch.Tensor) -> None:
+    model.train()
+    try:
+        perplexity(model, ids, seqlen=32, progress=False, max_windows=1)
+        assert model.training
+    finally:
+        model.eval()
+
+
+def test_seqlen_beyond_context_names_the_limit(model: LlamaForCausalLM, ids: torch.Tensor) -> None:
+    with pytest.raises(ConfigError, match="128"):
+        perplexity(model, ids, seqlen=200, progress=False)
+
+
+def test_too_few_tokens_and_bad_arguments(model: LlamaForCausalLM, ids: torch.Tensor) -> None:
+    with pytest.raises(NotEnoughDataError, match="20 tokens"):
+        perplexity(model, ids[:, :20], seqlen=64, progress=False)
+    with pytest.raises(ConfigError):
+        perplexity(model, ids, seqlen=1, progress=False)
+    with pytest.raises(ConfigError):
+        perplexity(model, ids, seqlen=64, batch_size=0, progress=False)
+    with pytest.raises(ConfigError):
+        perplexity(model, ids.repeat(2, 1), seqlen=64, progress=False)
+
+
+def test_measure_speed_runs_greedy_decode_with_the_cache(model: LlamaForCausalLM) -> None:
+    result = measure_speed(model, prompt_len=16, new_tokens=4, batch_size=2, repeats=2, warmup=1)
+    assert isinstance(result, SpeedResult)
+    assert result.prefill_tokens_per_s > 0 and result.decode_tokens_per_s > 0
+    assert (result.prompt_len, result.new_tokens, result.batch_size, result.device) == (16, 4, 2, "cpu")
+    with pytest.raises(ConfigError, match="context"):
+        measure_speed(model, prompt_len=120, new_tokens=16)
+
+
+def test_sizes(model: LlamaForCausalLM, tmp_path: Path) -> None:
+    n = count_parameters(model)
+    assert n == sum(p.numel() for p in model.parameters())
+    layer = model.model.layers[0].mlp.down_proj
+    assert linear_sparsity(layer) == 0.0
+    with torch.no_grad():
+        saved = layer.weight.clone()
+        layer.weight[:, :32] = 0  # half of the 64 input columns
+        try:
+            assert linear_sparsity(layer.weight) == pytest.approx(0.5)
+            assert count_nonzero(model) == n - layer.weight.numel() // 2
+        finally:
+            layer.weight.copy_(saved)
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "a.bin").write_bytes(b"x" * 10)
+    (tmp_path / "sub" / "b.bin").write_bytes(b"y" * 5)
+    assert dir_size_bytes(tmp_path) == 15
+    assert dir_size_bytes(tmp_path / "a.bin") == 10
+    with pytest.raises(FileNotFoundError):
+        dir_size_bytes(tmp_path / "missing")
+    assert peak_rss_mb() > 1.0
