@@ -103,7 +103,8 @@ def _match_roles(layer: nn.Module, override: ArchOverride | None) -> dict[str, s
     roles: dict[str, str] = {}
     forced = dict(override.names) if override else {}
     for role, rel in forced.items():
-        roles[role] = rel
+        if rel in projections:  # a forced module may be gone (a removed sub-layer)
+            roles[role] = rel
     for rel in projections:
         leaf = rel.rsplit(".", 1)[-1]
         parent = rel.rsplit(".", 1)[0] if "." in rel else ""
@@ -294,10 +295,9 @@ def describe(model: nn.Module, override: ArchOverride | None = None) -> ModelArc
     layer_list = model.get_submodule(layers_path)
     layers = [describe_layer(layer, i, config, override) for i, layer in enumerate(layer_list)]
     missing = []
-    first = layers[0]
-    if first.attention is None:
+    if all(r.attention is None for r in layers):
         missing.append("attention projections (q/k/v or fused qkv, and the output projection)")
-    if first.mlp is None and first.experts is None:
+    if all(r.mlp is None and r.experts is None for r in layers):
         missing.append("MLP projections (gate/up or fc1, and down or fc2) or MoE experts")
     embed_path = _module_name(model, model.get_input_embeddings())
     lm_head_path = _module_name(model, model.get_output_embeddings())

@@ -48,7 +48,12 @@ def save(model: nn.Module, tokenizer: Any, out: str | Path, report: Report | Non
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     try:
-        model.save_pretrained(tmp)  # type: ignore[operator]
+        if report is not None and not report.uniform:
+            # Keep the model's own parameter names: pare.load rebuilds the shapes and loads them
+            # directly, without transformers' legacy checkpoint renaming (e.g. Mixtral's experts).
+            model.save_pretrained(tmp, save_original_format=False)  # type: ignore[operator]
+        else:
+            model.save_pretrained(tmp)  # type: ignore[operator]
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         if report is not None:
