@@ -1,0 +1,235 @@
+"""OSSCAR structured pruning of MLP channels (and attention heads) with least-squares refit.
+
+Meng et al., "OSSCAR: One-Shot Structured Pruning in Vision and Language Models with Combinatorial
+Optimization", ICML 2024 (arXiv 2403.12983). Per decoder layer, on calibration activations ``H``
+entering the down projection (the MLP's intermediate channels) choose the kept channels ``S``
+minimising ``||W H - B H_S||^2`` by combinatorial local search, refit ``B`` by ridge least squares
+(:mod:`pare.ops.osscar`), then cut the channels from gate/up/down for real, so the model is
+smaller and reloads with ``from_pretrained``. With ``attn_ratio`` the same is done for attention
+heads as groups of ``head_dim`` input columns of ``o_proj`` (GQA kept valid).
+
+Like AMD Quark's OSSCAR the kept width can be rounded (``round_to``, ``power_of_two``): widths that
+are multiples of 64/128 or powers of two run faster on GPUs.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from pare.arch import describe
+from pare.arch.roles import AttentionRoles
+from pare.arch.surgery.width import (
+    expert_alignment,
+    head_count_for_ratio,
+    prune_heads,
+    prune_mlp_channels,
+    sync_config,
+)
+from pare.arch.targets import Target, layer_targets
+from pare.calibration.runner import LayerStep
+from pare.calibration.stats import InputStats, record_inputs
+from pare.config import PruneConfig, check_ratio, help_field
+from pare.errors import ConfigError
+from pare.methods.base import PruneContext, Pruner
+from pare.ops.importance import round_width
+from pare.ops.osscar import select_groups
+
+log = logging.getLogger(__name__)
+
+HEAD_MODES = ("auto", "query", "kv")
+
+
+@dataclass(frozen=True)
+class OsscarConfig(PruneConfig):
+    """OSSCAR options.
+
+    Attributes:
+        mlp_ratio: fraction of MLP intermediate channels removed, in [0, 1).
+        attn_ratio: fraction of query heads removed (0: attention untouched).
+        round_to: kept MLP width is a multiple of this (1: no rounding; Quark uses 128).
+        power_of_two: kept MLP width is the nearest power of two instead.
+        head_mode: ``query`` (drop query heads evenly in every KV group), ``kv`` (drop whole KV
+            groups), ``auto`` (query when it realises the ratio, else kv).
+        damp: ridge damping of the refit, ``lam = damp * mean(diag(G))``.
+        max_swaps: local-search swap iterations per matrix (0: greedy elimination only).
+    """
+
+    method: ClassVar[str] = "osscar"
+
+    mlp_ratio: float = help_field(0.25, "fraction of MLP intermediate channels removed, in [0, 1)")
+    attn_ratio: float = help_field(0.0, "fraction of attention query heads removed (0: keep all)")
+    round_to: int = help_field(1, "kept MLP width is a multiple of this (e.g. 64 or 128)")
+    power_of_two: bool = help_field(False, "round the kept MLP width to the nearest power of two")
+    head_mode: str = help_field("auto", "heads: 'query' (evenly per KV group), 'kv' (whole groups) or 'auto'")
+    damp: float = help_field(0.01, "ridge damping of the least-squares refit (fraction of mean diag of G)")
+    max_swaps: int = help_field(32, "local-search swap iterations per matrix (0: greedy elimination only)")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_ratio("mlp_ratio", self.mlp_ratio)
+        check_ratio("attn_ratio", self.attn_ratio)
+        if isinstance(self.round_to, bool) or not isinstance(self.round_to, int) or self.round_to < 1:
+            raise ConfigError(f"round_to must be a positive integer (1 = no rounding), got {self.round_to!r}")
+        if self.head_mode not in HEAD_MODES:
+            raise ConfigError(f"head_mode must be one of {list(HEAD_MODES)}, got {self.head_mode!r}")
+        if not (isinstance(self.damp, (int, float)) and self.damp > 0):
+            raise ConfigError(f"damp must be a positive number (e.g. 0.01), got {self.damp!r}")
+        if self.max_swaps < 0:
+            raise ConfigError(f"max_swaps must be >= 0, got {self.max_swaps}")
+
+
+def resolve_heads(att: AttentionRoles, ratio: float, mode: str) -> tuple[int, int, str]:
+    """``(heads, kv_heads, mode)`` realising ``ratio``; ``auto`` tries query mode, then kv."""
+    if mode != "auto":
+        h, k = head_count_for_ratio(att.num_heads, att.num_kv_heads, ratio, mode)
+        return h, k, mode
+    try:
+        h, k = head_count_for_ratio(att.num_heads, att.num_kv_heads, ratio, "query")
+        return h, k, "query"
+    except ConfigError:
+        h, k = head_count_for_ratio(att.num_heads, att.num_kv_heads, ratio, "kv")
+        return h, k, "kv"
+
+
+def head_groups(att: AttentionRoles, heads: int, kv: int, mode: str) -> tuple[int, torch.Tensor, torch.Tensor]:
+    """OSSCAR grouping of o_proj columns: (columns per group, partition per group, quota per partition)."""
+    g = att.num_heads // att.num_kv_heads
+    if mode == "kv" and g > 1:
+        return g * att.head_dim, torch.zeros(att.num_kv_heads, dtype=torch.long), torch.tensor([kv])
+    if g == 1:
+        return att.head_dim, torch.zeros(att.num_heads, dtype=torch.long), torch.tensor([heads])
+    part = torch.arange(att.num_heads) // g
+    return att.head_dim, part, torch.full((att.num_kv_heads,), heads // kv, dtype=torch.long)
+
+
+class OsscarPruner(Pruner):
+    """Layer-wise OSSCAR: gather the Gram of o_proj / down_proj inputs, select, refit, cut."""
+
+    config_class = OsscarConfig
+    config: OsscarConfig
+    needs_calibration: ClassVar[bool] = True
+
+    def run(self, ctx: PruneContext) -> None:
+        cfg = self.config
+        heads_plan = None
+        first = next((r.attention for r in ctx.arch.layers if r.attention is not None), None)
+        if cfg.attn_ratio > 0 and first is not None:
+            heads_plan = resolve_heads(first, cfg.attn_ratio, cfg.head_mode)
+        for step in ctx.runner().steps():
+            targets = {t.name: t for t in layer_targets(step.layer, step.roles, step.prefix)}
+            if heads_plan is not None and step.roles.attention is not None:
+                self._prune_attention(ctx, step, targets, heads_plan)
+            if cfg.mlp_ratio > 0:
+                self._prune_mlp(ctx, step, targets)
+        ctx.report.uniform = sync_config(ctx.model, describe(ctx.model))
+        ctx.report.notes.append(
+            "Structured cut: weights are removed, so the checkpoint is smaller and dense kernels are faster."
+        )
+
+    # ------------------------------------------------------------------ attention
+    def _prune_attention(self, ctx: PruneContext, step: LayerStep, targets: dict[str, Target],
+                         plan: tuple[int, int, str]) -> None:
+        att = step.roles.attention
+        assert att is not None
+        heads, kv, mode = plan
+        o = targets[f"{step.prefix}.{att.o.path}"]
+        stats = {o.name: InputStats(want_gram=True)}
+        with record_inputs([o], stats):
+            step.run()
+        w = o.weight()
+        size, part, quota = head_groups(att, heads, kv, mode)
+        gram = stats[o.name].gram
+        assert gram is not None
+        sel = select_groups(gram.to(w.device), w, quota.to(w.device), group=size,
+                            partition=part.to(w.device), damp=self.config.damp, max_swaps=self.config.max_swaps)
+        cols = (sel.keep[:, None] * size + torch.arange(size, device=w.device)).flatten()
+        w[:, cols] = sel.weight.to(w.dtype)
+        if mode == "kv" and att.num_heads != att.num_kv_heads:
+            edit = prune_heads(ctx.model, ctx.arch, step.index, keep_kv_groups=sel.keep)
+        else:
+            edit = prune_heads(ctx.model, ctx.arch, step.index, keep_query_heads=sel.keep)
+        ctx.report.edits.append(edit)
+        ctx.report.scores.setdefault("attn_error", {})[str(step.index)] = _errors(sel)
+
+    # ------------------------------------------------------------------ MLP
+    def _mlp_width(self, total: int, moe: bool, dtype: torch.dtype) -> int:
+        cfg = self.config
+        multiple = cfg.round_to
+        if moe:
+            align = expert_alignment(dtype)
+            multiple = multiple * align // _gcd(multiple, align)
+        width = round_width((1 - cfg.mlp_ratio) * total, total, multiple, cfg.power_of_two)
+        return width
+
+    def _prune_mlp(self, ctx: PruneContext, step: LayerStep, targets: dict[str, Target]) -> None:
+        roles = step.roles
+        if roles.experts is not None:
+            self._prune_experts(ctx, step, targets)
+            return
+        assert roles.mlp is not None
+        down = targets[f"{step.prefix}.{roles.mlp.down.path}"]
+        stats = {down.name: InputStats(want_gram=True)}
+        with record_inputs([down], stats):
+            step.run()
+        w = down.weight()
+        width = self._mlp_width(w.shape[1], False, w.dtype)
+        if width >= w.shape[1]:
+            return
+        gram = stats[down.name].gram
+        assert gram is not None
+        sel = select_groups(gram.to(w.device), w, width, damp=self.config.damp,
+                            max_swaps=self.config.max_swaps)
+        w[:, sel.keep] = sel.weight.to(w.dtype)
+        ctx.report.edits.append(prune_mlp_channels(ctx.model, ctx.arch, step.index, sel.keep))
+        ctx.report.scores.setdefault("mlp_error", {})[str(step.index)] = _errors(sel)
+
+    def _prune_experts(self, ctx: PruneContext, step: LayerStep, targets: dict[str, Target]) -> None:
+        ex = step.roles.experts
+        assert ex is not None
+        downs = [targets[f"{step.prefix}.{ex.path}.{ex.down_param}[{e}]"] for e in range(ex.num_experts)]
+        shared = targets.get(f"{step.prefix}.{ex.shared.down.path}") if ex.shared is not None else None
+        watch = downs + ([shared] if shared is not None else [])
+        stats = {t.name: InputStats(want_gram=True) for t in watch}
+        with record_inputs(watch, stats):
+            step.run()
+        width = self._mlp_width(ex.intermediate, True, downs[0].weight().dtype)
+        keeps = []
+        for t in downs:
+            keeps.append(self._select_into(t, stats[t.name], width))
+        shared_keep = None
+        if shared is not None:
+            s_width = self._mlp_width(shared.weight().shape[1], False, shared.weight().dtype)
+            shared_keep = self._select_into(shared, stats[shared.name], s_width)
+        if width >= ex.intermediate and shared_keep is None:
+            return
+        keep = torch.stack(keeps) if width < ex.intermediate else torch.arange(ex.intermediate)
+        ctx.report.edits.append(prune_mlp_channels(ctx.model, ctx.arch, step.index, keep, shared_keep))
+
+    def _select_into(self, target: Target, stats: InputStats, width: int) -> torch.Tensor:
+        """Select + refit one expert's (or the shared expert's) down projection; magnitude when no tokens."""
+        w = target.weight()
+        if width >= w.shape[1]:
+            return torch.arange(w.shape[1], device=w.device)
+        if stats.gram is None or stats.tokens == 0:  # expert never routed: keep the largest columns
+            return torch.argsort(w.float().pow(2).sum(0), descending=True)[:width].sort().values
+        sel = select_groups(stats.gram.to(w.device), w, width, damp=self.config.damp,
+                            max_swaps=self.config.max_swaps)
+        w[:, sel.keep] = sel.weight.to(w.dtype)
+        return sel.keep
+
+
+def _gcd(a: int, b: int) -> int:
+    return math.gcd(a, b)
+
+
+def _errors(sel) -> dict[str, float]:
+    total = max(sel.total, 1e-12)
+    return {"refit": sel.error / total, "no_refit": sel.error_no_refit / total, "swaps": sel.swaps}
+
+
+__all__ = ["OsscarConfig", "OsscarPruner", "head_groups", "resolve_heads"]

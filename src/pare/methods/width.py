@@ -1,0 +1,518 @@
+"""Structured width pruning: hidden size, attention heads and MLP channels together.
+
+The semantics of Torch-Pruning's ``prune_llm.py`` (``--pruning_ratio 0.5`` halves the hidden size,
+the query heads and the MLP width, keeping the KV heads of GQA models), with a choice of importance:
+
+- ``magnitude``: group L1 (``norm=1``) or squared L2 (``norm=2``) of every weight a channel owns;
+- ``activation``: Wanda-style ``|W_ij| ||X_j||`` summed over the channel's input column
+  (Sun et al., 2023, arXiv 2306.11695);
+- ``taylor``: first-order ``|w dL/dw|`` summed over the channel's group (LLM-Pruner, Ma et al., 2023,
+  arXiv 2305.11627, eq. 4), on the calibration language-modelling loss;
+- ``flap``: fluctuation ``Var(X_j) ||W[:, j]||^2`` with bias compensation
+  ``b += W[:, P] mean(X_P)`` (FLAP, An et al., 2024, arXiv 2312.11983, eqs. 5-6).
+
+``allocation="global"`` ranks MLP channels of all layers together after standardising each
+layer's scores (FLAP's adaptive structure search); the result has per-layer widths, recorded as
+edits that ``pare.load`` replays. Heads stay uniform across layers so GQA stays valid.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from pare.arch import describe
+from pare.arch.roles import LayerRoles, MLPRoles, ModelArch, Proj, get_weight
+from pare.arch.surgery.width import (
+    ATTN_WIDTH_IS_HIDDEN,
+    expert_alignment,
+    prune_heads,
+    prune_hidden,
+    prune_mlp_channels,
+    sync_config,
+)
+from pare.arch.targets import layer_targets
+from pare.calibration.runner import LayerwiseRunner, resolve_device
+from pare.calibration.stats import InputStats, record_inputs
+from pare.config import PruneConfig, check_ratio, help_field
+from pare.errors import ConfigError
+from pare.methods.base import PruneContext, Pruner
+from pare.methods.osscar import HEAD_MODES, resolve_heads
+from pare.ops import importance as imp
+
+log = logging.getLogger(__name__)
+
+IMPORTANCES = ("magnitude", "activation", "taylor", "flap")
+ALLOCATIONS = ("uniform", "global")
+
+
+@dataclass(frozen=True)
+class WidthConfig(PruneConfig):
+    """Width pruning options. The seed script's flags work on the CLI: ``--pruning_ratio`` (this
+    field), ``--max_seq_len`` (the calibration ``--seqlen``) and ``--save_model`` (``--out``).
+
+    Attributes:
+        pruning_ratio: fraction of the width removed (hidden, heads, MLP), in [0, 1).
+        importance: ``magnitude``, ``activation``, ``taylor`` or ``flap``.
+        allocation: ``uniform`` (same width in every layer; reloads with ``from_pretrained``) or
+            ``global`` (MLP widths per layer from standardised scores).
+        hidden / heads / mlp: which widths to cut.
+        head_mode: ``query``, ``kv`` or ``auto`` (see the osscar method).
+        norm: p of the magnitude group norm (1 or 2).
+        round_to: kept MLP width is a multiple of this.
+        bias_compensation: FLAP's bias compensation (only with ``importance=flap``).
+    """
+
+    method: ClassVar[str] = "width"
+
+    pruning_ratio: float = help_field(0.5, "fraction of hidden size, heads and MLP width removed")
+    importance: str = help_field("magnitude", "magnitude | activation | taylor | flap")
+    allocation: str = help_field("uniform", "uniform (same width per layer) | global (MLP widths per layer)")
+    hidden: bool = help_field(True, "prune the hidden size (embeddings, norms, every projection)")
+    heads: bool = help_field(True, "prune attention heads")
+    mlp: bool = help_field(True, "prune MLP channels")
+    head_mode: str = help_field("auto", "heads: 'query' (evenly per KV group), 'kv' (whole groups) or 'auto'")
+    norm: int = help_field(1, "p of the magnitude group norm: 1 (L1) or 2 (squared L2)")
+    round_to: int = help_field(1, "kept MLP width is a multiple of this")
+    bias_compensation: bool = help_field(True, "FLAP bias compensation (importance=flap)")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_ratio("pruning_ratio", self.pruning_ratio)
+        for name, value, allowed in (("importance", self.importance, IMPORTANCES),
+                                     ("allocation", self.allocation, ALLOCATIONS),
+                                     ("head_mode", self.head_mode, HEAD_MODES)):
+            if value not in allowed:
+                raise ConfigError(f"{name} must be one of {list(allowed)}, got {value!r}")
+        if self.norm not in (1, 2):
+            raise ConfigError(f"norm must be 1 or 2, got {self.norm!r}")
+        if isinstance(self.round_to, bool) or not isinstance(self.round_to, int) or self.round_to < 1:
+            raise ConfigError(f"round_to must be a positive integer, got {self.round_to!r}")
+
+
+class MomentStats(InputStats):
+    """InputStats plus the per-channel sum (for means and variances)."""
+
+    def add(self, x: torch.Tensor) -> None:
+        x2 = x.reshape(-1, x.shape[-1]).float()
+        s = x2.sum(0)
+        self.extra["sum"] = s if "sum" not in self.extra else self.extra["sum"] + s
+        super().add(x2)
+
+    def mean(self) -> torch.Tensor:
+        return self.extra["sum"] / max(self.tokens, 1)
+
+    def var(self) -> torch.Tensor:
+        assert self.sq_sum is not None
+        return (self.sq_sum / max(self.tokens, 1) - self.mean().pow(2)).clamp_min(0)
+
+
+# ---------------------------------------------------------------------------- score tables
+RC = tuple[torch.Tensor, torch.Tensor]
+"""Per matrix: (row scores [out], column scores [in]) in the [out, in] view."""
+
+
+@contextlib.contextmanager
+def taylor_hooks(params: dict[str, nn.Parameter], acc: dict[str, list[torch.Tensor]]):
+    """Reduce ``|w * grad|`` into row/column sums as soon as each gradient is accumulated, then
+    free the gradient: memory holds one parameter's gradient at a time, not the model's."""
+    handles = []
+
+    def make(name: str):
+        def hook(p: torch.Tensor) -> None:
+            assert p.grad is not None
+            t = imp.taylor(p.data, p.grad)
+            if t.dim() == 1:
+                red = [t]
+            elif t.dim() == 2:
+                red = [t.sum(1), t.sum(0)]
+            else:
+                red = [t.sum(2), t.sum(1)]  # 3-D experts [E, A, B]: [E, A], [E, B]
+            prev = acc.get(name)
+            acc[name] = red if prev is None else [a + b for a, b in zip(prev, red, strict=False)]
+            p.grad = None
+
+        return hook
+
+    try:
+        for name, p in params.items():
+            handles.append(p.register_post_accumulate_grad_hook(make(name)))
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def taylor_tables(model: nn.Module, ids: torch.Tensor, batch_size: int, device: torch.device) -> dict[str, list]:
+    """Row/column sums of ``|w dL/dw|`` for every parameter, batch by batch (each batch's graph is
+    freed after its backward)."""
+    params = {n: p for n, p in model.named_parameters()}
+    flags = {n: p.requires_grad for n, p in params.items()}
+    home = next(model.parameters()).device
+    acc: dict[str, list[torch.Tensor]] = {}
+    model.to(device)
+    try:
+        for p in params.values():
+            p.requires_grad_(True)
+        with torch.enable_grad(), taylor_hooks(params, acc):
+            for batch in ids.split(batch_size):
+                b = batch.to(device)
+                loss = model(input_ids=b, labels=b, use_cache=False).loss
+                loss.backward()
+    finally:
+        for n, p in params.items():
+            p.requires_grad_(flags[n])
+            p.grad = None
+        model.to(home)
+    return acc
+
+
+class Scorer:
+    """Row/column importance of each matrix for one importance type (see the module docstring)."""
+
+    def __init__(self, model: nn.Module, arch: ModelArch, importance: str, norm: int) -> None:
+        self.model, self.arch, self.importance, self.norm = model, arch, importance, norm
+        self.stats: dict[str, MomentStats] = {}
+        self.taylor: dict[str, list[torch.Tensor]] = {}
+
+    def _from_w(self, w: torch.Tensor, name: str, tkey: str, conv1d: bool = False, expert: int | None = None) -> RC:
+        zeros_out = torch.zeros(w.shape[0], device=w.device)
+        if self.importance == "magnitude":
+            return imp.magnitude_out(w, self.norm), imp.magnitude_in(w, self.norm)
+        if self.importance == "taylor":
+            if tkey not in self.taylor:
+                return zeros_out, torch.zeros(w.shape[1], device=w.device)
+            r, c = self.taylor[tkey]
+            if expert is not None:
+                r, c = r[expert], c[expert]
+            return (c, r) if conv1d else (r, c)
+        st = self.stats.get(name)
+        if st is None or st.tokens == 0:
+            return zeros_out, torch.zeros(w.shape[1], device=w.device)
+        if self.importance == "activation":
+            return zeros_out, imp.activation_in(w, st.norms())
+        return zeros_out, imp.fluctuation(w, st.var())
+
+    def proj(self, index: int, proj: Proj) -> RC:
+        layer = self.arch.layer_modules(self.model)[index]
+        name = f"{self.arch.layer_prefix(index)}.{proj.path}"
+        return self._from_w(get_weight(layer.get_submodule(proj.path), proj), name, f"{name}.weight", proj.conv1d)
+
+    def expert(self, index: int, param: str, e: int) -> RC:
+        ex = self.arch.layers[index].experts
+        assert ex is not None
+        mod = self.arch.layer_modules(self.model)[index].get_submodule(ex.path)
+        base = f"{self.arch.layer_prefix(index)}.{ex.path}.{param}"
+        return self._from_w(getattr(mod, param).data[e], f"{base}[{e}]", base, expert=e)
+
+    def vector(self, key: str) -> torch.Tensor | None:
+        """Element scores of a 1-D parameter (norm weights), Taylor only."""
+        if self.importance == "taylor" and key in self.taylor and len(self.taylor[key]) == 1:
+            return self.taylor[key][0]
+        return None
+
+    # ------------------------------------------------------------- channel scores
+    def mlp_channels(self, index: int, mlp: MLPRoles) -> torch.Tensor:
+        score = self.proj(index, mlp.down)[1].clone()
+        for p in mlp.inputs:
+            rows = self.proj(index, p)[0]
+            score += rows.reshape(2, -1).sum(0) if p is mlp.gate_up else rows
+        return score
+
+    def expert_channels(self, index: int) -> torch.Tensor:
+        """``[E, I]`` channel scores of every expert."""
+        ex = self.arch.layers[index].experts
+        assert ex is not None
+        out = []
+        for e in range(ex.num_experts):
+            s = self.expert(index, ex.down_param, e)[1].clone()
+            s += self.expert(index, ex.gate_up_param, e)[0].reshape(2, -1).sum(0)
+            out.append(s)
+        return torch.stack(out)
+
+    def heads(self, index: int) -> torch.Tensor:
+        """Per query head; in ``kv`` mode sum heads per group (plus k/v rows) yourself."""
+        att = self.arch.layers[index].attention
+        assert att is not None
+        d = att.head_dim
+        score = imp.group_sum(self.proj(index, att.o)[1], d)
+        if att.qkv is not None:
+            rows = self.proj(index, att.qkv)[0]
+            q = rows.reshape(att.num_heads, 3 * d).sum(1) if att.qkv_layout == "per_head" else rows[: att.num_heads * d]
+            return score + (q if att.qkv_layout == "per_head" else imp.group_sum(q, d))
+        assert att.q is not None
+        return score + imp.group_sum(self.proj(index, att.q)[0], d)
+
+    def kv_groups(self, index: int) -> torch.Tensor:
+        att = self.arch.layers[index].attention
+        assert att is not None
+        score = self.heads(index).reshape(att.num_kv_heads, -1).sum(1)
+        for p in (att.k, att.v):
+            if p is not None:
+                score = score + imp.group_sum(self.proj(index, p)[0], att.head_dim)
+        return score
+
+    def hidden(self) -> torch.Tensor:
+        arch, model = self.arch, self.model
+        embed: Any = model.get_submodule(arch.embed_path)
+        total = torch.zeros(embed.weight.shape[1], device=embed.weight.device)
+        if self.importance == "magnitude":
+            total += imp.magnitude_in(embed.weight.data, self.norm)
+        elif self.importance == "taylor" and f"{arch.embed_path}.weight" in self.taylor:
+            total += self.taylor[f"{arch.embed_path}.weight"][1]
+        for i, roles in enumerate(arch.layers):
+            total += self._hidden_layer(i, roles).to(total.device)
+        return total
+
+    def _hidden_layer(self, i: int, roles: LayerRoles) -> torch.Tensor:
+        readers: list[Proj] = []
+        writers: list[Proj] = []
+        if roles.attention is not None:
+            readers += list(roles.attention.inputs)
+            writers.append(roles.attention.o)
+        if roles.mlp is not None:
+            readers += list(roles.mlp.inputs)
+            writers.append(roles.mlp.down)
+        parts = [self.proj(i, p)[1] for p in readers] + [self.proj(i, p)[0] for p in writers]
+        ex = roles.experts
+        if ex is not None:
+            for e in range(ex.num_experts):
+                parts += [self.expert(i, ex.gate_up_param, e)[1], self.expert(i, ex.down_param, e)[0]]
+            if ex.shared is not None:
+                parts += [self.proj(i, p)[1] for p in ex.shared.inputs] + [self.proj(i, ex.shared.down)[0]]
+        prefix = self.arch.layer_prefix(i)
+        for norm in roles.norms:
+            v = self.vector(f"{prefix}.{norm}.weight")
+            if v is not None:
+                parts.append(v)
+        dev = parts[0].device
+        return torch.stack([p.to(dev).float() for p in parts]).sum(0)
+
+
+@dataclass
+class Plan:
+    """What to keep: per layer heads (query heads or KV groups), MLP channels, shared-expert
+    channels; hidden channels once."""
+
+    head_mode: str = "query"
+    heads: dict[int, torch.Tensor] = field(default_factory=dict)
+    mlp: dict[int, torch.Tensor] = field(default_factory=dict)
+    shared: dict[int, torch.Tensor] = field(default_factory=dict)
+    hidden: torch.Tensor | None = None
+
+    def summary(self) -> dict[str, object]:
+        return {
+            "head_mode": self.head_mode,
+            "heads": {str(i): int(k.numel()) for i, k in self.heads.items()},
+            "mlp": {str(i): int(k.shape[-1]) for i, k in self.mlp.items()},
+            "hidden": None if self.hidden is None else int(self.hidden.numel()),
+        }
+
+
+# ---------------------------------------------------------------------------- planning
+def _mlp_multiple(cfg: WidthConfig, moe: bool, dtype: torch.dtype) -> int:
+    if not moe:
+        return cfg.round_to
+    align = expert_alignment(dtype)
+    return cfg.round_to * align // math.gcd(cfg.round_to, align)
+
+
+def _plan_heads(scorer: Scorer, arch: ModelArch, cfg: WidthConfig, plan: Plan) -> int | None:
+    """Kept heads per layer; returns the kept attention width (heads * head_dim) or None."""
+    first = next((r.attention for r in arch.layers if r.attention is not None), None)
+    if not cfg.heads or first is None or cfg.pruning_ratio == 0:
+        return None
+    heads, kv, mode = resolve_heads(first, cfg.pruning_ratio, cfg.head_mode)
+    plan.head_mode = mode
+    for i, roles in enumerate(arch.layers):
+        att = roles.attention
+        if att is None:
+            continue
+        if mode == "kv" and att.num_heads != att.num_kv_heads:
+            plan.heads[i] = imp.keep_top(scorer.kv_groups(i), kv)
+            continue
+        per = scorer.heads(i)
+        if att.num_heads == att.num_kv_heads:
+            plan.heads[i] = imp.keep_top(per, heads)
+            continue
+        g, q = att.num_heads // att.num_kv_heads, heads // kv
+        grouped = per.reshape(att.num_kv_heads, g)
+        plan.heads[i] = torch.cat([imp.keep_top(grouped[k], q) + k * g for k in range(att.num_kv_heads)])
+    return heads * first.head_dim
+
+
+def _mlp_counts(scores: dict[int, torch.Tensor], cfg: WidthConfig, multiple: int) -> dict[int, int]:
+    """Kept MLP width per layer: uniform, or from a global ranking of standardised scores."""
+    if not scores:
+        return {}
+    if cfg.allocation == "uniform":
+        return {i: imp.round_width((1 - cfg.pruning_ratio) * s.numel(), s.numel(), multiple, minimum=multiple)
+                for i, s in scores.items()}
+    z = {i: imp.standardize(s) for i, s in scores.items()}
+    flat = torch.cat([v.cpu() for v in z.values()])
+    n_keep = max(1, round((1 - cfg.pruning_ratio) * flat.numel()))
+    threshold = torch.sort(flat, descending=True).values[n_keep - 1]
+    return {i: imp.round_width(int((v >= threshold).sum()), v.numel(), multiple, minimum=multiple)
+            for i, v in z.items()}
+
+
+def plan(model: nn.Module, arch: ModelArch, scorer: Scorer, cfg: WidthConfig) -> Plan:
+    """Choose what every width keeps (see :class:`Plan`)."""
+    out = Plan()
+    attn_width = _plan_heads(scorer, arch, cfg, out)
+    if cfg.mlp and cfg.pruning_ratio > 0:
+        dense = {i: scorer.mlp_channels(i, r.mlp) for i, r in enumerate(arch.layers) if r.mlp is not None}
+        for i, n in _mlp_counts(dense, cfg, cfg.round_to).items():
+            out.mlp[i] = imp.keep_top(dense[i], n)
+        for i, roles in enumerate(arch.layers):
+            ex = roles.experts
+            if ex is None:
+                continue
+            dtype = getattr(arch.layer_modules(model)[i].get_submodule(ex.path), ex.down_param).dtype
+            width = imp.round_width((1 - cfg.pruning_ratio) * ex.intermediate, ex.intermediate,
+                                    _mlp_multiple(cfg, True, dtype), minimum=_mlp_multiple(cfg, True, dtype))
+            out.mlp[i] = torch.stack([imp.keep_top(s, width) for s in scorer.expert_channels(i)])
+            if ex.shared is not None:
+                s = scorer.mlp_channels(i, ex.shared)
+                n = imp.round_width((1 - cfg.pruning_ratio) * s.numel(), s.numel(), cfg.round_to)
+                out.shared[i] = imp.keep_top(s, n)
+    if cfg.hidden and cfg.pruning_ratio > 0:
+        embed: Any = model.get_submodule(arch.embed_path)
+        total = int(embed.weight.shape[1])
+        if arch.model_type in ATTN_WIDTH_IS_HIDDEN:
+            if attn_width is None:
+                raise ConfigError(f"{arch.model_type}: the attention width is the hidden size; prune heads and "
+                                  "hidden together (heads=True) or set hidden=False")
+            width = attn_width
+        else:
+            moe = any(r.experts is not None for r in arch.layers)
+            dtype = embed.weight.dtype
+            multiple = _mlp_multiple(cfg, moe, dtype) if moe else 1
+            width = imp.round_width((1 - cfg.pruning_ratio) * total, total, multiple)
+        out.hidden = imp.keep_top(scorer.hidden(), width)
+    return out
+
+
+# ---------------------------------------------------------------------------- applying
+BIAS_FLAGS = {"mlp": "mlp_bias", "attention": "attention_bias"}
+
+
+def _enable_bias(model: nn.Module, arch: ModelArch, kind: str) -> bool:
+    """Make every projection governed by ``mlp_bias``/``attention_bias`` carry a (zero) bias and set
+    the flag, so transformers rebuilds the biases on reload. False when the family has no flag."""
+    flag = BIAS_FLAGS[kind]
+    cfg: Any = model.config
+    if not hasattr(cfg, flag):
+        return False
+    layers = arch.layer_modules(model)
+    for i, roles in enumerate(arch.layers):
+        block = roles.mlp if kind == "mlp" else roles.attention
+        if block is None:
+            continue
+        out = block.down if isinstance(block, MLPRoles) else block.o
+        for p in (*block.inputs, out):
+            m: Any = layers[i].get_submodule(p.path)
+            if getattr(m, "bias", None) is None:
+                w = get_weight(m, p)
+                m.bias = nn.Parameter(torch.zeros(w.shape[0], dtype=w.dtype, device=w.device))
+    setattr(cfg, flag, True)
+    return True
+
+
+def _compensate(ctx: PruneContext, scorer: Scorer, i: int, proj: Proj, keep: torch.Tensor, group: int,
+                kind: str, can: dict[str, bool]) -> None:
+    """FLAP: add ``W[:, pruned] @ mean(X_pruned)`` to the output bias of ``proj``."""
+    layer = ctx.arch.layer_modules(ctx.model)[i]
+    m: Any = layer.get_submodule(proj.path)
+    st = scorer.stats.get(f"{ctx.arch.layer_prefix(i)}.{proj.path}")
+    if st is None or st.tokens == 0:
+        return
+    if getattr(m, "bias", None) is None and not can.setdefault(kind, _enable_bias(ctx.model, ctx.arch, kind)):
+        note = f"FLAP bias compensation skipped for {kind}: {ctx.arch.model_type} has no {BIAS_FLAGS[kind]} config flag"
+        if note not in ctx.report.notes:
+            ctx.report.notes.append(note)
+        return
+    w = get_weight(m, proj)
+    cols = (keep[:, None] * group + torch.arange(group, device=keep.device)).flatten()
+    mask = torch.ones(w.shape[1], dtype=torch.bool)
+    mask[cols.cpu()] = False
+    pruned = torch.nonzero(mask).flatten()
+    m.bias.data += imp.bias_compensation(w, st.mean(), pruned).to(m.bias.dtype)
+
+
+def apply(ctx: PruneContext, p: Plan, scorer: Scorer, cfg: WidthConfig) -> None:
+    """FLAP compensation (before cutting), then heads and MLP per layer, then the hidden size."""
+    arch = ctx.arch
+    can: dict[str, bool] = {}
+    flap = cfg.importance == "flap" and cfg.bias_compensation
+    for i, roles in enumerate(arch.layers):
+        if i in p.heads and roles.attention is not None:
+            att = roles.attention
+            kv_mode = p.head_mode == "kv" and att.num_heads != att.num_kv_heads
+            heads = p.heads[i]
+            if kv_mode:
+                g = att.num_heads // att.num_kv_heads
+                heads = (heads[:, None] * g + torch.arange(g, device=heads.device)).flatten()
+            if flap:
+                _compensate(ctx, scorer, i, att.o, heads, att.head_dim, "attention", can)
+            ctx.report.edits.append(prune_heads(ctx.model, arch, i, keep_query_heads=heads))
+        if i in p.mlp:
+            if flap and roles.mlp is not None:
+                _compensate(ctx, scorer, i, roles.mlp.down, p.mlp[i], 1, "mlp", can)
+            ctx.report.edits.append(prune_mlp_channels(ctx.model, arch, i, p.mlp[i], p.shared.get(i)))
+    if flap and any(r.experts is not None for r in arch.layers):
+        ctx.report.notes.append("FLAP bias compensation is not applied to MoE experts (they have no biases)")
+    if p.hidden is not None:
+        ctx.report.edits.append(prune_hidden(ctx.model, arch, p.hidden))
+        ctx.report.notes.append(
+            "hidden-size pruning: norm weights are kept as they are; RMSNorm's mean of squares now runs "
+            "over the kept channels only (rescaling by sqrt(H/H') was worse on stories260K)"
+        )
+
+
+# ---------------------------------------------------------------------------- the pruner
+class WidthPruner(Pruner):
+    """Score every width channel, choose what to keep, then cut heads, MLP channels and hidden."""
+
+    config_class = WidthConfig
+    config: WidthConfig
+    needs_calibration: ClassVar[bool] = True
+
+    def run(self, ctx: PruneContext) -> None:
+        cfg = self.config
+        ids = ctx.calibration
+        assert ids is not None
+        if cfg.importance == "magnitude":
+            ctx.report.notes.append("importance=magnitude uses no calibration data")
+        scorer = Scorer(ctx.model, ctx.arch, cfg.importance, cfg.norm)
+        if cfg.importance in ("activation", "flap"):
+            scorer.stats = self._collect_stats(ctx, ids)
+        elif cfg.importance == "taylor":
+            scorer.taylor = taylor_tables(ctx.model, ids, ctx.batch_size, resolve_device(ctx.runtime.device))
+        p = plan(ctx.model, ctx.arch, scorer, cfg)
+        apply(ctx, p, scorer, cfg)
+        ctx.report.uniform = sync_config(ctx.model, describe(ctx.model))
+        ctx.report.scores["widths"] = p.summary()
+
+    def _collect_stats(self, ctx: PruneContext, ids: torch.Tensor) -> dict[str, MomentStats]:
+        """Input moments of every projection (and expert), layer by layer, on the dense model."""
+        runner = LayerwiseRunner(ctx.model, ctx.arch, ids, device=ctx.runtime.device,
+                                 batch_size=ctx.batch_size, offload=ctx.runtime.offload,
+                                 sequential=True, progress=ctx.runtime.progress)
+        out: dict[str, Any] = {}
+        for step in runner.steps():
+            targets = layer_targets(step.layer, step.roles, step.prefix)
+            stats: dict[str, InputStats] = {t.name: MomentStats() for t in targets}
+            with record_inputs(targets, stats):
+                step.run()
+            out.update(stats)
+        return out
+
+
+__all__ = ["IMPORTANCES", "MomentStats", "Plan", "Scorer", "WidthConfig", "WidthPruner", "plan", "taylor_tables"]

@@ -1,0 +1,153 @@
+"""osscar / width methods x tiny architectures: forward, shapes, save -> load, from_pretrained."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+import pare
+from pare import OsscarConfig, WidthConfig
+from pare.arch import describe
+from pare.config import RuntimeConfig
+from pare.errors import ConfigError
+from tiny import TINY_ARCHS, tiny_batch, tiny_model
+
+RT = RuntimeConfig(device="cpu", progress=False)
+CALIB = tiny_batch(4, 32, seed=1)
+IDS = tiny_batch(2, 32, seed=2)
+ATTN_IS_HIDDEN = ("gpt2", "opt", "gpt_neox")
+
+
+def _logits(model):
+    with torch.no_grad():
+        return model(IDS).logits
+
+
+def _round_trip(model, report, tmp_path, model_type):
+    before = _logits(model)
+    assert torch.isfinite(before).all()
+    pare.save(model, None, tmp_path / "m", report=report)
+    if report.uniform:
+        fresh = AutoModelForCausalLM.from_pretrained(tmp_path / "m").eval()
+        assert torch.allclose(_logits(fresh), before, atol=1e-5)
+    assert torch.allclose(_logits(pare.load(tmp_path / "m")), before, atol=1e-5)
+
+
+@pytest.mark.parametrize("model_type", TINY_ARCHS)
+def test_osscar_mlp_and_heads(model_type, tmp_path):
+    model = tiny_model(model_type)
+    report = pare.prune(model, OsscarConfig(mlp_ratio=0.5, attn_ratio=0.5, max_swaps=4), CALIB, runtime=RT)
+    arch = describe(model)
+    att = arch.layers[0].attention
+    assert att.num_heads == 2 and att.num_heads % att.num_kv_heads == 0
+    assert report.figures["params_after"] < report.figures["params_before"]
+    errors = report.scores.get("mlp_error", {})
+    for e in errors.values():  # refit never reconstructs worse than keeping the old weights
+        assert e["refit"] <= e["no_refit"] + 1e-9
+    assert report.uniform == (model_type not in ATTN_IS_HIDDEN)
+    _round_trip(model, report, tmp_path, model_type)
+
+
+@pytest.mark.parametrize("model_type", TINY_ARCHS)
+def test_width_magnitude_prunes_all_widths(model_type, tmp_path):
+    model = tiny_model(model_type)
+    report = pare.prune(model, WidthConfig(pruning_ratio=0.5), CALIB, runtime=RT)
+    assert model.get_input_embeddings().weight.shape[1] == 32
+    assert report.uniform
+    assert model.config.hidden_size == 32
+    _round_trip(model, report, tmp_path, model_type)
+
+
+@pytest.mark.parametrize("importance", ["activation", "taylor", "flap"])
+@pytest.mark.parametrize("model_type", ["llama", "phi3", "gpt2", "qwen2_moe"])
+def test_width_importances(model_type, importance, tmp_path):
+    model = tiny_model(model_type)
+    report = pare.prune(model, WidthConfig(pruning_ratio=0.5, importance=importance), CALIB, runtime=RT)
+    assert report.scores["widths"]["hidden"] == 32
+    _round_trip(model, report, tmp_path, model_type)
+
+
+def test_flap_bias_compensation_sets_config_flags_and_reloads(tmp_path):
+    model = tiny_model("llama")
+    cfg = WidthConfig(pruning_ratio=0.5, importance="flap", hidden=False, head_mode="kv")
+    report = pare.prune(model, cfg, CALIB, runtime=RT)
+    assert model.config.mlp_bias and model.config.attention_bias
+    assert model.model.layers[0].mlp.down_proj.bias.abs().sum() > 0
+    _round_trip(model, report, tmp_path, "llama")
+
+
+def test_flap_compensation_preserves_the_mean_mlp_output():
+    """With the pruned channels replaced by their calibration mean, the first MLP's mean output over
+    the calibration tokens equals the dense one (its inputs are unchanged); without it, it does not."""
+    def mean_out(m):
+        seen = []
+        h = m.model.layers[0].mlp.register_forward_hook(lambda _m, _a, out: seen.append(out.reshape(-1, 64)))
+        with torch.no_grad():
+            m(CALIB)
+        h.remove()
+        return seen[0].mean(0)
+
+    cfg = dict(pruning_ratio=0.5, importance="flap", hidden=False, heads=False)
+    with_b, without = tiny_model("llama"), tiny_model("llama")
+    dense = mean_out(tiny_model("llama"))
+    pare.prune(with_b, WidthConfig(**cfg), CALIB, runtime=RT)
+    pare.prune(without, WidthConfig(**cfg, bias_compensation=False), CALIB, runtime=RT)
+    assert torch.allclose(mean_out(with_b), dense, atol=1e-5)
+    assert not torch.allclose(mean_out(without), dense, atol=1e-4)
+
+
+def test_flap_without_bias_flag_is_noted():
+    model = tiny_model("mistral")
+    report = pare.prune(model, WidthConfig(pruning_ratio=0.5, importance="flap", hidden=False), CALIB, runtime=RT)
+    assert any("mistral has no mlp_bias" in n for n in report.notes)
+
+
+def test_global_allocation_is_non_uniform_and_round_trips(tmp_path):
+    model = tiny_model("llama")
+    for i, layer in enumerate(model.model.layers):  # make layers differ in importance
+        layer.mlp.down_proj.weight.data *= 0.2 + i
+    cfg = WidthConfig(pruning_ratio=0.5, importance="magnitude", allocation="global", hidden=False, heads=False)
+    report = pare.prune(model, cfg, CALIB, runtime=RT)
+    widths = report.scores["widths"]["mlp"]
+    assert len(set(widths.values())) > 1 and not report.uniform
+    assert abs(sum(widths.values()) - 0.5 * 96 * 3) <= 3
+    _round_trip(model, report, tmp_path, "llama")
+
+
+def test_osscar_rounding_and_power_of_two():
+    model = tiny_model("llama")
+    pare.prune(model, OsscarConfig(mlp_ratio=0.3, round_to=32, max_swaps=2), CALIB, runtime=RT)
+    assert model.config.intermediate_size == 64
+    model = tiny_model("llama")
+    pare.prune(model, OsscarConfig(mlp_ratio=0.4, power_of_two=True, max_swaps=2), CALIB, runtime=RT)
+    assert model.config.intermediate_size == 64
+
+
+def test_osscar_beats_magnitude_channel_selection_on_layer_error():
+    """Selection + refit: the per-layer relative reconstruction error is below keeping the weights."""
+    model = tiny_model("llama")
+    report = pare.prune(model, OsscarConfig(mlp_ratio=0.5), CALIB, runtime=RT)
+    for e in report.scores["mlp_error"].values():
+        assert e["refit"] < e["no_refit"]
+
+
+def test_configs_validate_with_useful_messages():
+    with pytest.raises(ConfigError, match="importance must be one of"):
+        WidthConfig(importance="random")
+    with pytest.raises(ConfigError, match=r"outside \[0, 1\)"):
+        WidthConfig(pruning_ratio=1.0)
+    with pytest.raises(ConfigError, match="round_to"):
+        OsscarConfig(round_to=0)
+    with pytest.raises(ConfigError, match="head_mode"):
+        OsscarConfig(head_mode="all")
+    # the seed script's --pruning_ratio is the field name (the CLI adds --x_y next to --x-y)
+    assert "pruning_ratio" in {f.name for f in dataclasses.fields(WidthConfig)}
+
+
+def test_unrealisable_head_ratio_lists_valid_ratios():
+    model = tiny_model("llama")  # 4 heads / 2 KV heads: query mode 0.5, kv mode 0.5
+    with pytest.raises(ConfigError, match="nearest valid ratios"):
+        pare.prune(model, OsscarConfig(mlp_ratio=0.0, attn_ratio=0.3, head_mode="query"), CALIB, runtime=RT)
