@@ -41,9 +41,13 @@ def check_layer_indices(indices: Sequence[int], num_layers: int) -> list[int]:
         raise ConfigError("no layers to remove: give at least one layer index")
     bad = [i for i in out if i < 0 or i >= num_layers]
     if bad:
-        raise ConfigError(f"layer index(es) {bad} outside the model: it has {num_layers} layers, valid indices are 0..{num_layers - 1}")
+        raise ConfigError(
+            f"layer index(es) {bad} outside the model: it has {num_layers} layers (valid: 0..{num_layers - 1})"
+        )
     if len(out) >= num_layers:
-        raise ConfigError(f"cannot remove all {num_layers} layers; at least one must remain (remove at most {num_layers - 1})")
+        raise ConfigError(
+            f"cannot remove all {num_layers} layers; at least one must remain (remove at most {num_layers - 1})"
+        )
     return out
 
 
@@ -55,7 +59,7 @@ def _renumber(layers: nn.ModuleList) -> None:
     for new, layer in enumerate(layers):
         for module in layer.modules():
             if isinstance(getattr(module, "layer_idx", None), int):
-                module.layer_idx = new
+                setattr(module, "layer_idx", new)  # noqa: B010 - any module type
 
 
 def _moe_layout(config: Any, arch: ModelArch, kept: list[int]) -> dict[str, Any]:
@@ -109,7 +113,8 @@ def remove_layers(model: nn.Module, arch: ModelArch, indices: Sequence[int]) -> 
         setattr(config, name, value)
     edit: dict[str, Any] = {
         "op": "remove_layers", "removed": removed, "kept": kept, "num_layers_before": n,
-        "num_layers_after": len(kept), "config": {k: list(v) if isinstance(v, tuple) else v for k, v in changes.items()},
+        "num_layers_after": len(kept), "layers_path": arch.layers_path,
+        "config": {k: list(v) if isinstance(v, tuple) else v for k, v in changes.items()},
     }
     if getattr(config, "scale_attn_by_inverse_layer_idx", False):
         edit["uniform"] = False  # GPT-2 scales attention by 1/(layer_idx+1) at build time: keep the old scale
@@ -119,19 +124,18 @@ def remove_layers(model: nn.Module, arch: ModelArch, indices: Sequence[int]) -> 
 def _replay_remove_layers(model: nn.Module, edit: dict[str, Any]) -> None:
     """On a model built from the saved (already shortened) config the layers are gone; restore the
     per-layer attention scale of GPT-2 models built with ``scale_attn_by_inverse_layer_idx``."""
-    from pare.arch import describe
+    layers = model.get_submodule(edit["layers_path"])
+    assert isinstance(layers, nn.ModuleList)
+    if len(layers) == edit["num_layers_before"]:  # a config saved before the cut: cut now
+        from pare.arch import describe
 
-    arch = describe(model)
-    layers = arch.layer_modules(model)
-    if len(layers) == edit["num_layers_before"]:
-        remove_layers(model, arch, edit["removed"])
-        layers = describe(model).layer_modules(model)
+        remove_layers(model, describe(model), edit["removed"])
     if getattr(_config(model), "scale_attn_by_inverse_layer_idx", False):
         for new, old in enumerate(edit["kept"]):
             for module in layers[new].modules():
                 if hasattr(module, "scale_attn_by_inverse_layer_idx") and hasattr(module, "scaling"):
-                    base = module.head_dim**-0.5 if module.scale_attn_weights else 1.0
-                    module.scaling = base / float(old + 1)
+                    base = float(getattr(module, "head_dim")) ** -0.5 if getattr(module, "scale_attn_weights") else 1.0  # noqa: B009
+                    setattr(module, "scaling", base / float(old + 1))  # noqa: B010
 
 
 @contextlib.contextmanager
@@ -140,7 +144,10 @@ def layers_removed(model: nn.Module, arch: ModelArch, indices: Sequence[int]) ->
     layers = arch.layer_modules(model)
     originals = list(layers)
     config = _config(model)
-    slots = [(m, m.layer_idx) for layer in originals for m in layer.modules() if isinstance(getattr(m, "layer_idx", None), int)]
+    slots = [
+        (m, m.layer_idx) for layer in originals for m in layer.modules()
+        if isinstance(getattr(m, "layer_idx", None), int)
+    ]
     names = (*arch.fields.per_layer_lists, *INDEX_LISTS, "decoder_sparse_step", arch.fields.layers)
     before = {k: copy.deepcopy(getattr(config, k)) for k in names if hasattr(config, k)}
     try:
@@ -235,11 +242,15 @@ def sublayer_parameters(arch: ModelArch, model: nn.Module, layer_idx: int, part:
         if roles.attention is None:
             return 0
         return sum(p.numel() for p in layer.get_submodule(roles.attention.path).parameters())
-    block = roles.experts.path.rpartition(".")[0] if roles.experts is not None else (roles.mlp.path if roles.mlp else None)
-    if block is None:
+    if roles.experts is not None:
+        block = roles.experts.path.rpartition(".")[0]
+    elif roles.mlp is not None:
+        block = roles.mlp.path
+    else:
         return 0
     if block == "" and roles.mlp is not None:
-        return sum(p.numel() for proj in (*roles.mlp.inputs, roles.mlp.down) for p in layer.get_submodule(proj.path).parameters())
+        projs = (*roles.mlp.inputs, roles.mlp.down)
+        return sum(p.numel() for proj in projs for p in layer.get_submodule(proj.path).parameters())
     return sum(p.numel() for p in layer.get_submodule(block).parameters())
 
 
@@ -271,7 +282,8 @@ def remove_sublayer(model: nn.Module, arch: ModelArch, layer_idx: int, part: str
     layer = layers[layer_idx]
     freed = sublayer_parameters(arch, model, layer_idx, part)
     edit: dict[str, Any] = {
-        "op": "remove_sublayer", "layer": layer_idx, "part": part, "params_removed": freed, "layers_path": arch.layers_path,
+        "op": "remove_sublayer", "layer": layer_idx, "part": part, "params_removed": freed,
+        "layers_path": arch.layers_path,
     }
     if part == "attention":
         att = roles.attention
@@ -293,8 +305,9 @@ def remove_sublayer(model: nn.Module, arch: ModelArch, layer_idx: int, part: str
         set_submodule(layer, path, ZeroMLP())
         return edit
     assert roles.mlp is not None
-    down = layer.get_submodule(roles.mlp.down.path)
-    out = int(down.weight.shape[1] if roles.mlp.down.conv1d else down.weight.shape[0])
+    from pare.arch.roles import out_features
+
+    out = out_features(layer.get_submodule(roles.mlp.down.path), roles.mlp.down)
     edit.update(inputs=[p.path for p in roles.mlp.inputs], down=roles.mlp.down.path, out_features=out)
     for proj in roles.mlp.inputs:
         set_submodule(layer, proj.path, EmptyProjection())
@@ -304,7 +317,9 @@ def remove_sublayer(model: nn.Module, arch: ModelArch, layer_idx: int, part: str
 
 def _replay_remove_sublayer(model: nn.Module, edit: dict[str, Any]) -> None:
     # No describe() here: a layer whose block is already a stand-in has no roles to infer.
-    layer = model.get_submodule(edit["layers_path"])[edit["layer"]]
+    layers = model.get_submodule(edit["layers_path"])
+    assert isinstance(layers, nn.ModuleList)
+    layer = layers[edit["layer"]]
     if edit["part"] == "attention":
         old = layer.get_submodule(edit["path"])
         slot = getattr(old, "layer_idx", edit["layer"])

@@ -1,0 +1,97 @@
+"""Angular distance: remove the ``n``-layer span whose input and output point the same way.
+
+Gromov et al., 2024, "The Unreasonable Ineffectiveness of the Deeper Layers" (arXiv 2403.17887).
+With ``x^l`` the hidden state entering layer ``l`` (``x^L`` the last layer's output):
+
+    d(x^l, x^{l+n}) = (1/pi) arccos( x^l . x^{l+n} / (||x^l|| ||x^{l+n}||) )
+
+averaged over the calibration tokens (``tokens="all"``; the paper uses the last token of each
+sequence, ``tokens="last"``). Layers ``[l*, l*+n)`` with ``l* = argmin_l d`` are removed; the paper then
+heals with a little fine-tuning, which pare does not do.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from pare.calibration.runner import LayerwiseRunner
+from pare.config import help_field
+from pare.errors import ConfigError
+from pare.methods.base import PruneContext, Pruner
+from pare.methods.layers import DepthConfig, apply_layer_removal
+from pare.ops.similarity import angular_distance, best_span
+
+
+def _mean_distance(a: list[torch.Tensor], b: list[torch.Tensor], last: bool) -> float:
+    total, count = 0.0, 0
+    for x, y in zip(a, b, strict=True):
+        if last:
+            x, y = x[:, -1], y[:, -1]
+        d = angular_distance(x, y)
+        total, count = total + float(d.sum()), count + d.numel()
+    return total / count
+
+
+def span_distances(ctx: PruneContext, n: int, last: bool = False) -> list[float]:
+    """Mean angular distance between the inputs of layer ``l`` and ``l+n``, for l = 0..L-n.
+
+    Keeps only the last ``n + 1`` layer inputs in memory.
+    """
+    assert ctx.calibration is not None
+    runner = LayerwiseRunner(
+        ctx.model, ctx.arch, ctx.calibration, device=ctx.runtime.device, batch_size=ctx.batch_size,
+        offload=ctx.runtime.offload, sequential=False, progress=ctx.runtime.progress,
+    )
+    window: deque[list[torch.Tensor]] = deque(maxlen=n + 1)
+    out: list[float] = []
+    for step in runner.steps():
+        window.append(step.inputs)
+        if len(window) == n + 1:
+            out.append(_mean_distance(window[0], window[-1], last))
+    assert runner.final_hidden is not None
+    window.append(runner.final_hidden)
+    out.append(_mean_distance(window[0], window[-1], last))
+    return out
+
+
+@dataclass(frozen=True)
+class AngularConfig(DepthConfig):
+    """Remove the ``n`` consecutive layers with the smallest input/output angular distance.
+
+    Attributes:
+        tokens: ``all`` (average over every token) or ``last`` (the paper's last token per window).
+    """
+
+    method: ClassVar[str] = "angular"
+
+    tokens: str = help_field("all", "average the distance over 'all' tokens or the 'last' token of each window")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.tokens not in ("all", "last"):
+            raise ConfigError(f"tokens must be 'all' or 'last', got {self.tokens!r}")
+
+
+class AngularPruner(Pruner):
+    """Angular-distance span selection, then whole-layer removal."""
+
+    config_class = AngularConfig
+    config: AngularConfig
+
+    @torch.no_grad()
+    def run(self, ctx: PruneContext) -> None:
+        n = self.config.layer_count(ctx.model, ctx.arch)
+        dist = span_distances(ctx, n, last=self.config.tokens == "last")
+        best = best_span(dist)
+        ctx.report.scores["angular_distance"] = [
+            {"layers": list(range(s, s + n)), "distance": d} for s, d in enumerate(dist)
+        ]
+        apply_layer_removal(
+            ctx, list(range(best, best + n)),
+            f"span {best}-{best + n - 1} has the smallest angular distance ({dist[best]:.4f}) "
+            f"between its input and output among {len(dist)} spans of {n} layers",
+        )

@@ -1,0 +1,66 @@
+"""ShortGPT: remove the layers with the lowest Block Influence.
+
+Men et al., 2024, "ShortGPT: Layers in Large Language Models are More Redundant Than You Expect"
+(arXiv 2403.03853). For each decoder layer ``i`` with input ``x_i`` and output ``x_{i+1}``:
+
+    BI_i = 1 - E_{X,t} [ x_{i,t}^T x_{i+1,t} / (||x_{i,t}|| ||x_{i+1,t}||) ]
+
+averaged over every token ``t`` of the calibration windows ``X``, on the dense model (each layer sees
+the unpruned model's inputs). The ``k`` layers with the smallest BI are removed, consecutive or not.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from pare.calibration.runner import LayerwiseRunner
+from pare.methods.base import PruneContext, Pruner
+from pare.methods.layers import DepthConfig, apply_layer_removal
+from pare.ops.similarity import lowest, token_cosine
+
+
+def block_influences(ctx: PruneContext) -> list[float]:
+    """BI of every layer over all calibration tokens (dense inputs)."""
+    assert ctx.calibration is not None
+    runner = LayerwiseRunner(
+        ctx.model, ctx.arch, ctx.calibration, device=ctx.runtime.device, batch_size=ctx.batch_size,
+        offload=ctx.runtime.offload, sequential=False, progress=ctx.runtime.progress,
+    )
+    scores = []
+    for step in runner.steps():
+        assert step.dense_outputs is not None
+        total, count = 0.0, 0
+        for x_in, x_out in zip(step.inputs, step.dense_outputs, strict=True):
+            cos = token_cosine(x_in, x_out)
+            total, count = total + float(cos.sum()), count + cos.numel()
+        scores.append(1.0 - total / count)
+    return scores
+
+
+@dataclass(frozen=True)
+class ShortGPTConfig(DepthConfig):
+    """Remove the ``k`` layers of lowest Block Influence (not necessarily consecutive)."""
+
+    method: ClassVar[str] = "shortgpt"
+
+
+class ShortGPTPruner(Pruner):
+    """Block Influence ranking over calibration tokens, then whole-layer removal."""
+
+    config_class = ShortGPTConfig
+    config: ShortGPTConfig
+
+    @torch.no_grad()
+    def run(self, ctx: PruneContext) -> None:
+        k = self.config.layer_count(ctx.model, ctx.arch)
+        bi = block_influences(ctx)
+        chosen = lowest(bi, k)
+        ctx.report.scores["block_influence"] = {str(i): s for i, s in enumerate(bi)}
+        apply_layer_removal(
+            ctx, chosen,
+            f"lowest Block Influence (1 - mean cos(input, output)) of {len(bi)} layers: "
+            + ", ".join(f"{i}: {bi[i]:.4f}" for i in chosen),
+        )
