@@ -2,19 +2,40 @@
 
 __version__ = "0.1.0"
 
-from pare.api import evaluate, load, load_model, prune, save  # noqa: E402
-from pare.arch import ArchOverride, describe  # noqa: E402
-from pare.config import CalibrationConfig, RuntimeConfig  # noqa: E402
-from pare.methods import METHODS, MagnitudeConfig  # noqa: E402
-from pare.report import Report  # noqa: E402
+from pare.api import evaluate, load, load_model, prune, save
+from pare.arch import ArchOverride, describe
+from pare.config import CalibrationConfig, RuntimeConfig
+from pare.methods import (
+    METHODS,
+    AngularConfig,
+    LayersConfig,
+    MagnitudeConfig,
+    OsscarConfig,
+    PplWindowConfig,
+    ShortGPTConfig,
+    SparseGPTConfig,
+    SublayerConfig,
+    WandaConfig,
+    WidthConfig,
+)
+from pare.report import Report
 
 __all__ = [
     "METHODS",
+    "AngularConfig",
     "ArchOverride",
     "CalibrationConfig",
+    "LayersConfig",
     "MagnitudeConfig",
+    "OsscarConfig",
+    "PplWindowConfig",
     "Report",
     "RuntimeConfig",
+    "ShortGPTConfig",
+    "SparseGPTConfig",
+    "SublayerConfig",
+    "WandaConfig",
+    "WidthConfig",
     "__version__",
     "describe",
     "evaluate",

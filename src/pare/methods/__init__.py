@@ -10,14 +10,18 @@ from pare.methods.angular import AngularConfig, AngularPruner
 from pare.methods.base import PruneContext, Pruner, SparsityConfig, SparsityPruner
 from pare.methods.layers import LayersConfig, LayersPruner
 from pare.methods.magnitude import MagnitudeConfig, MagnitudePruner
+from pare.methods.osscar import OsscarConfig, OsscarPruner
 from pare.methods.ppl_window import PplWindowConfig, PplWindowPruner
 from pare.methods.shortgpt import ShortGPTConfig, ShortGPTPruner
 from pare.methods.sparsegpt import SparseGPTConfig, SparseGPTPruner
 from pare.methods.sublayer import SublayerConfig, SublayerPruner
 from pare.methods.wanda import WandaConfig, WandaPruner
+from pare.methods.width import WidthConfig, WidthPruner
 
 METHODS: dict[str, type[Pruner]] = {
     "magnitude": MagnitudePruner,
+    "osscar": OsscarPruner,
+    "width": WidthPruner,
     "wanda": WandaPruner,
     "sparsegpt": SparseGPTPruner,
     "shortgpt": ShortGPTPruner,
@@ -49,6 +53,8 @@ __all__ = [
     "LayersPruner",
     "MagnitudeConfig",
     "MagnitudePruner",
+    "OsscarConfig",
+    "OsscarPruner",
     "PplWindowConfig",
     "PplWindowPruner",
     "PruneContext",
@@ -63,5 +69,7 @@ __all__ = [
     "SublayerPruner",
     "WandaConfig",
     "WandaPruner",
+    "WidthConfig",
+    "WidthPruner",
     "pruner_for",
 ]

@@ -8,8 +8,9 @@ in :mod:`pare.ops`.
 from __future__ import annotations
 
 import logging
+import re
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar
 
 import torch
@@ -20,8 +21,11 @@ from pare.arch.roles import ModelArch
 from pare.arch.targets import Target, layer_targets, select
 from pare.calibration.runner import LayerwiseRunner, resolve_device
 from pare.calibration.stats import STAT_GRAM, InputStats, record_inputs
-from pare.config import PruneConfig, RuntimeConfig, check_ratio, help_field
+from pare.config import PruneConfig, RuntimeConfig, check_ratio, check_regexes, help_field
+from pare.errors import ConfigError
 from pare.ops.masks import parse_pattern
+from pare.ops.owl import layer_outlier_ratio, owl_sparsities
+from pare.ops.wanda import wanda_scores
 from pare.report import Report
 
 log = logging.getLogger(__name__)
@@ -75,17 +79,56 @@ class SparsityConfig(PruneConfig):
     """Options shared by the weight-sparsity methods (magnitude, Wanda, SparseGPT).
 
     Attributes:
-        sparsity: fraction of weights set to zero in each pruned matrix, in [0, 1).
+        sparsity: fraction of weights set to zero in each pruned matrix, in [0, 1) (the overall
+            target when the profile varies it per layer).
         pattern: ``unstructured`` or ``N:M`` (N zeros in every M consecutive inputs, e.g. 2:4).
+        profile: layer-wise sparsity: ``uniform``, or ``owl`` (Yin et al., 2024: layers with more
+            outliers of ``|W| * ||X||`` are pruned less; the parameter-weighted mean stays
+            ``sparsity``). Magnitude is data-free, so its OWL scores are ``|W|`` alone and it still
+            needs no calibration.
+        owl_m: OWL's outlier threshold, a multiple of the layer's mean score ``|W| * ||X||``.
+        owl_lambda: OWL's spread: each layer's sparsity stays within ``sparsity +- owl_lambda``.
+        layer_sparsity: explicit sparsity per decoder layer (one value per layer).
+        module_sparsity: ``{regex: sparsity}`` over module names (config file); the first matching
+            regex wins over the per-layer value.
     """
 
     sparsity: float = help_field(0.5, "fraction of weights set to zero, in [0, 1)")
     pattern: str = help_field("unstructured", "'unstructured' or N:M, e.g. 2:4 (2 zeros in every 4)")
+    profile: str = help_field("uniform", "layer-wise sparsity: 'uniform' or 'owl' (outlier-weighted, same overall)")
+    owl_m: float = help_field(5.0, "OWL: a score is an outlier above this multiple of its layer's mean")
+    owl_lambda: float = help_field(0.08, "OWL: per-layer sparsity stays within sparsity +- this")
+    layer_sparsity: tuple[float, ...] = help_field((), "explicit sparsity per decoder layer, one value per layer")
+    module_sparsity: dict[str, float] = field(
+        default_factory=dict, metadata={"help": "config file: {module regex: sparsity}, first match wins"}
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
         check_ratio("sparsity", self.sparsity)
-        parse_pattern(self.pattern)
+        nm = parse_pattern(self.pattern)
+        if self.profile not in ("uniform", "owl"):
+            raise ConfigError(f"profile must be 'uniform' or 'owl', got {self.profile!r}")
+        if isinstance(self.owl_m, bool) or not isinstance(self.owl_m, (int, float)) or self.owl_m <= 0:
+            raise ConfigError(f"owl_m must be a positive number (5 in the OWL paper), got {self.owl_m!r}")
+        check_ratio("owl_lambda", self.owl_lambda)
+        for i, value in enumerate(self.layer_sparsity):
+            check_ratio(f"layer_sparsity[{i}]", value)
+        if not isinstance(self.module_sparsity, dict):
+            raise ConfigError(f"module_sparsity must map regexes to ratios, got {self.module_sparsity!r}")
+        check_regexes("module_sparsity", tuple(self.module_sparsity))
+        for regex, value in self.module_sparsity.items():
+            check_ratio(f"module_sparsity[{regex!r}]", value)
+        if self.profile == "owl" and self.layer_sparsity:
+            raise ConfigError(
+                "profile='owl' computes the per-layer ratios: drop layer_sparsity or use profile='uniform'"
+            )
+        varies = self.profile != "uniform" or self.layer_sparsity or self.module_sparsity
+        if nm is not None and varies:
+            raise ConfigError(
+                f"an {self.pattern} pattern prunes {nm[0]}/{nm[1]} of every matrix: per-layer ratios (profile, "
+                "layer_sparsity, module_sparsity) apply to pattern='unstructured' only"
+            )
 
     @property
     def nm(self) -> tuple[int, int] | None:
@@ -98,12 +141,76 @@ class SparsityPruner(Pruner):
     config: SparsityConfig
     stats: ClassVar[frozenset[str]] = frozenset()
 
+    def __init__(self, config: PruneConfig) -> None:
+        super().__init__(config)
+        self.layer_ratios: list[float] | None = None
+
     def target_sparsity(self, layer_index: int, target: Target) -> float:
-        """Sparsity for one matrix (uniform here; OWL / per-module ratios override this)."""
+        """Sparsity for one matrix: first matching ``module_sparsity`` regex, else the layer's ratio
+        (``layer_sparsity`` or OWL), else the uniform ``sparsity``."""
+        for regex, value in self.config.module_sparsity.items():
+            if re.search(regex, target.name):
+                return value
+        if self.layer_ratios is not None:
+            return self.layer_ratios[layer_index]
         return self.config.sparsity
 
     def prepare(self, ctx: PruneContext) -> None:
         """Called once before the layers are visited (e.g. to compute per-layer ratios)."""
+
+    def new_stats(self, target: Target) -> InputStats:
+        """The accumulator for one target's inputs (methods may share work between targets)."""
+        return InputStats(want_gram=STAT_GRAM in self.stats)
+
+    def prepare_profile(self, ctx: PruneContext) -> None:
+        """Check the explicit ratios against the model and compute OWL's per-layer ratios."""
+        cfg = self.config
+        layers = ctx.arch.layer_modules(ctx.model)
+        per_layer = [self._targets(ctx, i, layer) for i, layer in enumerate(layers)]
+        names = [t.name for ts in per_layer for t in ts]
+        for regex in cfg.module_sparsity:
+            if not any(re.search(regex, n) for n in names):
+                raise ConfigError(f"module_sparsity regex {regex!r} matches no pruned module; names look like "
+                                  f"{', '.join(names[:3])}")
+        if cfg.layer_sparsity:
+            if len(cfg.layer_sparsity) != len(layers):
+                raise ConfigError(f"layer_sparsity has {len(cfg.layer_sparsity)} values but the model has "
+                                  f"{len(layers)} decoder layers: give one value per layer")
+            self.layer_ratios = list(cfg.layer_sparsity)
+        if cfg.profile == "owl":
+            ratios = self._outlier_ratios(ctx)
+            weights = [sum(t.weight().numel() for t in ts if not self._module_override(t)) for ts in per_layer]
+            self.layer_ratios = owl_sparsities(ratios, cfg.sparsity, cfg.owl_lambda, weights)
+            ctx.report.scores["owl"] = {
+                "m": cfg.owl_m, "lambda": cfg.owl_lambda, "outlier_ratios": ratios,
+                "layer_sparsity": self.layer_ratios,
+                "scores": "|W|*||X||" if self.needs_calibration else "|W| (data-free method)",
+            }
+
+    def _module_override(self, target: Target) -> bool:
+        return any(re.search(r, target.name) for r in self.config.module_sparsity)
+
+    def _outlier_ratios(self, ctx: PruneContext) -> list[float]:
+        """OWL's ``D_l`` per layer, from ``|W| * ||X||`` (dense first pass) or from ``|W|`` when data-free."""
+        m = self.config.owl_m
+        if not self.needs_calibration:
+            layers = ctx.arch.layer_modules(ctx.model)
+            return [layer_outlier_ratio((t.weight().abs() for t in self._targets(ctx, i, layer)), m)
+                    for i, layer in enumerate(layers)]
+        assert ctx.calibration is not None
+        runner = LayerwiseRunner(
+            ctx.model, ctx.arch, ctx.calibration, device=ctx.runtime.device, batch_size=ctx.batch_size,
+            offload=ctx.runtime.offload, sequential=True, progress=ctx.runtime.progress,
+        )
+        ratios = []
+        for step in runner.steps():
+            targets = self._targets(ctx, step.index, step.layer)
+            stats = {t.name: InputStats() for t in targets}
+            with record_inputs(targets, stats):
+                step.dense_outputs = step.run(keep_outputs=True)  # reused as the next layer's inputs
+            scores = (wanda_scores(t.weight(), _norms(t, stats[t.name])) for t in targets)
+            ratios.append(layer_outlier_ratio(scores, m))
+        return ratios
 
     @abstractmethod
     def prune_target(self, target: Target, stats: InputStats | None, sparsity: float) -> None:
@@ -115,18 +222,35 @@ class SparsityPruner(Pruner):
         return select(found, self.config.targets, self.config.ignore)
 
     def run(self, ctx: PruneContext) -> None:
+        self.prepare_profile(ctx)
         self.prepare(ctx)
         if not self.needs_calibration:
             self._run_data_free(ctx)
-            return
-        for step in ctx.runner().steps():
-            targets = self._targets(ctx, step.index, step.layer)
-            stats = {t.name: InputStats(want_gram=STAT_GRAM in self.stats) for t in targets}
-            with record_inputs(targets, stats):
-                step.run()
-            for t in targets:
-                self.prune_target(t, stats[t.name], self.target_sparsity(step.index, t))
-                del stats[t.name]
+        else:
+            for step in ctx.runner().steps():
+                targets = self._targets(ctx, step.index, step.layer)
+                stats = {t.name: self.new_stats(t) for t in targets}
+                with record_inputs(targets, stats):
+                    step.run()
+                for t in targets:
+                    self.prune_target(t, stats[t.name], self.target_sparsity(step.index, t))
+                    del stats[t.name]
+        self._layer_summary(ctx)
+
+    def _layer_summary(self, ctx: PruneContext) -> None:
+        """``report.scores["layers"]``: per decoder layer, the asked sparsity (parameter-weighted) and
+        the parameter count; the measured sparsity per module is in ``report.modules``."""
+        rows = []
+        for i, layer in enumerate(ctx.arch.layer_modules(ctx.model)):
+            targets = self._targets(ctx, i, layer)
+            numel = sum(t.weight().numel() for t in targets)
+            if not numel:
+                continue
+            asked = sum(self.target_sparsity(i, t) * t.weight().numel() for t in targets) / numel
+            if self.config.nm is not None:
+                asked = self.config.nm[0] / self.config.nm[1]
+            rows.append({"layer": i, "target": asked, "numel": numel})
+        ctx.report.scores["layers"] = rows
 
     def _run_data_free(self, ctx: PruneContext) -> None:
         device = resolve_device(ctx.runtime.device)
@@ -134,10 +258,20 @@ class SparsityPruner(Pruner):
         for i in tqdm(range(len(layers)), desc="layers", disable=not ctx.runtime.progress, leave=False):
             layer = layers[i]
             home = next(layer.parameters()).device
-            layer.to(device)
+            if home != device:  # Module.to walks every parameter even when nothing moves
+                layer.to(device)
             for t in self._targets(ctx, i, layer):
                 self.prune_target(t, None, self.target_sparsity(i, t))
-            layer.to(home)
+            if home != device:
+                layer.to(home)
+
+
+def _norms(target: Target, stats: InputStats) -> torch.Tensor:
+    """``||X_j||`` of a target's inputs; zeros (with a warning) when no token reached it (an unused expert)."""
+    if stats.sq_sum is None:
+        log.warning("%s received no calibration tokens; its activation norms are taken as zero", target.name)
+        return torch.zeros(target.shape[1])
+    return stats.norms()
 
 
 def measure_sparsity(model: nn.Module, arch: ModelArch, names: set[str] | None = None) -> dict[str, dict]:

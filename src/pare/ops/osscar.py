@@ -161,17 +161,31 @@ class _State:
         self.keep = torch.cat([self.keep, self.keep.new_tensor([j])])
 
 
-def _backward_eliminate(state: _State, quota: torch.Tensor, part: torch.Tensor, chunk: int) -> None:
-    """Remove the cheapest groups until every partition is down to its quota."""
+def _block(excess: int, chunk: int | None, frac: float) -> int:
+    """Groups removed by the next elimination step: ``chunk`` if fixed, else ``frac`` of the excess."""
+    if chunk is not None:
+        return max(1, min(chunk, excess))
+    return max(1, int(frac * excess))
+
+
+def _backward_eliminate(state: _State, quota: torch.Tensor, part: torch.Tensor, chunk: int | None,
+                        frac: float = 0.25) -> int:
+    """Remove the cheapest groups until every partition is down to its quota; returns the step count.
+
+    ``chunk=1`` is the exact one-at-a-time greedy. ``chunk=None`` removes ``frac`` of the remaining
+    excess per step (large blocks while far from the quota, single groups near it): about
+    ``log(excess) / frac`` steps instead of ``excess``, each costing one ``O(k^2)`` downdate.
+    """
+    steps = 0
     while True:
         counts = torch.bincount(part[state.keep], minlength=len(quota))
         excess = int((counts - quota).clamp_min(0).sum())
         if excess == 0:
-            return
+            return steps
         costs = state.removal_costs()
         allowed = (counts - quota)[part[state.keep]] > 0
         costs = torch.where(allowed, costs, torch.full_like(costs, float("inf")))
-        n = max(1, min(chunk, excess))
+        n = _block(excess, chunk, frac)
         # remove one group per partition-with-excess at a time to respect quotas exactly
         order = torch.argsort(costs)
         taken: list[int] = []
@@ -184,6 +198,7 @@ def _backward_eliminate(state: _State, quota: torch.Tensor, part: torch.Tensor, 
                 taken.append(pos)
                 left[pp] -= 1
         state.remove(taken)
+        steps += 1
 
 
 def _local_search(state: _State, part: torch.Tensor, prior: torch.Tensor, max_swaps: int, pool: int) -> int:
@@ -218,10 +233,22 @@ def _local_search(state: _State, part: torch.Tensor, prior: torch.Tensor, max_sw
     return swaps
 
 
+def _fit(g: torch.Tensor, m: torch.Tensor, total: float, keep: torch.Tensor, group: int,
+         lam: float) -> tuple[float, torch.Tensor]:
+    """``(f(S), B^T)`` from one Cholesky of ``G_SS + lam I`` (fp64; ``g``, ``m`` already fp64)."""
+    cols = _cols(keep.to(g.device), group)
+    gss = g[cols][:, cols]
+    gss.diagonal().add_(lam)
+    chol = torch.linalg.cholesky(gss)
+    z = torch.linalg.solve_triangular(chol, m[cols], upper=False)  # L^{-1} M_S
+    err = total - float(z.pow(2).sum())
+    return err, torch.linalg.solve_triangular(chol.t(), z, upper=True)
+
+
 def select_groups(
     gram: torch.Tensor, w: torch.Tensor, quota: torch.Tensor | int, group: int = 1,
     partition: torch.Tensor | None = None, damp: float = 0.01, max_swaps: int = 32,
-    chunk: int | None = None, pool: int = 256,
+    chunk: int | None = None, pool: int = 256, exact: bool = False, frac: float = 0.25,
 ) -> Selection:
     """OSSCAR selection + refit of the input groups of ``W``.
 
@@ -233,8 +260,11 @@ def select_groups(
         partition: partition id per group ``[C / group]`` (e.g. the KV group of each query head).
         damp: ridge ``lam = damp * mean(diag(G))``.
         max_swaps: local-search iterations.
-        chunk: groups removed per elimination step (default ``max(1, n_remove // 64)``: 64 steps).
+        chunk: groups removed per elimination step (fixed); default: adaptive, ``frac`` of the
+            remaining excess per step (see :func:`_backward_eliminate`).
         pool: removed groups whose adding gain is evaluated per swap (highest magnitude first).
+        exact: one-at-a-time greedy elimination (``chunk=1``): slow on thousands of channels.
+        frac: share of the remaining excess removed per adaptive step.
 
     Returns:
         A :class:`Selection` with the kept groups and refit weights.
@@ -250,21 +280,23 @@ def select_groups(
     n_remove = n_groups - int(quota_t.sum())
     # the search runs in fp32 (memory traffic dominates); f and the refit are re-evaluated in fp64
     state = _State(g.float(), m.float(), torch.arange(n_groups, device=dev), group, lam)
-    _backward_eliminate(state, quota_t, part, chunk or max(1, n_remove // 64))
+    _backward_eliminate(state, quota_t, part, 1 if exact else chunk, frac)
     mag = (w.float().pow(2).sum(0) * g.diagonal().float()).reshape(n_groups, group).sum(1)
     swaps = _local_search(state, part, mag, max_swaps, pool) if n_remove > 0 else 0
     keep = state.keep.sort().values
+    del state
     # magnitude start: never return something worse than the simple ranking
     mag_keep = torch.cat([
         torch.nonzero(part == p).flatten()[torch.argsort(mag[part == p], descending=True)[: int(quota_t[p])]]
         for p in range(len(quota_t))
     ]).sort().values
-    err = objective(g, w, keep, group, lam)
-    mag_err = objective(g, w, mag_keep, group, lam)
-    if mag_err < err:
-        keep, err = mag_keep, mag_err
+    err, bt = _fit(g, m, total, keep, group, lam)
+    if not torch.equal(mag_keep, keep):
+        mag_err, mag_bt = _fit(g, m, total, mag_keep, group, lam)
+        if mag_err < err:
+            keep, err, bt = mag_keep, mag_err, mag_bt
     return Selection(
-        keep=keep, weight=refit(gram, w, keep, group, lam), error=err,
+        keep=keep, weight=bt.t().to(w.dtype), error=err,
         error_no_refit=error_without_refit(gram, w, keep, group), total=total, swaps=swaps,
     )
 

@@ -1,0 +1,154 @@
+"""SparseGPT: one-shot OBS pruning with weight reconstruction, layer by layer.
+
+Frantar & Alistarh, 2023, "SparseGPT: Massive Language Models Can Be Accurately Pruned in One-Shot"
+(arXiv:2301.00774), Algorithm 1: per matrix, ``H = 2/n X^T X`` of its inputs (fp32), dampened by
+``percdamp * mean(diag H)``, inverted through Cholesky; columns pruned in lazy blocks of
+``blocksize`` with the mask chosen per block, and the surviving weights updated to reconstruct
+``W X``. The math is in :mod:`pare.ops.sparsegpt`.
+
+Matrices that read the same input (q/k/v, gate/up) accumulate the same ``X^T X``: the Gram update
+of a batch is computed once and reused, and so is the inverse-Hessian factor.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from pare.arch.targets import Target
+from pare.calibration.stats import STAT_GRAM, InputStats
+from pare.config import help_field
+from pare.errors import ConfigError
+from pare.methods.base import PruneContext, SparsityConfig, SparsityPruner
+from pare.ops.masks import make_mask
+from pare.ops.sparsegpt import InverseHessianFactor, inverse_hessian_factor, sparsegpt_prune_factored
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SparseGPTConfig(SparsityConfig):
+    """SparseGPT options.
+
+    Attributes:
+        blocksize: columns per lazy-update block (and per adaptive mask selection).
+        percdamp: dampening added to the Hessian diagonal, as a fraction of its mean.
+        mask_group: unstructured only: choose the pruned weights inside each block per ``row``
+            (every row keeps exactly ``floor(in * sparsity)`` zeros; pare's default) or over the
+            whole ``block`` (the reference code's choice; uneven rows).
+    """
+
+    method: ClassVar[str] = "sparsegpt"
+
+    blocksize: int = help_field(128, "columns per lazy-update block (the mask is chosen per block)")
+    percdamp: float = help_field(0.01, "Hessian dampening as a fraction of its mean diagonal")
+    mask_group: str = help_field("row", "unstructured: pick pruned weights per 'row' of each block, or per 'block'")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if isinstance(self.blocksize, bool) or not isinstance(self.blocksize, int) or self.blocksize < 1:
+            raise ConfigError(f"blocksize must be a positive integer (128 in the paper), got {self.blocksize!r}")
+        nm = self.nm
+        if nm is not None and self.blocksize % nm[1]:
+            raise ConfigError(f"blocksize {self.blocksize} must be a multiple of M={nm[1]} for pattern "
+                              f"{self.pattern}, e.g. {nm[1] * max(1, self.blocksize // nm[1])}")
+        if self.mask_group not in ("row", "block"):
+            raise ConfigError(f"mask_group must be 'row' (per output row) or 'block' (reference), "
+                              f"got {self.mask_group!r}")
+        if isinstance(self.percdamp, bool) or not isinstance(self.percdamp, (int, float)) or self.percdamp < 0:
+            raise ConfigError(f"percdamp must be a number >= 0 (0.01 in the paper), got {self.percdamp!r}")
+
+
+class _GramCache:
+    """The last input seen and its ``(X^2 column sums, X^T X)``: q/k/v (and gate/up) share them.
+
+    Keeping a reference to the last input keeps its storage alive, so a later batch can never reuse
+    the address and be mistaken for it.
+    """
+
+    def __init__(self) -> None:
+        self.key: tuple | None = None
+        self.ref: torch.Tensor | None = None
+        self.value: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def get(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        key = (x.data_ptr(), tuple(x.shape), x.stride(), x.dtype, x.device, x._version)
+        if key != self.key or self.value is None:
+            flat = x.reshape(-1, x.shape[-1]).float()
+            self.value = (flat.square().sum(0), flat.t() @ flat)
+            self.key, self.ref = key, x
+        return self.value
+
+    def clear(self) -> None:
+        self.key = self.ref = self.value = None
+
+
+class _SharedGramStats(InputStats):
+    """:class:`InputStats` whose Gram updates come from a shared :class:`_GramCache`."""
+
+    def __init__(self, cache: _GramCache) -> None:
+        super().__init__(want_gram=True)
+        self._cache = cache
+
+    def add(self, x: torch.Tensor) -> None:
+        n = x.numel() // x.shape[-1]
+        if n == 0:
+            return
+        sq, gram = self._cache.get(x)
+        self.tokens += n
+        self.sq_sum = sq.clone() if self.sq_sum is None else self.sq_sum + sq
+        self.gram = gram.clone() if self.gram is None else self.gram + gram
+
+
+class SparseGPTPruner(SparsityPruner):
+    """Prune and reconstruct every target matrix with SparseGPT."""
+
+    config_class = SparseGPTConfig
+    config: SparseGPTConfig
+    stats: ClassVar[frozenset[str]] = frozenset({STAT_GRAM})
+
+    def __init__(self, config: SparseGPTConfig) -> None:
+        super().__init__(config)
+        self._cache = _GramCache()
+        self._factors: list[tuple[torch.Tensor, int, InverseHessianFactor]] = []
+        self.losses: dict[str, float] = {}
+
+    def new_stats(self, target: Target) -> InputStats:
+        self._factors.clear()  # a new layer: factors of the previous one are stale
+        if target.expert is not None:
+            return InputStats(want_gram=True)  # expert inputs are gathered per expert, not shared
+        return _SharedGramStats(self._cache)
+
+    def _factor(self, stats: InputStats) -> InverseHessianFactor:
+        """The inverse-Hessian factor of ``stats``, reused when another target had the same Gram."""
+        assert stats.gram is not None
+        for gram, tokens, factor in self._factors:
+            if tokens == stats.tokens and (gram is stats.gram or torch.equal(gram, stats.gram)):
+                return factor
+        factor = inverse_hessian_factor(stats.hessian(), self.config.percdamp)
+        self._factors.append((stats.gram, stats.tokens, factor))
+        return factor
+
+    def prune_target(self, target: Target, stats: InputStats | None, sparsity: float) -> None:
+        w = target.weight()
+        self._cache.clear()  # the layer's forward is over: release the last input
+        if stats is None or stats.tokens == 0 or stats.gram is None:
+            log.warning("%s received no calibration tokens: pruned by magnitude instead", target.name)
+            w.masked_fill_(make_mask(w.abs().float(), sparsity, self.config.nm, per_row=True), 0)
+            return
+        factor = self._factor(stats)
+        cfg = self.config
+        pruned, loss = sparsegpt_prune_factored(w, factor, sparsity, cfg.nm, cfg.blocksize, cfg.mask_group)
+        w.copy_(pruned)
+        self.losses[target.name] = loss
+
+    def run(self, ctx: PruneContext) -> None:
+        try:
+            super().run(ctx)
+        finally:
+            self._cache.clear()
+            self._factors.clear()
+        ctx.report.scores["sparsegpt_loss"] = self.losses

@@ -1,0 +1,44 @@
+"""Wanda: prune by ``|W_ij| * ||X_j||_2`` within each output row, no weight update.
+
+Sun, Liu, Bair & Kolter, 2023, "A Simple and Effective Pruning Approach for Large Language Models"
+(arXiv:2306.11695), Eq. 1. Statistics: the L2 norm of every input feature over the calibration
+tokens, gathered layer by layer (each layer sees the already-pruned layers' outputs unless
+``RuntimeConfig(sequential=False)``). The math is in :mod:`pare.ops.wanda`.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import ClassVar
+
+from pare.arch.targets import Target
+from pare.calibration.stats import STAT_NORMS, InputStats
+from pare.methods.base import SparsityConfig, SparsityPruner
+from pare.ops.masks import make_mask
+from pare.ops.wanda import wanda_prune_
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class WandaConfig(SparsityConfig):
+    """Wanda options: those of :class:`SparsityConfig` (sparsity, pattern, profile...)."""
+
+    method: ClassVar[str] = "wanda"
+
+
+class WandaPruner(SparsityPruner):
+    """Zero the lowest ``|W| * ||X||`` scores of every row (or of every group of M inputs)."""
+
+    config_class = WandaConfig
+    config: WandaConfig
+    stats: ClassVar[frozenset[str]] = frozenset({STAT_NORMS})
+
+    def prune_target(self, target: Target, stats: InputStats | None, sparsity: float) -> None:
+        w = target.weight()
+        if stats is None or stats.tokens == 0:
+            log.warning("%s received no calibration tokens: pruned by magnitude instead", target.name)
+            w.masked_fill_(make_mask(w.abs().float(), sparsity, self.config.nm, per_row=True), 0)
+        else:
+            wanda_prune_(w, stats.norms(), sparsity, self.config.nm)

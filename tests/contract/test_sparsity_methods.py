@@ -1,0 +1,184 @@
+"""Magnitude, Wanda and SparseGPT through the whole path, on every tiny architecture.
+
+prune (4 calibration windows of 32 tokens) -> the report's per-module sparsity equals the zeros
+counted in the parameters -> save -> ``AutoModelForCausalLM.from_pretrained`` gives identical logits.
+"""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+import pare
+from pare.errors import ConfigError, NotEnoughDataError
+from tiny import TINY_ARCHS, tiny_batch, tiny_model
+
+QUIET = pare.RuntimeConfig(progress=False, device="cpu")
+CONFIGS = {"magnitude": pare.MagnitudeConfig, "wanda": pare.WandaConfig, "sparsegpt": pare.SparseGPTConfig}
+SETTINGS = {"unstructured-0.5": dict(sparsity=0.5), "2:4": dict(pattern="2:4")}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny matrices: one thread avoids OpenMP contention on a shared machine (restored after)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def calib() -> torch.Tensor:
+    return tiny_batch(4, 32, seed=1)
+
+
+def weight_of(model: torch.nn.Module, name: str) -> torch.Tensor:
+    """A module's ``[out, in]`` weight found independently of pare's target code."""
+    m = re.fullmatch(r"(.+)\[(\d+)\]", name)
+    if m:  # one expert of a fused 3-D parameter
+        return model.get_parameter(m.group(1))[int(m.group(2))]
+    module = model.get_submodule(name)
+    w = module.weight
+    return w.t() if type(module).__name__ == "Conv1D" else w
+
+
+@pytest.mark.parametrize("setting", list(SETTINGS))
+@pytest.mark.parametrize("method", list(CONFIGS))
+@pytest.mark.parametrize("model_type", TINY_ARCHS)
+def test_prune_report_save_reload(model_type: str, method: str, setting: str, tmp_path) -> None:
+    model = tiny_model(model_type)
+    report = pare.prune(model, CONFIGS[method](**SETTINGS[setting]), calib(), runtime=QUIET)
+    assert report.modules
+    for name, info in report.modules.items():
+        w = weight_of(model, name)
+        zeros = int((w == 0).sum())
+        assert info["nonzero"] == w.numel() - zeros, name
+        assert info["sparsity"] == pytest.approx(zeros / w.numel(), abs=1e-12), name
+        if setting == "2:4":
+            per_group = (w == 0).reshape(w.shape[0], -1, 4).sum(-1)
+            assert bool((per_group == 2).all()), name
+        else:  # magnitude and Wanda per row; SparseGPT per row of each block, floor-allocated: same total
+            assert bool(((w == 0).sum(1) == w.shape[1] // 2).all()), name
+    assert report.pattern == (None if setting != "2:4" else "2:4")
+    assert [r["layer"] for r in report.scores["layers"]] == list(range(3))
+    out = pare.save(model, None, tmp_path / "out", report)
+    ids = tiny_batch(2, 16, seed=2)
+    with torch.no_grad():
+        ref = model(ids).logits
+        reloaded = AutoModelForCausalLM.from_pretrained(out)(ids).logits
+    assert torch.isfinite(ref).all()
+    assert torch.equal(ref, reloaded)
+
+
+@pytest.mark.parametrize("method", ["wanda", "sparsegpt", "magnitude"])
+def test_owl_profile_keeps_overall_sparsity(method: str) -> None:
+    model = tiny_model("llama")
+    cfg = CONFIGS[method](sparsity=0.7, profile="owl", owl_lambda=0.08)
+    report = pare.prune(model, cfg, calib(), runtime=QUIET)
+    owl = report.scores["owl"]
+    ratios = owl["layer_sparsity"]
+    assert len(ratios) == 3 and all(0.62 - 1e-9 <= r <= 0.78 + 1e-9 for r in ratios)
+    rows = report.scores["layers"]
+    weighted = sum(r["target"] * r["numel"] for r in rows) / sum(r["numel"] for r in rows)
+    assert weighted == pytest.approx(0.7, abs=1e-9)
+    # exact counts: floor(in * s) zeros in every row, whatever the method
+    for name, info in report.modules.items():
+        out_f, in_f = info["shape"]
+        assert info["numel"] - info["nonzero"] == out_f * int(in_f * ratios[int(name.split(".")[2])]), name
+    assert report.overall_sparsity == pytest.approx(0.7, abs=1 / 64)
+    for row in rows:  # per-layer measured sparsity, from the per-module report
+        mods = [m for n, m in report.modules.items() if n.startswith(f"model.layers.{row['layer']}.")]
+        zeros = sum(m["numel"] - m["nonzero"] for m in mods)
+        assert sum(m["numel"] for m in mods) == row["numel"]
+        assert zeros / row["numel"] == pytest.approx(row["target"], abs=1 / 32)
+
+
+def test_explicit_layer_and_module_ratios() -> None:
+    model = tiny_model("llama")
+    cfg = pare.WandaConfig(sparsity=0.5, layer_sparsity=(0.25, 0.5, 0.75), module_sparsity={r"\.1\.mlp\.down": 0.0})
+    report = pare.prune(model, cfg, calib(), runtime=QUIET)
+    assert report.modules["model.layers.0.self_attn.q_proj"]["sparsity"] == 0.25
+    assert report.modules["model.layers.2.mlp.up_proj"]["sparsity"] == 0.75
+    assert report.modules["model.layers.1.mlp.down_proj"]["sparsity"] == 0.0
+    assert report.modules["model.layers.1.mlp.up_proj"]["sparsity"] == 0.5
+
+
+@pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
+def test_dense_inputs_option_changes_later_layers_only(method: str) -> None:
+    results = {}
+    for sequential in (True, False):
+        model = tiny_model("llama")
+        rt = pare.RuntimeConfig(progress=False, device="cpu", sequential=sequential)
+        pare.prune(model, CONFIGS[method](sparsity=0.5), calib(), runtime=rt)
+        results[sequential] = model
+    a, b = (results[s].model.layers for s in (True, False))
+    assert torch.equal(a[0].self_attn.q_proj.weight, b[0].self_attn.q_proj.weight)  # same inputs
+    assert not torch.equal(a[2].mlp.down_proj.weight, b[2].mlp.down_proj.weight)  # pruned vs dense inputs
+
+
+@pytest.mark.parametrize("cls", list(CONFIGS.values()))
+@pytest.mark.parametrize("bad", [1.0, 1.2, -0.1])
+def test_bad_sparsity(cls, bad) -> None:
+    with pytest.raises(ConfigError, match="sparsity"):
+        cls(sparsity=bad)
+
+
+@pytest.mark.parametrize("pattern", ["4:4", "5:4", "0:4"])
+def test_bad_nm(pattern: str) -> None:
+    with pytest.raises(ConfigError, match="N < M"):
+        pare.SparseGPTConfig(pattern=pattern)
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(profile="owlish"), "profile"),
+        (dict(profile="owl", layer_sparsity=(0.5, 0.5, 0.5)), "layer_sparsity"),
+        (dict(pattern="2:4", profile="owl"), "apply to pattern='unstructured' only"),
+        (dict(layer_sparsity=(0.5, 1.0, 0.5)), r"layer_sparsity\[1\]"),
+        (dict(module_sparsity={"mlp": 1.5}), "module_sparsity"),
+        (dict(module_sparsity={"(": 0.5}), "regular expression"),
+        (dict(owl_m=0), "owl_m"),
+        (dict(blocksize=0), "blocksize"),
+        (dict(pattern="2:4", blocksize=30), "multiple of M=4"),
+        (dict(percdamp=-1), "percdamp"),
+    ],
+)
+def test_bad_options(kwargs, match) -> None:
+    with pytest.raises(ConfigError, match=match):
+        pare.SparseGPTConfig(**kwargs)
+
+
+@pytest.mark.parametrize(
+    "cfg,match",
+    [
+        (pare.WandaConfig(targets=("nonexistent_proj",)), "matches no prunable module"),
+        (pare.WandaConfig(module_sparsity={"nonexistent_proj": 0.5}), "matches no pruned module"),
+        (pare.SparseGPTConfig(layer_sparsity=(0.5, 0.5)), "one value per layer"),
+    ],
+)
+def test_errors_that_need_the_model(cfg, match) -> None:
+    with pytest.raises(ConfigError, match=match):
+        pare.prune(tiny_model("llama"), cfg, calib(), runtime=QUIET)
+
+
+def test_calibration_needed_and_not_longer_than_the_context() -> None:
+    with pytest.raises(ConfigError, match="needs calibration data"):
+        pare.prune(tiny_model("llama"), pare.WandaConfig(), runtime=QUIET)
+    with pytest.raises(ConfigError, match="longer than the model's context"):
+        pare.prune(tiny_model("llama"), pare.WandaConfig(), tiny_batch(1, 300), runtime=QUIET)
+
+
+def test_calibration_shorter_than_asked(tmp_path, shared_data) -> None:
+    from transformers import AutoTokenizer
+
+    tok_dir = shared_data.parent / "tokenizers" / "gpt2"
+    if not tok_dir.is_dir():
+        pytest.skip("gpt2 tokenizer not in ../shared")
+    text = tmp_path / "short.txt"
+    text.write_text("Once upon a time there was a tiny text.\n")
+    with pytest.raises(NotEnoughDataError, match="token"):
+        pare.prune(tiny_model("llama"), pare.WandaConfig(), pare.CalibrationConfig(str(text), nsamples=4, seqlen=32),
+                   tokenizer=AutoTokenizer.from_pretrained(tok_dir), runtime=QUIET)

@@ -1,0 +1,57 @@
+"""Exact invariants of the mask builders (``True`` = prune)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pare.errors import ConfigError
+from pare.ops.masks import layer_mask, make_mask, nm_mask, parse_pattern, row_mask
+
+
+@pytest.mark.parametrize("n,m", [(1, 2), (2, 4), (4, 8), (3, 8)])
+def test_nm_mask_has_exactly_n_zeros_per_group(n: int, m: int) -> None:
+    scores = torch.randn(24, 64, generator=torch.Generator().manual_seed(1))
+    mask = nm_mask(scores, n, m)
+    per_group = mask.reshape(24, 64 // m, m).sum(-1)
+    assert torch.equal(per_group, torch.full_like(per_group, n))
+    # the pruned ones are the lowest of their group
+    groups = scores.reshape(24, -1, m)
+    gm = mask.reshape(24, -1, m)
+    pruned_max = torch.where(gm, groups, torch.full_like(groups, -torch.inf)).amax(-1)
+    kept_min = torch.where(gm, torch.full_like(groups, torch.inf), groups).amin(-1)
+    assert bool((pruned_max <= kept_min).all())
+
+
+@pytest.mark.parametrize("sparsity", [0.0, 0.3, 0.5, 0.7, 0.9])
+def test_row_mask_is_exact_per_row(sparsity: float) -> None:
+    scores = torch.randn(16, 100, generator=torch.Generator().manual_seed(2))
+    mask = row_mask(scores, sparsity)
+    assert torch.equal(mask.sum(1), torch.full((16,), int(100 * sparsity)))
+
+
+def test_layer_mask_is_exact_overall_and_prunes_the_lowest() -> None:
+    scores = torch.randn(16, 100, generator=torch.Generator().manual_seed(3))
+    mask = layer_mask(scores, 0.37)
+    assert int(mask.sum()) == int(1600 * 0.37)
+    assert float(scores[mask].max()) <= float(scores[~mask].min())
+
+
+def test_make_mask_dispatch_and_inputs_untouched() -> None:
+    scores = torch.randn(8, 16)
+    before = scores.clone()
+    assert torch.equal(make_mask(scores, 0.5, (2, 4)), nm_mask(scores, 2, 4))
+    assert torch.equal(make_mask(scores, 0.5, None), row_mask(scores, 0.5))
+    assert torch.equal(make_mask(scores, 0.5, None, per_row=False), layer_mask(scores, 0.5))
+    assert torch.equal(scores, before)
+
+
+@pytest.mark.parametrize("bad", ["4:4", "5:4", "0:4", "2-4", "a:b"])
+def test_bad_patterns_are_config_errors(bad: str) -> None:
+    with pytest.raises(ConfigError):
+        parse_pattern(bad)
+
+
+def test_nm_needs_divisible_width() -> None:
+    with pytest.raises(ConfigError, match="multiple of 4"):
+        nm_mask(torch.randn(4, 10), 2, 4)
