@@ -144,7 +144,10 @@ def _cmd_methods() -> int:
         doc = (cls.config_class.__doc__ or "").strip().splitlines()[0]
         print(f"{name:12s} {doc}")
         for f in dataclasses.fields(cls.config_class):
-            print(f"    --{f.name.replace('_', '-'):22s} {f.metadata.get('help', '')} (default {f.default!r})")
+            default = f.default if f.default_factory is dataclasses.MISSING else f.default_factory()
+            help_text = f.metadata.get("help", "")
+            shown = "" if "(default" in help_text else f" (default {default!r})"
+            print(f"    --{f.name.replace('_', '-'):22s} {help_text}{shown}")
     return 0
 
 
