@@ -53,7 +53,7 @@ def load_model(name_or_path: str, dtype: str | torch.dtype = "auto", device: str
     except (OSError, ValueError) as exc:
         raise ModelNotFoundError(f"model {name_or_path!r} loaded but its tokenizer did not: {exc}") from exc
     if device is not None:
-        model.to(device)
+        model.to(device)  # type: ignore[arg-type]
     return model.eval(), tokenizer
 
 

@@ -10,7 +10,6 @@ from pare.config import CalibrationConfig, RuntimeConfig, read_config_file
 from pare.errors import ConfigError
 from pare.methods import METHODS, MagnitudeConfig, pruner_for
 
-
 REQUIRED = {"layers": {"layers": "1-2"}}  # methods without a sensible default
 
 

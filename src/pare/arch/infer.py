@@ -23,6 +23,7 @@ from pare.arch.roles import (
     MLPRoles,
     ModelArch,
     Proj,
+    weight_of,
 )
 from pare.errors import UnsupportedArchitectureError
 
@@ -195,7 +196,7 @@ def _attention(layer: nn.Module, roles: dict[str, str], config: Any, layout: str
     _, _, head_dim = config_head_counts(config)
     o = proj("o")
     o_mod = layer.get_submodule(o.path)
-    o_in = o_mod.weight.shape[0] if o.conv1d else o_mod.weight.shape[1]
+    o_in = weight_of(o_mod).shape[0] if o.conv1d else weight_of(o_mod).shape[1]
     layer_heads = int(o_in) // head_dim
     path = _parent(o.path)
     q_norm = f"{path}.q_norm" if _has(layer, f"{path}.q_norm") else None
@@ -203,7 +204,7 @@ def _attention(layer: nn.Module, roles: dict[str, str], config: Any, layout: str
     if "qkv" in roles:
         qkv = proj("qkv")
         qkv_mod = layer.get_submodule(qkv.path)
-        total = (qkv_mod.weight.shape[1] if qkv.conv1d else qkv_mod.weight.shape[0]) // head_dim
+        total = (weight_of(qkv_mod).shape[1] if qkv.conv1d else weight_of(qkv_mod).shape[0]) // head_dim
         layer_kv = (int(total) - layer_heads) // 2
         return AttentionRoles(
             path=path, o=o, num_heads=layer_heads, num_kv_heads=layer_kv, head_dim=head_dim,
@@ -212,7 +213,7 @@ def _attention(layer: nn.Module, roles: dict[str, str], config: Any, layout: str
         )
     k = proj("k")
     k_mod = layer.get_submodule(k.path)
-    layer_kv = int(k_mod.weight.shape[1] if k.conv1d else k_mod.weight.shape[0]) // head_dim
+    layer_kv = int(weight_of(k_mod).shape[1] if k.conv1d else weight_of(k_mod).shape[0]) // head_dim
     return AttentionRoles(
         path=path, o=o, num_heads=layer_heads, num_kv_heads=layer_kv, head_dim=head_dim,
         q=proj("q"), k=k, v=proj("v"), q_norm=q_norm, k_norm=k_norm,
@@ -293,14 +294,19 @@ def describe(model: nn.Module, override: ArchOverride | None = None) -> ModelArc
         override = BUILTIN_OVERRIDES.get(model_type)
     layers_path = find_layers_path(model, override)
     layer_list = model.get_submodule(layers_path)
+    assert isinstance(layer_list, nn.ModuleList)
     layers = [describe_layer(layer, i, config, override) for i, layer in enumerate(layer_list)]
     missing = []
     if all(r.attention is None for r in layers):
         missing.append("attention projections (q/k/v or fused qkv, and the output projection)")
     if all(r.mlp is None and r.experts is None for r in layers):
         missing.append("MLP projections (gate/up or fc1, and down or fc2) or MoE experts")
-    embed_path = _module_name(model, model.get_input_embeddings())
-    lm_head_path = _module_name(model, model.get_output_embeddings())
+    get_in: Any = model.get_input_embeddings
+    get_out: Any = model.get_output_embeddings
+    embed = get_in()
+    head = get_out()
+    embed_path = _module_name(model, embed)
+    lm_head_path = _module_name(model, head)
     if embed_path is None:
         missing.append("input embeddings")
     if lm_head_path is None:
@@ -325,8 +331,6 @@ def describe(model: nn.Module, override: ArchOverride | None = None) -> ModelArc
         if _has(model, candidate):
             final_norm = candidate
             break
-    embed = model.get_input_embeddings()
-    head = model.get_output_embeddings()
     tied = head is not None and embed is not None and head.weight is embed.weight
     extra = tuple(
         n for n, m in model.named_modules()

@@ -172,8 +172,15 @@ class ModelArch:
 
 def get_weight(module: nn.Module, proj: Proj) -> torch.Tensor:
     """The ``[out, in]`` view of a projection's weight (a view: writing into it edits the model)."""
+    w = weight_of(module)
+    return w.t() if proj.conv1d else w
+
+
+def weight_of(module: nn.Module) -> torch.Tensor:
+    """A module's ``weight`` data, typed (``nn.Module.__getattr__`` is untyped)."""
     w = module.weight
-    return w.data.t() if proj.conv1d else w.data
+    assert isinstance(w, torch.Tensor), f"{type(module).__name__} has no weight tensor"
+    return w.data
 
 
 def out_features(module: nn.Module, proj: Proj) -> int:

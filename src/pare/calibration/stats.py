@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
@@ -62,7 +63,7 @@ def _expert_inputs(experts: nn.Module, args: tuple, kwargs: dict, gate_up: str, 
     top_k_index = args[1] if len(args) > 1 else kwargs["top_k_index"]
     hidden = hidden.reshape(-1, hidden.shape[-1])
     w = getattr(experts, gate_up).data
-    act = experts.act_fn
+    act: Any = experts.act_fn
     for e in range(num_experts):
         tokens = (top_k_index == e).any(dim=-1).nonzero().flatten()
         x = hidden[tokens]

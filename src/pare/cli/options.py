@@ -19,8 +19,8 @@ def _base_type(hint: Any) -> tuple[Any, bool]:
         args = [a for a in typing.get_args(hint) if a is not type(None)]
         return _base_type(args[0]) if len(args) == 1 else (str, False)
     if origin is tuple:
-        args = typing.get_args(hint)
-        return (args[0] if args else str), True
+        elems = typing.get_args(hint)
+        return (elems[0] if elems else str), True
     if origin is typing.Literal:
         return str, False
     return hint, False

@@ -55,8 +55,9 @@ def _vocab_size(model: nn.Module) -> int:
     config = getattr(model, "config", None)
     if config is not None and hasattr(config, "get_text_config"):
         config = config.get_text_config()
-    if isinstance(getattr(config, "vocab_size", None), int):
-        sizes.append(config.vocab_size)
+    vocab = getattr(config, "vocab_size", None)
+    if isinstance(vocab, int):
+        sizes.append(vocab)
     get_embeddings = getattr(model, "get_input_embeddings", None)
     embeddings = get_embeddings() if callable(get_embeddings) else None
     if isinstance(embeddings, nn.Embedding):

@@ -71,5 +71,5 @@ def load(path: str | Path, device: str | torch.device | None = None,
         if tied:
             model.tie_weights()
     if device is not None:
-        model.to(device)
+        model.to(device)  # type: ignore[arg-type]
     return model.eval()

@@ -57,6 +57,8 @@ class OsscarConfig(PruneConfig):
             groups), ``auto`` (query when it realises the ratio, else kv).
         damp: ridge damping of the refit, ``lam = damp * mean(diag(G))``.
         max_swaps: local-search swap iterations per matrix (0: greedy elimination only).
+        exact: one-at-a-time greedy elimination (slow for thousands of channels); the default
+            removes adaptive blocks, each chosen by the exact greedy inside a pool of candidates.
     """
 
     method: ClassVar[str] = "osscar"
@@ -68,6 +70,7 @@ class OsscarConfig(PruneConfig):
     head_mode: str = help_field("auto", "heads: 'query' (evenly per KV group), 'kv' (whole groups) or 'auto'")
     damp: float = help_field(0.01, "ridge damping of the least-squares refit (fraction of mean diag of G)")
     max_swaps: int = help_field(32, "local-search swap iterations per matrix (0: greedy elimination only)")
+    exact: bool = help_field(False, "one-at-a-time greedy elimination (slow; default: adaptive blocks)")
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -146,7 +149,8 @@ class OsscarPruner(Pruner):
         gram = stats[o.name].gram
         assert gram is not None
         sel = select_groups(gram.to(w.device), w, quota.to(w.device), group=size,
-                            partition=part.to(w.device), damp=self.config.damp, max_swaps=self.config.max_swaps)
+                            partition=part.to(w.device), damp=self.config.damp, max_swaps=self.config.max_swaps,
+                            exact=self.config.exact)
         cols = (sel.keep[:, None] * size + torch.arange(size, device=w.device)).flatten()
         w[:, cols] = sel.weight.to(w.dtype)
         if mode == "kv" and att.num_heads != att.num_kv_heads:
@@ -183,7 +187,7 @@ class OsscarPruner(Pruner):
         gram = stats[down.name].gram
         assert gram is not None
         sel = select_groups(gram.to(w.device), w, width, damp=self.config.damp,
-                            max_swaps=self.config.max_swaps)
+                            max_swaps=self.config.max_swaps, exact=self.config.exact)
         w[:, sel.keep] = sel.weight.to(w.dtype)
         ctx.report.edits.append(prune_mlp_channels(ctx.model, ctx.arch, step.index, sel.keep))
         ctx.report.scores.setdefault("mlp_error", {})[str(step.index)] = _errors(sel)
@@ -218,7 +222,7 @@ class OsscarPruner(Pruner):
         if stats.gram is None or stats.tokens == 0:  # expert never routed: keep the largest columns
             return torch.argsort(w.float().pow(2).sum(0), descending=True)[:width].sort().values
         sel = select_groups(stats.gram.to(w.device), w, width, damp=self.config.damp,
-                            max_swaps=self.config.max_swaps)
+                            max_swaps=self.config.max_swaps, exact=self.config.exact)
         w[:, sel.keep] = sel.weight.to(w.dtype)
         return sel.keep
 
