@@ -55,7 +55,7 @@ def main() -> None:
     again = pare.evaluate(reloaded, tok, dataset=dataset, seqlen=seqlen, batch_size=8, speed=False, progress=False)
     print(f"pruned in {report.prune_seconds:.2f}s (peak RSS {report.peak_rss_mb:.0f} MB); "
           f"sparsity counted in the weights: {report.overall_sparsity:.4f} of the pruned linears; "
-          f"{before['n_tokens']:,} evaluation tokens in {before['n_windows']} windows\n")
+          f"evaluation text: {before['text_tokens']:,} tokens, {before['n_windows']} windows of {seqlen} scored\n")
     rows = [
         ("perplexity", f"{before['ppl']:.4f}", f"{after['ppl']:.4f}", f"{again['ppl']:.4f}"),
         ("parameters", f"{before['params']:,}", f"{after['params']:,}", f"{again['params']:,}"),

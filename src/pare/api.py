@@ -192,6 +192,7 @@ def evaluate(
         res = perplexity(model, ids, seqlen, batch_size=batch_size, progress=progress, max_windows=max_windows)
         out.update({k: v for k, v in asdict(res).items()})
         out["dataset"] = dataset
+        out["text_tokens"] = int(ids.shape[-1])  # length of the whole tokenized text
     if speed:
         sp = measure_speed(model, prompt_len=min(128, max_context(model) or 128), new_tokens=32)
         out["prefill_tokens_per_s"] = sp.prefill_tokens_per_s

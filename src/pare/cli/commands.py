@@ -185,14 +185,22 @@ def eval_cmd(args: argparse.Namespace) -> int:
                    max_windows=args.max_windows, speed=args.speed, device=args.device)
     res["size_on_disk_bytes"] = model_dir_bytes(args.model)
     res["model"] = args.model
+    if args.speed:
+        from pare.eval.semi_structured import is_two_four, measure_two_four_speedup
+
+        if any(is_two_four(m.weight) for m in model.modules() if isinstance(m, nn.Linear)):
+            nm = measure_two_four_speedup(model)
+            res["two_four_linear_speedup"] = nm.speedup
+            res["two_four_skipped"] = nm.skipped
     if args.json:
         print(json.dumps(res, indent=2, default=str))
         return 0
     if dataset:
-        print(f"{dataset} test: {res['n_tokens']:,} tokens after tokenization; scored {res['n_windows']:,} "
-              f"windows of {res['seqlen']:,} tokens")
+        print(f"{dataset} test: {res['text_tokens']:,} tokens after tokenization; scored {res['n_windows']:,} "
+              f"windows of {res['seqlen']:,} tokens ({res['n_tokens']:,} tokens)")
     rows = [(k, _fmt(res.get(k))) for k in ("ppl", "params", "nonzero_params", "size_on_disk_bytes",
-                                             "prefill_tokens_per_s", "decode_tokens_per_s") if k in res]
+                                             "prefill_tokens_per_s", "decode_tokens_per_s",
+                                             "two_four_linear_speedup", "two_four_skipped") if k in res]
     print_table(rows, ("metric", "value"))
     return 0
 
