@@ -14,7 +14,12 @@ The search (paper Sec. 3, local search over supports) runs in two stages on the 
 ``A = (G_SS + lam I)^{-1}`` and the refit ``Bt = A M_S``:
 
 1. greedy backward elimination: removing group ``J`` raises ``f`` by
-   ``tr(Bt_J^T (A_JJ)^{-1} Bt_J)``; remove the cheapest, downdate ``A`` and ``Bt`` (Schur complement);
+   ``tr(Bt_J^T (A_JJ)^{-1} Bt_J)``; remove the cheapest, downdate ``A`` and ``Bt`` (Schur complement).
+   ``exact=True`` removes one group per ``O(k^2)`` downdate. The default removes blocks of a quarter
+   of the remaining excess (at most 256, down to 1 near the quota), each block chosen by the same
+   greedy run exactly inside a pool of the cheapest candidates on ``|P| x |P|`` matrices, then one
+   batched downdate: ~30 instead of thousands of ``O(k^2)`` steps for a 5632-channel MLP, with ``f``
+   within ~1e-5 (relative) of the one-at-a-time greedy in ``bench/osscar_speed.py`` runs;
 2. swap local search: add the removed group with the largest gain
    ``r_j^T (s_j)^{-1} r_j`` (``r_j = M_j - G_jS Bt``, ``s_j = G_jj + lam - G_jS A G_Sj``), then drop the
    cheapest kept group of the same partition; keep the swap only when ``f`` decreases.
@@ -26,6 +31,8 @@ KV group keeps the same number of query heads.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -97,8 +104,10 @@ class _State:
         self.g, self.m, self.group, self.lam = gram, m, group, lam
         self.keep = keep.clone()
         cols = _cols(self.keep, group)
-        eye = torch.eye(len(cols), dtype=gram.dtype, device=gram.device)
-        self.a = torch.cholesky_inverse(torch.linalg.cholesky(gram[cols][:, cols] + lam * eye))
+        gss = gram.clone() if len(cols) == gram.shape[0] else gram[cols][:, cols]  # full start: no gathers
+        gss.diagonal().add_(lam)
+        self.a = torch.cholesky_inverse(torch.linalg.cholesky(gss))
+        del gss
         self.bt = self.a @ m[cols]
 
     def removal_costs(self) -> torch.Tensor:
@@ -121,7 +130,7 @@ class _State:
         rest[idx] = False
         r_idx = torch.nonzero(rest).flatten()
         a_jj = self.a[idx][:, idx]
-        a_rj = self.a.index_select(0, r_idx).index_select(1, idx)
+        a_rj = self.a.index_select(1, idx).index_select(0, r_idx)  # thin block first: one pass less
         upd = torch.linalg.solve(a_jj, a_rj.t()).t()  # A_rJ A_JJ^{-1}
         self.bt = self.bt.index_select(0, r_idx) - upd @ self.bt[idx]
         a = self.a.index_select(0, r_idx).index_select(1, r_idx)
@@ -161,11 +170,27 @@ class _State:
         self.keep = torch.cat([self.keep, self.keep.new_tensor([j])])
 
 
-def _block(excess: int, chunk: int | None, frac: float) -> int:
-    """Groups removed by the next elimination step: ``chunk`` if fixed, else ``frac`` of the excess."""
+def _block(excess: int, chunk: int | None, frac: float, max_block: int = 256) -> int:
+    """Groups removed by the next elimination step: ``chunk`` if fixed, else ``frac`` of the excess.
+
+    Adaptive blocks are capped at ``max_block``: the in-pool greedy costs ``O(block^3)`` per step.
+    """
     if chunk is not None:
         return max(1, min(chunk, excess))
-    return max(1, int(frac * excess))
+    return max(1, min(max_block, int(frac * excess)))
+
+
+@contextmanager
+def _one_thread(device: torch.device) -> Iterator[None]:
+    """Run many tiny CPU ops single-threaded: on |P| x |P| rank-1 updates thread sync costs more than
+    the work (measured 3 ms vs 0.06 ms per 512 x 512 ``addr_`` on 2 busy cores)."""
+    threads = torch.get_num_threads()
+    if device.type == "cpu":
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _pool_greedy(state: _State, pool: torch.Tensor, n: int, left: torch.Tensor, part: torch.Tensor) -> list[int]:
@@ -184,19 +209,20 @@ def _pool_greedy(state: _State, pool: torch.Tensor, n: int, left: torch.Tensor, 
     left = left.clone()
     taken: list[int] = []
     inf = torch.tensor(float("inf"), dtype=a.dtype, device=a.device)
-    for _ in range(n):
-        costs = k.diagonal() / a.diagonal()
-        blocked = dead | (left[pool_part] <= 0)
-        j = int(torch.argmin(torch.where(blocked, inf, costs)))
-        if bool(blocked[j]):
-            break
-        taken.append(int(pool[j]))
-        left[pool_part[j]] -= 1
-        dead[j] = True
-        u = a[:, j] / a[j, j]
-        kj = k[:, j].clone()
-        k.addr_(u, kj, alpha=-1).addr_(kj, u, alpha=-1).addr_(u, u, alpha=float(kj[j]))
-        a.addr_(u, a[j].clone(), alpha=-1)
+    with _one_thread(a.device):
+        for _ in range(n):
+            costs = k.diagonal() / a.diagonal()
+            blocked = dead | (left[pool_part] <= 0)
+            j = int(torch.argmin(torch.where(blocked, inf, costs)))
+            if bool(blocked[j]):
+                break
+            taken.append(int(pool[j]))
+            left[pool_part[j]] -= 1
+            dead[j] = True
+            u = a[:, j] / a[j, j]
+            kj = k[:, j].clone()
+            k.addr_(u, kj, alpha=-1).addr_(kj, u, alpha=-1).addr_(u, u, alpha=float(kj[j]))
+            a.addr_(u, a[j].clone(), alpha=-1)
     return taken
 
 
