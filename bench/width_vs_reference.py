@@ -26,6 +26,7 @@ The machine is shared with other jobs: timings are noisy; runs are back to back.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import subprocess
@@ -232,7 +233,8 @@ def big_bench(args: argparse.Namespace, tmp: Path) -> None:
 
     def build() -> torch.nn.Module:
         torch.manual_seed(0)
-        return AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
+        # from_config keeps the config object: pruning rewrites it, so each build gets its own copy
+        return AutoModelForCausalLM.from_config(copy.deepcopy(cfg), dtype=torch.float32).eval()
 
     calib = torch.randint(0, cfg.vocab_size, (4, 128))
     dense = build()
