@@ -101,3 +101,13 @@ def test_unknown_model_type_is_reported(tmp_path: Path, capsys) -> None:
     path.mkdir()
     (path / "config.json").write_text(json.dumps({"model_type": "not-a-real-arch", "hidden_size": 8}))
     assert "not-a-real-arch" in _error(capsys, ["inspect", str(path)])
+
+
+def test_depth_prune_prints_choice_and_reloads(model_dir: Path, text_file: Path, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "depth"
+    code = main(["prune", "--model", str(model_dir), "--method", "ppl-window", "--num-layers", "1",
+                 "--calib", str(text_file), "--nsamples", "4", "--seqlen", "32", "--out", str(out), "--no-progress"])
+    assert code == 0
+    text = capsys.readouterr().out
+    assert "removed layers: [" in text and "structural edits: 1 (uniform)" in text
+    assert AutoModelForCausalLM.from_pretrained(out).config.num_hidden_layers == 2

@@ -262,6 +262,12 @@ def _print_prune_summary(report, args: argparse.Namespace) -> None:
     if report.modules:
         print(f"sparsity of pruned modules (counted in the weights): {report.overall_sparsity:.4f}"
               + (f", pattern {report.pattern}" if report.pattern else ""))
+    for key in ("removed_layers", "removed", "reason"):
+        if key in report.scores:
+            print(f"{key.replace('_', ' ')}: {report.scores[key]}")
+    if report.edits:
+        shape = "uniform" if report.uniform else "non-uniform: reload with pare.load"
+        print(f"structural edits: {len(report.edits)} ({shape})")
     print()
     print_table(rows, ("", "before", "after"))
     for note in report.notes:
