@@ -15,6 +15,7 @@ from pare.arch.targets import check_selection
 from pare.config import CalibrationConfig, PruneConfig, RuntimeConfig
 from pare.errors import ConfigError, ModelNotFoundError
 from pare.eval.cost import measure_cost
+from pare.eval.perplexity import model_context_length
 from pare.io import load, save
 from pare.methods import PruneContext, pruner_for
 from pare.methods.base import SparsityConfig, measure_sparsity
@@ -57,18 +58,9 @@ def load_model(name_or_path: str, dtype: str | torch.dtype = "auto", device: str
     return model.eval(), tokenizer
 
 
-def max_context(model: nn.Module) -> int | None:
-    cfg = model.config  # type: ignore[union-attr]
-    for name in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
-        value = getattr(cfg, name, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    return None
-
-
 def check_seqlen(model: nn.Module, seqlen: int) -> None:
     """Raise ConfigError when ``seqlen`` exceeds the model's context."""
-    limit = max_context(model)
+    limit = model_context_length(model)
     if limit is not None and seqlen > limit:
         raise ConfigError(
             f"seqlen {seqlen} is longer than the model's context of {limit} tokens; use --seqlen {limit} or less"
@@ -194,7 +186,7 @@ def evaluate(
         out["dataset"] = dataset
         out["text_tokens"] = int(ids.shape[-1])  # length of the whole tokenized text
     if speed:
-        sp = measure_speed(model, prompt_len=min(128, max_context(model) or 128), new_tokens=32)
+        sp = measure_speed(model, prompt_len=min(128, model_context_length(model) or 128), new_tokens=32)
         out["prefill_tokens_per_s"] = sp.prefill_tokens_per_s
         out["decode_tokens_per_s"] = sp.decode_tokens_per_s
     return out

@@ -123,7 +123,9 @@ def move_outside_layers(model: nn.Module, arch: ModelArch, device: torch.device)
 
 
 def model_device(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
+    """The device of the model's first parameter (where inputs go; CPU for a parameterless model)."""
+    param = next(model.parameters(), None)
+    return param.device if param is not None else torch.device("cpu")
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:

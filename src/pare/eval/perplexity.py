@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from pare.calibration.runner import model_device
 from pare.errors import ConfigError, NotEnoughDataError
 
 logger = logging.getLogger(__name__)
@@ -59,12 +60,6 @@ class PerplexityResult:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-def model_device(model: nn.Module) -> torch.device:
-    """The device of the model's first parameter (where inputs go; CPU for a parameterless model)."""
-    param = next(model.parameters(), None)
-    return param.device if param is not None else torch.device("cpu")
 
 
 def model_context_length(model: nn.Module) -> int | None:

@@ -18,7 +18,6 @@ from typing import ClassVar
 
 import torch
 
-from pare.calibration.runner import LayerwiseRunner
 from pare.config import help_field
 from pare.errors import ConfigError
 from pare.methods.base import PruneContext, Pruner
@@ -41,11 +40,7 @@ def span_distances(ctx: PruneContext, n: int, last: bool = False) -> list[float]
 
     Keeps only the last ``n + 1`` layer inputs in memory.
     """
-    assert ctx.calibration is not None
-    runner = LayerwiseRunner(
-        ctx.model, ctx.arch, ctx.calibration, device=ctx.runtime.device, batch_size=ctx.batch_size,
-        offload=ctx.runtime.offload, sequential=False, progress=ctx.runtime.progress,
-    )
+    runner = ctx.runner(sequential=False)
     window: deque[list[torch.Tensor]] = deque(maxlen=n + 1)
     out: list[float] = []
     for step in runner.steps():

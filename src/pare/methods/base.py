@@ -51,12 +51,16 @@ class PruneContext:
     report: Report
     batch_size: int = 8
 
-    def runner(self) -> LayerwiseRunner:
-        assert self.calibration is not None
+    def runner(self, ids: torch.Tensor | None = None, sequential: bool | None = None) -> LayerwiseRunner:
+        """A layer-wise runner over ``ids`` (default: the calibration windows) with the runtime's
+        settings; ``sequential`` overrides the runtime's choice (scoring passes want dense inputs)."""
+        ids = self.calibration if ids is None else ids
+        assert ids is not None
         return LayerwiseRunner(
-            self.model, self.arch, self.calibration, device=self.runtime.device,
+            self.model, self.arch, ids, device=self.runtime.device,
             batch_size=self.batch_size, offload=self.runtime.offload,
-            sequential=self.runtime.sequential, progress=self.runtime.progress,
+            sequential=self.runtime.sequential if sequential is None else sequential,
+            progress=self.runtime.progress,
         )
 
 
@@ -197,11 +201,7 @@ class SparsityPruner(Pruner):
             layers = ctx.arch.layer_modules(ctx.model)
             return [layer_outlier_ratio((t.weight().abs() for t in self._targets(ctx, i, layer)), m)
                     for i, layer in enumerate(layers)]
-        assert ctx.calibration is not None
-        runner = LayerwiseRunner(
-            ctx.model, ctx.arch, ctx.calibration, device=ctx.runtime.device, batch_size=ctx.batch_size,
-            offload=ctx.runtime.offload, sequential=True, progress=ctx.runtime.progress,
-        )
+        runner = ctx.runner(sequential=True)
         ratios = []
         for step in runner.steps():
             targets = self._targets(ctx, step.index, step.layer)

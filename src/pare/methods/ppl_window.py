@@ -32,7 +32,7 @@ from typing import Any, ClassVar
 import torch
 from tqdm.auto import tqdm
 
-from pare.calibration.runner import LayerStep, LayerwiseRunner, logits_from_hidden, model_device
+from pare.calibration.runner import LayerStep, logits_from_hidden, model_device
 from pare.config import help_field
 from pare.errors import ConfigError
 from pare.methods.base import PruneContext, Pruner
@@ -53,10 +53,7 @@ class PrefixCache:
 
     def __init__(self, ctx: PruneContext, ids: torch.Tensor) -> None:
         self.ctx = ctx
-        runner = LayerwiseRunner(
-            ctx.model, ctx.arch, ids, device=ctx.runtime.device, batch_size=ctx.batch_size,
-            offload=ctx.runtime.offload, sequential=False, progress=ctx.runtime.progress,
-        )
+        runner = ctx.runner(ids, sequential=False)
         self.inputs: list[list[torch.Tensor]] = []
         self.calls: list[list[Any]] = []
         for step in runner.steps():

@@ -16,7 +16,6 @@ from typing import ClassVar
 
 import torch
 
-from pare.calibration.runner import LayerwiseRunner
 from pare.methods.base import PruneContext, Pruner
 from pare.methods.layers import DepthConfig, apply_layer_removal
 from pare.ops.similarity import lowest, token_cosine
@@ -24,11 +23,7 @@ from pare.ops.similarity import lowest, token_cosine
 
 def block_influences(ctx: PruneContext) -> list[float]:
     """BI of every layer over all calibration tokens (dense inputs)."""
-    assert ctx.calibration is not None
-    runner = LayerwiseRunner(
-        ctx.model, ctx.arch, ctx.calibration, device=ctx.runtime.device, batch_size=ctx.batch_size,
-        offload=ctx.runtime.offload, sequential=False, progress=ctx.runtime.progress,
-    )
+    runner = ctx.runner(sequential=False)
     scores = []
     for step in runner.steps():
         assert step.dense_outputs is not None

@@ -38,7 +38,7 @@ from pare.arch.surgery.width import (
     sync_config,
 )
 from pare.arch.targets import layer_targets
-from pare.calibration.runner import LayerwiseRunner, resolve_device
+from pare.calibration.runner import resolve_device
 from pare.calibration.stats import InputStats, record_inputs
 from pare.config import PruneConfig, check_ratio, help_field
 from pare.errors import ConfigError
@@ -502,9 +502,7 @@ class WidthPruner(Pruner):
 
     def _collect_stats(self, ctx: PruneContext, ids: torch.Tensor) -> dict[str, MomentStats]:
         """Input moments of every projection (and expert), layer by layer, on the dense model."""
-        runner = LayerwiseRunner(ctx.model, ctx.arch, ids, device=ctx.runtime.device,
-                                 batch_size=ctx.batch_size, offload=ctx.runtime.offload,
-                                 sequential=True, progress=ctx.runtime.progress)
+        runner = ctx.runner(ids, sequential=True)
         out: dict[str, Any] = {}
         for step in runner.steps():
             targets = layer_targets(step.layer, step.roles, step.prefix)
