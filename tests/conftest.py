@@ -34,6 +34,17 @@ def shared_data() -> Path:
     return data
 
 
+@pytest.fixture
+def stories_calibration(stories_path, shared_data):
+    """(tokenizer, 8 TinyStories-train windows of 128 tokens) for the real stories260K model."""
+    from transformers import AutoTokenizer
+
+    from pare.calibration.data import calibration_windows
+
+    tok = AutoTokenizer.from_pretrained(stories_path)
+    return tok, calibration_windows(tok, "tinystories", 8, 128, seed=0, split="train")
+
+
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)

@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM
 
 import pare
 from pare.config import RuntimeConfig
@@ -16,11 +16,8 @@ RT = RuntimeConfig(device="cpu", progress=False)
 
 
 @pytest.fixture
-def stories(stories_path, shared_data):
-    from pare.calibration.data import calibration_windows
-
-    tok = AutoTokenizer.from_pretrained(stories_path)
-    windows = calibration_windows(tok, "tinystories", 8, 128, seed=0, split="train")
+def stories(stories_path, stories_calibration):
+    tok, windows = stories_calibration
     return stories_path, tok, windows
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM
 
 import pare
 from pare.config import RuntimeConfig
@@ -14,11 +14,10 @@ RT = RuntimeConfig(device="cpu", progress=False)
 
 
 @pytest.fixture
-def stories(stories_path, shared_data):
-    from pare.calibration.data import calibration_windows, eval_token_ids
+def stories(stories_path, stories_calibration):
+    from pare.calibration.data import eval_token_ids
 
-    tok = AutoTokenizer.from_pretrained(stories_path)
-    windows = calibration_windows(tok, "tinystories", 8, 128, seed=0, split="train")
+    tok, windows = stories_calibration
     ids = eval_token_ids(tok, "tinystories", split="validation")[:, :128 * 40]
     return stories_path, windows, ids
 
