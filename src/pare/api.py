@@ -16,6 +16,7 @@ from pare.config import CalibrationConfig, PruneConfig, RuntimeConfig
 from pare.errors import ConfigError, ModelNotFoundError
 from pare.eval.cost import measure_cost
 from pare.eval.perplexity import model_context_length
+from pare.eval.size import count_nonzero, count_parameters
 from pare.io import load, save
 from pare.methods import PruneContext, pruner_for
 from pare.methods.base import SparsityConfig, measure_sparsity
@@ -136,7 +137,7 @@ def prune(
         report.notes.append(DENSE_ZEROS_NOTE)
     report.figures.setdefault("params_before", params_before)
     report.figures["params_after"] = sum(p.numel() for p in model.parameters())
-    report.figures["nonzero_after"] = int(sum(int(torch.count_nonzero(p)) for p in model.parameters()))
+    report.figures["nonzero_after"] = count_nonzero(model)
     log.info("%s: %.1fs, peak RSS %.0f MB", config.method, cost.seconds, cost.peak_rss_mb)
     return report
 
@@ -172,7 +173,6 @@ def evaluate(
     """
     from pare.calibration.data import eval_token_ids
     from pare.eval.perplexity import perplexity
-    from pare.eval.size import count_nonzero, count_parameters
     from pare.eval.speed import measure_speed
 
     if device is not None:

@@ -80,3 +80,62 @@ def test_record_inputs_counts_tokens_and_removes_hooks(model_type: str) -> None:
         assert routed == 32 * arch.layers[0].experts.top_k  # every token reaches top_k experts
     for module in step.layer.modules():
         assert not module._forward_hooks and not module._forward_pre_hooks
+
+
+@pytest.mark.parametrize("model_type", TINY_ARCHS)
+def test_stopping_after_the_last_input_records_the_same_statistics(model_type: str) -> None:
+    model = tiny_model(model_type)
+    ids = tiny_batch(6, 16)
+    arch = describe(model)
+    runner = LayerwiseRunner(model, arch, ids, device="cpu", batch_size=2, progress=False)
+    for step in runner.steps():
+        targets = layer_targets(step.layer, step.roles, step.prefix)
+        full = {t.name: InputStats() for t in targets}
+        early = {t.name: InputStats() for t in targets}
+        completed: list[int] = []
+        done = step.layer.register_forward_hook(lambda *_, seen=completed: seen.append(1))
+        try:
+            with record_inputs(targets, full):
+                step.run()
+            assert len(completed) == 3
+            with record_inputs(targets, early, stop_in=step.layer):
+                step.run()
+        finally:
+            done.remove()
+        # only the first forward runs to the end; the statistics are the same
+        assert len(completed) == 4, model_type
+        for t in targets:
+            assert early[t.name].tokens == full[t.name].tokens, t.name
+            if full[t.name].sq_sum is not None:
+                assert torch.equal(early[t.name].sq_sum, full[t.name].sq_sum), t.name
+        for module in step.layer.modules():
+            assert not module._forward_hooks and not module._forward_pre_hooks
+
+
+def test_a_forward_stopped_early_cannot_keep_outputs() -> None:
+    model = tiny_model("llama")
+    arch = describe(model)
+    runner = LayerwiseRunner(model, arch, tiny_batch(4, 8), device="cpu", batch_size=2, progress=False)
+    step = next(iter(runner.steps()))
+    targets = layer_targets(step.layer, step.roles, step.prefix)
+    stats = {t.name: InputStats() for t in targets}
+    with record_inputs(targets, stats, stop_in=step.layer), pytest.raises(RuntimeError, match="stopped early"):
+        step.run(keep_outputs=True)
+
+
+def test_final_outputs_can_be_skipped() -> None:
+    model = tiny_model("llama")
+    arch = describe(model)
+    runner = LayerwiseRunner(model, arch, tiny_batch(2, 8), device="cpu", progress=False)
+    last = arch.layer_modules(model)[-1]
+    calls: list[int] = []
+    hook = last.register_forward_hook(lambda *_: calls.append(1))
+    try:
+        for _ in runner.steps(final_outputs=False):
+            pass
+    finally:
+        hook.remove()
+    assert calls == [] and runner.final_hidden is None
+    for _ in runner.steps():
+        pass
+    assert runner.final_hidden is not None and len(runner.final_hidden) == 1

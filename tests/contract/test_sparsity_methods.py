@@ -79,7 +79,7 @@ def test_owl_profile_keeps_overall_sparsity(method: str) -> None:
     report = pare.prune(model, cfg, calib(), runtime=QUIET)
     owl = report.scores["owl"]
     ratios = owl["layer_sparsity"]
-    assert len(ratios) == 3 and all(0.62 - 1e-9 <= r <= 0.78 + 1e-9 for r in ratios)
+    assert len(ratios) == 3 and max(ratios) - min(ratios) == pytest.approx(0.16, abs=1e-9)
     rows = report.scores["layers"]
     weighted = sum(r["target"] * r["numel"] for r in rows) / sum(r["numel"] for r in rows)
     assert weighted == pytest.approx(0.7, abs=1e-9)

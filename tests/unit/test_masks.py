@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from pare.errors import ConfigError
-from pare.ops.masks import layer_mask, make_mask, nm_mask, parse_pattern, row_mask
+from pare.ops.masks import layer_mask, make_mask, nm_mask, parse_pattern, row_mask, zero_masked_
 
 
 @pytest.mark.parametrize("n,m", [(1, 2), (2, 4), (4, 8), (3, 8)])
@@ -35,6 +35,36 @@ def test_layer_mask_is_exact_overall_and_prunes_the_lowest() -> None:
     mask = layer_mask(scores, 0.37)
     assert int(mask.sum()) == int(1600 * 0.37)
     assert float(scores[mask].max()) <= float(scores[~mask].min())
+
+
+@pytest.mark.parametrize("sparsity", [0.1, 0.5, 0.93, 1.0])
+def test_ties_still_give_exact_counts_and_the_lowest(sparsity: float) -> None:
+    # few distinct values: every row has many ties at its threshold
+    scores = torch.randint(0, 4, (12, 50), generator=torch.Generator().manual_seed(4)).float()
+    mask = row_mask(scores, sparsity)
+    assert torch.equal(mask.sum(1), torch.full((12,), int(50 * sparsity)))
+    for r in range(12):
+        if 0 < int(mask[r].sum()) < 50:
+            assert float(scores[r][mask[r]].max()) <= float(scores[r][~mask[r]].min())
+    whole = layer_mask(scores, sparsity)
+    assert int(whole.sum()) == int(600 * sparsity)
+    if 0 < int(whole.sum()) < 600:
+        assert float(scores[whole].max()) <= float(scores[~whole].min())
+
+
+def test_row_mask_matches_topk_selection_without_ties() -> None:
+    scores = torch.randn(32, 64, generator=torch.Generator().manual_seed(5))
+    idx = torch.topk(scores, 20, dim=1, largest=False).indices
+    expected = torch.zeros_like(scores, dtype=torch.bool).scatter_(1, idx, True)
+    assert torch.equal(row_mask(scores, 20 / 64), expected)
+
+
+def test_zero_masked_zeroes_exactly_the_mask() -> None:
+    w = torch.randn(6, 8)
+    mask = torch.rand(6, 8) > 0.5
+    before = w.clone()
+    zero_masked_(w, mask)
+    assert bool((w[mask] == 0).all()) and torch.equal(w[~mask], before[~mask])
 
 
 def test_make_mask_dispatch_and_inputs_untouched() -> None:

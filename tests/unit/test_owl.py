@@ -17,14 +17,18 @@ def test_outlier_ratio_counts_scores_above_m_times_mean() -> None:
 
 
 @pytest.mark.parametrize("target,lam", [(0.5, 0.08), (0.7, 0.08), (0.3, 0.05), (0.7, 0.2)])
-def test_weighted_mean_is_target_and_spread_within_lambda(target: float, lam: float) -> None:
+@pytest.mark.parametrize("bounded", [False, True])
+def test_weighted_mean_is_target_and_spread_within_lambda(target: float, lam: float, bounded: bool) -> None:
     g = torch.Generator().manual_seed(0)
     ratios = (torch.rand(12, generator=g) * 0.02).tolist()
     weights = (torch.randint(1, 10, (12,), generator=g) * 1000).tolist()
-    s = owl_sparsities(ratios, target, lam, weights)
+    s = owl_sparsities(ratios, target, lam, weights, bounded=bounded)
     w = torch.tensor(weights, dtype=torch.float64)
     assert float((torch.tensor(s, dtype=torch.float64) * w).sum() / w.sum()) == pytest.approx(target, abs=1e-12)
-    assert all(target - lam - 1e-12 <= v <= target + lam + 1e-12 for v in s)
+    if bounded:
+        assert all(target - lam - 1e-12 <= v <= target + lam + 1e-12 for v in s)
+    else:  # the reference rule: least to most pruned layer spans exactly 2 * lambda
+        assert max(s) - min(s) == pytest.approx(2 * lam, abs=1e-12)
     # more outliers -> lower sparsity
     order = sorted(range(12), key=lambda i: ratios[i])
     assert [s[i] for i in order] == sorted(s, reverse=True)
@@ -35,6 +39,17 @@ def test_symmetric_case_matches_the_reference_formula() -> None:
     d = torch.tensor([0.01, 0.02, 0.03, 0.04, 0.05], dtype=torch.float64)
     ref = 0.7 - ((d - d.min()) / (d.max() - d.min()) * 0.16 - ((d - d.min()) / (d.max() - d.min()) * 0.16).mean())
     assert owl_sparsities(d.tolist(), 0.7, 0.08) == pytest.approx(ref.tolist(), abs=1e-12)
+
+
+def test_skewed_case_matches_the_reference_unless_bounded() -> None:
+    # one layer full of outliers: the reference rule puts it 2*lambda*(1 - 1/L) below the target
+    d = torch.tensor([0.10, 0.01, 0.01, 0.01, 0.01], dtype=torch.float64)
+    scaled = (1 - d - (1 - d).min()) / ((1 - d).max() - (1 - d).min()) * 0.16
+    ref = 0.7 + scaled - scaled.mean()
+    assert owl_sparsities(d.tolist(), 0.7, 0.08) == pytest.approx(ref.tolist(), abs=1e-12)
+    assert ref[0] == pytest.approx(0.7 - 0.128)
+    bounded = owl_sparsities(d.tolist(), 0.7, 0.08, bounded=True)
+    assert min(bounded) == pytest.approx(0.7 - 0.08) and sum(bounded) / 5 == pytest.approx(0.7)
 
 
 def test_equal_outliers_give_uniform() -> None:

@@ -21,6 +21,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from pare.arch.roles import LayerRoles, ModelArch
+from pare.calibration.stats import InputsRecorded
 
 log = logging.getLogger(__name__)
 
@@ -227,11 +228,18 @@ class LayerStep:
         return first_tensor(out)
 
     def run(self, keep_outputs: bool = False) -> list[torch.Tensor] | None:
-        """Run the layer over every batch (e.g. with statistic hooks attached)."""
+        """Run the layer over every batch (e.g. with statistic hooks attached). A forward that
+        a hook ends early with :class:`InputsRecorded` has no output, so ``keep_outputs`` must
+        then be False."""
         outs = []
         with torch.no_grad():
             for b in range(len(self.inputs)):
-                y = self.forward_batch(b)
+                try:
+                    y = self.forward_batch(b)
+                except InputsRecorded:
+                    if keep_outputs:
+                        raise RuntimeError("a forward stopped early cannot keep its outputs") from None
+                    continue
                 if keep_outputs:
                     outs.append(y.detach().to(self.inputs[b].device))
         return outs if keep_outputs else None
@@ -272,9 +280,11 @@ class LayerwiseRunner:
         self.store = torch.device("cpu") if offload else self.device
         self.final_hidden: list[torch.Tensor] | None = None
 
-    def steps(self, layer_indices: list[int] | None = None) -> Iterator[LayerStep]:
+    def steps(self, layer_indices: list[int] | None = None, final_outputs: bool = True) -> Iterator[LayerStep]:
         """Yield a :class:`LayerStep` per layer; when the caller resumes, the layer's outputs
-        (with whatever the caller changed) become the next layer's inputs."""
+        (with whatever the caller changed) become the next layer's inputs. With
+        ``final_outputs=False`` the last layer is not run again after the caller's changes and
+        :attr:`final_hidden` stays None (pruning needs no outputs past the last layer)."""
         model, arch = self.model, self.arch
         home = model_device(model)
         if self.offload:
@@ -298,10 +308,13 @@ class LayerwiseRunner:
                     step.dense_outputs = step.run(keep_outputs=True)
                 yield step
             dense = step.dense_outputs
-            hidden = dense if dense is not None else (step.run(keep_outputs=True) or [])
+            if dense is None and i == len(layers) - 1 and not final_outputs:
+                hidden = []
+            else:
+                hidden = dense if dense is not None else (step.run(keep_outputs=True) or [])
             if self.offload:
                 layer.to(layer_home if layer_home.type == "cpu" else torch.device("cpu"))
-        self.final_hidden = hidden
+        self.final_hidden = hidden or None
 
 
 @torch.no_grad()

@@ -71,41 +71,85 @@ def _expert_inputs(experts: nn.Module, args: tuple, kwargs: dict, gate_up: str, 
         yield e, x, act(gate) * up
 
 
+class InputsRecorded(Exception):
+    """Raised inside a layer's forward by :func:`record_inputs` with ``stop_in`` once every watched
+    module has seen the batch: the rest of the forward would only compute unused outputs.
+    :meth:`pare.calibration.runner.LayerStep.run` catches it."""
+
+
+class _EarlyStop:
+    """Per-batch bookkeeping for :func:`record_inputs`'s ``stop_in``.
+
+    The first forward runs to the end while counting the calls of every watched module; only if
+    each was called exactly once (true of every decoder layer we know) are later forwards stopped
+    at the last watched module, after its input was recorded and before its own product.
+    """
+
+    def __init__(self, groups: int) -> None:
+        self.groups = groups
+        self.calls: dict[int, int] = {}
+        self.armed = False
+
+    def start(self, *_: Any) -> None:
+        self.calls.clear()
+
+    def finish(self, *_: Any) -> None:
+        self.armed = len(self.calls) == self.groups and all(n == 1 for n in self.calls.values())
+
+    def seen(self, key: int) -> None:
+        self.calls[key] = self.calls.get(key, 0) + 1
+        if self.armed and len(self.calls) == self.groups:
+            raise InputsRecorded
+
+
 @contextlib.contextmanager
-def record_inputs(targets: list[Target], stats: dict[str, InputStats]) -> Iterator[None]:
+def record_inputs(
+    targets: list[Target], stats: dict[str, InputStats], stop_in: nn.Module | None = None
+) -> Iterator[None]:
     """Record each target's inputs into ``stats[target.name]`` while the block runs.
 
     Args:
         targets: the matrices to watch (linear, Conv1D or expert slices).
         stats: pre-created accumulators keyed by target name.
+        stop_in: the layer whose forwards only serve to record inputs (their outputs are thrown
+            away): from its second forward on, :class:`InputsRecorded` is raised as soon as every
+            watched module has seen its input (see :class:`_EarlyStop`).
     """
     handles = []
     by_module: dict[int, list[Target]] = {}
     for t in targets:
         by_module.setdefault(id(t.module), []).append(t)
+    stop = _EarlyStop(len(by_module)) if stop_in is not None else None
     try:
-        for group in by_module.values():
+        if stop is not None and stop_in is not None:
+            handles.append(stop_in.register_forward_pre_hook(stop.start))
+            handles.append(stop_in.register_forward_hook(stop.finish))
+        for key, group in by_module.items():
             module = group[0].module
             if group[0].expert is None:
                 acc = stats[group[0].name]
 
-                def hook(_m, args, _out, acc=acc):
+                def hook(_m, args, acc=acc, key=key):
                     acc.add(args[0].detach())
+                    if stop is not None:
+                        stop.seen(key)
 
-                handles.append(module.register_forward_hook(hook))
+                handles.append(module.register_forward_pre_hook(hook))
             else:
                 wanted = {(t.expert, t.input_kind): stats[t.name] for t in group}
                 n = max(t.expert for t in group if t.expert is not None) + 1
 
                 param = group[0].gate_up_param or "gate_up_proj"
 
-                def ex_hook(m, args, kwargs, _out, wanted=wanted, n=n, param=param):
+                def ex_hook(m, args, kwargs, _out, wanted=wanted, n=n, param=param, key=key):
                     with torch.no_grad():
                         for e, x, mid in _expert_inputs(m, args, kwargs, param, n):
                             if (e, "expert_in") in wanted:
                                 wanted[(e, "expert_in")].add(x)
                             if (e, "expert_mid") in wanted:
                                 wanted[(e, "expert_mid")].add(mid)
+                    if stop is not None:
+                        stop.seen(key)
 
                 handles.append(module.register_forward_hook(ex_hook, with_kwargs=True))
         yield

@@ -23,6 +23,7 @@ from pare.calibration.runner import LayerwiseRunner, resolve_device
 from pare.calibration.stats import STAT_GRAM, InputStats, record_inputs
 from pare.config import PruneConfig, RuntimeConfig, check_ratio, check_regexes, help_field
 from pare.errors import ConfigError
+from pare.eval.size import nonzero
 from pare.ops.masks import parse_pattern
 from pare.ops.owl import layer_outlier_ratio, owl_sparsities
 from pare.ops.wanda import wanda_scores
@@ -91,7 +92,9 @@ class SparsityConfig(PruneConfig):
             ``sparsity``). Magnitude is data-free, so its OWL scores are ``|W|`` alone and it still
             needs no calibration.
         owl_m: OWL's outlier threshold, a multiple of the layer's mean score ``|W| * ||X||``.
-        owl_lambda: OWL's spread: each layer's sparsity stays within ``sparsity +- owl_lambda``.
+        owl_lambda: OWL's spread: the layers' sparsities span ``2 * owl_lambda`` around ``sparsity``.
+        owl_bounded: shrink the spread so every layer stays within ``sparsity +- owl_lambda`` (the
+            paper's wording) instead of the released code's min-max rule (default).
         layer_sparsity: explicit sparsity per decoder layer (one value per layer).
         module_sparsity: ``{regex: sparsity}`` over module names (config file); the first matching
             regex wins over the per-layer value.
@@ -101,7 +104,8 @@ class SparsityConfig(PruneConfig):
     pattern: str = help_field("unstructured", "'unstructured' or N:M, e.g. 2:4 (2 zeros in every 4)")
     profile: str = help_field("uniform", "layer-wise sparsity: 'uniform' or 'owl' (outlier-weighted, same overall)")
     owl_m: float = help_field(5.0, "OWL: a score is an outlier above this multiple of its layer's mean")
-    owl_lambda: float = help_field(0.08, "OWL: per-layer sparsity stays within sparsity +- this")
+    owl_lambda: float = help_field(0.08, "OWL: per-layer sparsities span 2x this around sparsity")
+    owl_bounded: bool = help_field(False, "OWL: keep every layer within sparsity +- owl_lambda")
     layer_sparsity: tuple[float, ...] = help_field((), "explicit sparsity per decoder layer, one value per layer")
     module_sparsity: dict[str, float] = field(
         default_factory=dict, metadata={"help": "config file: {module regex: sparsity}, first match wins"}
@@ -184,9 +188,9 @@ class SparsityPruner(Pruner):
         if cfg.profile == "owl":
             ratios = self._outlier_ratios(ctx)
             weights = [sum(t.weight().numel() for t in ts if not self._module_override(t)) for ts in per_layer]
-            self.layer_ratios = owl_sparsities(ratios, cfg.sparsity, cfg.owl_lambda, weights)
+            self.layer_ratios = owl_sparsities(ratios, cfg.sparsity, cfg.owl_lambda, weights, bounded=cfg.owl_bounded)
             ctx.report.scores["owl"] = {
-                "m": cfg.owl_m, "lambda": cfg.owl_lambda, "outlier_ratios": ratios,
+                "m": cfg.owl_m, "lambda": cfg.owl_lambda, "bounded": cfg.owl_bounded, "outlier_ratios": ratios,
                 "layer_sparsity": self.layer_ratios,
                 "scores": "|W|*||X||" if self.needs_calibration else "|W| (data-free method)",
             }
@@ -227,10 +231,10 @@ class SparsityPruner(Pruner):
         if not self.needs_calibration:
             self._run_data_free(ctx)
         else:
-            for step in ctx.runner().steps():
+            for step in ctx.runner().steps(final_outputs=False):
                 targets = self._targets(ctx, step.index, step.layer)
                 stats = {t.name: self.new_stats(t) for t in targets}
-                with record_inputs(targets, stats):
+                with record_inputs(targets, stats, stop_in=step.layer):
                     step.run()
                 for t in targets:
                     self.prune_target(t, stats[t.name], self.target_sparsity(step.index, t))
@@ -283,7 +287,7 @@ def measure_sparsity(model: nn.Module, arch: ModelArch, names: set[str] | None =
             if names is not None and t.name not in names:
                 continue
             w = t.weight()
-            nnz = int(torch.count_nonzero(w))
+            nnz = nonzero(w)
             out[t.name] = {
                 "shape": [int(w.shape[0]), int(w.shape[1])],
                 "numel": int(w.numel()),

@@ -15,7 +15,7 @@ from pare.calibration.stats import InputStats
 from pare.config import help_field
 from pare.errors import ConfigError
 from pare.methods.base import SparsityConfig, SparsityPruner
-from pare.ops.masks import make_mask
+from pare.ops.masks import make_mask, zero_masked_
 
 
 @dataclass(frozen=True)
@@ -46,4 +46,4 @@ class MagnitudePruner(SparsityPruner):
     def prune_target(self, target: Target, stats: InputStats | None, sparsity: float) -> None:
         w = target.weight()
         mask = make_mask(w.abs().float(), sparsity, self.config.nm, per_row=self.config.granularity == "row")
-        w.masked_fill_(mask, 0)
+        zero_masked_(w, mask)

@@ -28,24 +28,42 @@ def parse_pattern(pattern: str | None) -> tuple[int, int] | None:
     return n, m
 
 
+def lowest_k_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Mark exactly the ``k`` lowest scores of every row of a 2-D tensor (ties: leftmost first).
+
+    A per-row threshold from ``kthvalue`` (about twice as fast as ``topk`` on CPU and without its
+    ``int64`` index tensor). When some row has ties at its threshold, the entries equal to it are
+    added left to right until the row has exactly ``k``.
+    """
+    if k <= 0:
+        return torch.zeros_like(scores, dtype=torch.bool)
+    if k >= scores.shape[1]:
+        return torch.ones_like(scores, dtype=torch.bool)
+    thr = scores.kthvalue(k, dim=1, keepdim=True).values
+    mask = scores <= thr
+    if int(torch.count_nonzero(mask)) == k * scores.shape[0]:  # no ties at any threshold
+        return mask
+    mask = scores < thr
+    missing = k - mask.sum(1, keepdim=True)
+    ties = scores == thr
+    ties &= ties.cumsum(1) <= missing
+    return mask.logical_or_(ties)
+
+
+def zero_masked_(weight: torch.Tensor, mask: torch.Tensor) -> None:
+    """Set ``weight`` to zero where ``mask`` is True, in place (a multiply: ~3x faster than
+    ``masked_fill_`` on CPU)."""
+    weight.mul_(mask.logical_not())
+
+
 def row_mask(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
     """Prune the ``floor(in * sparsity)`` lowest scores of every output row (Wanda's comparison group)."""
-    k = int(scores.shape[1] * sparsity)
-    mask = torch.zeros_like(scores, dtype=torch.bool)
-    if k == 0:
-        return mask
-    idx = torch.topk(scores, k, dim=1, largest=False).indices
-    return mask.scatter_(1, idx, True)
+    return lowest_k_mask(scores, int(scores.shape[1] * sparsity))
 
 
 def layer_mask(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
     """Prune the ``floor(numel * sparsity)`` lowest scores of the whole matrix."""
-    k = int(scores.numel() * sparsity)
-    mask = torch.zeros(scores.numel(), dtype=torch.bool, device=scores.device)
-    if k == 0:
-        return mask.view_as(scores)
-    idx = torch.topk(scores.flatten(), k, largest=False).indices
-    return mask.scatter_(0, idx, True).view_as(scores)
+    return lowest_k_mask(scores.reshape(1, -1), int(scores.numel() * sparsity)).view_as(scores)
 
 
 def nm_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:

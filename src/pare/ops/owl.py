@@ -7,7 +7,11 @@ Wanda scores ``A_ij = |W_ij| * ||X_j||_2`` above ``M`` times the layer's mean sc
     D_l = #{A_ij > M * mean(A)} / #A                                                (paper, Sec. 3)
 
 Layers with more outliers are pruned less: ``1 - D_l`` is min-max scaled to ``[0, 2*lambda]``
-and recentred on the target sparsity ``S``, so that ``S_l`` lies in ``[S - lambda, S + lambda]``.
+and recentred on the target sparsity ``S`` (the rule of the authors' released code, which produced
+the paper's results and which llm-compressor also follows). The spread is ``2*lambda`` from the
+least to the most pruned layer; a single outlying layer can sit more than ``lambda`` from ``S``.
+``bounded=True`` shrinks the deviations so every layer stays within ``S +- lambda`` as the paper's
+text describes.
 """
 
 from __future__ import annotations
@@ -47,14 +51,15 @@ def owl_sparsities(
     lam: float = 0.08,
     weights: Sequence[float] | None = None,
     max_sparsity: float = 0.99,
+    bounded: bool = False,
 ) -> list[float]:
     """Per-layer sparsities from outlier ratios, with the weighted mean exactly ``target``.
 
     ``1 - D_l`` is min-max scaled to ``[0, 2*lambda]``; the values are then centred on their
-    parameter-weighted mean and shifted onto ``target``. When the layers differ in size (or the
-    scaled values are skewed) the centred deviations can exceed ``lambda``; they are then shrunk by
-    one common factor, so every layer stays within ``target +- lambda`` and the order and the mean
-    are kept (the reference code lets them spill over). Finally the ratios are clamped to
+    parameter-weighted mean (the plain mean when the layers are equal, as in the reference code) and
+    shifted onto ``target``. Skewed scaled values give deviations beyond ``lambda``; with
+    ``bounded`` they are shrunk by one common factor, so every layer stays within
+    ``target +- lambda`` and the order and the mean are kept. Finally the ratios are clamped to
     ``[0, max_sparsity]``, and whatever the clamp removed is spread over the unclamped layers.
 
     Args:
@@ -63,6 +68,7 @@ def owl_sparsities(
         lam: the spread ``lambda``.
         weights: parameters per layer (default: equal).
         max_sparsity: upper clamp.
+        bounded: keep every layer within ``target +- lambda``.
 
     Returns:
         One sparsity per layer.
@@ -75,7 +81,7 @@ def owl_sparsities(
     scaled = (inv - inv.min()) / span * (2 * lam) if span > 0 else torch.zeros_like(d)
     dev = scaled - (scaled * w).sum()
     biggest = float(dev.abs().max()) if len(d) else 0.0
-    if biggest > lam > 0:
+    if bounded and biggest > lam > 0:
         dev = dev * (lam / biggest)
     s = target + dev
     for _ in range(50):
