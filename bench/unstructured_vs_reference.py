@@ -20,7 +20,9 @@ The peer lives in its own venv (llm-compressor 0.14 pins transformers <= 5.17)::
 
 (``--create-peer-venv`` runs exactly that). Peer pitfalls handled here (see ../shared/PEERS.md):
 ``MagnitudePruningModifier`` is a no-op under ``oneshot``, so magnitude uses its
-``PruningMaskFactory`` unstructured mask creator (layer-wide comparison; no N:M creator exists);
+``PruningMaskFactory`` unstructured mask creator (layer-wide comparison; no N:M creator exists;
+pare runs magnitude twice: its default per-row comparison and ``granularity="layer"``, the same
+comparison group as the reference);
 ``sparsity_profile="owl"`` fails, so OWL ratios are computed by hand with the reference formula and
 passed as a per-layer list; ``torch.set_flush_denormal(True)`` is set in both workers (the peer's
 Wanda 2:4 is ~14x slower without it).
@@ -86,11 +88,12 @@ def worker_pare(a: argparse.Namespace) -> dict:
     model, _ = pare.load_model(a.model_path, dtype=torch.float32)
     ids = torch.load(a.calib, weights_only=True)
     cls = {"magnitude": pare.MagnitudeConfig, "wanda": pare.WandaConfig, "sparsegpt": pare.SparseGPTConfig}[a.method]
+    extra = {"granularity": a.granularity} if a.granularity else {}
     if a.layer_sparsity:  # the reference's OWL ratios, to compare the pruning alone
-        cfg = cls(sparsity=sparsity, layer_sparsity=tuple(json.loads(a.layer_sparsity)))
+        cfg = cls(sparsity=sparsity, layer_sparsity=tuple(json.loads(a.layer_sparsity)), **extra)
     else:
         cfg = cls(sparsity=sparsity, pattern=pattern or "unstructured", profile="owl" if owl else "uniform",
-                  owl_m=OWL_M, owl_lambda=OWL_LAMBDA)
+                  owl_m=OWL_M, owl_lambda=OWL_LAMBDA, **extra)
     rss0 = peak_rss_mb()
     t0 = time.perf_counter()
     report = pare.prune(model, cfg, ids, runtime=pare.RuntimeConfig(device="cpu", progress=False),
@@ -258,12 +261,14 @@ def evaluate(model_path: Path, weights: Path | None, ev, a: argparse.Namespace) 
 
 
 def run_worker(python: str, kind: str, method: str, setting: str, model_path: Path, calib: Path, out: Path,
-               a: argparse.Namespace, layer_sparsity: list[float] | None = None) -> dict:
+               a: argparse.Namespace, layer_sparsity: list[float] | None = None, granularity: str | None = None) -> dict:
     cmd = [python, str(Path(__file__).resolve()), "--worker", kind, "--method", method, "--setting", setting,
            "--model-path", str(model_path), "--calib-file", str(calib), "--out", str(out),
            "--batch-size", str(a.batch_size), "--threads", str(a.threads)]
     if layer_sparsity:
         cmd += ["--layer-sparsity", json.dumps(layer_sparsity)]
+    if granularity:
+        cmd += ["--granularity", granularity]
     env = dict(os.environ)
     env["PYTHONPATH"] = str(REPO / "src") if kind == "pare" else ""
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=a.timeout)
@@ -331,6 +336,16 @@ def main(a: argparse.Namespace) -> None:
                     r.update(evaluate(model_path, out, ev, a))
                 line["pare_with_reference_ratios"] = {k: r.get(k) for k in ("ppl", "sparsity", "prune_seconds", "error")
                                                       if k in r}
+            if method == "magnitude" and "error" not in res["reference"]:
+                # llm-compressor's magnitude mask compares a whole matrix; pare's default compares rows
+                out = work / f"pare-{method}-{setting.replace(':', '_')}-layerwise.safetensors"
+                r = run_worker(sys.executable, "pare", method, setting, model_path, calib, out, a, granularity="layer")
+                if "error" not in r:
+                    r.update(evaluate(model_path, out, ev, a))
+                line["pare_granularity_layer"] = {k: r.get(k) for k in ("ppl", "sparsity", "prune_seconds",
+                                                                         "peak_rss_mb", "error") if k in r}
+                line["ratios"]["granularity_layer_ppl_ratio"] = ratio(r, res["reference"], "ppl")
+                line["ratios"]["granularity_layer_time_ratio"] = ratio(r, res["reference"], "prune_seconds")
             if a.model.startswith("random-"):
                 line["note"] = "random weights: perplexity is meaningless here; compare time and memory only"
             print(json.dumps(line), flush=True)
@@ -358,6 +373,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--method")
     p.add_argument("--setting")
     p.add_argument("--model-path")
+    p.add_argument("--granularity", choices=("row", "layer"), help="magnitude's comparison group (worker)")
     p.add_argument("--calib-file")
     p.add_argument("--out")
     p.add_argument("--layer-sparsity", help="JSON list: explicit per-layer ratios for the pare worker")

@@ -130,10 +130,9 @@ def prune(
         pruner.run(ctx)
     report.prune_seconds = cost.seconds
     report.peak_rss_mb = cost.peak_rss_mb
-    arch_after = describe(model, arch_override)
-    if isinstance(config, SparsityConfig):
+    if isinstance(config, SparsityConfig):  # weights are zeroed, shapes unchanged: the description holds
         report.pattern = None if config.nm is None else config.pattern
-        report.modules = _pruned_modules(model, arch_after, config)
+        report.modules = _pruned_modules(model, arch, config)
         report.notes.append(DENSE_ZEROS_NOTE)
     report.figures.setdefault("params_before", params_before)
     report.figures["params_after"] = sum(p.numel() for p in model.parameters())

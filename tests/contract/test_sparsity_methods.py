@@ -95,6 +95,19 @@ def test_owl_profile_keeps_overall_sparsity(method: str) -> None:
         assert zeros / row["numel"] == pytest.approx(row["target"], abs=1 / 32)
 
 
+@pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
+@pytest.mark.parametrize("model_type", ["llama", "mixtral"])
+def test_owl_equals_the_same_ratios_given_explicitly(method: str, model_type: str) -> None:
+    # OWL keeps the first layer's statistics from its scoring pass: the pruning must not change
+    owl_model = tiny_model(model_type)
+    report = pare.prune(owl_model, CONFIGS[method](sparsity=0.7, profile="owl"), calib(), runtime=QUIET)
+    ratios = tuple(report.scores["owl"]["layer_sparsity"])
+    explicit = tiny_model(model_type)
+    pare.prune(explicit, CONFIGS[method](sparsity=0.7, layer_sparsity=ratios), calib(), runtime=QUIET)
+    for (name, a), (_, b) in zip(owl_model.named_parameters(), explicit.named_parameters(), strict=True):
+        assert torch.equal(a, b), name
+
+
 def test_explicit_layer_and_module_ratios() -> None:
     model = tiny_model("llama")
     cfg = pare.WandaConfig(sparsity=0.5, layer_sparsity=(0.25, 0.5, 0.75), module_sparsity={r"\.1\.mlp\.down": 0.0})

@@ -152,6 +152,7 @@ class SparsityPruner(Pruner):
     def __init__(self, config: PruneConfig) -> None:
         super().__init__(config)
         self.layer_ratios: list[float] | None = None
+        self._reused_stats: dict[int, dict[str, InputStats]] = {}  # layer -> statistics already recorded
 
     def target_sparsity(self, layer_index: int, target: Target) -> float:
         """Sparsity for one matrix: first matching ``module_sparsity`` regex, else the layer's ratio
@@ -209,9 +210,13 @@ class SparsityPruner(Pruner):
         ratios = []
         for step in runner.steps():
             targets = self._targets(ctx, step.index, step.layer)
-            stats = {t.name: InputStats() for t in targets}
+            # the first layer's inputs are the same when it is pruned: its statistics are kept
+            first = step.index == 0
+            stats = {t.name: self.new_stats(t) if first else InputStats() for t in targets}
             with record_inputs(targets, stats):
                 step.dense_outputs = step.run(keep_outputs=True)  # reused as the next layer's inputs
+            if first:
+                self._reused_stats[0] = stats
             scores = (wanda_scores(t.weight(), _norms(t, stats[t.name])) for t in targets)
             ratios.append(layer_outlier_ratio(scores, m))
         return ratios
@@ -233,9 +238,11 @@ class SparsityPruner(Pruner):
         else:
             for step in ctx.runner().steps(final_outputs=False):
                 targets = self._targets(ctx, step.index, step.layer)
-                stats = {t.name: self.new_stats(t) for t in targets}
-                with record_inputs(targets, stats, stop_in=step.layer):
-                    step.run()
+                reused = self._reused_stats.pop(step.index, None)
+                stats = reused or {t.name: self.new_stats(t) for t in targets}
+                if reused is None:
+                    with record_inputs(targets, stats, stop_in=step.layer):
+                        step.run()
                 for t in targets:
                     self.prune_target(t, stats[t.name], self.target_sparsity(step.index, t))
                     del stats[t.name]
