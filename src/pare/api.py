@@ -136,7 +136,11 @@ def prune(
         report.notes.append(DENSE_ZEROS_NOTE)
     report.figures.setdefault("params_before", params_before)
     report.figures["params_after"] = sum(p.numel() for p in model.parameters())
-    report.figures["nonzero_after"] = count_nonzero(model)
+    if report.modules:
+        # zeros are counted where this run put them; other parameters are not read (a lazily loaded
+        # model is not paged in just to count them: `pare eval` counts every parameter)
+        zeros = sum(m["numel"] - m["nonzero"] for m in report.modules.values())
+        report.figures["nonzero_after"] = report.figures["params_after"] - zeros
     log.info("%s: %.1fs, peak RSS %.0f MB", config.method, cost.seconds, cost.peak_rss_mb)
     return report
 

@@ -38,7 +38,8 @@ class Report:
         edits: structural edits in the order applied (replayed by ``pare.load`` to rebuild shapes).
         uniform: True when the config alone describes the shapes (plain ``from_pretrained`` works).
         scores: method-specific scores (per layer, span, head...).
-        figures: before/after measurements (``ppl_before``, ``params_after``...).
+        figures: before/after measurements (``ppl_before``, ``params_after``...). ``nonzero_after``
+            (sparsity methods) is ``params_after`` minus the zeros counted in the pruned modules.
         prune_seconds / peak_rss_mb: cost of the pruning step.
         notes: human-readable remarks (e.g. "zeros do not make a dense checkpoint smaller").
     """

@@ -148,7 +148,8 @@ def test_sublayer_score_equals_full_forward_without_block():
     report = prune(tiny_model("gemma2", num_hidden_layers=3), SublayerConfig(num_sublayers=1, parts=("mlp",)))
     row = next(r for r in report.scores["sublayers"] if r["layer"] == 2)
     from pare.arch.surgery.depth import remove_sublayer
-    from pare.ops.similarity import nll_sum, perplexity_of
+    from pare.eval.perplexity import nll_sum
+    from pare.ops.similarity import perplexity_of
 
     remove_sublayer(model, describe(model), 2, "mlp")
     with torch.no_grad():

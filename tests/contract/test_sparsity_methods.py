@@ -63,6 +63,12 @@ def test_prune_report_save_reload(model_type: str, method: str, setting: str, tm
             assert bool(((w == 0).sum(1) == w.shape[1] // 2).all()), name
     assert report.pattern == (None if setting != "2:4" else "2:4")
     assert [r["layer"] for r in report.scores["layers"]] == list(range(3))
+    # non-zeros after = parameters minus the zeros this run put in the pruned modules
+    pruned = {weight_of(model, n).data_ptr() for n in report.modules}
+    zeros_elsewhere = sum(int((p == 0).sum()) for p in model.parameters() if p.data_ptr() not in pruned)
+    nonzero = sum(int((p != 0).sum()) for p in model.parameters())
+    if not any("[" in n for n in report.modules):  # expert slices are views of one fused parameter
+        assert report.figures["nonzero_after"] == nonzero + zeros_elsewhere
     out = pare.save(model, None, tmp_path / "out", report)
     ids = tiny_batch(2, 16, seed=2)
     with torch.no_grad():

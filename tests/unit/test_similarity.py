@@ -7,12 +7,12 @@ import math
 import pytest
 import torch
 
+from pare.eval.perplexity import nll_sum
 from pare.ops.similarity import (
     angular_distance,
     best_span,
     block_influence,
     lowest,
-    nll_sum,
     normalized_relative_impact,
     perplexity_of,
     token_cosine,
@@ -57,6 +57,9 @@ def test_nll_sum_matches_mean_cross_entropy_and_uniform_logits():
     nll, n = nll_sum(logits, ids)
     ref = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, 11), ids[:, 1:].reshape(-1))
     assert n == 18 and nll / n == pytest.approx(float(ref), rel=1e-6)
+    # batches sum to the whole
+    parts = [nll_sum(logits[i : i + 1], ids[i : i + 1])[0] for i in range(3)]
+    assert sum(parts) == pytest.approx(nll, rel=1e-12)
     nll, n = nll_sum(torch.zeros(1, 4, 16), torch.zeros(1, 4, dtype=torch.long))
     assert perplexity_of(nll, n) == pytest.approx(16.0)
 

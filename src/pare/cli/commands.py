@@ -251,9 +251,10 @@ def _print_prune_summary(report, args: argparse.Namespace) -> None:
     f = report.figures
     rows = [
         ("params", _fmt(f.get("params_before")), _fmt(f.get("params_after"))),
-        ("nonzero params", _fmt(f.get("params_before")), _fmt(f.get("nonzero_after"))),
         ("size on disk (bytes)", _fmt(f.get("size_on_disk_bytes_before")), _fmt(f.get("size_on_disk_bytes_after"))),
     ]
+    if "nonzero_after" in f:
+        rows.insert(1, ("params not zeroed", _fmt(f.get("params_before")), _fmt(f.get("nonzero_after"))))
     if args.eval:
         rows.insert(0, (f"ppl ({args.eval})", _fmt(f.get("ppl_before")), _fmt(f.get("ppl_after"))))
         for label, key in (("prefill tokens/s", "prefill_tokens_per_s"), ("decode tokens/s", "decode_tokens_per_s")):

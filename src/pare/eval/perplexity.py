@@ -115,22 +115,26 @@ def _check_seqlen(model: nn.Module, seqlen: int, n_tokens: int) -> None:
         )
 
 
-def _nll_sum(logits: torch.Tensor, windows: torch.Tensor) -> float:
-    """Sum of -log p(next token) over all predicted positions, in float32 chunks.
+def nll_sum(logits: torch.Tensor, windows: torch.Tensor) -> tuple[float, int]:
+    """Sum of -log p(next token) over all predicted positions, and how many there are.
+
+    Cross-entropy in float32 chunks of rows (bounded memory for large vocabularies), the chunk sums
+    accumulated in float64 so that splitting the windows into batches does not change the result.
 
     Args:
         logits: ``[B, L, V]`` in the model's dtype.
-        windows: ``[B, L]`` token ids on the logits' device.
+        windows: ``[B, L]`` token ids.
     """
     vocab = logits.shape[-1]
     rows = max(1, _CHUNK_ELEMENTS // vocab)
-    total = torch.zeros((), dtype=torch.float32, device=logits.device)
+    windows = windows.to(logits.device)
+    total = torch.zeros((), dtype=torch.float64, device=logits.device)
     for b in range(logits.shape[0]):
         # position t predicts token t+1: logits[:-1] against tokens[1:], as transformers' loss
         pred, target = logits[b, :-1], windows[b, 1:]
         for s in range(0, pred.shape[0], rows):
-            total += F.cross_entropy(pred[s : s + rows].float(), target[s : s + rows], reduction="sum")
-    return float(total.item())
+            total += F.cross_entropy(pred[s : s + rows].float(), target[s : s + rows], reduction="sum").double()
+    return float(total.item()), int(windows[:, 1:].numel())
 
 
 def _logits(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
@@ -184,7 +188,7 @@ def perplexity(
     with eval_mode(model), torch.inference_mode(), bar:
         for start in range(0, n_windows, batch_size):
             batch = windows[start : start + batch_size].to(target)
-            total += _nll_sum(_logits(model, batch), batch)
+            total += nll_sum(_logits(model, batch), batch)[0]
             bar.update(batch.shape[0])
     nll = total / (n_windows * (seqlen - 1))
     if not math.isfinite(nll):

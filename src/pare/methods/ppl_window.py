@@ -35,9 +35,10 @@ from tqdm.auto import tqdm
 from pare.calibration.runner import LayerStep, logits_from_hidden, model_device
 from pare.config import help_field
 from pare.errors import ConfigError
+from pare.eval.perplexity import nll_sum
 from pare.methods.base import PruneContext, Pruner
 from pare.methods.layers import DepthConfig, apply_layer_removal, holdout_windows
-from pare.ops.similarity import angular_distance, nll_sum, perplexity_of
+from pare.ops.similarity import angular_distance, perplexity_of
 
 log = logging.getLogger(__name__)
 

@@ -72,17 +72,6 @@ def normalized_relative_impact(ppl_base: float, ppl_after: float, params_removed
     return relative_change(ppl_base, ppl_after) / params_removed
 
 
-def nll_sum(logits: torch.Tensor, input_ids: torch.Tensor) -> tuple[float, int]:
-    """Summed next-token negative log-likelihood and token count of ``logits [B, L, V]`` for ``input_ids [B, L]``.
-
-    Summed in float64 so that splitting the windows into batches does not change the result.
-    """
-    shift = logits[:, :-1].double()
-    target = input_ids[:, 1:].to(shift.device)
-    nll = torch.nn.functional.cross_entropy(shift.reshape(-1, shift.shape[-1]), target.reshape(-1), reduction="sum")
-    return float(nll), int(target.numel())
-
-
 def perplexity_of(nll: float, tokens: int) -> float:
     """``exp(nll / tokens)``."""
     if tokens <= 0:
