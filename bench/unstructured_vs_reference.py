@@ -261,7 +261,8 @@ def evaluate(model_path: Path, weights: Path | None, ev, a: argparse.Namespace) 
 
 
 def run_worker(python: str, kind: str, method: str, setting: str, model_path: Path, calib: Path, out: Path,
-               a: argparse.Namespace, layer_sparsity: list[float] | None = None, granularity: str | None = None) -> dict:
+               a: argparse.Namespace, layer_sparsity: list[float] | None = None,
+               granularity: str | None = None) -> dict:
     cmd = [python, str(Path(__file__).resolve()), "--worker", kind, "--method", method, "--setting", setting,
            "--model-path", str(model_path), "--calib-file", str(calib), "--out", str(out),
            "--batch-size", str(a.batch_size), "--threads", str(a.threads)]
