@@ -87,6 +87,41 @@ def test_ppl_window_proxy_equals_exact(arch_name):
     assert min(range(3), key=proxy.__getitem__) == min(range(3), key=exact.__getitem__)
 
 
+@pytest.mark.parametrize("arch_name", ["llama", "gpt2", "mixtral"])
+def test_ppl_window_halving_scores_survivors_on_everything(arch_name):
+    model = tiny_model(arch_name, num_hidden_layers=6)
+    ids = tiny_batch(8, 16, seed=3)
+    ctx = PruneContext(model, describe(model), ids, RT, Report("ppl-window", {}), batch_size=2)
+    _, proxy, _ = window_scores(ctx, ids, 2, "proxy")
+    # first slice = 1 of 4 batches; keep 2 of 5 windows
+    base_h, halving, full = window_scores(ctx, ids, 2, "halving", first=0.25, keep=0.25)
+    assert sum(full) == 2
+    first = [window_scores(ctx, ids[:2], 2, "proxy")[1][s] for s in range(5)]
+    survivors = sorted(range(5), key=lambda s: (first[s], s))[:2]
+    assert [s for s in range(5) if full[s]] == sorted(survivors)
+    for s in range(5):  # survivors carry the full-set score, the others their first-slice score
+        assert math.isclose(halving[s], proxy[s] if full[s] else first[s], rel_tol=1e-5)
+    assert math.isclose(base_h, window_scores(ctx, ids[:2], 2, "proxy")[0], rel_tol=1e-5)
+    # keep everything: the same scores and choice as proxy
+    _, all_kept, full = window_scores(ctx, ids, 2, "halving", first=0.25, keep=1.0)
+    assert all(full) and all(math.isclose(a, b, rel_tol=1e-5) for a, b in zip(all_kept, proxy, strict=True))
+
+
+def test_ppl_window_halving_report_and_bad_options():
+    model = tiny_model("llama", num_hidden_layers=6)
+    ids = tiny_batch(8, 16, seed=3)
+    report = pare.prune(model, PplWindowConfig(num_layers=1, search="halving"), ids, runtime=RT, batch_size=2)
+    windows = report.scores["windows"]
+    kept = [w for w in windows if "ppl" in w]
+    assert len(windows) == 6 and len(kept) == 2
+    assert all("ppl_first_slice" in w and "eliminated" in w["note"] for w in windows if "ppl" not in w)
+    assert report.scores["removed_layers"] == min(kept, key=lambda w: w["ppl"])["layers"]
+    assert "ppl_base_first_slice" in report.scores and "survived the first slice" in report.scores["reason"]
+    for bad in ({"halving_first": 0}, {"halving_keep": 1.5}, {"search": "fast"}):
+        with pytest.raises(ConfigError, match=next(iter(bad))):
+            PplWindowConfig(num_layers=1, **bad)
+
+
 def test_ppl_window_choice_and_scores_match_between_searches():
     reports = []
     for search in ("proxy", "exact", "bound"):

@@ -139,3 +139,20 @@ def test_final_outputs_can_be_skipped() -> None:
     for _ in runner.steps():
         pass
     assert runner.final_hidden is not None and len(runner.final_hidden) == 1
+
+
+def test_overwriting_inputs_gives_the_same_outputs() -> None:
+    model = tiny_model("llama")
+    arch = describe(model)
+    ids = tiny_batch(4, 8)
+    plain = LayerwiseRunner(model, arch, ids, device="cpu", batch_size=2, progress=False)
+    for _ in plain.steps():
+        pass
+    in_place = LayerwiseRunner(model, arch, ids, device="cpu", batch_size=2, progress=False)
+    kept = []
+    for step in in_place.steps(overwrite_inputs=True):
+        kept.append(step.inputs)
+    assert in_place.final_hidden is not None and plain.final_hidden is not None
+    for a, b in zip(in_place.final_hidden, plain.final_hidden, strict=True):
+        assert torch.equal(a, b)
+    assert all(k is kept[0] for k in kept)  # one list of activations, overwritten layer by layer

@@ -227,21 +227,27 @@ class LayerStep:
         out = self.layer(x, *_to(call.args, self.device), **_to(call.kwargs, self.device))
         return first_tensor(out)
 
-    def run(self, keep_outputs: bool = False) -> list[torch.Tensor] | None:
+    def run(self, keep_outputs: bool = False, replace_inputs: bool = False) -> list[torch.Tensor] | None:
         """Run the layer over every batch (e.g. with statistic hooks attached). A forward that
         a hook ends early with :class:`InputsRecorded` has no output, so ``keep_outputs`` must
-        then be False."""
+        then be False. ``replace_inputs`` puts each batch's output in place of its input (one set
+        of activations in memory instead of two) and returns :attr:`inputs`."""
         outs = []
+        keep = keep_outputs or replace_inputs
         with torch.no_grad():
             for b in range(len(self.inputs)):
                 try:
                     y = self.forward_batch(b)
                 except InputsRecorded:
-                    if keep_outputs:
+                    if keep:
                         raise RuntimeError("a forward stopped early cannot keep its outputs") from None
                     continue
-                if keep_outputs:
+                if replace_inputs:
+                    self.inputs[b] = y.detach().to(self.inputs[b].device)
+                elif keep_outputs:
                     outs.append(y.detach().to(self.inputs[b].device))
+        if replace_inputs:
+            return self.inputs
         return outs if keep_outputs else None
 
 
@@ -280,11 +286,8 @@ class LayerwiseRunner:
         self.store = torch.device("cpu") if offload else self.device
         self.final_hidden: list[torch.Tensor] | None = None
 
-    def steps(self, layer_indices: list[int] | None = None, final_outputs: bool = True) -> Iterator[LayerStep]:
-        """Yield a :class:`LayerStep` per layer; when the caller resumes, the layer's outputs
-        (with whatever the caller changed) become the next layer's inputs. With
-        ``final_outputs=False`` the last layer is not run again after the caller's changes and
-        :attr:`final_hidden` stays None (pruning needs no outputs past the last layer)."""
+    def capture(self) -> Captured:
+        """The first layer's inputs and every layer's call arguments, per batch (no layer runs)."""
         model, arch = self.model, self.arch
         home = model_device(model)
         if self.offload:
@@ -294,6 +297,19 @@ class LayerwiseRunner:
         captured = capture(model, arch, self.batches, self.device, self.store)
         if self.offload and home != self.device:
             move_outside_layers(model, arch, home)
+        return captured
+
+    def steps(
+        self, layer_indices: list[int] | None = None, final_outputs: bool = True, overwrite_inputs: bool = False
+    ) -> Iterator[LayerStep]:
+        """Yield a :class:`LayerStep` per layer; when the caller resumes, the layer's outputs
+        (with whatever the caller changed) become the next layer's inputs. With
+        ``final_outputs=False`` the last layer is not run again after the caller's changes and
+        :attr:`final_hidden` stays None (pruning needs no outputs past the last layer). With
+        ``overwrite_inputs`` (sequential mode) the outputs replace the inputs batch by batch, so a
+        step's ``inputs`` must not be kept past its turn."""
+        model, arch = self.model, self.arch
+        captured = self.capture()
         hidden = captured.hidden
         layers = arch.layer_modules(model)
         wanted = set(range(len(layers)) if layer_indices is None else layer_indices)
@@ -310,8 +326,10 @@ class LayerwiseRunner:
             dense = step.dense_outputs
             if dense is None and i == len(layers) - 1 and not final_outputs:
                 hidden = []
+            elif dense is not None:
+                hidden = dense
             else:
-                hidden = dense if dense is not None else (step.run(keep_outputs=True) or [])
+                hidden = step.run(keep_outputs=True, replace_inputs=overwrite_inputs) or []
             if self.offload:
                 layer.to(layer_home if layer_home.type == "cpu" else torch.device("cpu"))
         self.final_hidden = hidden or None

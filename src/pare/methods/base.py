@@ -236,7 +236,7 @@ class SparsityPruner(Pruner):
         if not self.needs_calibration:
             self._run_data_free(ctx)
         else:
-            for step in ctx.runner().steps(final_outputs=False):
+            for step in ctx.runner().steps(final_outputs=False, overwrite_inputs=True):
                 targets = self._targets(ctx, step.index, step.layer)
                 reused = self._reused_stats.pop(step.index, None)
                 stats = reused or {t.name: self.new_stats(t) for t in targets}

@@ -42,65 +42,75 @@ from pare.ops.similarity import angular_distance, perplexity_of
 
 log = logging.getLogger(__name__)
 
-SEARCHES = ("bound", "proxy", "exact")
+SEARCHES = ("halving", "proxy", "bound", "exact")
 
 
 class PrefixCache:
-    """The dense input of every decoder layer (and the model's call arguments) on some windows.
+    """The dense input of every decoder layer (and the model's call arguments) on some windows,
+    computed lazily: batch ``b`` runs through the layers only as far as a caller asks.
 
-    ``inputs[i][b]`` is the hidden state entering layer ``i`` for batch ``b``; ``inputs[L]`` is the
-    last layer's output.
+    :meth:`input_of` ``(i, b)`` is the hidden state entering layer ``i`` for batch ``b``; ``i = L``
+    is the last layer's output.
     """
 
     def __init__(self, ctx: PruneContext, ids: torch.Tensor) -> None:
         self.ctx = ctx
         runner = ctx.runner(ids, sequential=False)
-        self.inputs: list[list[torch.Tensor]] = []
-        self.calls: list[list[Any]] = []
-        for step in runner.steps():
-            self.inputs.append(step.inputs)
-            self.calls.append(step.calls)
-        assert runner.final_hidden is not None
-        self.inputs.append(runner.final_hidden)
+        captured = runner.capture()
+        self._inputs: list[list[torch.Tensor]] = [[h] for h in captured.hidden]  # [batch][layer]
+        self.calls: list[list[Any]] = captured.calls
         self.batches = runner.batches
         self.device = runner.device
+        self.num_layers = ctx.arch.num_layers
 
-    @property
-    def num_layers(self) -> int:
-        return len(self.inputs) - 1
+    def _run(self, j: int, b: int, hidden: torch.Tensor) -> torch.Tensor:
+        """Layer ``j`` on ``hidden`` with batch ``b``'s call arguments."""
+        arch, model = self.ctx.arch, self.ctx.model
+        layer = arch.layer_modules(model)[j]
+        home = model_device(layer)
+        if home != self.device:
+            layer.to(self.device)
+        step = LayerStep(j, layer, arch.layers[j], arch.layer_prefix(j), [], self.calls[j], self.device)
+        out = step.forward_batch(b, hidden)
+        if home != self.device:
+            layer.to(home)
+        return out.detach()
+
+    @torch.no_grad()
+    def input_of(self, i: int, b: int) -> torch.Tensor:
+        """The dense hidden state entering layer ``i`` (``L``: the last output) for batch ``b``."""
+        cached = self._inputs[b]
+        while len(cached) <= i:
+            j = len(cached) - 1
+            cached.append(self._run(j, b, cached[j].to(self.device)).to(cached[0].device))
+        return cached[i]
 
     @torch.no_grad()
     def batch_nll(self, b: int, start: int, skip: frozenset[int] = frozenset()) -> tuple[float, int]:
         """Summed NLL and token count of batch ``b`` when running layers ``start..L-1`` (minus
         ``skip``) from the cached input of layer ``start``, then the model's own head."""
-        arch, model = self.ctx.arch, self.ctx.model
-        layers = arch.layer_modules(model)
-        hidden = self.inputs[start][b]
+        hidden = self.input_of(start, b).to(self.device)
         for j in range(start, self.num_layers):
-            if j in skip:
-                continue
-            layer = layers[j]
-            home = model_device(layer)
-            layer.to(self.device)
-            step = LayerStep(j, layer, arch.layers[j], arch.layer_prefix(j), self.inputs[j], self.calls[j], self.device)
-            hidden = step.forward_batch(b, hidden)
-            layer.to(home)
+            if j not in skip:
+                hidden = self._run(j, b, hidden)
         ids = self.batches[b]
-        return nll_sum(logits_from_hidden(model, arch, ids, hidden), ids)
+        return nll_sum(logits_from_hidden(self.ctx.model, self.ctx.arch, ids, hidden), ids)
 
-    def nll_from(self, start: int, skip: frozenset[int] = frozenset()) -> tuple[float, int]:
-        """:meth:`batch_nll` summed over every batch."""
+    def nll_from(
+        self, start: int, skip: frozenset[int] = frozenset(), batches: range | None = None
+    ) -> tuple[float, int]:
+        """:meth:`batch_nll` summed over ``batches`` (default: every batch)."""
         nll, tokens = 0.0, 0
-        for b in range(len(self.batches)):
+        for b in batches if batches is not None else range(len(self.batches)):
             n, t = self.batch_nll(b, start, skip)
             nll, tokens = nll + n, tokens + t
         return nll, tokens
 
     def span_distance(self, start: int, n: int) -> float:
-        """Mean angular distance between the cached inputs of layers ``start`` and ``start + n``."""
+        """Mean angular distance between the dense inputs of layers ``start`` and ``start + n``."""
         total, count = 0.0, 0
-        for x, y in zip(self.inputs[start], self.inputs[start + n], strict=True):
-            d = angular_distance(x, y)
+        for b in range(len(self.batches)):
+            d = angular_distance(self.input_of(start, b), self.input_of(start + n, b))
             total, count = total + float(d.sum()), count + d.numel()
         return total / count
 
@@ -144,14 +154,45 @@ def _bound_scores(cache: PrefixCache, n: int, bar) -> list[tuple[float, bool]]:
     return [out[s] for s in range(L - n + 1)]
 
 
-def window_scores(ctx: PruneContext, ids: torch.Tensor, n: int, search: str) -> tuple[float, list[float], list[bool]]:
+def _halving_scores(
+    cache: PrefixCache, n: int, first: float, keep: float, bar
+) -> tuple[float, list[float], list[bool]]:
+    """Successive halving on the shared prefix: every window is scored on the first ``first`` of
+    the scoring windows; the best ``keep`` of them (at least two) are scored on the rest, and only
+    they compete. Returns the dense perplexity and per window the full-set perplexity (survivors)
+    or the first-slice perplexity (eliminated, flagged False)."""
+    L, total = cache.num_layers, len(cache.batches)
+    cut = min(total, max(1, math.ceil(first * total)))
+    head, rest = range(cut), range(cut, total)
+    starts = list(range(L - n + 1))
+    partial = {s: cache.nll_from(s, frozenset(range(s, s + n)), head) for s in starts}
+    bar.update(len(starts))
+    ranked = sorted(starts, key=lambda s: (partial[s][0], s))
+    survivors = set(ranked[: max(2, math.ceil(keep * len(starts)))])
+    scores, full = [], []
+    for s in starts:
+        nll, tokens = partial[s]
+        if s in survivors and len(rest):
+            more = cache.nll_from(s, frozenset(range(s, s + n)), rest)
+            nll, tokens = nll + more[0], tokens + more[1]
+        scores.append(perplexity_of(nll, tokens))
+        full.append(s in survivors or not len(rest))
+    return perplexity_of(*cache.nll_from(L, batches=head)), scores, full
+
+
+def window_scores(
+    ctx: PruneContext, ids: torch.Tensor, n: int, search: str, first: float = 0.25, keep: float = 0.25
+) -> tuple[float, list[float], list[bool]]:
     """Baseline perplexity, the perplexity without each window ``[s, s+n)`` (s = 0..L-n), and whether
-    each is exact (``search="bound"`` gives lower bounds for windows that cannot win)."""
+    each is a full-set score: ``search="bound"`` gives lower bounds for windows that cannot win,
+    ``"halving"`` first-slice scores for the windows it eliminated (and the baseline on that slice)."""
     from pare.arch.surgery.depth import layers_removed
 
     L = ctx.arch.num_layers
     starts = range(L - n + 1)
     bar = tqdm(total=len(starts), desc=f"windows ({search})", disable=not ctx.runtime.progress, leave=False)
+    if search == "halving":
+        return _halving_scores(PrefixCache(ctx, ids), n, first, keep, bar)
     if search in ("proxy", "bound"):
         cache = PrefixCache(ctx, ids)
         base = perplexity_of(*cache.nll_from(L))
@@ -185,14 +226,21 @@ class PplWindowConfig(DepthConfig):
     method: ClassVar[str] = "ppl-window"
 
     search: str = help_field(
-        "proxy", "'proxy' (cached prefix; every score, same choice as exact), 'bound' (proxy + early abandoning "
-        "of windows that cannot win; lower bounds for those) or 'exact' (full re-runs)",
+        "proxy", "'halving' (cached prefix; every window on the first halving_first of the scoring windows, "
+        "the best halving_keep on all), 'proxy' (cached prefix; every score, same choice as exact), 'bound' "
+        "(proxy + early abandoning of windows that cannot win) or 'exact' (full re-runs)",
     )
+    halving_first: float = help_field(0.25, "halving: fraction of the scoring windows every candidate sees")
+    halving_keep: float = help_field(0.25, "halving: fraction of the candidates (at least 2) scored on all windows")
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.search not in SEARCHES:
             raise ConfigError(f"search must be one of {list(SEARCHES)}, got {self.search!r}")
+        for name in ("halving_first", "halving_keep"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
+                raise ConfigError(f"{name} must be in (0, 1], got {value!r}")
 
 
 class PplWindowPruner(Pruner):
@@ -205,13 +253,19 @@ class PplWindowPruner(Pruner):
         n = self.config.layer_count(ctx.model, ctx.arch)
         ids = holdout_windows(ctx, self.config.holdout)
         start = time.perf_counter()
-        base, ppls, exact = window_scores(ctx, ids, n, self.config.search)
+        cfg = self.config
+        base, ppls, exact = window_scores(ctx, ids, n, cfg.search, cfg.halving_first, cfg.halving_keep)
         seconds = time.perf_counter() - start
         best = min((s for s in range(len(ppls)) if exact[s]), key=lambda s: (ppls[s], s))
-        ctx.report.scores["ppl_base"] = base
+        halving = cfg.search == "halving" and not all(exact)
+        ctx.report.scores["ppl_base_first_slice" if halving else "ppl_base"] = base
+        partial = (
+            {"ppl_first_slice": None, "note": f"eliminated on the first {cfg.halving_first:g} of the scoring windows"}
+            if halving else {"ppl_at_least": None, "note": "abandoned: cannot beat the chosen window"}
+        )
         ctx.report.scores["windows"] = [
             {"layers": list(range(s, s + n)), "ppl": p} if e else
-            {"layers": list(range(s, s + n)), "ppl_at_least": p, "note": "abandoned: cannot beat the chosen window"}
+            {"layers": list(range(s, s + n)), **{k: (p if v is None else v) for k, v in partial.items()}}
             for s, (p, e) in enumerate(zip(ppls, exact, strict=True))
         ]
         ctx.report.scores["search"] = self.config.search
@@ -220,5 +274,7 @@ class PplWindowPruner(Pruner):
         apply_layer_removal(
             ctx, list(range(best, best + n)),
             f"window {best}-{best + n - 1} leaves the lowest held-out calibration perplexity "
-            f"({ppls[best]:.4f} vs {base:.4f} dense) among {len(ppls)} windows of {n} layers",
+            + (f"({ppls[best]:.4f}; dense {base:.4f} on the first slice) among the {sum(exact)} of {len(ppls)} "
+               f"windows of {n} layers that survived the first slice" if halving else
+               f"({ppls[best]:.4f} vs {base:.4f} dense) among {len(ppls)} windows of {n} layers"),
         )
