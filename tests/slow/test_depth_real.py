@@ -36,6 +36,18 @@ def test_ppl_window_proxy_and_exact_agree_on_real_model(stories):
     assert all(w["ppl"] > a.scores["ppl_base"] for w in a.scores["windows"])
 
 
+@pytest.mark.parametrize("k", [1, 2])
+def test_ppl_window_halving_picks_the_proxy_window_on_real_model(stories, k):
+    path, _, windows = stories
+    proxy = pare.prune(_load(path), pare.PplWindowConfig(num_layers=k, search="proxy"), windows, runtime=RT)
+    halving = pare.prune(_load(path), pare.PplWindowConfig(num_layers=k), windows, runtime=RT)  # the default
+    assert halving.scores["search"] == "halving"
+    assert halving.scores["removed_layers"] == proxy.scores["removed_layers"]
+    chosen = next(w for w in halving.scores["windows"] if w["layers"] == halving.scores["removed_layers"])
+    best = min(proxy.scores["windows"], key=lambda w: w["ppl"])
+    assert math.isclose(chosen["ppl"], best["ppl"], rel_tol=1e-5)  # survivors carry the full-set score
+
+
 def test_real_model_pruned_reloads_and_generates(stories, tmp_path):
     path, tok, windows = stories
     model = _load(path)

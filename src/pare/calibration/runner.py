@@ -149,13 +149,6 @@ class Captured:
 
     hidden: list[torch.Tensor]
     calls: list[list[LayerCall]]  # [layer][batch]
-    as_tuple: bool
-
-
-def _returns_tuple(layer: nn.Module, args: tuple, kwargs: dict) -> bool:
-    with torch.no_grad():
-        out = layer(*args, **kwargs)
-    return isinstance(out, (tuple, list))
 
 
 def base_module(model: nn.Module, arch: ModelArch) -> nn.Module:
@@ -188,14 +181,7 @@ def capture(
         for batch in batches:
             interner.by_id.clear()  # ids are only unique among live objects: reset per forward
             base(input_ids=batch.to(device), use_cache=False)
-    # Learn whether layers return tuples (transformers 4.x) or tensors (5.x), from one real call.
-    layer0 = layers[0]
-    original_device = model_device(layer0)
-    layer0.to(device)
-    first = calls[0][0]
-    as_tuple = _returns_tuple(layer0, (hidden[0].to(device), *_to(first.args, device)), _to(first.kwargs, device))
-    layer0.to(original_device)
-    return Captured(hidden=hidden, calls=calls, as_tuple=as_tuple)
+    return Captured(hidden=hidden, calls=calls)
 
 
 @dataclass

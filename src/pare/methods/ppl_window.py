@@ -18,7 +18,14 @@ angular distance (free from the cache) and a window's NLL, summed batch by batch
 it exceeds the best complete one, because NLL terms are positive and it can no longer win. The
 choice is exactly ``proxy``'s (same sums in the same order); the report gives a lower bound
 (``ppl_at_least``) for abandoned windows. It only saves work on windows much worse than the best
-(the partial sum must pass the best *total*), so it is not the default.
+(the partial sum must pass the best *total*).
+
+``search="halving"`` (the default) is successive halving on the same cache: every window is scored on the first
+``halving_first`` of the scoring windows (default a quarter), and only the best ``halving_keep`` of
+them (at least two) are scored on the rest and compete. The prefix is computed lazily, so the
+remaining windows only run as deep as the surviving windows need. It is not exact: a window that
+looks worse on the first quarter than two others never gets its full score (the report gives its
+first-slice perplexity), which matters only when windows are within noise of each other.
 """
 
 from __future__ import annotations
@@ -218,15 +225,19 @@ class PplWindowConfig(DepthConfig):
     """Remove the ``n`` consecutive layers whose removal hurts held-out calibration perplexity least.
 
     Attributes:
-        search: ``proxy`` (default: shared prefix, every score, the same choice as ``exact``), ``bound``
+        search: ``halving`` (default: shared lazy prefix, every window scored on the first
+            ``halving_first`` of the scoring windows, the best ``halving_keep`` on all of them),
+            ``proxy`` (shared prefix, every full score, the same choice as ``exact``), ``bound``
             (proxy plus early abandoning; the same choice, lower bounds for abandoned windows) or
             ``exact`` (full re-runs).
+        halving_first: share of the scoring windows every candidate window is scored on.
+        halving_keep: share of the candidate windows (at least two) scored on all of them.
     """
 
     method: ClassVar[str] = "ppl-window"
 
     search: str = help_field(
-        "proxy", "'halving' (cached prefix; every window on the first halving_first of the scoring windows, "
+        "halving", "'halving' (cached prefix; every window on the first halving_first of the scoring windows, "
         "the best halving_keep on all), 'proxy' (cached prefix; every score, same choice as exact), 'bound' "
         "(proxy + early abandoning of windows that cannot win) or 'exact' (full re-runs)",
     )
