@@ -21,8 +21,8 @@ The peer lives in its own venv (llm-compressor 0.14 pins transformers <= 5.17)::
 (``--create-peer-venv`` runs exactly that). Peer pitfalls handled here (see ../shared/PEERS.md):
 ``MagnitudePruningModifier`` is a no-op under ``oneshot``, so magnitude uses its
 ``PruningMaskFactory`` unstructured mask creator (layer-wide comparison; no N:M creator exists;
-pare runs magnitude twice: its default per-row comparison and ``granularity="layer"``, the same
-comparison group as the reference);
+pare runs magnitude twice: its default whole-matrix comparison, the reference's, and
+``granularity="row"``);
 ``sparsity_profile="owl"`` fails, so OWL ratios are computed by hand with the reference formula and
 passed as a per-layer list; ``torch.set_flush_denormal(True)`` is set in both workers (the peer's
 Wanda 2:4 is ~14x slower without it).
@@ -338,15 +338,15 @@ def main(a: argparse.Namespace) -> None:
                 line["pare_with_reference_ratios"] = {k: r.get(k) for k in ("ppl", "sparsity", "prune_seconds", "error")
                                                       if k in r}
             if method == "magnitude" and "error" not in res["reference"]:
-                # llm-compressor's magnitude mask compares a whole matrix; pare's default compares rows
-                out = work / f"pare-{method}-{setting.replace(':', '_')}-layerwise.safetensors"
-                r = run_worker(sys.executable, "pare", method, setting, model_path, calib, out, a, granularity="layer")
+                # pare's default compares a whole matrix, as llm-compressor's mask does; rows are the option
+                out = work / f"pare-{method}-{setting.replace(':', '_')}-rows.safetensors"
+                r = run_worker(sys.executable, "pare", method, setting, model_path, calib, out, a, granularity="row")
                 if "error" not in r:
                     r.update(evaluate(model_path, out, ev, a))
-                line["pare_granularity_layer"] = {k: r.get(k) for k in ("ppl", "sparsity", "prune_seconds",
-                                                                         "peak_rss_mb", "error") if k in r}
-                line["ratios"]["granularity_layer_ppl_ratio"] = ratio(r, res["reference"], "ppl")
-                line["ratios"]["granularity_layer_time_ratio"] = ratio(r, res["reference"], "prune_seconds")
+                line["pare_granularity_row"] = {k: r.get(k) for k in ("ppl", "sparsity", "prune_seconds",
+                                                                       "peak_rss_mb", "error") if k in r}
+                line["ratios"]["granularity_row_ppl_ratio"] = ratio(r, res["reference"], "ppl")
+                line["ratios"]["granularity_row_time_ratio"] = ratio(r, res["reference"], "prune_seconds")
             if a.model.startswith("random-"):
                 line["note"] = "random weights: perplexity is meaningless here; compare time and memory only"
             print(json.dumps(line), flush=True)

@@ -59,7 +59,9 @@ def test_prune_report_save_reload(model_type: str, method: str, setting: str, tm
         if setting == "2:4":
             per_group = (w == 0).reshape(w.shape[0], -1, 4).sum(-1)
             assert bool((per_group == 2).all()), name
-        else:  # magnitude and Wanda per row; SparseGPT per row of each block, floor-allocated: same total
+        elif method == "magnitude":  # the whole matrix is one comparison group by default
+            assert int((w == 0).sum()) == w.numel() // 2, name
+        else:  # Wanda per row; SparseGPT per row of each block, floor-allocated: same total
             assert bool(((w == 0).sum(1) == w.shape[1] // 2).all()), name
     assert report.pattern == (None if setting != "2:4" else "2:4")
     assert [r["layer"] for r in report.scores["layers"]] == list(range(3))
@@ -89,10 +91,12 @@ def test_owl_profile_keeps_overall_sparsity(method: str) -> None:
     rows = report.scores["layers"]
     weighted = sum(r["target"] * r["numel"] for r in rows) / sum(r["numel"] for r in rows)
     assert weighted == pytest.approx(0.7, abs=1e-9)
-    # exact counts: floor(in * s) zeros in every row, whatever the method
+    # exact counts: floor(in * s) zeros in every row (magnitude: floor(numel * s) in the matrix)
     for name, info in report.modules.items():
         out_f, in_f = info["shape"]
-        assert info["numel"] - info["nonzero"] == out_f * int(in_f * ratios[int(name.split(".")[2])]), name
+        s = ratios[int(name.split(".")[2])]
+        expected = int(out_f * in_f * s) if method == "magnitude" else out_f * int(in_f * s)
+        assert info["numel"] - info["nonzero"] == expected, name
     assert report.overall_sparsity == pytest.approx(0.7, abs=1 / 64)
     for row in rows:  # per-layer measured sparsity, from the per-module report
         mods = [m for n, m in report.modules.items() if n.startswith(f"model.layers.{row['layer']}.")]

@@ -1,8 +1,10 @@
 """Magnitude pruning: zero the weights with the smallest ``|W_ij|``.
 
 The classic data-free baseline (Han et al., 2015, "Learning both Weights and Connections"). Scores
-are compared within each output row (``granularity="row"``, as Wanda does) or across the whole
-matrix (``granularity="layer"``); an N:M pattern compares within each group of M inputs.
+are compared across the whole matrix (``granularity="layer"``, the baseline of the SparseGPT and
+Wanda papers and llm-compressor's magnitude mask) or within each output row (``granularity="row"``,
+Wanda's comparison group); an N:M pattern compares within each group of M inputs. Neither wins
+everywhere: on stories260K rows gave the lower perplexity at 50% and the whole matrix at 70% + OWL.
 """
 
 from __future__ import annotations
@@ -23,12 +25,12 @@ class MagnitudeConfig(SparsityConfig):
     """Magnitude pruning options.
 
     Attributes:
-        granularity: ``row`` (compare within each output row) or ``layer`` (whole matrix).
+        granularity: ``layer`` (compare across the whole matrix) or ``row`` (within each output row).
     """
 
     method: ClassVar[str] = "magnitude"
 
-    granularity: str = help_field("row", "compare weights within each output 'row' or across the 'layer'")
+    granularity: str = help_field("layer", "compare weights across the whole matrix ('layer') or within each 'row'")
 
     def __post_init__(self) -> None:
         super().__post_init__()
