@@ -96,8 +96,8 @@ def worker_pare(a: argparse.Namespace) -> dict:
                   owl_m=OWL_M, owl_lambda=OWL_LAMBDA, **extra)
     rss0 = peak_rss_mb()
     t0 = time.perf_counter()
-    report = pare.prune(model, cfg, ids, runtime=pare.RuntimeConfig(device="cpu", progress=False),
-                        batch_size=a.batch_size)
+    runtime = pare.RuntimeConfig(device="cpu", progress=False, sequential=not a.dense_inputs)
+    report = pare.prune(model, cfg, ids, runtime=runtime, batch_size=a.batch_size)
     seconds = time.perf_counter() - t0
     peak = peak_rss_mb()
     save_file(decoder_weights(model), a.out)
@@ -270,6 +270,8 @@ def run_worker(python: str, kind: str, method: str, setting: str, model_path: Pa
         cmd += ["--layer-sparsity", json.dumps(layer_sparsity)]
     if granularity:
         cmd += ["--granularity", granularity]
+    if a.dense_inputs and kind == "pare":
+        cmd += ["--dense-inputs"]
     env = dict(os.environ)
     env["PYTHONPATH"] = str(REPO / "src") if kind == "pare" else ""
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=a.timeout)
@@ -328,7 +330,8 @@ def main(a: argparse.Namespace) -> None:
                                "rss_ratio": ratio(res["pare"], res["reference"], "peak_rss_mb")},
                     "dense_ppl": dense,
                     "calibration": {"file": calib.name, "nsamples": a.nsamples, "seqlen": a.seqlen},
-                    "eval": {"seqlen": a.eval_seqlen, "windows": a.eval_windows}, "threads": a.threads}
+                    "eval": {"seqlen": a.eval_seqlen, "windows": a.eval_windows}, "threads": a.threads,
+                    "pare_calibration": "dense inputs" if a.dense_inputs else "sequential"}
             ref_ratios = res["reference"].get("owl_layer_sparsity")
             if ref_ratios:  # OWL: pare pruning with the reference's per-layer ratios isolates the pruning step
                 out = work / f"pare-{method}-{setting.replace(':', '_')}-refratios.safetensors"
@@ -369,6 +372,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
                    help="torch threads in both workers (1: on a shared 2-core machine, 2 threads made small ops ~1000x "
                         "slower through OpenMP contention)")
     p.add_argument("--create-peer-venv", action="store_true")
+    p.add_argument("--dense-inputs", action="store_true",
+                   help="pare calibrates every layer on the dense model's activations (one pass per layer) "
+                        "instead of sequentially; the reference stays sequential")
     # worker mode (internal)
     p.add_argument("--worker", choices=("pare", "peer"))
     p.add_argument("--method")

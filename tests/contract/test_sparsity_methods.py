@@ -105,15 +105,17 @@ def test_owl_profile_keeps_overall_sparsity(method: str) -> None:
         assert zeros / row["numel"] == pytest.approx(row["target"], abs=1 / 32)
 
 
+@pytest.mark.parametrize("sequential", [True, False])
 @pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
 @pytest.mark.parametrize("model_type", ["llama", "mixtral"])
-def test_owl_equals_the_same_ratios_given_explicitly(method: str, model_type: str) -> None:
+def test_owl_equals_the_same_ratios_given_explicitly(method: str, model_type: str, sequential: bool) -> None:
     # OWL keeps the first layer's statistics from its scoring pass: the pruning must not change
+    runtime = pare.RuntimeConfig(progress=False, device="cpu", sequential=sequential)
     owl_model = tiny_model(model_type)
-    report = pare.prune(owl_model, CONFIGS[method](sparsity=0.7, profile="owl"), calib(), runtime=QUIET)
+    report = pare.prune(owl_model, CONFIGS[method](sparsity=0.7, profile="owl"), calib(), runtime=runtime)
     ratios = tuple(report.scores["owl"]["layer_sparsity"])
     explicit = tiny_model(model_type)
-    pare.prune(explicit, CONFIGS[method](sparsity=0.7, layer_sparsity=ratios), calib(), runtime=QUIET)
+    pare.prune(explicit, CONFIGS[method](sparsity=0.7, layer_sparsity=ratios), calib(), runtime=runtime)
     for (name, a), (_, b) in zip(owl_model.named_parameters(), explicit.named_parameters(), strict=True):
         assert torch.equal(a, b), name
 
@@ -205,3 +207,30 @@ def test_calibration_shorter_than_asked(tmp_path, shared_data) -> None:
     with pytest.raises(NotEnoughDataError, match="token"):
         pare.prune(tiny_model("llama"), pare.WandaConfig(), pare.CalibrationConfig(str(text), nsamples=4, seqlen=32),
                    tokenizer=AutoTokenizer.from_pretrained(tok_dir), runtime=QUIET)
+
+
+@pytest.mark.parametrize("model_type", ["llama", "gpt2"])
+def test_dense_inputs_mode_prunes_with_the_dense_models_statistics(model_type: str) -> None:
+    from pare.ops.wanda import wanda_mask
+
+    model = tiny_model(model_type)
+    dense = tiny_model(model_type)
+    ids = calib()
+    runtime = pare.RuntimeConfig(progress=False, device="cpu", sequential=False)
+    report = pare.prune(model, pare.WandaConfig(sparsity=0.5), ids, runtime=runtime)
+    sq: dict[str, torch.Tensor] = {}
+
+    def hook(_m, args, name):
+        x = args[0].reshape(-1, args[0].shape[-1]).float()
+        sq[name] = sq.get(name, 0) + x.pow(2).sum(0)
+
+    handles = [m.register_forward_pre_hook(lambda m, a, n=n: hook(m, a, n))
+               for n, m in dense.named_modules() if n in {k.rsplit("[", 1)[0] for k in report.modules}]
+    with torch.no_grad():
+        dense(ids)
+    for h in handles:
+        h.remove()
+    assert len(sq) == len(report.modules)
+    for name in report.modules:
+        expected = wanda_mask(weight_of(dense, name), sq[name].sqrt(), 0.5)
+        assert torch.equal(weight_of(model, name) == 0, expected), name

@@ -236,13 +236,22 @@ class SparsityPruner(Pruner):
         if not self.needs_calibration:
             self._run_data_free(ctx)
         else:
-            for step in ctx.runner().steps(final_outputs=False, overwrite_inputs=True):
+            # sequential: statistics on the pruned prefix's outputs, then the pruned layer's outputs;
+            # dense inputs: one pass per layer records the statistics and keeps the dense outputs
+            sequential = ctx.runtime.sequential
+            last = ctx.arch.num_layers - 1
+            for step in ctx.runner(sequential=True).steps(final_outputs=False, overwrite_inputs=sequential):
                 targets = self._targets(ctx, step.index, step.layer)
+                keep = not sequential and step.index < last
                 reused = self._reused_stats.pop(step.index, None)
                 stats = reused or {t.name: self.new_stats(t) for t in targets}
                 if reused is None:
-                    with record_inputs(targets, stats, stop_in=step.layer):
-                        step.run()
+                    with record_inputs(targets, stats, stop_in=None if keep else step.layer):
+                        outputs = step.run(keep_outputs=keep)
+                else:
+                    outputs = step.run(keep_outputs=True) if keep else None
+                if keep:
+                    step.dense_outputs = outputs  # taken before this layer is pruned
                 for t in targets:
                     self.prune_target(t, stats[t.name], self.target_sparsity(step.index, t))
                     del stats[t.name]
