@@ -247,11 +247,11 @@ class SparsityPruner(Pruner):
                 stats = reused or {t.name: self.new_stats(t) for t in targets}
                 if reused is None:
                     with record_inputs(targets, stats, stop_in=None if keep else step.layer):
-                        outputs = step.run(keep_outputs=keep)
+                        outputs = step.run(replace_inputs=keep)
                 else:
-                    outputs = step.run(keep_outputs=True) if keep else None
+                    outputs = step.run(replace_inputs=True) if keep else None
                 if keep:
-                    step.dense_outputs = outputs  # taken before this layer is pruned
+                    step.dense_outputs = outputs  # taken before this layer is pruned, in place of its inputs
                 for t in targets:
                     self.prune_target(t, stats[t.name], self.target_sparsity(step.index, t))
                     del stats[t.name]
