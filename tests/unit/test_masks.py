@@ -59,6 +59,12 @@ def test_row_mask_matches_topk_selection_without_ties() -> None:
     assert torch.equal(row_mask(scores, 20 / 64), expected)
 
 
+def test_nan_scores_are_an_error_not_a_wrong_count() -> None:
+    scores = torch.full((2, 8), float("nan"))
+    with pytest.raises(ValueError, match="NaN"):
+        row_mask(scores, 0.5)
+
+
 def test_zero_masked_zeroes_exactly_the_mask() -> None:
     w = torch.randn(6, 8)
     mask = torch.rand(6, 8) > 0.5

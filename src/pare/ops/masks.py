@@ -47,7 +47,10 @@ def lowest_k_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
     missing = k - mask.sum(1, keepdim=True)
     ties = scores == thr
     ties &= ties.cumsum(1) <= missing
-    return mask.logical_or_(ties)
+    mask.logical_or_(ties)
+    if bool((mask.sum(1) != k).any()):  # only NaN thresholds get here: NaN is neither below nor equal
+        raise ValueError(f"cannot choose the {k} lowest scores of a row: scores contain NaN")
+    return mask
 
 
 def zero_masked_(weight: torch.Tensor, mask: torch.Tensor) -> None:
