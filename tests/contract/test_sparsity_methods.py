@@ -234,27 +234,3 @@ def test_dense_inputs_mode_prunes_with_the_dense_models_statistics(model_type: s
     for name in report.modules:
         expected = wanda_mask(weight_of(dense, name), sq[name].sqrt(), 0.5)
         assert torch.equal(weight_of(model, name) == 0, expected), name
-
-
-def test_sparsegpt_targets_fed_the_same_input_share_one_gram_buffer() -> None:
-    from pare.arch import describe
-    from pare.arch.targets import layer_targets
-    from pare.calibration.runner import LayerwiseRunner
-    from pare.calibration.stats import record_inputs
-    from pare.methods.sparsegpt import SparseGPTPruner
-
-    model = tiny_model("llama")
-    arch = describe(model)
-    ids = tiny_batch(4, 16, seed=4)
-    pruner = SparseGPTPruner(pare.SparseGPTConfig())
-    step = next(iter(LayerwiseRunner(model, arch, ids, device="cpu", batch_size=2, progress=False).steps()))
-    targets = layer_targets(step.layer, step.roles, step.prefix)
-    stats = {t.name: pruner.new_stats(t) for t in targets}
-    with record_inputs(targets, stats, stop_in=step.layer):
-        step.run()
-    by = {t.name.rsplit(".", 1)[-1]: stats[t.name] for t in targets}
-    assert by["q_proj"].gram is by["k_proj"].gram is by["v_proj"].gram
-    assert by["gate_proj"].gram is by["up_proj"].gram and by["o_proj"].gram is not by["q_proj"].gram
-    assert all(s.tokens == 64 for s in by.values())
-    x = torch.cat([step.layer.input_layernorm(h) for h in step.inputs]).reshape(-1, by["q_proj"].gram.shape[0])
-    torch.testing.assert_close(by["q_proj"].gram, x.t() @ x, rtol=1e-5, atol=1e-4)

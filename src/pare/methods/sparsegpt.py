@@ -63,8 +63,7 @@ class SparseGPTConfig(SparsityConfig):
 
 
 class _GramCache:
-    """The last input seen and its ``(X^2 column sums, X^T X)``: q/k/v (and gate/up) share them,
-    and share one accumulator (the first target that saw the input owns it).
+    """The last input seen and its ``(X^2 column sums, X^T X)``: q/k/v (and gate/up) share them.
 
     Keeping a reference to the last input keeps its storage alive, so a later batch can never reuse
     the address and be mistaken for it.
@@ -74,52 +73,34 @@ class _GramCache:
         self.key: tuple | None = None
         self.ref: torch.Tensor | None = None
         self.value: tuple[torch.Tensor, torch.Tensor] | None = None
-        self.owner: _SharedGramStats | None = None
 
     def get(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         key = (x.data_ptr(), tuple(x.shape), x.stride(), x.dtype, x.device, x._version)
         if key != self.key or self.value is None:
             flat = x.reshape(-1, x.shape[-1]).float()
             self.value = (flat.square().sum(0), flat.t() @ flat)
-            self.key, self.ref, self.owner = key, x, None
+            self.key, self.ref = key, x
         return self.value
 
-    def claim(self, stats: _SharedGramStats) -> _SharedGramStats:
-        """The accumulator for the current input: the first target to claim it."""
-        if self.owner is None:
-            self.owner = stats
-        return self.owner
-
     def clear(self) -> None:
-        self.key = self.ref = self.value = self.owner = None
+        self.key = self.ref = self.value = None
 
 
 class _SharedGramStats(InputStats):
-    """:class:`InputStats` whose updates come from a shared :class:`_GramCache`. Targets fed the same
-    input (q/k/v, gate/up) hold the same ``sq_sum`` and ``gram`` tensors, which only the first of
-    them (the owner) accumulates, in place: one ``[in, in]`` buffer per distinct input."""
+    """:class:`InputStats` whose Gram updates come from a shared :class:`_GramCache`."""
 
     def __init__(self, cache: _GramCache) -> None:
         super().__init__(want_gram=True)
         self._cache = cache
-        self._owner: _SharedGramStats | None = None
 
     def add(self, x: torch.Tensor) -> None:
         n = x.numel() // x.shape[-1]
         if n == 0:
             return
         sq, gram = self._cache.get(x)
-        if self._owner is None:  # decided on the first input: every batch feeds the same groups
-            self._owner = self._cache.claim(self)
         self.tokens += n
-        owner = self._owner
-        if owner is not self:
-            self.sq_sum, self.gram = owner.sq_sum, owner.gram  # updated in place by the owner
-        elif self.sq_sum is None or self.gram is None:
-            self.sq_sum, self.gram = sq.clone(), gram.clone()
-        else:
-            self.sq_sum.add_(sq)
-            self.gram.add_(gram)
+        self.sq_sum = sq.clone() if self.sq_sum is None else self.sq_sum + sq
+        self.gram = gram.clone() if self.gram is None else self.gram + gram
 
 
 class SparseGPTPruner(SparsityPruner):
