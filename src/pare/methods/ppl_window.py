@@ -270,13 +270,13 @@ class PplWindowPruner(Pruner):
         best = min((s for s in range(len(ppls)) if exact[s]), key=lambda s: (ppls[s], s))
         halving = cfg.search == "halving" and not all(exact)
         ctx.report.scores["ppl_base_first_slice" if halving else "ppl_base"] = base
-        partial = (
-            {"ppl_first_slice": None, "note": f"eliminated on the first {cfg.halving_first:g} of the scoring windows"}
-            if halving else {"ppl_at_least": None, "note": "abandoned: cannot beat the chosen window"}
+        # a window without a full-set score: halving's first-slice score or bound's lower bound
+        key, note = (
+            ("ppl_first_slice", f"eliminated on the first {cfg.halving_first:g} of the scoring windows")
+            if halving else ("ppl_at_least", "abandoned: cannot beat the chosen window")
         )
         ctx.report.scores["windows"] = [
-            {"layers": list(range(s, s + n)), "ppl": p} if e else
-            {"layers": list(range(s, s + n)), **{k: (p if v is None else v) for k, v in partial.items()}}
+            {"layers": list(range(s, s + n)), **({"ppl": p} if e else {key: p, "note": note})}
             for s, (p, e) in enumerate(zip(ppls, exact, strict=True))
         ]
         ctx.report.scores["search"] = self.config.search
