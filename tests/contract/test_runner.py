@@ -156,3 +156,59 @@ def test_overwriting_inputs_gives_the_same_outputs() -> None:
     for a, b in zip(in_place.final_hidden, plain.final_hidden, strict=True):
         assert torch.equal(a, b)
     assert all(k is kept[0] for k in kept)  # one list of activations, overwritten layer by layer
+
+
+@pytest.mark.parametrize("model_type", TINY_ARCHS)
+def test_shared_inputs_record_the_same_statistics_once(model_type: str) -> None:
+    model = tiny_model(model_type)
+    arch = describe(model)
+    runner = LayerwiseRunner(model, arch, tiny_batch(4, 16), device="cpu", batch_size=2, progress=False)
+    step = next(iter(runner.steps()))
+    targets = layer_targets(step.layer, step.roles, step.prefix)
+    alone = {t.name: InputStats(want_gram=True) for t in targets}
+    shared = {t.name: InputStats(want_gram=True) for t in targets}
+    with record_inputs(targets, alone):
+        step.run()
+    with record_inputs(targets, shared, stop_in=step.layer, share_inputs=True):
+        step.run()
+    for t in targets:
+        a, s = alone[t.name], shared[t.name]
+        assert s.tokens == a.tokens, t.name
+        if a.tokens:
+            torch.testing.assert_close(s.sq_sum, a.sq_sum)
+            torch.testing.assert_close(s.gram, a.gram, rtol=1e-5, atol=1e-4)
+    att, mlp = step.roles.attention, step.roles.mlp
+    if att is not None and att.q is not None and att.k is not None and att.v is not None:
+        by = {t.name[len(step.prefix) + 1:]: shared[t.name] for t in targets}
+        assert by[att.q.path] is by[att.k.path] is by[att.v.path]  # one accumulator per distinct input
+        assert by[att.o.path] is not by[att.q.path]
+        if mlp is not None and mlp.gate is not None and mlp.up is not None:
+            assert by[mlp.gate.path] is by[mlp.up.path] and by[mlp.down.path] is not by[mlp.up.path]
+
+
+class _TwoReaders(torch.nn.Module):
+    """``b`` reads ``a``'s input on the first call only: sharing must refuse it later."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = torch.nn.Linear(4, 4)
+        self.b = torch.nn.Linear(4, 4)
+        self.calls = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        return self.a(x) + self.b(x if self.calls == 1 else x + 0)
+
+
+def test_shared_inputs_refuse_a_follower_fed_another_tensor() -> None:
+    from pare.arch.targets import Target
+
+    block = _TwoReaders()
+    targets = [Target("a", block.a, "weight"), Target("b", block.b, "weight")]
+    stats = {t.name: InputStats() for t in targets}
+    x = torch.randn(3, 4)
+    with torch.no_grad(), pytest.raises(RuntimeError, match="different input"), \
+            record_inputs(targets, stats, share_inputs=True):
+        block(x)
+        block(x)
+    assert not block.a._forward_pre_hooks and not block.b._forward_pre_hooks

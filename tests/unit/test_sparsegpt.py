@@ -171,3 +171,17 @@ def test_low_precision_weights_are_computed_in_fp32() -> None:
     assert out.dtype == torch.bfloat16
     assert torch.equal(out, ref.to(torch.bfloat16))
     assert torch.equal(w, w_before)  # W itself is not edited
+
+
+def test_finite_check_sees_nan_and_inf_and_survives_an_overflowing_sum() -> None:
+    from pare.ops.sparsegpt import _all_finite
+
+    assert _all_finite(torch.ones(3, 3))
+    assert _all_finite(torch.full((2, 2), 3e38))  # the fp32 sum overflows; every value is finite
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        t = torch.ones(3, 3)
+        t[1, 2] = bad
+        assert not _all_finite(t)
+    t = torch.full((2, 2), 3e38)
+    t[0, 0] = float("-inf")
+    assert not _all_finite(t)

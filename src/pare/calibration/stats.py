@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from pare.arch.targets import Target
+from pare.ops.gram import add_gram_upper_, mirror_upper_
 
 STAT_NORMS = "norms"
 STAT_GRAM = "gram"
@@ -26,14 +27,15 @@ class InputStats:
     Attributes:
         tokens: number of input rows seen.
         sq_sum: ``sum_t X[t, j]^2`` per input column, fp32 ``[in]`` (Wanda: ``||X_j||_2^2``).
-        gram: ``X^T X`` in fp32 ``[in, in]`` when asked (SparseGPT / OBS Hessian up to 2/n).
+        want_gram: also accumulate ``X^T X`` (read through :attr:`gram`).
     """
 
     tokens: int = 0
     sq_sum: torch.Tensor | None = None
-    gram: torch.Tensor | None = None
     want_gram: bool = False
     extra: dict = field(default_factory=dict)
+    _gram: torch.Tensor | None = field(default=None, repr=False)  # upper block triangle while recording
+    _mirrored: bool = field(default=False, repr=False)
 
     def add(self, x: torch.Tensor) -> None:
         x = x.reshape(-1, x.shape[-1]).float()
@@ -41,10 +43,20 @@ class InputStats:
             return
         self.tokens += x.shape[0]
         sq = x.pow(2).sum(0)
-        self.sq_sum = sq if self.sq_sum is None else self.sq_sum + sq
+        self.sq_sum = sq if self.sq_sum is None else self.sq_sum.add_(sq)
         if self.want_gram:
-            g = x.t() @ x
-            self.gram = g if self.gram is None else self.gram + g
+            if self._gram is None:
+                self._gram = x.new_zeros(x.shape[1], x.shape[1])
+            add_gram_upper_(self._gram, x)
+            self._mirrored = False
+
+    @property
+    def gram(self) -> torch.Tensor | None:
+        """``X^T X`` in fp32 ``[in, in]`` when asked for (SparseGPT / OBS Hessian up to 2/n), else None."""
+        if self._gram is not None and not self._mirrored:
+            mirror_upper_(self._gram)
+            self._mirrored = True
+        return self._gram
 
     def norms(self) -> torch.Tensor:
         """``||X_j||_2`` per input column."""
@@ -53,8 +65,9 @@ class InputStats:
 
     def hessian(self) -> torch.Tensor:
         """``H = 2/n X^T X`` (the OBS layer-wise Hessian)."""
-        assert self.gram is not None and self.tokens > 0, "no Gram matrix was recorded"
-        return self.gram * (2.0 / self.tokens)
+        gram = self.gram
+        assert gram is not None and self.tokens > 0, "no Gram matrix was recorded"
+        return gram * (2.0 / self.tokens)
 
 
 def _expert_inputs(experts: nn.Module, args: tuple, kwargs: dict, gate_up: str, num_experts: int):
@@ -102,9 +115,48 @@ class _EarlyStop:
             raise InputsRecorded
 
 
+class _SameInput:
+    """Finds watched modules that read the very tensor the module called just before read (q/k/v
+    after one norm, gate/up): their inputs are recorded once, by the first of them (the leader).
+
+    A module's role is fixed at its first call; a later call that breaks it (a follower reached with
+    another tensor) raises, since its statistics would be wrong. Only fresh accumulators of the same
+    kind are merged.
+    """
+
+    def __init__(self, stats_of: dict[int, InputStats]) -> None:
+        self.stats_of = stats_of
+        self.last: tuple[int, torch.Tensor, int] | None = None  # (leader key, tensor, its version)
+        self.leader: dict[int, int] = {}  # follower key -> leader key
+        self.decided: set[int] = set()
+        self.fresh = {k for k, s in stats_of.items() if s.tokens == 0}
+
+    def _compatible(self, a: int, b: int) -> bool:
+        sa, sb = self.stats_of[a], self.stats_of[b]
+        return type(sa) is type(sb) and sa.want_gram == sb.want_gram and {a, b} <= self.fresh
+
+    def record(self, key: int, x: torch.Tensor) -> bool:
+        """Whether module ``key`` must record ``x`` itself (False: its leader already did)."""
+        last = self.last
+        same = last is not None and x is last[1] and x._version == last[2]
+        if key not in self.decided:
+            self.decided.add(key)
+            if same and last is not None and self._compatible(last[0], key):
+                self.leader[key] = last[0]
+        lead = self.leader.get(key)
+        if lead is None:
+            self.last = (key, x, x._version)
+            return True
+        if not same or last is None or last[0] != lead:
+            raise RuntimeError("a module that shared its input with the module called before it got a "
+                               "different input in a later forward; record with share_inputs=False")
+        return False
+
+
 @contextlib.contextmanager
 def record_inputs(
-    targets: list[Target], stats: dict[str, InputStats], stop_in: nn.Module | None = None
+    targets: list[Target], stats: dict[str, InputStats], stop_in: nn.Module | None = None,
+    share_inputs: bool = False,
 ) -> Iterator[None]:
     """Record each target's inputs into ``stats[target.name]`` while the block runs.
 
@@ -114,12 +166,18 @@ def record_inputs(
         stop_in: the layer whose forwards only serve to record inputs (their outputs are thrown
             away): from its second forward on, :class:`InputsRecorded` is raised as soon as every
             watched module has seen its input (see :class:`_EarlyStop`).
+        share_inputs: modules that read the same tensor (q/k/v, gate/up) record it once; when the
+            block ends, their entries of ``stats`` are one accumulator object (one ``[in, in]`` Gram
+            per distinct input instead of one per matrix).
     """
     handles = []
     by_module: dict[int, list[Target]] = {}
     for t in targets:
         by_module.setdefault(id(t.module), []).append(t)
     stop = _EarlyStop(len(by_module)) if stop_in is not None else None
+    same = None
+    if share_inputs:
+        same = _SameInput({k: stats[g[0].name] for k, g in by_module.items() if g[0].expert is None})
     try:
         if stop is not None and stop_in is not None:
             handles.append(stop_in.register_forward_pre_hook(stop.start))
@@ -130,7 +188,8 @@ def record_inputs(
                 acc = stats[group[0].name]
 
                 def hook(_m, args, acc=acc, key=key):
-                    acc.add(args[0].detach())
+                    if same is None or same.record(key, args[0]):
+                        acc.add(args[0].detach())
                     if stop is not None:
                         stop.seen(key)
 
@@ -148,11 +207,19 @@ def record_inputs(
                                 wanted[(e, "expert_in")].add(x)
                             if (e, "expert_mid") in wanted:
                                 wanted[(e, "expert_mid")].add(mid)
+                    if same is not None:
+                        same.last = None
                     if stop is not None:
                         stop.seen(key)
 
                 handles.append(module.register_forward_hook(ex_hook, with_kwargs=True))
         yield
+        if same is not None:
+            for follower, lead in same.leader.items():
+                for t in by_module[follower]:
+                    stats[t.name] = same.stats_of[lead]
     finally:
+        if same is not None:
+            same.last = None
         for h in handles:
             h.remove()

@@ -213,7 +213,7 @@ class SparsityPruner(Pruner):
             # the first layer's inputs are the same when it is pruned: its statistics are kept
             first = step.index == 0
             stats = {t.name: self.new_stats(t) if first else InputStats() for t in targets}
-            with record_inputs(targets, stats):
+            with record_inputs(targets, stats, share_inputs=True):
                 step.dense_outputs = step.run(keep_outputs=True)  # reused as the next layer's inputs
             if first:
                 self._reused_stats[0] = stats
@@ -246,7 +246,7 @@ class SparsityPruner(Pruner):
                 reused = self._reused_stats.pop(step.index, None)
                 stats = reused or {t.name: self.new_stats(t) for t in targets}
                 if reused is None:
-                    with record_inputs(targets, stats, stop_in=None if keep else step.layer):
+                    with record_inputs(targets, stats, stop_in=None if keep else step.layer, share_inputs=True):
                         outputs = step.run(replace_inputs=keep)
                 else:
                     outputs = step.run(replace_inputs=True) if keep else None

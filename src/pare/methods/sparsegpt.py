@@ -6,8 +6,8 @@ Frantar & Alistarh, 2023, "SparseGPT: Massive Language Models Can Be Accurately 
 ``blocksize`` with the mask chosen per block, and the surviving weights updated to reconstruct
 ``W X``. The math is in :mod:`pare.ops.sparsegpt`.
 
-Matrices that read the same input (q/k/v, gate/up) accumulate the same ``X^T X``: the Gram update
-of a batch is computed once and reused, and so is the inverse-Hessian factor.
+Matrices that read the same input (q/k/v, gate/up) share one ``X^T X`` accumulator (recorded once,
+see :func:`pare.calibration.stats.record_inputs`) and one inverse-Hessian factor.
 """
 
 from __future__ import annotations
@@ -15,8 +15,6 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from typing import ClassVar
-
-import torch
 
 from pare.arch.targets import Target
 from pare.calibration.stats import STAT_GRAM, InputStats
@@ -62,47 +60,6 @@ class SparseGPTConfig(SparsityConfig):
             raise ConfigError(f"percdamp must be a number >= 0 (0.01 in the paper), got {self.percdamp!r}")
 
 
-class _GramCache:
-    """The last input seen and its ``(X^2 column sums, X^T X)``: q/k/v (and gate/up) share them.
-
-    Keeping a reference to the last input keeps its storage alive, so a later batch can never reuse
-    the address and be mistaken for it.
-    """
-
-    def __init__(self) -> None:
-        self.key: tuple | None = None
-        self.ref: torch.Tensor | None = None
-        self.value: tuple[torch.Tensor, torch.Tensor] | None = None
-
-    def get(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        key = (x.data_ptr(), tuple(x.shape), x.stride(), x.dtype, x.device, x._version)
-        if key != self.key or self.value is None:
-            flat = x.reshape(-1, x.shape[-1]).float()
-            self.value = (flat.square().sum(0), flat.t() @ flat)
-            self.key, self.ref = key, x
-        return self.value
-
-    def clear(self) -> None:
-        self.key = self.ref = self.value = None
-
-
-class _SharedGramStats(InputStats):
-    """:class:`InputStats` whose Gram updates come from a shared :class:`_GramCache`."""
-
-    def __init__(self, cache: _GramCache) -> None:
-        super().__init__(want_gram=True)
-        self._cache = cache
-
-    def add(self, x: torch.Tensor) -> None:
-        n = x.numel() // x.shape[-1]
-        if n == 0:
-            return
-        sq, gram = self._cache.get(x)
-        self.tokens += n
-        self.sq_sum = sq.clone() if self.sq_sum is None else self.sq_sum + sq
-        self.gram = gram.clone() if self.gram is None else self.gram + gram
-
-
 class SparseGPTPruner(SparsityPruner):
     """Prune and reconstruct every target matrix with SparseGPT."""
 
@@ -112,29 +69,21 @@ class SparseGPTPruner(SparsityPruner):
 
     def __init__(self, config: SparseGPTConfig) -> None:
         super().__init__(config)
-        self._cache = _GramCache()
-        self._factors: list[tuple[torch.Tensor, int, InverseHessianFactor]] = []
+        self._factor_of: tuple[InputStats, InverseHessianFactor] | None = None
         self.losses: dict[str, float] = {}
 
-    def new_stats(self, target: Target) -> InputStats:
-        self._factors.clear()  # a new layer: factors of the previous one are stale
-        if target.expert is not None:
-            return InputStats(want_gram=True)  # expert inputs are gathered per expert, not shared
-        return _SharedGramStats(self._cache)
-
     def _factor(self, stats: InputStats) -> InverseHessianFactor:
-        """The inverse-Hessian factor of ``stats``, reused when another target had the same Gram."""
-        assert stats.gram is not None
-        for gram, tokens, factor in self._factors:
-            if tokens == stats.tokens and (gram is stats.gram or torch.equal(gram, stats.gram)):
-                return factor
+        """The inverse-Hessian factor of ``stats``; targets that share the statistics object (q/k/v,
+        gate/up, pruned one after the other) reuse it. Only the last factor is kept."""
+        if self._factor_of is not None and self._factor_of[0] is stats:
+            return self._factor_of[1]
+        self._factor_of = None  # release the previous factor before building the next
         factor = inverse_hessian_factor(stats.hessian(), self.config.percdamp)
-        self._factors.append((stats.gram, stats.tokens, factor))
+        self._factor_of = (stats, factor)
         return factor
 
     def prune_target(self, target: Target, stats: InputStats | None, sparsity: float) -> None:
         w = target.weight()
-        self._cache.clear()  # the layer's forward is over: release the last input
         if stats is None or stats.tokens == 0 or stats.gram is None:
             log.warning("%s received no calibration tokens: pruned by magnitude instead", target.name)
             w.masked_fill_(make_mask(w.abs().float(), sparsity, self.config.nm, per_row=True), 0)
@@ -149,6 +98,5 @@ class SparseGPTPruner(SparsityPruner):
         try:
             super().run(ctx)
         finally:
-            self._cache.clear()
-            self._factors.clear()
+            self._factor_of = None
         ctx.report.scores["sparsegpt_loss"] = self.losses

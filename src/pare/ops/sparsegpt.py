@@ -67,7 +67,7 @@ def inverse_hessian_factor(H: torch.Tensor, percdamp: float = 0.01) -> InverseHe
         PareError: ``H`` holds NaN/inf, or no dampening up to ``10^12`` times the start worked.
     """
     H = H.detach().to(torch.float32, copy=True)
-    if not torch.isfinite(H).all():
+    if not _all_finite(H):
         raise PareError("the Hessian holds NaN or inf values: the calibration activations overflowed")
     diag = H.diagonal()
     dead = diag == 0
@@ -102,7 +102,14 @@ def _upper_factor_of_inverse(H: torch.Tensor) -> torch.Tensor | None:
         return None
     eye = torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
     U = torch.linalg.solve_triangular(L, eye, upper=False).flip(0, 1)
-    return U if bool(torch.isfinite(U).all()) else None
+    return U if _all_finite(U) else None
+
+
+def _all_finite(t: torch.Tensor) -> bool:
+    """No NaN or inf in ``t``. A finite sum proves it (NaN and inf propagate) and costs ~1/30 of
+    ``isfinite(t).all()`` on CPU; an infinite sum may be an overflow of large finite values, so
+    only then is every element checked."""
+    return bool(torch.isfinite(t.sum())) or bool(torch.isfinite(t).all())
 
 
 def _block_counts(rows: int, cols: int, blocksize: int, sparsity: float) -> list[int]:
