@@ -115,6 +115,14 @@ class _EarlyStop:
             raise InputsRecorded
 
 
+def _version(x: torch.Tensor) -> int | None:
+    """The tensor's in-place edit counter; None for inference tensors, which do not keep one."""
+    try:
+        return x._version
+    except RuntimeError:
+        return None
+
+
 class _SameInput:
     """Finds watched modules that read the very tensor the module called just before read (q/k/v
     after one norm, gate/up): their inputs are recorded once, by the first of them (the leader).
@@ -126,7 +134,7 @@ class _SameInput:
 
     def __init__(self, stats_of: dict[int, InputStats]) -> None:
         self.stats_of = stats_of
-        self.last: tuple[int, torch.Tensor, int] | None = None  # (leader key, tensor, its version)
+        self.last: tuple[int, torch.Tensor, int | None] | None = None  # (leader key, tensor, its version)
         self.leader: dict[int, int] = {}  # follower key -> leader key
         self.decided: set[int] = set()
         self.fresh = {k for k, s in stats_of.items() if s.tokens == 0}
@@ -138,14 +146,14 @@ class _SameInput:
     def record(self, key: int, x: torch.Tensor) -> bool:
         """Whether module ``key`` must record ``x`` itself (False: its leader already did)."""
         last = self.last
-        same = last is not None and x is last[1] and x._version == last[2]
+        same = last is not None and x is last[1] and _version(x) == last[2]
         if key not in self.decided:
             self.decided.add(key)
             if same and last is not None and self._compatible(last[0], key):
                 self.leader[key] = last[0]
         lead = self.leader.get(key)
         if lead is None:
-            self.last = (key, x, x._version)
+            self.last = (key, x, _version(x))
             return True
         if not same or last is None or last[0] != lead:
             raise RuntimeError("a module that shared its input with the module called before it got a "

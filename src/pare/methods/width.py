@@ -160,9 +160,10 @@ def taylor_tables(model: nn.Module, ids: torch.Tensor, batch_size: int, device: 
     try:
         for p in params.values():
             p.requires_grad_(True)
-        with torch.enable_grad(), taylor_hooks(params, acc):
+        # a caller's inference_mode or no_grad would leave nothing to differentiate
+        with torch.inference_mode(False), torch.enable_grad(), taylor_hooks(params, acc):
             for batch in ids.split(batch_size):
-                b = batch.to(device)
+                b = batch.to(device).clone()  # an ordinary tensor even if made under inference_mode
                 loss = model(input_ids=b, labels=b, use_cache=False).loss
                 loss.backward()
     finally:

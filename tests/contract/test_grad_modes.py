@@ -1,0 +1,34 @@
+"""Every method prunes the same way whatever autograd mode the caller is in."""
+
+from __future__ import annotations
+
+import contextlib
+
+import pytest
+import torch
+
+import pare
+from pare.methods import METHODS
+from tiny import tiny_batch, tiny_model
+
+QUIET = pare.RuntimeConfig(progress=False, device="cpu")
+OPTIONS = {"layers": {"layers": "1"}, "width": {"importance": "taylor"}}
+MODES = {"inference_mode": torch.inference_mode, "no_grad": torch.no_grad, "grad": contextlib.nullcontext}
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_every_method_runs_under_the_callers_autograd_mode(method: str, mode: str) -> None:
+    torch.manual_seed(0)
+    cfg = METHODS[method].config_class(**OPTIONS.get(method, {}))
+    ref = tiny_model("llama")
+    pare.prune(ref, cfg, tiny_batch(4, 16), runtime=QUIET)
+    model = tiny_model("llama")
+    with MODES[mode]():
+        ids = tiny_batch(4, 16)  # made inside the mode, as a caller would
+        pare.prune(model, cfg, ids, runtime=QUIET)
+    got, want = model.state_dict(), ref.state_dict()
+    assert got.keys() == want.keys()
+    for name, value in want.items():
+        torch.testing.assert_close(got[name], value, msg=name)
+    assert all(not p.requires_grad or p.grad is None for p in model.parameters())
