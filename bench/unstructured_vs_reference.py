@@ -90,7 +90,7 @@ def worker_pare(a: argparse.Namespace) -> dict:
     cls = {"magnitude": pare.MagnitudeConfig, "wanda": pare.WandaConfig, "sparsegpt": pare.SparseGPTConfig}[a.method]
     extra = {"granularity": a.granularity} if a.granularity else {}
     if a.layer_sparsity:  # the reference's OWL ratios, to compare the pruning alone
-        cfg = cls(sparsity=sparsity, layer_sparsity=tuple(json.loads(a.layer_sparsity)), **extra)
+        cfg = cls(layer_sparsity=tuple(json.loads(a.layer_sparsity)), **extra)
     else:
         cfg = cls(sparsity=sparsity, pattern=pattern or "unstructured", profile="owl" if owl else "uniform",
                   owl_m=OWL_M, owl_lambda=OWL_LAMBDA, **extra)

@@ -12,7 +12,7 @@ from torch import nn
 
 from pare.arch import ArchOverride, describe
 from pare.arch.targets import check_selection
-from pare.config import CalibrationConfig, PruneConfig, RuntimeConfig
+from pare.config import CalibrationConfig, PruneConfig, RuntimeConfig, parse_dtype, usable_device
 from pare.errors import ConfigError, ModelNotFoundError
 from pare.eval.cost import measure_cost
 from pare.eval.perplexity import model_context_length
@@ -38,6 +38,9 @@ def load_model(name_or_path: str, dtype: str | torch.dtype = "auto", device: str
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    dtype = parse_dtype(dtype) or "auto"
+    if device is not None:
+        usable_device(device)
     try:
         model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype)
     except (OSError, ValueError) as exc:
@@ -100,11 +103,13 @@ def prune(
         batch_size: windows per forward (default: the CalibrationConfig's, else 8).
     """
     runtime = runtime or RuntimeConfig()
+    usable_device(runtime.device)  # before any work
     pruner_cls = pruner_for(config.method)
     if not isinstance(config, pruner_cls.config_class):
         raise ConfigError(f"{type(config).__name__} is not the config of method {config.method!r}")
     arch = describe(model, arch_override)
-    check_selection(arch, model, config.targets, config.ignore)
+    if isinstance(config, SparsityConfig):
+        check_selection(arch, model, config.targets, config.ignore)
     calib_info: dict[str, Any] | None = None
     ids: torch.Tensor | None = None
     if pruner_cls.needs_calibration:
@@ -145,7 +150,7 @@ def prune(
     return report
 
 
-def _pruned_modules(model: nn.Module, arch, config: PruneConfig) -> dict[str, dict]:
+def _pruned_modules(model: nn.Module, arch, config: SparsityConfig) -> dict[str, dict]:
     from pare.arch.targets import layer_targets, select
 
     layers = arch.layer_modules(model)
@@ -179,7 +184,7 @@ def evaluate(
     from pare.eval.speed import measure_speed
 
     if device is not None:
-        model.to(device)
+        model.to(usable_device(device))
     out: dict[str, Any] = {"params": count_parameters(model), "nonzero_params": count_nonzero(model)}
     if dataset:
         check_seqlen(model, seqlen)

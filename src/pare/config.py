@@ -9,10 +9,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
+import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
+
+import torch
 
 from pare.errors import ConfigError
 
@@ -49,12 +52,46 @@ class BaseConfig:
                 f"{cls.__name__} has no option(s) {unknown}; valid options are {sorted(names)}"
             )
         hints = typing.get_type_hints(cls)
-        kwargs = {}
-        for key, value in data.items():
-            if isinstance(value, list) and "tuple" in str(hints.get(key, "")):
-                value = tuple(value)
-            kwargs[key] = value
+        kwargs = {key: checked_value(cls.__name__, key, hints[key], value) for key, value in data.items()}
         return cls(**kwargs)
+
+
+_KINDS: dict[type, tuple[type, ...]] = {str: (str,), int: (int,), float: (int, float), bool: (bool,)}
+_KIND_WORDS = {str: "text", int: "an integer", float: "a number", bool: "true or false"}
+
+
+def _fits(kind: type, value: Any) -> bool:
+    return isinstance(value, _KINDS[kind]) and (kind is bool or not isinstance(value, bool))
+
+
+def checked_value(owner: str, name: str, hint: Any, value: Any) -> Any:
+    """``value`` as field ``name`` of type ``hint`` wants it (lists become tuples, one text item of a
+    list of regexes becomes a one-item tuple), or a ConfigError saying what was expected."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):  # X | None
+        inner = [a for a in args if a is not type(None)]
+        return None if value is None else checked_value(owner, name, inner[0], value)
+    if origin is tuple:
+        kind = args[0]
+        if isinstance(value, str) and kind is str:
+            return (value,)
+        if not isinstance(value, (list, tuple)):
+            example = '["mlp\\.down_proj"]' if kind is str else "[0.3, 0.5, 0.7]"
+            raise ConfigError(f"{owner}.{name} must be a list, e.g. {name}: {example}; got {value!r}")
+        for item in value:
+            if not _fits(kind, item):
+                raise ConfigError(f"{owner}.{name}: every item must be {_KIND_WORDS[kind]}, got {item!r}")
+        return tuple(value)
+    if origin is dict or hint is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{owner}.{name} must be a mapping (regex: value), got {value!r}")
+        return value
+    if hint in _KINDS and not _fits(hint, value):
+        hint_yaml = ""
+        if hint is str and isinstance(value, (int, float)):
+            hint_yaml = ": quote it in a YAML file (an unquoted 2:4 is even read as the number 124)"
+        raise ConfigError(f"{owner}.{name} must be {_KIND_WORDS[hint]}, got {value!r}{hint_yaml}")
+    return value
 
 
 def check_ratio(name: str, value: float, *, allow_zero: bool = True) -> None:
@@ -80,22 +117,12 @@ def check_regexes(name: str, patterns: tuple[str, ...]) -> None:
 
 @dataclass(frozen=True)
 class PruneConfig(BaseConfig):
-    """Options shared by every pruning method.
-
-    Attributes:
-        targets: regexes over module names; a module is pruned when one matches (default: every
-            linear inside a decoder layer).
-        ignore: regexes over module names never to prune (embeddings and lm_head are never pruned).
-    """
+    """What every pruning method's config is: a method name plus validated, versioned options."""
 
     method: ClassVar[str] = ""
 
-    targets: tuple[str, ...] = help_field((), "regexes of module names to prune (default: all decoder linears)")
-    ignore: tuple[str, ...] = help_field((), "regexes of module names never to prune")
-
     def __post_init__(self) -> None:
-        check_regexes("targets", self.targets)
-        check_regexes("ignore", self.ignore)
+        """Validate the options (subclasses raise ConfigError saying what would work)."""
 
     def to_dict(self) -> dict[str, Any]:
         return {"version": CONFIG_VERSION, "method": self.method, **super().to_dict()}
@@ -128,6 +155,37 @@ class RuntimeConfig(BaseConfig):
         True, "feed each layer the outputs of the already-pruned layers (False: dense inputs)"
     )
     progress: bool = help_field(True, "show progress bars")
+
+
+DTYPES = ("float32", "float16", "bfloat16", "float64")
+
+
+def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
+    """A load dtype from its name (None or ``auto``: the checkpoint's own)."""
+    if dtype is None or dtype == "auto" or isinstance(dtype, torch.dtype):
+        return dtype if isinstance(dtype, torch.dtype) else None
+    if not isinstance(dtype, str) or dtype not in DTYPES:
+        raise ConfigError(f"dtype {dtype!r} is not one of auto, {', '.join(DTYPES)}")
+    return getattr(torch, dtype)
+
+
+def usable_device(device: str | torch.device | None) -> torch.device:
+    """The compute device to use (None: cuda when available, else cpu), checked to work here."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise ConfigError(f"device {device!r} is not a device name: use cpu, cuda, cuda:1, mps...") from exc
+    if dev.type != "cpu":
+        try:
+            torch.empty(0, device=dev)
+        except (RuntimeError, AssertionError) as exc:
+            cuda = f"cuda ({torch.cuda.device_count()} device(s))" if torch.cuda.is_available() else None
+            usable = ", ".join(d for d in ("cpu", cuda) if d)
+            raise ConfigError(f"device {device!r} cannot be used on this machine ({exc}); usable here: {usable}") \
+                from exc
+    return dev
 
 
 def read_config_file(path: str | Path) -> dict[str, Any]:

@@ -115,7 +115,7 @@ def test_owl_equals_the_same_ratios_given_explicitly(method: str, model_type: st
     report = pare.prune(owl_model, CONFIGS[method](sparsity=0.7, profile="owl"), calib(), runtime=runtime)
     ratios = tuple(report.scores["owl"]["layer_sparsity"])
     explicit = tiny_model(model_type)
-    pare.prune(explicit, CONFIGS[method](sparsity=0.7, layer_sparsity=ratios), calib(), runtime=runtime)
+    pare.prune(explicit, CONFIGS[method](layer_sparsity=ratios), calib(), runtime=runtime)
     for (name, a), (_, b) in zip(owl_model.named_parameters(), explicit.named_parameters(), strict=True):
         assert torch.equal(a, b), name
 
@@ -169,11 +169,27 @@ def test_bad_nm(pattern: str) -> None:
         (dict(blocksize=0), "blocksize"),
         (dict(pattern="2:4", blocksize=30), "multiple of M=4"),
         (dict(percdamp=-1), "percdamp"),
+        (dict(pattern="2:4", sparsity=0.7), r"prunes 2 of every 4 weights \(sparsity 0.5\): drop sparsity=0.7"),
+        (dict(layer_sparsity=(0.1, 0.2, 0.3), sparsity=0.9), "sparsity=0.9 would be ignored"),
     ],
 )
 def test_bad_options(kwargs, match) -> None:
     with pytest.raises(ConfigError, match=match):
         pare.SparseGPTConfig(**kwargs)
+
+
+def test_an_nm_pattern_records_its_own_sparsity() -> None:
+    assert pare.WandaConfig(pattern="1:4").sparsity == 0.25
+    assert pare.WandaConfig(pattern="2:4", sparsity=0.5).to_dict()["sparsity"] == 0.5
+    assert pare.MagnitudeConfig.from_dict(pare.MagnitudeConfig(pattern="4:8").to_dict()).sparsity == 0.5
+
+
+@pytest.mark.parametrize("method", ["osscar", "width", "shortgpt", "layers", "ppl-window", "sublayer", "angular"])
+def test_structured_methods_do_not_take_module_regexes(method: str) -> None:
+    from pare.methods import METHODS
+
+    with pytest.raises(ConfigError, match="no option"):
+        METHODS[method].config_class.from_dict({"targets": ["mlp"]})
 
 
 @pytest.mark.parametrize(

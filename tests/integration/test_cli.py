@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 from transformers import AutoModelForCausalLM
 
 from pare.cli import main
@@ -69,6 +70,17 @@ def test_config_file_and_cli_override(model_dir: Path, tmp_path: Path) -> None:
     assert manifest["config"]["sparsity"] == 0.75 and manifest["config"]["granularity"] == "layer"
 
 
+def test_config_file_top_level_options_apply(model_dir: Path, text_file: Path, tmp_path: Path, capsys) -> None:
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(f"model: {model_dir}\nmethod: magnitude\ntargets: down_proj\neval: {text_file}\n"
+                   "eval_seqlen: 16\neval_max_windows: 3\nspeed: false\njson: true\nprogress: false\n")
+    assert main(["prune", "--config", str(cfg)]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["figures"]["n_windows_after"] == 3 and report["figures"]["seqlen_after"] == 16
+    assert "prefill_tokens_per_s_after" not in report["figures"]
+    assert set(report["modules"]) == {f"model.layers.{i}.mlp.down_proj" for i in range(len(report["modules"]))}
+
+
 def _error(capsys, argv: list[str]) -> str:
     assert main(argv) == 2
     return capsys.readouterr().err
@@ -94,6 +106,25 @@ def test_bad_inputs_are_clear_errors_and_lose_nothing(model_dir: Path, tmp_path:
         capsys, ["eval", str(model_dir), "--ppl", str(text_file), "--seqlen", "100000"]
     )
     assert "matches no prunable module" in _error(capsys, [*base, "--targets", "nothing_here"])
+    assert "prunes 2 of every 4 weights" in _error(capsys, [*base, "--pattern", "2:4", "--sparsity", "0.7"])
+    assert "do not apply to method 'osscar'" in _error(
+        capsys, ["prune", "--model", str(model_dir), "--method", "osscar", "--targets", "mlp"])
+    assert "not one of auto, float32" in _error(capsys, [*base, "--dtype", "bogus"])
+    if not torch.cuda.is_available():
+        assert "cannot be used on this machine" in _error(capsys, [*base, "--device", "cuda"])
+        assert "cannot be used on this machine" in _error(capsys, ["eval", str(model_dir), "--device", "cuda"])
+    assert "not a device name" in _error(capsys, [*base, "--device", "bogus"])
+    yaml_file = tmp_path / "typed.yaml"
+    yaml_file.write_text("pattern: 2:4\n")
+    assert "pattern must be text, got 124" in _error(capsys, [*base, "--config", str(yaml_file)])
+    yaml_file.write_text("eval_seqlen: many\n")
+    assert "eval_seqlen must be an integer" in _error(capsys, [*base, "--config", str(yaml_file)])
+
+
+def test_abbreviated_options_are_refused(model_dir: Path, capsys) -> None:
+    with pytest.raises(SystemExit):
+        main(["prune", "--model", str(model_dir), "--method", "magnitude", "--spars", "0.7"])
+    assert "unrecognized arguments: --spars" in capsys.readouterr().err
 
 
 def test_unknown_model_type_is_reported(tmp_path: Path, capsys) -> None:

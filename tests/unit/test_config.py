@@ -61,3 +61,27 @@ def test_config_files_yaml_and_json(tmp_path) -> None:
     with pytest.raises(ConfigError, match="mapping"):
         read_config_file(tmp_path / "list.yaml")
     assert RuntimeConfig.from_dict({"device": "cpu"}).device == "cpu"
+
+
+def test_file_values_of_the_wrong_type_are_named() -> None:
+    from pare.methods import WandaConfig
+
+    # one regex given as text is one regex, not one per character
+    assert MagnitudeConfig.from_dict({"targets": "down_proj"}).targets == ("down_proj",)
+    assert MagnitudeConfig.from_dict({"ignore": ["mlp\\.down_proj"]}).ignore == ("mlp\\.down_proj",)
+    with pytest.raises(ConfigError, match=r"pattern must be text, got 124: quote it"):
+        WandaConfig.from_dict({"pattern": 124})  # YAML's reading of an unquoted 2:4
+    with pytest.raises(ConfigError, match=r"layer_sparsity must be a list, e\.g\."):
+        WandaConfig.from_dict({"layer_sparsity": 0.3})
+    with pytest.raises(ConfigError, match=r"every item must be a number, got 'x'"):
+        WandaConfig.from_dict({"layer_sparsity": [0.3, "x"]})
+    with pytest.raises(ConfigError, match=r"must be a number, got '0\.5'"):
+        WandaConfig.from_dict({"sparsity": "0.5"})
+    with pytest.raises(ConfigError, match="must be true or false"):
+        RuntimeConfig.from_dict({"offload": "no"})
+    with pytest.raises(ConfigError, match=r"must be an integer, got 12\.5"):
+        CalibrationConfig.from_dict({"nsamples": 12.5})
+    with pytest.raises(ConfigError, match="must be a mapping"):
+        WandaConfig.from_dict({"module_sparsity": [0.5]})
+    assert WandaConfig.from_dict({"sparsity": 1 - 0.5, "layer_sparsity": [0, 0.5]}).layer_sparsity == (0, 0.5)
+    assert RuntimeConfig.from_dict({"device": None}).device is None

@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 
 from pare.arch.roles import LayerRoles, ModelArch
 from pare.calibration.stats import InputsRecorded
+from pare.config import usable_device
 
 log = logging.getLogger(__name__)
 
@@ -130,9 +131,8 @@ def model_device(model: nn.Module) -> torch.device:
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    """The compute device (None: cuda when available), with a ConfigError when it cannot be used."""
+    return usable_device(device)
 
 
 @dataclass

@@ -12,19 +12,24 @@ import sys
 from typing import Any
 
 from pare.cli.options import add_config_options, build_config, given_dests
-from pare.config import CalibrationConfig, RuntimeConfig, read_config_file
+from pare.config import CalibrationConfig, RuntimeConfig, checked_value, read_config_file
 from pare.errors import ConfigError, PareError
 
 log = logging.getLogger("pare")
 
 COMMON = {"model", "method", "out", "overwrite", "config", "eval", "speed", "eval_seqlen", "eval_batch_size",
           "eval_max_windows", "arch_override", "dtype", "verbose", "json"}
+TOP_KINDS: dict[str, type] = {"model": str, "method": str, "out": str, "overwrite": bool, "eval": str, "speed": bool,
+                              "eval_seqlen": int, "eval_batch_size": int, "eval_max_windows": int,
+                              "arch_override": str, "dtype": str, "verbose": bool, "json": bool}
+"""Types of the options that are not config fields, when they come from a config file."""
 
 
 def _prune_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     from pare.methods import METHODS
 
-    p = sub.add_parser("prune", help="prune a model and save it", description="Prune a model and save it.")
+    p = sub.add_parser("prune", help="prune a model and save it", description="Prune a model and save it.",
+                       allow_abbrev=False)
     p.add_argument("--model", help="hub id or local directory")
     p.add_argument("--method", help=f"one of {', '.join(sorted(METHODS))}")
     p.add_argument("--out", "--save_model", dest="out", help="output directory (written atomically)")
@@ -55,7 +60,8 @@ def _prune_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 
 def _eval_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("eval", help="perplexity, parameters, size on disk and tokens/s of a model")
+    p = sub.add_parser("eval", help="perplexity, parameters, size on disk and tokens/s of a model",
+                       allow_abbrev=False)
     p.add_argument("model", help="directory written by pare prune, any local model, or a hub id")
     p.add_argument("--ppl", default="wikitext2", help="data set for perplexity ('none' to skip)")
     p.add_argument("--seqlen", type=int, default=2048, help="evaluation window in tokens")
@@ -69,9 +75,12 @@ def _eval_parser(sub: argparse._SubParsersAction) -> None:
 
 def build_parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     """The ``pare`` parser and its ``prune`` sub-parser."""
-    parser = argparse.ArgumentParser(prog="pare", description="Prune causal LMs and prove what each cut costs.")
+    # no abbreviations: options are matched by their full names (config-file values vs typed flags)
+    parser = argparse.ArgumentParser(prog="pare", description="Prune causal LMs and prove what each cut costs.",
+                                     allow_abbrev=False)
     sub = parser.add_subparsers(dest="command", required=True)
-    ins = sub.add_parser("inspect", help="the model's roles: layers, heads, MLP width, params by part")
+    ins = sub.add_parser("inspect", help="the model's roles: layers, heads, MLP width, params by part",
+                         allow_abbrev=False)
     ins.add_argument("model")
     ins.add_argument("--json", action="store_true")
     ins.add_argument("-v", "--verbose", action="store_true")
@@ -157,9 +166,13 @@ def _cmd_prune(args: argparse.Namespace, given: set[str]) -> int:
 
     file_data = read_config_file(args.config) if args.config else {}
     top, calib_vals, runtime_vals, method_vals = _file_sections(file_data)
-    for key in ("model", "method", "out", "overwrite", "eval", "arch_override", "dtype"):
-        if getattr(args, key, None) is None and key in top:
-            setattr(args, key, top[key])
+    for key, value in top.items():
+        key = key.replace("-", "_")
+        if key in TOP_KINDS and getattr(args, key, None) is None:
+            value = checked_value("config file", key, TOP_KINDS[key], value)
+            if key.startswith("eval_") and value is not None and value < 1:
+                raise ConfigError(f"config file: {key} must be a positive integer, got {value}")
+            setattr(args, key, value)
     if not args.model:
         raise ConfigError("no model: pass --model (a hub id or a local directory) or `model:` in --config")
     if not args.method:

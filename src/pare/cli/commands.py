@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from pare.config import CalibrationConfig, PruneConfig, RuntimeConfig
+from pare.config import CalibrationConfig, PruneConfig, RuntimeConfig, parse_dtype, usable_device
 
 
 def _arch_override(path: str | None):
@@ -171,7 +171,7 @@ def _load_any(name_or_path: str, dtype: str | None = None):
     from pare.io import load, read_manifest
 
     if Path(name_or_path).is_dir() and read_manifest(name_or_path):
-        model = load(name_or_path, dtype=getattr(torch, dtype) if dtype and dtype != "auto" else None)
+        model = load(name_or_path, dtype=parse_dtype(dtype))
         return model, AutoTokenizer.from_pretrained(name_or_path)
     return load_model(name_or_path, dtype=dtype or "auto")
 
@@ -179,6 +179,8 @@ def _load_any(name_or_path: str, dtype: str | None = None):
 def eval_cmd(args: argparse.Namespace) -> int:
     from pare.api import evaluate
 
+    if args.device is not None:
+        usable_device(args.device)  # before loading anything
     model, tok = _load_any(args.model)
     dataset = None if args.ppl in (None, "", "none") else args.ppl
     res = evaluate(model, tok, dataset=dataset, seqlen=args.seqlen, batch_size=args.batch_size,
@@ -222,6 +224,8 @@ def prune_cmd(args: argparse.Namespace, method: PruneConfig, calib: CalibrationC
 
     if args.out:
         check_output(args.out, bool(args.overwrite))  # fail before any long work
+    usable_device(runtime.device)
+    parse_dtype(args.dtype)
     model, tok = _load_any(args.model, args.dtype)
     before = _evaluate_figures(model, tok, args, calib.seqlen, runtime) if args.eval else {}
     if before:

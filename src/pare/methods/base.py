@@ -84,6 +84,9 @@ class SparsityConfig(PruneConfig):
     """Options shared by the weight-sparsity methods (magnitude, Wanda, SparseGPT).
 
     Attributes:
+        targets: regexes over module names; a matrix is pruned when one matches (default: every
+            linear inside a decoder layer, experts included; routers never).
+        ignore: regexes over module names never to prune (embeddings and lm_head are never pruned).
         sparsity: fraction of weights set to zero in each pruned matrix, in [0, 1) (the overall
             target when the profile varies it per layer).
         pattern: ``unstructured`` or ``N:M`` (N zeros in every M consecutive inputs, e.g. 2:4).
@@ -100,6 +103,8 @@ class SparsityConfig(PruneConfig):
             regex wins over the per-layer value.
     """
 
+    targets: tuple[str, ...] = help_field((), "regexes of module names to prune (default: all decoder linears)")
+    ignore: tuple[str, ...] = help_field((), "regexes of module names never to prune")
     sparsity: float = help_field(0.5, "fraction of weights set to zero, in [0, 1)")
     pattern: str = help_field("unstructured", "'unstructured' or N:M, e.g. 2:4 (2 zeros in every 4)")
     profile: str = help_field("uniform", "layer-wise sparsity: 'uniform' or 'owl' (outlier-weighted, same overall)")
@@ -113,6 +118,8 @@ class SparsityConfig(PruneConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        check_regexes("targets", self.targets)
+        check_regexes("ignore", self.ignore)
         check_ratio("sparsity", self.sparsity)
         nm = parse_pattern(self.pattern)
         if self.profile not in ("uniform", "owl"):
@@ -137,6 +144,19 @@ class SparsityConfig(PruneConfig):
                 f"an {self.pattern} pattern prunes {nm[0]}/{nm[1]} of every matrix: per-layer ratios (profile, "
                 "layer_sparsity, module_sparsity) apply to pattern='unstructured' only"
             )
+        self._check_sparsity_is_used(nm)
+
+    def _check_sparsity_is_used(self, nm: tuple[int, int] | None) -> None:
+        """Refuse a ``sparsity`` that another option overrides; an N:M pattern records its own."""
+        default = SparsityConfig.__dataclass_fields__["sparsity"].default
+        if nm is not None:
+            if self.sparsity not in (default, nm[0] / nm[1]):
+                raise ConfigError(f"pattern {self.pattern} prunes {nm[0]} of every {nm[1]} weights (sparsity "
+                                  f"{nm[0] / nm[1]:g}): drop sparsity={self.sparsity} or set it to {nm[0] / nm[1]:g}")
+            object.__setattr__(self, "sparsity", nm[0] / nm[1])  # the manifest says what was done
+        elif self.layer_sparsity and self.sparsity != default:
+            raise ConfigError(f"layer_sparsity gives every layer its ratio, so sparsity={self.sparsity} would be "
+                              "ignored: drop sparsity, or drop layer_sparsity to prune every layer at sparsity")
 
     @property
     def nm(self) -> tuple[int, int] | None:
