@@ -141,6 +141,11 @@ def prune(
         report.notes.append(DENSE_ZEROS_NOTE)
     report.figures.setdefault("params_before", params_before)
     report.figures["params_after"] = sum(p.numel() for p in model.parameters())
+    if not isinstance(config, SparsityConfig) and report.figures["params_after"] == params_before:
+        unchanged = (f"{config.method} removed nothing with these options (a ratio of 0, or widths that round "
+                     "back to the full size): the model is unchanged")
+        log.warning(unchanged)
+        report.notes.append(unchanged)
     if report.modules:
         # zeros are counted where this run put them; other parameters are not read (a lazily loaded
         # model is not paged in just to count them: `pare eval` counts every parameter)

@@ -32,3 +32,4 @@ def test_every_method_runs_under_the_callers_autograd_mode(method: str, mode: st
     for name, value in want.items():
         torch.testing.assert_close(got[name], value, msg=name)
     assert all(not p.requires_grad or p.grad is None for p in model.parameters())
+

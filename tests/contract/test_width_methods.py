@@ -151,3 +151,14 @@ def test_unrealisable_head_ratio_lists_valid_ratios():
     model = tiny_model("llama")  # 4 heads / 2 KV heads: query mode 0.5, kv mode 0.5
     with pytest.raises(ConfigError, match="nearest valid ratios"):
         pare.prune(model, OsscarConfig(mlp_ratio=0.0, attn_ratio=0.3, head_mode="query"), CALIB, runtime=RT)
+
+
+def test_a_structured_run_that_removes_nothing_says_so(caplog) -> None:
+    model = tiny_model("llama")
+    before = sum(p.numel() for p in model.parameters())
+    report = pare.prune(model, pare.OsscarConfig(mlp_ratio=0.25, round_to=4096), tiny_batch(4, 16),
+                        runtime=RuntimeConfig(progress=False, device="cpu"))
+    assert sum(p.numel() for p in model.parameters()) == before
+    assert any("removed nothing" in n for n in report.notes)
+    assert not any("weights are removed" in n for n in report.notes)
+    assert "removed nothing" in caplog.text

@@ -130,9 +130,10 @@ class OsscarPruner(Pruner):
             if cfg.mlp_ratio > 0:
                 self._prune_mlp(ctx, step, targets)
         ctx.report.uniform = sync_config(ctx.model, describe(ctx.model))
-        ctx.report.notes.append(
-            "Structured cut: weights are removed, so the checkpoint is smaller and dense kernels are faster."
-        )
+        if ctx.report.edits:
+            ctx.report.notes.append(
+                "Structured cut: weights are removed, so the checkpoint is smaller and dense kernels are faster."
+            )
 
     # ------------------------------------------------------------------ attention
     def _prune_attention(self, ctx: PruneContext, step: LayerStep, targets: dict[str, Target],
