@@ -108,8 +108,8 @@ def prune(
     if not isinstance(config, pruner_cls.config_class):
         raise ConfigError(f"{type(config).__name__} is not the config of method {config.method!r}")
     arch = describe(model, arch_override)
-    if isinstance(config, SparsityConfig):
-        check_selection(arch, model, config.targets, config.ignore)
+    pruner = pruner_cls(config)
+    _check(model, config, arch, pruner)
     calib_info: dict[str, Any] | None = None
     ids: torch.Tensor | None = None
     if pruner_cls.needs_calibration:
@@ -129,7 +129,6 @@ def prune(
             )
     report = Report(method=config.method, config=config.to_dict(), calibration=calib_info)
     params_before = sum(p.numel() for p in model.parameters())
-    pruner = pruner_cls(config)
     ctx = PruneContext(model, arch, ids, runtime, report, batch_size or 8)
     with torch.no_grad(), measure_cost() as cost:
         pruner.run(ctx)
@@ -153,6 +152,18 @@ def prune(
         report.figures["nonzero_after"] = report.figures["params_after"] - zeros
     log.info("%s: %.1fs, peak RSS %.0f MB", config.method, cost.seconds, cost.peak_rss_mb)
     return report
+
+
+def check(model: nn.Module, config: PruneConfig, arch_override: ArchOverride | None = None) -> None:
+    """Raise ConfigError when ``config`` cannot apply to ``model`` (GQA head counts, layer indices,
+    module regexes, N:M widths...), before any long work such as a dense evaluation."""
+    _check(model, config, describe(model, arch_override), pruner_for(config.method)(config))
+
+
+def _check(model: nn.Module, config: PruneConfig, arch, pruner) -> None:
+    if isinstance(config, SparsityConfig):
+        check_selection(arch, model, config.targets, config.ignore)
+    pruner.check(model, arch)
 
 
 def _pruned_modules(model: nn.Module, arch, config: SparsityConfig) -> dict[str, dict]:

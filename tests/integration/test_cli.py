@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -142,3 +143,27 @@ def test_depth_prune_prints_choice_and_reloads(model_dir: Path, text_file: Path,
     text = capsys.readouterr().out
     assert "removed layers: [" in text and "structural edits: 1 (uniform)" in text
     assert AutoModelForCausalLM.from_pretrained(out).config.num_hidden_layers == 2
+
+
+@pytest.mark.parametrize(
+    ("options", "match"),
+    [
+        (["--method", "width", "--pruning-ratio", "0.3"], "head"),
+        (["--method", "osscar", "--attn-ratio", "0.3"], "head"),
+        (["--method", "layers", "--layers", "9"], "9"),
+        (["--method", "magnitude", "--pattern", "3:7"], "multiple of 7"),
+        (["--method", "wanda", "--layer-sparsity", "0.5"], "one value per layer"),
+        (["--method", "wanda", "--nsamples", "100000", "--seqlen", "32"], "nsamples <="),
+    ],
+)
+def test_bad_options_fail_before_the_dense_evaluation(model_dir: Path, text_file: Path, options: list[str],
+                                                      match: str, monkeypatch, capsys) -> None:
+    import pare.cli.commands as commands
+
+    def no_evaluation(*_args, **_kwargs):
+        raise AssertionError("the dense evaluation ran before the options were checked")
+
+    monkeypatch.setattr(commands, "_evaluate_figures", no_evaluation)
+    argv = ["prune", "--model", str(model_dir), "--calib", str(text_file), "--seqlen", "16", "--nsamples", "4",
+            "--eval", str(text_file), "--no-progress", *options]
+    assert re.search(match, _error(capsys, argv), re.IGNORECASE)

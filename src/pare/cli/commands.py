@@ -218,7 +218,7 @@ def _evaluate_figures(model, tok, args: argparse.Namespace, seqlen: int, runtime
 def prune_cmd(args: argparse.Namespace, method: PruneConfig, calib: CalibrationConfig,
               runtime: RuntimeConfig, needs_calibration: bool) -> int:
     """Load, (evaluate), prune, (evaluate), save, print the before/after table."""
-    from pare.api import prune
+    from pare.api import calibration_ids, check, prune
     from pare.io import save
     from pare.io.save import check_output
 
@@ -227,11 +227,16 @@ def prune_cmd(args: argparse.Namespace, method: PruneConfig, calib: CalibrationC
     usable_device(runtime.device)
     parse_dtype(args.dtype)
     model, tok = _load_any(args.model, args.dtype)
+    override = _arch_override(args.arch_override)
+    check(model, method, override)  # bad options fail before the calibration text and the dense evaluation
+    ids = calibration_ids(tok, calib, model) if needs_calibration else None
     before = _evaluate_figures(model, tok, args, calib.seqlen, runtime) if args.eval else {}
     if before:
         model.to("cpu") if runtime.offload else None
-    report = prune(model, method, calib if needs_calibration else None, tokenizer=tok, runtime=runtime,
-                   arch_override=_arch_override(args.arch_override), batch_size=calib.batch_size)
+    report = prune(model, method, ids, tokenizer=tok, runtime=runtime, arch_override=override,
+                   batch_size=calib.batch_size)
+    if ids is not None:
+        report.calibration = calib.to_dict()
     after = _evaluate_figures(model, tok, args, calib.seqlen, runtime) if args.eval else {}
     for key, value in before.items():
         report.figures[f"{key}_before"] = value

@@ -74,6 +74,10 @@ class Pruner(ABC):
     def __init__(self, config: PruneConfig) -> None:
         self.config = config
 
+    def check(self, model: nn.Module, arch: ModelArch) -> None:  # noqa: B027 - optional hook
+        """Raise ConfigError when the options cannot apply to this model (checked before any work,
+        e.g. before a dense evaluation); the default accepts every model."""
+
     @abstractmethod
     def run(self, ctx: PruneContext) -> None:
         """Prune ``ctx.model`` in place and record what was done in ``ctx.report``."""
@@ -191,20 +195,32 @@ class SparsityPruner(Pruner):
         """The accumulator for one target's inputs (methods may share work between targets)."""
         return InputStats(want_gram=STAT_GRAM in self.stats)
 
-    def prepare_profile(self, ctx: PruneContext) -> None:
-        """Check the explicit ratios against the model and compute OWL's per-layer ratios."""
+    def check(self, model: nn.Module, arch: ModelArch) -> None:
+        """Module regexes that match, one ratio per layer, input widths that the N:M pattern divides."""
         cfg = self.config
-        layers = ctx.arch.layer_modules(ctx.model)
-        per_layer = [self._targets(ctx, i, layer) for i, layer in enumerate(layers)]
+        per_layer = [select(layer_targets(layer, arch.layers[i], arch.layer_prefix(i)), cfg.targets, cfg.ignore)
+                     for i, layer in enumerate(arch.layer_modules(model))]
         names = [t.name for ts in per_layer for t in ts]
         for regex in cfg.module_sparsity:
             if not any(re.search(regex, n) for n in names):
                 raise ConfigError(f"module_sparsity regex {regex!r} matches no pruned module; names look like "
                                   f"{', '.join(names[:3])}")
+        if cfg.layer_sparsity and len(cfg.layer_sparsity) != len(per_layer):
+            raise ConfigError(f"layer_sparsity has {len(cfg.layer_sparsity)} values but the model has "
+                              f"{len(per_layer)} decoder layers: give one value per layer")
+        nm = cfg.nm
+        odd = [t for ts in per_layer for t in ts if nm is not None and t.shape[1] % nm[1]]
+        if nm is not None and odd:
+            raise ConfigError(f"pattern {cfg.pattern} needs every pruned matrix's input width to be a multiple of "
+                              f"{nm[1]}; {odd[0].name} has {odd[0].shape[1]} inputs ({len(odd)} such matrices): use "
+                              "an M that divides it, or leave them out with ignore")
+
+    def prepare_profile(self, ctx: PruneContext) -> None:
+        """Compute OWL's per-layer ratios (or take the explicit ones)."""
+        cfg = self.config
+        layers = ctx.arch.layer_modules(ctx.model)
+        per_layer = [self._targets(ctx, i, layer) for i, layer in enumerate(layers)]
         if cfg.layer_sparsity:
-            if len(cfg.layer_sparsity) != len(layers):
-                raise ConfigError(f"layer_sparsity has {len(cfg.layer_sparsity)} values but the model has "
-                                  f"{len(layers)} decoder layers: give one value per layer")
             self.layer_ratios = list(cfg.layer_sparsity)
         if cfg.profile == "owl":
             ratios = self._outlier_ratios(ctx)

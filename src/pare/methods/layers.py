@@ -161,8 +161,14 @@ class LayersPruner(Pruner):
     config: LayersConfig
     needs_calibration: ClassVar[bool] = False
 
-    def run(self, ctx: PruneContext) -> None:
+    def check(self, model: nn.Module, arch: ModelArch) -> None:
+        self._chosen(arch.num_layers)
+
+    def _chosen(self, num_layers: int) -> list[int]:
         if not self.config.layers:
             raise ConfigError("method 'layers' needs the layers to remove, e.g. --layers 11-13 or --layers 3,7,9")
-        chosen = check_layer_indices(parse_layer_spec(self.config.layers), ctx.arch.num_layers)
+        return check_layer_indices(parse_layer_spec(self.config.layers), num_layers)
+
+    def run(self, ctx: PruneContext) -> None:
+        chosen = self._chosen(ctx.arch.num_layers)
         apply_layer_removal(ctx, chosen, f"named explicitly: --layers {self.config.layers}")

@@ -20,9 +20,10 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
+from torch import nn
 
 from pare.arch import describe
-from pare.arch.roles import AttentionRoles
+from pare.arch.roles import AttentionRoles, ModelArch
 from pare.arch.surgery.width import (
     expert_alignment,
     head_count_for_ratio,
@@ -116,6 +117,11 @@ class OsscarPruner(Pruner):
     config_class = OsscarConfig
     config: OsscarConfig
     needs_calibration: ClassVar[bool] = True
+
+    def check(self, model: nn.Module, arch: ModelArch) -> None:
+        first = next((r.attention for r in arch.layers if r.attention is not None), None)
+        if self.config.attn_ratio > 0 and first is not None:
+            resolve_heads(first, self.config.attn_ratio, self.config.head_mode)
 
     def run(self, ctx: PruneContext) -> None:
         cfg = self.config

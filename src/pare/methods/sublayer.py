@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
+from torch import nn
 
 from pare.arch.roles import ModelArch
 from pare.arch.surgery.depth import remove_sublayer, set_submodule, sublayer_parameters
@@ -139,6 +140,9 @@ class SublayerPruner(Pruner):
         finally:
             for path, module in originals.items():
                 set_submodule(layer, path, module)
+
+    def check(self, model: nn.Module, arch: ModelArch) -> None:
+        self.config.candidate_layers(arch.num_layers)
 
     @torch.no_grad()
     def run(self, ctx: PruneContext) -> None:

@@ -485,6 +485,12 @@ class WidthPruner(Pruner):
     config: WidthConfig
     needs_calibration: ClassVar[bool] = True
 
+    def check(self, model: nn.Module, arch: ModelArch) -> None:
+        cfg = self.config
+        first = next((r.attention for r in arch.layers if r.attention is not None), None)
+        if cfg.heads and first is not None and cfg.pruning_ratio > 0:
+            resolve_heads(first, cfg.pruning_ratio, cfg.head_mode)
+
     def run(self, ctx: PruneContext) -> None:
         cfg = self.config
         ids = ctx.calibration
