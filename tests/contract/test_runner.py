@@ -212,3 +212,32 @@ def test_shared_inputs_refuse_a_follower_fed_another_tensor() -> None:
         block(x)
         block(x)
     assert not block.a._forward_pre_hooks and not block.b._forward_pre_hooks
+
+
+def _tuple_returning_model(kind: str) -> torch.nn.Module:
+    """Families whose decoder layers still return tuples (and whose model takes ``outputs[0]``)."""
+    from transformers import AutoModelForCausalLM, BloomConfig, FalconConfig, GPTJConfig
+
+    torch.manual_seed(0)
+    cfg = {
+        "gptj": GPTJConfig(n_embd=64, n_layer=3, n_head=4, rotary_dim=8, n_positions=128, vocab_size=256),
+        "bloom": BloomConfig(hidden_size=64, n_layer=3, n_head=4, vocab_size=256),
+        "falcon": FalconConfig(hidden_size=64, num_hidden_layers=3, num_attention_heads=4, vocab_size=256,
+                               new_decoder_architecture=False, multi_query=True),
+    }[kind]
+    return AutoModelForCausalLM.from_config(cfg).eval()
+
+
+@pytest.mark.parametrize("kind", ["gptj", "bloom", "falcon"])
+def test_runner_and_head_work_for_layers_that_return_tuples(kind: str) -> None:
+    model = _tuple_returning_model(kind)
+    ids = tiny_batch(4, 16) % 256
+    with torch.no_grad():
+        ref = model(ids).logits
+    arch = describe(model)
+    runner = LayerwiseRunner(model, arch, ids, device="cpu", batch_size=2, progress=False)
+    steps = list(runner.steps())
+    assert steps[0].returns_tuple  # learned from the real layers
+    with torch.no_grad():
+        head = logits_from_hidden(model, arch, ids, torch.cat(runner.final_hidden or []), as_tuple=True)
+    assert (head - ref).abs().max().item() <= 1e-4

@@ -167,3 +167,23 @@ def test_bad_options_fail_before_the_dense_evaluation(model_dir: Path, text_file
     argv = ["prune", "--model", str(model_dir), "--calib", str(text_file), "--seqlen", "16", "--nsamples", "4",
             "--eval", str(text_file), "--no-progress", *options]
     assert re.search(match, _error(capsys, argv), re.IGNORECASE)
+
+
+def test_pruning_a_pruned_output_keeps_every_edit(model_dir: Path, text_file: Path, tmp_path: Path) -> None:
+    import pare
+
+    first, second = tmp_path / "sub", tmp_path / "sub-layers"
+    common = ["--calib", str(text_file), "--nsamples", "4", "--seqlen", "32", "--no-progress"]
+    assert main(["prune", "--model", str(model_dir), "--method", "sublayer", "--num-sublayers", "1",
+                 "--out", str(first), *common]) == 0
+    assert main(["prune", "--model", str(first), "--method", "layers", "--layers", "0",
+                 "--out", str(second), *common]) == 0
+    manifest = json.loads((second / "pare.json").read_text())
+    assert [h["method"] for h in manifest["history"]] == ["sublayer", "layers"]
+    assert manifest["figures"]["size_on_disk_bytes_after"] > 0
+    ids = torch.randint(0, 100, (1, 12))
+    reloaded = pare.load(second)
+    direct = pare.load(first)
+    pare.prune(direct, pare.LayersConfig(layers="0"), runtime=pare.RuntimeConfig(progress=False, device="cpu"))
+    with torch.no_grad():
+        assert torch.equal(reloaded(ids).logits, direct(ids).logits)

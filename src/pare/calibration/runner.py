@@ -155,6 +155,10 @@ def base_module(model: nn.Module, arch: ModelArch) -> nn.Module:
     return model.get_submodule(arch.base_path) if arch.base_path else model
 
 
+class _CaptureDone(Exception):
+    """Ends a capture forward once the last decoder layer's call is recorded."""
+
+
 def capture(
     model: nn.Module, arch: ModelArch, batches: list[torch.Tensor], device: torch.device, store: torch.device
 ) -> Captured:
@@ -167,11 +171,17 @@ def capture(
     hidden: list[torch.Tensor] = []
     calls: list[list[LayerCall]] = [[] for _ in range(len(layers))]
 
+    last = len(layers) - 1
+
     def make_call(i: int) -> Callable[..., torch.Tensor]:
         def call(hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
             if i == 0:
                 hidden.append(hidden_states.detach().to(store))
             calls[i].append(LayerCall(interner(args), interner(kwargs)))
+            if i == last:  # nothing after the last layer is needed
+                raise _CaptureDone
+            # a layer returns a tensor or a tuple depending on the model; only layer 0's hidden
+            # states are kept, so a model that takes ``outputs[0]`` of this tensor loses nothing
             return hidden_states
 
         return call
@@ -180,8 +190,10 @@ def capture(
         base = base_module(model, arch)
         for batch in batches:
             interner.by_id.clear()  # ids are only unique among live objects: reset per forward
-            base(input_ids=batch.to(device), use_cache=False)
+            with contextlib.suppress(_CaptureDone):
+                base(input_ids=batch.to(device), use_cache=False)
     return Captured(hidden=hidden, calls=calls)
+
 
 
 @dataclass
@@ -205,12 +217,14 @@ class LayerStep:
     calls: list[LayerCall]
     device: torch.device
     dense_outputs: list[torch.Tensor] | None = field(default=None)
+    returns_tuple: bool = False  # what the layer's forward returned last (a tuple or the tensor)
 
     def forward_batch(self, b: int, hidden: torch.Tensor | None = None) -> torch.Tensor:
         """Run the layer on batch ``b`` (or on ``hidden`` with batch ``b``'s arguments)."""
         call = self.calls[b]
         x = (self.inputs[b] if hidden is None else hidden).to(self.device)
         out = self.layer(x, *_to(call.args, self.device), **_to(call.kwargs, self.device))
+        self.returns_tuple = isinstance(out, (tuple, list))
         return first_tensor(out)
 
     def run(self, keep_outputs: bool = False, replace_inputs: bool = False) -> list[torch.Tensor] | None:
@@ -323,7 +337,7 @@ class LayerwiseRunner:
 
 @torch.no_grad()
 def logits_from_hidden(
-    model: nn.Module, arch: ModelArch, input_ids: torch.Tensor, hidden: torch.Tensor
+    model: nn.Module, arch: ModelArch, input_ids: torch.Tensor, hidden: torch.Tensor, as_tuple: bool = False
 ) -> torch.Tensor:
     """The model's own logits for last-layer outputs ``hidden`` (final norm, lm_head, softcapping...).
 
@@ -340,5 +354,5 @@ def logits_from_hidden(
 
         return call
 
-    with stand_ins(layers, make_call, as_tuple=False):
+    with stand_ins(layers, make_call, as_tuple=as_tuple):
         return model(input_ids=input_ids.to(device), use_cache=False).logits

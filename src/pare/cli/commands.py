@@ -244,11 +244,17 @@ def prune_cmd(args: argparse.Namespace, method: PruneConfig, calib: CalibrationC
         report.figures[f"{key}_after"] = value
     report.figures["size_on_disk_bytes_before"] = model_dir_bytes(args.model)
     if args.out:
-        out = save(model, tok, args.out, report, overwrite=bool(args.overwrite))
-        report.figures["size_on_disk_bytes_after"] = model_dir_bytes(out)
-        from pare.io.save import MANIFEST
+        from pare.io import read_manifest
+        from pare.io.save import MANIFEST, manifest_of
+        from pare.report import Report
 
-        (out / MANIFEST).write_text(json.dumps(report.to_dict(), indent=2, default=str), encoding="utf-8")
+        # a pare output pruned again: its earlier edits stay in the manifest (pare.load replays all)
+        earlier = read_manifest(args.model) if Path(args.model).is_dir() else None
+        reports = ([Report.from_dict(earlier)] if earlier else []) + [report]
+        out = save(model, tok, args.out, reports, overwrite=bool(args.overwrite))
+        report.figures["size_on_disk_bytes_after"] = model_dir_bytes(out)
+        manifest = manifest_of(reports)
+        (out / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str), encoding="utf-8")
     if args.json:
         print(json.dumps(report.to_dict(), indent=2, default=str))
         return 0

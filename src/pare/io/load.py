@@ -4,6 +4,7 @@ recorded structural edits on a model built from the config and load the weights 
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +14,8 @@ from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
 from pare.errors import ModelNotFoundError, PareError
 from pare.io.save import MANIFEST
+
+log = logging.getLogger(__name__)
 
 
 def read_manifest(path: str | Path) -> dict[str, Any] | None:
@@ -35,6 +38,33 @@ def _state_dict(path: Path) -> dict[str, torch.Tensor]:
     return state
 
 
+def _from_pretrained(path: Path, dtype: torch.dtype | None, pare_saved: bool) -> PreTrainedModel:
+    """``from_pretrained``, refusing weights it would have to initialise at random in a pare directory.
+
+    Raises:
+        PareError: ``pare_saved`` and weights are missing (a tied ``lm_head`` is fine) or left unused:
+            the config does not describe the saved model.
+    """
+    loaded: Any = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or "auto", output_loading_info=True)
+    model: PreTrainedModel = loaded[0]
+    info: dict[str, Any] = loaded[1]
+    tied = bool(getattr(model.config, "tie_word_embeddings", False))
+    missing = sorted(k for k in info["missing_keys"] if not (tied and "lm_head" in k))
+    unexpected = sorted(info["unexpected_keys"])
+    if not (missing or unexpected):
+        return model
+    what = f"missing {len(missing)} weight(s) {missing[:5]}, unused {len(unexpected)} {unexpected[:5]}"
+    if not pare_saved:
+        log.warning("%s: %s; transformers initialised the missing ones at random", path, what)
+        return model
+    raise PareError(
+        f"{str(path)!r} does not hold the model its config and {MANIFEST} describe ({what}); loading it "
+        "would fill them with random weights. It was probably saved without the reports of all its structural "
+        "prunes: save the pruned model again with pare.save(model, tok, out, [report1, report2]) (every "
+        "report, in the order applied)."
+    )
+
+
 def load(path: str | Path, device: str | torch.device | None = None,
          dtype: torch.dtype | None = None) -> PreTrainedModel:
     """Load a pruned model, rebuilding non-uniform shapes from the manifest when needed.
@@ -43,6 +73,11 @@ def load(path: str | Path, device: str | torch.device | None = None,
         path: directory written by :func:`pare.save` (or any Hugging Face model directory).
         device: where to put the model (default: CPU).
         dtype: override the saved dtype.
+
+    Raises:
+        ModelNotFoundError: no ``config.json`` in ``path``.
+        PareError: a pare directory whose weights do not fit the model its config and manifest
+            describe (e.g. saved without the reports of all its structural prunes).
     """
     p = Path(path)
     if not (p / "config.json").is_file():
@@ -50,7 +85,7 @@ def load(path: str | Path, device: str | torch.device | None = None,
     manifest = read_manifest(p) or {}
     edits = manifest.get("edits") or []
     if manifest.get("uniform", True) or not edits:
-        model = AutoModelForCausalLM.from_pretrained(p, dtype=dtype or "auto")
+        model = _from_pretrained(p, dtype, pare_saved=bool(manifest))
     else:
         from pare.arch.surgery import replay
 

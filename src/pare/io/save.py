@@ -1,23 +1,42 @@
-"""Write a pruned model atomically: into a temporary sibling directory, then renamed into place."""
+"""Write a pruned model atomically: into a temporary sibling directory, then renamed into place.
+
+Before anything is written, :func:`save` checks that the manifest it is about to write really
+describes the model: the architecture rebuilt from ``model.config`` (on the ``meta`` device, so no
+memory is used), with the recorded structural edits replayed when the shapes are non-uniform, must
+have exactly the model's parameter names and shapes. Otherwise ``pare.load`` would fill what the
+manifest leaves out with random weights (``from_pretrained`` only warns), so ``save`` refuses.
+
+Several prunes applied one after the other are saved by passing every report, in order: their
+edits are concatenated, the edits of earlier prunes re-indexed through the layers later prunes
+removed (``pare.load`` builds the model from the final config, where those layers are gone).
+"""
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
-from pare.errors import OutputExistsError
+from pare.errors import ConfigError, OutputExistsError
 from pare.report import Report
 
 log = logging.getLogger(__name__)
 
 MANIFEST = "pare.json"
+
+Edit = dict[str, Any]
+
+CHAIN_HINT = ("pass every report of the prunes applied to this model, in order: "
+              "pare.save(model, tok, out, [report1, report2])")
 
 
 def check_output(out: str | Path, overwrite: bool) -> Path:
@@ -33,22 +52,188 @@ def check_output(out: str | Path, overwrite: bool) -> Path:
     return path
 
 
-def save(model: nn.Module, tokenizer: Any, out: str | Path, report: Report | None = None,
+# --------------------------------------------------------------------------- reports -> manifest
+def as_reports(report: Report | Sequence[Report] | None) -> list[Report]:
+    """``report`` as a list (empty for None), or ConfigError when an item is not a Report."""
+    if report is None:
+        return []
+    reports = [report] if isinstance(report, Report) else list(report)
+    bad = [type(r).__name__ for r in reports if not isinstance(r, Report)]
+    if bad:
+        raise ConfigError(
+            f"report must be a pare Report or a list of them (the values pare.prune returned), got {bad}"
+        )
+    return reports
+
+
+def _compose_cuts(earlier: Edit, later: Edit) -> Edit:
+    """One ``remove_layers`` edit equal to ``earlier`` followed by ``later``, in the original indices."""
+    kept = [earlier["kept"][j] for j in later["kept"]]
+    merged = {**later, "kept": kept, "num_layers_before": earlier["num_layers_before"],
+              "removed": [i for i in range(earlier["num_layers_before"]) if i not in set(kept)]}
+    if not earlier.get("uniform", True):
+        merged["uniform"] = False
+    return merged
+
+
+def _through_cut(edits: list[Edit], cut: Edit) -> tuple[list[Edit], Edit]:
+    """Re-index ``edits`` (made before layer removal ``cut``) for the layers that remain.
+
+    Edits of a removed layer are dropped (the layer is gone); an earlier ``remove_layers`` edit is
+    merged into ``cut`` so that replay sees one removal from the original layer indices.
+
+    Returns:
+        The re-indexed edits, and ``cut`` (merged with an earlier removal, if any).
+    """
+    kept = list(cut["kept"])
+    out: list[Edit] = []
+    for edit in edits:
+        if edit.get("op") == "remove_layers":
+            cut = _compose_cuts(edit, cut)
+        elif isinstance(edit.get("layer"), int):
+            if edit["layer"] in kept:
+                out.append({**edit, "layer": kept.index(edit["layer"])})
+        else:
+            out.append(edit)
+    return out, cut
+
+
+def chain_edits(reports: Sequence[Report]) -> list[Edit]:
+    """Every structural edit of ``reports`` (prunes in the order applied), in replay order.
+
+    A single report's edits are returned unchanged. The edits of an earlier report are re-indexed
+    through each layer removal of the later ones, because ``pare.load`` replays them on a model
+    built from the final config, whose layers are already renumbered.
+    """
+    out: list[Edit] = []
+    for report in reports:
+        new = [dict(e) for e in report.edits]
+        for i, edit in enumerate(new):
+            if edit.get("op") == "remove_layers" and out:
+                out, new[i] = _through_cut(out, edit)
+        out.extend(new)
+    return out
+
+
+def manifest_of(reports: Sequence[Report]) -> dict[str, Any] | None:
+    """The ``pare.json`` content: one report's dict, or for chained prunes the last report's with
+    the edits of all (``chain_edits``), ``uniform`` only when all are, and ``history`` (each dict)."""
+    if not reports:
+        return None
+    if len(reports) == 1:
+        return reports[0].to_dict()
+    manifest = reports[-1].to_dict()
+    manifest["edits"] = chain_edits(reports)
+    manifest["uniform"] = all(r.uniform for r in reports)
+    manifest["history"] = [r.to_dict() for r in reports]
+    methods = " -> ".join(r.method for r in reports)
+    manifest["notes"] = [*manifest["notes"], (
+        f"chained prunes: {methods}. 'edits' holds the structural edits of all, in replay order and "
+        "re-indexed to the final layers; 'history' holds each prune's own report."
+    )]
+    return manifest
+
+
+# --------------------------------------------------------------------------- does it describe the model?
+def skeleton(model: nn.Module, edits: Sequence[Edit] | None = None) -> nn.Module:
+    """The architecture ``pare.load`` would build for ``model``: from a copy of its config, on the
+    ``meta`` device (no memory), with ``edits`` replayed when given."""
+    from transformers import AutoModelForCausalLM
+
+    config = copy.deepcopy(model.config)  # type: ignore[union-attr]
+    with torch.device("meta"):
+        try:
+            built = AutoModelForCausalLM.from_config(config)
+        except (ValueError, KeyError):  # a class the auto mapping does not know: its own class
+            built = type(model)(config)
+    if edits:
+        from pare.arch.surgery import replay
+
+        replay(built, list(edits))
+    return built
+
+
+def _shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+def state_differences(model: nn.Module, rebuilt: nn.Module) -> list[str]:
+    """What ``rebuilt`` lacks, adds or shapes differently from ``model`` (empty when they match).
+
+    A tied ``lm_head`` missing from ``model`` is fine, as in ``pare.load``.
+    """
+    have, want = _shapes(model), _shapes(rebuilt)
+    tied = bool(getattr(getattr(model, "config", None), "tie_word_embeddings", False))
+    lost = sorted(k for k in set(have) - set(want))
+    extra = sorted(k for k in set(want) - set(have) if not (tied and "lm_head" in k))
+    shaped = sorted(k for k in set(have) & set(want) if have[k] != want[k])
+    out = []
+    if lost:
+        out.append(f"{len(lost)} weight(s) of the model the rebuilt one has no place for (e.g. {lost[:3]})")
+    if extra:
+        out.append(f"{len(extra)} weight(s) the model lacks, which load would fill with random values "
+                   f"(e.g. {extra[:3]})")
+    if shaped:
+        out.append(f"{len(shaped)} shape(s) that differ (e.g. "
+                   + ", ".join(f"{k}: model {list(have[k])} vs rebuilt {list(want[k])}" for k in shaped[:3]) + ")")
+    return out
+
+
+def check_describes(model: nn.Module, reports: Sequence[Report], manifest: dict[str, Any] | None) -> None:
+    """Raise ConfigError unless the manifest about to be written rebuilds ``model``'s exact shapes.
+
+    Raises:
+        ConfigError: the config (plus the replayed edits when non-uniform) gives other parameter
+            names or shapes than the model has, or the edits cannot be replayed.
+    """
+    uniform = manifest is None or manifest.get("uniform", True) or not manifest.get("edits")
+    edits = [] if uniform else list(manifest["edits"] if manifest else [])
+    given = (f"{len(reports)} report(s) ({', '.join(r.method for r in reports)})" if reports else "no report")
+    how = "its config alone" if uniform else f"its config and the {len(edits)} edit(s) recorded"
+    try:
+        problems = state_differences(model, skeleton(model, edits))
+    except Exception as exc:  # any failure to replay means the edits do not fit the model
+        problems = [f"replaying the edits failed ({exc.__class__.__name__}: {exc})"]
+    if problems:
+        hint = f"If the model was pruned more than once, {CHAIN_HINT}" if reports else (
+            f"Pass the report of its structural prune (pare.save(model, tok, out, report)), or if it was pruned "
+            f"more than once, {CHAIN_HINT}")
+        raise ConfigError(
+            f"refusing to save: with {given}, the saved model would be rebuilt from {how}, which does not "
+            f"match this model: {'; '.join(problems)}. {hint}. Nothing was written."
+        )
+
+
+# --------------------------------------------------------------------------- save
+def save(model: nn.Module, tokenizer: Any, out: str | Path, report: Report | Sequence[Report] | None = None,
          overwrite: bool = False) -> Path:
-    """Save ``model`` (safetensors), its config, ``tokenizer`` and ``report`` as ``pare.json``.
+    """Save ``model`` (safetensors), its config, ``tokenizer`` and the report(s) as ``pare.json``.
 
     The files are written to a temporary directory next to ``out`` and renamed into place, so an
     interruption never leaves a half-written model; an existing ``out`` is replaced only after the
     new one is complete.
 
+    Args:
+        model: the (pruned) causal LM.
+        tokenizer: saved beside it when not None.
+        out: output directory.
+        report: the report of the prune, or the reports of several prunes in the order they were
+            applied (``[report1, report2]``); None for a model whose config describes it.
+        overwrite: replace an existing ``out``.
+
     Raises:
         OutputExistsError: ``out`` exists and ``overwrite`` is False.
+        ConfigError: the manifest would not rebuild the model's shapes (e.g. only the last of two
+            prunes' reports given); nothing is written then.
     """
     path = check_output(out, overwrite).absolute()
+    reports = as_reports(report)
+    manifest = manifest_of(reports)
+    check_describes(model, reports, manifest)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     try:
-        if report is not None and not report.uniform:
+        if manifest is not None and not manifest["uniform"]:
             # Keep the model's own parameter names: pare.load rebuilds the shapes and loads them
             # directly, without transformers' legacy checkpoint renaming (e.g. Mixtral's experts).
             model.save_pretrained(tmp, save_original_format=False)  # type: ignore[operator]
@@ -56,18 +241,22 @@ def save(model: nn.Module, tokenizer: Any, out: str | Path, report: Report | Non
             model.save_pretrained(tmp)  # type: ignore[operator]
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        if report is not None:
-            manifest: dict[str, Any] = report.to_dict()
+        if manifest is not None:
             (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str), encoding="utf-8")
-        backup = None
-        if path.exists():
-            backup = path.with_name(f".{path.name}.old-{os.getpid()}")
-            path.rename(backup)
-        tmp.rename(path)
-        if backup is not None:
-            shutil.rmtree(backup, ignore_errors=True)
+        _replace(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     log.info("saved to %s", path)
     return path
+
+
+def _replace(tmp: Path, path: Path) -> None:
+    """Rename the finished ``tmp`` to ``path``, removing an old ``path`` only once it is in place."""
+    backup = None
+    if path.exists():
+        backup = path.with_name(f".{path.name}.old-{os.getpid()}")
+        path.rename(backup)
+    tmp.rename(path)
+    if backup is not None:
+        shutil.rmtree(backup, ignore_errors=True)

@@ -69,6 +69,7 @@ class PrefixCache:
         self.batches = runner.batches
         self.device = runner.device
         self.num_layers = ctx.arch.num_layers
+        self.as_tuple = False  # how the real layers return (learned from the first one run)
 
     def _run(self, j: int, b: int, hidden: torch.Tensor) -> torch.Tensor:
         """Layer ``j`` on ``hidden`` with batch ``b``'s call arguments."""
@@ -79,6 +80,7 @@ class PrefixCache:
             layer.to(self.device)
         step = LayerStep(j, layer, arch.layers[j], arch.layer_prefix(j), [], self.calls[j], self.device)
         out = step.forward_batch(b, hidden)
+        self.as_tuple = step.returns_tuple
         if home != self.device:
             layer.to(home)
         return out.detach()
@@ -101,7 +103,7 @@ class PrefixCache:
             if j not in skip:
                 hidden = self._run(j, b, hidden)
         ids = self.batches[b]
-        return nll_sum(logits_from_hidden(self.ctx.model, self.ctx.arch, ids, hidden), ids)
+        return nll_sum(logits_from_hidden(self.ctx.model, self.ctx.arch, ids, hidden, self.as_tuple), ids)
 
     def nll_from(
         self, start: int, skip: frozenset[int] = frozenset(), batches: range | None = None

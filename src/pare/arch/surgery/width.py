@@ -245,6 +245,8 @@ def prune_heads(
     if att is None:
         raise ConfigError(f"layer {layer_idx} has no attention to prune")
     device = next(layer.parameters()).device
+    if device.type == "meta":  # replay on a meta skeleton: the head indices are real data (slice_* move them)
+        device = torch.device("cpu")
     group = att.num_heads // att.num_kv_heads
     if keep_kv_groups is not None:
         groups = _index(keep_kv_groups, device)
