@@ -77,7 +77,8 @@ def calibration_ids(tokenizer: Any, calib: CalibrationConfig, model: nn.Module |
 
     if model is not None:
         check_seqlen(model, calib.seqlen)
-    return calibration_windows(tokenizer, calib.dataset, calib.nsamples, calib.seqlen, seed=calib.seed)
+    return calibration_windows(tokenizer, calib.dataset, calib.nsamples, calib.seqlen, seed=calib.seed,
+                               allow_repeats=calib.allow_repeats)
 
 
 def prune(

@@ -137,6 +137,7 @@ class CalibrationConfig(BaseConfig):
     seqlen: int = help_field(2048, "tokens per calibration window")
     seed: int = help_field(0, "random seed for the window positions")
     batch_size: int = help_field(8, "windows per forward pass in the layer-wise runner")
+    allow_repeats: bool = help_field(False, "accept text shorter than nsamples x seqlen tokens (windows overlap)")
 
     def __post_init__(self) -> None:
         for name in ("nsamples", "seqlen", "batch_size"):

@@ -187,3 +187,11 @@ def test_pruning_a_pruned_output_keeps_every_edit(model_dir: Path, text_file: Pa
     pare.prune(direct, pare.LayersConfig(layers="0"), runtime=pare.RuntimeConfig(progress=False, device="cpu"))
     with torch.no_grad():
         assert torch.equal(reloaded(ids).logits, direct(ids).logits)
+
+
+def test_allow_repeats_lets_a_short_text_calibrate(model_dir: Path, text_file: Path, tmp_path: Path, capsys) -> None:
+    argv = ["prune", "--model", str(model_dir), "--method", "wanda", "--calib", str(text_file), "--seqlen", "32",
+            "--nsamples", "100000", "--no-progress"]
+    assert "--allow-repeats" in _error(capsys, argv)
+    assert main([*argv[:-3], "--nsamples", "64", "--allow-repeats", "--json", "--no-progress"]) == 0
+    assert json.loads(capsys.readouterr().out)["calibration"]["allow_repeats"] is True

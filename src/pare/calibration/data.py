@@ -229,7 +229,7 @@ def _stream_windows(
         raise NotEnoughDataError(
             f"{label} holds {n} tokens, fewer than nsamples*seqlen = {nsamples}*{seqlen} = "
             f"{nsamples * seqlen}, so the windows would repeat tokens. Use nsamples <= {n // seqlen} "
-            f"at this seqlen, a smaller seqlen, a larger source (e.g. c4), or allow_repeats=True"
+            f"at this seqlen, a smaller seqlen, a larger source (e.g. c4), or allow_repeats=True (--allow-repeats)"
         )
     stream = torch.tensor(ids, dtype=torch.long)
     starts = [rng.randint(0, n - seqlen - 1) for _ in range(nsamples)]

@@ -145,7 +145,7 @@ class SparsityConfig(PruneConfig):
         varies = self.profile != "uniform" or self.layer_sparsity or self.module_sparsity
         if nm is not None and varies:
             raise ConfigError(
-                f"an {self.pattern} pattern prunes {nm[0]}/{nm[1]} of every matrix: per-layer ratios (profile, "
+                f"the {self.pattern} pattern prunes {nm[0]}/{nm[1]} of every matrix: per-layer ratios (profile, "
                 "layer_sparsity, module_sparsity) apply to pattern='unstructured' only"
             )
         self._check_sparsity_is_used(nm)

@@ -73,7 +73,7 @@ def nm_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
     """Prune the ``n`` lowest scores in every group of ``m`` consecutive input columns of each row."""
     out_f, in_f = scores.shape
     if in_f % m:
-        raise ConfigError(f"an {n}:{m} pattern needs the input width ({in_f}) to be a multiple of {m}")
+        raise ConfigError(f"the {n}:{m} pattern needs the input width ({in_f}) to be a multiple of {m}")
     groups = scores.reshape(out_f, in_f // m, m)
     idx = torch.topk(groups, n, dim=2, largest=False).indices
     mask = torch.zeros_like(groups, dtype=torch.bool).scatter_(2, idx, True)

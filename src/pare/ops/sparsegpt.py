@@ -203,7 +203,7 @@ def sparsegpt_prune_factored(
     """
     rows, cols = W.shape
     if nm is not None and (blocksize % nm[1] or cols % nm[1]):
-        raise ConfigError(f"an {nm[0]}:{nm[1]} pattern needs blocksize ({blocksize}) and the input width ({cols}) "
+        raise ConfigError(f"the {nm[0]}:{nm[1]} pattern needs blocksize ({blocksize}) and the input width ({cols}) "
                           f"to be multiples of {nm[1]}")
     U = factor.U
     Wf = W.detach().to(device=U.device, dtype=torch.float32, copy=True)

@@ -39,7 +39,7 @@ def lowest_indices(scores: torch.Tensor, sparsity: float, nm: tuple[int, int] | 
         return torch.topk(scores, k, dim=1, largest=False, sorted=False).indices
     n, m = nm
     if in_f % m:
-        raise ConfigError(f"an {n}:{m} pattern needs the input width ({in_f}) to be a multiple of {m}")
+        raise ConfigError(f"the {n}:{m} pattern needs the input width ({in_f}) to be a multiple of {m}")
     return torch.topk(scores.view(out_f, in_f // m, m), n, dim=2, largest=False, sorted=False).indices
 
 
