@@ -195,3 +195,26 @@ def test_allow_repeats_lets_a_short_text_calibrate(model_dir: Path, text_file: P
     assert "--allow-repeats" in _error(capsys, argv)
     assert main([*argv[:-3], "--nsamples", "64", "--allow-repeats", "--json", "--no-progress"]) == 0
     assert json.loads(capsys.readouterr().out)["calibration"]["allow_repeats"] is True
+
+
+def test_out_may_not_be_the_input_model(model_dir: Path, capsys) -> None:
+    before = sorted(p.name for p in model_dir.iterdir())
+    err = _error(capsys, ["prune", "--model", str(model_dir), "--method", "magnitude", "--out", str(model_dir),
+                          "--overwrite", "--no-progress"])
+    assert "is the input model's directory" in err
+    assert sorted(p.name for p in model_dir.iterdir()) == before
+
+
+def test_saved_directory_has_the_usual_permissions_and_eval_fits_the_context(
+        model_dir: Path, text_file: Path, tmp_path: Path, capsys) -> None:
+    import os
+
+    out = tmp_path / "o"
+    assert main(["prune", "--model", str(model_dir), "--method", "magnitude", "--out", str(out), "--no-progress"]) == 0
+    capsys.readouterr()
+    mask = os.umask(0o022)
+    os.umask(mask)
+    assert out.stat().st_mode & 0o777 == 0o777 & ~mask
+    context = AutoModelForCausalLM.from_pretrained(out).config.max_position_embeddings
+    assert main(["eval", str(out), "--ppl", str(text_file), "--no-speed", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["seqlen"] == min(2048, context)

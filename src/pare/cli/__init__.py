@@ -64,7 +64,8 @@ def _eval_parser(sub: argparse._SubParsersAction) -> None:
                        allow_abbrev=False)
     p.add_argument("model", help="directory written by pare prune, any local model, or a hub id")
     p.add_argument("--ppl", default="wikitext2", help="data set for perplexity ('none' to skip)")
-    p.add_argument("--seqlen", type=int, default=2048, help="evaluation window in tokens")
+    p.add_argument("--seqlen", type=int, default=None,
+                   help="evaluation window in tokens (default: 2048, or the model's context if shorter)")
     p.add_argument("--batch-size", type=int, default=1, help="windows per forward")
     p.add_argument("--max-windows", type=int, default=None, help="score at most this many windows")
     p.add_argument("--speed", action=argparse.BooleanOptionalAction, default=True, help="measure tokens/s")

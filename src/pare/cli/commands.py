@@ -12,6 +12,8 @@ import torch
 from torch import nn
 
 from pare.config import CalibrationConfig, PruneConfig, RuntimeConfig, parse_dtype, usable_device
+from pare.errors import ConfigError
+from pare.eval.perplexity import model_context_length
 
 
 def _arch_override(path: str | None):
@@ -183,7 +185,8 @@ def eval_cmd(args: argparse.Namespace) -> int:
         usable_device(args.device)  # before loading anything
     model, tok = _load_any(args.model)
     dataset = None if args.ppl in (None, "", "none") else args.ppl
-    res = evaluate(model, tok, dataset=dataset, seqlen=args.seqlen, batch_size=args.batch_size,
+    seqlen = args.seqlen or min(2048, model_context_length(model) or 2048)
+    res = evaluate(model, tok, dataset=dataset, seqlen=seqlen, batch_size=args.batch_size,
                    max_windows=args.max_windows, speed=args.speed, device=args.device)
     res["size_on_disk_bytes"] = model_dir_bytes(args.model)
     res["model"] = args.model
@@ -224,6 +227,9 @@ def prune_cmd(args: argparse.Namespace, method: PruneConfig, calib: CalibrationC
 
     if args.out:
         check_output(args.out, bool(args.overwrite))  # fail before any long work
+        if Path(args.model).exists() and Path(args.out).resolve() == Path(args.model).resolve():
+            raise ConfigError(f"--out {args.out!r} is the input model's directory: --overwrite would replace the "
+                              "dense model with the pruned one; choose another --out")
     usable_device(runtime.device)
     parse_dtype(args.dtype)
     model, tok = _load_any(args.model, args.dtype)

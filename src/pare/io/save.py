@@ -232,6 +232,7 @@ def save(model: nn.Module, tokenizer: Any, out: str | Path, report: Report | Seq
     check_describes(model, reports, manifest)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    tmp.chmod(0o777 & ~_umask())  # mkdtemp makes it 0700; the output gets the usual permissions
     try:
         if manifest is not None and not manifest["uniform"]:
             # Keep the model's own parameter names: pare.load rebuilds the shapes and loads them
@@ -249,6 +250,13 @@ def save(model: nn.Module, tokenizer: Any, out: str | Path, report: Report | Seq
         raise
     log.info("saved to %s", path)
     return path
+
+
+def _umask() -> int:
+    """The process umask (reading it means setting it: it is put back at once)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def _replace(tmp: Path, path: Path) -> None:
