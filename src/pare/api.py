@@ -18,6 +18,7 @@ from pare.eval.cost import measure_cost
 from pare.eval.perplexity import model_context_length
 from pare.eval.size import count_nonzero, count_parameters
 from pare.io import load, save
+from pare.io.save import skeleton, state_differences
 from pare.methods import PruneContext, pruner_for
 from pare.methods.base import SparsityConfig, measure_sparsity
 from pare.report import Report
@@ -130,6 +131,8 @@ def prune(
             )
     report = Report(method=config.method, config=config.to_dict(), calibration=calib_info)
     params_before = sum(p.numel() for p in model.parameters())
+    # whether the config alone describes the model now (not after an earlier non-uniform prune)
+    described_before = not isinstance(config, SparsityConfig) and _config_describes(model)
     ctx = PruneContext(model, arch, ids, runtime, report, batch_size or 8)
     with torch.no_grad(), measure_cost() as cost:
         pruner.run(ctx)
@@ -141,6 +144,8 @@ def prune(
         report.notes.append(DENSE_ZEROS_NOTE)
     report.figures.setdefault("params_before", params_before)
     report.figures["params_after"] = sum(p.numel() for p in model.parameters())
+    if report.edits and report.uniform and described_before and not _config_describes(model):
+        report.uniform = False  # a shape the config has no field for (Bloom's MLP width): pare.load replays
     if not isinstance(config, SparsityConfig) and report.figures["params_after"] == params_before:
         unchanged = (f"{config.method} removed nothing with these options (a ratio of 0, or widths that round "
                      "back to the full size): the model is unchanged")
@@ -153,6 +158,15 @@ def prune(
         report.figures["nonzero_after"] = report.figures["params_after"] - zeros
     log.info("%s: %.1fs, peak RSS %.0f MB", config.method, cost.seconds, cost.peak_rss_mb)
     return report
+
+
+def _config_describes(model: nn.Module) -> bool:
+    """Whether a model built from ``model.config`` alone has exactly ``model``'s parameter shapes."""
+    try:
+        return not state_differences(model, skeleton(model))
+    except Exception:  # a config transformers cannot rebuild: nothing to compare with
+        log.debug("the config of %s cannot be rebuilt on the meta device", type(model).__name__, exc_info=True)
+        return False
 
 
 def check(model: nn.Module, config: PruneConfig, arch_override: ArchOverride | None = None) -> None:

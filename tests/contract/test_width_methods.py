@@ -162,3 +162,34 @@ def test_a_structured_run_that_removes_nothing_says_so(caplog) -> None:
     assert any("removed nothing" in n for n in report.notes)
     assert not any("weights are removed" in n for n in report.notes)
     assert "removed nothing" in caplog.text
+
+
+def _outside_family(kind: str) -> torch.nn.Module:
+    """Families pare has no override for (fused q/k/v of unknown order, MLP width not in the config)."""
+    from transformers import BloomConfig, FalconConfig
+
+    torch.manual_seed(0)
+    cfg = {
+        "bloom": BloomConfig(hidden_size=64, n_layer=2, n_head=4, vocab_size=256),
+        "falcon": FalconConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, vocab_size=256,
+                               new_decoder_architecture=False, multi_query=True),
+    }[kind]
+    return AutoModelForCausalLM.from_config(cfg).eval()
+
+
+@pytest.mark.parametrize("kind", ["bloom", "falcon"])
+def test_unknown_families_cut_mlp_channels_and_reload_but_refuse_unsafe_cuts(kind: str, tmp_path) -> None:
+    quiet = RuntimeConfig(progress=False, device="cpu")
+    model = _outside_family(kind)
+    ids = tiny_batch(4, 16) % 256
+    report = pare.prune(model, OsscarConfig(mlp_ratio=0.5), ids, runtime=quiet)
+    assert report.figures["params_after"] < report.figures["params_before"]
+    assert not report.uniform  # the config has no field for the MLP width: pare.load replays the edits
+    pare.save(model, None, tmp_path / "o", report)
+    with torch.no_grad():
+        assert torch.equal(pare.load(tmp_path / "o")(ids).logits, model(ids).logits)
+    with pytest.raises(ConfigError, match="stacks q/k/v in an order pare has no rule for"):
+        pare.prune(_outside_family(kind), WidthConfig(pruning_ratio=0.5), ids, runtime=quiet)
+    if kind == "falcon":
+        with pytest.raises(ConfigError, match="derives head_dim from the hidden size"):
+            pare.prune(_outside_family(kind), WidthConfig(pruning_ratio=0.5, heads=False), ids, runtime=quiet)

@@ -250,7 +250,7 @@ def _norms(layer: nn.Module, attention: AttentionRoles | None) -> tuple[str, ...
 def describe_layer(layer: nn.Module, index: int, config: Any, override: ArchOverride | None) -> LayerRoles:
     """The roles of one decoder layer, with head counts read from its weights."""
     roles = _match_roles(layer, override)
-    layout = (override.qkv_layout if override and override.qkv_layout else None) or "concat"
+    layout = (override.qkv_layout if override and override.qkv_layout else None) or "unknown"
     attention = _attention(layer, roles, config, layout)
     fields = override.fields if override and override.fields else ConfigFields()
     experts = _experts(layer, config, fields)

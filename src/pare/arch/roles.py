@@ -15,11 +15,13 @@ from typing import Literal
 import torch
 from torch import nn
 
-QkvLayout = Literal["concat", "per_head"]
+QkvLayout = Literal["concat", "per_head", "unknown"]
 """How a fused q/k/v projection stacks its outputs.
 
 ``concat``: rows ``[q (H*d); k (K*d); v (K*d)]`` (Phi-3, GPT-2). ``per_head``: rows grouped per head as
-``[q_h; k_h; v_h]`` for h in heads (GPT-NeoX / Pythia).
+``[q_h; k_h; v_h]`` for h in heads (GPT-NeoX / Pythia). ``unknown``: a fused projection of a family
+pare has no override for; head pruning refuses it until an ArchOverride says which (weight sparsity,
+hidden-size and depth cuts do not depend on it).
 """
 
 

@@ -25,6 +25,7 @@ from torch import nn
 from pare.arch import describe
 from pare.arch.roles import AttentionRoles, ModelArch
 from pare.arch.surgery.width import (
+    check_fused_layout,
     expert_alignment,
     head_count_for_ratio,
     prune_heads,
@@ -89,6 +90,7 @@ class OsscarConfig(PruneConfig):
 
 def resolve_heads(att: AttentionRoles, ratio: float, mode: str) -> tuple[int, int, str]:
     """``(heads, kv_heads, mode)`` realising ``ratio``; ``auto`` tries query mode, then kv."""
+    check_fused_layout(att)
     if mode != "auto":
         h, k = head_count_for_ratio(att.num_heads, att.num_kv_heads, ratio, mode)
         return h, k, mode

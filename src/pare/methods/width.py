@@ -490,6 +490,10 @@ class WidthPruner(Pruner):
         first = next((r.attention for r in arch.layers if r.attention is not None), None)
         if cfg.heads and first is not None and cfg.pruning_ratio > 0:
             resolve_heads(first, cfg.pruning_ratio, cfg.head_mode)
+        derived = getattr(type(getattr(model, "config", None)), "head_dim", None)
+        if cfg.hidden and cfg.pruning_ratio > 0 and isinstance(derived, property) and derived.fset is None:
+            raise ConfigError(f"{arch.model_type} derives head_dim from the hidden size, so the hidden size cannot "
+                              "be cut on its own: use hidden=False (--no-hidden), or the osscar method")
 
     def run(self, ctx: PruneContext) -> None:
         cfg = self.config

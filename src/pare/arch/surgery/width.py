@@ -270,7 +270,19 @@ def prune_heads(
     return {"op": "heads", "layer": layer_idx, "num_heads": heads, "num_kv_heads": kv}
 
 
+def check_fused_layout(att: AttentionRoles) -> None:
+    """Refuse to cut heads out of a fused q/k/v projection whose row order pare does not know."""
+    if att.qkv is not None and att.qkv_layout == "unknown":
+        raise ConfigError(
+            f"the fused projection {att.qkv.path!r} stacks q/k/v in an order pare has no rule for on this "
+            "architecture, so heads cannot be cut from it safely; weight sparsity and depth methods work. "
+            "After reading the model's code, give qkv_layout ('concat': [Q; K; V], or 'per_head': [q_h; k_h; v_h] "
+            "per head) in an --arch-override file"
+        )
+
+
 def _slice_attention(layer: Any, att: AttentionRoles, q_heads: torch.Tensor, kv_heads: torch.Tensor) -> None:
+    check_fused_layout(att)
     d = att.head_dim
     q_rows, kv_rows = _qkv_rows(att, q_heads, kv_heads)
     if att.qkv is not None:
@@ -383,6 +395,8 @@ def prune_hidden(model: nn.Module, arch: ModelArch, keep: torch.Tensor | Sequenc
         _hidden_layer(layers[i], roles, idx.to(next(layers[i].parameters()).device), scale)
     if arch.final_norm_path:
         _slice_norm(model.get_submodule(arch.final_norm_path), idx, scale)
+    for norm in _outer_norms(model, arch, old):  # e.g. Bloom's norm right after the embeddings
+        _slice_norm(norm, idx.to(norm.weight.device), scale)
     if arch.tied:
         head.weight = embed.weight
     else:
@@ -393,10 +407,23 @@ def prune_hidden(model: nn.Module, arch: ModelArch, keep: torch.Tensor | Sequenc
     return {"op": "hidden", "width": new}
 
 
+def _outer_norms(model: nn.Module, arch: ModelArch, width: int) -> list[Any]:
+    """Norms over the residual stream outside the decoder layers, other than the final norm."""
+    inside = (arch.layers_path + ".", arch.final_norm_path)
+    return [m for name, m in model.named_modules()
+            if name and not name.startswith(inside[0]) and name != inside[1]
+            and "norm" in type(m).__name__.lower() and getattr(m, "weight", None) is not None
+            and tuple(m.weight.shape) == (width,)]
+
+
 # --------------------------------------------------------------------------- config
 def _field_set(config: Any, name: str | None, value: int) -> None:
-    if name:
-        setattr(config, name, value)
+    if not name:
+        return
+    derived = getattr(type(config), name, None)
+    if isinstance(derived, property) and derived.fset is None:
+        return  # computed from other fields (Falcon's head_dim): nothing to write
+    setattr(config, name, value)
 
 
 def _uniform(values: list[int]) -> int | None:
@@ -435,7 +462,7 @@ def sync_config(model: nn.Module, arch: ModelArch) -> bool:
     heads, kv = _uniform([a.num_heads for a in atts]), _uniform([a.num_kv_heads for a in atts])
     head_dim = atts[0].head_dim if atts else None
     if head_dim is not None and arch.model_type not in ATTN_WIDTH_IS_HIDDEN:
-        cfg.head_dim = head_dim  # explicit: hidden // heads may no longer give it
+        _field_set(cfg, "head_dim", head_dim)  # explicit: hidden // heads may no longer give it
     if heads is None or kv is None or head_dim is None:
         return False
     if arch.model_type in ATTN_WIDTH_IS_HIDDEN:
