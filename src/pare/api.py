@@ -114,7 +114,7 @@ def prune(
     _check(model, config, arch, pruner)
     calib_info: dict[str, Any] | None = None
     ids: torch.Tensor | None = None
-    if pruner_cls.needs_calibration:
+    if pruner.uses_calibration():
         if isinstance(calibration, CalibrationConfig):
             if tokenizer is None:
                 raise ConfigError("a CalibrationConfig needs the tokenizer (prune(..., tokenizer=tok))")

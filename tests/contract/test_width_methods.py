@@ -193,3 +193,14 @@ def test_unknown_families_cut_mlp_channels_and_reload_but_refuse_unsafe_cuts(kin
     if kind == "falcon":
         with pytest.raises(ConfigError, match="derives head_dim from the hidden size"):
             pare.prune(_outside_family(kind), WidthConfig(pruning_ratio=0.5, heads=False), ids, runtime=quiet)
+
+
+def test_magnitude_width_needs_no_calibration() -> None:
+    quiet = RuntimeConfig(progress=False, device="cpu")
+    cfg = WidthConfig(importance="magnitude", pruning_ratio=0.5)
+    with_data, without = tiny_model("llama"), tiny_model("llama")
+    pare.prune(with_data, cfg, tiny_batch(4, 16), runtime=quiet)
+    report = pare.prune(without, cfg, runtime=quiet)
+    assert report.calibration is None
+    for (name, a), (_, b) in zip(with_data.named_parameters(), without.named_parameters(), strict=True):
+        assert torch.equal(a, b), name

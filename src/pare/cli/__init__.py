@@ -193,7 +193,7 @@ def _cmd_prune(args: argparse.Namespace, given: set[str]) -> int:
     method_cfg = build_config(pruner.config_class, method_vals, args, given)
     calib_cfg = build_config(CalibrationConfig, calib_vals, args, given)
     runtime_cfg = build_config(RuntimeConfig, runtime_vals, args, given)
-    return prune_cmd(args, method_cfg, calib_cfg, runtime_cfg, needs_calibration=pruner.needs_calibration)
+    return prune_cmd(args, method_cfg, calib_cfg, runtime_cfg, needs_calibration=pruner(method_cfg).uses_calibration())
 
 
 if __name__ == "__main__":

@@ -74,6 +74,10 @@ class Pruner(ABC):
     def __init__(self, config: PruneConfig) -> None:
         self.config = config
 
+    def uses_calibration(self) -> bool:
+        """Whether this run needs calibration windows (the method's default, unless its options say)."""
+        return self.needs_calibration
+
     def check(self, model: nn.Module, arch: ModelArch) -> None:  # noqa: B027 - optional hook
         """Raise ConfigError when the options cannot apply to this model (checked before any work,
         e.g. before a dense evaluation); the default accepts every model."""

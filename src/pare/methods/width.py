@@ -485,6 +485,9 @@ class WidthPruner(Pruner):
     config: WidthConfig
     needs_calibration: ClassVar[bool] = True
 
+    def uses_calibration(self) -> bool:
+        return self.config.importance != "magnitude"
+
     def check(self, model: nn.Module, arch: ModelArch) -> None:
         cfg = self.config
         first = next((r.attention for r in arch.layers if r.attention is not None), None)
@@ -498,13 +501,14 @@ class WidthPruner(Pruner):
     def run(self, ctx: PruneContext) -> None:
         cfg = self.config
         ids = ctx.calibration
-        assert ids is not None
         if cfg.importance == "magnitude":
             ctx.report.notes.append("importance=magnitude uses no calibration data")
         scorer = Scorer(ctx.model, ctx.arch, cfg.importance, cfg.norm)
         if cfg.importance in ("activation", "flap"):
+            assert ids is not None
             scorer.stats = self._collect_stats(ctx, ids)
         elif cfg.importance == "taylor":
+            assert ids is not None
             scorer.taylor = taylor_tables(ctx.model, ids, ctx.batch_size, resolve_device(ctx.runtime.device))
         p = plan(ctx.model, ctx.arch, scorer, cfg)
         apply(ctx, p, scorer, cfg)
