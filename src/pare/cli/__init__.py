@@ -145,13 +145,20 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
+def _first_sentence(doc: str) -> str:
+    """The first sentence of a docstring's first paragraph, on one line, without rst markup."""
+    para = " ".join(doc.strip().split("\n\n")[0].split())
+    end = para.find(". ")
+    return (para if end < 0 else para[: end + 1]).replace("``", "")
+
+
 def _cmd_methods() -> int:
     import dataclasses
 
     from pare.methods import METHODS
 
     for name, cls in sorted(METHODS.items()):
-        doc = (cls.config_class.__doc__ or "").strip().splitlines()[0]
+        doc = _first_sentence(sys.modules[cls.__module__].__doc__ or cls.config_class.__doc__ or "")
         print(f"{name:12s} {doc}")
         for f in dataclasses.fields(cls.config_class):
             default = f.default if f.default_factory is dataclasses.MISSING else f.default_factory()

@@ -192,7 +192,8 @@ def head_count_for_ratio(num_heads: int, num_kv_heads: int, ratio: float, mode: 
     other = "kv" if mode == "query" else "query"
     other_r = sorted({round(1 - h / num_heads, 4) for h, _ in valid_head_counts(num_heads, num_kv_heads, other)})
     raise ConfigError(
-        f"attention ratio {ratio} cannot be realised with {num_heads} query heads / {num_kv_heads} KV heads "
+        f"removing a fraction {ratio} of the attention heads cannot be realised with {num_heads} query heads / "
+        f"{num_kv_heads} KV heads "
         f"in '{mode}' mode (heads must stay a multiple of the KV heads); nearest valid ratios: {nearest} "
         f"(all: {ratios}); '{other}' mode allows {other_r}"
     )
