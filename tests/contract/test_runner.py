@@ -241,3 +241,18 @@ def test_runner_and_head_work_for_layers_that_return_tuples(kind: str) -> None:
     with torch.no_grad():
         head = logits_from_hidden(model, arch, ids, torch.cat(runner.final_hidden or []), as_tuple=True)
     assert (head - ref).abs().max().item() <= 1e-4
+
+
+@pytest.mark.parametrize("method", ["wanda", "shortgpt", "sublayer"])
+@pytest.mark.parametrize("kind", ["gptj", "bloom", "falcon"])
+def test_families_outside_the_table_prune_save_and_reload(kind: str, method: str, tmp_path) -> None:
+    import pare
+    from pare.methods import METHODS
+
+    model = _tuple_returning_model(kind)
+    ids = tiny_batch(4, 16) % 256
+    cfg = METHODS[method].config_class()
+    report = pare.prune(model, cfg, ids, runtime=pare.RuntimeConfig(progress=False, device="cpu"), batch_size=2)
+    pare.save(model, None, tmp_path / "o", report)
+    with torch.no_grad():
+        assert torch.equal(pare.load(tmp_path / "o")(ids).logits, model(ids).logits)
