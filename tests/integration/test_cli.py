@@ -218,3 +218,14 @@ def test_saved_directory_has_the_usual_permissions_and_eval_fits_the_context(
     context = AutoModelForCausalLM.from_pretrained(out).config.max_position_embeddings
     assert main(["eval", str(out), "--ppl", str(text_file), "--no-speed", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["seqlen"] == min(2048, context)
+
+
+def test_no_progress_hides_transformers_bars_and_restores_them(model_dir: Path, tmp_path: Path, capsys) -> None:
+    from transformers.utils import logging as hf_logging
+
+    assert hf_logging.is_progress_bar_enabled()
+    assert main(["prune", "--model", str(model_dir), "--method", "magnitude", "--out", str(tmp_path / "o"),
+                 "--no-progress"]) == 0
+    err = capsys.readouterr().err
+    assert "Writing model shards" not in err and "Loading weights" not in err
+    assert hf_logging.is_progress_bar_enabled()

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -218,9 +219,31 @@ def _evaluate_figures(model, tok, args: argparse.Namespace, seqlen: int, runtime
                     speed=args.speed is not False, device=runtime.device, progress=runtime.progress)
 
 
+@contextlib.contextmanager
+def transformers_bars(shown: bool) -> Iterator[None]:
+    """Hide transformers' own progress bars (loading, writing shards) while the block runs when
+    ``shown`` is False (``--no-progress``), and put back the setting found."""
+    from transformers.utils import logging as hf_logging
+
+    was = hf_logging.is_progress_bar_enabled()
+    if not shown:
+        hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was and not shown:
+            hf_logging.enable_progress_bar()
+
+
 def prune_cmd(args: argparse.Namespace, method: PruneConfig, calib: CalibrationConfig,
               runtime: RuntimeConfig, needs_calibration: bool) -> int:
     """Load, (evaluate), prune, (evaluate), save, print the before/after table."""
+    with transformers_bars(runtime.progress):
+        return _prune_cmd(args, method, calib, runtime, needs_calibration)
+
+
+def _prune_cmd(args: argparse.Namespace, method: PruneConfig, calib: CalibrationConfig,
+               runtime: RuntimeConfig, needs_calibration: bool) -> int:
     from pare.api import calibration_ids, check, prune
     from pare.io import save
     from pare.io.save import check_output
