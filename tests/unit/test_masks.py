@@ -91,3 +91,16 @@ def test_bad_patterns_are_config_errors(bad: str) -> None:
 def test_nm_needs_divisible_width() -> None:
     with pytest.raises(ConfigError, match="multiple of 4"):
         nm_mask(torch.randn(4, 10), 2, 4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_kth_smallest_equals_kthvalue(dtype: torch.dtype) -> None:
+    from pare.ops.masks import kth_smallest
+
+    g = torch.Generator().manual_seed(3)
+    scores = torch.randint(0, 7, (5, 40), generator=g).to(dtype)  # many ties
+    scores[1] = torch.rand(40, generator=g).to(dtype)
+    for k in (1, 13, 20, 40):
+        got = kth_smallest(scores, k)
+        assert got.shape == (5, 1) and got.dtype == dtype
+        assert torch.equal(got, scores.kthvalue(k, dim=1, keepdim=True).values)

@@ -5,6 +5,7 @@ All functions take ``scores: [out, in]`` (higher = more important) and never mod
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from pare.errors import ConfigError
@@ -31,15 +32,15 @@ def parse_pattern(pattern: str | None) -> tuple[int, int] | None:
 def lowest_k_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
     """Mark exactly the ``k`` lowest scores of every row of a 2-D tensor (ties: leftmost first).
 
-    A per-row threshold from ``kthvalue`` (about twice as fast as ``topk`` on CPU and without its
-    ``int64`` index tensor). When some row has ties at its threshold, the entries equal to it are
-    added left to right until the row has exactly ``k``.
+    A per-row threshold (:func:`kth_smallest`; no ``int64`` index tensor as ``topk`` would make).
+    When some row has ties at its threshold, the entries equal to it are added left to right until
+    the row has exactly ``k``.
     """
     if k <= 0:
         return torch.zeros_like(scores, dtype=torch.bool)
     if k >= scores.shape[1]:
         return torch.ones_like(scores, dtype=torch.bool)
-    thr = scores.kthvalue(k, dim=1, keepdim=True).values
+    thr = kth_smallest(scores, k)
     mask = scores <= thr
     if int(torch.count_nonzero(mask)) == k * scores.shape[0]:  # no ties at any threshold
         return mask
@@ -51,6 +52,18 @@ def lowest_k_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
     if bool((mask.sum(1) != k).any()):  # only NaN thresholds get here: NaN is neither below nor equal
         raise ValueError(f"cannot choose the {k} lowest scores of a row: scores contain NaN")
     return mask
+
+
+def kth_smallest(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """The ``k``-th smallest value of every row of a 2-D tensor, ``[rows, 1]`` (NaN sorts last).
+
+    On the CPU, NumPy's introselect (``np.partition``) is used: 4-6x faster than ``torch.kthvalue``
+    from 4K to 17M values per row on one core. Other devices and dtypes use ``kthvalue``.
+    """
+    if scores.device.type == "cpu" and scores.dtype in (torch.float32, torch.float64):
+        part = np.partition(scores.detach().numpy(), k - 1, axis=1)
+        return torch.from_numpy(part[:, k - 1:k].copy())
+    return scores.kthvalue(k, dim=1, keepdim=True).values
 
 
 def zero_masked_(weight: torch.Tensor, mask: torch.Tensor) -> None:
