@@ -190,9 +190,8 @@ def test_unknown_families_cut_mlp_channels_and_reload_but_refuse_unsafe_cuts(kin
         assert torch.equal(pare.load(tmp_path / "o")(ids).logits, model(ids).logits)
     with pytest.raises(ConfigError, match="stacks q/k/v in an order pare has no rule for"):
         pare.prune(_outside_family(kind), WidthConfig(pruning_ratio=0.5), ids, runtime=quiet)
-    if kind == "falcon":
-        with pytest.raises(ConfigError, match="derives head_dim from the hidden size"):
-            pare.prune(_outside_family(kind), WidthConfig(pruning_ratio=0.5, heads=False), ids, runtime=quiet)
+    with pytest.raises(ConfigError, match="derives head_dim from the hidden size"):
+        pare.prune(_outside_family(kind), WidthConfig(pruning_ratio=0.5, heads=False), ids, runtime=quiet)
 
 
 def test_magnitude_width_needs_no_calibration() -> None:

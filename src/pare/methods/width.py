@@ -19,6 +19,7 @@ edits that ``pare.load`` replays. Heads stay uniform across layers so GQA stays 
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 import math
 from dataclasses import dataclass, field
@@ -478,6 +479,31 @@ def apply(ctx: PruneContext, p: Plan, scorer: Scorer, cfg: WidthConfig) -> None:
 
 
 # ---------------------------------------------------------------------------- the pruner
+def _attention_follows_hidden(model: nn.Module, arch: ModelArch) -> bool:
+    """Whether this family sizes its attention from the hidden size even when the config states
+    ``head_dim`` (Bloom's code) or cannot state it (Falcon's read-only property): a skeleton built on
+    the meta device from the config with half the hidden size and the same ``head_dim`` tells."""
+    from transformers import AutoModelForCausalLM
+
+    first = next(r for r in arch.layers if r.attention is not None)
+    att = first.attention
+    assert att is not None
+    config: Any = copy.deepcopy(model.config)
+    hidden = getattr(config, arch.fields.hidden)
+    try:
+        setattr(config, arch.fields.hidden, max(att.head_dim, hidden // 2))
+        config.head_dim = att.head_dim
+        with torch.device("meta"):
+            built = AutoModelForCausalLM.from_config(config)
+    except (AttributeError, ValueError, TypeError):
+        return True  # the config cannot even say it
+    proj = att.q or att.qkv
+    assert proj is not None
+    layer = arch.layer_modules(built)[first.index]
+    before = get_weight(arch.layer_modules(model)[first.index].get_submodule(proj.path), proj).shape[0]
+    return get_weight(layer.get_submodule(proj.path), proj).shape[0] != before
+
+
 class WidthPruner(Pruner):
     """Score every width channel, choose what to keep, then cut heads, MLP channels and hidden."""
 
@@ -493,8 +519,8 @@ class WidthPruner(Pruner):
         first = next((r.attention for r in arch.layers if r.attention is not None), None)
         if cfg.heads and first is not None and cfg.pruning_ratio > 0:
             resolve_heads(first, cfg.pruning_ratio, cfg.head_mode)
-        derived = getattr(type(getattr(model, "config", None)), "head_dim", None)
-        if cfg.hidden and cfg.pruning_ratio > 0 and isinstance(derived, property) and derived.fset is None:
+        if (cfg.hidden and cfg.pruning_ratio > 0 and first is not None
+                and arch.model_type not in ATTN_WIDTH_IS_HIDDEN and _attention_follows_hidden(model, arch)):
             raise ConfigError(f"{arch.model_type} derives head_dim from the hidden size, so the hidden size cannot "
                               "be cut on its own: use hidden=False (--no-hidden), or the osscar method")
 
