@@ -234,3 +234,12 @@ def test_sizes_must_be_positive(tmp_path: Path, tok: PreTrainedTokenizerFast, ns
     path.write_text(words("w", 0, 100))
     with pytest.raises(ConfigError):
         calibration_windows(tok, str(path), nsamples=nsamples, seqlen=seqlen)
+
+
+def test_split_labels_say_which_text_is_scored() -> None:
+    from pare.calibration.sources import split_label
+
+    assert split_label("tinystories", "test") == "validation"
+    assert split_label("c4", "test") == "validation"
+    assert split_label("wikitext2", "test") == "test"
+    assert split_label("some/file.txt", "test") == "test"

@@ -221,6 +221,13 @@ def _load_hub_dataset(path: str, name: str | None, split: str, data_files: dict[
     return datasets.load_dataset(path, name, split=split, **kwargs)
 
 
+def split_label(source: str, split: str) -> str:
+    """The split a named set really serves for ``split`` (C4 and TinyStories have no test split:
+    their validation text is used), for labels; a file path keeps the name asked."""
+    name = _named(source)
+    return _NAMED[name].hub.splits.get(split, split) if name else split
+
+
 def _named(source: str) -> str | None:
     key = _ALIASES.get(source.lower(), source.lower())
     return key if key in _NAMED else None

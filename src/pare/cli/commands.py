@@ -181,6 +181,7 @@ def _load_any(name_or_path: str, dtype: str | None = None):
 
 def eval_cmd(args: argparse.Namespace) -> int:
     from pare.api import evaluate
+    from pare.calibration.sources import split_label
 
     if args.device is not None:
         usable_device(args.device)  # before loading anything
@@ -202,8 +203,8 @@ def eval_cmd(args: argparse.Namespace) -> int:
         print(json.dumps(res, indent=2, default=str))
         return 0
     if dataset:
-        print(f"{dataset} test: {res['text_tokens']:,} tokens after tokenization; scored {res['n_windows']:,} "
-              f"windows of {res['seqlen']:,} tokens ({res['n_tokens']:,} tokens)")
+        print(f"{dataset} {split_label(dataset, 'test')}: {res['text_tokens']:,} tokens after tokenization; "
+              f"scored {res['n_windows']:,} windows of {res['seqlen']:,} tokens ({res['n_tokens']:,} tokens)")
     rows = [(k, _fmt(res.get(k))) for k in ("ppl", "params", "nonzero_params", "size_on_disk_bytes",
                                              "prefill_tokens_per_s", "decode_tokens_per_s",
                                              "two_four_linear_speedup", "two_four_skipped") if k in res]
