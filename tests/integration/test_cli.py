@@ -229,3 +229,15 @@ def test_no_progress_hides_transformers_bars_and_restores_them(model_dir: Path, 
     err = capsys.readouterr().err
     assert "Writing model shards" not in err and "Loading weights" not in err
     assert hf_logging.is_progress_bar_enabled()
+
+
+def test_methods_lists_each_method_with_one_sentence(capsys) -> None:
+    from pare.methods import METHODS
+
+    assert main(["methods"]) == 0
+    heads = [line for line in capsys.readouterr().out.splitlines() if line and not line.startswith(" ")]
+    assert [h.split()[0] for h in heads] == sorted(METHODS)
+    for line in heads:
+        summary = line.split(maxsplit=1)[1]
+        assert summary.endswith(".") and "``" not in summary and summary.count(". ") == 0, line
+    assert any(h.startswith("sparsegpt") and "SparseGPT: one-shot OBS pruning" in h for h in heads)

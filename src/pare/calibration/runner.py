@@ -130,10 +130,6 @@ def model_device(model: nn.Module) -> torch.device:
     return param.device if param is not None else torch.device("cpu")
 
 
-def resolve_device(device: str | torch.device | None) -> torch.device:
-    """The compute device (None: cuda when available), with a ConfigError when it cannot be used."""
-    return usable_device(device)
-
 
 @dataclass
 class LayerCall:
@@ -278,7 +274,7 @@ class LayerwiseRunner:
     ) -> None:
         self.model = model
         self.arch = arch
-        self.device = resolve_device(device)
+        self.device = usable_device(device)
         self.offload = offload
         self.sequential = sequential
         self.progress = progress

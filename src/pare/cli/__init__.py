@@ -17,12 +17,11 @@ from pare.errors import ConfigError, PareError
 
 log = logging.getLogger("pare")
 
-COMMON = {"model", "method", "out", "overwrite", "config", "eval", "speed", "eval_seqlen", "eval_batch_size",
-          "eval_max_windows", "arch_override", "dtype", "verbose", "json"}
 TOP_KINDS: dict[str, type] = {"model": str, "method": str, "out": str, "overwrite": bool, "eval": str, "speed": bool,
                               "eval_seqlen": int, "eval_batch_size": int, "eval_max_windows": int,
                               "arch_override": str, "dtype": str, "verbose": bool, "json": bool}
-"""Types of the options that are not config fields, when they come from a config file."""
+"""The options that are not config fields, with their types when they come from a config file."""
+COMMON = set(TOP_KINDS) | {"config"}
 
 
 def _prune_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:

@@ -19,9 +19,9 @@ from tqdm.auto import tqdm
 
 from pare.arch.roles import ModelArch
 from pare.arch.targets import Target, layer_targets, select
-from pare.calibration.runner import LayerwiseRunner, resolve_device
+from pare.calibration.runner import LayerwiseRunner
 from pare.calibration.stats import STAT_GRAM, InputStats, record_inputs
-from pare.config import PruneConfig, RuntimeConfig, check_ratio, check_regexes, help_field
+from pare.config import PruneConfig, RuntimeConfig, check_ratio, check_regexes, help_field, usable_device
 from pare.errors import ConfigError
 from pare.eval.size import nonzero
 from pare.ops.masks import parse_pattern
@@ -313,7 +313,7 @@ class SparsityPruner(Pruner):
         ctx.report.scores["layers"] = rows
 
     def _run_data_free(self, ctx: PruneContext) -> None:
-        device = resolve_device(ctx.runtime.device)
+        device = usable_device(ctx.runtime.device)
         layers = ctx.arch.layer_modules(ctx.model)
         for i in tqdm(range(len(layers)), desc="layers", disable=not ctx.runtime.progress, leave=False):
             layer = layers[i]

@@ -19,7 +19,6 @@ edits that ``pare.load`` replays. Heads stay uniform across layers so GQA stays 
 from __future__ import annotations
 
 import contextlib
-import copy
 import logging
 import math
 from dataclasses import dataclass, field
@@ -32,6 +31,7 @@ from pare.arch import describe
 from pare.arch.roles import LayerRoles, MLPRoles, ModelArch, Proj, get_weight
 from pare.arch.surgery.width import (
     ATTN_WIDTH_IS_HIDDEN,
+    attention_follows_hidden,
     expert_alignment,
     prune_heads,
     prune_hidden,
@@ -39,9 +39,8 @@ from pare.arch.surgery.width import (
     sync_config,
 )
 from pare.arch.targets import layer_targets
-from pare.calibration.runner import resolve_device
 from pare.calibration.stats import InputStats, record_inputs
-from pare.config import PruneConfig, check_ratio, help_field
+from pare.config import PruneConfig, check_ratio, help_field, usable_device
 from pare.errors import ConfigError
 from pare.methods.base import PruneContext, Pruner
 from pare.methods.osscar import HEAD_MODES, resolve_heads
@@ -479,31 +478,6 @@ def apply(ctx: PruneContext, p: Plan, scorer: Scorer, cfg: WidthConfig) -> None:
 
 
 # ---------------------------------------------------------------------------- the pruner
-def _attention_follows_hidden(model: nn.Module, arch: ModelArch) -> bool:
-    """Whether this family sizes its attention from the hidden size even when the config states
-    ``head_dim`` (Bloom's code) or cannot state it (Falcon's read-only property): a skeleton built on
-    the meta device from the config with half the hidden size and the same ``head_dim`` tells."""
-    from transformers import AutoModelForCausalLM
-
-    first = next(r for r in arch.layers if r.attention is not None)
-    att = first.attention
-    assert att is not None
-    config: Any = copy.deepcopy(model.config)
-    hidden = getattr(config, arch.fields.hidden)
-    try:
-        setattr(config, arch.fields.hidden, max(att.head_dim, hidden // 2))
-        config.head_dim = att.head_dim
-        with torch.device("meta"):
-            built = AutoModelForCausalLM.from_config(config)
-    except (AttributeError, ValueError, TypeError):
-        return True  # the config cannot even say it
-    proj = att.q or att.qkv
-    assert proj is not None
-    layer = arch.layer_modules(built)[first.index]
-    before = get_weight(arch.layer_modules(model)[first.index].get_submodule(proj.path), proj).shape[0]
-    return get_weight(layer.get_submodule(proj.path), proj).shape[0] != before
-
-
 class WidthPruner(Pruner):
     """Score every width channel, choose what to keep, then cut heads, MLP channels and hidden."""
 
@@ -520,7 +494,7 @@ class WidthPruner(Pruner):
         if cfg.heads and first is not None and cfg.pruning_ratio > 0:
             resolve_heads(first, cfg.pruning_ratio, cfg.head_mode)
         if (cfg.hidden and cfg.pruning_ratio > 0 and first is not None
-                and arch.model_type not in ATTN_WIDTH_IS_HIDDEN and _attention_follows_hidden(model, arch)):
+                and arch.model_type not in ATTN_WIDTH_IS_HIDDEN and attention_follows_hidden(model, arch)):
             raise ConfigError(f"{arch.model_type} derives head_dim from the hidden size, so the hidden size cannot "
                               "be cut on its own: use hidden=False (--no-hidden), or the osscar method")
 
@@ -535,7 +509,7 @@ class WidthPruner(Pruner):
             scorer.stats = self._collect_stats(ctx, ids)
         elif cfg.importance == "taylor":
             assert ids is not None
-            scorer.taylor = taylor_tables(ctx.model, ids, ctx.batch_size, resolve_device(ctx.runtime.device))
+            scorer.taylor = taylor_tables(ctx.model, ids, ctx.batch_size, usable_device(ctx.runtime.device))
         p = plan(ctx.model, ctx.arch, scorer, cfg)
         apply(ctx, p, scorer, cfg)
         ctx.report.uniform = sync_config(ctx.model, describe(ctx.model))

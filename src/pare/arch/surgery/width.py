@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from pare.arch.roles import AttentionRoles, LayerRoles, MLPRoles, ModelArch, Proj
+from pare.arch.roles import AttentionRoles, LayerRoles, MLPRoles, ModelArch, Proj, get_weight
 from pare.errors import ConfigError
 
 Edit = dict[str, Any]
@@ -36,6 +36,31 @@ Edit = dict[str, Any]
 ATTN_WIDTH_IS_HIDDEN = frozenset({"gpt2", "opt", "gpt_neox"})
 """Families whose attention reads ``head_dim = hidden_size // num_heads`` from the config, so a
 head cut is only expressible in the config when ``heads * head_dim == hidden_size``."""
+
+
+def attention_follows_hidden(model: nn.Module, arch: ModelArch) -> bool:
+    """Whether this family sizes its attention from the hidden size even when the config states
+    ``head_dim`` (Bloom's code) or cannot state it (Falcon's read-only property): a skeleton built on
+    the meta device from the config with half the hidden size and the same ``head_dim`` tells."""
+    from transformers import AutoModelForCausalLM
+
+    first = next(r for r in arch.layers if r.attention is not None)
+    att = first.attention
+    assert att is not None
+    config: Any = copy.deepcopy(model.config)
+    hidden = getattr(config, arch.fields.hidden)
+    try:
+        setattr(config, arch.fields.hidden, max(att.head_dim, hidden // 2))
+        config.head_dim = att.head_dim
+        with torch.device("meta"):
+            built = AutoModelForCausalLM.from_config(config)
+    except (AttributeError, ValueError, TypeError):
+        return True  # the config cannot even say it
+    proj = att.q or att.qkv
+    assert proj is not None
+    layer = arch.layer_modules(built)[first.index]
+    before = get_weight(arch.layer_modules(model)[first.index].get_submodule(proj.path), proj).shape[0]
+    return get_weight(layer.get_submodule(proj.path), proj).shape[0] != before
 
 
 # --------------------------------------------------------------------------- primitive slicing
@@ -396,8 +421,6 @@ def prune_hidden(model: nn.Module, arch: ModelArch, keep: torch.Tensor | Sequenc
         _hidden_layer(layers[i], roles, idx.to(next(layers[i].parameters()).device), scale)
     if arch.final_norm_path:
         _slice_norm(model.get_submodule(arch.final_norm_path), idx, scale)
-    for norm in _outer_norms(model, arch, old):  # e.g. Bloom's norm right after the embeddings
-        _slice_norm(norm, idx.to(norm.weight.device), scale)
     if arch.tied:
         head.weight = embed.weight
     else:
@@ -406,15 +429,6 @@ def prune_hidden(model: nn.Module, arch: ModelArch, keep: torch.Tensor | Sequenc
         head.in_features = new
     _sync_hidden_attrs(model, old, new)
     return {"op": "hidden", "width": new}
-
-
-def _outer_norms(model: nn.Module, arch: ModelArch, width: int) -> list[Any]:
-    """Norms over the residual stream outside the decoder layers, other than the final norm."""
-    inside = (arch.layers_path + ".", arch.final_norm_path)
-    return [m for name, m in model.named_modules()
-            if name and not name.startswith(inside[0]) and name != inside[1]
-            and "norm" in type(m).__name__.lower() and getattr(m, "weight", None) is not None
-            and tuple(m.weight.shape) == (width,)]
 
 
 # --------------------------------------------------------------------------- config
