@@ -10,7 +10,9 @@ on the same tokens and counts the zeros itself. One JSON object per setting goes
 
 ``prune_seconds`` is the wall time of the pruning call alone (``pare.prune`` / ``oneshot`` / the
 mask loop); ``peak_rss_mb`` is the worker process's peak RSS (model load included). The machine may
-be shared: timings are noisy, which is why each pair runs back to back.
+be shared: timings are noisy, which is why each pair runs back to back, and ``--repeats N`` runs
+every worker N times (alternating with its peer) and compares medians (``prune_seconds_runs`` lists
+every time).
 
 The peer lives in its own venv (llm-compressor 0.14 pins transformers <= 5.17)::
 
@@ -40,6 +42,7 @@ import json
 import os
 import re
 import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -297,6 +300,20 @@ def ensure_peer(a: argparse.Namespace) -> str | None:
     return None
 
 
+def median_run(runs: list[dict]) -> dict:
+    """One worker's repeated runs as one result: the median prune time and peak RSS, every time kept;
+    the first error if any run failed (the pruned weights are the same in every run)."""
+    failed = [r for r in runs if "error" in r]
+    if failed:
+        return failed[0]
+    out = dict(runs[-1])
+    if len(runs) > 1:
+        for key in ("prune_seconds", "peak_rss_mb"):
+            out[key] = statistics.median(r[key] for r in runs)
+        out["prune_seconds_runs"] = [r["prune_seconds"] for r in runs]
+    return out
+
+
 def ratio(a: dict, b: dict, key: str) -> float | None:
     if "error" in a or "error" in b or not b.get(key):
         return None
@@ -313,16 +330,22 @@ def main(a: argparse.Namespace) -> None:
     work = calib.parent
     for setting in a.settings:
         for method in a.methods:
+            runs: dict[str, list[dict]] = {"pare": [], "reference": []}
+            for _ in range(a.repeats):  # pairs back to back: pare, reference, pare, reference...
+                for kind, python in (("pare", sys.executable), ("reference", peer)):
+                    out = work / f"{kind}-{method}-{setting.replace(':', '_')}.safetensors"
+                    if python is None:
+                        runs[kind].append({"error": f"llm-compressor venv missing at {PEER_VENV} (run with "
+                                                    "--create-peer-venv)"})
+                        continue
+                    runs[kind].append(run_worker(python, "pare" if kind == "pare" else "peer", method, setting,
+                                                 model_path, calib, out, a))
             res = {}
-            for kind, python in (("pare", sys.executable), ("reference", peer)):
-                out = work / f"{kind}-{method}-{setting.replace(':', '_')}.safetensors"
-                if python is None:
-                    res[kind] = {"error": f"llm-compressor venv missing at {PEER_VENV} (run with --create-peer-venv)"}
-                    continue
-                r = run_worker(python, "pare" if kind == "pare" else "peer", method, setting, model_path, calib, out, a)
+            for kind, rs in runs.items():
+                res[kind] = r = median_run(rs)
                 if "error" not in r:
-                    r.update(evaluate(model_path, out, ev, a))
-                res[kind] = r
+                    r.update(evaluate(model_path, work / f"{kind}-{method}-{setting.replace(':', '_')}.safetensors",
+                                      ev, a))
             line = {"method": method, "setting": setting, "model": a.model, "pare": res["pare"],
                     "reference": res["reference"],
                     "ratios": {"ppl_ratio": ratio(res["pare"], res["reference"], "ppl"),
@@ -335,7 +358,8 @@ def main(a: argparse.Namespace) -> None:
             ref_ratios = res["reference"].get("owl_layer_sparsity")
             if ref_ratios:  # OWL: pare pruning with the reference's per-layer ratios isolates the pruning step
                 out = work / f"pare-{method}-{setting.replace(':', '_')}-refratios.safetensors"
-                r = run_worker(sys.executable, "pare", method, setting, model_path, calib, out, a, ref_ratios)
+                r = median_run([run_worker(sys.executable, "pare", method, setting, model_path, calib, out, a,
+                                           ref_ratios) for _ in range(a.repeats)])
                 if "error" not in r:
                     r.update(evaluate(model_path, out, ev, a))
                 line["pare_with_reference_ratios"] = {k: r.get(k) for k in ("ppl", "sparsity", "prune_seconds", "error")
@@ -343,7 +367,8 @@ def main(a: argparse.Namespace) -> None:
             if method == "magnitude" and "error" not in res["reference"]:
                 # pare's default compares a whole matrix, as llm-compressor's mask does; rows are the option
                 out = work / f"pare-{method}-{setting.replace(':', '_')}-rows.safetensors"
-                r = run_worker(sys.executable, "pare", method, setting, model_path, calib, out, a, granularity="row")
+                r = median_run([run_worker(sys.executable, "pare", method, setting, model_path, calib, out, a,
+                                           granularity="row") for _ in range(a.repeats)])
                 if "error" not in r:
                     r.update(evaluate(model_path, out, ev, a))
                 line["pare_granularity_row"] = {k: r.get(k) for k in ("ppl", "sparsity", "prune_seconds",
@@ -368,6 +393,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--eval-seqlen", type=int, default=512)
     p.add_argument("--eval-windows", type=int, default=None, help="cap on evaluation windows")
     p.add_argument("--timeout", type=int, default=3600)
+    p.add_argument("--repeats", type=int, default=1,
+                   help="runs of each worker (fresh processes, pairs back to back); the median time is compared "
+                        "(use 5+ where a prune takes milliseconds: single runs there vary by 2x)")
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads in both workers (1: on a shared 2-core machine, 2 threads made small ops ~1000x "
                         "slower through OpenMP contention)")

@@ -11,7 +11,6 @@ import torch
 from torch import nn
 
 from pare.arch import ArchOverride, describe
-from pare.arch.targets import check_selection
 from pare.config import CalibrationConfig, PruneConfig, RuntimeConfig, parse_dtype, usable_device
 from pare.errors import ConfigError, ModelNotFoundError
 from pare.eval.cost import measure_cost
@@ -20,7 +19,7 @@ from pare.eval.size import count_nonzero, count_parameters
 from pare.io import load, save
 from pare.io.save import skeleton, state_differences
 from pare.methods import PruneContext, pruner_for
-from pare.methods.base import SparsityConfig, measure_sparsity
+from pare.methods.base import SparsityConfig, SparsityPruner
 from pare.report import Report
 
 log = logging.getLogger(__name__)
@@ -111,7 +110,7 @@ def prune(
         raise ConfigError(f"{type(config).__name__} is not the config of method {config.method!r}")
     arch = describe(model, arch_override)
     pruner = pruner_cls(config)
-    _check(model, config, arch, pruner)
+    pruner.check(model, arch)
     calib_info: dict[str, Any] | None = None
     ids: torch.Tensor | None = None
     if pruner.uses_calibration():
@@ -140,7 +139,8 @@ def prune(
     report.peak_rss_mb = cost.peak_rss_mb
     if isinstance(config, SparsityConfig):  # weights are zeroed, shapes unchanged: the description holds
         report.pattern = None if config.nm is None else config.pattern
-        report.modules = _pruned_modules(model, arch, config)
+        assert isinstance(pruner, SparsityPruner)
+        report.modules = pruner.pruned_modules(model, arch)
         report.notes.append(DENSE_ZEROS_NOTE)
     report.figures.setdefault("params_before", params_before)
     report.figures["params_after"] = sum(p.numel() for p in model.parameters())
@@ -172,25 +172,7 @@ def _config_describes(model: nn.Module) -> bool:
 def check(model: nn.Module, config: PruneConfig, arch_override: ArchOverride | None = None) -> None:
     """Raise ConfigError when ``config`` cannot apply to ``model`` (GQA head counts, layer indices,
     module regexes, N:M widths...), before any long work such as a dense evaluation."""
-    _check(model, config, describe(model, arch_override), pruner_for(config.method)(config))
-
-
-def _check(model: nn.Module, config: PruneConfig, arch, pruner) -> None:
-    if isinstance(config, SparsityConfig):
-        check_selection(arch, model, config.targets, config.ignore)
-    pruner.check(model, arch)
-
-
-def _pruned_modules(model: nn.Module, arch, config: SparsityConfig) -> dict[str, dict]:
-    from pare.arch.targets import layer_targets, select
-
-    layers = arch.layer_modules(model)
-    names = {
-        t.name
-        for i, roles in enumerate(arch.layers)
-        for t in select(layer_targets(layers[i], roles, arch.layer_prefix(i)), config.targets, config.ignore)
-    }
-    return measure_sparsity(model, arch, names)
+    pruner_for(config.method)(config).check(model, describe(model, arch_override))
 
 
 def evaluate(

@@ -78,13 +78,8 @@ def find_layers_path(model: nn.Module, override: ArchOverride | None = None) -> 
     )
 
 
-def _module_name(model: nn.Module, target: nn.Module | None) -> str | None:
-    if target is None:
-        return None
-    for name, module in model.named_modules():
-        if module is target:
-            return name
-    return None
+def _module_name(names: dict[int, str], target: nn.Module | None) -> str | None:
+    return None if target is None else names.get(id(target))
 
 
 def _tp_kind(tp_plan: dict[str, str], rel: str) -> str | None:
@@ -98,9 +93,9 @@ def _tp_kind(tp_plan: dict[str, str], rel: str) -> str | None:
     return None
 
 
-def _match_roles(layer: nn.Module, override: ArchOverride | None) -> dict[str, str]:
-    """Map role -> relative path of the projection inside ``layer``."""
-    projections = {n: m for n, m in layer.named_modules() if n and _is_projection(m)}
+def _match_roles(modules: dict[str, nn.Module], override: ArchOverride | None) -> dict[str, str]:
+    """Map role -> relative path of the projection among a layer's ``modules`` (name -> module)."""
+    projections = {n: m for n, m in modules.items() if n and _is_projection(m)}
     roles: dict[str, str] = {}
     forced = dict(override.names) if override else {}
     for role, rel in forced.items():
@@ -128,30 +123,30 @@ def _match_roles(layer: nn.Module, override: ArchOverride | None) -> dict[str, s
     return roles
 
 
-def _experts(layer: nn.Module, config: Any, fields: ConfigFields) -> ExpertsRoles | None:
-    for rel, module in layer.named_modules():
-        params = dict(module.named_parameters(recurse=False))
-        gu = next((n for n in ("gate_up_proj", "w13", "gate_up") if n in params), None)
-        dn = next((n for n in ("down_proj", "w2") if n in params), None)
-        if gu is None or dn is None or params[gu].dim() != 3:
+def _experts(layer: nn.Module, modules: dict[str, nn.Module], config: Any) -> ExpertsRoles | None:
+    fused = {n for n, p in layer.named_parameters() if p.dim() == 3}  # fused MoE experts: [E, out, in]
+    for rel in dict.fromkeys(n.rpartition(".")[0] for n in fused):  # the modules holding them, in order
+        own = f"{rel}." if rel else ""
+        gu = next((n for n in ("gate_up_proj", "w13", "gate_up") if own + n in fused), None)
+        dn = next((n for n in ("down_proj", "w2") if own + n in fused), None)
+        if gu is None or dn is None:
             continue
+        module = modules[rel]
         parent = rel.rsplit(".", 1)[0] if "." in rel else ""
         prefix = f"{parent}." if parent else ""
-        router = next(
-            (f"{prefix}{n}" for n in ("gate", "router") if _has(layer, f"{prefix}{n}")), None
-        )
+        router = next((f"{prefix}{n}" for n in ("gate", "router") if f"{prefix}{n}" in modules), None)
         if router is None:
             return None
-        num_experts, two_i, _ = params[gu].shape
+        num_experts, two_i, _ = getattr(module, gu).shape
         shared = None
-        if _has(layer, f"{prefix}shared_expert.down_proj"):
+        if f"{prefix}shared_expert.down_proj" in modules:
             shared = MLPRoles(
                 path=f"{prefix}shared_expert",
                 gate=Proj(f"{prefix}shared_expert.gate_proj"),
                 up=Proj(f"{prefix}shared_expert.up_proj"),
                 down=Proj(f"{prefix}shared_expert.down_proj"),
             )
-        shared_gate = f"{prefix}shared_expert_gate" if _has(layer, f"{prefix}shared_expert_gate") else None
+        shared_gate = f"{prefix}shared_expert_gate" if f"{prefix}shared_expert_gate" in modules else None
         return ExpertsRoles(
             path=rel,
             gate_up_param=gu,
@@ -186,24 +181,26 @@ def config_head_counts(config: Any) -> tuple[int, int, int]:
     return heads, int(kv), int(head_dim)
 
 
-def _attention(layer: nn.Module, roles: dict[str, str], config: Any, layout: str) -> AttentionRoles | None:
+def _attention(
+    modules: dict[str, nn.Module], roles: dict[str, str], config: Any, layout: str
+) -> AttentionRoles | None:
     if "o" not in roles or not ({"q", "k", "v"} <= roles.keys() or "qkv" in roles):
         return None
 
     def proj(role: str) -> Proj:
-        return Proj(roles[role], conv1d=_is_conv1d(layer.get_submodule(roles[role])))
+        return Proj(roles[role], conv1d=_is_conv1d(modules[roles[role]]))
 
     _, _, head_dim = config_head_counts(config)
     o = proj("o")
-    o_mod = layer.get_submodule(o.path)
+    o_mod = modules[o.path]
     o_in = weight_of(o_mod).shape[0] if o.conv1d else weight_of(o_mod).shape[1]
     layer_heads = int(o_in) // head_dim
     path = _parent(o.path)
-    q_norm = f"{path}.q_norm" if _has(layer, f"{path}.q_norm") else None
-    k_norm = f"{path}.k_norm" if _has(layer, f"{path}.k_norm") else None
+    q_norm = f"{path}.q_norm" if f"{path}.q_norm" in modules else None
+    k_norm = f"{path}.k_norm" if f"{path}.k_norm" in modules else None
     if "qkv" in roles:
         qkv = proj("qkv")
-        qkv_mod = layer.get_submodule(qkv.path)
+        qkv_mod = modules[qkv.path]
         total = (weight_of(qkv_mod).shape[1] if qkv.conv1d else weight_of(qkv_mod).shape[0]) // head_dim
         layer_kv = (int(total) - layer_heads) // 2
         return AttentionRoles(
@@ -212,7 +209,7 @@ def _attention(layer: nn.Module, roles: dict[str, str], config: Any, layout: str
             q_norm=q_norm, k_norm=k_norm,
         )
     k = proj("k")
-    k_mod = layer.get_submodule(k.path)
+    k_mod = modules[k.path]
     layer_kv = int(weight_of(k_mod).shape[1] if k.conv1d else weight_of(k_mod).shape[0]) // head_dim
     return AttentionRoles(
         path=path, o=o, num_heads=layer_heads, num_kv_heads=layer_kv, head_dim=head_dim,
@@ -220,14 +217,14 @@ def _attention(layer: nn.Module, roles: dict[str, str], config: Any, layout: str
     )
 
 
-def _mlp(layer: nn.Module, roles: dict[str, str]) -> MLPRoles | None:
+def _mlp(modules: dict[str, nn.Module], roles: dict[str, str]) -> MLPRoles | None:
     if "down" not in roles:
         return None
 
     def proj(role: str) -> Proj | None:
         if role not in roles:
             return None
-        return Proj(roles[role], conv1d=_is_conv1d(layer.get_submodule(roles[role])))
+        return Proj(roles[role], conv1d=_is_conv1d(modules[roles[role]]))
 
     down = proj("down")
     assert down is not None
@@ -237,10 +234,10 @@ def _mlp(layer: nn.Module, roles: dict[str, str]) -> MLPRoles | None:
     return MLPRoles(path=_parent(down.path), down=down, up=up, gate=gate, gate_up=gate_up)
 
 
-def _norms(layer: nn.Module, attention: AttentionRoles | None) -> tuple[str, ...]:
+def _norms(modules: dict[str, nn.Module], attention: AttentionRoles | None) -> tuple[str, ...]:
     skip = {attention.q_norm, attention.k_norm} if attention else set()
     out = []
-    for rel, module in layer.named_modules():
+    for rel, module in modules.items():
         is_norm = "norm" in type(module).__name__.lower() and hasattr(module, "weight")
         if rel and rel not in skip and is_norm and "shared" not in rel:
             out.append(rel)
@@ -249,18 +246,18 @@ def _norms(layer: nn.Module, attention: AttentionRoles | None) -> tuple[str, ...
 
 def describe_layer(layer: nn.Module, index: int, config: Any, override: ArchOverride | None) -> LayerRoles:
     """The roles of one decoder layer, with head counts read from its weights."""
-    roles = _match_roles(layer, override)
+    modules = dict(layer.named_modules())
+    roles = _match_roles(modules, override)
     layout = (override.qkv_layout if override and override.qkv_layout else None) or "unknown"
-    attention = _attention(layer, roles, config, layout)
-    fields = override.fields if override and override.fields else ConfigFields()
-    experts = _experts(layer, config, fields)
-    mlp = None if experts is not None else _mlp(layer, roles)
+    attention = _attention(modules, roles, config, layout)
+    experts = _experts(layer, modules, config)
+    mlp = None if experts is not None else _mlp(modules, roles)
     parallel = bool(getattr(config, "use_parallel_residual", False) or getattr(config, "parallel_attn", False))
     if override and override.parallel_residual is not None:
         parallel = override.parallel_residual
     return LayerRoles(
         index=index, attention=attention, mlp=mlp, experts=experts,
-        norms=_norms(layer, attention), parallel_residual=parallel,
+        norms=_norms(modules, attention), parallel_residual=parallel,
     )
 
 
@@ -305,8 +302,10 @@ def describe(model: nn.Module, override: ArchOverride | None = None) -> ModelArc
     get_out: Any = model.get_output_embeddings
     embed = get_in()
     head = get_out()
-    embed_path = _module_name(model, embed)
-    lm_head_path = _module_name(model, head)
+    named = dict(model.named_modules())
+    names = {id(m): n for n, m in named.items()}
+    embed_path = _module_name(names, embed)
+    lm_head_path = _module_name(names, head)
     if embed_path is None:
         missing.append("input embeddings")
     if lm_head_path is None:
@@ -333,7 +332,7 @@ def describe(model: nn.Module, override: ArchOverride | None = None) -> ModelArc
             break
     tied = head is not None and embed is not None and head.weight is embed.weight
     extra = tuple(
-        n for n, m in model.named_modules()
+        n for n, m in named.items()
         if isinstance(m, nn.Embedding) and n != embed_path and not n.startswith(layers_path)
     )
     arch = ModelArch(

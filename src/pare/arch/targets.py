@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from pare.arch.infer import _is_conv1d, _is_projection
-from pare.arch.roles import LayerRoles, ModelArch
+from pare.arch.roles import LayerRoles
 from pare.errors import ConfigError
 
 InputKind = Literal["linear", "expert_in", "expert_mid"]
@@ -94,10 +94,9 @@ def select(targets: list[Target], include: tuple[str, ...], ignore: tuple[str, .
     ]
 
 
-def check_selection(arch: ModelArch, model: nn.Module, include: tuple[str, ...], ignore: tuple[str, ...]) -> None:
-    """Raise ConfigError when a ``targets`` regex matches no prunable matrix of the model."""
-    layers = arch.layer_modules(model)
-    names = [t.name for i, r in enumerate(arch.layers) for t in layer_targets(layers[i], r, arch.layer_prefix(i))]
+def check_selection(names: list[str], include: tuple[str, ...], ignore: tuple[str, ...]) -> None:
+    """Raise ConfigError when a ``targets`` regex matches none of ``names`` (every prunable matrix's),
+    or when ``targets`` and ``ignore`` together leave nothing."""
     for pattern in include:
         if not any(re.search(pattern, n) for n in names):
             examples = ", ".join(names[:4])

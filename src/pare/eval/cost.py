@@ -26,10 +26,9 @@ def measure_cost(interval: float = 0.02) -> Iterator[Cost]:
     peak = [proc.memory_info().rss]
     stop = threading.Event()
 
-    def sample() -> None:
-        while not stop.is_set():
+    def sample() -> None:  # the start and the end are read by the caller: a short block costs no sample
+        while not stop.wait(interval):
             peak[0] = max(peak[0], proc.memory_info().rss)
-            stop.wait(interval)
 
     thread = threading.Thread(target=sample, daemon=True)
     start = time.perf_counter()

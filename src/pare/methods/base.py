@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import re
 from abc import ABC, abstractmethod
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -18,7 +19,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from pare.arch.roles import ModelArch
-from pare.arch.targets import Target, layer_targets, select
+from pare.arch.targets import Target, check_selection, layer_targets, select
 from pare.calibration.runner import LayerwiseRunner
 from pare.calibration.stats import STAT_GRAM, InputStats, record_inputs
 from pare.config import PruneConfig, RuntimeConfig, check_ratio, check_regexes, help_field, usable_device
@@ -181,6 +182,7 @@ class SparsityPruner(Pruner):
         super().__init__(config)
         self.layer_ratios: list[float] | None = None
         self._reused_stats: dict[int, dict[str, InputStats]] = {}  # layer -> statistics already recorded
+        self._found: dict[int, tuple[nn.Module, list[Target]]] = {}  # layer -> (module, its targets)
 
     def target_sparsity(self, layer_index: int, target: Target) -> float:
         """Sparsity for one matrix: first matching ``module_sparsity`` regex, else the layer's ratio
@@ -202,8 +204,10 @@ class SparsityPruner(Pruner):
     def check(self, model: nn.Module, arch: ModelArch) -> None:
         """Module regexes that match, one ratio per layer, input widths that the N:M pattern divides."""
         cfg = self.config
-        per_layer = [select(layer_targets(layer, arch.layers[i], arch.layer_prefix(i)), cfg.targets, cfg.ignore)
-                     for i, layer in enumerate(arch.layer_modules(model))]
+        layers = arch.layer_modules(model)
+        check_selection([t.name for i, layer in enumerate(layers) for t in self._found_in(arch, i, layer)],
+                        cfg.targets, cfg.ignore)
+        per_layer = [self._selected(arch, i, layer) for i, layer in enumerate(layers)]
         names = [t.name for ts in per_layer for t in ts]
         for regex in cfg.module_sparsity:
             if not any(re.search(regex, n) for n in names):
@@ -266,9 +270,22 @@ class SparsityPruner(Pruner):
         """Zero (and possibly update) ``target.weight()`` in place."""
 
     def _targets(self, ctx: PruneContext, index: int, layer: nn.Module) -> list[Target]:
-        prefix = ctx.arch.layer_prefix(index)
-        found = layer_targets(layer, ctx.arch.layers[index], prefix)
-        return select(found, self.config.targets, self.config.ignore)
+        return self._selected(ctx.arch, index, layer)
+
+    def _found_in(self, arch: ModelArch, index: int, layer: nn.Module) -> list[Target]:
+        """Every prunable matrix of a layer, found once per run (weights change in place, shapes do not)."""
+        hit = self._found.get(index)
+        if hit is None or hit[0] is not layer:
+            hit = self._found[index] = (layer, layer_targets(layer, arch.layers[index], arch.layer_prefix(index)))
+        return hit[1]
+
+    def _selected(self, arch: ModelArch, index: int, layer: nn.Module) -> list[Target]:
+        return select(self._found_in(arch, index, layer), self.config.targets, self.config.ignore)
+
+    def pruned_modules(self, model: nn.Module, arch: ModelArch) -> dict[str, dict]:
+        """Per pruned matrix: shape, numel, nonzero and sparsity, counted in the weights after the run."""
+        layers = arch.layer_modules(model)
+        return measure_sparsity(t for i, layer in enumerate(layers) for t in self._selected(arch, i, layer))
 
     def run(self, ctx: PruneContext) -> None:
         self.prepare_profile(ctx)
@@ -334,20 +351,16 @@ def _norms(target: Target, stats: InputStats) -> torch.Tensor:
     return stats.norms()
 
 
-def measure_sparsity(model: nn.Module, arch: ModelArch, names: set[str] | None = None) -> dict[str, dict]:
-    """Per prunable matrix: shape, numel, nonzero and sparsity, counted in the weights."""
+def measure_sparsity(targets: Iterable[Target]) -> dict[str, dict]:
+    """Per matrix: shape, numel, nonzero and sparsity, counted in the weights."""
     out: dict[str, dict] = {}
-    layers = arch.layer_modules(model)
-    for i, roles in enumerate(arch.layers):
-        for t in layer_targets(layers[i], roles, arch.layer_prefix(i)):
-            if names is not None and t.name not in names:
-                continue
-            w = t.weight()
-            nnz = nonzero(w)
-            out[t.name] = {
-                "shape": [int(w.shape[0]), int(w.shape[1])],
-                "numel": int(w.numel()),
-                "nonzero": nnz,
-                "sparsity": 1.0 - nnz / w.numel(),
-            }
+    for t in targets:
+        w = t.weight()
+        nnz = nonzero(w)
+        out[t.name] = {
+            "shape": [int(w.shape[0]), int(w.shape[1])],
+            "numel": int(w.numel()),
+            "nonzero": nnz,
+            "sparsity": 1.0 - nnz / w.numel(),
+        }
     return out
