@@ -12,7 +12,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from pare.errors import ConfigError, NotEnoughDataError
 from pare.eval.memory import peak_rss_mb
 from pare.eval.perplexity import PerplexityResult, perplexity
-from pare.eval.size import count_nonzero, count_parameters, dir_size_bytes, linear_sparsity
+from pare.eval.size import count_nonzero, count_parameters, dir_size_bytes, linear_sparsity, nonzero
 from pare.eval.speed import SpeedResult, measure_speed
 
 
@@ -118,3 +118,15 @@ def test_sizes(model: LlamaForCausalLM, tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError):
         dir_size_bytes(tmp_path / "missing")
     assert peak_rss_mb() > 1.0
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.int8])
+def test_nonzero_counts_every_dtype_and_view(dtype: torch.dtype) -> None:
+    g = torch.Generator().manual_seed(0)
+    w = (torch.randn(96, 40, generator=g) * 4).to(dtype)
+    w[torch.rand(96, 40, generator=g) < 0.3] = 0
+    w[0, 0] = -0.0 if dtype.is_floating_point else 0  # negative zero is a zero
+    expected = sum(1 for v in w.flatten().tolist() if v != 0)
+    assert nonzero(w) == expected
+    assert nonzero(w.t()) == expected  # a transposed view (GPT-2's Conv1D weights are read this way)
+    assert nonzero(w[::2]) == sum(1 for v in w[::2].flatten().tolist() if v != 0)
