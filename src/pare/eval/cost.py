@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 import psutil
 
+from pare.eval.memory import peak_rss_mb
+
 
 @dataclass
 class Cost:
@@ -20,8 +22,14 @@ class Cost:
 
 @contextlib.contextmanager
 def measure_cost(interval: float = 0.02) -> Iterator[Cost]:
-    """Time the block and sample this process's RSS in a thread to find its peak during the block."""
+    """Time the block and find this process's peak RSS during it.
+
+    When the block raises the process's lifetime peak (``ru_maxrss``), that peak is exact; otherwise
+    a thread samples the RSS every ``interval`` seconds (a shorter spike below the earlier peak can
+    be missed).
+    """
     cost = Cost()
+    lifetime_before = peak_rss_mb()
     proc = psutil.Process(os.getpid())
     peak = [proc.memory_info().rss]
     stop = threading.Event()
@@ -41,3 +49,6 @@ def measure_cost(interval: float = 0.02) -> Iterator[Cost]:
         peak[0] = max(peak[0], proc.memory_info().rss)
         cost.seconds = time.perf_counter() - start
         cost.peak_rss_mb = peak[0] / 2**20
+        lifetime_after = peak_rss_mb()
+        if lifetime_after > lifetime_before:  # the block set a new high-water mark: read it exactly
+            cost.peak_rss_mb = max(cost.peak_rss_mb, lifetime_after)

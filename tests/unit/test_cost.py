@@ -1,0 +1,43 @@
+"""The wall time and peak RSS that every report carries."""
+
+from __future__ import annotations
+
+import time
+
+import psutil
+import pytest
+import torch
+
+from pare.eval.cost import measure_cost
+from pare.eval.memory import peak_rss_mb
+
+
+def test_measure_cost_sees_memory_held_inside_the_block() -> None:
+    before = psutil.Process().memory_info().rss / 2**20
+    with measure_cost(interval=0.005) as cost:
+        block = torch.ones(32 * 2**20)  # 128 MiB, every page written
+        time.sleep(0.05)
+        del block
+    after = psutil.Process().memory_info().rss / 2**20
+    assert cost.peak_rss_mb >= before + 100
+    assert after < cost.peak_rss_mb
+    assert cost.seconds >= 0.05
+
+
+def test_measure_cost_of_a_short_block_is_its_rss() -> None:
+    now = psutil.Process().memory_info().rss / 2**20
+    with measure_cost() as cost:
+        pass
+    assert abs(cost.peak_rss_mb - now) < 64
+    assert cost.seconds >= 0
+
+
+def test_a_spike_between_samples_is_read_from_the_high_water_mark() -> None:
+    rss = psutil.Process().memory_info().rss / 2**20
+    extra = peak_rss_mb() - rss + 128  # enough to set a new lifetime peak
+    if extra > 1024:
+        pytest.skip(f"this process peaked {extra - 128:.0f} MiB above its RSS: the spike would need {extra:.0f} MiB")
+    with measure_cost(interval=3600) as cost:  # the sampler never wakes: only the high-water mark sees it
+        block = torch.ones(int(extra * 2**20) // 4)
+        del block
+    assert cost.peak_rss_mb >= rss + extra - 32
