@@ -71,6 +71,20 @@ def check_seqlen(model: nn.Module, seqlen: int) -> None:
         )
 
 
+def check_token_ids(model: nn.Module, ids: Any) -> None:
+    """Raise ConfigError unless ``ids`` is a non-empty 2-D integer tensor ``[nsamples, seqlen]`` whose
+    ids all index the model's input embedding (a tokenizer of another model gives larger ids)."""
+    if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.numel() == 0 or ids.dtype.is_floating_point \
+            or ids.is_complex() or ids.dtype == torch.bool:
+        got = f"a {ids.dim()}-D {ids.dtype} tensor of shape {tuple(ids.shape)}" if isinstance(ids, torch.Tensor) \
+            else type(ids).__name__
+        raise ConfigError(f"calibration must be token ids as a 2-D integer tensor [nsamples, seqlen], got {got}: "
+                          "e.g. ids.view(nsamples, seqlen).long(), or pass a CalibrationConfig with the tokenizer")
+    from pare.calibration.data import check_ids_in_vocab
+
+    check_ids_in_vocab(model, ids, "calibration")
+
+
 def calibration_ids(tokenizer: Any, calib: CalibrationConfig, model: nn.Module | None = None) -> torch.Tensor:
     """Token windows ``[nsamples, seqlen]`` for a calibration config."""
     from pare.calibration.data import calibration_windows
@@ -103,6 +117,9 @@ def prune(
         arch_override: corrections for architectures pare cannot infer.
         batch_size: windows per forward (default: the CalibrationConfig's, else 8).
     """
+    if not isinstance(config, PruneConfig):
+        raise ConfigError(f"config must be a method config such as pare.WandaConfig(sparsity=0.5), got "
+                          f"{type(config).__name__}; from a dict: pare.METHODS[d['method']].config_class.from_dict(d)")
     runtime = runtime or RuntimeConfig()
     usable_device(runtime.device)  # before any work
     pruner_cls = pruner_for(config.method)
@@ -120,19 +137,29 @@ def prune(
             calib_info = calibration.to_dict()
             batch_size = batch_size or calibration.batch_size
             ids = calibration_ids(tokenizer, calibration, model)
+            check_token_ids(model, ids)
         elif isinstance(calibration, torch.Tensor):
             ids = calibration
+            check_token_ids(model, ids)
             check_seqlen(model, int(ids.shape[1]))
             calib_info = {"nsamples": int(ids.shape[0]), "seqlen": int(ids.shape[1]), "dataset": "tensor"}
         else:
             raise ConfigError(
                 f"method {config.method!r} needs calibration data: pass token windows or a CalibrationConfig"
             )
-    report = Report(method=config.method, config=config.to_dict(), calibration=calib_info)
+    first = next(model.parameters(), None)
+    batch_size = batch_size or 8
+    run_info: dict[str, Any] = {
+        "device": str(usable_device(runtime.device)), "dtype": None if first is None else str(first.dtype),
+        "sequential": runtime.sequential, "offload": runtime.offload, "batch_size": batch_size,
+    }
+    report = Report(method=config.method, config=config.to_dict(), calibration=calib_info, runtime=run_info)
     params_before = sum(p.numel() for p in model.parameters())
+    # every parameter's non-zeros: a model pruned before (a chained run) already holds zeros
+    nonzero_before = count_nonzero(model) if isinstance(config, SparsityConfig) else None
     # whether the config alone describes the model now (not after an earlier non-uniform prune)
     described_before = not isinstance(config, SparsityConfig) and _config_describes(model)
-    ctx = PruneContext(model, arch, ids, runtime, report, batch_size or 8)
+    ctx = PruneContext(model, arch, ids, runtime, report, batch_size)
     with torch.no_grad(), measure_cost() as cost:
         pruner.run(ctx)
     report.prune_seconds = cost.seconds
@@ -151,11 +178,9 @@ def prune(
                      "back to the full size): the model is unchanged")
         log.warning(unchanged)
         report.notes.append(unchanged)
-    if report.modules:
-        # zeros are counted where this run put them; other parameters are not read (a lazily loaded
-        # model is not paged in just to count them: `pare eval` counts every parameter)
-        zeros = sum(m["numel"] - m["nonzero"] for m in report.modules.values())
-        report.figures["nonzero_after"] = report.figures["params_after"] - zeros
+    if nonzero_before is not None:
+        report.figures["nonzero_before"] = nonzero_before
+        report.figures["nonzero_after"] = count_nonzero(model)
     log.info("%s: %.1fs, peak RSS %.0f MB", config.method, cost.seconds, cost.peak_rss_mb)
     return report
 

@@ -33,13 +33,15 @@ class Report:
         method: method name (``magnitude``, ``wanda``...).
         config: the method config as a dict (versioned).
         calibration: the calibration settings used, or None for data-free methods.
+        runtime: how the run went: device, model dtype, sequential or dense-input calibration
+            (which changes the result), offload, windows per forward.
         modules: per pruned module: ``shape`` [out, in], measured ``sparsity`` and ``nonzero``.
         pattern: ``"2:4"``-style pattern, or None.
         edits: structural edits in the order applied (replayed by ``pare.load`` to rebuild shapes).
         uniform: True when the config alone describes the shapes (plain ``from_pretrained`` works).
         scores: method-specific scores (per layer, span, head...).
-        figures: before/after measurements (``ppl_before``, ``params_after``...). ``nonzero_after``
-            (sparsity methods) is ``params_after`` minus the zeros counted in the pruned modules.
+        figures: before/after measurements (``ppl_before``, ``params_after``...). Sparsity methods add
+            ``nonzero_before`` / ``nonzero_after``: the non-zero values of every parameter.
         prune_seconds / peak_rss_mb: cost of the pruning step.
         notes: human-readable remarks (e.g. "zeros do not make a dense checkpoint smaller").
     """
@@ -47,6 +49,7 @@ class Report:
     method: str
     config: dict[str, Any]
     calibration: dict[str, Any] | None = None
+    runtime: dict[str, Any] = field(default_factory=dict)
     modules: dict[str, dict[str, Any]] = field(default_factory=dict)
     pattern: str | None = None
     edits: list[dict[str, Any]] = field(default_factory=list)

@@ -91,3 +91,42 @@ def test_interrupted_save_leaves_nothing(tmp_path, monkeypatch) -> None:
     with pytest.raises(KeyboardInterrupt):
         pare.save(model, None, tmp_path / "out")
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(("content", "match"), [
+    ("{", "not a valid pare manifest"),
+    ("[1, 2]", "not an object"),
+    ('{"version": 99}', "newer than this pare reads"),
+])
+def test_a_broken_manifest_is_a_clear_error(tmp_path, content: str, match: str) -> None:
+    from pare.errors import PareError
+
+    model = tiny_model("llama")
+    report = pare.prune(model, pare.MagnitudeConfig(sparsity=0.5), runtime=pare.RuntimeConfig(progress=False))
+    out = pare.save(model, None, tmp_path / "out", report)
+    (out / "pare.json").write_text(content)
+    with pytest.raises(PareError, match=match):
+        pare.load(out)
+
+
+def test_saved_files_have_the_usual_permissions(tmp_path) -> None:
+    import os
+
+    model = tiny_model("llama")
+    report = pare.prune(model, pare.MagnitudeConfig(sparsity=0.5), runtime=pare.RuntimeConfig(progress=False))
+    out = pare.save(model, None, tmp_path / "out", report)
+    mask = os.umask(0o022)
+    os.umask(mask)
+    modes = {f.name: f.stat().st_mode & 0o777 for f in out.iterdir()}
+    assert "model.safetensors" in modes
+    assert set(modes.values()) == {0o666 & ~mask}, modes
+
+
+def test_the_manifest_records_how_the_run_went(tmp_path) -> None:
+    model = tiny_model("llama")
+    runtime = pare.RuntimeConfig(progress=False, device="cpu", sequential=False)
+    report = pare.prune(model, pare.WandaConfig(sparsity=0.5), tiny_batch(4, 16), runtime=runtime, batch_size=3)
+    out = pare.save(model, None, tmp_path / "out", report)
+    saved = json.loads((out / "pare.json").read_text())
+    assert saved["runtime"] == {"device": "cpu", "dtype": "torch.float32", "sequential": False, "offload": True,
+                                "batch_size": 3}

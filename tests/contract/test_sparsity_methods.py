@@ -65,12 +65,9 @@ def test_prune_report_save_reload(model_type: str, method: str, setting: str, tm
             assert bool(((w == 0).sum(1) == w.shape[1] // 2).all()), name
     assert report.pattern == (None if setting != "2:4" else "2:4")
     assert [r["layer"] for r in report.scores["layers"]] == list(range(3))
-    # non-zeros after = parameters minus the zeros this run put in the pruned modules
-    pruned = {weight_of(model, n).data_ptr() for n in report.modules}
-    zeros_elsewhere = sum(int((p == 0).sum()) for p in model.parameters() if p.data_ptr() not in pruned)
-    nonzero = sum(int((p != 0).sum()) for p in model.parameters())
-    if not any("[" in n for n in report.modules):  # expert slices are views of one fused parameter
-        assert report.figures["nonzero_after"] == nonzero + zeros_elsewhere
+    fresh = tiny_model(model_type)  # the same seeded weights, unpruned (zero biases, padding rows...)
+    assert report.figures["nonzero_before"] == sum(int((p != 0).sum()) for p in fresh.parameters())
+    assert report.figures["nonzero_after"] == sum(int((p != 0).sum()) for p in model.parameters())
     out = pare.save(model, None, tmp_path / "out", report)
     ids = tiny_batch(2, 16, seed=2)
     with torch.no_grad():
@@ -105,6 +102,26 @@ def test_owl_profile_keeps_overall_sparsity(method: str) -> None:
         assert zeros / row["numel"] == pytest.approx(row["target"], abs=1 / 32)
 
 
+@pytest.mark.parametrize("leave_out", [dict(ignore=(r"layers\.2\.",)), dict(module_sparsity={r"layers\.0\.": 0.3})])
+@pytest.mark.parametrize("method", ["wanda", "magnitude"])
+def test_owl_spreads_over_the_layers_it_prunes(method: str, leave_out: dict) -> None:
+    """A layer with nothing under the layer ratio (ignored, or set by module_sparsity) takes no part
+    in OWL's min-max scaling: the others still span 2 * lambda around the target."""
+    model = tiny_model("llama")
+    report = pare.prune(model, CONFIGS[method](sparsity=0.7, profile="owl", **leave_out), calib(), runtime=QUIET)
+    ratios = report.scores["owl"]["layer_sparsity"]
+    outside = 2 if "ignore" in leave_out else 0
+    assert ratios[outside] is None
+    governed = [r for r in ratios if r is not None]
+    assert len(governed) == 2 and max(governed) - min(governed) == pytest.approx(0.16, abs=1e-9)
+    rows = [r for r in report.scores["layers"] if r["layer"] != outside]
+    assert sum(r["target"] * r["numel"] for r in rows) / sum(r["numel"] for r in rows) == pytest.approx(0.7, abs=1e-9)
+    if outside == 0:
+        assert report.modules["model.layers.0.mlp.up_proj"]["sparsity"] == pytest.approx(0.3, abs=1 / 64)
+    else:
+        assert not any(n.startswith("model.layers.2.") for n in report.modules)
+
+
 @pytest.mark.parametrize("sequential", [True, False])
 @pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
 @pytest.mark.parametrize("model_type", ["llama", "mixtral"])
@@ -118,6 +135,15 @@ def test_owl_equals_the_same_ratios_given_explicitly(method: str, model_type: st
     pare.prune(explicit, CONFIGS[method](layer_sparsity=ratios), calib(), runtime=runtime)
     for (name, a), (_, b) in zip(owl_model.named_parameters(), explicit.named_parameters(), strict=True):
         assert torch.equal(a, b), name
+
+
+def test_chained_runs_count_every_zero() -> None:
+    model = tiny_model("llama")
+    first = pare.prune(model, pare.MagnitudeConfig(sparsity=0.5, targets=(r"self_attn",)), runtime=QUIET)
+    second = pare.prune(model, pare.MagnitudeConfig(sparsity=0.6, targets=(r"mlp",)), runtime=QUIET)
+    assert second.figures["nonzero_before"] == first.figures["nonzero_after"] < first.figures["nonzero_before"]
+    assert second.figures["nonzero_after"] == sum(int((p != 0).sum()) for p in model.parameters())
+    assert second.figures["nonzero_after"] < second.figures["nonzero_before"]
 
 
 def test_explicit_layer_and_module_ratios() -> None:
@@ -212,15 +238,57 @@ def test_calibration_needed_and_not_longer_than_the_context() -> None:
         pare.prune(tiny_model("llama"), pare.WandaConfig(), tiny_batch(1, 300), runtime=QUIET)
 
 
-def test_calibration_shorter_than_asked(tmp_path, shared_data) -> None:
+@pytest.mark.parametrize(("ids", "match"), [
+    (tiny_batch(2, 16).flatten(), "2-D integer tensor"),
+    (tiny_batch(2, 16).float(), "2-D integer tensor"),
+    (torch.zeros(0, 16, dtype=torch.long), "2-D integer tensor"),
+    (tiny_batch(2, 16) + 1000, "embedding has 128 rows"),
+    (tiny_batch(2, 16) - 1000, "run from -"),
+])
+def test_calibration_ids_that_cannot_feed_the_model(ids: torch.Tensor, match: str) -> None:
+    with pytest.raises(ConfigError, match=match):
+        pare.prune(tiny_model("llama"), pare.WandaConfig(), ids, runtime=QUIET)
+
+
+def test_a_config_that_is_not_a_method_config() -> None:
+    with pytest.raises(ConfigError, match="from_dict"):
+        pare.prune(tiny_model("llama"), {"method": "wanda", "sparsity": 0.5}, calib(), runtime=QUIET)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(("method", "match"), [("wanda", "activations hold NaN or inf"),
+                                               ("sparsegpt", "Hessian holds NaN or inf")])
+def test_overflowing_activations_are_a_clear_error(method: str, match: str) -> None:
+    from pare.errors import PareError
+
+    model = tiny_model("llama").to(torch.float16)
+    with torch.no_grad():
+        model.model.layers[0].mlp.up_proj.weight.mul_(3e4)  # its product with gate passes float16's 65504
+    with pytest.raises(PareError, match=match) as info:
+        pare.prune(model, CONFIGS[method](), calib(), runtime=QUIET)
+    assert "--dtype" in str(info.value)
+
+
+def test_a_module_ratio_that_never_wins_is_refused() -> None:
+    shadowed = pare.WandaConfig(module_sparsity={r"mlp": 0.7, r"down_proj": 0.3})
+    with pytest.raises(ConfigError, match="'down_proj' never applies"):
+        pare.prune(tiny_model("llama"), shadowed, calib(), runtime=QUIET)
+    ordered = pare.WandaConfig(module_sparsity={r"down_proj": 0.3, r"mlp": 0.7})
+    report = pare.prune(tiny_model("llama"), ordered, calib(), runtime=QUIET)
+    assert report.modules["model.layers.0.mlp.down_proj"]["sparsity"] == pytest.approx(0.3, abs=1 / 64)
+    assert report.modules["model.layers.0.mlp.up_proj"]["sparsity"] == pytest.approx(0.7, abs=1 / 64)
+
+
+@pytest.mark.parametrize(("content", "match"), [("Once upon a time there was a tiny text.\n", "token"),
+                                                ("", "empty")])
+def test_calibration_shorter_than_asked(tmp_path, shared_data, content: str, match: str) -> None:
     from transformers import AutoTokenizer
 
     tok_dir = shared_data.parent / "tokenizers" / "gpt2"
     if not tok_dir.is_dir():
         pytest.skip("gpt2 tokenizer not in ../shared")
     text = tmp_path / "short.txt"
-    text.write_text("Once upon a time there was a tiny text.\n")
-    with pytest.raises(NotEnoughDataError, match="token"):
+    text.write_text(content)
+    with pytest.raises(NotEnoughDataError, match=match):
         pare.prune(tiny_model("llama"), pare.WandaConfig(), pare.CalibrationConfig(str(text), nsamples=4, seqlen=32),
                    tokenizer=AutoTokenizer.from_pretrained(tok_dir), runtime=QUIET)
 

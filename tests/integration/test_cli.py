@@ -241,3 +241,28 @@ def test_methods_lists_each_method_with_one_sentence(capsys) -> None:
         summary = line.split(maxsplit=1)[1]
         assert summary.endswith(".") and "``" not in summary and summary.count(". ") == 0, line
     assert any(h.startswith("sparsegpt") and "SparseGPT: one-shot OBS pruning" in h for h in heads)
+
+
+def test_chained_prunes_count_every_zero(model_dir: Path, text_file: Path, tmp_path: Path, capsys) -> None:
+    first, second = tmp_path / "first", tmp_path / "second"
+    common = ["--calib", str(text_file), "--nsamples", "2", "--seqlen", "16", "--no-progress",
+              "--no-speed"]
+    assert main(["prune", "--model", str(model_dir), "--method", "magnitude", "--out", str(first), *common]) == 0
+    assert main(["prune", "--model", str(first), "--method", "wanda", "--sparsity", "0.6", "--targets", "mlp",
+                 "--out", str(second), *common]) == 0
+    text = capsys.readouterr().out
+    figures = json.loads((second / "pare.json").read_text())["figures"]
+    nonzero = sum(int((p != 0).sum()) for p in AutoModelForCausalLM.from_pretrained(second).parameters())
+    before = json.loads((first / "pare.json").read_text())["figures"]["nonzero_after"]
+    assert (figures["nonzero_before"], figures["nonzero_after"]) == (before, nonzero)
+    assert re.search(rf"params not zeroed\s+{before:,}\s+{nonzero:,}", text), text
+
+
+def test_a_tokenizer_of_another_model_is_refused_before_any_work(tmp_path: Path, text_file: Path, capsys) -> None:
+    path = tmp_path / "small-vocab"
+    tiny_model("llama", vocab_size=40).save_pretrained(path)
+    tiny_tokenizer().save_pretrained(path)  # ids up to 127
+    code = main(["prune", "--model", str(path), "--method", "wanda", "--calib", str(text_file), "--nsamples", "2",
+                 "--seqlen", "16", "--eval", str(text_file), "--no-progress", "--no-speed"])
+    err = capsys.readouterr().err
+    assert code != 0 and "tokenizer does not match the model" in err and "Traceback" not in err

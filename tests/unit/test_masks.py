@@ -71,6 +71,7 @@ def test_zero_masked_zeroes_exactly_the_mask() -> None:
     before = w.clone()
     zero_masked_(w, mask)
     assert bool((w[mask] == 0).all()) and torch.equal(w[~mask], before[~mask])
+    assert not bool(torch.signbit(w[mask]).any())  # +0.0, not -0.0 from multiplying negative weights
 
 
 def test_make_mask_dispatch_and_inputs_untouched() -> None:

@@ -130,3 +130,11 @@ def test_nonzero_counts_every_dtype_and_view(dtype: torch.dtype) -> None:
     assert nonzero(w) == expected
     assert nonzero(w.t()) == expected  # a transposed view (GPT-2's Conv1D weights are read this way)
     assert nonzero(w[::2]) == sum(1 for v in w[::2].flatten().tolist() if v != 0)
+
+
+def test_perplexity_refuses_ids_beyond_the_vocabulary(model: LlamaForCausalLM) -> None:
+    vocab = model.get_input_embeddings().num_embeddings
+    with pytest.raises(ConfigError, match="tokenizer does not match"):
+        perplexity(model, torch.arange(vocab - 8, vocab + 8), seqlen=8, progress=False)
+    with pytest.raises(NotEnoughDataError, match="empty"):
+        perplexity(model, torch.zeros(0, dtype=torch.long), seqlen=8, progress=False)

@@ -215,11 +215,27 @@ def _document_windows(
     return torch.tensor(windows, dtype=torch.long)
 
 
+def check_ids_in_vocab(model: Any, ids: torch.Tensor, what: str) -> None:
+    """Raise ConfigError when a token id does not index the model's input embedding (``what``: the
+    ids' role, for the message): the tokenizer belongs to another model."""
+    get_embeddings: Any = model.get_input_embeddings
+    vocab = getattr(get_embeddings(), "num_embeddings", None)
+    if ids.numel() == 0:
+        return
+    lo, hi = int(ids.min()), int(ids.max())
+    if lo < 0 or (vocab is not None and hi >= vocab):
+        raise ConfigError(f"{what} token ids run from {lo} to {hi}, but the model's embedding has {vocab} rows: "
+                          "the tokenizer does not match the model; tokenize with the model's own tokenizer")
+
+
 def _stream_windows(
     ids: list[int], nsamples: int, seqlen: int, rng: random.Random, allow_repeats: bool, label: str
 ) -> torch.Tensor:
     """SparseGPT/Wanda ``get_wikitext2``: windows at random starts in one token stream."""
     n = len(ids)
+    if n < 3:
+        raise NotEnoughDataError(f"{label} holds {n} tokens: is it empty? Give a text file with real content, "
+                                 "or a named source (c4, wikitext2, ptb, tinystories)")
     if n < seqlen + 1:
         raise NotEnoughDataError(
             f"{label} holds {n} tokens; one calibration window of seqlen={seqlen} needs at least "

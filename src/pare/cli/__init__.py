@@ -11,7 +11,7 @@ import logging
 import sys
 from typing import Any
 
-from pare.cli.options import add_config_options, build_config, given_dests
+from pare.cli.options import add_config_options, build_config, given_dests, option_label
 from pare.config import CalibrationConfig, RuntimeConfig, checked_value, read_config_file
 from pare.errors import ConfigError, PareError
 
@@ -163,7 +163,7 @@ def _cmd_methods() -> int:
             default = f.default if f.default_factory is dataclasses.MISSING else f.default_factory()
             help_text = f.metadata.get("help", "")
             shown = "" if "(default" in help_text else f" (default {default!r})"
-            print(f"    --{f.name.replace('_', '-'):22s} {help_text}{shown}")
+            print(f"    {option_label(cls.config_class, f.name):30s} {help_text}{shown}")
     return 0
 
 
@@ -194,7 +194,7 @@ def _cmd_prune(args: argparse.Namespace, given: set[str]) -> int:
     if foreign:
         raise ConfigError(
             f"option(s) {['--' + f.replace('_', '-') for f in foreign]} do not apply to method {args.method!r}; "
-            f"its options are {sorted('--' + f.replace('_', '-') for f in method_fields)}"
+            f"its options are {sorted(option_label(pruner.config_class, f) for f in method_fields)}"
         )
     method_cfg = build_config(pruner.config_class, method_vals, args, given)
     calib_cfg = build_config(CalibrationConfig, calib_vals, args, given)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -245,21 +246,22 @@ def prune_cmd(args: argparse.Namespace, method: PruneConfig, calib: CalibrationC
 
 def _prune_cmd(args: argparse.Namespace, method: PruneConfig, calib: CalibrationConfig,
                runtime: RuntimeConfig, needs_calibration: bool) -> int:
-    from pare.api import calibration_ids, check, prune
+    from pare.api import calibration_ids, check, check_token_ids, prune
     from pare.io import save
     from pare.io.save import check_output
 
-    if args.out:
-        check_output(args.out, bool(args.overwrite))  # fail before any long work
-        if Path(args.model).exists() and Path(args.out).resolve() == Path(args.model).resolve():
-            raise ConfigError(f"--out {args.out!r} is the input model's directory: --overwrite would replace the "
-                              "dense model with the pruned one; choose another --out")
+    if args.out:  # fail before any long work
+        check_out(args.out, args.model, bool(args.overwrite))
+        check_output(args.out, bool(args.overwrite))
     usable_device(runtime.device)
     parse_dtype(args.dtype)
     model, tok = _load_any(args.model, args.dtype)
     override = _arch_override(args.arch_override)
     check(model, method, override)  # bad options fail before the calibration text and the dense evaluation
+    _check_eval_seqlen(model, args)
     ids = calibration_ids(tok, calib, model) if needs_calibration else None
+    if ids is not None:
+        check_token_ids(model, ids)  # a tokenizer of another model: refused before the dense evaluation
     before = _evaluate_figures(model, tok, args, calib.seqlen, runtime) if args.eval else {}
     if before:
         model.to("cpu") if runtime.offload else None
@@ -283,6 +285,9 @@ def _prune_cmd(args: argparse.Namespace, method: PruneConfig, calib: Calibration
         reports = ([Report.from_dict(earlier)] if earlier else []) + [report]
         out = save(model, tok, args.out, reports, overwrite=bool(args.overwrite))
         report.figures["size_on_disk_bytes_after"] = model_dir_bytes(out)
+        note = _dtype_size_note(args.model, out)
+        if note:
+            report.notes.append(note)
         manifest = manifest_of(reports)
         (out / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str), encoding="utf-8")
     if args.json:
@@ -292,6 +297,85 @@ def _prune_cmd(args: argparse.Namespace, method: PruneConfig, calib: Calibration
     return 0
 
 
+def check_out(out: str, model: str, overwrite: bool) -> None:
+    """Refuse an ``--out`` that saving would fail on, or that ``--overwrite`` would destroy: the input model
+    or a folder holding it, the current directory or one holding it, a file, or a folder that is not a
+    saved model. Run before anything is loaded."""
+    path = Path(out).resolve()
+    if Path(model).exists():
+        source = Path(model).resolve()
+        if path == source:
+            raise ConfigError(f"--out {out!r} is the input model's directory: --overwrite would replace the "
+                              "dense model with the pruned one; choose another --out")
+        if path in source.parents:
+            raise ConfigError(f"--out {out!r} contains the input model {model!r}: replacing it would delete the "
+                              "model; choose another --out")
+    cwd = Path.cwd().resolve()
+    if path == cwd or path in cwd.parents:
+        where = "is" if path == cwd else "contains"
+        raise ConfigError(f"--out {out!r} {where} the current directory: replacing it would delete what is in it; "
+                          "choose another --out (a new directory)")
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"--out {out!r} is a file, not a directory: choose another --out (a new directory), "
+                          "or remove the file yourself")
+    if path.is_dir() and any(path.iterdir()) and not any((path / n).exists() for n in ("config.json", "pare.json")):
+        raise ConfigError(f"--out {out!r} already exists and does not look like a saved model (no config.json or "
+                          "pare.json in it): pare will not replace it, even with --overwrite; choose another "
+                          "--out, or remove it yourself")
+    _check_writable(out, path)
+
+
+def _check_writable(out: str, path: Path) -> None:
+    """Saving creates a temporary directory beside ``path`` (making missing parents first): try that in the
+    nearest existing ancestor."""
+    parent = path.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ConfigError(f"cannot write --out {out!r}: {str(parent)!r} is a file, not a directory; choose "
+                          "another --out")
+    try:
+        Path(tempfile.mkdtemp(prefix=".pare-check-", dir=parent)).rmdir()
+    except OSError as exc:
+        raise ConfigError(f"cannot write --out {out!r}: cannot create a directory in {str(parent)!r} "
+                          f"({exc.strerror or exc}); choose another --out") from None
+
+
+def _check_eval_seqlen(model: nn.Module, args: argparse.Namespace) -> None:
+    """The evaluation window fits the model's context (named by the flag that sets it)."""
+    limit = model_context_length(model)
+    if args.eval and args.eval_seqlen and limit is not None and args.eval_seqlen > limit:
+        raise ConfigError(f"--eval-seqlen {args.eval_seqlen} is longer than the model's context of {limit} "
+                          f"tokens; use --eval-seqlen {limit} or less")
+
+
+def _checkpoint_dtype(path: str | Path) -> str | None:
+    """The one floating dtype of a directory's safetensors weights (e.g. ``float32``), else None."""
+    from safetensors import safe_open
+
+    files = sorted(Path(path).glob("*.safetensors")) if Path(path).is_dir() else []
+    if not files:
+        return None
+    found = set()
+    for file in files:
+        with safe_open(file, "pt") as f:
+            names = f.keys()  # a safe_open handle is not iterable
+            found |= {f.get_slice(k).get_dtype() for k in names}
+    floats = {d for d in found if d.startswith(("F", "BF"))}
+    torch_names = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16"}
+    return torch_names.get(floats.pop()) if len(floats) == 1 else None
+
+
+def _dtype_size_note(source: str, out: Path) -> str | None:
+    """A note when the output's dtype differs from the input checkpoint's: the size change is not the pruning."""
+    before, after = _checkpoint_dtype(source), _checkpoint_dtype(out)
+    if before is None or after is None or before == after:
+        return None
+    ratio = getattr(torch, after).itemsize / getattr(torch, before).itemsize
+    return (f"the output is saved in {after}, the input was {before}: the dtype alone makes the size on disk "
+            f"{ratio:g}x (pass --dtype {before} to compare like with like)")
+
+
 def _print_prune_summary(report, args: argparse.Namespace) -> None:
     f = report.figures
     rows = [
@@ -299,7 +383,7 @@ def _print_prune_summary(report, args: argparse.Namespace) -> None:
         ("size on disk (bytes)", _fmt(f.get("size_on_disk_bytes_before")), _fmt(f.get("size_on_disk_bytes_after"))),
     ]
     if "nonzero_after" in f:
-        rows.insert(1, ("params not zeroed", _fmt(f.get("params_before")), _fmt(f.get("nonzero_after"))))
+        rows.insert(1, ("params not zeroed", _fmt(f.get("nonzero_before")), _fmt(f.get("nonzero_after"))))
     if args.eval:
         rows.insert(0, (f"ppl ({args.eval})", _fmt(f.get("ppl_before")), _fmt(f.get("ppl_after"))))
         for label, key in (("prefill tokens/s", "prefill_tokens_per_s"), ("decode tokens/s", "decode_tokens_per_s")):

@@ -33,6 +33,22 @@ def flag_names(name: str, aliases: list[str] | None = None) -> list[str]:
     return names + list(aliases or [])
 
 
+def file_only(cls: type[BaseConfig]) -> set[str]:
+    """The fields of ``cls`` that have no flag (mappings): they are set in a config file only."""
+    hints = typing.get_type_hints(cls)
+    out = set()
+    for f in dataclasses.fields(cls):
+        elem, _ = _base_type(hints[f.name])
+        if elem is dict or typing.get_origin(elem) is dict:
+            out.add(f.name)
+    return out
+
+
+def option_label(cls: type[BaseConfig], name: str) -> str:
+    """How a field is set: ``--module-name``, or ``module_name (config file)`` for a field with no flag."""
+    return f"{name} (config file)" if name in file_only(cls) else f"--{name.replace('_', '-')}"
+
+
 def add_config_options(parser: argparse.ArgumentParser, cls: type[BaseConfig], taken: set[str]) -> list[str]:
     """Add one option per field of ``cls`` not already in ``taken``; return the dests added."""
     hints = typing.get_type_hints(cls)
@@ -40,9 +56,9 @@ def add_config_options(parser: argparse.ArgumentParser, cls: type[BaseConfig], t
     for f in dataclasses.fields(cls):
         if f.name in taken or not f.init:
             continue
-        elem, is_tuple = _base_type(hints[f.name])
-        if elem is dict or typing.get_origin(elem) is dict:
+        if f.name in file_only(cls):
             continue  # mappings come from the config file only
+        elem, is_tuple = _base_type(hints[f.name])
         kwargs: dict[str, Any] = {"dest": f.name, "default": None, "help": f.metadata.get("help", "")}
         names = flag_names(f.name, f.metadata.get("aliases"))
         if elem is bool:

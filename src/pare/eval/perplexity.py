@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from pare.calibration.data import check_ids_in_vocab
 from pare.calibration.runner import model_device
 from pare.errors import ConfigError, NotEnoughDataError
 
@@ -108,6 +109,8 @@ def _check_seqlen(model: nn.Module, seqlen: int, n_tokens: int) -> None:
             f"seqlen={seqlen} is longer than the model's context of {limit} tokens "
             f"(config max_position_embeddings/n_positions); use seqlen <= {limit}"
         )
+    if n_tokens < 2:
+        raise NotEnoughDataError(f"the text holds {n_tokens} tokens: is it empty? Evaluate on a text with real content")
     if n_tokens < seqlen:
         raise NotEnoughDataError(
             f"the text holds {n_tokens} tokens, fewer than one window of seqlen={seqlen}; "
@@ -175,6 +178,7 @@ def perplexity(
     """
     ids = _as_stream(input_ids)
     _check_seqlen(model, seqlen, ids.numel())
+    check_ids_in_vocab(model, ids, "evaluation")
     for arg, value in (("batch_size", batch_size), ("max_windows", max_windows)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
             raise ConfigError(f"{arg} must be a positive integer, got {value!r}")

@@ -14,6 +14,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
 from pare.errors import ModelNotFoundError, PareError
 from pare.io.save import MANIFEST
+from pare.report import REPORT_VERSION
 
 log = logging.getLogger(__name__)
 
@@ -23,7 +24,19 @@ def read_manifest(path: str | Path) -> dict[str, Any] | None:
     f = Path(path) / MANIFEST
     if not f.is_file():
         return None
-    return json.loads(f.read_text(encoding="utf-8"))
+    try:
+        manifest = json.loads(f.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise PareError(f"{f} is not a valid pare manifest ({exc}); delete it to load the directory as a plain "
+                        "model (the edits it recorded are then lost)") from exc
+    if not isinstance(manifest, dict):
+        raise PareError(f"{f} is not a valid pare manifest (a JSON {type(manifest).__name__}, not an object); delete "
+                        "it to load the directory as a plain model")
+    version = manifest.get("version", REPORT_VERSION)
+    if not isinstance(version, int) or version > REPORT_VERSION:
+        raise PareError(f"{f} has manifest version {version!r}, newer than this pare reads ({REPORT_VERSION}): "
+                        "upgrade pare (pip install -U pare) to load it")
+    return manifest
 
 
 def _state_dict(path: Path) -> dict[str, torch.Tensor]:

@@ -244,6 +244,9 @@ def save(model: nn.Module, tokenizer: Any, out: str | Path, report: Report | Seq
             tokenizer.save_pretrained(tmp)
         if manifest is not None:
             (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str), encoding="utf-8")
+        for f in tmp.rglob("*"):  # safetensors writes its files 0600: give every file the usual permissions
+            if f.is_file():
+                f.chmod(0o666 & ~_umask())
         _replace(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -180,7 +180,7 @@ class SparsityPruner(Pruner):
 
     def __init__(self, config: PruneConfig) -> None:
         super().__init__(config)
-        self.layer_ratios: list[float] | None = None
+        self.layer_ratios: list[float | None] | None = None  # None: a layer OWL does not govern
         self._reused_stats: dict[int, dict[str, InputStats]] = {}  # layer -> statistics already recorded
         self._found: dict[int, tuple[nn.Module, list[Target]]] = {}  # layer -> (module, its targets)
 
@@ -190,9 +190,8 @@ class SparsityPruner(Pruner):
         for regex, value in self.config.module_sparsity.items():
             if re.search(regex, target.name):
                 return value
-        if self.layer_ratios is not None:
-            return self.layer_ratios[layer_index]
-        return self.config.sparsity
+        layer_ratio = None if self.layer_ratios is None else self.layer_ratios[layer_index]
+        return self.config.sparsity if layer_ratio is None else layer_ratio
 
     def prepare(self, ctx: PruneContext) -> None:
         """Called once before the layers are visited (e.g. to compute per-layer ratios)."""
@@ -209,10 +208,17 @@ class SparsityPruner(Pruner):
                         cfg.targets, cfg.ignore)
         per_layer = [self._selected(arch, i, layer) for i, layer in enumerate(layers)]
         names = [t.name for ts in per_layer for t in ts]
+        earlier: list[str] = []
         for regex in cfg.module_sparsity:
-            if not any(re.search(regex, n) for n in names):
+            matched = [n for n in names if re.search(regex, n)]
+            if not matched:
                 raise ConfigError(f"module_sparsity regex {regex!r} matches no pruned module; names look like "
                                   f"{', '.join(names[:3])}")
+            if all(any(re.search(e, n) for e in earlier) for n in matched):
+                raise ConfigError(f"module_sparsity regex {regex!r} never applies: every module it matches is "
+                                  f"matched first by {earlier} (the first matching regex wins); put the more specific "
+                                  "regex first")
+            earlier.append(regex)
         if cfg.layer_sparsity and len(cfg.layer_sparsity) != len(per_layer):
             raise ConfigError(f"layer_sparsity has {len(cfg.layer_sparsity)} values but the model has "
                               f"{len(per_layer)} decoder layers: give one value per layer")
@@ -233,7 +239,15 @@ class SparsityPruner(Pruner):
         if cfg.profile == "owl":
             ratios = self._outlier_ratios(ctx)
             weights = [sum(t.weight().numel() for t in ts if not self._module_override(t)) for ts in per_layer]
-            self.layer_ratios = owl_sparsities(ratios, cfg.sparsity, cfg.owl_lambda, weights, bounded=cfg.owl_bounded)
+            # layers with nothing under the layer ratio (all ignored, or all set by module_sparsity) take
+            # no part: OWL spreads the target over the layers it prunes
+            governed = [i for i, n in enumerate(weights) if n]
+            spread = owl_sparsities([ratios[i] for i in governed], cfg.sparsity, cfg.owl_lambda,
+                                    [weights[i] for i in governed], bounded=cfg.owl_bounded) if governed else []
+            layer_ratios: list[float | None] = [None] * len(weights)
+            for i, value in zip(governed, spread, strict=True):
+                layer_ratios[i] = value
+            self.layer_ratios = layer_ratios
             ctx.report.scores["owl"] = {
                 "m": cfg.owl_m, "lambda": cfg.owl_lambda, "bounded": cfg.owl_bounded, "outlier_ratios": ratios,
                 "layer_sparsity": self.layer_ratios,

@@ -12,8 +12,11 @@ import logging
 from dataclasses import dataclass
 from typing import ClassVar
 
+import torch
+
 from pare.arch.targets import Target
 from pare.calibration.stats import STAT_NORMS, InputStats
+from pare.errors import PareError
 from pare.methods.base import SparsityConfig, SparsityPruner
 from pare.ops.masks import make_mask
 from pare.ops.wanda import wanda_prune_
@@ -41,4 +44,9 @@ class WandaPruner(SparsityPruner):
             log.warning("%s received no calibration tokens: pruned by magnitude instead", target.name)
             w.masked_fill_(make_mask(w.abs().float(), sparsity, self.config.nm, per_row=True), 0)
         else:
-            wanda_prune_(w, stats.norms(), sparsity, self.config.nm)
+            norms = stats.norms()
+            if not bool(torch.isfinite(norms).all()):
+                raise PareError(f"{target.name}: its calibration activations hold NaN or inf (overflow in a float16 "
+                                "model?), so its scores mean nothing; load the model in bfloat16 or float32 (--dtype), "
+                                "or check that its dense perplexity is finite")
+            wanda_prune_(w, norms, sparsity, self.config.nm)

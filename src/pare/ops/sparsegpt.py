@@ -68,7 +68,9 @@ def inverse_hessian_factor(H: torch.Tensor, percdamp: float = 0.01) -> InverseHe
     """
     H = H.detach().to(torch.float32, copy=True)
     if not _all_finite(H):
-        raise PareError("the Hessian holds NaN or inf values: the calibration activations overflowed")
+        raise PareError("the Hessian holds NaN or inf values: the calibration activations overflowed (a float16 "
+                        "model whose activations pass 65504?); load the model in bfloat16 or float32 (--dtype), "
+                        "or check that its dense perplexity is finite")
     diag = H.diagonal()
     dead = diag == 0
     diag[dead] = 1.0
