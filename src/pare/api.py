@@ -15,7 +15,7 @@ from pare.config import CalibrationConfig, PruneConfig, RuntimeConfig, parse_dty
 from pare.errors import ConfigError, ModelNotFoundError
 from pare.eval.cost import measure_cost
 from pare.eval.perplexity import model_context_length
-from pare.eval.size import count_nonzero, count_parameters
+from pare.eval.size import count_nonzero, count_parameters, nonzero_by_parameter
 from pare.io import load, save
 from pare.io.save import skeleton, state_differences
 from pare.methods import PruneContext, pruner_for
@@ -156,7 +156,7 @@ def prune(
     report = Report(method=config.method, config=config.to_dict(), calibration=calib_info, runtime=run_info)
     params_before = sum(p.numel() for p in model.parameters())
     # every parameter's non-zeros: a model pruned before (a chained run) already holds zeros
-    nonzero_before = count_nonzero(model) if isinstance(config, SparsityConfig) else None
+    nonzero_before = nonzero_by_parameter(model) if isinstance(config, SparsityConfig) else None
     # whether the config alone describes the model now (not after an earlier non-uniform prune)
     described_before = not isinstance(config, SparsityConfig) and _config_describes(model)
     ctx = PruneContext(model, arch, ids, runtime, report, batch_size)
@@ -179,8 +179,9 @@ def prune(
         log.warning(unchanged)
         report.notes.append(unchanged)
     if nonzero_before is not None:
-        report.figures["nonzero_before"] = nonzero_before
-        report.figures["nonzero_after"] = count_nonzero(model)
+        assert isinstance(pruner, SparsityPruner)
+        report.figures["nonzero_before"] = sum(nonzero_before.values())
+        report.figures["nonzero_after"] = pruner.nonzero_after(model, arch, nonzero_before, report.modules)
     log.info("%s: %.1fs, peak RSS %.0f MB", config.method, cost.seconds, cost.peak_rss_mb)
     return report
 

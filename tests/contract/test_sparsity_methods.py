@@ -146,6 +146,14 @@ def test_chained_runs_count_every_zero() -> None:
     assert second.figures["nonzero_after"] < second.figures["nonzero_before"]
 
 
+def test_non_zeros_after_when_some_experts_are_left_out() -> None:
+    model = tiny_model("mixtral")
+    cfg = pare.WandaConfig(sparsity=0.5, ignore=(r"experts\.down_proj\[1\]",))
+    report = pare.prune(model, cfg, calib(), runtime=QUIET)
+    assert not any(n.endswith("down_proj[1]") for n in report.modules)
+    assert report.figures["nonzero_after"] == sum(int((p != 0).sum()) for p in model.parameters())
+
+
 def test_explicit_layer_and_module_ratios() -> None:
     model = tiny_model("llama")
     cfg = pare.WandaConfig(sparsity=0.5, layer_sparsity=(0.25, 0.5, 0.75), module_sparsity={r"\.1\.mlp\.down": 0.0})

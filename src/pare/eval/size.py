@@ -37,16 +37,21 @@ def count_nonzero(model: nn.Module) -> int:
     Integer or boolean parameters (e.g. packed quantized weights) are skipped, since their zeros do
     not mean pruned weights; so are parameters on the meta device, which hold no values.
     """
-    total = 0
+    return sum(nonzero_by_parameter(model).values())
+
+
+def nonzero_by_parameter(model: nn.Module) -> dict[int, int]:
+    """``id(parameter)`` -> its non-zero values, for the parameters :func:`count_nonzero` counts."""
+    counts: dict[int, int] = {}
     skipped = 0
     for p in model.parameters():
         if not p.is_floating_point() or p.is_meta:
             skipped += 1
             continue
-        total += nonzero(p)
+        counts[id(p)] = nonzero(p)
     if skipped:
         logger.debug("count_nonzero skipped %d non-floating or meta parameters", skipped)
-    return total
+    return counts
 
 
 def dir_size_bytes(path: str | os.PathLike[str]) -> int:

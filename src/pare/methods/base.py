@@ -296,6 +296,25 @@ class SparsityPruner(Pruner):
     def _selected(self, arch: ModelArch, index: int, layer: nn.Module) -> list[Target]:
         return select(self._found_in(arch, index, layer), self.config.targets, self.config.ignore)
 
+    def nonzero_after(self, model: nn.Module, arch: ModelArch, before: dict[int, int],
+                      modules: dict[str, dict]) -> int:
+        """Every parameter's non-zeros after the run, from the counts ``before`` it (``id`` -> count) and
+        the pruned matrices' own counts (``modules``): only the pruned parameters changed."""
+        after = dict(before)
+        slices: dict[int, tuple[torch.Tensor, dict[int, int]]] = {}  # fused experts: param -> {expert: count}
+        for i, layer in enumerate(arch.layer_modules(model)):
+            for t in self._selected(arch, i, layer):
+                param = getattr(t.module, t.param)
+                if id(param) not in after:
+                    continue
+                if t.expert is None:
+                    after[id(param)] = modules[t.name]["nonzero"]
+                else:
+                    slices.setdefault(id(param), (param, {}))[1][t.expert] = modules[t.name]["nonzero"]
+        for key, (param, counts) in slices.items():  # some experts left out: count the whole parameter
+            after[key] = sum(counts.values()) if len(counts) == param.shape[0] else nonzero(param)
+        return sum(after.values())
+
     def pruned_modules(self, model: nn.Module, arch: ModelArch) -> dict[str, dict]:
         """Per pruned matrix: shape, numel, nonzero and sparsity, counted in the weights after the run."""
         layers = arch.layer_modules(model)
