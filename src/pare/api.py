@@ -121,7 +121,7 @@ def prune(
         raise ConfigError(f"config must be a method config such as pare.WandaConfig(sparsity=0.5), got "
                           f"{type(config).__name__}; from a dict: pare.METHODS[d['method']].config_class.from_dict(d)")
     runtime = runtime or RuntimeConfig()
-    usable_device(runtime.device)  # before any work
+    device = usable_device(runtime.device)  # before any work
     pruner_cls = pruner_for(config.method)
     if not isinstance(config, pruner_cls.config_class):
         raise ConfigError(f"{type(config).__name__} is not the config of method {config.method!r}")
@@ -150,7 +150,7 @@ def prune(
     first = next(model.parameters(), None)
     batch_size = batch_size or 8
     run_info: dict[str, Any] = {
-        "device": str(usable_device(runtime.device)), "dtype": None if first is None else str(first.dtype),
+        "device": str(device), "dtype": None if first is None else str(first.dtype),
         "sequential": runtime.sequential, "offload": runtime.offload, "batch_size": batch_size,
     }
     report = Report(method=config.method, config=config.to_dict(), calibration=calib_info, runtime=run_info)

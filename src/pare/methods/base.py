@@ -233,7 +233,7 @@ class SparsityPruner(Pruner):
         """Compute OWL's per-layer ratios (or take the explicit ones)."""
         cfg = self.config
         layers = ctx.arch.layer_modules(ctx.model)
-        per_layer = [self._targets(ctx, i, layer) for i, layer in enumerate(layers)]
+        per_layer = [self._selected(ctx.arch, i, layer) for i, layer in enumerate(layers)]
         if cfg.layer_sparsity:
             self.layer_ratios = list(cfg.layer_sparsity)
         if cfg.profile == "owl":
@@ -262,12 +262,12 @@ class SparsityPruner(Pruner):
         m = self.config.owl_m
         if not self.needs_calibration:
             layers = ctx.arch.layer_modules(ctx.model)
-            return [layer_outlier_ratio((t.weight().abs() for t in self._targets(ctx, i, layer)), m)
+            return [layer_outlier_ratio((t.weight().abs() for t in self._selected(ctx.arch, i, layer)), m)
                     for i, layer in enumerate(layers)]
         runner = ctx.runner(sequential=True)
         ratios = []
         for step in runner.steps():
-            targets = self._targets(ctx, step.index, step.layer)
+            targets = self._selected(ctx.arch, step.index, step.layer)
             # the first layer's inputs are the same when it is pruned: its statistics are kept
             first = step.index == 0
             stats = {t.name: self.new_stats(t) if first else InputStats() for t in targets}
@@ -283,9 +283,6 @@ class SparsityPruner(Pruner):
     def prune_target(self, target: Target, stats: InputStats | None, sparsity: float) -> None:
         """Zero (and possibly update) ``target.weight()`` in place."""
 
-    def _targets(self, ctx: PruneContext, index: int, layer: nn.Module) -> list[Target]:
-        return self._selected(ctx.arch, index, layer)
-
     def _found_in(self, arch: ModelArch, index: int, layer: nn.Module) -> list[Target]:
         """Every prunable matrix of a layer, found once per run (weights change in place, shapes do not)."""
         hit = self._found.get(index)
@@ -294,6 +291,7 @@ class SparsityPruner(Pruner):
         return hit[1]
 
     def _selected(self, arch: ModelArch, index: int, layer: nn.Module) -> list[Target]:
+        """The layer's matrices this run prunes (``targets`` / ``ignore`` applied)."""
         return select(self._found_in(arch, index, layer), self.config.targets, self.config.ignore)
 
     def nonzero_after(self, model: nn.Module, arch: ModelArch, before: dict[int, int],
@@ -331,7 +329,7 @@ class SparsityPruner(Pruner):
             sequential = ctx.runtime.sequential
             last = ctx.arch.num_layers - 1
             for step in ctx.runner(sequential=True).steps(final_outputs=False, overwrite_inputs=sequential):
-                targets = self._targets(ctx, step.index, step.layer)
+                targets = self._selected(ctx.arch, step.index, step.layer)
                 keep = not sequential and step.index < last
                 reused = self._reused_stats.pop(step.index, None)
                 stats = reused or {t.name: self.new_stats(t) for t in targets}
@@ -352,7 +350,7 @@ class SparsityPruner(Pruner):
         the parameter count; the measured sparsity per module is in ``report.modules``."""
         rows = []
         for i, layer in enumerate(ctx.arch.layer_modules(ctx.model)):
-            targets = self._targets(ctx, i, layer)
+            targets = self._selected(ctx.arch, i, layer)
             numel = sum(t.weight().numel() for t in targets)
             if not numel:
                 continue
@@ -370,7 +368,7 @@ class SparsityPruner(Pruner):
             home = next(layer.parameters()).device
             if home != device:  # Module.to walks every parameter even when nothing moves
                 layer.to(device)
-            for t in self._targets(ctx, i, layer):
+            for t in self._selected(ctx.arch, i, layer):
                 self.prune_target(t, None, self.target_sparsity(i, t))
             if home != device:
                 layer.to(home)
