@@ -17,7 +17,7 @@ from pare.eval.cost import measure_cost
 from pare.eval.perplexity import model_context_length
 from pare.eval.size import count_nonzero, count_parameters, nonzero_by_parameter
 from pare.io import load, save
-from pare.io.save import skeleton, state_differences
+from pare.io.save import config_describes
 from pare.methods import PruneContext, pruner_for
 from pare.methods.base import SparsityConfig, SparsityPruner
 from pare.report import Report
@@ -158,7 +158,7 @@ def prune(
     # every parameter's non-zeros: a model pruned before (a chained run) already holds zeros
     nonzero_before = nonzero_by_parameter(model) if isinstance(config, SparsityConfig) else None
     # whether the config alone describes the model now (not after an earlier non-uniform prune)
-    described_before = not isinstance(config, SparsityConfig) and _config_describes(model)
+    described_before = not isinstance(config, SparsityConfig) and config_describes(model)
     ctx = PruneContext(model, arch, ids, runtime, report, batch_size)
     with torch.no_grad(), measure_cost() as cost:
         pruner.run(ctx)
@@ -171,7 +171,7 @@ def prune(
         report.notes.append(DENSE_ZEROS_NOTE)
     report.figures.setdefault("params_before", params_before)
     report.figures["params_after"] = sum(p.numel() for p in model.parameters())
-    if report.edits and report.uniform and described_before and not _config_describes(model):
+    if report.edits and report.uniform and described_before and not config_describes(model):
         report.uniform = False  # a shape the config has no field for (Bloom's MLP width): pare.load replays
     if not isinstance(config, SparsityConfig) and report.figures["params_after"] == params_before:
         unchanged = (f"{config.method} removed nothing with these options (a ratio of 0, or widths that round "
@@ -184,15 +184,6 @@ def prune(
         report.figures["nonzero_after"] = pruner.nonzero_after(model, arch, nonzero_before, report.modules)
     log.info("%s: %.1fs, peak RSS %.0f MB", config.method, cost.seconds, cost.peak_rss_mb)
     return report
-
-
-def _config_describes(model: nn.Module) -> bool:
-    """Whether a model built from ``model.config`` alone has exactly ``model``'s parameter shapes."""
-    try:
-        return not state_differences(model, skeleton(model))
-    except Exception:  # a config transformers cannot rebuild: nothing to compare with
-        log.debug("the config of %s cannot be rebuilt on the meta device", type(model).__name__, exc_info=True)
-        return False
 
 
 def check(model: nn.Module, config: PruneConfig, arch_override: ArchOverride | None = None) -> None:

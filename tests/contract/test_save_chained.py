@@ -167,3 +167,22 @@ def test_load_of_a_plain_directory_still_works(tmp_path, caplog) -> None:
     with caplog.at_level("WARNING", logger="pare.io.load"):
         pare.load(tmp_path / "bare")
     assert "missing 4 weight(s)" in caplog.text
+
+
+def test_a_chain_that_ends_uniform_reloads_from_its_config(tmp_path) -> None:
+    """depth -> global width (non-uniform MLPs) -> depth -> OSSCAR (one MLP width again): the final
+    config describes the model, so the manifest is uniform; replaying the earlier edits on that
+    config could not work."""
+    model = tiny_model("llama", num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=4)
+    ids = tiny_batch(8, 32, seed=1)
+    configs = (pare.PplWindowConfig(num_layers=1),
+               pare.WidthConfig(pruning_ratio=0.25, importance="taylor", allocation="global"),
+               pare.LayersConfig(layers="1"), pare.OsscarConfig(mlp_ratio=0.5))
+    reports = [pare.prune(model, cfg, ids, runtime=QUIET) for cfg in configs]
+    assert not reports[1].uniform
+    out = pare.save(model, None, tmp_path / "chain", reports)
+    assert json.loads((out / "pare.json").read_text())["uniform"] is True
+    probe = tiny_batch(1, 16, seed=9)
+    with torch.no_grad():
+        assert torch.allclose(pare.load(out)(probe).logits, model(probe).logits, atol=1e-5)
+        assert torch.allclose(AutoModelForCausalLM.from_pretrained(out)(probe).logits, model(probe).logits, atol=1e-5)

@@ -117,6 +117,26 @@ def test_global_allocation_is_non_uniform_and_round_trips(tmp_path):
     _round_trip(model, report, tmp_path, "llama")
 
 
+def test_global_allocation_with_a_hidden_cut_where_the_mlp_width_is_derived(tmp_path):
+    """GPT-2's n_inner=None means 4 x hidden: a hidden cut must not shrink the width replay starts from."""
+    model = tiny_model("gpt2")
+    assert model.config.n_inner is None
+    report = pare.prune(model, WidthConfig(pruning_ratio=0.25, importance="activation", allocation="global"),
+                        CALIB, runtime=RT)
+    assert not report.uniform and model.config.n_inner == 4 * 64
+    _round_trip(model, report, tmp_path, "gpt2")
+
+
+def test_an_edit_the_rebuilt_model_cannot_hold_is_refused():
+    from pare.arch.surgery import replay
+    from pare.errors import PareError
+
+    with pytest.raises(PareError, match="MLP width as 96, fewer than the 500"):
+        replay(tiny_model("llama"), [{"op": "mlp_channels", "layer": 0, "width": 500}])
+    with pytest.raises(PareError, match="attention heads as 4"):
+        replay(tiny_model("llama"), [{"op": "heads", "layer": 0, "num_heads": 8, "num_kv_heads": 2}])
+
+
 def test_osscar_rounding_and_power_of_two():
     model = tiny_model("llama")
     pare.prune(model, OsscarConfig(mlp_ratio=0.3, round_to=32, max_swaps=2), CALIB, runtime=RT)
@@ -203,3 +223,41 @@ def test_magnitude_width_needs_no_calibration() -> None:
     assert report.calibration is None
     for (name, a), (_, b) in zip(with_data.named_parameters(), without.named_parameters(), strict=True):
         assert torch.equal(a, b), name
+
+
+def test_head_counts_the_config_cannot_hold_are_refused_before_any_work(tmp_path):
+    """Llama's config requires hidden % heads == 0: 8 heads -> 6 with hidden 64 cannot be saved."""
+    def eight_heads():
+        return tiny_model("llama", num_attention_heads=8, num_key_value_heads=4, head_dim=8)
+
+    for cfg in (OsscarConfig(mlp_ratio=0.25, attn_ratio=0.25), WidthConfig(pruning_ratio=0.25, hidden=False)):
+        with pytest.raises(ConfigError, match=r"leaves 6 attention heads.*ratios that work: \[0\.5"):
+            pare.prune(eight_heads(), cfg, CALIB, runtime=RT)
+    # with the hidden size cut too (64 -> 48), 6 heads divide it: the run saves and reloads
+    model = eight_heads()
+    report = pare.prune(model, WidthConfig(pruning_ratio=0.25, importance="magnitude"), CALIB, runtime=RT)
+    assert model.config.num_attention_heads == 6 and model.config.hidden_size == 48
+    _round_trip(model, report, tmp_path, "llama")
+
+
+def test_osscar_after_an_mlp_block_was_removed(tmp_path):
+    model = tiny_model("llama")
+    first = pare.prune(model, pare.SublayerConfig(parts=("mlp",)), CALIB, runtime=RT)
+    second = pare.prune(model, OsscarConfig(mlp_ratio=0.5), CALIB, runtime=RT)
+    removed = [r for r in describe(model).layers if r.mlp is None]
+    assert len(removed) == 1 and second.edits  # the other layers' MLPs were cut
+    pare.save(model, None, tmp_path / "m", [first, second])
+    assert torch.allclose(_logits(pare.load(tmp_path / "m")), _logits(model), atol=1e-5)
+
+
+def test_taylor_scores_do_not_depend_on_the_batch_size():
+    from pare.methods.width import taylor_tables
+
+    model = tiny_model("llama")
+    ids = tiny_batch(6, 32, seed=3)
+    whole = taylor_tables(model, ids, batch_size=6, device=torch.device("cpu"))
+    split = taylor_tables(model, ids, batch_size=4, device=torch.device("cpu"))  # batches of 4 and 2
+    assert whole.keys() == split.keys() and whole
+    for name in whole:
+        for a, b in zip(whole[name], split[name], strict=True):
+            assert torch.allclose(a, b, rtol=1e-4, atol=1e-9), name

@@ -187,6 +187,13 @@ def test_pruning_a_pruned_output_keeps_every_edit(model_dir: Path, text_file: Pa
     pare.prune(direct, pare.LayersConfig(layers="0"), runtime=pare.RuntimeConfig(progress=False, device="cpu"))
     with torch.no_grad():
         assert torch.equal(reloaded(ids).logits, direct(ids).logits)
+    third = tmp_path / "sub-layers-osscar"  # a third prune keeps the whole history, not only the last entry
+    assert main(["prune", "--model", str(second), "--method", "osscar", "--mlp-ratio", "0.5",
+                 "--out", str(third), *common]) == 0
+    manifest = json.loads((third / "pare.json").read_text())
+    assert [h["method"] for h in manifest["history"]] == ["sublayer", "layers", "osscar"]
+    with torch.no_grad():
+        assert torch.isfinite(pare.load(third)(ids).logits).all()
 
 
 def test_allow_repeats_lets_a_short_text_calibrate(model_dir: Path, text_file: Path, tmp_path: Path, capsys) -> None:

@@ -282,13 +282,14 @@ def _prune_cmd(args: argparse.Namespace, method: PruneConfig, calib: Calibration
 
         # a pare output pruned again: its earlier edits stay in the manifest (pare.load replays all)
         earlier = read_manifest(args.model) if Path(args.model).is_dir() else None
-        reports = ([Report.from_dict(earlier)] if earlier else []) + [report]
+        chain = (earlier.get("history") or [earlier]) if earlier else []  # a chain's manifest lists every prune
+        reports = [Report.from_dict(r) for r in chain] + [report]
         out = save(model, tok, args.out, reports, overwrite=bool(args.overwrite))
         report.figures["size_on_disk_bytes_after"] = model_dir_bytes(out)
         note = _dtype_size_note(args.model, out)
         if note:
             report.notes.append(note)
-        manifest = manifest_of(reports)
+        manifest = manifest_of(reports, model)
         (out / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str), encoding="utf-8")
     if args.json:
         print(json.dumps(report.to_dict(), indent=2, default=str))

@@ -115,16 +115,20 @@ def chain_edits(reports: Sequence[Report]) -> list[Edit]:
     return out
 
 
-def manifest_of(reports: Sequence[Report]) -> dict[str, Any] | None:
+def manifest_of(reports: Sequence[Report], model: nn.Module | None = None) -> dict[str, Any] | None:
     """The ``pare.json`` content: one report's dict, or for chained prunes the last report's with
-    the edits of all (``chain_edits``), ``uniform`` only when all are, and ``history`` (each dict)."""
+    the edits of all (``chain_edits``), ``uniform`` only when all are, and ``history`` (each dict).
+
+    With ``model``, a chain whose last cut made the shapes uniform again (every layer's MLP cut to one
+    width after a non-uniform cut) is marked uniform when the config alone rebuilds the model.
+    """
     if not reports:
         return None
     if len(reports) == 1:
         return reports[0].to_dict()
     manifest = reports[-1].to_dict()
     manifest["edits"] = chain_edits(reports)
-    manifest["uniform"] = all(r.uniform for r in reports)
+    manifest["uniform"] = all(r.uniform for r in reports) or (model is not None and config_describes(model))
     manifest["history"] = [r.to_dict() for r in reports]
     methods = " -> ".join(r.method for r in reports)
     manifest["notes"] = [*manifest["notes"], (
@@ -179,6 +183,15 @@ def state_differences(model: nn.Module, rebuilt: nn.Module) -> list[str]:
     return out
 
 
+def config_describes(model: nn.Module) -> bool:
+    """Whether a model built from ``model.config`` alone has exactly ``model``'s parameter shapes."""
+    try:
+        return not state_differences(model, skeleton(model))
+    except Exception:  # a config transformers cannot rebuild: nothing to compare with
+        log.debug("the config of %s cannot be rebuilt on the meta device", type(model).__name__, exc_info=True)
+        return False
+
+
 def check_describes(model: nn.Module, reports: Sequence[Report], manifest: dict[str, Any] | None) -> None:
     """Raise ConfigError unless the manifest about to be written rebuilds ``model``'s exact shapes.
 
@@ -228,7 +241,7 @@ def save(model: nn.Module, tokenizer: Any, out: str | Path, report: Report | Seq
     """
     path = check_output(out, overwrite).absolute()
     reports = as_reports(report)
-    manifest = manifest_of(reports)
+    manifest = manifest_of(reports, model)
     check_describes(model, reports, manifest)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))

@@ -26,11 +26,13 @@ from pare.arch import describe
 from pare.arch.roles import AttentionRoles, ModelArch
 from pare.arch.surgery.width import (
     check_fused_layout,
+    config_rejects_heads,
     expert_alignment,
     head_count_for_ratio,
     prune_heads,
     prune_mlp_channels,
     sync_config,
+    valid_head_counts,
 )
 from pare.arch.targets import Target, layer_targets
 from pare.calibration.runner import LayerStep
@@ -102,6 +104,26 @@ def resolve_heads(att: AttentionRoles, ratio: float, mode: str) -> tuple[int, in
         return h, k, "kv"
 
 
+def check_savable_heads(model: nn.Module, arch: ModelArch, ratio: float, mode: str, flag: str,
+                        hidden: int | None = None) -> None:
+    """Raise ConfigError, naming the ratios that work, when removing ``ratio`` of the heads leaves a head
+    count the model's config class refuses (the run would only fail when saving); ``hidden``: the hidden
+    size after the run when it changes too."""
+    att = next((r.attention for r in arch.layers if r.attention is not None), None)
+    if att is None or ratio <= 0:
+        return
+    heads, kv, used = resolve_heads(att, ratio, mode)
+    why = config_rejects_heads(model, arch, heads, kv, hidden)
+    if why is None:
+        return
+    working = []
+    for h, k in valid_head_counts(att.num_heads, att.num_kv_heads, used)[:-1]:
+        if config_rejects_heads(model, arch, h, k, hidden) is None:
+            working.append(round(1 - h / att.num_heads, 4))
+    raise ConfigError(f"{flag} {ratio} leaves {heads} attention heads, which {type(model.config).__name__} cannot "
+                      f"hold ({why}); ratios that work: {sorted(working) or 'none in ' + used + ' mode'}")
+
+
 def head_groups(att: AttentionRoles, heads: int, kv: int, mode: str) -> tuple[int, torch.Tensor, torch.Tensor]:
     """OSSCAR grouping of o_proj columns: (columns per group, partition per group, quota per partition)."""
     g = att.num_heads // att.num_kv_heads
@@ -123,7 +145,7 @@ class OsscarPruner(Pruner):
     def check(self, model: nn.Module, arch: ModelArch) -> None:
         first = next((r.attention for r in arch.layers if r.attention is not None), None)
         if self.config.attn_ratio > 0 and first is not None:
-            resolve_heads(first, self.config.attn_ratio, self.config.head_mode)
+            check_savable_heads(model, arch, self.config.attn_ratio, self.config.head_mode, "attn_ratio")
 
     def run(self, ctx: PruneContext) -> None:
         cfg = self.config
@@ -135,8 +157,8 @@ class OsscarPruner(Pruner):
             targets = {t.name: t for t in layer_targets(step.layer, step.roles, step.prefix)}
             if heads_plan is not None and step.roles.attention is not None:
                 self._prune_attention(ctx, step, targets, heads_plan)
-            if cfg.mlp_ratio > 0:
-                self._prune_mlp(ctx, step, targets)
+            if cfg.mlp_ratio > 0 and (step.roles.mlp is not None or step.roles.experts is not None):
+                self._prune_mlp(ctx, step, targets)  # a layer whose MLP block was removed is left as it is
         ctx.report.uniform = sync_config(ctx.model, describe(ctx.model))
         if ctx.report.edits:
             ctx.report.notes.append(

@@ -18,7 +18,6 @@ edits that ``pare.load`` replays. Heads stay uniform across layers so GQA stays 
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 from dataclasses import dataclass, field
@@ -33,6 +32,7 @@ from pare.arch.surgery.width import (
     ATTN_WIDTH_IS_HIDDEN,
     attention_follows_hidden,
     expert_alignment,
+    pin_derived_widths,
     prune_heads,
     prune_hidden,
     prune_mlp_channels,
@@ -43,7 +43,7 @@ from pare.calibration.stats import InputStats, record_inputs
 from pare.config import PruneConfig, check_ratio, help_field, usable_device
 from pare.errors import ConfigError
 from pare.methods.base import PruneContext, Pruner
-from pare.methods.osscar import HEAD_MODES, resolve_heads
+from pare.methods.osscar import HEAD_MODES, check_savable_heads, resolve_heads
 from pare.ops import importance as imp
 
 log = logging.getLogger(__name__)
@@ -118,40 +118,20 @@ RC = tuple[torch.Tensor, torch.Tensor]
 """Per matrix: (row scores [out], column scores [in]) in the [out, in] view."""
 
 
-@contextlib.contextmanager
-def taylor_hooks(params: dict[str, nn.Parameter], acc: dict[str, list[torch.Tensor]]):
-    """Reduce ``|w * grad|`` into row/column sums as soon as each gradient is accumulated, then
-    free the gradient: memory holds one parameter's gradient at a time, not the model's."""
-    handles = []
-
-    def make(name: str):
-        def hook(p: torch.Tensor) -> None:
-            assert p.grad is not None
-            t = imp.taylor(p.data, p.grad)
-            if t.dim() == 1:
-                red = [t]
-            elif t.dim() == 2:
-                red = [t.sum(1), t.sum(0)]
-            else:
-                red = [t.sum(2), t.sum(1)]  # 3-D experts [E, A, B]: [E, A], [E, B]
-            prev = acc.get(name)
-            acc[name] = red if prev is None else [a + b for a, b in zip(prev, red, strict=False)]
-            p.grad = None
-
-        return hook
-
-    try:
-        for name, p in params.items():
-            handles.append(p.register_post_accumulate_grad_hook(make(name)))
-        yield
-    finally:
-        for h in handles:
-            h.remove()
+def _row_col_sums(t: torch.Tensor) -> list[torch.Tensor]:
+    """A score tensor's row and column sums (a vector is its own; 3-D experts ``[E, A, B]``: [E, A], [E, B])."""
+    if t.dim() == 1:
+        return [t]
+    if t.dim() == 2:
+        return [t.sum(1), t.sum(0)]
+    return [t.sum(2), t.sum(1)]
 
 
 def taylor_tables(model: nn.Module, ids: torch.Tensor, batch_size: int, device: torch.device) -> dict[str, list]:
-    """Row/column sums of ``|w dL/dw|`` for every parameter, batch by batch (each batch's graph is
-    freed after its backward)."""
+    """Row/column sums of ``|w dL/dw|`` for every parameter, where ``L`` is the mean loss over every
+    calibration window (LLM-Pruner's first-order term). Each batch's loss is weighted by its share of
+    the windows and the gradients accumulate over the batches, so the scores do not depend on
+    ``batch_size`` (memory: one gradient per parameter, as in one full backward)."""
     params = {n: p for n, p in model.named_parameters()}
     flags = {n: p.requires_grad for n, p in params.items()}
     home = next(model.parameters()).device
@@ -160,12 +140,17 @@ def taylor_tables(model: nn.Module, ids: torch.Tensor, batch_size: int, device: 
     try:
         for p in params.values():
             p.requires_grad_(True)
+            p.grad = None
         # a caller's inference_mode or no_grad would leave nothing to differentiate
-        with torch.inference_mode(False), torch.enable_grad(), taylor_hooks(params, acc):
+        with torch.inference_mode(False), torch.enable_grad():
             for batch in ids.split(batch_size):
                 b = batch.to(device).clone()  # an ordinary tensor even if made under inference_mode
                 loss = model(input_ids=b, labels=b, use_cache=False).loss
-                loss.backward()
+                (loss * (b.shape[0] / ids.shape[0])).backward()
+        for n, p in params.items():
+            if p.grad is not None:
+                acc[n] = _row_col_sums(imp.taylor(p.data, p.grad))
+                p.grad = None  # freed as soon as it is reduced
     finally:
         for n, p in params.items():
             p.requires_grad_(flags[n])
@@ -384,20 +369,24 @@ def plan(model: nn.Module, arch: ModelArch, scorer: Scorer, cfg: WidthConfig) ->
                 n = imp.round_width((1 - cfg.pruning_ratio) * s.numel(), s.numel(), cfg.round_to)
                 out.shared[i] = imp.keep_top(s, n)
     if cfg.hidden and cfg.pruning_ratio > 0:
-        embed: Any = model.get_submodule(arch.embed_path)
-        total = int(embed.weight.shape[1])
         if arch.model_type in ATTN_WIDTH_IS_HIDDEN:
             if attn_width is None:
                 raise ConfigError(f"{arch.model_type}: the attention width is the hidden size; prune heads and "
                                   "hidden together (heads=True) or set hidden=False")
             width = attn_width
         else:
-            moe = any(r.experts is not None for r in arch.layers)
-            dtype = embed.weight.dtype
-            multiple = _mlp_multiple(cfg, moe, dtype) if moe else 1
-            width = imp.round_width((1 - cfg.pruning_ratio) * total, total, multiple)
+            width = kept_hidden(model, arch, cfg)
         out.hidden = imp.keep_top(scorer.hidden(), width)
     return out
+
+
+def kept_hidden(model: nn.Module, arch: ModelArch, cfg: WidthConfig) -> int:
+    """The hidden size a hidden cut keeps (where the attention width does not follow the hidden size)."""
+    embed: Any = model.get_submodule(arch.embed_path)
+    total = int(embed.weight.shape[1])
+    moe = any(r.experts is not None for r in arch.layers)
+    multiple = _mlp_multiple(cfg, moe, embed.weight.dtype) if moe else 1
+    return imp.round_width((1 - cfg.pruning_ratio) * total, total, multiple)
 
 
 # ---------------------------------------------------------------------------- applying
@@ -492,7 +481,8 @@ class WidthPruner(Pruner):
         cfg = self.config
         first = next((r.attention for r in arch.layers if r.attention is not None), None)
         if cfg.heads and first is not None and cfg.pruning_ratio > 0:
-            resolve_heads(first, cfg.pruning_ratio, cfg.head_mode)
+            hidden = kept_hidden(model, arch, cfg) if cfg.hidden else None
+            check_savable_heads(model, arch, cfg.pruning_ratio, cfg.head_mode, "pruning_ratio", hidden)
         if (cfg.hidden and cfg.pruning_ratio > 0 and first is not None
                 and arch.model_type not in ATTN_WIDTH_IS_HIDDEN and attention_follows_hidden(model, arch)):
             raise ConfigError(f"{arch.model_type} derives head_dim from the hidden size, so the hidden size cannot "
@@ -511,6 +501,7 @@ class WidthPruner(Pruner):
             assert ids is not None
             scorer.taylor = taylor_tables(ctx.model, ids, ctx.batch_size, usable_device(ctx.runtime.device))
         p = plan(ctx.model, ctx.arch, scorer, cfg)
+        pin_derived_widths(ctx.model, ctx.arch)
         apply(ctx, p, scorer, cfg)
         ctx.report.uniform = sync_config(ctx.model, describe(ctx.model))
         ctx.report.scores["widths"] = p.summary()

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from pare.arch.roles import AttentionRoles, LayerRoles, MLPRoles, ModelArch, Proj, get_weight
-from pare.errors import ConfigError
+from pare.errors import ConfigError, PareError
 
 Edit = dict[str, Any]
 
@@ -222,6 +222,30 @@ def head_count_for_ratio(num_heads: int, num_kv_heads: int, ratio: float, mode: 
         f"in '{mode}' mode (heads must stay a multiple of the KV heads); nearest valid ratios: {nearest} "
         f"(all: {ratios}); '{other}' mode allows {other_r}"
     )
+
+
+def config_rejects_heads(model: nn.Module, arch: ModelArch, heads: int, kv_heads: int,
+                         hidden: int | None = None) -> str | None:
+    """Why transformers would refuse ``model``'s config holding ``heads`` / ``kv_heads`` attention heads
+    (head_dim kept, as :func:`sync_config` writes them; ``hidden``: a new hidden size), or None when it
+    accepts them. Llama and Gemma configs, for one, require the hidden size to be a multiple of the
+    head count."""
+    cfg: Any = model.config
+    att = next((r.attention for r in arch.layers if r.attention is not None), None)
+    if att is None or arch.model_type in ATTN_WIDTH_IS_HIDDEN:
+        return None
+    data = cfg.to_dict()
+    data[arch.fields.heads or "num_attention_heads"] = heads
+    if arch.fields.kv_heads or "num_key_value_heads" in data:
+        data[arch.fields.kv_heads or "num_key_value_heads"] = kv_heads
+    data["head_dim"] = att.head_dim
+    if hidden is not None:
+        data[arch.fields.hidden or "hidden_size"] = hidden
+    try:
+        type(cfg).from_dict(data)
+    except Exception as exc:  # transformers' own validation: its message says why
+        return str(exc).strip().splitlines()[-1].strip()
+    return None
 
 
 def _qkv_rows(att: AttentionRoles, q_heads: torch.Tensor, kv_heads: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -491,6 +515,19 @@ def sync_config(model: nn.Module, arch: ModelArch) -> bool:
     return uniform
 
 
+def pin_derived_widths(model: nn.Module, arch: ModelArch) -> None:
+    """Write an MLP width the config leaves to a default (GPT-2's ``n_inner=None`` means 4 x hidden) as
+    the number it stands for, before any cut: a later hidden-size cut would otherwise change it."""
+    cfg: Any = model.config
+    name = arch.fields.intermediate
+    if not name or not hasattr(cfg, name) or getattr(cfg, name) is not None:
+        return
+    layers: Any = arch.layer_modules(model)
+    width = _uniform([_mlp_width(layers[r.index], r.mlp) for r in arch.layers if r.mlp is not None])
+    if width is not None:
+        _field_set(cfg, name, width)
+
+
 def _mlp_width(layer: Any, mlp: MLPRoles | None) -> int:
     assert mlp is not None
     down = layer.get_submodule(mlp.down.path)
@@ -498,6 +535,14 @@ def _mlp_width(layer: Any, mlp: MLPRoles | None) -> int:
 
 
 # --------------------------------------------------------------------------- replay
+def _check_fits(what: str, wanted: int, built: int) -> None:
+    """A replayed edit keeps the first ``wanted`` of ``built`` channels: it must not ask for more (on
+    the meta device an index past the end would not even fail)."""
+    if wanted > built:
+        raise PareError(f"the saved config rebuilds {what} as {built}, fewer than the {wanted} the recorded edit "
+                        "keeps: the config and the edits do not describe the pruned model")
+
+
 def _replay_mlp(model: nn.Module, edit: Edit) -> None:
     from pare.arch import describe
 
@@ -508,6 +553,9 @@ def _replay_mlp(model: nn.Module, edit: Edit) -> None:
     current = roles.experts.intermediate if roles.experts is not None else _mlp_width(layer, roles.mlp)
     shared = edit.get("shared_width")
     keep = torch.arange(int(edit["width"]))
+    _check_fits(f"layer {i}'s MLP width", len(keep), current)
+    if roles.experts is not None and roles.experts.shared is not None and shared is not None:
+        _check_fits(f"layer {i}'s shared-expert width", int(shared), _mlp_width(layer, roles.experts.shared))
     if current == len(keep) and shared is None:
         return
     prune_mlp_channels(model, arch, i, keep, None if shared is None else torch.arange(int(shared)))
@@ -521,6 +569,8 @@ def _replay_heads(model: nn.Module, edit: Edit) -> None:
     att = arch.layers[i].attention
     assert att is not None
     heads, kv = int(edit["num_heads"]), int(edit["num_kv_heads"])
+    _check_fits(f"layer {i}'s attention heads", heads, att.num_heads)
+    _check_fits(f"layer {i}'s KV heads", kv, att.num_kv_heads)
     if att.num_heads == heads and att.num_kv_heads == kv:
         return
     group = att.num_heads // att.num_kv_heads
@@ -535,6 +585,7 @@ def _replay_hidden(model: nn.Module, edit: Edit) -> None:
     arch = describe(model)
     width = int(edit["width"])
     embed: Any = model.get_submodule(arch.embed_path)
+    _check_fits("the hidden size", width, int(embed.weight.shape[1]))
     if int(embed.weight.shape[1]) != width:
         prune_hidden(model, arch, torch.arange(width), rms_scale=1.0)
 
@@ -551,6 +602,7 @@ __all__ = [
     "check_expert_width",
     "expert_alignment",
     "head_count_for_ratio",
+    "pin_derived_widths",
     "prune_heads",
     "prune_hidden",
     "prune_mlp_channels",
