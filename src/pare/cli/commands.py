@@ -277,7 +277,7 @@ def _prune_cmd(args: argparse.Namespace, method: PruneConfig, calib: Calibration
     report.figures["size_on_disk_bytes_before"] = model_dir_bytes(args.model)
     if args.out:
         from pare.io import read_manifest
-        from pare.io.save import MANIFEST, manifest_of
+        from pare.io.save import MANIFEST
         from pare.report import Report
 
         # a pare output pruned again: its earlier edits stay in the manifest (pare.load replays all)
@@ -289,7 +289,11 @@ def _prune_cmd(args: argparse.Namespace, method: PruneConfig, calib: Calibration
         note = _dtype_size_note(args.model, out)
         if note:
             report.notes.append(note)
-        manifest = manifest_of(reports, model)
+        # the figures known only once saved go into the written manifest (and this run's history entry)
+        manifest = read_manifest(out) or {}
+        for entry in [manifest, *manifest.get("history", [])[-1:]]:
+            entry["figures"]["size_on_disk_bytes_after"] = report.figures["size_on_disk_bytes_after"]
+            entry["notes"] += [note] if note else []
         (out / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str), encoding="utf-8")
     if args.json:
         print(json.dumps(report.to_dict(), indent=2, default=str))
