@@ -258,3 +258,14 @@ def test_an_interrupt_after_the_rename_says_the_model_is_saved(tmp_path: Path, m
     monkeypatch.undo()
     assert torch.equal(_logits(pare.load(out)), _logits(model))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # the old copy went anyway
+
+
+def test_a_model_moved_aside_by_a_killed_save_is_put_back(tmp_path: Path, caplog) -> None:
+    out = tmp_path / "out"
+    aside = _hf_dir(tmp_path / f".out.old-{_dead_pid()}", seed=1)  # killed between the two renames
+    previous = _logits(pare.load(aside))
+    with caplog.at_level(logging.WARNING, logger="pare"), pytest.raises(OutputExistsError, match="already exists"):
+        pare.save(tiny_model("llama"), None, out)  # without overwrite: the previous model is not replaced
+    assert "put back the model" in caplog.text
+    assert torch.equal(_logits(pare.load(out)), previous)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]

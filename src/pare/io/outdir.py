@@ -219,7 +219,12 @@ def _alive(pid: int) -> bool:
 
 def remove_stale(path: Path) -> list[Path]:
     """Remove the ``.<out>.tmp-<pid>-*`` / ``.<out>.old-<pid>`` siblings of ``path`` whose process is
-    gone (saves killed before they finished), with a warning for each; return what was removed."""
+    gone (saves killed before they finished), with a warning for each; return what was removed.
+
+    A save killed between moving the previous model aside and renaming the new one in (only where
+    ``renameat2`` is missing) leaves ``path`` absent and the previous model as ``.old-<pid>``: that one
+    is put back at ``path`` instead, with a warning.
+    """
     if not path.parent.is_dir():
         return []
     removed = []
@@ -227,6 +232,12 @@ def remove_stale(path: Path) -> list[Path]:
         pid = _leftover_pid(entry.name, path.name)
         if pid is None or _alive(pid) or entry.is_symlink() or not entry.is_dir():
             continue
+        if ".old-" in entry.name and not os.path.lexists(path) and saved_model_problem(entry) is None:
+            with contextlib.suppress(OSError):
+                rename_noreplace(entry, path)
+                log.warning("put back the model at %s: a save killed before it finished (process %d) had "
+                            "moved it aside to %s", path, pid, entry)
+                continue
         shutil.rmtree(entry, ignore_errors=True)
         if not entry.exists():
             removed.append(entry)

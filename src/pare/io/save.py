@@ -248,6 +248,9 @@ def save(model: nn.Module, tokenizer: Any, out: str | Path, report: Report | Seq
     existed = path.exists()
     path.parent.mkdir(parents=True, exist_ok=True)
     remove_stale(path)
+    if path.exists() and not existed:  # a model moved aside by a killed save was put back: check it again
+        check_output(out, overwrite, source, loaded_from=_loaded_from(model))
+        existed = True
     tmp = temp_dir(path)
     ident = identity(tmp)
     try:
