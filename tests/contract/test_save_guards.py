@@ -122,10 +122,12 @@ def test_saved_models_are_replaced(tmp_path: Path) -> None:
     report = pare.prune(tiny_model("llama"), pare.MagnitudeConfig(sparsity=0.5),
                        runtime=pare.RuntimeConfig(progress=False))
     by_pare = pare.save(tiny_model("llama"), None, tmp_path / "by-pare", report)
-    for out in (plain, by_pare):
+    empty = tmp_path / "empty"  # nothing to lose
+    empty.mkdir()
+    for out in (plain, by_pare, empty):
         pare.save(model, None, out, overwrite=True)
         assert torch.equal(_logits(pare.load(out)), _logits(model))
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["by-pare", "plain"]  # no second copy left
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["by-pare", "empty", "plain"]  # no second copy left
     assert not (tmp_path / "x").exists()
     with pytest.raises(ConfigError, match="empty path"):
         pare.save(model, None, "")

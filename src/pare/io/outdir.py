@@ -7,7 +7,7 @@ A save writes into a hidden sibling ``.<out>.tmp-<pid>-<random>`` and renames it
   directory or a directory holding it (:func:`check_output`).
 * ``overwrite`` replaces only a directory that holds a saved model: a ``pare.json`` written by pare,
   or a ``config.json`` with a ``model_type`` plus weight files, and nothing but the files a save
-  writes (:func:`saved_model_problem`).
+  writes, or an empty directory (:func:`saved_model_problem`).
 * Without ``overwrite`` the finished model is moved into place by a rename that fails when anything
   exists at ``out`` by then (Linux ``renameat2(RENAME_NOREPLACE)``). Where that call is missing (not
   Linux, an old libc, a file system without it) a check is followed by ``os.rename``, which also
@@ -50,7 +50,8 @@ SAVE_FILES = frozenset({
     "config.json", "generation_config.json", MANIFEST, "model.safetensors.index.json",
     "pytorch_model.bin.index.json", "tokenizer.json", "tokenizer_config.json", "tokenizer.model",
     "special_tokens_map.json", "added_tokens.json", "vocab.json", "merges.txt", "vocab.txt", "spiece.model",
-    "sentencepiece.bpe.model", "chat_template.jinja", "chat_template.json",
+    "sentencepiece.bpe.model", "chat_template.jinja", "chat_template.json", "tokenizer.tiktoken",
+    "bpe.codes", "preprocessor_config.json", "processor_config.json",
 })
 """Files a save writes (the model's, the tokenizer's, the manifest), besides the weight files."""
 WEIGHTS = re.compile(r"^(model(-\d{5}-of-\d{5})?\.safetensors|pytorch_model(-\d{5}-of-\d{5})?\.bin)$")
@@ -67,9 +68,12 @@ def saved_model_problem(path: Path) -> str | None:
 
     A saved model has a ``pare.json`` written by pare (its ``method`` and ``versions.pare``), or a
     ``config.json`` with a ``model_type`` plus weight files; and nothing else than the files a save
-    writes (config, generation config, weights and their index, tokenizer files, ``pare.json``).
+    writes (config, generation config, weights and their index, tokenizer files, ``pare.json``). An
+    empty directory holds nothing to lose: it may be replaced too.
     """
     names = sorted(p.name for p in path.iterdir())
+    if not names:
+        return None
     others = [n for n in names if not _save_writes(path / n)]
     if others:
         return (f"it holds {len(others)} entr{'y' if len(others) == 1 else 'ies'} a save does not write "
@@ -80,7 +84,7 @@ def saved_model_problem(path: Path) -> str | None:
     model_type = _model_type(path / "config.json")
     if model_type and weights:
         return None
-    found = ", ".join(names[:5]) if names else "nothing: an empty directory"
+    found = ", ".join(names[:5])
     missing = "a config.json with a model_type" if not model_type else "weight files (*.safetensors)"
     return f"it has no pare.json written by pare and lacks {missing} (found {found})"
 
@@ -233,8 +237,11 @@ def remove_stale(path: Path) -> list[Path]:
         if pid is None or _alive(pid) or entry.is_symlink() or not entry.is_dir():
             continue
         if ".old-" in entry.name and not os.path.lexists(path) and saved_model_problem(entry) is None:
-            with contextlib.suppress(OSError):
+            try:
                 rename_noreplace(entry, path)
+            except OSError:  # something appeared at ``path`` meanwhile: this copy is an outdated one
+                pass
+            else:
                 log.warning("put back the model at %s: a save killed before it finished (process %d) had "
                             "moved it aside to %s", path, pid, entry)
                 continue
