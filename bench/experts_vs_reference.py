@@ -2,9 +2,17 @@
 
 A random-weight Qwen3-MoE (Llama-2 tokenizer from ../shared, fp32, CPU) is pruned by both tools on
 the same C4 calibration windows (saved to a ``.pt`` file the peer reads), each in a fresh subprocess,
-alternating ``--repeats`` times; medians of the pruning call's wall time are compared. Both use the
-layer-wise sequential protocol (each layer scored on the outputs of the already-pruned layers):
-pare's default, and llm-compressor's sequential pipeline, which REAP's per-layer pruning implies.
+alternating ``--repeats`` times; medians of the pruning call's wall time and CPU time (the machine
+may be shared: CPU time is the steadier figure) are compared. Two protocols:
+
+- ``sequential``: each layer scored on the outputs of the already-pruned layers (pare's default;
+  llm-compressor's sequential pipeline, where REAP prunes each layer as its subgraph completes).
+  llm-compressor 0.14 (transformers 5.17, CPU) runs the traced decoder layers of this model without
+  the causal mask: its layer-0 MoE inputs equal a forward with full (bidirectional) attention, not
+  the model's own, so its choices differ from pare's from layer 0 on (see the README's MoE section).
+- ``dense``: every layer scored on the dense model's activations (pare ``sequential=False``;
+  llm-compressor's ``basic`` pipeline, the whole model's own forward, with REAP pruning at the end).
+  Here both tools see the same activations, so they must remove the same experts.
 
 Printed JSON (one object): the experts each tool keeps per layer and where they differ (with the
 REAP scores pare gave the experts in question), ``prune_seconds`` of each (medians and every run),
@@ -67,10 +75,10 @@ def worker_pare(a: argparse.Namespace) -> dict:
     model = AutoModelForCausalLM.from_pretrained(a.model_path, dtype=torch.float32).eval()
     ids = torch.load(a.calib, weights_only=True)
     cfg = ExpertsConfig(expert_ratio=a.ratio, importance="reap", merge=a.merge)
-    t0 = time.perf_counter()
-    report = pare.prune(model, cfg, ids, runtime=pare.RuntimeConfig(device="cpu", progress=False),
-                        batch_size=a.batch_size)
-    seconds = time.perf_counter() - t0
+    runtime = pare.RuntimeConfig(device="cpu", progress=False, sequential=a.protocol == "sequential")
+    t0, c0 = time.perf_counter(), time.process_time()
+    report = pare.prune(model, cfg, ids, runtime=runtime, batch_size=a.batch_size)
+    seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
     tok = AutoTokenizer.from_pretrained(a.model_path)
     pare.save(model, tok, a.out, report)
     reloaded = AutoModelForCausalLM.from_pretrained(a.out).eval()
@@ -78,7 +86,7 @@ def worker_pare(a: argparse.Namespace) -> dict:
     with torch.no_grad():
         same = bool(torch.allclose(model(probe).logits, reloaded(probe).logits, atol=1e-5))
     rows = report.scores["experts"]
-    return {"prune_seconds": seconds, "kept": {str(r["layer"]): r["kept"] for r in rows},
+    return {"prune_seconds": seconds, "prune_cpu_seconds": cpu, "kept": {str(r["layer"]): r["kept"] for r in rows},
             "scores": {str(r["layer"]): r["scores"] for r in rows}, "reload_from_pretrained_same_logits": same,
             **_generate_check(reloaded, tok)}
 
@@ -97,14 +105,15 @@ def worker_llmc(a: argparse.Namespace) -> dict:
     ds = Dataset.from_dict({"input_ids": ids.tolist(), "attention_mask": torch.ones_like(ids).tolist()})
     report_path = str(Path(a.out) / "retained.json")
     Path(a.out).mkdir(parents=True, exist_ok=True)
-    t0 = time.perf_counter()  # model load and imports stay outside the timed region, as for pare
+    pipeline = "sequential" if a.protocol == "sequential" else "basic"
+    t0, c0 = time.perf_counter(), time.process_time()  # model load and imports stay outside, as for pare
     oneshot(model=model, dataset=ds, recipe=[REAPPruningModifier(sparsity=a.ratio, report_path=report_path)],
             num_calibration_samples=ids.shape[0], max_seq_length=ids.shape[1], batch_size=a.batch_size,
-            shuffle_calibration_samples=False, moe_calibrate_all_experts=a.all_experts)
-    seconds = time.perf_counter() - t0
+            shuffle_calibration_samples=False, moe_calibrate_all_experts=a.all_experts, pipeline=pipeline)
+    seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
     retained = json.loads(Path(report_path).read_text())
     kept = {name.split(".")[2]: sorted(v) for name, v in retained.items()}  # model.layers.<i>.mlp
-    out: dict = {"prune_seconds": seconds, "kept": kept}
+    out: dict = {"prune_seconds": seconds, "prune_cpu_seconds": cpu, "kept": kept}
     tok = AutoTokenizer.from_pretrained(a.model_path)
     try:
         out.update(_generate_check(model, tok))
@@ -143,11 +152,12 @@ def calibration(model_path: Path, nsamples: int, seqlen: int, out: Path) -> None
     torch.save(ids, out)
 
 
-def run_worker(kind: str, a: argparse.Namespace, model_path: Path, calib: Path, out: Path, merge: bool = False) -> dict:
+def run_worker(kind: str, a: argparse.Namespace, model_path: Path, calib: Path, out: Path, protocol: str,
+               merge: bool = False) -> dict:
     python = str(PEER_VENV / "bin" / "python") if kind == "llmc" else sys.executable
-    cmd = [python, str(Path(__file__).resolve()), "--worker", kind, "--model-path", str(model_path),
-           "--calib-file", str(calib), "--out", str(out), "--ratio", str(a.ratio), "--batch-size",
-           str(a.batch_size), "--threads", str(a.threads)]
+    cmd = [python, str(Path(__file__).resolve()), "--worker", kind, "--protocol", protocol,
+           "--model-path", str(model_path), "--calib-file", str(calib), "--out", str(out), "--ratio", str(a.ratio),
+           "--batch-size", str(a.batch_size), "--threads", str(a.threads)]
     cmd += ["--merge"] if merge else []
     cmd += ["--all-experts"] if a.all_experts else []
     env = dict(os.environ, PYTHONPATH=str(REPO / "src") if kind == "pare" else "")
@@ -200,6 +210,31 @@ def compare(pare_run: dict, ref_run: dict) -> dict:
     return {"layers_identical": same, "layers": len(layers), "differences": diffs}
 
 
+def protocol_runs(a: argparse.Namespace, model_path: Path, calib: Path, work: Path, protocol: str) -> dict:
+    """Both tools ``--repeats`` times, alternating who goes first; medians of wall and CPU time."""
+    runs: dict[str, list[dict]] = {"pare": [], "reference": []}
+    for rep in range(a.repeats):
+        for who in [("pare", "reference"), ("reference", "pare")][rep % 2]:
+            kind = "pare" if who == "pare" else "llmc"
+            runs[who].append(run_worker(kind, a, model_path, calib, work / f"{protocol}-{who}-{rep}", protocol))
+    errors = [r["error"] for rs in runs.values() for r in rs if "error" in r]
+    if errors:
+        return {"errors": errors}
+    med = {w: {k: statistics.median(r[k] for r in rs) for k in ("prune_seconds", "prune_cpu_seconds")}
+           for w, rs in runs.items()}
+    return {
+        "same_experts": compare(runs["pare"][0], runs["reference"][0]),
+        "runs_agree": {w: all(r["kept"] == rs[0]["kept"] for r in rs) for w, rs in runs.items()},
+        "median": med,
+        "runs": {w: [[round(r["prune_seconds"], 2), round(r["prune_cpu_seconds"], 2)] for r in rs]
+                 for w, rs in runs.items()},
+        "wall_ratio_pare_over_reference": med["pare"]["prune_seconds"] / med["reference"]["prune_seconds"],
+        "cpu_ratio_pare_over_reference": med["pare"]["prune_cpu_seconds"] / med["reference"]["prune_cpu_seconds"],
+        "checks": {w: {k: v for k, v in rs[0].items() if k not in ("kept", "scores") and "seconds" not in k}
+                   for w, rs in runs.items()},
+    }
+
+
 def main(a: argparse.Namespace) -> None:
     if not (PEER_VENV / "bin" / "python").exists():
         print(json.dumps({"error": f"peer venv missing: create {PEER_VENV} (see this script's docstring)"}))
@@ -208,35 +243,21 @@ def main(a: argparse.Namespace) -> None:
     model_path, calib = work / "dense", work / "calib.pt"
     build_model(model_path)
     calibration(model_path, a.nsamples, a.seqlen, calib)
-    runs: dict[str, list[dict]] = {"pare": [], "reference": []}
-    for rep in range(a.repeats):
-        order = [("pare", "reference"), ("reference", "pare")][rep % 2]
-        for who in order:
-            kind = "pare" if who == "pare" else "llmc"
-            runs[who].append(run_worker(kind, a, model_path, calib, work / f"{who}-{rep}"))
-    errors = [r["error"] for rs in runs.values() for r in rs if "error" in r]
-    if errors:
-        print(json.dumps({"errors": errors}, indent=1))
-        return
-    merged = run_worker("pare", a, model_path, calib, work / "pare-merge", merge=True)
-    med = {w: statistics.median(r["prune_seconds"] for r in rs) for w, rs in runs.items()}
-    first = {w: {k: v for k, v in rs[0].items() if k not in ("kept", "scores", "prune_seconds")}
-             for w, rs in runs.items()}
-    result = {
+    result: dict = {
         "model": {"type": "qwen3_moe (random weights)", **MODEL_SPEC},
         "calibration": {"dataset": "c4", "nsamples": a.nsamples, "seqlen": a.seqlen, "batch_size": a.batch_size},
-        "ratio": a.ratio, "moe_calibrate_all_experts": a.all_experts,
-        "same_experts": compare(runs["pare"][0], runs["reference"][0]),
-        "runs_agree": {w: all(r["kept"] == rs[0]["kept"] for r in rs) for w, rs in runs.items()},
-        "prune_seconds": {w: {"median": med[w], "runs": [r["prune_seconds"] for r in rs]} for w, rs in runs.items()},
-        "time_ratio_pare_over_reference": med["pare"] / med["reference"],
-        "checks": first,
-        "merge": {"prune_seconds": merged.get("prune_seconds"), "error": merged.get("error")},
-        "quality": quality(model_path, {"remove": work / "pare-0", "merge": work / "pare-merge"},
-                           a.eval_windows, a.seqlen) if "error" not in merged else None,
-        "kept_pare_layer0": runs["pare"][0]["kept"]["0"],
-        "kept_reference_layer0": runs["reference"][0]["kept"].get("0"),
+        "ratio": a.ratio, "moe_calibrate_all_experts": a.all_experts, "threads": a.threads,
     }
+    for protocol in a.protocols:
+        result[protocol] = protocol_runs(a, model_path, calib, work, protocol)
+        print(json.dumps({protocol: result[protocol]}), file=sys.stderr, flush=True)
+    if not a.skip_merge:
+        merged = run_worker("pare", a, model_path, calib, work / "merge", "sequential", merge=True)
+        removed = run_worker("pare", a, model_path, calib, work / "remove", "sequential")
+        result["merge"] = {"prune_seconds": merged.get("prune_seconds"), "error": merged.get("error"),
+                           "quality": None if "error" in merged or "error" in removed else
+                           quality(model_path, {"remove": work / "remove", "merge": work / "merge"},
+                                   a.eval_windows, a.seqlen)}
     print(json.dumps(result, indent=1))
 
 
@@ -247,13 +268,16 @@ if __name__ == "__main__":
     p.add_argument("--calib-file", dest="calib")
     p.add_argument("--out")
     p.add_argument("--merge", action="store_true")
+    p.add_argument("--protocol", choices=["sequential", "dense"], default="sequential")
+    p.add_argument("--protocols", nargs="+", default=["sequential", "dense"], choices=["sequential", "dense"])
+    p.add_argument("--skip-merge", action="store_true")
     p.add_argument("--ratio", type=float, default=0.25)
     p.add_argument("--nsamples", type=int, default=32)
     p.add_argument("--seqlen", type=int, default=256)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--eval-windows", type=int, default=16)
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=int, default=1)
     p.add_argument("--timeout", type=int, default=1800)
     p.add_argument("--all-experts", action="store_true",
                    help="the reference runs every expert on every token (oneshot's default; REAP does not need it)")
