@@ -326,16 +326,26 @@ class RoutingStats:
 
 
 @contextlib.contextmanager
-def record_routing(experts: nn.Module, stats: RoutingStats) -> Iterator[None]:
+def record_routing(experts: nn.Module, stats: RoutingStats, stop: bool = False) -> Iterator[None]:
     """Accumulate ``stats`` from every call of a fused experts module while the block runs; the hook
-    is always removed."""
+    is always removed.
 
-    def hook(module: nn.Module, args: tuple, kwargs: dict, _out: Any) -> None:
+    Args:
+        experts: the fused experts module (called as ``experts(hidden, top_k_index, top_k_weights)``).
+        stats: the accumulator.
+        stop: the layer's outputs are not wanted (they are recomputed after pruning): raise
+            :class:`InputsRecorded` once the statistics are taken, so the experts' own forward (which
+            the statistics already repeat) and the rest of the layer are skipped.
+    """
+
+    def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
         with torch.no_grad():
             hidden, index, weights = _routing_call(module, args, kwargs)
             stats.add(module, hidden, index, weights)
+        if stop:
+            raise InputsRecorded
 
-    handle = experts.register_forward_hook(hook, with_kwargs=True)
+    handle = experts.register_forward_pre_hook(hook, with_kwargs=True)
     try:
         yield
     finally:

@@ -165,7 +165,7 @@ class ExpertsPruner(Pruner):
         ex = step.roles.experts
         assert ex is not None
         st = RoutingStats(num_experts, probe_tokens=self.config.probe_tokens if self.config.merge else 0)
-        with record_routing(step.layer.get_submodule(ex.path), st):
+        with record_routing(step.layer.get_submodule(ex.path), st, stop=not keep_outputs):
             outputs = step.run(replace_inputs=keep_outputs)
         if keep_outputs:
             step.dense_outputs = outputs
