@@ -195,6 +195,41 @@ def quality(dense_path: Path, pruned: dict[str, Path], nwindows: int, seqlen: in
     return out
 
 
+def direct_reap(model_path: Path, calib: Path, ratio: float, batch_size: int) -> dict:
+    """REAP written out plainly, on the dense model's own forward (the ``dense`` protocol): per expert,
+    its output computed from its weights for every token routed to it, gate x L2 norm, mean over
+    those tokens; the lowest ``ratio`` of each layer dropped."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval()
+    ids = torch.load(calib, weights_only=True)
+    num = model.config.num_experts
+    sums = [torch.zeros(num, dtype=torch.float64) for _ in model.model.layers]
+    counts = [torch.zeros(num, dtype=torch.float64) for _ in model.model.layers]
+
+    def hook(i: int):
+        def run(mod, args, _out):
+            hidden, index, weights = args
+            for e in range(num):
+                tok, slot = torch.where(index == e)
+                gate, up = torch.nn.functional.linear(hidden[tok], mod.gate_up_proj[e]).chunk(2, dim=-1)
+                out = torch.nn.functional.linear(mod.act_fn(gate) * up, mod.down_proj[e])
+                sums[i][e] += (weights[tok, slot].double() * out.double().norm(dim=-1)).sum()
+                counts[i][e] += len(tok)
+        return run
+
+    handles = [layer.mlp.experts.register_forward_hook(hook(i)) for i, layer in enumerate(model.model.layers)]
+    with torch.no_grad():
+        for batch in ids.split(batch_size):
+            model(batch)
+    for h in handles:
+        h.remove()
+    drop = int(num * ratio)
+    return {str(i): sorted(torch.topk(s / c.clamp(min=1), num - drop).indices.tolist())
+            for i, (s, c) in enumerate(zip(sums, counts, strict=True))}
+
+
 def compare(pare_run: dict, ref_run: dict) -> dict:
     same, diffs = 0, []
     layers = sorted(pare_run["kept"], key=int)
@@ -250,6 +285,11 @@ def main(a: argparse.Namespace) -> None:
     }
     for protocol in a.protocols:
         result[protocol] = protocol_runs(a, model_path, calib, work, protocol)
+        if protocol == "dense" and "errors" not in result[protocol]:
+            direct = direct_reap(model_path, calib, a.ratio, a.batch_size)
+            pare_kept = json.loads((work / "dense-pare-0" / "pare.json").read_text())["scores"]["experts"]
+            result[protocol]["pare_same_as_direct_reap"] = all(
+                r["kept"] == direct[str(r["layer"])] for r in pare_kept)
         print(json.dumps({protocol: result[protocol]}), file=sys.stderr, flush=True)
     if not a.skip_merge:
         merged = run_worker("pare", a, model_path, calib, work / "merge", "sequential", merge=True)
