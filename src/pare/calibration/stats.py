@@ -6,6 +6,7 @@ Hooks are registered inside :func:`record_inputs`, a context manager, and are al
 from __future__ import annotations
 
 import contextlib
+import inspect
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -255,8 +256,6 @@ def _routing_call(experts: nn.Module, args: tuple, kwargs: dict) -> tuple[torch.
     transformers 5 calls every fused experts module as ``experts(hidden, index, weights)`` (the names
     differ: ``top_k_index`` / ``router_indices``), so the arguments are read by position.
     """
-    import inspect
-
     bound = inspect.signature(experts.forward).bind(*args, **kwargs)
     values = list(bound.arguments.values())
     hidden, index, weights = values[0], values[1], values[2]
@@ -287,6 +286,8 @@ class RoutingStats:
         tokens: tokens seen.
         sums: :func:`pare.ops.experts.expert_sums` accumulated (``count``, ``gate``, ``reap``, ``energy``).
         probe_tokens: per batch, how many tokens every expert is also run on for merging (0: none).
+        outputs: compute the routed experts' outputs (their norms feed ``reap`` / ``reconstruction``;
+            ``frequency`` and ``gate`` need only the routing, and their ``reap`` / ``energy`` sums stay 0).
         out_sum: ``[E, H]`` sum of every expert's output on the probe tokens (merge similarity).
         probed: probe tokens seen.
     """
@@ -295,6 +296,7 @@ class RoutingStats:
     tokens: int = 0
     sums: dict[str, torch.Tensor] = field(default_factory=dict)
     probe_tokens: int = 0
+    outputs: bool = True
     out_sum: torch.Tensor | None = None
     probed: int = 0
 
@@ -304,8 +306,11 @@ class RoutingStats:
         token, expert, gate = routed_pairs(index, weights)
         keep = expert < self.num_experts  # some routers mark dropped slots with index E
         token, expert, gate = token[keep], expert[keep], gate[keep]
-        out = expert_outputs(experts, hidden[token], expert)
-        sums = expert_sums(expert, gate, out.float().norm(dim=-1), self.num_experts)
+        if self.outputs:
+            norms = expert_outputs(experts, hidden[token], expert).float().norm(dim=-1)
+        else:
+            norms = torch.zeros_like(gate)
+        sums = expert_sums(expert, gate, norms, self.num_experts)
         self.sums = sums if not self.sums else {k: v.add_(sums[k]) for k, v in self.sums.items()}
         self.tokens += int(hidden.shape[0])
         if self.probe_tokens:

@@ -164,7 +164,9 @@ class ExpertsPruner(Pruner):
         ``keep_outputs`` the layer's (dense) outputs become the next layer's inputs."""
         ex = step.roles.experts
         assert ex is not None
-        st = RoutingStats(num_experts, probe_tokens=self.config.probe_tokens if self.config.merge else 0)
+        cfg = self.config
+        st = RoutingStats(num_experts, probe_tokens=cfg.probe_tokens if cfg.merge else 0,
+                          outputs=cfg.importance in ("reap", "reconstruction"))
         with record_routing(step.layer.get_submodule(ex.path), st, stop=not keep_outputs):
             outputs = step.run(replace_inputs=keep_outputs)
         if keep_outputs:
