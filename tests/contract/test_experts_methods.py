@@ -184,10 +184,12 @@ def test_merge_averages_removed_experts_into_kept_ones():
 
 
 def test_config_refuses_what_cannot_work():
-    with pytest.raises(ConfigError, match="exactly one of num_experts"):
-        ExpertsConfig()
-    with pytest.raises(ConfigError, match="exactly one of num_experts"):
+    assert ExpertsConfig().expert_ratio == 0.25 and ExpertsConfig(num_experts=6).expert_ratio == 0.0
+    assert ExpertsConfig.from_dict(ExpertsConfig(num_experts=6).to_dict()).num_experts == 6
+    with pytest.raises(ConfigError, match="not both"):
         ExpertsConfig(num_experts=2, expert_ratio=0.5)
+    with pytest.raises(ConfigError, match="removes nothing"):
+        ExpertsConfig(expert_ratio=0.0)
     with pytest.raises(ConfigError, match="importance must be one of"):
         ExpertsConfig(num_experts=2, importance="taylor")
     with pytest.raises(ConfigError, match="no routed experts"):

@@ -46,11 +46,12 @@ ALLOCATIONS = ("uniform", "global")
 
 @dataclass(frozen=True)
 class ExpertsConfig(PruneConfig):
-    """Expert pruning options; give exactly one of ``num_experts`` and ``expert_ratio``.
+    """Expert pruning options; give one of ``num_experts`` and ``expert_ratio``.
 
     Attributes:
-        num_experts: routed experts kept per MoE layer (with ``allocation="global"``: on average).
-        expert_ratio: fraction of each layer's routed experts removed, in [0, 1).
+        num_experts: routed experts kept per MoE layer (with ``allocation="global"``: on average); when
+            given, it replaces ``expert_ratio`` (recorded as 0).
+        expert_ratio: fraction of each layer's routed experts removed, in [0, 1) (default 0.25).
         importance: ``reap``, ``frequency``, ``gate`` or ``reconstruction`` (see :mod:`pare.ops.experts`).
         allocation: ``uniform`` (same count per layer; plain ``from_pretrained``) or ``global``.
         merge: fold removed experts into their most similar kept expert instead of dropping them.
@@ -61,8 +62,8 @@ class ExpertsConfig(PruneConfig):
 
     method: ClassVar[str] = "experts"
 
-    num_experts: int = help_field(0, "routed experts kept per MoE layer (0: use --expert-ratio)")
-    expert_ratio: float = help_field(0.0, "fraction of routed experts removed per MoE layer, in [0, 1)")
+    num_experts: int = help_field(0, "routed experts kept per MoE layer (instead of --expert-ratio)")
+    expert_ratio: float = help_field(0.25, "fraction of routed experts removed per MoE layer, in [0, 1)")
     importance: str = help_field("reap", "reap | frequency | gate | reconstruction")
     allocation: str = help_field("uniform", "uniform (same count per layer) | global (counts per layer)")
     merge: bool = help_field(False, "merge each removed expert into its most similar kept one (frequency-weighted)")
@@ -76,10 +77,15 @@ class ExpertsConfig(PruneConfig):
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ConfigError(f"{name} must be a non-negative integer, got {value!r}")
         check_ratio("expert_ratio", self.expert_ratio)
-        if (self.num_experts > 0) == (self.expert_ratio > 0):
-            raise ConfigError("give exactly one of num_experts (experts kept per layer, e.g. --num-experts 6) and "
-                              f"expert_ratio (fraction removed, e.g. --expert-ratio 0.25); got num_experts="
+        default = ExpertsConfig.__dataclass_fields__["expert_ratio"].default
+        if self.num_experts and self.expert_ratio not in (0.0, default):
+            raise ConfigError("give one of num_experts (experts kept per layer, e.g. --num-experts 6) and "
+                              f"expert_ratio (fraction removed, e.g. --expert-ratio 0.25), not both; got num_experts="
                               f"{self.num_experts}, expert_ratio={self.expert_ratio}")
+        if self.num_experts:
+            object.__setattr__(self, "expert_ratio", 0.0)  # the manifest says what was done
+        elif self.expert_ratio == 0:
+            raise ConfigError("expert_ratio=0 removes nothing: give expert_ratio > 0 or num_experts (experts kept)")
         if self.importance not in ops.IMPORTANCES:
             raise ConfigError(f"importance must be one of {list(ops.IMPORTANCES)}, got {self.importance!r}")
         if self.allocation not in ALLOCATIONS:
