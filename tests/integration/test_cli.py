@@ -288,4 +288,5 @@ def test_expert_pruning_from_the_command_line(tmp_path: Path, text_file: Path, c
     assert "layer 0: kept experts [" in text and "structural edits: 3 (uniform)" in text
     model = AutoModelForCausalLM.from_pretrained(out)
     assert model.config.num_experts == 6 and model.model.layers[0].mlp.experts.gate_up_proj.shape[0] == 6
-    assert re.search(r"fewer than the 2 each token selects.*--top-k", _error(capsys, [*argv, "--num-experts", "1"]))
+    assert re.search(r"fewer than the 2 each token selects.*--top-k",
+                     _error(capsys, [*argv, "--num-experts", "1", "--no-save"]))
