@@ -274,3 +274,19 @@ def test_a_tokenizer_of_another_model_is_refused_before_any_work(tmp_path: Path,
                  "--seqlen", "16", "--eval", str(text_file), "--no-progress", "--no-speed", "--no-save"])
     err = capsys.readouterr().err
     assert code != 0 and "tokenizer does not match the model" in err and "Traceback" not in err
+
+
+def test_expert_pruning_from_the_command_line(tmp_path: Path, text_file: Path, capsys) -> None:
+    path = tmp_path / "tiny-moe"
+    tiny_model("qwen3_moe", num_experts=8).save_pretrained(path)
+    tiny_tokenizer().save_pretrained(path)
+    out = tmp_path / "experts"
+    argv = ["prune", "--model", str(path), "--method", "experts", "--calib", str(text_file), "--nsamples", "4",
+            "--seqlen", "32", "--no-progress"]
+    assert main([*argv, "--num-experts", "6", "--importance", "frequency", "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "layer 0: kept experts [" in text and "structural edits: 3 (uniform)" in text
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert model.config.num_experts == 6 and model.model.layers[0].mlp.experts.gate_up_proj.shape[0] == 6
+    assert re.search(r"fewer than the 2 each token selects.*--top-k",
+                     _error(capsys, [*argv, "--num-experts", "1", "--no-save"]))

@@ -369,6 +369,9 @@ def _print_prune_summary(report, args: argparse.Namespace) -> None:
     for key in ("removed_layers", "removed", "reason"):
         if key in report.scores:
             print(f"{key.replace('_', ' ')}: {report.scores[key]}")
+    for row in report.scores.get("experts", []):
+        merged = f", merged {row['merged']}" if row.get("merged") else ""
+        print(f"layer {row['layer']}: kept experts {row['kept']}{merged}")
     if report.edits:
         shape = "uniform" if report.uniform else "non-uniform: reload with pare.load"
         print(f"structural edits: {len(report.edits)} ({shape})")

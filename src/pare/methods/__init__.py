@@ -8,6 +8,7 @@ from __future__ import annotations
 from pare.errors import ConfigError
 from pare.methods.angular import AngularConfig, AngularPruner
 from pare.methods.base import PruneContext, Pruner, SparsityConfig, SparsityPruner
+from pare.methods.experts import ExpertsConfig, ExpertsPruner
 from pare.methods.layers import LayersConfig, LayersPruner
 from pare.methods.magnitude import MagnitudeConfig, MagnitudePruner
 from pare.methods.osscar import OsscarConfig, OsscarPruner
@@ -29,6 +30,7 @@ METHODS: dict[str, type[Pruner]] = {
     "ppl-window": PplWindowPruner,
     "layers": LayersPruner,
     "sublayer": SublayerPruner,
+    "experts": ExpertsPruner,
 }
 
 
@@ -49,6 +51,8 @@ __all__ = [
     "METHODS",
     "AngularConfig",
     "AngularPruner",
+    "ExpertsConfig",
+    "ExpertsPruner",
     "LayersConfig",
     "LayersPruner",
     "MagnitudeConfig",
