@@ -107,7 +107,9 @@ def load(path: str | Path, device: str | torch.device | None = None,
         if isinstance(saved_dtype, str):
             saved_dtype = getattr(torch, saved_dtype)
         model = AutoModelForCausalLM.from_config(config, dtype=dtype or saved_dtype)
-        replay(model, edits)
+        from pare.io.save import manifest_override
+
+        replay(model, edits, manifest_override(manifest))
         state = _state_dict(p)
         missing, unexpected = model.load_state_dict(state, strict=False)
         tied = {k for k in missing if "lm_head" in k and getattr(config, "tie_word_embeddings", False)}

@@ -6,7 +6,7 @@ memory is used), with the recorded structural edits replayed when the shapes are
 have exactly the model's parameter names and shapes. Otherwise ``pare.load`` would fill what the
 manifest leaves out with random weights (``from_pretrained`` only warns), so ``save`` refuses.
 
-Several prunes applied one after the other are saved by passing every report, in order: their
+Several stages applied one after the other are saved by passing every report, in order: their
 edits are concatenated, the edits of earlier prunes re-indexed through the layers later prunes
 removed (``pare.load`` builds the model from the final config, where those layers are gone).
 """
@@ -129,19 +129,38 @@ def manifest_of(reports: Sequence[Report], model: nn.Module | None = None) -> di
     manifest = reports[-1].to_dict()
     manifest["edits"] = chain_edits(reports)
     manifest["uniform"] = all(r.uniform for r in reports) or (model is not None and config_describes(model))
-    manifest["history"] = [r.to_dict() for r in reports]
+    manifest["stages"] = [r.to_dict() for r in reports]
     methods = " -> ".join(r.method for r in reports)
     manifest["notes"] = [*manifest["notes"], (
-        f"chained prunes: {methods}. 'edits' holds the structural edits of all, in replay order and "
-        "re-indexed to the final layers; 'history' holds each prune's own report."
+        f"stages: {methods}. 'edits' holds the structural edits of all, in replay order and "
+        "re-indexed to the final layers; 'stages' holds each stage's own report (its config, scores, "
+        "edits, sparsity, seconds, peak RSS and the figures after it)."
     )]
     return manifest
 
 
+def manifest_stages(manifest: dict[str, Any] | None) -> list[dict[str, Any]]:
+    """Every stage's report dict in a manifest, in order (``history`` in manifests of pare 0.1)."""
+    if not manifest:
+        return []
+    stages = manifest.get("stages") or manifest.get("history")
+    return list(stages) if stages else [manifest]
+
+
+def manifest_override(manifest: dict[str, Any] | None) -> Any:
+    """The ArchOverride a manifest records (None when the architecture was inferred)."""
+    data = (manifest or {}).get("arch_override")
+    if not data:
+        return None
+    from pare.arch import ArchOverride
+
+    return ArchOverride.from_dict(data)
+
+
 # --------------------------------------------------------------------------- does it describe the model?
-def skeleton(model: nn.Module, edits: Sequence[Edit] | None = None) -> nn.Module:
+def skeleton(model: nn.Module, edits: Sequence[Edit] | None = None, override: Any = None) -> nn.Module:
     """The architecture ``pare.load`` would build for ``model``: from a copy of its config, on the
-    ``meta`` device (no memory), with ``edits`` replayed when given."""
+    ``meta`` device (no memory), with ``edits`` replayed when given (described with ``override``)."""
     from transformers import AutoModelForCausalLM
 
     config = copy.deepcopy(model.config)  # type: ignore[union-attr]
@@ -153,7 +172,7 @@ def skeleton(model: nn.Module, edits: Sequence[Edit] | None = None) -> nn.Module
     if edits:
         from pare.arch.surgery import replay
 
-        replay(built, list(edits))
+        replay(built, list(edits), override)
     return built
 
 
@@ -204,7 +223,7 @@ def check_describes(model: nn.Module, reports: Sequence[Report], manifest: dict[
     given = (f"{len(reports)} report(s) ({', '.join(r.method for r in reports)})" if reports else "no report")
     how = "its config alone" if uniform else f"its config and the {len(edits)} edit(s) recorded"
     try:
-        problems = state_differences(model, skeleton(model, edits))
+        problems = state_differences(model, skeleton(model, edits, manifest_override(manifest)))
     except Exception as exc:  # any failure to replay means the edits do not fit the model
         problems = [f"replaying the edits failed ({exc.__class__.__name__}: {exc})"]
     if problems:

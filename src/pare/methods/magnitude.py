@@ -14,7 +14,7 @@ from typing import ClassVar
 
 from pare.arch.targets import Target
 from pare.calibration.stats import InputStats
-from pare.config import help_field
+from pare.config import help_field, register
 from pare.errors import ConfigError
 from pare.methods.base import SparsityConfig, SparsityPruner
 from pare.ops.masks import make_mask, zero_masked_
@@ -38,6 +38,7 @@ class MagnitudeConfig(SparsityConfig):
             raise ConfigError(f"granularity must be 'row' or 'layer', got {self.granularity!r}")
 
 
+@register
 class MagnitudePruner(SparsityPruner):
     """Zero the smallest-magnitude weights of every target matrix."""
 

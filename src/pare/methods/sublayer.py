@@ -26,9 +26,9 @@ from torch import nn
 
 from pare.arch.roles import ModelArch
 from pare.arch.surgery.depth import remove_sublayer, set_submodule, sublayer_parameters
-from pare.config import PruneConfig, help_field
+from pare.config import PruneConfig, help_field, register
 from pare.errors import ConfigError
-from pare.methods.base import PruneContext, Pruner
+from pare.methods.base import PruneContext, StructuralPruner
 from pare.methods.layers import holdout_windows, parse_layer_spec
 from pare.methods.ppl_window import PrefixCache
 from pare.ops.similarity import normalized_relative_impact, perplexity_of
@@ -125,7 +125,8 @@ def _count(config: SublayerConfig, nri: list[float], params: list[int], total: i
     return k
 
 
-class SublayerPruner(Pruner):
+@register
+class SublayerPruner(StructuralPruner):
     """NRI ranking of attention/MLP blocks, then replacement by the residual identity."""
 
     config_class = SublayerConfig

@@ -16,6 +16,7 @@ import torch
 
 from pare.arch.targets import Target
 from pare.calibration.stats import STAT_NORMS, InputStats
+from pare.config import register
 from pare.errors import PareError
 from pare.methods.base import SparsityConfig, SparsityPruner
 from pare.ops.masks import make_mask
@@ -31,6 +32,7 @@ class WandaConfig(SparsityConfig):
     method: ClassVar[str] = "wanda"
 
 
+@register
 class WandaPruner(SparsityPruner):
     """Zero the lowest ``|W| * ||X||`` scores of every row (or of every group of M inputs)."""
 

@@ -26,7 +26,6 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from pare.arch import describe
 from pare.arch.roles import LayerRoles, MLPRoles, ModelArch, Proj, get_weight
 from pare.arch.surgery.width import (
     ATTN_WIDTH_IS_HIDDEN,
@@ -39,10 +38,11 @@ from pare.arch.surgery.width import (
     sync_config,
 )
 from pare.arch.targets import layer_targets
+from pare.calibration.runner import on_device
 from pare.calibration.stats import InputStats, record_inputs
-from pare.config import PruneConfig, check_ratio, help_field, usable_device
+from pare.config import PruneConfig, check_ratio, help_field, register
 from pare.errors import ConfigError
-from pare.methods.base import PruneContext, Pruner
+from pare.methods.base import Needs, PruneContext, StructuralPruner
 from pare.methods.osscar import HEAD_MODES, check_savable_heads, resolve_heads
 from pare.ops import importance as imp
 
@@ -134,28 +134,26 @@ def taylor_tables(model: nn.Module, ids: torch.Tensor, batch_size: int, device: 
     ``batch_size`` (memory: one gradient per parameter, as in one full backward)."""
     params = {n: p for n, p in model.named_parameters()}
     flags = {n: p.requires_grad for n, p in params.items()}
-    home = next(model.parameters()).device
     acc: dict[str, list[torch.Tensor]] = {}
-    model.to(device)
     try:
-        for p in params.values():
-            p.requires_grad_(True)
-            p.grad = None
-        # a caller's inference_mode or no_grad would leave nothing to differentiate
-        with torch.inference_mode(False), torch.enable_grad():
-            for batch in ids.split(batch_size):
-                b = batch.to(device).clone()  # an ordinary tensor even if made under inference_mode
-                loss = model(input_ids=b, labels=b, use_cache=False).loss
-                (loss * (b.shape[0] / ids.shape[0])).backward()
-        for n, p in params.items():
-            if p.grad is not None:
-                acc[n] = _row_col_sums(imp.taylor(p.data, p.grad))
-                p.grad = None  # freed as soon as it is reduced
+        with on_device(model, device):
+            for p in params.values():
+                p.requires_grad_(True)
+                p.grad = None
+            # a caller's inference_mode or no_grad would leave nothing to differentiate
+            with torch.inference_mode(False), torch.enable_grad():
+                for batch in ids.split(batch_size):
+                    b = batch.to(device).clone()  # an ordinary tensor even if made under inference_mode
+                    loss = model(input_ids=b, labels=b, use_cache=False).loss
+                    (loss * (b.shape[0] / ids.shape[0])).backward()
+            for n, p in params.items():
+                if p.grad is not None:
+                    acc[n] = _row_col_sums(imp.taylor(p.data, p.grad))
+                    p.grad = None  # freed as soon as it is reduced
     finally:
         for n, p in params.items():
             p.requires_grad_(flags[n])
             p.grad = None
-        model.to(home)
     return acc
 
 
@@ -467,7 +465,8 @@ def apply(ctx: PruneContext, p: Plan, scorer: Scorer, cfg: WidthConfig) -> None:
 
 
 # ---------------------------------------------------------------------------- the pruner
-class WidthPruner(Pruner):
+@register
+class WidthPruner(StructuralPruner):
     """Score every width channel, choose what to keep, then cut heads, MLP channels and hidden."""
 
     config_class = WidthConfig
@@ -476,6 +475,9 @@ class WidthPruner(Pruner):
 
     def uses_calibration(self) -> bool:
         return self.config.importance != "magnitude"
+
+    def needs(self) -> Needs:
+        return "gradients" if self.config.importance == "taylor" else super().needs()
 
     def check(self, model: nn.Module, arch: ModelArch) -> None:
         cfg = self.config
@@ -499,11 +501,11 @@ class WidthPruner(Pruner):
             scorer.stats = self._collect_stats(ctx, ids)
         elif cfg.importance == "taylor":
             assert ids is not None
-            scorer.taylor = taylor_tables(ctx.model, ids, ctx.batch_size, usable_device(ctx.runtime.device))
+            scorer.taylor = taylor_tables(ctx.model, ids, ctx.batch_size, ctx.device)
         p = plan(ctx.model, ctx.arch, scorer, cfg)
         pin_derived_widths(ctx.model, ctx.arch)
         apply(ctx, p, scorer, cfg)
-        ctx.report.uniform = sync_config(ctx.model, describe(ctx.model))
+        ctx.report.uniform = sync_config(ctx.model, ctx.describe())
         ctx.report.scores["widths"] = p.summary()
 
     def _collect_stats(self, ctx: PruneContext, ids: torch.Tensor) -> dict[str, MomentStats]:

@@ -23,7 +23,7 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -36,6 +36,9 @@ Edit = dict[str, Any]
 ATTN_WIDTH_IS_HIDDEN = frozenset({"gpt2", "opt", "gpt_neox"})
 """Families whose attention reads ``head_dim = hidden_size // num_heads`` from the config, so a
 head cut is only expressible in the config when ``heads * head_dim == hidden_size``."""
+
+if TYPE_CHECKING:
+    from pare.arch.overrides import ArchOverride
 
 
 def attention_follows_hidden(model: nn.Module, arch: ModelArch) -> bool:
@@ -543,10 +546,10 @@ def _check_fits(what: str, wanted: int, built: int) -> None:
                         "keeps: the config and the edits do not describe the pruned model")
 
 
-def _replay_mlp(model: nn.Module, edit: Edit) -> None:
+def _replay_mlp(model: nn.Module, edit: Edit, override: ArchOverride | None = None) -> None:
     from pare.arch import describe
 
-    arch = describe(model)
+    arch = describe(model, override)
     i = int(edit["layer"])
     roles = arch.layers[i]
     layer: Any = arch.layer_modules(model)[i]
@@ -561,10 +564,10 @@ def _replay_mlp(model: nn.Module, edit: Edit) -> None:
     prune_mlp_channels(model, arch, i, keep, None if shared is None else torch.arange(int(shared)))
 
 
-def _replay_heads(model: nn.Module, edit: Edit) -> None:
+def _replay_heads(model: nn.Module, edit: Edit, override: ArchOverride | None = None) -> None:
     from pare.arch import describe
 
-    arch = describe(model)
+    arch = describe(model, override)
     i = int(edit["layer"])
     att = arch.layers[i].attention
     assert att is not None
@@ -579,10 +582,10 @@ def _replay_heads(model: nn.Module, edit: Edit) -> None:
     prune_heads(model, arch, i, keep_query_heads=keep)
 
 
-def _replay_hidden(model: nn.Module, edit: Edit) -> None:
+def _replay_hidden(model: nn.Module, edit: Edit, override: ArchOverride | None = None) -> None:
     from pare.arch import describe
 
-    arch = describe(model)
+    arch = describe(model, override)
     width = int(edit["width"])
     embed: Any = model.get_submodule(arch.embed_path)
     _check_fits("the hidden size", width, int(embed.weight.shape[1]))
@@ -590,7 +593,7 @@ def _replay_hidden(model: nn.Module, edit: Edit) -> None:
         prune_hidden(model, arch, torch.arange(width), rms_scale=1.0)
 
 
-REPLAY: dict[str, Callable[[nn.Module, dict[str, Any]], None]] = {
+REPLAY: dict[str, Callable[[nn.Module, dict[str, Any], ArchOverride | None], None]] = {
     "mlp_channels": _replay_mlp,
     "heads": _replay_heads,
     "hidden": _replay_hidden,
