@@ -58,59 +58,16 @@ def params_by_part(model: nn.Module, arch) -> dict[str, int]:
         if id(p) in seen:
             continue
         seen.add(id(p))
-        parts[_part_of(name, arch)] += p.numel()
+        parts[arch.part_of(name)] += p.numel()
     parts["total"] = sum(parts.values())
     return parts
 
 
-def _part_of(name: str, arch) -> str:
-    if name.startswith(arch.embed_path + ".") or any(name.startswith(e + ".") for e in arch.extra_embeddings):
-        return "embeddings"
-    if arch.lm_head_path and name.startswith(arch.lm_head_path + "."):
-        return "lm_head"
-    prefix = arch.layers_path + "."
-    if not name.startswith(prefix):
-        return "norms" if arch.final_norm_path and name.startswith(arch.final_norm_path + ".") else "other"
-    idx_str, _, rel = name[len(prefix):].partition(".")
-    roles = arch.layers[int(idx_str)]
-    if roles.experts is not None and rel.startswith(roles.experts.path.rsplit(".", 1)[0] + "."):
-        return "experts"
-    if roles.attention is not None and rel.startswith(roles.attention.path + "."):
-        return "attention"
-    if any(rel.startswith(n + ".") for n in roles.norms):
-        return "norms"
-    if roles.mlp is not None:
-        mlp_paths = [p.path for p in (*roles.mlp.inputs, roles.mlp.down)]
-        if any(rel.startswith(p + ".") for p in mlp_paths) or (roles.mlp.path and rel.startswith(roles.mlp.path + ".")):
-            return "mlp"
-    return "other"
-
-
-def _meta_model(name_or_path: str):
-    """Build the model on the meta device from its config (no weights read), replaying pare edits."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    from pare.errors import ModelNotFoundError
-    from pare.io import read_manifest
-
-    try:
-        config = AutoConfig.from_pretrained(name_or_path)
-    except (OSError, ValueError) as exc:
-        raise ModelNotFoundError(f"cannot read a model config from {name_or_path!r}: {exc}") from exc
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
-    manifest = read_manifest(name_or_path) if Path(name_or_path).is_dir() else None
-    if manifest and not manifest.get("uniform", True):
-        from pare.arch.surgery import replay
-
-        replay(model, manifest.get("edits") or [])
-    return model
-
-
 def inspect_cmd(args: argparse.Namespace) -> int:
     from pare.arch import describe
+    from pare.io.load import meta_model
 
-    model = _meta_model(args.model)
+    model = meta_model(args.model)
     arch = describe(model)
     parts = params_by_part(model, arch)
     layers = []
@@ -121,7 +78,7 @@ def inspect_cmd(args: argparse.Namespace) -> int:
             "heads": a.num_heads if a else None,
             "kv_heads": a.num_kv_heads if a else None,
             "head_dim": a.head_dim if a else None,
-            "mlp": _mlp_width(model, arch, r.index) if m else None,
+            "mlp": arch.mlp_width(model, r.index) if m else None,
             "experts": f"{e.num_experts}x{e.intermediate} top{e.top_k}" if e else None,
             "parallel": r.parallel_residual,
         })
@@ -152,14 +109,6 @@ def inspect_cmd(args: argparse.Namespace) -> int:
     print()
     print_table([(k, _fmt(v)) for k, v in parts.items()], ("part", "params"))
     return 0
-
-
-def _mlp_width(model: nn.Module, arch, index: int) -> int:
-    from pare.arch.roles import get_weight
-
-    layer = arch.layer_modules(model)[index]
-    down = arch.layers[index].mlp.down
-    return int(get_weight(layer.get_submodule(down.path), down).shape[1])
 
 
 def model_dir_bytes(path: str | Path) -> int | None:

@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from pare.arch.surgery.reindex import chain_edits
 from pare.errors import ConfigError, OutputExistsError
 from pare.report import Report
 
@@ -66,55 +67,6 @@ def as_reports(report: Report | Sequence[Report] | None) -> list[Report]:
     return reports
 
 
-def _compose_cuts(earlier: Edit, later: Edit) -> Edit:
-    """One ``remove_layers`` edit equal to ``earlier`` followed by ``later``, in the original indices."""
-    kept = [earlier["kept"][j] for j in later["kept"]]
-    merged = {**later, "kept": kept, "num_layers_before": earlier["num_layers_before"],
-              "removed": [i for i in range(earlier["num_layers_before"]) if i not in set(kept)]}
-    if not earlier.get("uniform", True):
-        merged["uniform"] = False
-    return merged
-
-
-def _through_cut(edits: list[Edit], cut: Edit) -> tuple[list[Edit], Edit]:
-    """Re-index ``edits`` (made before layer removal ``cut``) for the layers that remain.
-
-    Edits of a removed layer are dropped (the layer is gone); an earlier ``remove_layers`` edit is
-    merged into ``cut`` so that replay sees one removal from the original layer indices.
-
-    Returns:
-        The re-indexed edits, and ``cut`` (merged with an earlier removal, if any).
-    """
-    kept = list(cut["kept"])
-    out: list[Edit] = []
-    for edit in edits:
-        if edit.get("op") == "remove_layers":
-            cut = _compose_cuts(edit, cut)
-        elif isinstance(edit.get("layer"), int):
-            if edit["layer"] in kept:
-                out.append({**edit, "layer": kept.index(edit["layer"])})
-        else:
-            out.append(edit)
-    return out, cut
-
-
-def chain_edits(reports: Sequence[Report]) -> list[Edit]:
-    """Every structural edit of ``reports`` (prunes in the order applied), in replay order.
-
-    A single report's edits are returned unchanged. The edits of an earlier report are re-indexed
-    through each layer removal of the later ones, because ``pare.load`` replays them on a model
-    built from the final config, whose layers are already renumbered.
-    """
-    out: list[Edit] = []
-    for report in reports:
-        new = [dict(e) for e in report.edits]
-        for i, edit in enumerate(new):
-            if edit.get("op") == "remove_layers" and out:
-                out, new[i] = _through_cut(out, edit)
-        out.extend(new)
-    return out
-
-
 def manifest_of(reports: Sequence[Report], model: nn.Module | None = None) -> dict[str, Any] | None:
     """The ``pare.json`` content: one report's dict, or for chained prunes the last report's with
     the edits of all (``chain_edits``), ``uniform`` only when all are, and ``history`` (each dict).
@@ -127,7 +79,7 @@ def manifest_of(reports: Sequence[Report], model: nn.Module | None = None) -> di
     if len(reports) == 1:
         return reports[0].to_dict()
     manifest = reports[-1].to_dict()
-    manifest["edits"] = chain_edits(reports)
+    manifest["edits"] = chain_edits([r.edits for r in reports])
     manifest["uniform"] = all(r.uniform for r in reports) or (model is not None and config_describes(model))
     manifest["stages"] = [r.to_dict() for r in reports]
     methods = " -> ".join(r.method for r in reports)

@@ -2,8 +2,7 @@
 
 For every window ``[s, s+n)`` of ``n`` consecutive decoder layers, the perplexity of the model
 without that window is measured on a held-out part of the calibration windows; the window whose
-removal leaves the lowest perplexity is deleted (Quark ``LayerImportancePruneConfig``; e.g.
-Llama-2-70B: layers 27-35 of 80, WikiText-2 PPL 4.65 -> 5.53).
+removal leaves the lowest perplexity is deleted (Quark ``LayerImportancePruneConfig``).
 
 ``search="exact"`` re-runs the whole model without each window (``L - n + 1`` full forwards).
 ``search="proxy"`` shares the prefix: the layers run once and the hidden state entering every layer

@@ -29,7 +29,9 @@ from torch import nn
 from pare.arch.roles import LayerRoles, MLPRoles, ModelArch, Proj, get_weight
 from pare.arch.surgery.width import (
     ATTN_WIDTH_IS_HIDDEN,
+    BIAS_FLAGS,
     attention_follows_hidden,
+    enable_bias,
     expert_alignment,
     pin_derived_widths,
     prune_heads,
@@ -388,31 +390,6 @@ def kept_hidden(model: nn.Module, arch: ModelArch, cfg: WidthConfig) -> int:
 
 
 # ---------------------------------------------------------------------------- applying
-BIAS_FLAGS = {"mlp": "mlp_bias", "attention": "attention_bias"}
-
-
-def _enable_bias(model: nn.Module, arch: ModelArch, kind: str) -> bool:
-    """Make every projection governed by ``mlp_bias``/``attention_bias`` carry a (zero) bias and set
-    the flag, so transformers rebuilds the biases on reload. False when the family has no flag."""
-    flag = BIAS_FLAGS[kind]
-    cfg: Any = model.config
-    if not hasattr(cfg, flag):
-        return False
-    layers = arch.layer_modules(model)
-    for i, roles in enumerate(arch.layers):
-        block = roles.mlp if kind == "mlp" else roles.attention
-        if block is None:
-            continue
-        out = block.down if isinstance(block, MLPRoles) else block.o
-        for p in (*block.inputs, out):
-            m: Any = layers[i].get_submodule(p.path)
-            if getattr(m, "bias", None) is None:
-                w = get_weight(m, p)
-                m.bias = nn.Parameter(torch.zeros(w.shape[0], dtype=w.dtype, device=w.device))
-    setattr(cfg, flag, True)
-    return True
-
-
 def _compensate(ctx: PruneContext, scorer: Scorer, i: int, proj: Proj, keep: torch.Tensor, group: int,
                 kind: str, can: dict[str, bool]) -> None:
     """FLAP: add ``W[:, pruned] @ mean(X_pruned)`` to the output bias of ``proj``."""
@@ -421,7 +398,7 @@ def _compensate(ctx: PruneContext, scorer: Scorer, i: int, proj: Proj, keep: tor
     st = scorer.stats.get(f"{ctx.arch.layer_prefix(i)}.{proj.path}")
     if st is None or st.tokens == 0:
         return
-    if getattr(m, "bias", None) is None and not can.setdefault(kind, _enable_bias(ctx.model, ctx.arch, kind)):
+    if getattr(m, "bias", None) is None and not can.setdefault(kind, enable_bias(ctx.model, ctx.arch, kind)):
         note = f"FLAP bias compensation skipped for {kind}: {ctx.arch.model_type} has no {BIAS_FLAGS[kind]} config flag"
         if note not in ctx.report.notes:
             ctx.report.notes.append(note)
@@ -459,8 +436,8 @@ def apply(ctx: PruneContext, p: Plan, scorer: Scorer, cfg: WidthConfig) -> None:
     if p.hidden is not None:
         ctx.report.edits.append(prune_hidden(ctx.model, arch, p.hidden))
         ctx.report.notes.append(
-            "hidden-size pruning: norm weights are kept as they are; RMSNorm's mean of squares now runs "
-            "over the kept channels only (rescaling by sqrt(H/H') was worse on stories260K)"
+            "hidden-size pruning: norm weights are kept as they are; RMSNorm's mean of squares now runs over "
+            "the kept channels only (rescaling by sqrt(H/H') over-amplifies when removed channels carry energy)"
         )
 
 

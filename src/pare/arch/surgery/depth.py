@@ -257,6 +257,34 @@ def sublayer_parameters(arch: ModelArch, model: nn.Module, layer_idx: int, part:
     return sum(p.numel() for p in layer.get_submodule(block).parameters())
 
 
+def block_paths(arch: ModelArch, layer_idx: int, part: str) -> list[str]:
+    """The module paths (inside the layer) that :func:`remove_sublayer` replaces."""
+    roles = arch.layers[layer_idx]
+    if part == "attention":
+        return [roles.attention.path] if roles.attention is not None else []
+    if roles.experts is not None:
+        return [roles.experts.path.rpartition(".")[0]]
+    if roles.mlp is None:
+        return []
+    if roles.mlp.path:
+        return [roles.mlp.path]
+    return [p.path for p in (*roles.mlp.inputs, roles.mlp.down)]
+
+
+@contextlib.contextmanager
+def sublayer_removed(model: nn.Module, arch: ModelArch, layer_idx: int, part: str) -> Iterator[None]:
+    """Layer ``layer_idx``'s ``part`` block stands in for the identity while the body runs, then the
+    original modules are put back (for scoring a removal without making it)."""
+    layer = arch.layer_modules(model)[layer_idx]
+    originals = {p: layer.get_submodule(p) for p in block_paths(arch, layer_idx, part)}
+    remove_sublayer(model, arch, layer_idx, part)
+    try:
+        yield
+    finally:
+        for path, module in originals.items():
+            set_submodule(layer, path, module)
+
+
 def remove_sublayer(model: nn.Module, arch: ModelArch, layer_idx: int, part: str = "attention") -> dict[str, Any]:
     """Replace the attention or MLP block of one layer by its residual identity (a zero output).
 
