@@ -26,8 +26,8 @@ import yaml
 from pare.config import STAGES, CalibrationConfig, PruneConfig, RuntimeConfig, checked_value, stage_class
 from pare.errors import ConfigError
 
-TOP_KEYS: dict[str, type] = {"model": str, "out": str, "overwrite": bool, "dtype": str, "arch_override": str,
-                             "json": bool, "verbose": bool}
+TOP_KEYS: dict[str, type] = {"model": str, "out": str, "overwrite": bool, "no_save": bool, "dtype": str,
+                             "arch_override": str, "json": bool, "verbose": bool}
 """Top-level recipe keys besides ``calibration``, ``runtime``, ``stages`` and ``eval``, with their types."""
 
 EVAL_KEYS: dict[str, type] = {"seqlen": int, "max_windows": int, "batch_size": int, "speed": bool}

@@ -81,7 +81,7 @@ def test_a_cli_prune_builds_the_stage_once_and_describes_the_model_once(
     path = tmp_path / "m"
     tiny_model("llama").save_pretrained(path)
     tiny_tokenizer().save_pretrained(path)
-    assert main(["prune", "--model", str(path), "--method", "magnitude", "--no-progress", "--json"]) == 0
+    assert main(["prune", "--model", str(path), "--method", "magnitude", "--no-progress", "--no-save", "--json"]) == 0
     assert len(built) == 1 and len(describe_calls) == 1
 
 

@@ -13,11 +13,12 @@ from typing import Any
 
 from pare.cli.options import add_config_options, build_config, given_dests, option_label
 from pare.config import CalibrationConfig, RuntimeConfig, checked_value, read_config_file
-from pare.errors import ConfigError, PareError
+from pare.errors import ConfigError, PareError, SaveInterrupted
 
 log = logging.getLogger("pare")
 
-TOP_KINDS: dict[str, type] = {"model": str, "method": str, "out": str, "overwrite": bool, "eval": str, "speed": bool,
+TOP_KINDS: dict[str, type] = {"model": str, "method": str, "out": str, "overwrite": bool, "no_save": bool,
+                              "eval": str, "speed": bool,
                               "eval_seqlen": int, "eval_batch_size": int, "eval_max_windows": int,
                               "arch_override": str, "dtype": str, "verbose": bool, "json": bool}
 """The options that are not config fields, with their types when they come from a config file."""
@@ -32,7 +33,10 @@ def _prune_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--model", help="hub id or local directory")
     p.add_argument("--method", help=f"one of {', '.join(sorted(METHODS))}")
     p.add_argument("--out", "--save_model", dest="out", help="output directory (written atomically)")
-    p.add_argument("--overwrite", action="store_true", default=None, help="replace an existing --out")
+    p.add_argument("--overwrite", action="store_true", default=None,
+                   help="replace an existing --out (only a directory that holds a saved model)")
+    p.add_argument("--no-save", action="store_true", default=None,
+                   help="prune (and evaluate) without saving; needed when no --out is given")
     p.add_argument("--config", help="YAML or JSON file with any of these options")
     p.add_argument("--eval", default=None, help="evaluate perplexity before and after on this set (e.g. wikitext2)")
     p.add_argument("--eval-seqlen", type=int, default=None, help="evaluation window (default: --seqlen)")
@@ -82,7 +86,10 @@ def _run_parser(sub: argparse._SubParsersAction) -> None:
                    help="override a recipe key, e.g. --set stages.1.num_layers=6 (repeatable; value read as YAML)")
     p.add_argument("--model", default=None, help="hub id or local directory (overrides the recipe's)")
     p.add_argument("--out", default=None, help="output directory (overrides the recipe's)")
-    p.add_argument("--overwrite", action="store_true", default=None, help="replace an existing --out")
+    p.add_argument("--overwrite", action="store_true", default=None,
+                   help="replace an existing --out (only a directory that holds a saved model)")
+    p.add_argument("--no-save", action="store_true", default=None,
+                   help="run (and evaluate) without saving; needed when the recipe has no out")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None, help="show progress bars")
     p.add_argument("--json", action="store_true", default=None, help="print the stage reports as JSON")
     p.add_argument("-v", "--verbose", action="store_true", default=None)
@@ -157,8 +164,11 @@ def main(argv: list[str] | None = None) -> int:
     except PareError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except SaveInterrupted as exc:  # what is on disk depends on how far the save got
+        print(f"interrupted: {exc}", file=sys.stderr)
+        return 130
     except KeyboardInterrupt:
-        print("interrupted: nothing was written", file=sys.stderr)
+        print("interrupted before anything was saved: nothing was written", file=sys.stderr)
         return 130
 
 
@@ -238,6 +248,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     top = recipe.top
     ns = argparse.Namespace(
         model=model, out=args.out or top.get("out"), overwrite=args.overwrite or top.get("overwrite", False),
+        no_save=args.no_save or top.get("no_save", False),
         dtype=top.get("dtype"), arch_override=top.get("arch_override"), json=args.json or top.get("json", False),
         eval=recipe.ppl or None, eval_seqlen=recipe.eval.get("seqlen"), eval_batch_size=recipe.eval.get("batch_size"),
         eval_max_windows=recipe.eval.get("max_windows"), speed=recipe.eval.get("speed", True),

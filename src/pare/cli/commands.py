@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -14,7 +13,7 @@ import torch
 from torch import nn
 
 from pare.config import CalibrationConfig, PruneConfig, RuntimeConfig, parse_dtype, usable_device
-from pare.errors import ConfigError
+from pare.errors import ConfigError, SaveInterrupted
 from pare.eval.perplexity import model_context_length
 from pare.report import Report
 
@@ -204,12 +203,12 @@ def run_cmd(args: argparse.Namespace, stages: Sequence[PruneConfig], calib: Cali
 def _run_cmd(args: argparse.Namespace, stages: Sequence[PruneConfig], calib: CalibrationConfig,
              runtime: RuntimeConfig) -> int:
     from pare.api import calibration_ids, check_token_ids
-    from pare.io.save import check_output
+    from pare.io.outdir import check_output
     from pare.pipeline import Pipeline
 
-    if args.out:  # fail before any long work
-        check_out(args.out, args.model, bool(args.overwrite))
-        check_output(args.out, bool(args.overwrite))
+    _check_save_wanted(args)
+    if args.out:  # fail before any long work (pare.save checks again)
+        check_output(args.out, bool(args.overwrite), args.model)
     usable_device(runtime.device)
     parse_dtype(args.dtype)
     model, tok = _load_any(args.model, args.dtype)
@@ -235,79 +234,42 @@ def _run_cmd(args: argparse.Namespace, stages: Sequence[PruneConfig], calib: Cal
     for key, value in before.items():
         reports[0].figures[f"{key}_before"] = value
     reports[0].figures["size_on_disk_bytes_before"] = model_dir_bytes(args.model)
-    if args.out:
-        _save_run(args, model, tok, reports)
-    if args.json:
-        shown = reports[0].to_dict() if len(reports) == 1 else {"stages": [r.to_dict() for r in reports]}
-        print(json.dumps(shown, indent=2, default=str))
-        return 0
-    _print_run_summary(reports, args)
+    out = _save_run(args, model, tok, reports) if args.out else None
+    try:
+        if args.json:
+            shown = reports[0].to_dict() if len(reports) == 1 else {"stages": [r.to_dict() for r in reports]}
+            print(json.dumps(shown, indent=2, default=str))
+        else:
+            _print_run_summary(reports, args)
+    except KeyboardInterrupt:
+        if out is not None:
+            raise SaveInterrupted(out, saved=True) from None
+        raise
     return 0
 
 
-def _save_run(args: argparse.Namespace, model: nn.Module, tok: Any, reports: list[Report]) -> None:
+def _save_run(args: argparse.Namespace, model: nn.Module, tok: Any, reports: list[Report]) -> Path:
     """Save with every report (a pare output run again keeps its earlier stages: pare.load replays all)."""
     from pare.io import read_manifest, save
-    from pare.io.save import MANIFEST, manifest_stages
+    from pare.io.save import manifest_stages
 
-    earlier = manifest_stages(read_manifest(args.model) if Path(args.model).is_dir() else None)
-    out = save(model, tok, args.out, [Report.from_dict(r) for r in earlier] + reports,
-               overwrite=bool(args.overwrite))
-    last = reports[-1]
-    last.figures["size_on_disk_bytes_after"] = model_dir_bytes(out)
-    note = _dtype_size_note(args.model, out)
+    note = _dtype_size_note(args.model, model)
     if note:
-        last.notes.append(note)
-    # the figures known only once saved go into the written manifest (and this run's last stage entry)
-    manifest = read_manifest(out) or {}
-    for entry in [manifest, *manifest.get("stages", [])[-1:]]:
-        entry["figures"]["size_on_disk_bytes_after"] = last.figures["size_on_disk_bytes_after"]
-        entry["notes"] += [note] if note else []
-    (out / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str), encoding="utf-8")
+        reports[-1].notes.append(note)
+    earlier = manifest_stages(read_manifest(args.model) if Path(args.model).is_dir() else None)
+    # save fills figures.size_on_disk_bytes_after (in the manifest and in the last report) before its rename
+    return save(model, tok, args.out, [Report.from_dict(r) for r in earlier] + reports,
+                overwrite=bool(args.overwrite), source=args.model)
 
 
-def check_out(out: str, model: str, overwrite: bool) -> None:
-    """Refuse an ``--out`` that saving would fail on, or that ``--overwrite`` would destroy: the input model
-    or a folder holding it, the current directory or one holding it, a file, or a folder that is not a
-    saved model. Run before anything is loaded."""
-    path = Path(out).resolve()
-    if Path(model).exists():
-        source = Path(model).resolve()
-        if path == source:
-            raise ConfigError(f"--out {out!r} is the input model's directory: --overwrite would replace the "
-                              "dense model with the pruned one; choose another --out")
-        if path in source.parents:
-            raise ConfigError(f"--out {out!r} contains the input model {model!r}: replacing it would delete the "
-                              "model; choose another --out")
-    cwd = Path.cwd().resolve()
-    if path == cwd or path in cwd.parents:
-        where = "is" if path == cwd else "contains"
-        raise ConfigError(f"--out {out!r} {where} the current directory: replacing it would delete what is in it; "
-                          "choose another --out (a new directory)")
-    if path.exists() and not path.is_dir():
-        raise ConfigError(f"--out {out!r} is a file, not a directory: choose another --out (a new directory), "
-                          "or remove the file yourself")
-    if path.is_dir() and any(path.iterdir()) and not any((path / n).exists() for n in ("config.json", "pare.json")):
-        raise ConfigError(f"--out {out!r} already exists and does not look like a saved model (no config.json or "
-                          "pare.json in it): pare will not replace it, even with --overwrite; choose another "
-                          "--out, or remove it yourself")
-    _check_writable(out, path)
-
-
-def _check_writable(out: str, path: Path) -> None:
-    """Saving creates a temporary directory beside ``path`` (making missing parents first): try that in the
-    nearest existing ancestor."""
-    parent = path.parent
-    while not parent.exists():
-        parent = parent.parent
-    if not parent.is_dir():
-        raise ConfigError(f"cannot write --out {out!r}: {str(parent)!r} is a file, not a directory; choose "
-                          "another --out")
-    try:
-        Path(tempfile.mkdtemp(prefix=".pare-check-", dir=parent)).rmdir()
-    except OSError as exc:
-        raise ConfigError(f"cannot write --out {out!r}: cannot create a directory in {str(parent)!r} "
-                          f"({exc.strerror or exc}); choose another --out") from None
+def _check_save_wanted(args: argparse.Namespace) -> None:
+    """A prune can run for hours: without ``--out`` its result would be lost, so ask for ``--no-save``."""
+    if args.no_save and args.out:
+        raise ConfigError(f"--no-save and --out {args.out!r} contradict each other; pass one of them")
+    if not args.out and not args.no_save:
+        given = " (an empty path)" if args.out is not None else ""
+        raise ConfigError(f"no --out{given}: pass --out DIR to save the pruned model, or --no-save to prune "
+                          "(and evaluate) without saving the result")
 
 
 def _check_eval_seqlen(model: nn.Module, args: argparse.Namespace) -> None:
@@ -335,9 +297,15 @@ def _checkpoint_dtype(path: str | Path) -> str | None:
     return torch_names.get(floats.pop()) if len(floats) == 1 else None
 
 
-def _dtype_size_note(source: str, out: Path) -> str | None:
+def _model_dtype(model: nn.Module) -> str | None:
+    """The one floating dtype of ``model``'s parameters (what its checkpoint is saved in), else None."""
+    found = {p.dtype for p in model.parameters() if p.dtype.is_floating_point}
+    return str(found.pop()).removeprefix("torch.") if len(found) == 1 else None
+
+
+def _dtype_size_note(source: str, model: nn.Module) -> str | None:
     """A note when the output's dtype differs from the input checkpoint's: the size change is not the pruning."""
-    before, after = _checkpoint_dtype(source), _checkpoint_dtype(out)
+    before, after = _checkpoint_dtype(source), _model_dtype(model)
     if before is None or after is None or before == after:
         return None
     ratio = getattr(torch, after).itemsize / getattr(torch, before).itemsize
