@@ -36,9 +36,20 @@ TINY_SPECS: dict[str, dict] = {
 }
 TINY_ARCHS = tuple(TINY_SPECS)
 
+EXTRA_SPECS: dict[str, dict] = {
+    # families outside the foundation table whose decoder layers still return tuples
+    "gptj": dict(n_embd=64, n_layer=3, n_head=4, rotary_dim=8, n_positions=256, vocab_size=VOCAB),
+    "bloom": dict(hidden_size=64, n_layer=3, n_head=4, vocab_size=VOCAB),
+    "falcon": dict(hidden_size=64, num_hidden_layers=3, num_attention_heads=4, vocab_size=VOCAB,
+                   new_decoder_architecture=False, multi_query=True),
+}
+ALL_TINY_ARCHS = TINY_ARCHS + tuple(EXTRA_SPECS)
+"""The 13 table families plus GPT-J, Bloom and Falcon: the contract matrix's architectures."""
+
 
 def tiny_config(model_type: str, **overrides):
-    return AutoConfig.for_model(model_type, **{**TINY_SPECS[model_type], **overrides})
+    spec = TINY_SPECS.get(model_type) or EXTRA_SPECS[model_type]
+    return AutoConfig.for_model(model_type, **{**spec, **overrides})
 
 
 def tiny_model(model_type: str, seed: int = 0, **overrides) -> PreTrainedModel:

@@ -2,9 +2,9 @@
 
 __version__ = "0.1.0"
 
-from pare.api import evaluate, load, load_model, prune, save
+from pare.api import evaluate, load, load_model, prune, run, save
 from pare.arch import ArchOverride, describe
-from pare.config import CalibrationConfig, RuntimeConfig
+from pare.config import CalibrationConfig, PruneConfig, RuntimeConfig, config_from_dict, register
 from pare.methods import (
     METHODS,
     AngularConfig,
@@ -31,6 +31,7 @@ __all__ = [
     "MagnitudeConfig",
     "OsscarConfig",
     "PplWindowConfig",
+    "PruneConfig",
     "Report",
     "RuntimeConfig",
     "ShortGPTConfig",
@@ -39,10 +40,13 @@ __all__ = [
     "WandaConfig",
     "WidthConfig",
     "__version__",
+    "config_from_dict",
     "describe",
     "evaluate",
     "load",
     "load_model",
     "prune",
+    "register",
+    "run",
     "save",
 ]

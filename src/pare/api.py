@@ -1,8 +1,9 @@
-"""The verbs: ``load_model``, ``prune``, ``evaluate``, ``save``, ``load``."""
+"""The verbs: ``load_model``, ``prune``, ``run`` (several stages), ``evaluate``, ``save``, ``load``."""
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -10,24 +11,17 @@ from typing import Any
 import torch
 from torch import nn
 
-from pare.arch import ArchOverride, describe
+from pare.arch import ArchOverride
 from pare.config import CalibrationConfig, PruneConfig, RuntimeConfig, parse_dtype, usable_device
 from pare.errors import ConfigError, ModelNotFoundError
-from pare.eval.cost import measure_cost
 from pare.eval.perplexity import model_context_length
-from pare.eval.size import count_nonzero, count_parameters, nonzero_by_parameter
+from pare.eval.size import count_nonzero, count_parameters
 from pare.io import load, save
-from pare.io.save import config_describes
-from pare.methods import PruneContext, pruner_for
-from pare.methods.base import SparsityConfig, SparsityPruner
+from pare.pipeline import AfterStage, Pipeline
 from pare.report import Report
 
 log = logging.getLogger(__name__)
 
-DENSE_ZEROS_NOTE = (
-    "Unstructured/N:M sparsity leaves a dense checkpoint of the same size and dense speed: the zeros "
-    "are stored. Gains need a sparse format or kernels (the N:M pattern is recorded for them)."
-)
 
 
 def load_model(name_or_path: str, dtype: str | torch.dtype = "auto", device: str | None = None):
@@ -95,6 +89,65 @@ def calibration_ids(tokenizer: Any, calib: CalibrationConfig, model: nn.Module |
                                allow_repeats=calib.allow_repeats)
 
 
+def calibration_for(
+    model: nn.Module, calibration: torch.Tensor | CalibrationConfig | None, tokenizer: Any, batch_size: int | None,
+) -> tuple[torch.Tensor | None, dict[str, Any] | None, int]:
+    """Token windows, what the report records about them, and the windows per forward."""
+    if isinstance(calibration, CalibrationConfig):
+        if tokenizer is None:
+            raise ConfigError("a CalibrationConfig needs the tokenizer (prune(..., tokenizer=tok))")
+        ids = calibration_ids(tokenizer, calibration, model)
+        check_token_ids(model, ids)
+        return ids, calibration.to_dict(), batch_size or calibration.batch_size
+    if isinstance(calibration, torch.Tensor):
+        check_token_ids(model, calibration)
+        check_seqlen(model, int(calibration.shape[1]))
+        info = {"nsamples": int(calibration.shape[0]), "seqlen": int(calibration.shape[1]), "dataset": "tensor"}
+        return calibration, info, batch_size or 8
+    if calibration is not None:
+        raise ConfigError(f"calibration must be token windows [nsamples, seqlen] or a CalibrationConfig, got "
+                          f"{type(calibration).__name__}")
+    return None, None, batch_size or 8
+
+
+def run(
+    model: nn.Module,
+    stages: PruneConfig | Sequence[PruneConfig],
+    calibration: torch.Tensor | CalibrationConfig | None = None,
+    *,
+    tokenizer: Any = None,
+    runtime: RuntimeConfig | None = None,
+    arch_override: ArchOverride | None = None,
+    batch_size: int | None = None,
+    after_stage: AfterStage | None = None,
+) -> list[Report]:
+    """Apply ``stages`` (a recipe) to ``model`` in place, in order, with one calibration set.
+
+    Args:
+        model: a transformers causal LM.
+        stages: method configs in the order to apply them
+            (``[OsscarConfig(mlp_ratio=0.25), PplWindowConfig(num_layers=1), SparseGPTConfig(pattern="2:4")]``).
+        calibration: token windows ``[N, L]``, or a :class:`CalibrationConfig` (needs ``tokenizer``);
+            built once and shared by every stage that needs it.
+        tokenizer: used to build calibration windows from a CalibrationConfig.
+        runtime: device / offload / sequential options.
+        arch_override: corrections for architectures pare cannot infer (kept in the reports, so
+            ``pare.load`` replays the edits with it).
+        batch_size: windows per forward (default: the CalibrationConfig's, else 8).
+        after_stage: called after each stage with the model and its report (figures after it).
+
+    Returns:
+        One report per stage; ``pare.save(model, tok, out, reports)`` writes them all as the manifest.
+    """
+    pipeline = Pipeline(model, stages, runtime, arch_override)
+    ids, calib_info, batch = calibration_for(model, calibration, tokenizer, batch_size) \
+        if pipeline.needs_calibration() else (None, None, batch_size or 8)
+    if pipeline.needs_calibration() and ids is None:
+        method = next(s.config.method for s in pipeline.stages if s.needs() != "nothing")
+        raise ConfigError(f"method {method!r} needs calibration data: pass token windows or a CalibrationConfig")
+    return pipeline.run(ids, calib_info, batch, after_stage)
+
+
 def prune(
     model: nn.Module,
     config: PruneConfig,
@@ -105,7 +158,8 @@ def prune(
     arch_override: ArchOverride | None = None,
     batch_size: int | None = None,
 ) -> Report:
-    """Prune ``model`` in place with the method of ``config`` and return the report.
+    """Prune ``model`` in place with the method of ``config`` and return the report (a one-stage
+    :func:`run`).
 
     Args:
         model: a transformers causal LM.
@@ -119,77 +173,15 @@ def prune(
     """
     if not isinstance(config, PruneConfig):
         raise ConfigError(f"config must be a method config such as pare.WandaConfig(sparsity=0.5), got "
-                          f"{type(config).__name__}; from a dict: pare.METHODS[d['method']].config_class.from_dict(d)")
-    runtime = runtime or RuntimeConfig()
-    device = usable_device(runtime.device)  # before any work
-    pruner_cls = pruner_for(config.method)
-    if not isinstance(config, pruner_cls.config_class):
-        raise ConfigError(f"{type(config).__name__} is not the config of method {config.method!r}")
-    arch = describe(model, arch_override)
-    pruner = pruner_cls(config)
-    pruner.check(model, arch)
-    calib_info: dict[str, Any] | None = None
-    ids: torch.Tensor | None = None
-    if pruner.uses_calibration():
-        if isinstance(calibration, CalibrationConfig):
-            if tokenizer is None:
-                raise ConfigError("a CalibrationConfig needs the tokenizer (prune(..., tokenizer=tok))")
-            calib_info = calibration.to_dict()
-            batch_size = batch_size or calibration.batch_size
-            ids = calibration_ids(tokenizer, calibration, model)
-            check_token_ids(model, ids)
-        elif isinstance(calibration, torch.Tensor):
-            ids = calibration
-            check_token_ids(model, ids)
-            check_seqlen(model, int(ids.shape[1]))
-            calib_info = {"nsamples": int(ids.shape[0]), "seqlen": int(ids.shape[1]), "dataset": "tensor"}
-        else:
-            raise ConfigError(
-                f"method {config.method!r} needs calibration data: pass token windows or a CalibrationConfig"
-            )
-    first = next(model.parameters(), None)
-    batch_size = batch_size or 8
-    run_info: dict[str, Any] = {
-        "device": str(device), "dtype": None if first is None else str(first.dtype),
-        "sequential": runtime.sequential, "offload": runtime.offload, "batch_size": batch_size,
-    }
-    report = Report(method=config.method, config=config.to_dict(), calibration=calib_info, runtime=run_info)
-    params_before = sum(p.numel() for p in model.parameters())
-    # every parameter's non-zeros: a model pruned before (a chained run) already holds zeros
-    nonzero_before = nonzero_by_parameter(model) if isinstance(config, SparsityConfig) else None
-    # whether the config alone describes the model now (not after an earlier non-uniform prune)
-    described_before = not isinstance(config, SparsityConfig) and config_describes(model)
-    ctx = PruneContext(model, arch, ids, runtime, report, batch_size)
-    with torch.no_grad(), measure_cost() as cost:
-        pruner.run(ctx)
-    report.prune_seconds = cost.seconds
-    report.peak_rss_mb = cost.peak_rss_mb
-    if isinstance(config, SparsityConfig):  # weights are zeroed, shapes unchanged: the description holds
-        report.pattern = None if config.nm is None else config.pattern
-        assert isinstance(pruner, SparsityPruner)
-        report.modules = pruner.pruned_modules(model, arch)
-        report.notes.append(DENSE_ZEROS_NOTE)
-    report.figures.setdefault("params_before", params_before)
-    report.figures["params_after"] = sum(p.numel() for p in model.parameters())
-    if report.edits and report.uniform and described_before and not config_describes(model):
-        report.uniform = False  # a shape the config has no field for (Bloom's MLP width): pare.load replays
-    if not isinstance(config, SparsityConfig) and report.figures["params_after"] == params_before:
-        unchanged = (f"{config.method} removed nothing with these options (a ratio of 0, or widths that round "
-                     "back to the full size): the model is unchanged")
-        log.warning(unchanged)
-        report.notes.append(unchanged)
-    if nonzero_before is not None:
-        assert isinstance(pruner, SparsityPruner)
-        report.figures["nonzero_before"] = sum(nonzero_before.values())
-        report.figures["nonzero_after"] = pruner.nonzero_after(model, arch, nonzero_before, report.modules)
-    log.info("%s: %.1fs, peak RSS %.0f MB", config.method, cost.seconds, cost.peak_rss_mb)
-    return report
+                          f"{type(config).__name__}; from a dict: pare.config_from_dict(d)")
+    return run(model, [config], calibration, tokenizer=tokenizer, runtime=runtime, arch_override=arch_override,
+               batch_size=batch_size)[0]
 
 
 def check(model: nn.Module, config: PruneConfig, arch_override: ArchOverride | None = None) -> None:
     """Raise ConfigError when ``config`` cannot apply to ``model`` (GQA head counts, layer indices,
     module regexes, N:M widths...), before any long work such as a dense evaluation."""
-    pruner_for(config.method)(config).check(model, describe(model, arch_override))
+    Pipeline(model, [config], arch_override=arch_override)
 
 
 def evaluate(
@@ -230,4 +222,4 @@ def evaluate(
     return out
 
 
-__all__ = ["evaluate", "load", "load_model", "prune", "save"]
+__all__ = ["evaluate", "load", "load_model", "prune", "run", "save"]

@@ -1,7 +1,14 @@
-"""Base configuration dataclasses: validation, versioned dict round-trip, file loading.
+"""Base configuration dataclasses: validation, versioned dict round-trip, file loading, and the
+registry of stages.
 
 Every method has a frozen config dataclass deriving from :class:`PruneConfig`. Fields carry their
-help text in ``metadata["help"]``; the CLI builds its options from them.
+help text in ``metadata["help"]``; the CLI builds its options from them. Every field is checked
+against its annotation when the config is built, so a wrong type is a ConfigError naming the field.
+
+A method's stage class registers itself with :func:`register` (keyed by its config type and its
+method name); from then on the CLI, recipes, ``pare methods``, the manifest reader and the contract
+tests know it. Adding a method is one new file in ``pare/methods`` (or any module imported before
+use) and its tests.
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ from pare.errors import ConfigError
 CONFIG_VERSION = 1
 
 C = TypeVar("C", bound="BaseConfig")
+S = TypeVar("S", bound=type)
 
 
 def help_field(default: Any, help: str, **kwargs: Any) -> Any:
@@ -44,6 +52,9 @@ class BaseConfig:
 
     @classmethod
     def from_dict(cls: type[C], data: dict[str, Any]) -> C:
+        if not isinstance(data, dict):
+            raise ConfigError(f"{cls.__name__} options must be a mapping of option: value, got {data!r}")
+        cls._check_header(data)
         data = {k.replace("-", "_"): v for k, v in data.items() if k not in ("version", "method")}
         names = {f.name: f for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - set(names))
@@ -51,9 +62,33 @@ class BaseConfig:
             raise ConfigError(
                 f"{cls.__name__} has no option(s) {unknown}; valid options are {sorted(names)}"
             )
-        hints = typing.get_type_hints(cls)
+        hints = field_hints(cls)
         kwargs = {key: checked_value(cls.__name__, key, hints[key], value) for key, value in data.items()}
         return cls(**kwargs)
+
+    @classmethod
+    def _check_header(cls, data: dict[str, Any]) -> None:
+        """Refuse a dict written for another method or by a newer version (plain configs have none)."""
+
+    def _check_field_types(self) -> None:
+        """Raise ConfigError for a field whose value does not fit its annotation (lists become tuples)."""
+        hints = field_hints(type(self))
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            checked = checked_value(type(self).__name__, f.name, hints[f.name], value)
+            if checked is not value:
+                object.__setattr__(self, f.name, checked)
+
+
+_HINTS: dict[type, dict[str, Any]] = {}
+
+
+def field_hints(cls: type) -> dict[str, Any]:
+    """The resolved annotations of a config class's fields (kept per class: resolving them is slow)."""
+    hints = _HINTS.get(cls)
+    if hints is None:
+        hints = _HINTS[cls] = typing.get_type_hints(cls)
+    return hints
 
 
 _KINDS: dict[type, tuple[type, ...]] = {str: (str,), int: (int,), float: (int, float), bool: (bool,)}
@@ -71,6 +106,10 @@ def checked_value(owner: str, name: str, hint: Any, value: Any) -> Any:
     if origin in (typing.Union, types.UnionType):  # X | None
         inner = [a for a in args if a is not type(None)]
         return None if value is None else checked_value(owner, name, inner[0], value)
+    if origin is typing.Literal:
+        if value not in args:
+            raise ConfigError(f"{owner}.{name} must be one of {list(args)}, got {value!r}")
+        return value
     if origin is tuple:
         kind = args[0]
         if isinstance(value, str) and kind is str:
@@ -117,15 +156,95 @@ def check_regexes(name: str, patterns: tuple[str, ...]) -> None:
 
 @dataclass(frozen=True)
 class PruneConfig(BaseConfig):
-    """What every pruning method's config is: a method name plus validated, versioned options."""
+    """What every stage's config is: a method name, a version, and validated options.
+
+    Attributes:
+        method: the registered name (``wanda``, ``osscar``...): the CLI's ``--method``, a recipe's
+            stage key, the manifest's ``method``.
+        VERSION: bumped when the meaning of a field changes; ``from_dict`` refuses a newer one.
+    """
 
     method: ClassVar[str] = ""
+    VERSION: ClassVar[int] = CONFIG_VERSION
 
     def __post_init__(self) -> None:
-        """Validate the options (subclasses raise ConfigError saying what would work)."""
+        """Check every field's type; subclasses then validate values (ConfigError saying what would work)."""
+        self._check_field_types()
 
     def to_dict(self) -> dict[str, Any]:
-        return {"version": CONFIG_VERSION, "method": self.method, **super().to_dict()}
+        return {"version": self.VERSION, "method": self.method, **super().to_dict()}
+
+    @classmethod
+    def _check_header(cls, data: dict[str, Any]) -> None:
+        method = data.get("method")
+        if method is not None and method != cls.method:
+            raise ConfigError(f"this is a config of method {method!r}, not of {cls.method!r} ({cls.__name__}); "
+                              f"read it with pare.config_from_dict(data)")
+        version = data.get("version", cls.VERSION)
+        if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+            raise ConfigError(f"{cls.__name__}: version must be a positive integer, got {version!r}")
+        if version > cls.VERSION:
+            raise ConfigError(f"this {cls.method!r} config is version {version}, written by a newer pare; this "
+                              f"pare reads up to version {cls.VERSION}: upgrade pare")
+
+
+StageClass = Any
+"""A registered stage class (``pare.methods.base.Pruner`` subclass); typed loosely here so that the
+registry has no import of the stages."""
+
+STAGES: dict[str, StageClass] = {}
+"""Every registered stage by method name, in registration order (``pare.METHODS`` is this dict)."""
+
+
+def register(stage: S) -> S:
+    """Class decorator: make a stage known by its config type and method name.
+
+    The stage class names its config in ``config_class``; the config's ``method`` is the name used
+    by the CLI, recipes and manifests. Registering a second stage under a taken name is an error
+    (unless it is the same class, re-imported).
+    """
+    config_class = getattr(stage, "config_class", None)
+    if not (isinstance(config_class, type) and issubclass(config_class, PruneConfig)):
+        raise TypeError(f"{stage.__name__}.config_class must be a PruneConfig subclass to register it")
+    name = config_class.method
+    if not name or not isinstance(name, str):
+        raise TypeError(f"{config_class.__name__}.method must name the method (e.g. 'wanda')")
+    taken = STAGES.get(name)
+    if taken is not None and taken.__qualname__ != stage.__qualname__:
+        raise TypeError(f"method name {name!r} is already registered by {taken.__qualname__}")
+    STAGES[name] = stage
+    return stage
+
+
+def unregister(name: str) -> None:
+    """Forget a registered stage (for tests that register a toy one)."""
+    STAGES.pop(name, None)
+
+
+def stage_class(method: str) -> StageClass:
+    """The stage class of a method name, with the list of valid names on error."""
+    try:
+        return STAGES[method]
+    except (KeyError, TypeError):
+        raise ConfigError(f"unknown method {method!r}; choose one of {sorted(STAGES)}") from None
+
+
+def stage_for_config(config: Any) -> StageClass:
+    """The stage class registered for ``config``'s type (ConfigError for anything else)."""
+    if isinstance(config, PruneConfig):
+        stage = STAGES.get(config.method)
+        if stage is not None and isinstance(config, stage.config_class):
+            return stage
+    raise ConfigError(f"a stage config must be a registered method config such as pare.WandaConfig(sparsity=0.5), "
+                      f"got {type(config).__name__}; registered: {sorted(STAGES)}")
+
+
+def config_from_dict(data: dict[str, Any]) -> PruneConfig:
+    """The config a ``to_dict`` wrote, rebuilt by its ``method`` (version checked)."""
+    if not isinstance(data, dict) or "method" not in data:
+        raise ConfigError(f"a stage config dict needs its 'method' (one of {sorted(STAGES)}), got {data!r}")
+    config: PruneConfig = stage_class(data["method"]).config_class.from_dict(data)
+    return config
 
 
 @dataclass(frozen=True)
@@ -140,6 +259,7 @@ class CalibrationConfig(BaseConfig):
     allow_repeats: bool = help_field(False, "accept text shorter than nsamples x seqlen tokens (windows overlap)")
 
     def __post_init__(self) -> None:
+        self._check_field_types()
         for name in ("nsamples", "seqlen", "batch_size"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -156,6 +276,9 @@ class RuntimeConfig(BaseConfig):
         True, "feed each layer the outputs of the already-pruned layers (False: dense inputs)"
     )
     progress: bool = help_field(True, "show progress bars")
+
+    def __post_init__(self) -> None:
+        self._check_field_types()
 
 
 DTYPES = ("float32", "float16", "bfloat16", "float64")

@@ -1,4 +1,4 @@
-"""The report of a pruning run; ``save()`` writes it as the ``pare.json`` manifest."""
+"""The report of one stage of a run; ``save()`` writes the reports as the ``pare.json`` manifest."""
 
 from __future__ import annotations
 
@@ -44,6 +44,8 @@ class Report:
             ``nonzero_before`` / ``nonzero_after``: the non-zero values of every parameter.
         prune_seconds / peak_rss_mb: cost of the pruning step.
         notes: human-readable remarks (e.g. "zeros do not make a dense checkpoint smaller").
+        arch_override: the :class:`~pare.arch.ArchOverride` the run described the model with (as a
+            dict), or None; ``pare.load`` replays the edits with it.
     """
 
     method: str
@@ -59,6 +61,7 @@ class Report:
     prune_seconds: float = 0.0
     peak_rss_mb: float = 0.0
     notes: list[str] = field(default_factory=list)
+    arch_override: dict[str, Any] | None = None
     versions: dict[str, str] = field(default_factory=library_versions)
     version: int = REPORT_VERSION
 

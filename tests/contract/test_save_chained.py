@@ -47,8 +47,8 @@ def test_chained_sublayer_then_layers_reloads_identically(model_type: str, tmp_p
     out = pare.save(model, None, tmp_path / "m", [r1, r2])
     manifest = json.loads((out / "pare.json").read_text())
     assert manifest["uniform"] is False and manifest["method"] == "layers"
-    assert [h["method"] for h in manifest["history"]] == ["sublayer", "layers"]
-    assert manifest["history"][0]["edits"][0]["layer"] == 2  # each report as it was
+    assert [h["method"] for h in manifest["stages"]] == ["sublayer", "layers"]
+    assert manifest["stages"][0]["edits"][0]["layer"] == 2  # each report as it was
     assert [e["op"] for e in manifest["edits"]] == ["remove_sublayer", "remove_layers"]
     assert manifest["edits"][0]["layer"] == 1  # replayed on the 2-layer model built from the saved config
     assert torch.equal(logits(pare.load(out)), logits(model))

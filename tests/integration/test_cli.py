@@ -180,7 +180,7 @@ def test_pruning_a_pruned_output_keeps_every_edit(model_dir: Path, text_file: Pa
     assert main(["prune", "--model", str(first), "--method", "layers", "--layers", "0",
                  "--out", str(second), *common]) == 0
     manifest = json.loads((second / "pare.json").read_text())
-    assert [h["method"] for h in manifest["history"]] == ["sublayer", "layers"]
+    assert [h["method"] for h in manifest["stages"]] == ["sublayer", "layers"]
     assert manifest["figures"]["size_on_disk_bytes_after"] > 0
     ids = torch.randint(0, 100, (1, 12))
     reloaded = pare.load(second)
@@ -192,7 +192,7 @@ def test_pruning_a_pruned_output_keeps_every_edit(model_dir: Path, text_file: Pa
     assert main(["prune", "--model", str(second), "--method", "osscar", "--mlp-ratio", "0.5",
                  "--out", str(third), *common]) == 0
     manifest = json.loads((third / "pare.json").read_text())
-    assert [h["method"] for h in manifest["history"]] == ["sublayer", "layers", "osscar"]
+    assert [h["method"] for h in manifest["stages"]] == ["sublayer", "layers", "osscar"]
     with torch.no_grad():
         assert torch.isfinite(pare.load(third)(ids).logits).all()
 

@@ -7,7 +7,8 @@ architecture that inference cannot handle, pass an :class:`ArchOverride` to
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
 
 from pare.arch.roles import ConfigFields, QkvLayout
 
@@ -31,11 +32,21 @@ class ArchOverride:
     fields: ConfigFields | None = None
     parallel_residual: bool | None = None
 
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-able dict that :meth:`from_dict` reads back (recorded in the manifest)."""
+        out = {f.name: getattr(self, f.name) for f in fields(self)}
+        out["names"] = dict(self.names)
+        out["fields"] = None if self.fields is None else asdict(self.fields)
+        return {k: v for k, v in out.items() if v is not None and v != {}}
+
     @classmethod
     def from_dict(cls, data: dict) -> ArchOverride:
         data = dict(data)
         if "fields" in data and isinstance(data["fields"], dict):
-            data["fields"] = ConfigFields(**data["fields"])
+            values = dict(data["fields"])
+            if isinstance(values.get("per_layer_lists"), list):
+                values["per_layer_lists"] = tuple(values["per_layer_lists"])
+            data["fields"] = ConfigFields(**values)
         return cls(**data)
 
 

@@ -171,6 +171,40 @@ class ModelArch:
     def num_layers(self) -> int:
         return len(self.layers)
 
+    def part_of(self, name: str) -> str:
+        """Which part a parameter name belongs to: ``embeddings``, ``attention``, ``mlp``, ``experts``,
+        ``norms``, ``lm_head`` or ``other``."""
+        if name.startswith(self.embed_path + ".") or any(name.startswith(e + ".") for e in self.extra_embeddings):
+            return "embeddings"
+        if self.lm_head_path and name.startswith(self.lm_head_path + "."):
+            return "lm_head"
+        prefix = self.layers_path + "."
+        if not name.startswith(prefix):
+            return "norms" if self.final_norm_path and name.startswith(self.final_norm_path + ".") else "other"
+        idx_str, _, rel = name[len(prefix):].partition(".")
+        roles = self.layers[int(idx_str)]
+        if roles.experts is not None and rel.startswith(roles.experts.path.rsplit(".", 1)[0] + "."):
+            return "experts"
+        if roles.attention is not None and rel.startswith(roles.attention.path + "."):
+            return "attention"
+        if any(rel.startswith(n + ".") for n in roles.norms):
+            return "norms"
+        if roles.mlp is not None:
+            mlp_paths = [p.path for p in (*roles.mlp.inputs, roles.mlp.down)]
+            if roles.mlp.path:
+                mlp_paths.append(roles.mlp.path)
+            if any(rel.startswith(p + ".") for p in mlp_paths):
+                return "mlp"
+        return "other"
+
+    def mlp_width(self, model: nn.Module, index: int) -> int:
+        """The MLP intermediate width of layer ``index`` (the down projection's input width)."""
+        mlp = self.layers[index].mlp
+        if mlp is None:
+            raise ValueError(f"layer {index} has no MLP block")
+        layer = self.layer_modules(model)[index]
+        return int(get_weight(layer.get_submodule(mlp.down.path), mlp.down).shape[1])
+
 
 def get_weight(module: nn.Module, proj: Proj) -> torch.Tensor:
     """The ``[out, in]`` view of a projection's weight (a view: writing into it edits the model)."""

@@ -105,6 +105,20 @@ def _to(obj: Any, device: torch.device) -> Any:
     return obj
 
 
+@contextlib.contextmanager
+def on_device(module: nn.Module, device: torch.device) -> Iterator[nn.Module]:
+    """``module`` on ``device`` while the block runs, then back where it was: the one way pare moves
+    a layer (or a whole model, for a gradient pass) to the compute device."""
+    home = model_device(module)
+    if home != device:  # Module.to walks every parameter even when nothing moves
+        module.to(device)
+    try:
+        yield module
+    finally:
+        if home != device:
+            module.to(home)
+
+
 def first_tensor(out: Any) -> torch.Tensor:
     """A decoder layer's hidden-state output, whether it returns a tensor or a tuple."""
     return out[0] if isinstance(out, (tuple, list)) else out

@@ -1,4 +1,4 @@
-"""The ``pare`` command: ``inspect``, ``prune``, ``eval``, ``methods``.
+"""The ``pare`` command: ``inspect``, ``prune``, ``run`` (a recipe), ``eval``, ``methods``.
 
 Method options are generated from the method config dataclasses (``--sparsity``, ``--pattern``...),
 so every config field is a flag and a YAML/JSON config key at once.
@@ -77,6 +77,24 @@ def _eval_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("-v", "--verbose", action="store_true")
 
 
+def _run_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("run", help="run a recipe: several stages, one calibration set, one save",
+                       description="Run a recipe (YAML/JSON): every stage in order on one model with one "
+                                   "calibration set, evaluated after each stage, saved once.", allow_abbrev=False)
+    p.add_argument("recipe", help="YAML or JSON recipe file (model, calibration, stages, eval, out)")
+    p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a recipe key, e.g. --set stages.1.num_layers=6 (repeatable; value read as YAML)")
+    p.add_argument("--model", default=None, help="hub id or local directory (overrides the recipe's)")
+    p.add_argument("--out", default=None, help="output directory (overrides the recipe's)")
+    p.add_argument("--overwrite", action="store_true", default=None,
+                   help="replace an existing --out (only a directory that holds a saved model)")
+    p.add_argument("--no-save", action="store_true", default=None,
+                   help="run (and evaluate) without saving; needed when the recipe has no out")
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None, help="show progress bars")
+    p.add_argument("--json", action="store_true", default=None, help="print the stage reports as JSON")
+    p.add_argument("-v", "--verbose", action="store_true", default=None)
+
+
 def build_parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     """The ``pare`` parser and its ``prune`` sub-parser."""
     # no abbreviations: options are matched by their full names (config-file values vs typed flags)
@@ -90,6 +108,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     ins.add_argument("-v", "--verbose", action="store_true")
     sub.add_parser("methods", help="list the pruning methods and their options")
     prune_parser = _prune_parser(sub)
+    _run_parser(sub)
     _eval_parser(sub)
     return parser, prune_parser
 
@@ -135,6 +154,8 @@ def main(argv: list[str] | None = None) -> int:
             from pare.cli.commands import inspect_cmd
 
             return inspect_cmd(args)
+        if args.command == "run":
+            return _cmd_run(args)
         if args.command == "eval":
             from pare.cli.commands import eval_cmd
 
@@ -175,7 +196,7 @@ def _cmd_methods() -> int:
 
 
 def _cmd_prune(args: argparse.Namespace, given: set[str]) -> int:
-    from pare.cli.commands import prune_cmd
+    from pare.cli.commands import run_cmd
     from pare.methods import pruner_for
 
     file_data = read_config_file(args.config) if args.config else {}
@@ -206,7 +227,33 @@ def _cmd_prune(args: argparse.Namespace, given: set[str]) -> int:
     method_cfg = build_config(pruner.config_class, method_vals, args, given)
     calib_cfg = build_config(CalibrationConfig, calib_vals, args, given)
     runtime_cfg = build_config(RuntimeConfig, runtime_vals, args, given)
-    return prune_cmd(args, method_cfg, calib_cfg, runtime_cfg, needs_calibration=pruner(method_cfg).uses_calibration())
+    return run_cmd(args, [method_cfg], calib_cfg, runtime_cfg)
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    """``pare run recipe.yaml``: the recipe (after ``--set``) as the same run as ``pare prune``."""
+    from pare.cli.commands import run_cmd
+    from pare.recipe import apply_set, parse_recipe
+
+    data = read_config_file(args.recipe)
+    for assignment in args.sets:
+        apply_set(data, assignment)
+    recipe = parse_recipe(data)
+    model = args.model or recipe.model
+    if not model:
+        raise ConfigError("no model: put `model:` in the recipe or pass --model")
+    runtime = recipe.runtime
+    if args.progress is not None:
+        runtime = RuntimeConfig.from_dict({**runtime.to_dict(), "progress": args.progress})
+    top = recipe.top
+    ns = argparse.Namespace(
+        model=model, out=args.out or top.get("out"), overwrite=args.overwrite or top.get("overwrite", False),
+        no_save=args.no_save or top.get("no_save", False),
+        dtype=top.get("dtype"), arch_override=top.get("arch_override"), json=args.json or top.get("json", False),
+        eval=recipe.ppl or None, eval_seqlen=recipe.eval.get("seqlen"), eval_batch_size=recipe.eval.get("batch_size"),
+        eval_max_windows=recipe.eval.get("max_windows"), speed=recipe.eval.get("speed", True),
+    )
+    return run_cmd(ns, recipe.stages, recipe.calibration, runtime)
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ from torch import nn
 from pare.config import CalibrationConfig, PruneConfig, RuntimeConfig, parse_dtype, usable_device
 from pare.errors import ConfigError, SaveInterrupted
 from pare.eval.perplexity import model_context_length
+from pare.report import Report
 
 
 def _arch_override(path: str | None):
@@ -56,59 +57,16 @@ def params_by_part(model: nn.Module, arch) -> dict[str, int]:
         if id(p) in seen:
             continue
         seen.add(id(p))
-        parts[_part_of(name, arch)] += p.numel()
+        parts[arch.part_of(name)] += p.numel()
     parts["total"] = sum(parts.values())
     return parts
 
 
-def _part_of(name: str, arch) -> str:
-    if name.startswith(arch.embed_path + ".") or any(name.startswith(e + ".") for e in arch.extra_embeddings):
-        return "embeddings"
-    if arch.lm_head_path and name.startswith(arch.lm_head_path + "."):
-        return "lm_head"
-    prefix = arch.layers_path + "."
-    if not name.startswith(prefix):
-        return "norms" if arch.final_norm_path and name.startswith(arch.final_norm_path + ".") else "other"
-    idx_str, _, rel = name[len(prefix):].partition(".")
-    roles = arch.layers[int(idx_str)]
-    if roles.experts is not None and rel.startswith(roles.experts.path.rsplit(".", 1)[0] + "."):
-        return "experts"
-    if roles.attention is not None and rel.startswith(roles.attention.path + "."):
-        return "attention"
-    if any(rel.startswith(n + ".") for n in roles.norms):
-        return "norms"
-    if roles.mlp is not None:
-        mlp_paths = [p.path for p in (*roles.mlp.inputs, roles.mlp.down)]
-        if any(rel.startswith(p + ".") for p in mlp_paths) or (roles.mlp.path and rel.startswith(roles.mlp.path + ".")):
-            return "mlp"
-    return "other"
-
-
-def _meta_model(name_or_path: str):
-    """Build the model on the meta device from its config (no weights read), replaying pare edits."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    from pare.errors import ModelNotFoundError
-    from pare.io import read_manifest
-
-    try:
-        config = AutoConfig.from_pretrained(name_or_path)
-    except (OSError, ValueError) as exc:
-        raise ModelNotFoundError(f"cannot read a model config from {name_or_path!r}: {exc}") from exc
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
-    manifest = read_manifest(name_or_path) if Path(name_or_path).is_dir() else None
-    if manifest and not manifest.get("uniform", True):
-        from pare.arch.surgery import replay
-
-        replay(model, manifest.get("edits") or [])
-    return model
-
-
 def inspect_cmd(args: argparse.Namespace) -> int:
     from pare.arch import describe
+    from pare.io.load import meta_model
 
-    model = _meta_model(args.model)
+    model = meta_model(args.model)
     arch = describe(model)
     parts = params_by_part(model, arch)
     layers = []
@@ -119,7 +77,7 @@ def inspect_cmd(args: argparse.Namespace) -> int:
             "heads": a.num_heads if a else None,
             "kv_heads": a.num_kv_heads if a else None,
             "head_dim": a.head_dim if a else None,
-            "mlp": _mlp_width(model, arch, r.index) if m else None,
+            "mlp": arch.mlp_width(model, r.index) if m else None,
             "experts": f"{e.num_experts}x{e.intermediate} top{e.top_k}" if e else None,
             "parallel": r.parallel_residual,
         })
@@ -150,14 +108,6 @@ def inspect_cmd(args: argparse.Namespace) -> int:
     print()
     print_table([(k, _fmt(v)) for k, v in parts.items()], ("part", "params"))
     return 0
-
-
-def _mlp_width(model: nn.Module, arch, index: int) -> int:
-    from pare.arch.roles import get_weight
-
-    layer = arch.layer_modules(model)[index]
-    down = arch.layers[index].mlp.down
-    return int(get_weight(layer.get_submodule(down.path), down).shape[1])
 
 
 def model_dir_bytes(path: str | Path) -> int | None:
@@ -213,11 +163,18 @@ def eval_cmd(args: argparse.Namespace) -> int:
 
 
 def _evaluate_figures(model, tok, args: argparse.Namespace, seqlen: int, runtime: RuntimeConfig) -> dict[str, Any]:
+    """Perplexity on ``args.eval`` (a data set, or a list: the first one's figures are ``ppl``...,
+    the others' ``ppl_<set>``), and tokens/s unless ``--no-speed``."""
     from pare.api import evaluate
 
-    return evaluate(model, tok, dataset=args.eval, seqlen=args.eval_seqlen or seqlen,
-                    batch_size=args.eval_batch_size or 1, max_windows=args.eval_max_windows,
-                    speed=args.speed is not False, device=runtime.device, progress=runtime.progress)
+    datasets = [args.eval] if isinstance(args.eval, str) else list(args.eval)
+    out: dict[str, Any] = {}
+    for k, dataset in enumerate(datasets):
+        res = evaluate(model, tok, dataset=dataset, seqlen=args.eval_seqlen or seqlen,
+                       batch_size=args.eval_batch_size or 1, max_windows=args.eval_max_windows,
+                       speed=k == 0 and args.speed is not False, device=runtime.device, progress=runtime.progress)
+        out.update(res if k == 0 else {f"ppl_{dataset}": res["ppl"]})
+    return out
 
 
 @contextlib.contextmanager
@@ -236,18 +193,18 @@ def transformers_bars(shown: bool) -> Iterator[None]:
             hf_logging.enable_progress_bar()
 
 
-def prune_cmd(args: argparse.Namespace, method: PruneConfig, calib: CalibrationConfig,
-              runtime: RuntimeConfig, needs_calibration: bool) -> int:
-    """Load, (evaluate), prune, (evaluate), save, print the before/after table."""
+def run_cmd(args: argparse.Namespace, stages: Sequence[PruneConfig], calib: CalibrationConfig,
+            runtime: RuntimeConfig) -> int:
+    """Load, (evaluate), run every stage (evaluating after each), save, print the before/after table."""
     with transformers_bars(runtime.progress):
-        return _prune_cmd(args, method, calib, runtime, needs_calibration)
+        return _run_cmd(args, stages, calib, runtime)
 
 
-def _prune_cmd(args: argparse.Namespace, method: PruneConfig, calib: CalibrationConfig,
-               runtime: RuntimeConfig, needs_calibration: bool) -> int:
-    from pare.api import calibration_ids, check, check_token_ids, prune
-    from pare.io import save
+def _run_cmd(args: argparse.Namespace, stages: Sequence[PruneConfig], calib: CalibrationConfig,
+             runtime: RuntimeConfig) -> int:
+    from pare.api import calibration_ids, check_token_ids
     from pare.io.outdir import check_output
+    from pare.pipeline import Pipeline
 
     _check_save_wanted(args)
     if args.out:  # fail before any long work (pare.save checks again)
@@ -255,48 +212,54 @@ def _prune_cmd(args: argparse.Namespace, method: PruneConfig, calib: Calibration
     usable_device(runtime.device)
     parse_dtype(args.dtype)
     model, tok = _load_any(args.model, args.dtype)
-    override = _arch_override(args.arch_override)
-    check(model, method, override)  # bad options fail before the calibration text and the dense evaluation
+    # every stage built once, the model described once; the first stage's options are checked before the
+    # calibration text and the dense evaluation (later stages: on the model the earlier ones leave)
+    pipeline = Pipeline(model, stages, runtime, _arch_override(args.arch_override))
     _check_eval_seqlen(model, args)
-    ids = calibration_ids(tok, calib, model) if needs_calibration else None
+    ids = calibration_ids(tok, calib, model) if pipeline.needs_calibration() else None
     if ids is not None:
         check_token_ids(model, ids)  # a tokenizer of another model: refused before the dense evaluation
     before = _evaluate_figures(model, tok, args, calib.seqlen, runtime) if args.eval else {}
-    if before:
-        model.to("cpu") if runtime.offload else None
-    report = prune(model, method, ids, tokenizer=tok, runtime=runtime, arch_override=override,
-                   batch_size=calib.batch_size)
-    if ids is not None:
-        report.calibration = calib.to_dict()
-    after = _evaluate_figures(model, tok, args, calib.seqlen, runtime) if args.eval else {}
-    for key, value in before.items():
-        report.figures[f"{key}_before"] = value
-    for key, value in after.items():
-        report.figures[f"{key}_after"] = value
-    report.figures["size_on_disk_bytes_before"] = model_dir_bytes(args.model)
-    if args.out:
-        from pare.io import read_manifest
-        from pare.report import Report
+    if before and runtime.offload:
+        model.to("cpu")
 
-        note = _dtype_size_note(args.model, model)
-        if note:
-            report.notes.append(note)
-        # a pare output pruned again: its earlier edits stay in the manifest (pare.load replays all)
-        earlier = read_manifest(args.model) if Path(args.model).is_dir() else None
-        chain = (earlier.get("history") or [earlier]) if earlier else []  # a chain's manifest lists every prune
-        reports = [Report.from_dict(r) for r in chain] + [report]
-        # save fills figures.size_on_disk_bytes_after (in the manifest and in ``report``) before its rename
-        out = save(model, tok, args.out, reports, overwrite=bool(args.overwrite), source=args.model)
+    def after_stage(model: nn.Module, report: Report) -> None:
+        after = _evaluate_figures(model, tok, args, calib.seqlen, runtime) if args.eval else {}
+        for key, value in after.items():
+            report.figures[f"{key}_after"] = value
+        if after and runtime.offload:
+            model.to("cpu")
+
+    reports = pipeline.run(ids, None if ids is None else calib.to_dict(), calib.batch_size, after_stage)
+    for key, value in before.items():
+        reports[0].figures[f"{key}_before"] = value
+    reports[0].figures["size_on_disk_bytes_before"] = model_dir_bytes(args.model)
+    out = _save_run(args, model, tok, reports) if args.out else None
     try:
         if args.json:
-            print(json.dumps(report.to_dict(), indent=2, default=str))
+            shown = reports[0].to_dict() if len(reports) == 1 else {"stages": [r.to_dict() for r in reports]}
+            print(json.dumps(shown, indent=2, default=str))
         else:
-            _print_prune_summary(report, args)
+            _print_run_summary(reports, args)
     except KeyboardInterrupt:
-        if args.out:
+        if out is not None:
             raise SaveInterrupted(out, saved=True) from None
         raise
     return 0
+
+
+def _save_run(args: argparse.Namespace, model: nn.Module, tok: Any, reports: list[Report]) -> Path:
+    """Save with every report (a pare output run again keeps its earlier stages: pare.load replays all)."""
+    from pare.io import read_manifest, save
+    from pare.io.save import manifest_stages
+
+    note = _dtype_size_note(args.model, model)
+    if note:
+        reports[-1].notes.append(note)
+    earlier = manifest_stages(read_manifest(args.model) if Path(args.model).is_dir() else None)
+    # save fills figures.size_on_disk_bytes_after (in the manifest and in the last report) before its rename
+    return save(model, tok, args.out, [Report.from_dict(r) for r in earlier] + reports,
+                overwrite=bool(args.overwrite), source=args.model)
 
 
 def _check_save_wanted(args: argparse.Namespace) -> None:
@@ -350,18 +313,41 @@ def _dtype_size_note(source: str, model: nn.Module) -> str | None:
             f"{ratio:g}x (pass --dtype {before} to compare like with like)")
 
 
-def _print_prune_summary(report, args: argparse.Namespace) -> None:
-    f = report.figures
+def _print_run_summary(reports: list[Report], args: argparse.Namespace) -> None:
+    first, last = reports[0], reports[-1]
+    f0, f1 = first.figures, last.figures
     rows = [
-        ("params", _fmt(f.get("params_before")), _fmt(f.get("params_after"))),
-        ("size on disk (bytes)", _fmt(f.get("size_on_disk_bytes_before")), _fmt(f.get("size_on_disk_bytes_after"))),
+        ("params", _fmt(f0.get("params_before")), _fmt(f1.get("params_after"))),
+        ("size on disk (bytes)", _fmt(f0.get("size_on_disk_bytes_before")), _fmt(f1.get("size_on_disk_bytes_after"))),
     ]
-    if "nonzero_after" in f:
-        rows.insert(1, ("params not zeroed", _fmt(f.get("nonzero_before")), _fmt(f.get("nonzero_after"))))
+    if "nonzero_after" in f1 and len(reports) == 1:
+        rows.insert(1, ("params not zeroed", _fmt(f1.get("nonzero_before")), _fmt(f1.get("nonzero_after"))))
+    elif "nonzero_after" in f1:
+        rows.insert(1, ("params not zeroed", "-", _fmt(f1.get("nonzero_after"))))
+    label = args.eval if isinstance(args.eval, str) else (args.eval[0] if args.eval else "")
     if args.eval:
-        rows.insert(0, (f"ppl ({args.eval})", _fmt(f.get("ppl_before")), _fmt(f.get("ppl_after"))))
-        for label, key in (("prefill tokens/s", "prefill_tokens_per_s"), ("decode tokens/s", "decode_tokens_per_s")):
-            rows.append((label, _fmt(f.get(f"{key}_before"), 0), _fmt(f.get(f"{key}_after"), 0)))
+        rows.insert(0, (f"ppl ({label})", _fmt(f0.get("ppl_before")), _fmt(f1.get("ppl_after"))))
+        for label_s, key in (("prefill tokens/s", "prefill_tokens_per_s"), ("decode tokens/s", "decode_tokens_per_s")):
+            rows.append((label_s, _fmt(f0.get(f"{key}_before"), 0), _fmt(f1.get(f"{key}_after"), 0)))
+    if len(reports) > 1:
+        stage_rows = [(i, r.method, f"{r.prune_seconds:.2f}", f"{r.peak_rss_mb:.0f}",
+                       _fmt(r.figures.get("params_after")), _fmt(r.figures.get("ppl_after")))
+                      for i, r in enumerate(reports)]
+        print_table(stage_rows, ("stage", "method", "seconds", "peak RSS MB", "params after", f"ppl after ({label})"
+                                 if args.eval else "ppl after"))
+        print()
+    for report in reports:
+        _print_stage(report)
+    print()
+    print_table(rows, ("", "before", "after"))
+    for report in reports:
+        for note in report.notes:
+            print(f"note: {note}" if len(reports) == 1 else f"note ({report.method}): {note}")
+    if args.out:
+        print(f"saved to {args.out}")
+
+
+def _print_stage(report: Report) -> None:
     print(f"method {report.method}: pruned in {report.prune_seconds:.2f}s, peak RSS {report.peak_rss_mb:.0f} MB")
     if report.modules:
         print(f"sparsity of pruned modules (counted in the weights): {report.overall_sparsity:.4f}"
@@ -375,9 +361,3 @@ def _print_prune_summary(report, args: argparse.Namespace) -> None:
     if report.edits:
         shape = "uniform" if report.uniform else "non-uniform: reload with pare.load"
         print(f"structural edits: {len(report.edits)} ({shape})")
-    print()
-    print_table(rows, ("", "before", "after"))
-    for note in report.notes:
-        print(f"note: {note}")
-    if args.out:
-        print(f"saved to {args.out}")

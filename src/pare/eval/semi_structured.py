@@ -2,7 +2,7 @@
 
 A 2:4-pruned checkpoint is stored dense; on GPUs with sparse tensor cores (Ampere and later)
 ``torch.sparse.to_sparse_semi_structured`` turns such a weight into the compressed format that
-cuSPARSELt / CUTLASS multiply about up to 2x faster. This measures, for every 2:4 linear weight of a
+cuSPARSELt / CUTLASS multiply faster. This measures, for every 2:4 linear weight of a
 model, ``x @ W.T`` dense vs semi-structured on the same inputs, and reports the per-module and
 total speed-up. Without CUDA (or without the kernels) it says why and measures nothing.
 """

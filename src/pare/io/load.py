@@ -107,7 +107,9 @@ def load(path: str | Path, device: str | torch.device | None = None,
         if isinstance(saved_dtype, str):
             saved_dtype = getattr(torch, saved_dtype)
         model = AutoModelForCausalLM.from_config(config, dtype=dtype or saved_dtype)
-        replay(model, edits)
+        from pare.io.save import manifest_override
+
+        replay(model, edits, manifest_override(manifest))
         state = _state_dict(p)
         missing, unexpected = model.load_state_dict(state, strict=False)
         tied = {k for k in missing if "lm_head" in k and getattr(config, "tie_word_embeddings", False)}
@@ -121,3 +123,20 @@ def load(path: str | Path, device: str | torch.device | None = None,
     if device is not None:
         model.to(device)  # type: ignore[arg-type]
     return model.eval()
+
+
+def meta_model(name_or_path: str) -> Any:
+    """Build the model on the meta device from its config (no weights read), replaying pare edits."""
+    try:
+        config = AutoConfig.from_pretrained(name_or_path)
+    except (OSError, ValueError) as exc:
+        raise ModelNotFoundError(f"cannot read a model config from {name_or_path!r}: {exc}") from exc
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    manifest = read_manifest(name_or_path) if Path(name_or_path).is_dir() else None
+    if manifest and not manifest.get("uniform", True):
+        from pare.arch.surgery import replay
+        from pare.io.save import manifest_override
+
+        replay(model, manifest.get("edits") or [], manifest_override(manifest))
+    return model

@@ -6,7 +6,7 @@ memory is used), with the recorded structural edits replayed when the shapes are
 have exactly the model's parameter names and shapes. Otherwise ``pare.load`` would fill what the
 manifest leaves out with random weights (``from_pretrained`` only warns), so ``save`` refuses.
 
-Several prunes applied one after the other are saved by passing every report, in order: their
+Several stages applied one after the other are saved by passing every report, in order: their
 edits are concatenated, the edits of earlier prunes re-indexed through the layers later prunes
 removed (``pare.load`` builds the model from the final config, where those layers are gone).
 """
@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from pare.arch.surgery.reindex import chain_edits
 from pare.errors import ConfigError, SaveInterrupted
 from pare.io.outdir import (
     MANIFEST,
@@ -59,58 +60,9 @@ def as_reports(report: Report | Sequence[Report] | None) -> list[Report]:
     return reports
 
 
-def _compose_cuts(earlier: Edit, later: Edit) -> Edit:
-    """One ``remove_layers`` edit equal to ``earlier`` followed by ``later``, in the original indices."""
-    kept = [earlier["kept"][j] for j in later["kept"]]
-    merged = {**later, "kept": kept, "num_layers_before": earlier["num_layers_before"],
-              "removed": [i for i in range(earlier["num_layers_before"]) if i not in set(kept)]}
-    if not earlier.get("uniform", True):
-        merged["uniform"] = False
-    return merged
-
-
-def _through_cut(edits: list[Edit], cut: Edit) -> tuple[list[Edit], Edit]:
-    """Re-index ``edits`` (made before layer removal ``cut``) for the layers that remain.
-
-    Edits of a removed layer are dropped (the layer is gone); an earlier ``remove_layers`` edit is
-    merged into ``cut`` so that replay sees one removal from the original layer indices.
-
-    Returns:
-        The re-indexed edits, and ``cut`` (merged with an earlier removal, if any).
-    """
-    kept = list(cut["kept"])
-    out: list[Edit] = []
-    for edit in edits:
-        if edit.get("op") == "remove_layers":
-            cut = _compose_cuts(edit, cut)
-        elif isinstance(edit.get("layer"), int):
-            if edit["layer"] in kept:
-                out.append({**edit, "layer": kept.index(edit["layer"])})
-        else:
-            out.append(edit)
-    return out, cut
-
-
-def chain_edits(reports: Sequence[Report]) -> list[Edit]:
-    """Every structural edit of ``reports`` (prunes in the order applied), in replay order.
-
-    A single report's edits are returned unchanged. The edits of an earlier report are re-indexed
-    through each layer removal of the later ones, because ``pare.load`` replays them on a model
-    built from the final config, whose layers are already renumbered.
-    """
-    out: list[Edit] = []
-    for report in reports:
-        new = [dict(e) for e in report.edits]
-        for i, edit in enumerate(new):
-            if edit.get("op") == "remove_layers" and out:
-                out, new[i] = _through_cut(out, edit)
-        out.extend(new)
-    return out
-
-
 def manifest_of(reports: Sequence[Report], model: nn.Module | None = None) -> dict[str, Any] | None:
     """The ``pare.json`` content: one report's dict, or for chained prunes the last report's with
-    the edits of all (``chain_edits``), ``uniform`` only when all are, and ``history`` (each dict).
+    the edits of all (``chain_edits``), ``uniform`` only when all are, and ``stages`` (each dict).
 
     With ``model``, a chain whose last cut made the shapes uniform again (every layer's MLP cut to one
     width after a non-uniform cut) is marked uniform when the config alone rebuilds the model.
@@ -120,21 +72,40 @@ def manifest_of(reports: Sequence[Report], model: nn.Module | None = None) -> di
     if len(reports) == 1:
         return reports[0].to_dict()
     manifest = reports[-1].to_dict()
-    manifest["edits"] = chain_edits(reports)
+    manifest["edits"] = chain_edits([r.edits for r in reports])
     manifest["uniform"] = all(r.uniform for r in reports) or (model is not None and config_describes(model))
-    manifest["history"] = [r.to_dict() for r in reports]
+    manifest["stages"] = [r.to_dict() for r in reports]
     methods = " -> ".join(r.method for r in reports)
     manifest["notes"] = [*manifest["notes"], (
-        f"chained prunes: {methods}. 'edits' holds the structural edits of all, in replay order and "
-        "re-indexed to the final layers; 'history' holds each prune's own report."
+        f"stages: {methods}. 'edits' holds the structural edits of all, in replay order and "
+        "re-indexed to the final layers; 'stages' holds each stage's own report (its config, scores, "
+        "edits, sparsity, seconds, peak RSS and the figures after it)."
     )]
     return manifest
 
 
+def manifest_stages(manifest: dict[str, Any] | None) -> list[dict[str, Any]]:
+    """Every stage's report dict in a manifest, in order (``history`` in manifests of pare 0.1)."""
+    if not manifest:
+        return []
+    stages = manifest.get("stages") or manifest.get("history")
+    return list(stages) if stages else [manifest]
+
+
+def manifest_override(manifest: dict[str, Any] | None) -> Any:
+    """The ArchOverride a manifest records (None when the architecture was inferred)."""
+    data = (manifest or {}).get("arch_override")
+    if not data:
+        return None
+    from pare.arch import ArchOverride
+
+    return ArchOverride.from_dict(data)
+
+
 # --------------------------------------------------------------------------- does it describe the model?
-def skeleton(model: nn.Module, edits: Sequence[Edit] | None = None) -> nn.Module:
+def skeleton(model: nn.Module, edits: Sequence[Edit] | None = None, override: Any = None) -> nn.Module:
     """The architecture ``pare.load`` would build for ``model``: from a copy of its config, on the
-    ``meta`` device (no memory), with ``edits`` replayed when given."""
+    ``meta`` device (no memory), with ``edits`` replayed when given (described with ``override``)."""
     from transformers import AutoModelForCausalLM
 
     config = copy.deepcopy(model.config)  # type: ignore[union-attr]
@@ -146,7 +117,7 @@ def skeleton(model: nn.Module, edits: Sequence[Edit] | None = None) -> nn.Module
     if edits:
         from pare.arch.surgery import replay
 
-        replay(built, list(edits))
+        replay(built, list(edits), override)
     return built
 
 
@@ -197,7 +168,7 @@ def check_describes(model: nn.Module, reports: Sequence[Report], manifest: dict[
     given = (f"{len(reports)} report(s) ({', '.join(r.method for r in reports)})" if reports else "no report")
     how = "its config alone" if uniform else f"its config and the {len(edits)} edit(s) recorded"
     try:
-        problems = state_differences(model, skeleton(model, edits))
+        problems = state_differences(model, skeleton(model, edits, manifest_override(manifest)))
     except Exception as exc:  # any failure to replay means the edits do not fit the model
         problems = [f"replaying the edits failed ({exc.__class__.__name__}: {exc})"]
     if problems:
@@ -293,7 +264,7 @@ def _write(model: nn.Module, tokenizer: Any, tmp: Path, manifest: dict[str, Any]
     if manifest is not None:
         size = weights_bytes(tmp)
         reports[-1].figures["size_on_disk_bytes_after"] = size
-        for entry in [manifest, *manifest.get("history", [])[-1:]]:
+        for entry in [manifest, *manifest.get("stages", [])[-1:]]:
             entry["figures"]["size_on_disk_bytes_after"] = size
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str), encoding="utf-8")
     tmp.chmod(0o777 & ~_umask())  # mkdtemp makes it 0700; the output gets the usual permissions

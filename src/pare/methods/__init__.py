@@ -1,13 +1,19 @@
-"""Pruning methods: one file per method, each a config dataclass plus a pruner.
+"""Pruning methods: one file per method, each a config dataclass plus a stage class registered
+with ``@pare.config.register``.
 
-``METHODS`` maps the CLI / config name of each method to its pruner class.
+``METHODS`` maps the CLI / config / recipe name of each registered method to its stage class; it is
+the registry itself, so a method registered anywhere (a plugin, a test) is listed here too.
+Third-party packages can register theirs through the ``pare.methods`` entry-point group: each entry
+point names a module, imported here so that its ``@register`` runs.
 """
 
 from __future__ import annotations
 
-from pare.errors import ConfigError
+import logging
+
+from pare.config import STAGES, stage_class
 from pare.methods.angular import AngularConfig, AngularPruner
-from pare.methods.base import PruneContext, Pruner, SparsityConfig, SparsityPruner
+from pare.methods.base import PruneContext, Pruner, SparsityConfig, SparsityPruner, StructuralPruner
 from pare.methods.experts import ExpertsConfig, ExpertsPruner
 from pare.methods.layers import LayersConfig, LayersPruner
 from pare.methods.magnitude import MagnitudeConfig, MagnitudePruner
@@ -19,31 +25,33 @@ from pare.methods.sublayer import SublayerConfig, SublayerPruner
 from pare.methods.wanda import WandaConfig, WandaPruner
 from pare.methods.width import WidthConfig, WidthPruner
 
-METHODS: dict[str, type[Pruner]] = {
-    "magnitude": MagnitudePruner,
-    "osscar": OsscarPruner,
-    "width": WidthPruner,
-    "wanda": WandaPruner,
-    "sparsegpt": SparseGPTPruner,
-    "shortgpt": ShortGPTPruner,
-    "angular": AngularPruner,
-    "ppl-window": PplWindowPruner,
-    "layers": LayersPruner,
-    "sublayer": SublayerPruner,
-    "experts": ExpertsPruner,
-}
+log = logging.getLogger(__name__)
 
+METHODS: dict[str, type[Pruner]] = STAGES
+"""Every registered method by name (the registry of :mod:`pare.config`)."""
+
+
+def _load_entry_points() -> None:
+    """Import the modules third-party packages list under the ``pare.methods`` entry-point group."""
+    from importlib.metadata import entry_points
+
+    for ep in entry_points(group="pare.methods"):
+        try:
+            ep.load()
+        except Exception as exc:  # a broken plugin must not break pare
+            log.warning("method plugin %s could not be loaded: %s", ep.name, exc)
+
+
+_load_entry_points()
 
 DEFAULT_METHOD = "wanda" if "wanda" in METHODS else "magnitude"
 """The method ``make demo`` and the docs lead with: Wanda needs no weight update and little memory."""
 
 
 def pruner_for(method: str) -> type[Pruner]:
-    """The pruner class of a method name, with the list of valid names on error."""
-    try:
-        return METHODS[method]
-    except KeyError:
-        raise ConfigError(f"unknown method {method!r}; choose one of {sorted(METHODS)}") from None
+    """The stage class of a method name, with the list of valid names on error."""
+    stage: type[Pruner] = stage_class(method)
+    return stage
 
 
 __all__ = [
@@ -69,6 +77,7 @@ __all__ = [
     "SparseGPTPruner",
     "SparsityConfig",
     "SparsityPruner",
+    "StructuralPruner",
     "SublayerConfig",
     "SublayerPruner",
     "WandaConfig",

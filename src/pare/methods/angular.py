@@ -18,9 +18,9 @@ from typing import ClassVar
 
 import torch
 
-from pare.config import help_field
+from pare.config import help_field, register
 from pare.errors import ConfigError
-from pare.methods.base import PruneContext, Pruner
+from pare.methods.base import PruneContext, StructuralPruner
 from pare.methods.layers import DepthConfig, apply_layer_removal
 from pare.ops.similarity import angular_distance, best_span
 
@@ -71,7 +71,8 @@ class AngularConfig(DepthConfig):
             raise ConfigError(f"tokens must be 'all' or 'last', got {self.tokens!r}")
 
 
-class AngularPruner(Pruner):
+@register
+class AngularPruner(StructuralPruner):
     """Angular-distance span selection, then whole-layer removal."""
 
     config_class = AngularConfig

@@ -1,8 +1,17 @@
-"""What every method implements, and the shared machinery of layer-wise sparsity methods.
+"""The stage lifecycle every method implements, and the shared machinery of layer-wise sparsity.
 
-A method is a frozen config dataclass plus a :class:`Pruner`. The pruner declares whether it needs
-calibration data and which input statistics (``norms``, ``gram``) it wants; the math itself lives
-in :mod:`pare.ops`.
+A method is a frozen config dataclass plus a stage class (a :class:`Pruner`) registered with
+:func:`pare.config.register`. A stage declares what it needs (:meth:`Pruner.needs`: calibration
+windows, gradients over them, or nothing) and implements a small lifecycle, driven by
+:mod:`pare.pipeline` in this order:
+
+1. ``check(model, arch)``: refuse options that cannot apply, before any work;
+2. ``start(ctx)``: note what ``finish`` compares against (the model is not changed yet);
+3. ``run(ctx)``: the whole-model step; layer-wise methods ask ``ctx.runner()`` for the layer steps
+   (the runner decides the passes, dense or sequential inputs, and which layer is on which device);
+4. ``finish(ctx)``: complete the report (measured sparsity, notes, whether the shapes are uniform).
+
+The math itself lives in :mod:`pare.ops`.
 """
 
 from __future__ import annotations
@@ -12,7 +21,7 @@ import re
 from abc import ABC, abstractmethod
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar, Literal
 
 import torch
 from torch import nn
@@ -20,30 +29,45 @@ from tqdm.auto import tqdm
 
 from pare.arch.roles import ModelArch
 from pare.arch.targets import Target, check_selection, layer_targets, select
-from pare.calibration.runner import LayerwiseRunner
+from pare.calibration.runner import LayerwiseRunner, on_device
 from pare.calibration.stats import STAT_GRAM, InputStats, record_inputs
-from pare.config import PruneConfig, RuntimeConfig, check_ratio, check_regexes, help_field, usable_device
+from pare.config import PruneConfig, RuntimeConfig, check_ratio, check_regexes, help_field
 from pare.errors import ConfigError
-from pare.eval.size import nonzero
+from pare.eval.size import nonzero, nonzero_by_parameter
 from pare.ops.masks import parse_pattern
 from pare.ops.owl import layer_outlier_ratio, owl_sparsities
 from pare.ops.wanda import wanda_scores
 from pare.report import Report
 
+if TYPE_CHECKING:
+    from pare.arch import ArchOverride
+
 log = logging.getLogger(__name__)
+
+Needs = Literal["windows", "gradients", "nothing"]
+"""What a stage needs from the calibration set: token windows (statistics from forward passes),
+gradients over them (a backward pass), or nothing (data-free)."""
+
+DENSE_ZEROS_NOTE = (
+    "Unstructured/N:M sparsity leaves a dense checkpoint of the same size and dense speed: the zeros "
+    "are stored. Gains need a sparse format or kernels (the N:M pattern is recorded for them)."
+)
 
 
 @dataclass
 class PruneContext:
-    """Everything a pruner may use.
+    """Everything a stage may use.
 
     Attributes:
-        model: the model, pruned in place.
-        arch: its description.
-        calibration: token windows ``[N, L]`` or None for data-free methods.
-        runtime: device / offload / sequential settings.
-        report: filled in by the pruner (scores, edits, notes); module sparsity is measured after.
+        model: the model, changed in place.
+        arch: its description (made with ``arch_override``).
+        calibration: token windows ``[N, L]`` or None for data-free stages.
+        runtime: device / offload / sequential settings as given.
+        report: filled in by the stage (scores, edits, notes).
         batch_size: windows per forward in the runner.
+        device: the resolved compute device (checked once per run).
+        arch_override: the caller's architecture corrections: a stage that describes the model again
+            (after cutting it) passes them on.
     """
 
     model: nn.Module
@@ -52,14 +76,29 @@ class PruneContext:
     runtime: RuntimeConfig
     report: Report
     batch_size: int = 8
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    arch_override: ArchOverride | None = None
+
+    @property
+    def dtype(self) -> torch.dtype | None:
+        """The model's floating dtype (None for a model without parameters)."""
+        first = next(self.model.parameters(), None)
+        return None if first is None else first.dtype
+
+    def describe(self) -> ModelArch:
+        """The model described again (after a structural edit), with the caller's override."""
+        from pare.arch import describe
+
+        return describe(self.model, self.arch_override)
 
     def runner(self, ids: torch.Tensor | None = None, sequential: bool | None = None) -> LayerwiseRunner:
         """A layer-wise runner over ``ids`` (default: the calibration windows) with the runtime's
         settings; ``sequential`` overrides the runtime's choice (scoring passes want dense inputs)."""
         ids = self.calibration if ids is None else ids
-        assert ids is not None
+        if ids is None:
+            raise ConfigError(f"{self.report.method} needs calibration windows, and none were given")
         return LayerwiseRunner(
-            self.model, self.arch, ids, device=self.runtime.device,
+            self.model, self.arch, ids, device=self.device,
             batch_size=self.batch_size, offload=self.runtime.offload,
             sequential=self.runtime.sequential if sequential is None else sequential,
             progress=self.runtime.progress,
@@ -67,13 +106,27 @@ class PruneContext:
 
 
 class Pruner(ABC):
-    """A pruning method: built from its config, run on a :class:`PruneContext`."""
+    """A stage (pruner, quantizer, recovery step): built once from its config, run on a context.
+
+    Subclasses set ``config_class`` and are registered with ``@pare.config.register``; the config's
+    ``method`` is their name everywhere.
+    """
 
     config_class: ClassVar[type[PruneConfig]]
     needs_calibration: ClassVar[bool] = True
 
     def __init__(self, config: PruneConfig) -> None:
         self.config = config
+
+    @classmethod
+    def example_config(cls) -> PruneConfig:
+        """A config of this stage that applies to any small model (the contract tests run every
+        registered stage with it); the config's defaults unless a field has none that works."""
+        return cls.config_class()
+
+    def needs(self) -> Needs:
+        """What this run needs from the calibration set (the method's default unless its options say)."""
+        return "windows" if self.uses_calibration() else "nothing"
 
     def uses_calibration(self) -> bool:
         """Whether this run needs calibration windows (the method's default, unless its options say)."""
@@ -83,9 +136,38 @@ class Pruner(ABC):
         """Raise ConfigError when the options cannot apply to this model (checked before any work,
         e.g. before a dense evaluation); the default accepts every model."""
 
+    def start(self, ctx: PruneContext) -> None:  # noqa: B027 - optional hook
+        """Note what :meth:`finish` compares against, before the model changes."""
+
     @abstractmethod
     def run(self, ctx: PruneContext) -> None:
-        """Prune ``ctx.model`` in place and record what was done in ``ctx.report``."""
+        """Change ``ctx.model`` in place and record what was done in ``ctx.report``."""
+
+    def finish(self, ctx: PruneContext) -> None:  # noqa: B027 - optional hook
+        """Complete ``ctx.report`` once the run is done (figures ``params_*`` are already in)."""
+
+
+class StructuralPruner(Pruner):
+    """A stage that changes shapes (layers, heads, channels): its report says whether the config
+    alone still describes the model (plain ``from_pretrained``) or ``pare.load`` must replay edits."""
+
+    def start(self, ctx: PruneContext) -> None:
+        from pare.io.save import config_describes
+
+        # whether the config alone describes the model now (not after an earlier non-uniform prune)
+        self._described_before = config_describes(ctx.model)
+
+    def finish(self, ctx: PruneContext) -> None:
+        from pare.io.save import config_describes
+
+        report = ctx.report
+        if report.edits and report.uniform and self._described_before and not config_describes(ctx.model):
+            report.uniform = False  # a shape the config has no field for (Bloom's MLP width): pare.load replays
+        if report.figures["params_after"] == report.figures["params_before"]:
+            unchanged = (f"{report.method} removed nothing with these options (a ratio of 0, or widths that round "
+                         "back to the full size): the model is unchanged")
+            log.warning(unchanged)
+            report.notes.append(unchanged)
 
 
 @dataclass(frozen=True)
@@ -195,6 +277,20 @@ class SparsityPruner(Pruner):
 
     def prepare(self, ctx: PruneContext) -> None:
         """Called once before the layers are visited (e.g. to compute per-layer ratios)."""
+
+    def start(self, ctx: PruneContext) -> None:
+        # every parameter's non-zeros: a model pruned before (a chained run) already holds zeros
+        self._nonzero_before = nonzero_by_parameter(ctx.model)
+
+    def finish(self, ctx: PruneContext) -> None:
+        """Weights are zeroed, shapes unchanged: the measured sparsity per module and the non-zeros."""
+        report, cfg = ctx.report, self.config
+        report.pattern = None if cfg.nm is None else cfg.pattern
+        report.modules = self.pruned_modules(ctx.model, ctx.arch)
+        report.notes.append(DENSE_ZEROS_NOTE)
+        report.figures["nonzero_before"] = sum(self._nonzero_before.values())
+        report.figures["nonzero_after"] = self.nonzero_after(ctx.model, ctx.arch, self._nonzero_before,
+                                                             report.modules)
 
     def new_stats(self, target: Target) -> InputStats:
         """The accumulator for one target's inputs (methods may share work between targets)."""
@@ -361,17 +457,11 @@ class SparsityPruner(Pruner):
         ctx.report.scores["layers"] = rows
 
     def _run_data_free(self, ctx: PruneContext) -> None:
-        device = usable_device(ctx.runtime.device)
         layers = ctx.arch.layer_modules(ctx.model)
         for i in tqdm(range(len(layers)), desc="layers", disable=not ctx.runtime.progress, leave=False):
-            layer = layers[i]
-            home = next(layer.parameters()).device
-            if home != device:  # Module.to walks every parameter even when nothing moves
-                layer.to(device)
-            for t in self._selected(ctx.arch, i, layer):
-                self.prune_target(t, None, self.target_sparsity(i, t))
-            if home != device:
-                layer.to(home)
+            with on_device(layers[i], ctx.device) as layer:
+                for t in self._selected(ctx.arch, i, layer):
+                    self.prune_target(t, None, self.target_sparsity(i, t))
 
 
 def _norms(target: Target, stats: InputStats) -> torch.Tensor:

@@ -23,7 +23,6 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from pare.arch import describe
 from pare.arch.roles import ModelArch
 from pare.arch.surgery.experts import (
     current_top_k,
@@ -34,9 +33,9 @@ from pare.arch.surgery.experts import (
 )
 from pare.calibration.runner import LayerStep
 from pare.calibration.stats import RoutingStats, record_routing
-from pare.config import PruneConfig, check_ratio, help_field
+from pare.config import PruneConfig, check_ratio, help_field, register
 from pare.errors import ConfigError
-from pare.methods.base import PruneContext, Pruner
+from pare.methods.base import PruneContext, StructuralPruner
 from pare.ops import experts as ops
 
 log = logging.getLogger(__name__)
@@ -100,7 +99,8 @@ class ExpertsConfig(PruneConfig):
         return max(1, round((1 - self.expert_ratio) * num_experts))
 
 
-class ExpertsPruner(Pruner):
+@register
+class ExpertsPruner(StructuralPruner):
     """Score routed experts from the calibration tokens' routing, then remove (or merge) the weakest."""
 
     config_class = ExpertsConfig
@@ -156,7 +156,7 @@ class ExpertsPruner(Pruner):
                 st = self._record(step, ex.num_experts, keep_outputs=not sequential and step.index < last)
                 layer_scores = ops.expert_scores(cfg.importance, st.sums, st.tokens)
                 rows.append(self._cut(ctx, step.index, st, layer_scores, cfg.kept(ex.num_experts), top_k))
-        ctx.report.uniform = sync_expert_config(ctx.model, describe(ctx.model), top_k)
+        ctx.report.uniform = sync_expert_config(ctx.model, ctx.describe(), top_k)
         ctx.report.scores["experts"] = rows
 
     @staticmethod

@@ -24,9 +24,9 @@ from torch import nn
 
 from pare.arch.roles import ModelArch
 from pare.arch.surgery.depth import check_layer_indices, remove_layers
-from pare.config import PruneConfig, help_field
+from pare.config import PruneConfig, help_field, register
 from pare.errors import ConfigError
-from pare.methods.base import PruneContext, Pruner
+from pare.methods.base import PruneContext, StructuralPruner
 
 
 def parse_layer_spec(spec: str) -> list[int]:
@@ -154,12 +154,17 @@ class LayersConfig(PruneConfig):
             parse_layer_spec(self.layers)
 
 
-class LayersPruner(Pruner):
+@register
+class LayersPruner(StructuralPruner):
     """Delete the given layers (no scoring)."""
 
     config_class = LayersConfig
     config: LayersConfig
     needs_calibration: ClassVar[bool] = False
+
+    @classmethod
+    def example_config(cls) -> LayersConfig:
+        return LayersConfig(layers="1")
 
     def check(self, model: nn.Module, arch: ModelArch) -> None:
         self._chosen(arch.num_layers)

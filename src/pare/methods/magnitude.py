@@ -4,7 +4,7 @@ The classic data-free baseline (Han et al., 2015, "Learning both Weights and Con
 are compared across the whole matrix (``granularity="layer"``, the baseline of the SparseGPT and
 Wanda papers and llm-compressor's magnitude mask) or within each output row (``granularity="row"``,
 Wanda's comparison group); an N:M pattern compares within each group of M inputs. Neither wins
-everywhere: on stories260K rows gave the lower perplexity at 50% and the whole matrix at 70% + OWL.
+everywhere (the README has the comparison).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from typing import ClassVar
 
 from pare.arch.targets import Target
 from pare.calibration.stats import InputStats
-from pare.config import help_field
+from pare.config import help_field, register
 from pare.errors import ConfigError
 from pare.methods.base import SparsityConfig, SparsityPruner
 from pare.ops.masks import make_mask, zero_masked_
@@ -38,6 +38,7 @@ class MagnitudeConfig(SparsityConfig):
             raise ConfigError(f"granularity must be 'row' or 'layer', got {self.granularity!r}")
 
 
+@register
 class MagnitudePruner(SparsityPruner):
     """Zero the smallest-magnitude weights of every target matrix."""
 

@@ -22,7 +22,6 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from pare.arch import describe
 from pare.arch.roles import AttentionRoles, ModelArch
 from pare.arch.surgery.width import (
     check_fused_layout,
@@ -37,9 +36,9 @@ from pare.arch.surgery.width import (
 from pare.arch.targets import Target, layer_targets
 from pare.calibration.runner import LayerStep
 from pare.calibration.stats import InputStats, record_inputs
-from pare.config import PruneConfig, check_ratio, help_field
+from pare.config import PruneConfig, check_ratio, help_field, register
 from pare.errors import ConfigError
-from pare.methods.base import PruneContext, Pruner
+from pare.methods.base import PruneContext, StructuralPruner
 from pare.ops.importance import round_width
 from pare.ops.osscar import select_groups
 
@@ -135,7 +134,8 @@ def head_groups(att: AttentionRoles, heads: int, kv: int, mode: str) -> tuple[in
     return att.head_dim, part, torch.full((att.num_kv_heads,), heads // kv, dtype=torch.long)
 
 
-class OsscarPruner(Pruner):
+@register
+class OsscarPruner(StructuralPruner):
     """Layer-wise OSSCAR: gather the Gram of o_proj / down_proj inputs, select, refit, cut."""
 
     config_class = OsscarConfig
@@ -159,7 +159,7 @@ class OsscarPruner(Pruner):
                 self._prune_attention(ctx, step, targets, heads_plan)
             if cfg.mlp_ratio > 0 and (step.roles.mlp is not None or step.roles.experts is not None):
                 self._prune_mlp(ctx, step, targets)  # a layer whose MLP block was removed is left as it is
-        ctx.report.uniform = sync_config(ctx.model, describe(ctx.model))
+        ctx.report.uniform = sync_config(ctx.model, ctx.describe())
         if ctx.report.edits:
             ctx.report.notes.append(
                 "Structured cut: weights are removed, so the checkpoint is smaller and dense kernels are faster."

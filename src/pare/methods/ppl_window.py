@@ -2,8 +2,7 @@
 
 For every window ``[s, s+n)`` of ``n`` consecutive decoder layers, the perplexity of the model
 without that window is measured on a held-out part of the calibration windows; the window whose
-removal leaves the lowest perplexity is deleted (Quark ``LayerImportancePruneConfig``; e.g.
-Llama-2-70B: layers 27-35 of 80, WikiText-2 PPL 4.65 -> 5.53).
+removal leaves the lowest perplexity is deleted (Quark ``LayerImportancePruneConfig``).
 
 ``search="exact"`` re-runs the whole model without each window (``L - n + 1`` full forwards).
 ``search="proxy"`` shares the prefix: the layers run once and the hidden state entering every layer
@@ -39,11 +38,11 @@ from typing import Any, ClassVar
 import torch
 from tqdm.auto import tqdm
 
-from pare.calibration.runner import LayerStep, logits_from_hidden, model_device
-from pare.config import help_field
+from pare.calibration.runner import LayerStep, logits_from_hidden, model_device, on_device
+from pare.config import help_field, register
 from pare.errors import ConfigError
 from pare.eval.perplexity import nll_sum
-from pare.methods.base import PruneContext, Pruner
+from pare.methods.base import PruneContext, StructuralPruner
 from pare.methods.layers import DepthConfig, apply_layer_removal, holdout_windows
 from pare.ops.similarity import angular_distance, perplexity_of
 
@@ -75,14 +74,10 @@ class PrefixCache:
         """Layer ``j`` on ``hidden`` with batch ``b``'s call arguments."""
         arch, model = self.ctx.arch, self.ctx.model
         layer = arch.layer_modules(model)[j]
-        home = model_device(layer)
-        if home != self.device:
-            layer.to(self.device)
-        step = LayerStep(j, layer, arch.layers[j], arch.layer_prefix(j), [], self.calls[j], self.device)
-        out = step.forward_batch(b, hidden)
+        with on_device(layer, self.device):
+            step = LayerStep(j, layer, arch.layers[j], arch.layer_prefix(j), [], self.calls[j], self.device)
+            out = step.forward_batch(b, hidden)
         self.as_tuple = step.returns_tuple
-        if home != self.device:
-            layer.to(home)
         return out.detach()
 
     @torch.no_grad()
@@ -256,7 +251,8 @@ class PplWindowConfig(DepthConfig):
                 raise ConfigError(f"{name} must be in (0, 1], got {value!r}")
 
 
-class PplWindowPruner(Pruner):
+@register
+class PplWindowPruner(StructuralPruner):
     """Quark-style perplexity search over windows of consecutive layers."""
 
     config_class = PplWindowConfig

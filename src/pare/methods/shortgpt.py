@@ -16,7 +16,8 @@ from typing import ClassVar
 
 import torch
 
-from pare.methods.base import PruneContext, Pruner
+from pare.config import register
+from pare.methods.base import PruneContext, StructuralPruner
 from pare.methods.layers import DepthConfig, apply_layer_removal
 from pare.ops.similarity import lowest, token_cosine
 
@@ -42,7 +43,8 @@ class ShortGPTConfig(DepthConfig):
     method: ClassVar[str] = "shortgpt"
 
 
-class ShortGPTPruner(Pruner):
+@register
+class ShortGPTPruner(StructuralPruner):
     """Block Influence ranking over calibration tokens, then whole-layer removal."""
 
     config_class = ShortGPTConfig

@@ -18,7 +18,7 @@ from typing import ClassVar
 
 from pare.arch.targets import Target
 from pare.calibration.stats import STAT_GRAM, InputStats
-from pare.config import help_field
+from pare.config import help_field, register
 from pare.errors import ConfigError
 from pare.methods.base import PruneContext, SparsityConfig, SparsityPruner
 from pare.ops.masks import make_mask
@@ -60,6 +60,7 @@ class SparseGPTConfig(SparsityConfig):
             raise ConfigError(f"percdamp must be a number >= 0 (0.01 in the paper), got {self.percdamp!r}")
 
 
+@register
 class SparseGPTPruner(SparsityPruner):
     """Prune and reconstruct every target matrix with SparseGPT."""
 

@@ -25,29 +25,15 @@ import torch
 from torch import nn
 
 from pare.arch.roles import ModelArch
-from pare.arch.surgery.depth import remove_sublayer, set_submodule, sublayer_parameters
-from pare.config import PruneConfig, help_field
+from pare.arch.surgery.depth import block_paths, remove_sublayer, sublayer_parameters, sublayer_removed
+from pare.config import PruneConfig, help_field, register
 from pare.errors import ConfigError
-from pare.methods.base import PruneContext, Pruner
+from pare.methods.base import PruneContext, StructuralPruner
 from pare.methods.layers import holdout_windows, parse_layer_spec
 from pare.methods.ppl_window import PrefixCache
 from pare.ops.similarity import normalized_relative_impact, perplexity_of
 
 PARTS = ("attention", "mlp")
-
-
-def block_paths(arch: ModelArch, layer_idx: int, part: str) -> list[str]:
-    """The module paths (inside the layer) that :func:`remove_sublayer` replaces."""
-    roles = arch.layers[layer_idx]
-    if part == "attention":
-        return [roles.attention.path] if roles.attention is not None else []
-    if roles.experts is not None:
-        return [roles.experts.path.rpartition(".")[0]]
-    if roles.mlp is None:
-        return []
-    if roles.mlp.path:
-        return [roles.mlp.path]
-    return [p.path for p in (*roles.mlp.inputs, roles.mlp.down)]
 
 
 @dataclass(frozen=True)
@@ -125,21 +111,16 @@ def _count(config: SublayerConfig, nri: list[float], params: list[int], total: i
     return k
 
 
-class SublayerPruner(Pruner):
+@register
+class SublayerPruner(StructuralPruner):
     """NRI ranking of attention/MLP blocks, then replacement by the residual identity."""
 
     config_class = SublayerConfig
     config: SublayerConfig
 
     def _score(self, ctx: PruneContext, cache: PrefixCache, layer_idx: int, part: str) -> float:
-        layer = ctx.arch.layer_modules(ctx.model)[layer_idx]
-        originals = {p: layer.get_submodule(p) for p in block_paths(ctx.arch, layer_idx, part)}
-        remove_sublayer(ctx.model, ctx.arch, layer_idx, part)
-        try:
+        with sublayer_removed(ctx.model, ctx.arch, layer_idx, part):
             return perplexity_of(*cache.nll_from(layer_idx))
-        finally:
-            for path, module in originals.items():
-                set_submodule(layer, path, module)
 
     def check(self, model: nn.Module, arch: ModelArch) -> None:
         self.config.candidate_layers(arch.num_layers)

@@ -18,7 +18,7 @@ from torch import nn
 from pare.arch.roles import ModelArch
 from pare.arch.targets import Target
 from pare.calibration.stats import STAT_NORMS, InputStats, RouterWeightedStats
-from pare.config import help_field
+from pare.config import help_field, register
 from pare.errors import ConfigError, PareError
 from pare.methods.base import SparsityConfig, SparsityPruner
 from pare.ops.masks import make_mask
@@ -43,6 +43,7 @@ class WandaConfig(SparsityConfig):
     router_weighted: bool = help_field(False, "MoE experts: gate-weighted activation norms (MoE-Pruner)")
 
 
+@register
 class WandaPruner(SparsityPruner):
     """Zero the lowest ``|W| * ||X||`` scores of every row (or of every group of M inputs)."""
 

@@ -26,11 +26,12 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from pare.arch import describe
 from pare.arch.roles import LayerRoles, MLPRoles, ModelArch, Proj, get_weight
 from pare.arch.surgery.width import (
     ATTN_WIDTH_IS_HIDDEN,
+    BIAS_FLAGS,
     attention_follows_hidden,
+    enable_bias,
     expert_alignment,
     pin_derived_widths,
     prune_heads,
@@ -39,10 +40,11 @@ from pare.arch.surgery.width import (
     sync_config,
 )
 from pare.arch.targets import layer_targets
+from pare.calibration.runner import on_device
 from pare.calibration.stats import InputStats, record_inputs
-from pare.config import PruneConfig, check_ratio, help_field, usable_device
+from pare.config import PruneConfig, check_ratio, help_field, register
 from pare.errors import ConfigError
-from pare.methods.base import PruneContext, Pruner
+from pare.methods.base import Needs, PruneContext, StructuralPruner
 from pare.methods.osscar import HEAD_MODES, check_savable_heads, resolve_heads
 from pare.ops import importance as imp
 
@@ -134,28 +136,26 @@ def taylor_tables(model: nn.Module, ids: torch.Tensor, batch_size: int, device: 
     ``batch_size`` (memory: one gradient per parameter, as in one full backward)."""
     params = {n: p for n, p in model.named_parameters()}
     flags = {n: p.requires_grad for n, p in params.items()}
-    home = next(model.parameters()).device
     acc: dict[str, list[torch.Tensor]] = {}
-    model.to(device)
     try:
-        for p in params.values():
-            p.requires_grad_(True)
-            p.grad = None
-        # a caller's inference_mode or no_grad would leave nothing to differentiate
-        with torch.inference_mode(False), torch.enable_grad():
-            for batch in ids.split(batch_size):
-                b = batch.to(device).clone()  # an ordinary tensor even if made under inference_mode
-                loss = model(input_ids=b, labels=b, use_cache=False).loss
-                (loss * (b.shape[0] / ids.shape[0])).backward()
-        for n, p in params.items():
-            if p.grad is not None:
-                acc[n] = _row_col_sums(imp.taylor(p.data, p.grad))
-                p.grad = None  # freed as soon as it is reduced
+        with on_device(model, device):
+            for p in params.values():
+                p.requires_grad_(True)
+                p.grad = None
+            # a caller's inference_mode or no_grad would leave nothing to differentiate
+            with torch.inference_mode(False), torch.enable_grad():
+                for batch in ids.split(batch_size):
+                    b = batch.to(device).clone()  # an ordinary tensor even if made under inference_mode
+                    loss = model(input_ids=b, labels=b, use_cache=False).loss
+                    (loss * (b.shape[0] / ids.shape[0])).backward()
+            for n, p in params.items():
+                if p.grad is not None:
+                    acc[n] = _row_col_sums(imp.taylor(p.data, p.grad))
+                    p.grad = None  # freed as soon as it is reduced
     finally:
         for n, p in params.items():
             p.requires_grad_(flags[n])
             p.grad = None
-        model.to(home)
     return acc
 
 
@@ -390,31 +390,6 @@ def kept_hidden(model: nn.Module, arch: ModelArch, cfg: WidthConfig) -> int:
 
 
 # ---------------------------------------------------------------------------- applying
-BIAS_FLAGS = {"mlp": "mlp_bias", "attention": "attention_bias"}
-
-
-def _enable_bias(model: nn.Module, arch: ModelArch, kind: str) -> bool:
-    """Make every projection governed by ``mlp_bias``/``attention_bias`` carry a (zero) bias and set
-    the flag, so transformers rebuilds the biases on reload. False when the family has no flag."""
-    flag = BIAS_FLAGS[kind]
-    cfg: Any = model.config
-    if not hasattr(cfg, flag):
-        return False
-    layers = arch.layer_modules(model)
-    for i, roles in enumerate(arch.layers):
-        block = roles.mlp if kind == "mlp" else roles.attention
-        if block is None:
-            continue
-        out = block.down if isinstance(block, MLPRoles) else block.o
-        for p in (*block.inputs, out):
-            m: Any = layers[i].get_submodule(p.path)
-            if getattr(m, "bias", None) is None:
-                w = get_weight(m, p)
-                m.bias = nn.Parameter(torch.zeros(w.shape[0], dtype=w.dtype, device=w.device))
-    setattr(cfg, flag, True)
-    return True
-
-
 def _compensate(ctx: PruneContext, scorer: Scorer, i: int, proj: Proj, keep: torch.Tensor, group: int,
                 kind: str, can: dict[str, bool]) -> None:
     """FLAP: add ``W[:, pruned] @ mean(X_pruned)`` to the output bias of ``proj``."""
@@ -423,7 +398,7 @@ def _compensate(ctx: PruneContext, scorer: Scorer, i: int, proj: Proj, keep: tor
     st = scorer.stats.get(f"{ctx.arch.layer_prefix(i)}.{proj.path}")
     if st is None or st.tokens == 0:
         return
-    if getattr(m, "bias", None) is None and not can.setdefault(kind, _enable_bias(ctx.model, ctx.arch, kind)):
+    if getattr(m, "bias", None) is None and not can.setdefault(kind, enable_bias(ctx.model, ctx.arch, kind)):
         note = f"FLAP bias compensation skipped for {kind}: {ctx.arch.model_type} has no {BIAS_FLAGS[kind]} config flag"
         if note not in ctx.report.notes:
             ctx.report.notes.append(note)
@@ -461,13 +436,14 @@ def apply(ctx: PruneContext, p: Plan, scorer: Scorer, cfg: WidthConfig) -> None:
     if p.hidden is not None:
         ctx.report.edits.append(prune_hidden(ctx.model, arch, p.hidden))
         ctx.report.notes.append(
-            "hidden-size pruning: norm weights are kept as they are; RMSNorm's mean of squares now runs "
-            "over the kept channels only (rescaling by sqrt(H/H') was worse on stories260K)"
+            "hidden-size pruning: norm weights are kept as they are; RMSNorm's mean of squares now runs over "
+            "the kept channels only (rescaling by sqrt(H/H') over-amplifies when removed channels carry energy)"
         )
 
 
 # ---------------------------------------------------------------------------- the pruner
-class WidthPruner(Pruner):
+@register
+class WidthPruner(StructuralPruner):
     """Score every width channel, choose what to keep, then cut heads, MLP channels and hidden."""
 
     config_class = WidthConfig
@@ -476,6 +452,9 @@ class WidthPruner(Pruner):
 
     def uses_calibration(self) -> bool:
         return self.config.importance != "magnitude"
+
+    def needs(self) -> Needs:
+        return "gradients" if self.config.importance == "taylor" else super().needs()
 
     def check(self, model: nn.Module, arch: ModelArch) -> None:
         cfg = self.config
@@ -499,11 +478,11 @@ class WidthPruner(Pruner):
             scorer.stats = self._collect_stats(ctx, ids)
         elif cfg.importance == "taylor":
             assert ids is not None
-            scorer.taylor = taylor_tables(ctx.model, ids, ctx.batch_size, usable_device(ctx.runtime.device))
+            scorer.taylor = taylor_tables(ctx.model, ids, ctx.batch_size, ctx.device)
         p = plan(ctx.model, ctx.arch, scorer, cfg)
         pin_derived_widths(ctx.model, ctx.arch)
         apply(ctx, p, scorer, cfg)
-        ctx.report.uniform = sync_config(ctx.model, describe(ctx.model))
+        ctx.report.uniform = sync_config(ctx.model, ctx.describe())
         ctx.report.scores["widths"] = p.summary()
 
     def _collect_stats(self, ctx: PruneContext, ids: torch.Tensor) -> dict[str, MomentStats]:

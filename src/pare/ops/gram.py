@@ -12,8 +12,7 @@ from __future__ import annotations
 import torch
 
 STRIP = 256
-"""Strip width: on one CPU core, 2048 tokens, 0.66x the time of the full product for 1024 columns,
-0.57x for 2688 and 4096 (128 is slower for wide inputs, 512 no better)."""
+"""Strip width of the upper-triangle accumulation (measured in bench/, see the README)."""
 
 
 def add_gram_upper_(acc: torch.Tensor, x: torch.Tensor, strip: int = STRIP) -> None:

@@ -22,7 +22,7 @@ from __future__ import annotations
 import contextlib
 import copy
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -32,6 +32,9 @@ from pare.errors import ConfigError
 
 INDEX_LISTS = ("mlp_only_layers",)
 """Config lists that hold layer *indices* (remapped, removed ones dropped)."""
+
+if TYPE_CHECKING:
+    from pare.arch.overrides import ArchOverride
 
 
 def check_layer_indices(indices: Sequence[int], num_layers: int) -> list[int]:
@@ -121,7 +124,7 @@ def remove_layers(model: nn.Module, arch: ModelArch, indices: Sequence[int]) -> 
     return edit
 
 
-def _replay_remove_layers(model: nn.Module, edit: dict[str, Any]) -> None:
+def _replay_remove_layers(model: nn.Module, edit: dict[str, Any], override: ArchOverride | None = None) -> None:
     """On a model built from the saved (already shortened) config the layers are gone; restore the
     per-layer attention scale of GPT-2 models built with ``scale_attn_by_inverse_layer_idx``."""
     layers = model.get_submodule(edit["layers_path"])
@@ -129,7 +132,7 @@ def _replay_remove_layers(model: nn.Module, edit: dict[str, Any]) -> None:
     if len(layers) == edit["num_layers_before"]:  # a config saved before the cut: cut now
         from pare.arch import describe
 
-        remove_layers(model, describe(model), edit["removed"])
+        remove_layers(model, describe(model, override), edit["removed"])
     if getattr(_config(model), "scale_attn_by_inverse_layer_idx", False):
         for new, old in enumerate(edit["kept"]):
             for module in layers[new].modules():
@@ -254,6 +257,34 @@ def sublayer_parameters(arch: ModelArch, model: nn.Module, layer_idx: int, part:
     return sum(p.numel() for p in layer.get_submodule(block).parameters())
 
 
+def block_paths(arch: ModelArch, layer_idx: int, part: str) -> list[str]:
+    """The module paths (inside the layer) that :func:`remove_sublayer` replaces."""
+    roles = arch.layers[layer_idx]
+    if part == "attention":
+        return [roles.attention.path] if roles.attention is not None else []
+    if roles.experts is not None:
+        return [roles.experts.path.rpartition(".")[0]]
+    if roles.mlp is None:
+        return []
+    if roles.mlp.path:
+        return [roles.mlp.path]
+    return [p.path for p in (*roles.mlp.inputs, roles.mlp.down)]
+
+
+@contextlib.contextmanager
+def sublayer_removed(model: nn.Module, arch: ModelArch, layer_idx: int, part: str) -> Iterator[None]:
+    """Layer ``layer_idx``'s ``part`` block stands in for the identity while the body runs, then the
+    original modules are put back (for scoring a removal without making it)."""
+    layer = arch.layer_modules(model)[layer_idx]
+    originals = {p: layer.get_submodule(p) for p in block_paths(arch, layer_idx, part)}
+    remove_sublayer(model, arch, layer_idx, part)
+    try:
+        yield
+    finally:
+        for path, module in originals.items():
+            set_submodule(layer, path, module)
+
+
 def remove_sublayer(model: nn.Module, arch: ModelArch, layer_idx: int, part: str = "attention") -> dict[str, Any]:
     """Replace the attention or MLP block of one layer by its residual identity (a zero output).
 
@@ -315,7 +346,7 @@ def remove_sublayer(model: nn.Module, arch: ModelArch, layer_idx: int, part: str
     return edit
 
 
-def _replay_remove_sublayer(model: nn.Module, edit: dict[str, Any]) -> None:
+def _replay_remove_sublayer(model: nn.Module, edit: dict[str, Any], override: ArchOverride | None = None) -> None:
     # No describe() here: a layer whose block is already a stand-in has no roles to infer.
     layers = model.get_submodule(edit["layers_path"])
     assert isinstance(layers, nn.ModuleList)
@@ -332,7 +363,7 @@ def _replay_remove_sublayer(model: nn.Module, edit: dict[str, Any]) -> None:
         set_submodule(layer, edit["down"], ZeroProjection(edit["out_features"]))
 
 
-REPLAY: dict[str, Callable[[nn.Module, dict[str, Any]], None]] = {
+REPLAY: dict[str, Callable[[nn.Module, dict[str, Any], ArchOverride | None], None]] = {
     "remove_layers": _replay_remove_layers,
     "remove_sublayer": _replay_remove_sublayer,
 }

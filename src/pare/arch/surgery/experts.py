@@ -12,7 +12,7 @@ tensor, rewrites the module attributes the forwards read (``num_experts``, ``top
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -20,6 +20,9 @@ from torch import nn
 from pare.arch.roles import ExpertsRoles, ModelArch
 from pare.errors import ConfigError, PareError
 from pare.ops.experts import merge_params
+
+if TYPE_CHECKING:
+    from pare.arch.overrides import ArchOverride
 
 Edit = dict[str, Any]
 
@@ -168,10 +171,10 @@ def sync_expert_config(model: nn.Module, arch: ModelArch, top_k: int | None) -> 
     return True
 
 
-def _replay_experts(model: nn.Module, edit: Edit) -> None:
+def _replay_experts(model: nn.Module, edit: Edit, override: ArchOverride | None = None) -> None:
     from pare.arch import describe
 
-    arch = describe(model)
+    arch = describe(model, override)
     i = int(edit["layer"])
     ex = arch.layers[i].experts
     if ex is None:
@@ -185,6 +188,6 @@ def _replay_experts(model: nn.Module, edit: Edit) -> None:
     remove_experts(model, arch, i, torch.arange(k), None if top_k is None else int(top_k))
 
 
-REPLAY: dict[str, Callable[[nn.Module, dict[str, Any]], None]] = {"experts": _replay_experts}
+REPLAY: dict[str, Callable[[nn.Module, dict[str, Any], ArchOverride | None], None]] = {"experts": _replay_experts}
 
 __all__ = ["REPLAY", "current_top_k", "group_limited", "merge_experts", "remove_experts", "sync_expert_config"]

@@ -12,9 +12,8 @@ Hidden-size pruning and RMSNorm: RMSNorm divides by ``sqrt(mean_j x_j^2)`` over 
 sees, so over fewer channels the statistic changes (the mean is over H' channels instead of H).
 :func:`prune_hidden` can multiply RMSNorm weights by ``rms_scale``: ``sqrt(H / H')`` is exact when the
 removed channels carry no energy (the zero-channel invariant the tests check). On real models the
-removed channels do carry energy and that scale over-amplifies: on stories260K, width pruning at
-ratio 0.5 gave PPL 1191 with ``sqrt(H/H')`` against 308 with the weights left as they are, so the
-default is 1.0 (no rescaling). LayerNorm (GPT-2, OPT, GPT-NeoX) also subtracts the mean, so no
+removed channels do carry energy and that scale over-amplifies (the README has the comparison), so
+the default is 1.0 (no rescaling). LayerNorm (GPT-2, OPT, GPT-NeoX) also subtracts the mean, so no
 scale makes it exact; it is never rescaled.
 """
 
@@ -23,7 +22,7 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -36,6 +35,9 @@ Edit = dict[str, Any]
 ATTN_WIDTH_IS_HIDDEN = frozenset({"gpt2", "opt", "gpt_neox"})
 """Families whose attention reads ``head_dim = hidden_size // num_heads`` from the config, so a
 head cut is only expressible in the config when ``heads * head_dim == hidden_size``."""
+
+if TYPE_CHECKING:
+    from pare.arch.overrides import ArchOverride
 
 
 def attention_follows_hidden(model: nn.Module, arch: ModelArch) -> bool:
@@ -543,10 +545,36 @@ def _check_fits(what: str, wanted: int, built: int) -> None:
                         "keeps: the config and the edits do not describe the pruned model")
 
 
-def _replay_mlp(model: nn.Module, edit: Edit) -> None:
+BIAS_FLAGS = {"mlp": "mlp_bias", "attention": "attention_bias"}
+"""The config flag that makes transformers build the biases of each block's projections."""
+
+
+def enable_bias(model: nn.Module, arch: ModelArch, kind: str) -> bool:
+    """Make every projection governed by ``mlp_bias``/``attention_bias`` carry a (zero) bias and set
+    the flag, so transformers rebuilds the biases on reload. False when the family has no flag."""
+    flag = BIAS_FLAGS[kind]
+    cfg: Any = model.config
+    if not hasattr(cfg, flag):
+        return False
+    layers = arch.layer_modules(model)
+    for i, roles in enumerate(arch.layers):
+        block = roles.mlp if kind == "mlp" else roles.attention
+        if block is None:
+            continue
+        out = block.down if isinstance(block, MLPRoles) else block.o
+        for p in (*block.inputs, out):
+            m: Any = layers[i].get_submodule(p.path)
+            if getattr(m, "bias", None) is None:
+                w = get_weight(m, p)
+                m.bias = nn.Parameter(torch.zeros(w.shape[0], dtype=w.dtype, device=w.device))
+    setattr(cfg, flag, True)
+    return True
+
+
+def _replay_mlp(model: nn.Module, edit: Edit, override: ArchOverride | None = None) -> None:
     from pare.arch import describe
 
-    arch = describe(model)
+    arch = describe(model, override)
     i = int(edit["layer"])
     roles = arch.layers[i]
     layer: Any = arch.layer_modules(model)[i]
@@ -561,10 +589,10 @@ def _replay_mlp(model: nn.Module, edit: Edit) -> None:
     prune_mlp_channels(model, arch, i, keep, None if shared is None else torch.arange(int(shared)))
 
 
-def _replay_heads(model: nn.Module, edit: Edit) -> None:
+def _replay_heads(model: nn.Module, edit: Edit, override: ArchOverride | None = None) -> None:
     from pare.arch import describe
 
-    arch = describe(model)
+    arch = describe(model, override)
     i = int(edit["layer"])
     att = arch.layers[i].attention
     assert att is not None
@@ -579,10 +607,10 @@ def _replay_heads(model: nn.Module, edit: Edit) -> None:
     prune_heads(model, arch, i, keep_query_heads=keep)
 
 
-def _replay_hidden(model: nn.Module, edit: Edit) -> None:
+def _replay_hidden(model: nn.Module, edit: Edit, override: ArchOverride | None = None) -> None:
     from pare.arch import describe
 
-    arch = describe(model)
+    arch = describe(model, override)
     width = int(edit["width"])
     embed: Any = model.get_submodule(arch.embed_path)
     _check_fits("the hidden size", width, int(embed.weight.shape[1]))
@@ -590,7 +618,7 @@ def _replay_hidden(model: nn.Module, edit: Edit) -> None:
         prune_hidden(model, arch, torch.arange(width), rms_scale=1.0)
 
 
-REPLAY: dict[str, Callable[[nn.Module, dict[str, Any]], None]] = {
+REPLAY: dict[str, Callable[[nn.Module, dict[str, Any], ArchOverride | None], None]] = {
     "mlp_channels": _replay_mlp,
     "heads": _replay_heads,
     "hidden": _replay_hidden,
@@ -598,8 +626,10 @@ REPLAY: dict[str, Callable[[nn.Module, dict[str, Any]], None]] = {
 
 __all__ = [
     "ATTN_WIDTH_IS_HIDDEN",
+    "BIAS_FLAGS",
     "REPLAY",
     "check_expert_width",
+    "enable_bias",
     "expert_alignment",
     "head_count_for_ratio",
     "pin_derived_widths",

@@ -1,0 +1,123 @@
+"""Run a list of stages on one model with one calibration set: the control flow of ``pare.run``.
+
+A :class:`Pipeline` builds every stage once from its config, describes the model once (with the
+caller's :class:`~pare.arch.ArchOverride`) and checks the first stage before any work, so a caller
+(the CLI) can refuse bad options before loading calibration text or evaluating the dense model.
+Each later stage is checked on the model as the earlier stages left it, just before it runs; the
+model is described again only after a stage changed shapes. The stages never see each other: each
+gets a :class:`~pare.methods.base.PruneContext` and fills its own :class:`~pare.report.Report`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from pare.arch import ArchOverride, describe
+from pare.arch.roles import ModelArch
+from pare.config import PruneConfig, RuntimeConfig, stage_for_config, usable_device
+from pare.errors import ConfigError
+from pare.eval.cost import measure_cost
+from pare.methods.base import PruneContext, Pruner
+from pare.report import Report
+
+log = logging.getLogger(__name__)
+
+AfterStage = Callable[[nn.Module, Report], None]
+"""Called after each stage with the model and the stage's report (e.g. to add figures after it)."""
+
+
+def stage_configs(configs: PruneConfig | Sequence[PruneConfig]) -> list[PruneConfig]:
+    """``configs`` as a non-empty list of registered method configs, or a ConfigError."""
+    items = [configs] if isinstance(configs, PruneConfig) else list(configs) if isinstance(configs, (list, tuple)) \
+        else None
+    if not items:
+        raise ConfigError(f"stages must be a method config or a non-empty list of them (e.g. "
+                          f"[pare.OsscarConfig(), pare.SparseGPTConfig(pattern='2:4')]), got {configs!r}; "
+                          "from a dict: pare.config_from_dict(d)")
+    for cfg in items:
+        stage_for_config(cfg)
+    return items
+
+
+class Pipeline:
+    """Stages built once, the model described once, the first stage checked: ready to run.
+
+    Args:
+        model: the model, changed in place by :meth:`run`.
+        configs: one method config or a list of them, applied in order.
+        runtime: device / offload / sequential options (the device is resolved and checked here).
+        arch_override: corrections for architectures pare cannot infer; used by every description.
+    """
+
+    def __init__(self, model: nn.Module, configs: PruneConfig | Sequence[PruneConfig],
+                 runtime: RuntimeConfig | None = None, arch_override: ArchOverride | None = None) -> None:
+        self.model = model
+        self.runtime = runtime or RuntimeConfig()
+        self.device = usable_device(self.runtime.device)  # before any work
+        self.arch_override = arch_override
+        self.stages: list[Pruner] = [stage_for_config(cfg)(cfg) for cfg in stage_configs(configs)]
+        self._arch: ModelArch | None = describe(model, arch_override)
+        self.stages[0].check(model, self._arch)
+
+    def needs_calibration(self) -> bool:
+        """Whether any stage needs the calibration windows (all stages share one set)."""
+        return any(stage.needs() != "nothing" for stage in self.stages)
+
+    def run(self, ids: torch.Tensor | None, calibration: dict[str, Any] | None = None, batch_size: int = 8,
+            after_stage: AfterStage | None = None) -> list[Report]:
+        """Run every stage in order; one report per stage.
+
+        Args:
+            ids: calibration windows ``[N, L]`` (None when no stage needs them).
+            calibration: how ``ids`` were made, recorded in the reports of the stages that use them.
+            batch_size: windows per forward in the layer-wise runner.
+            after_stage: called after each stage with the model and that stage's report.
+        """
+        reports = []
+        for k, stage in enumerate(self.stages):
+            if stage.needs() != "nothing" and ids is None:
+                raise ConfigError(f"method {stage.config.method!r} needs calibration data: pass token windows "
+                                  "or a CalibrationConfig")
+            arch = self._arch if self._arch is not None else describe(self.model, self.arch_override)
+            if k:
+                stage.check(self.model, arch)
+            report = self._run_stage(stage, arch, ids, calibration, batch_size)
+            if report.edits:
+                self._arch = None  # shapes changed: the next stage describes the model again
+            else:
+                self._arch = arch
+            if after_stage is not None:
+                after_stage(self.model, report)
+            reports.append(report)
+        return reports
+
+    def _run_stage(self, stage: Pruner, arch: ModelArch, ids: torch.Tensor | None,
+                   calibration: dict[str, Any] | None, batch_size: int) -> Report:
+        model, cfg = self.model, stage.config
+        uses = stage.needs() != "nothing"
+        first = next(model.parameters(), None)
+        run_info: dict[str, Any] = {
+            "device": str(self.device), "dtype": None if first is None else str(first.dtype),
+            "sequential": self.runtime.sequential, "offload": self.runtime.offload, "batch_size": batch_size,
+        }
+        override = None if self.arch_override is None else self.arch_override.to_dict()
+        report = Report(method=cfg.method, config=cfg.to_dict(), calibration=calibration if uses else None,
+                        runtime=run_info, arch_override=override)
+        ctx = PruneContext(model, arch, ids if uses else None, self.runtime, report, batch_size,
+                           device=self.device, arch_override=self.arch_override)
+        params_before = sum(p.numel() for p in model.parameters())
+        stage.start(ctx)
+        with torch.no_grad(), measure_cost() as cost:
+            stage.run(ctx)
+        report.prune_seconds = cost.seconds
+        report.peak_rss_mb = cost.peak_rss_mb
+        report.figures.setdefault("params_before", params_before)
+        report.figures["params_after"] = sum(p.numel() for p in model.parameters())
+        stage.finish(ctx)
+        log.info("%s: %.1fs, peak RSS %.0f MB", cfg.method, cost.seconds, cost.peak_rss_mb)
+        return report
