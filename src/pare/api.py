@@ -12,11 +12,12 @@ from torch import nn
 
 from pare.arch import ArchOverride, describe
 from pare.config import CalibrationConfig, PruneConfig, RuntimeConfig, parse_dtype, usable_device
-from pare.errors import ConfigError, ModelNotFoundError
+from pare.errors import ConfigError, ModelNotFoundError, PareError
 from pare.eval.cost import measure_cost
 from pare.eval.perplexity import model_context_length
 from pare.eval.size import count_nonzero, count_parameters, nonzero_by_parameter
 from pare.io import load, save
+from pare.io.load import causal_lm_config, weight_files
 from pare.io.save import config_describes
 from pare.methods import PruneContext, pruner_for
 from pare.methods.base import SparsityConfig, SparsityPruner
@@ -42,7 +43,12 @@ def load_model(name_or_path: str, dtype: str | torch.dtype = "auto", device: str
     if device is not None:
         usable_device(device)
     try:
+        causal_lm_config(name_or_path)  # T5 and other non-causal models: said so, not "cannot load"
+        if Path(name_or_path).is_dir():
+            weight_files(name_or_path)  # tampered index or truncated weights: refused before transformers reads
         model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype)
+    except PareError:
+        raise
     except (OSError, ValueError) as exc:
         local = Path(name_or_path).exists()
         hint = (

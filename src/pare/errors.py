@@ -29,3 +29,16 @@ class OutputExistsError(PareError, FileExistsError):
 
 class ModelNotFoundError(PareError, OSError):
     """A model id or path could not be loaded."""
+
+
+class CorruptFileError(PareError, ValueError):
+    """A model file is damaged or tampered with: truncated weights, a weight index naming files outside the
+    model directory, a manifest whose edits cannot describe a model."""
+
+
+class NotCausalLMError(UnsupportedArchitectureError):
+    """The model is not a causal (decoder-only) LM, e.g. an encoder-decoder such as T5."""
+
+
+class SaveError(PareError, OSError):
+    """Writing a model failed (a full disk...); the partial files were removed."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import tempfile
 from collections.abc import Iterator, Sequence
@@ -87,13 +88,16 @@ def _part_of(name: str, arch) -> str:
 
 def _meta_model(name_or_path: str):
     """Build the model on the meta device from its config (no weights read), replaying pare edits."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
-    from pare.errors import ModelNotFoundError
+    from pare.errors import ModelNotFoundError, PareError
     from pare.io import read_manifest
+    from pare.io.load import causal_lm_config
 
     try:
-        config = AutoConfig.from_pretrained(name_or_path)
+        config = causal_lm_config(name_or_path)
+    except PareError:
+        raise
     except (OSError, ValueError) as exc:
         raise ModelNotFoundError(f"cannot read a model config from {name_or_path!r}: {exc}") from exc
     with torch.device("meta"):
@@ -188,7 +192,7 @@ def eval_cmd(args: argparse.Namespace) -> int:
         usable_device(args.device)  # before loading anything
     model, tok = _load_any(args.model)
     dataset = None if args.ppl in (None, "", "none") else args.ppl
-    seqlen = args.seqlen or min(2048, model_context_length(model) or 2048)
+    seqlen = default_seqlen(model) if args.seqlen is None else args.seqlen
     res = evaluate(model, tok, dataset=dataset, seqlen=seqlen, batch_size=args.batch_size,
                    max_windows=args.max_windows, speed=args.speed, device=args.device)
     res["size_on_disk_bytes"] = model_dir_bytes(args.model)
@@ -213,11 +217,17 @@ def eval_cmd(args: argparse.Namespace) -> int:
     return 0
 
 
+def default_seqlen(model: nn.Module) -> int:
+    """The window when none is given: 2048 tokens, or the model's context when it is shorter."""
+    return min(2048, model_context_length(model) or 2048)
+
+
 def _evaluate_figures(model, tok, args: argparse.Namespace, seqlen: int, runtime: RuntimeConfig) -> dict[str, Any]:
     from pare.api import evaluate
 
-    return evaluate(model, tok, dataset=args.eval, seqlen=args.eval_seqlen or seqlen,
-                    batch_size=args.eval_batch_size or 1, max_windows=args.eval_max_windows,
+    return evaluate(model, tok, dataset=args.eval, seqlen=seqlen if args.eval_seqlen is None else args.eval_seqlen,
+                    batch_size=1 if args.eval_batch_size is None else args.eval_batch_size,
+                    max_windows=args.eval_max_windows,
                     speed=args.speed is not False, device=runtime.device, progress=runtime.progress)
 
 
@@ -258,6 +268,8 @@ def _prune_cmd(args: argparse.Namespace, method: PruneConfig, calib: Calibration
     model, tok = _load_any(args.model, args.dtype)
     override = _arch_override(args.arch_override)
     check(model, method, override)  # bad options fail before the calibration text and the dense evaluation
+    if args.seqlen is None:  # no --seqlen: as pare eval, 2048 or the model's context when shorter
+        calib = dataclasses.replace(calib, seqlen=min(calib.seqlen, default_seqlen(model)))
     _check_eval_seqlen(model, args)
     ids = calibration_ids(tok, calib, model) if needs_calibration else None
     if ids is not None:

@@ -14,6 +14,7 @@ removed (``pare.load`` builds the model from the final config, where those layer
 from __future__ import annotations
 
 import copy
+import errno
 import json
 import logging
 import os
@@ -26,7 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from pare.errors import ConfigError, OutputExistsError
+from pare.errors import ConfigError, OutputExistsError, PareError, SaveError
 from pare.report import Report
 
 log = logging.getLogger(__name__)
@@ -238,6 +239,7 @@ def save(model: nn.Module, tokenizer: Any, out: str | Path, report: Report | Seq
         OutputExistsError: ``out`` exists and ``overwrite`` is False.
         ConfigError: the manifest would not rebuild the model's shapes (e.g. only the last of two
             prunes' reports given); nothing is written then.
+        SaveError: writing failed (a full disk...); the partial files are removed.
     """
     path = check_output(out, overwrite).absolute()
     reports = as_reports(report)
@@ -261,11 +263,22 @@ def save(model: nn.Module, tokenizer: Any, out: str | Path, report: Report | Seq
             if f.is_file():
                 f.chmod(0o666 & ~_umask())
         _replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(exc, OSError) and not isinstance(exc, PareError):
+            raise _write_error(exc, path) from exc
         raise
     log.info("saved to %s", path)
     return path
+
+
+def _write_error(exc: OSError, path: Path) -> SaveError:
+    """A one-line SaveError for a failed write (a full disk above all); the partial files are removed."""
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return SaveError(f"no space left to save {str(path)!r} (disk or quota full); the partial files were removed "
+                         "and nothing was written: free space, or choose an --out on another disk")
+    return SaveError(f"cannot save {str(path)!r}: {exc.strerror or exc}; the partial files were removed and nothing "
+                     "was written")
 
 
 def _umask() -> int:
