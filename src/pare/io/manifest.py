@@ -17,6 +17,8 @@ from typing import Any
 from pare.errors import CorruptFileError
 
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*|[0-9]+")
+MLP_WIDTH_FIELDS = ("intermediate_size", "ffn_dim", "n_inner", "moe_intermediate_size",
+                    "shared_expert_intermediate_size")
 
 
 def _fail(where: str, problem: str) -> CorruptFileError:
@@ -51,16 +53,22 @@ def _index_list(edit: dict[str, Any], key: str, where: str, n: int) -> list[int]
     return value
 
 
+def _size(config: Any, name: str) -> int | None:
+    value = getattr(config, name, None) if config is not None else None
+    if isinstance(value, (list, tuple)):  # a per-layer list: its largest
+        value = max((v for v in value if isinstance(v, int) and not isinstance(v, bool)), default=None)
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
 class _Sizes:
     """The config's sizes that bound the edits (None where the config does not state one)."""
 
     def __init__(self, config: Any) -> None:
-        def size(name: str) -> int | None:
-            value = getattr(config, name, None) if config is not None else None
-            return value if isinstance(value, int) and not isinstance(value, bool) else None
-
-        self.layers, self.heads = size("num_hidden_layers"), size("num_attention_heads")
-        self.hidden = size("hidden_size")
+        self.layers, self.heads = _size(config, "num_hidden_layers"), _size(config, "num_attention_heads")
+        self.hidden = _size(config, "hidden_size")
+        # an MLP is never wider than the widest the config states (GPT-2's n_inner None means 4 x hidden)
+        widths = [_size(config, n) for n in MLP_WIDTH_FIELDS] + [4 * self.hidden if self.hidden else None]
+        self.mlp = max((w for w in widths if w is not None), default=None)
 
 
 def _layer(edit: dict[str, Any], where: str, n: int | None) -> None:
@@ -69,9 +77,9 @@ def _layer(edit: dict[str, Any], where: str, n: int | None) -> None:
 
 def _mlp_channels(edit: dict[str, Any], where: str, sizes: _Sizes, n: int | None) -> int | None:
     _layer(edit, where, n)
-    _int(edit, "width", where, 1)
+    _int(edit, "width", where, 1, sizes.mlp)
     if edit.get("shared_width") is not None:
-        _int(edit, "shared_width", where, 1)
+        _int(edit, "shared_width", where, 1, sizes.mlp)
     return n
 
 
@@ -165,11 +173,14 @@ def check_edits(edits: Any, where: str, config: Any = None) -> None:
 
 
 def check_manifest(manifest: dict[str, Any], where: str, config: Any = None) -> None:
-    """Raise CorruptFileError unless the manifest's ``uniform`` flag and its edits (those to replay, checked
-    against ``config``, and each prune's own in ``history``) are well formed."""
-    if not isinstance(manifest.get("uniform", True), bool):
-        raise _fail(where, f"'uniform' must be true or false, got {manifest['uniform']!r}")
-    check_edits(manifest.get("edits"), where, config)
+    """Raise CorruptFileError unless the manifest's ``uniform`` flag and its edits (checked against ``config``
+    when they are replayed, i.e. not uniform; and each prune's own in ``history``) are well formed."""
+    uniform = manifest.get("uniform", True)
+    if not isinstance(uniform, bool):
+        raise _fail(where, f"'uniform' must be true or false, got {uniform!r}")
+    # a uniform model is built from its config alone: its edits are a record, not replayed (a chain's
+    # earlier edits may then be wider than the final config)
+    check_edits(manifest.get("edits"), where, None if uniform else config)
     history = manifest.get("history")
     if history is None:
         return
