@@ -97,15 +97,17 @@ def weight_files(path: str | Path) -> list[Path]:
                                    "again") from None
         if not isinstance(weight_map, dict) or not all(isinstance(v, str) and v for v in weight_map.values()):
             raise CorruptFileError(f"{index}: 'weight_map' must map weight names to file names in the directory")
-        files = [root / name for name in sorted(set(weight_map.values()))]
-        for name, file in zip(sorted(set(weight_map.values())), files, strict=True):
+        files = []
+        for name in sorted(set(weight_map.values())):
+            file = root / name
             if Path(name).is_absolute() or ".." in Path(name).parts or not _inside(file, root):
                 raise CorruptFileError(f"{index} names {name!r}, outside the model directory: pare loads weights "
                                        "only from files inside it; restore the index or save the model again")
             if not file.is_file():
                 raise CorruptFileError(f"{index} names {name!r}, which is missing: copy the whole model directory")
+            files.append(file)
     else:
-        files = sorted(root.glob("*.safetensors"))
+        files = [f for f in [root / "model.safetensors"] if f.is_file()]
     for file in files:
         try:
             with safe_open(str(file), "pt"):
@@ -116,9 +118,9 @@ def weight_files(path: str | Path) -> list[Path]:
     return files
 
 
-def _state_dict(path: Path) -> dict[str, torch.Tensor]:
+def _state_dict(files: list[Path]) -> dict[str, torch.Tensor]:
     state: dict[str, torch.Tensor] = {}
-    for file in weight_files(path):
+    for file in files:
         state.update(load_file(str(file)))
     return state
 
@@ -172,7 +174,7 @@ def load(path: str | Path, device: str | torch.device | None = None,
     config = causal_lm_config(p)
     manifest = read_manifest(p) or {}
     edits = manifest.get("edits") or []
-    weight_files(p)  # tampered or truncated files fail here, before transformers opens them
+    files = weight_files(p)  # tampered or truncated files fail here, before transformers opens them
     if manifest.get("uniform", True) or not edits:
         model = _from_pretrained(p, dtype, pare_saved=bool(manifest))
     else:
@@ -183,7 +185,7 @@ def load(path: str | Path, device: str | torch.device | None = None,
             saved_dtype = getattr(torch, saved_dtype)
         model = AutoModelForCausalLM.from_config(config, dtype=dtype or saved_dtype)
         replay(model, edits)
-        state = _state_dict(p)
+        state = _state_dict(files)
         missing, unexpected = model.load_state_dict(state, strict=False)
         tied = {k for k in missing if "lm_head" in k and getattr(config, "tie_word_embeddings", False)}
         if unexpected or set(missing) - tied:
