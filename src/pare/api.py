@@ -13,10 +13,11 @@ from torch import nn
 
 from pare.arch import ArchOverride
 from pare.config import CalibrationConfig, PruneConfig, RuntimeConfig, parse_dtype, usable_device
-from pare.errors import ConfigError, ModelNotFoundError
+from pare.errors import ConfigError, ModelNotFoundError, PareError
 from pare.eval.perplexity import model_context_length
 from pare.eval.size import count_nonzero, count_parameters
 from pare.io import load, save
+from pare.io.load import causal_lm_config, weight_files
 from pare.pipeline import AfterStage, Pipeline
 from pare.report import Report
 
@@ -36,7 +37,12 @@ def load_model(name_or_path: str, dtype: str | torch.dtype = "auto", device: str
     if device is not None:
         usable_device(device)
     try:
+        causal_lm_config(name_or_path)  # T5 and other non-causal models: said so, not "cannot load"
+        if Path(name_or_path).is_dir():
+            weight_files(name_or_path)  # tampered index or truncated weights: refused before transformers reads
         model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype)
+    except PareError:
+        raise
     except (OSError, ValueError) as exc:
         local = Path(name_or_path).exists()
         hint = (

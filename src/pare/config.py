@@ -253,7 +253,8 @@ class CalibrationConfig(BaseConfig):
 
     dataset: str = help_field("c4", "named set (wikitext2, ptb, c4, tinystories) or a .txt/.jsonl/.parquet path")
     nsamples: int = help_field(128, "number of calibration windows")
-    seqlen: int = help_field(2048, "tokens per calibration window")
+    seqlen: int = help_field(2048, "tokens per calibration window (default 2048; pare prune takes the model's "
+                                   "context when shorter)")
     seed: int = help_field(0, "random seed for the window positions")
     batch_size: int = help_field(8, "windows per forward pass in the layer-wise runner")
     allow_repeats: bool = help_field(False, "accept text shorter than nsamples x seqlen tokens (windows overlap)")

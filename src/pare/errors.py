@@ -49,3 +49,16 @@ class SaveInterrupted(KeyboardInterrupt):
         else:
             text = f"nothing was saved ({str(path)!r} was not created; no partial files remain)"
         super().__init__(text)
+
+
+class CorruptFileError(PareError, ValueError):
+    """A model file is damaged or tampered with: truncated weights, a weight index naming files outside the
+    model directory, a manifest whose edits cannot describe a model."""
+
+
+class NotCausalLMError(UnsupportedArchitectureError):
+    """The model is not a causal (decoder-only) LM, e.g. an encoder-decoder such as T5."""
+
+
+class SaveError(PareError, OSError):
+    """Writing a model failed (a full disk...); the partial files were removed."""

@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import re
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -115,14 +116,31 @@ def _read_parquet(path: Path) -> list[str]:
     return [t or "" for t in table.column("text").to_pylist()]
 
 
+def _checked(reader: Reader) -> Reader:
+    """``reader``, with a ConfigError when the file is not UTF-8 text or not a whole gzip stream (a binary
+    file given as text, a truncated download) instead of a decoding traceback."""
+
+    def read(path: Path) -> list[str]:
+        try:
+            return reader(path)
+        except UnicodeDecodeError as exc:
+            raise ConfigError(f"{path} is not UTF-8 text (byte {exc.start} cannot be decoded): pass a text file "
+                              f"saved as UTF-8 ({', '.join(FILE_SUFFIXES)}) or a named set such as c4") from None
+        except (gzip.BadGzipFile, EOFError, zlib.error) as exc:
+            raise ConfigError(f"{path} is not a complete gzip file ({exc}): download it again, or pass it "
+                              "uncompressed") from None
+
+    return read
+
+
 def _reader_for(path: Path) -> Reader:
     name = path.name.lower()
     if name.endswith(".parquet"):
-        return _read_parquet
+        return _checked(_read_parquet)
     if name.endswith((".jsonl", ".json", ".json.gz", ".jsonl.gz")):
-        return _read_json
+        return _checked(_read_json)
     if name.endswith(".txt"):
-        return _read_txt_documents
+        return _checked(_read_txt_documents)
     raise ConfigError(f"{path}: unsupported file type; pare reads {', '.join(FILE_SUFFIXES)}")
 
 
@@ -157,7 +175,7 @@ class _NamedSet:
 
 
 def _files(reader: Reader, *paths: str) -> tuple[tuple[str, Reader], ...]:
-    return tuple((path, reader) for path in paths)
+    return tuple((path, _checked(reader)) for path in paths)
 
 
 _WT = "wikitext-2-raw-v1/"

@@ -7,11 +7,13 @@ so every config field is a flag and a YAML/JSON config key at once.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
+import os
 import sys
 from typing import Any
 
-from pare.cli.options import add_config_options, build_config, given_dests, option_label
+from pare.cli.options import add_config_options, build_config, given_dests, option_label, positive_int
 from pare.config import CalibrationConfig, RuntimeConfig, checked_value, read_config_file
 from pare.errors import ConfigError, PareError, SaveInterrupted
 
@@ -39,9 +41,9 @@ def _prune_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                    help="prune (and evaluate) without saving; needed when no --out is given")
     p.add_argument("--config", help="YAML or JSON file with any of these options")
     p.add_argument("--eval", default=None, help="evaluate perplexity before and after on this set (e.g. wikitext2)")
-    p.add_argument("--eval-seqlen", type=int, default=None, help="evaluation window (default: --seqlen)")
-    p.add_argument("--eval-batch-size", type=int, default=None, help="windows per forward in evaluation")
-    p.add_argument("--eval-max-windows", type=int, default=None, help="score at most this many windows")
+    p.add_argument("--eval-seqlen", type=positive_int, default=None, help="evaluation window (default: --seqlen)")
+    p.add_argument("--eval-batch-size", type=positive_int, default=None, help="windows per forward in evaluation")
+    p.add_argument("--eval-max-windows", type=positive_int, default=None, help="score at most this many windows")
     p.add_argument("--speed", action=argparse.BooleanOptionalAction, default=None,
                    help="with --eval, also measure prefill/decode tokens/s (default: yes)")
     p.add_argument("--arch-override", default=None, help="YAML/JSON ArchOverride for unknown architectures")
@@ -53,7 +55,7 @@ def _prune_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     calib_help = CalibrationConfig.__dataclass_fields__["dataset"].metadata["help"]
     calib.add_argument("--calib", dest="dataset", default=None, help=calib_help)
     taken.add("dataset")
-    calib.add_argument("--max_seq_len", dest="seqlen", type=int, default=None, help="alias of --seqlen")
+    calib.add_argument("--max_seq_len", dest="seqlen", type=positive_int, default=None, help="alias of --seqlen")
     add_config_options(calib, CalibrationConfig, taken)
     add_config_options(p.add_argument_group("runtime"), RuntimeConfig, taken)
     group = p.add_argument_group("method options (each applies to the methods that define it)")
@@ -67,10 +69,10 @@ def _eval_parser(sub: argparse._SubParsersAction) -> None:
                        allow_abbrev=False)
     p.add_argument("model", help="directory written by pare prune, any local model, or a hub id")
     p.add_argument("--ppl", default="wikitext2", help="data set for perplexity ('none' to skip)")
-    p.add_argument("--seqlen", type=int, default=None,
+    p.add_argument("--seqlen", type=positive_int, default=None,
                    help="evaluation window in tokens (default: 2048, or the model's context if shorter)")
-    p.add_argument("--batch-size", type=int, default=1, help="windows per forward")
-    p.add_argument("--max-windows", type=int, default=None, help="score at most this many windows")
+    p.add_argument("--batch-size", type=positive_int, default=1, help="windows per forward")
+    p.add_argument("--max-windows", type=positive_int, default=None, help="score at most this many windows")
     p.add_argument("--speed", action=argparse.BooleanOptionalAction, default=True, help="measure tokens/s")
     p.add_argument("--device", default=None)
     p.add_argument("--json", action="store_true")
@@ -113,12 +115,23 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     return parser, prune_parser
 
 
+def _section(data: dict[str, Any], name: str, example: str) -> dict[str, Any]:
+    """The mapping a config file holds under ``name`` (removed from ``data``), or a ConfigError."""
+    value = data.pop(name, None)
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ConfigError(f"config file: '{name}' must be a mapping of option: value, e.g. {name}: {example}; "
+                          f"got {value!r}")
+    return dict(value)
+
+
 def _file_sections(data: dict[str, Any]) -> tuple[dict, dict, dict, dict]:
     """Split a config file into (top-level, calibration, runtime, method options)."""
     data = dict(data)
-    calib = dict(data.pop("calibration", {}) or {})
-    runtime = dict(data.pop("runtime", {}) or {})
-    method_opts = dict(data.pop("options", {}) or {})
+    calib = _section(data, "calibration", "{dataset: c4, nsamples: 128} (or the data set alone: calib: c4)")
+    runtime = _section(data, "runtime", "{device: cuda}")
+    method_opts = _section(data, "options", "{sparsity: 0.5}")
     from pare.methods import METHODS
 
     method = data.get("method")
@@ -148,19 +161,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if getattr(args, "verbose", False) else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     try:
-        if args.command == "methods":
-            return _cmd_methods()
-        if args.command == "inspect":
-            from pare.cli.commands import inspect_cmd
-
-            return inspect_cmd(args)
-        if args.command == "run":
-            return _cmd_run(args)
-        if args.command == "eval":
-            from pare.cli.commands import eval_cmd
-
-            return eval_cmd(args)
-        return _cmd_prune(args, given_dests(prune_parser, argv))
+        code = _dispatch(args, prune_parser, argv)
+        sys.stdout.flush()  # a closed pipe shows here, not at exit
+        return code
     except PareError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -170,6 +173,27 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted before anything was saved: nothing was written", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # the reader stopped reading (`pare methods | head`): stop quietly, as unix tools killed by SIGPIPE
+        # do; stdout goes to /dev/null so the interpreter's last flush does not fail again
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
+
+
+def _dispatch(args: argparse.Namespace, prune_parser: argparse.ArgumentParser, argv: list[str]) -> int:
+    if args.command == "methods":
+        return _cmd_methods()
+    if args.command == "inspect":
+        from pare.cli.commands import inspect_cmd
+
+        return inspect_cmd(args)
+    if args.command == "run":
+        return _cmd_run(args)
+    if args.command == "eval":
+        from pare.cli.commands import eval_cmd
+
+        return eval_cmd(args)
+    return _cmd_prune(args, given_dests(prune_parser, argv))
 
 
 def _first_sentence(doc: str) -> str:
@@ -213,7 +237,7 @@ def _cmd_prune(args: argparse.Namespace, given: set[str]) -> int:
     if not args.method:
         raise ConfigError("no method: pass --method (see `pare methods`) or `method:` in --config")
     pruner = pruner_for(args.method)
-    method_fields = set(pruner.config_class.__dataclass_fields__)
+    method_fields = {f.name for f in dataclasses.fields(pruner.config_class)}  # not ClassVars (`method`)
     foreign = sorted(
         d for d in given
         if d not in method_fields and d not in COMMON and d not in CalibrationConfig.__dataclass_fields__
@@ -226,6 +250,8 @@ def _cmd_prune(args: argparse.Namespace, given: set[str]) -> int:
         )
     method_cfg = build_config(pruner.config_class, method_vals, args, given)
     calib_cfg = build_config(CalibrationConfig, calib_vals, args, given)
+    if args.seqlen is None and any(k.replace("-", "_") == "seqlen" for k in calib_vals):
+        args.seqlen = calib_cfg.seqlen  # None: not chosen, so fit to the model's context once loaded
     runtime_cfg = build_config(RuntimeConfig, runtime_vals, args, given)
     return run_cmd(args, [method_cfg], calib_cfg, runtime_cfg)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -137,7 +138,7 @@ def eval_cmd(args: argparse.Namespace) -> int:
         usable_device(args.device)  # before loading anything
     model, tok = _load_any(args.model)
     dataset = None if args.ppl in (None, "", "none") else args.ppl
-    seqlen = args.seqlen or min(2048, model_context_length(model) or 2048)
+    seqlen = default_seqlen(model) if args.seqlen is None else args.seqlen
     res = evaluate(model, tok, dataset=dataset, seqlen=seqlen, batch_size=args.batch_size,
                    max_windows=args.max_windows, speed=args.speed, device=args.device)
     res["size_on_disk_bytes"] = model_dir_bytes(args.model)
@@ -162,6 +163,11 @@ def eval_cmd(args: argparse.Namespace) -> int:
     return 0
 
 
+def default_seqlen(model: nn.Module) -> int:
+    """The window when none is given: 2048 tokens, or the model's context when it is shorter."""
+    return min(2048, model_context_length(model) or 2048)
+
+
 def _evaluate_figures(model, tok, args: argparse.Namespace, seqlen: int, runtime: RuntimeConfig) -> dict[str, Any]:
     """Perplexity on ``args.eval`` (a data set, or a list: the first one's figures are ``ppl``...,
     the others' ``ppl_<set>``), and tokens/s unless ``--no-speed``."""
@@ -170,8 +176,9 @@ def _evaluate_figures(model, tok, args: argparse.Namespace, seqlen: int, runtime
     datasets = [args.eval] if isinstance(args.eval, str) else list(args.eval)
     out: dict[str, Any] = {}
     for k, dataset in enumerate(datasets):
-        res = evaluate(model, tok, dataset=dataset, seqlen=args.eval_seqlen or seqlen,
-                       batch_size=args.eval_batch_size or 1, max_windows=args.eval_max_windows,
+        res = evaluate(model, tok, dataset=dataset, seqlen=seqlen if args.eval_seqlen is None else args.eval_seqlen,
+                       batch_size=1 if args.eval_batch_size is None else args.eval_batch_size,
+                       max_windows=args.eval_max_windows,
                        speed=k == 0 and args.speed is not False, device=runtime.device, progress=runtime.progress)
         out.update(res if k == 0 else {f"ppl_{dataset}": res["ppl"]})
     return out
@@ -215,6 +222,8 @@ def _run_cmd(args: argparse.Namespace, stages: Sequence[PruneConfig], calib: Cal
     # every stage built once, the model described once; the first stage's options are checked before the
     # calibration text and the dense evaluation (later stages: on the model the earlier ones leave)
     pipeline = Pipeline(model, stages, runtime, _arch_override(args.arch_override))
+    if getattr(args, "seqlen", None) is None:  # no --seqlen: as pare eval, 2048 or the model's context when shorter
+        calib = dataclasses.replace(calib, seqlen=min(calib.seqlen, default_seqlen(model)))
     _check_eval_seqlen(model, args)
     ids = calibration_ids(tok, calib, model) if pipeline.needs_calibration() else None
     if ids is not None:

@@ -26,6 +26,17 @@ def _base_type(hint: Any) -> tuple[Any, bool]:
     return hint, False
 
 
+def positive_int(text: str) -> int:
+    """An argparse type: an integer of at least 1 (a 0 is refused, never replaced by a default)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer (1 or more), got {value}")
+    return value
+
+
 def flag_names(name: str, aliases: list[str] | None = None) -> list[str]:
     names = [f"--{name.replace('_', '-')}"]
     if "_" in name:

@@ -12,7 +12,8 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
-from pare.errors import ModelNotFoundError, PareError
+from pare.errors import CorruptFileError, ModelNotFoundError, NotCausalLMError, PareError
+from pare.io.manifest import check_manifest
 from pare.io.save import MANIFEST
 from pare.report import REPORT_VERSION
 
@@ -36,18 +37,91 @@ def read_manifest(path: str | Path) -> dict[str, Any] | None:
     if not isinstance(version, int) or version > REPORT_VERSION:
         raise PareError(f"{f} has manifest version {version!r}, newer than this pare reads ({REPORT_VERSION}): "
                         "upgrade pare (pip install -U pare) to load it")
+    config = None
+    if (Path(path) / "config.json").is_file():
+        try:
+            config = AutoConfig.from_pretrained(path)
+        except (OSError, ValueError):  # the loader reports a config it cannot read; check what does not need it
+            log.debug("no config to check %s against", f, exc_info=True)
+    check_manifest(manifest, str(f), config)
     return manifest
 
 
-def _state_dict(path: Path) -> dict[str, torch.Tensor]:
-    index = path / "model.safetensors.index.json"
+def causal_lm_config(name_or_path: str | Path) -> Any:
+    """The config of a model, refused when transformers has no causal-LM class for it (T5, BERT...).
+
+    Raises:
+        NotCausalLMError: an encoder-decoder or encoder-only model, which pare cannot prune.
+        OSError, ValueError: as ``AutoConfig.from_pretrained`` (no config, an unknown model type).
+    """
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    config = AutoConfig.from_pretrained(name_or_path)
+    model_type = getattr(config, "model_type", None)
+    if model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        archs = ", ".join(getattr(config, "architectures", None) or []) or "no architectures listed"
+        raise NotCausalLMError(
+            f"{str(name_or_path)!r} is a {model_type} model ({archs}), not a causal LM: pare prunes decoder-only "
+            "models that AutoModelForCausalLM loads (Llama, Mistral, Qwen, Gemma, Phi-3, GPT-2, OPT, Mixtral...)"
+        )
+    return config
+
+
+def _inside(path: Path, root: Path) -> bool:
+    """Whether ``path`` resolves inside ``root``, or into the Hub cache's ``blobs/`` of the snapshot ``root``
+    is (the cache stores a snapshot's files as links there)."""
+    target = path.resolve()
+    base = root.resolve()
+    if target.is_relative_to(base):
+        return True
+    return base.parent.name == "snapshots" and target.is_relative_to(base.parent.parent / "blobs")
+
+
+def weight_files(path: str | Path) -> list[Path]:
+    """The safetensors files of a model directory, checked before any is loaded: every shard its
+    ``model.safetensors.index.json`` names lies inside the directory (no ``../x``, absolute path or link
+    out of it) and exists, and every file is whole (its header matches its size).
+
+    Raises:
+        CorruptFileError: a damaged index, a shard outside the directory or missing, a truncated file.
+    """
+    from safetensors import SafetensorError, safe_open
+
+    root = Path(path)
+    index = root / "model.safetensors.index.json"
     if index.is_file():
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        try:
+            weight_map = json.loads(index.read_text(encoding="utf-8")).get("weight_map")
+        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as exc:
+            raise CorruptFileError(f"{index} is not a valid weight index ({exc}); restore it or save the model "
+                                   "again") from None
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) and v for v in weight_map.values()):
+            raise CorruptFileError(f"{index}: 'weight_map' must map weight names to file names in the directory")
+        files = []
+        for name in sorted(set(weight_map.values())):
+            file = root / name
+            if Path(name).is_absolute() or ".." in Path(name).parts or not _inside(file, root):
+                raise CorruptFileError(f"{index} names {name!r}, outside the model directory: pare loads weights "
+                                       "only from files inside it; restore the index or save the model again")
+            if not file.is_file():
+                raise CorruptFileError(f"{index} names {name!r}, which is missing: copy the whole model directory")
+            files.append(file)
     else:
-        files = ["model.safetensors"]
+        files = [f for f in [root / "model.safetensors"] if f.is_file()]
+    for file in files:
+        try:
+            with safe_open(str(file), "pt"):
+                pass
+        except (SafetensorError, OSError) as exc:
+            raise CorruptFileError(f"{file} is damaged or truncated ({exc}): download or save the model again"
+                                   ) from None
+    return files
+
+
+def _state_dict(files: list[Path]) -> dict[str, torch.Tensor]:
     state: dict[str, torch.Tensor] = {}
-    for name in files:
-        state.update(load_file(str(path / name)))
+    for file in files:
+        state.update(load_file(str(file)))
     return state
 
 
@@ -89,20 +163,23 @@ def load(path: str | Path, device: str | torch.device | None = None,
 
     Raises:
         ModelNotFoundError: no ``config.json`` in ``path``.
+        NotCausalLMError: not a causal LM (T5...).
+        CorruptFileError: a tampered manifest or weight index, or truncated weights.
         PareError: a pare directory whose weights do not fit the model its config and manifest
             describe (e.g. saved without the reports of all its structural prunes).
     """
     p = Path(path)
     if not (p / "config.json").is_file():
         raise ModelNotFoundError(f"{str(p)!r} is not a saved model directory (no config.json)")
+    config = causal_lm_config(p)
     manifest = read_manifest(p) or {}
     edits = manifest.get("edits") or []
+    files = weight_files(p)  # tampered or truncated files fail here, before transformers opens them
     if manifest.get("uniform", True) or not edits:
         model = _from_pretrained(p, dtype, pare_saved=bool(manifest))
     else:
         from pare.arch.surgery import replay
 
-        config = AutoConfig.from_pretrained(p)
         saved_dtype = getattr(config, "dtype", None) or torch.float32
         if isinstance(saved_dtype, str):
             saved_dtype = getattr(torch, saved_dtype)
@@ -110,7 +187,7 @@ def load(path: str | Path, device: str | torch.device | None = None,
         from pare.io.save import manifest_override
 
         replay(model, edits, manifest_override(manifest))
-        state = _state_dict(p)
+        state = _state_dict(files)
         missing, unexpected = model.load_state_dict(state, strict=False)
         tied = {k for k in missing if "lm_head" in k and getattr(config, "tie_word_embeddings", False)}
         if unexpected or set(missing) - tied:
@@ -128,7 +205,9 @@ def load(path: str | Path, device: str | torch.device | None = None,
 def meta_model(name_or_path: str) -> Any:
     """Build the model on the meta device from its config (no weights read), replaying pare edits."""
     try:
-        config = AutoConfig.from_pretrained(name_or_path)
+        config = causal_lm_config(name_or_path)  # a non-causal model (T5...) is said to be one
+    except PareError:
+        raise
     except (OSError, ValueError) as exc:
         raise ModelNotFoundError(f"cannot read a model config from {name_or_path!r}: {exc}") from exc
     with torch.device("meta"):

@@ -14,6 +14,7 @@ removed (``pare.load`` builds the model from the final config, where those layer
 from __future__ import annotations
 
 import copy
+import errno
 import json
 import logging
 import os
@@ -25,7 +26,7 @@ import torch
 from torch import nn
 
 from pare.arch.surgery.reindex import chain_edits
-from pare.errors import ConfigError, SaveInterrupted
+from pare.errors import ConfigError, PareError, SaveError, SaveInterrupted
 from pare.io.outdir import (
     MANIFEST,
     check_output,
@@ -211,6 +212,7 @@ def save(model: nn.Module, tokenizer: Any, out: str | Path, report: Report | Seq
             either, or a file; or the manifest would not rebuild the model's shapes (e.g. only the last
             of two prunes' reports given). Nothing is written then.
         SaveInterrupted: Ctrl-C during the save; its message says what ``out`` holds.
+        SaveError: writing failed (a full disk...); the partial files are removed.
     """
     path = check_output(out, overwrite, source, loaded_from=_loaded_from(model))
     reports = as_reports(report)
@@ -231,6 +233,8 @@ def save(model: nn.Module, tokenizer: Any, out: str | Path, report: Report | Seq
         saved = settle(tmp, path, ident)
         if isinstance(exc, KeyboardInterrupt) and not isinstance(exc, SaveInterrupted):
             raise SaveInterrupted(path, saved, existed) from exc
+        if isinstance(exc, OSError) and not isinstance(exc, PareError):
+            raise _write_error(exc, path) from exc
         raise
     log.info("saved to %s", path)
     return path
@@ -271,6 +275,15 @@ def _write(model: nn.Module, tokenizer: Any, tmp: Path, manifest: dict[str, Any]
     for f in tmp.rglob("*"):  # safetensors writes its files 0600: give every file the usual permissions
         if f.is_file():
             f.chmod(0o666 & ~_umask())
+
+
+def _write_error(exc: OSError, path: Path) -> SaveError:
+    """A one-line SaveError for a failed write (a full disk above all); the partial files are removed."""
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return SaveError(f"no space left to save {str(path)!r} (disk or quota full); the partial files were removed "
+                         "and nothing was written: free space, or choose an --out on another disk")
+    return SaveError(f"cannot save {str(path)!r}: {exc.strerror or exc}; the partial files were removed and nothing "
+                     "was written")
 
 
 def _umask() -> int:

@@ -17,6 +17,7 @@ from pare.calibration.stats import InputStats
 from pare.config import help_field, register
 from pare.errors import ConfigError
 from pare.methods.base import SparsityConfig, SparsityPruner
+from pare.ops.finite import check_finite_weight
 from pare.ops.masks import make_mask, zero_masked_
 
 
@@ -48,5 +49,6 @@ class MagnitudePruner(SparsityPruner):
 
     def prune_target(self, target: Target, stats: InputStats | None, sparsity: float) -> None:
         w = target.weight()
+        check_finite_weight(w, target.name)  # NaN sorts anywhere: a mask from it would be arbitrary
         mask = make_mask(w.abs().float(), sparsity, self.config.nm, per_row=self.config.granularity == "row")
         zero_masked_(w, mask)

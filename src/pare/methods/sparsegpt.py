@@ -16,11 +16,14 @@ import logging
 from dataclasses import dataclass
 from typing import ClassVar
 
+import torch
+
 from pare.arch.targets import Target
 from pare.calibration.stats import STAT_GRAM, InputStats
 from pare.config import help_field, register
 from pare.errors import ConfigError
 from pare.methods.base import PruneContext, SparsityConfig, SparsityPruner
+from pare.ops.finite import check_finite_weight
 from pare.ops.masks import make_mask
 from pare.ops.sparsegpt import InverseHessianFactor, inverse_hessian_factor, sparsegpt_prune_factored
 
@@ -73,13 +76,13 @@ class SparseGPTPruner(SparsityPruner):
         self._factor_of: tuple[InputStats, InverseHessianFactor] | None = None
         self.losses: dict[str, float] = {}
 
-    def _factor(self, stats: InputStats) -> InverseHessianFactor:
+    def _factor(self, stats: InputStats, model_dtype: torch.dtype) -> InverseHessianFactor:
         """The inverse-Hessian factor of ``stats``; targets that share the statistics object (q/k/v,
         gate/up, pruned one after the other) reuse it. Only the last factor is kept."""
         if self._factor_of is not None and self._factor_of[0] is stats:
             return self._factor_of[1]
         self._factor_of = None  # release the previous factor before building the next
-        factor = inverse_hessian_factor(stats.hessian(), self.config.percdamp)
+        factor = inverse_hessian_factor(stats.hessian(), self.config.percdamp, model_dtype)
         self._factor_of = (stats, factor)
         return factor
 
@@ -89,7 +92,8 @@ class SparseGPTPruner(SparsityPruner):
             log.warning("%s received no calibration tokens: pruned by magnitude instead", target.name)
             w.masked_fill_(make_mask(w.abs().float(), sparsity, self.config.nm, per_row=True), 0)
             return
-        factor = self._factor(stats)
+        check_finite_weight(w, target.name)
+        factor = self._factor(stats, w.dtype)
         cfg = self.config
         pruned, loss = sparsegpt_prune_factored(w, factor, sparsity, cfg.nm, cfg.blocksize, cfg.mask_group)
         w.copy_(pruned)

@@ -21,6 +21,7 @@ from pare.calibration.stats import STAT_NORMS, InputStats, RouterWeightedStats
 from pare.config import help_field, register
 from pare.errors import ConfigError, PareError
 from pare.methods.base import SparsityConfig, SparsityPruner
+from pare.ops.finite import check_finite_weight, non_finite_hint
 from pare.ops.masks import make_mask
 from pare.ops.wanda import wanda_prune_
 
@@ -70,7 +71,7 @@ class WandaPruner(SparsityPruner):
         else:
             norms = stats.norms()
             if not bool(torch.isfinite(norms).all()):
-                raise PareError(f"{target.name}: its calibration activations hold NaN or inf (overflow in a float16 "
-                                "model?), so its scores mean nothing; load the model in bfloat16 or float32 (--dtype), "
-                                "or check that its dense perplexity is finite")
+                raise PareError(f"{target.name}: its calibration activations hold NaN or inf, so its scores mean "
+                                f"nothing; {non_finite_hint(w.dtype)}")
+            check_finite_weight(w, target.name)
             wanda_prune_(w, norms, sparsity, self.config.nm)

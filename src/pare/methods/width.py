@@ -47,6 +47,7 @@ from pare.errors import ConfigError
 from pare.methods.base import Needs, PruneContext, StructuralPruner
 from pare.methods.osscar import HEAD_MODES, check_savable_heads, resolve_heads
 from pare.ops import importance as imp
+from pare.ops.finite import check_finite_weight
 
 log = logging.getLogger(__name__)
 
@@ -170,6 +171,7 @@ class Scorer:
     def _from_w(self, w: torch.Tensor, name: str, tkey: str, conv1d: bool = False, expert: int | None = None) -> RC:
         zeros_out = torch.zeros(w.shape[0], device=w.device)
         if self.importance == "magnitude":
+            check_finite_weight(w, name)
             return imp.magnitude_out(w, self.norm), imp.magnitude_in(w, self.norm)
         if self.importance == "taylor":
             if tkey not in self.taylor:
@@ -249,6 +251,7 @@ class Scorer:
         embed: Any = model.get_submodule(arch.embed_path)
         total = torch.zeros(embed.weight.shape[1], device=embed.weight.device)
         if self.importance == "magnitude":
+            check_finite_weight(embed.weight.data, arch.embed_path)
             total += imp.magnitude_in(embed.weight.data, self.norm)
         elif self.importance == "taylor" and f"{arch.embed_path}.weight" in self.taylor:
             total += self.taylor[f"{arch.embed_path}.weight"][1]

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 import torch
 
 from pare.errors import ConfigError, PareError
+from pare.ops.finite import all_finite, non_finite_hint
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +52,8 @@ class InverseHessianFactor:
     damp: float
 
 
-def inverse_hessian_factor(H: torch.Tensor, percdamp: float = 0.01) -> InverseHessianFactor:
+def inverse_hessian_factor(H: torch.Tensor, percdamp: float = 0.01,
+                           model_dtype: torch.dtype | None = None) -> InverseHessianFactor:
     """Dampen ``H``, invert it through Cholesky and return the upper factor of ``H^-1``.
 
     Dead inputs (``H_ii == 0``) get ``H_ii = 1`` so that ``H`` stays invertible. The dampening starts
@@ -61,15 +63,15 @@ def inverse_hessian_factor(H: torch.Tensor, percdamp: float = 0.01) -> InverseHe
     Args:
         H: ``[in, in]`` Hessian (e.g. ``2/n X^T X``); not modified.
         percdamp: dampening as a fraction of the mean diagonal.
+        model_dtype: the dtype of the weights the Hessian serves (for the hint when it is not finite).
 
     Raises:
         PareError: ``H`` holds NaN/inf, or no dampening up to ``10^12`` times the start worked.
     """
     H = H.detach().to(torch.float32, copy=True)
     if not _all_finite(H):
-        raise PareError("the Hessian holds NaN or inf values: the calibration activations overflowed (a float16 "
-                        "model whose activations pass 65504?); load the model in bfloat16 or float32 (--dtype), "
-                        "or check that its dense perplexity is finite")
+        raise PareError("the Hessian holds NaN or inf values, so the calibration activations are not finite; "
+                        + non_finite_hint(model_dtype))
     diag = H.diagonal()
     dead = diag == 0
     diag[dead] = 1.0
@@ -106,11 +108,7 @@ def _upper_factor_of_inverse(H: torch.Tensor) -> torch.Tensor | None:
     return U if _all_finite(U) else None
 
 
-def _all_finite(t: torch.Tensor) -> bool:
-    """No NaN or inf in ``t``. A finite sum proves it (NaN and inf propagate) and costs ~1/30 of
-    ``isfinite(t).all()`` on CPU; an infinite sum may be an overflow of large finite values, so
-    only then is every element checked."""
-    return bool(torch.isfinite(t.sum())) or bool(torch.isfinite(t).all())
+_all_finite = all_finite
 
 
 def _block_counts(rows: int, cols: int, blocksize: int, sparsity: float) -> list[int]:
