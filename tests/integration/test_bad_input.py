@@ -282,7 +282,7 @@ def test_prune_fits_the_calibration_window_to_a_short_context(model_dir: Path, t
     # a data-free method never builds calibration windows: an unreadable --calib does not matter,
     # and the evaluation window defaults to the context as well
     assert main([*_prune(model_dir, "--calib", str(tmp_path / "missing.txt"), "--eval", str(text_file),
-                         "--no-speed", "--json", "--eval-max-windows", "1")]) == 0
+                         "--no-speed", "--json", "--eval-max-windows", "1", "--no-save")]) == 0
     assert json.loads(capsys.readouterr().out)["figures"]["seqlen_after"] == 256
 
 
@@ -290,7 +290,7 @@ def test_prune_fits_the_calibration_window_to_a_short_context(model_dir: Path, t
 def test_a_non_causal_model_is_named_as_such(tmp_path: Path, capsys) -> None:
     t5 = tmp_path / "t5"
     T5Config(vocab_size=128, d_model=16, d_kv=4, d_ff=32, num_layers=1, num_heads=2).save_pretrained(t5)
-    for argv in (_prune(t5), ["eval", str(t5)], ["inspect", str(t5)]):
+    for argv in (_prune(t5, "--no-save"), ["eval", str(t5)], ["inspect", str(t5)]):
         err = _error(capsys, argv)
         assert "not a causal LM" in err and "no loadable config" not in err
     with pytest.raises(NotCausalLMError, match="t5 model"):
