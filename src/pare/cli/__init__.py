@@ -1,4 +1,4 @@
-"""The ``pare`` command: ``inspect``, ``prune``, ``eval``, ``methods``.
+"""The ``pare`` command: ``inspect``, ``prune``, ``eval``, ``report``, ``methods``.
 
 Method options are generated from the method config dataclasses (``--sparsity``, ``--pattern``...),
 so every config field is a flag and a YAML/JSON config key at once.
@@ -19,7 +19,7 @@ log = logging.getLogger("pare")
 
 TOP_KINDS: dict[str, type] = {"model": str, "method": str, "out": str, "overwrite": bool, "eval": str, "speed": bool,
                               "eval_seqlen": int, "eval_batch_size": int, "eval_max_windows": int,
-                              "arch_override": str, "dtype": str, "verbose": bool, "json": bool}
+                              "arch_override": str, "dtype": str, "verbose": bool, "json": bool, "report": bool}
 """The options that are not config fields, with their types when they come from a config file."""
 COMMON = set(TOP_KINDS) | {"config"}
 
@@ -43,6 +43,8 @@ def _prune_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--arch-override", default=None, help="YAML/JSON ArchOverride for unknown architectures")
     p.add_argument("--dtype", default=None, help="load dtype (auto, float32, bfloat16, float16)")
     p.add_argument("--json", action="store_true", default=None, help="print the report as JSON")
+    p.add_argument("--report", action="store_true", default=None,
+                   help="also write report.html (plots) and report.md into --out once the model is saved")
     p.add_argument("-v", "--verbose", action="store_true", default=None)
     taken = set(COMMON)
     calib = p.add_argument_group("calibration")
@@ -73,6 +75,18 @@ def _eval_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("-v", "--verbose", action="store_true")
 
 
+def _report_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("report", help="an HTML page with plots (and a markdown twin) comparing saved runs",
+                       description="Read the pare.json of each output directory and write one self-contained "
+                                   "HTML page (tables and plots, opens offline) and/or its markdown twin.",
+                       allow_abbrev=False)
+    p.add_argument("runs", nargs="+", metavar="OUT_DIR", help="directories written by pare prune --out")
+    p.add_argument("--html", default=None, help="HTML file to write (default: report.html unless --md is given)")
+    p.add_argument("--md", default=None, help="markdown file to write (its plots go to <name>_plots/ beside it)")
+    p.add_argument("--no-plots", dest="plots", action="store_false", help="tables only")
+    p.add_argument("-v", "--verbose", action="store_true")
+
+
 def build_parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     """The ``pare`` parser and its ``prune`` sub-parser."""
     # no abbreviations: options are matched by their full names (config-file values vs typed flags)
@@ -87,6 +101,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     sub.add_parser("methods", help="list the pruning methods and their options")
     prune_parser = _prune_parser(sub)
     _eval_parser(sub)
+    _report_parser(sub)
     return parser, prune_parser
 
 
@@ -135,6 +150,10 @@ def main(argv: list[str] | None = None) -> int:
             from pare.cli.commands import eval_cmd
 
             return eval_cmd(args)
+        if args.command == "report":
+            from pare.cli.commands import report_cmd
+
+            return report_cmd(args)
         return _cmd_prune(args, given_dests(prune_parser, argv))
     except PareError as exc:
         print(f"error: {exc}", file=sys.stderr)

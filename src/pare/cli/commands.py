@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import sys
 import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -14,7 +15,7 @@ import torch
 from torch import nn
 
 from pare.config import CalibrationConfig, PruneConfig, RuntimeConfig, parse_dtype, usable_device
-from pare.errors import ConfigError
+from pare.errors import ConfigError, PareError
 from pare.eval.perplexity import model_context_length
 
 
@@ -250,6 +251,8 @@ def _prune_cmd(args: argparse.Namespace, method: PruneConfig, calib: Calibration
     from pare.io import save
     from pare.io.save import check_output
 
+    if args.report and not args.out:
+        raise ConfigError("--report writes report.html into the saved model's directory: pass --out DIR too")
     if args.out:  # fail before any long work
         check_out(args.out, args.model, bool(args.overwrite))
         check_output(args.out, bool(args.overwrite))
@@ -295,10 +298,42 @@ def _prune_cmd(args: argparse.Namespace, method: PruneConfig, calib: Calibration
             entry["figures"]["size_on_disk_bytes_after"] = report.figures["size_on_disk_bytes_after"]
             entry["notes"] += [note] if note else []
         (out / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str), encoding="utf-8")
+    # after the save: the model's files are complete, and the report only adds files beside them
+    said = _write_run_report(out) if args.out and args.report else []
     if args.json:
         print(json.dumps(report.to_dict(), indent=2, default=str))
+        for line in said:
+            print(line, file=sys.stderr)
         return 0
     _print_prune_summary(report, args)
+    for line in said:
+        print(line)
+    return 0
+
+
+def _write_run_report(out: Path) -> list[str]:
+    """report.html and report.md beside the saved model; returns the lines to tell the user. A failure
+    here is a warning: the saved model is complete and stays as it is."""
+    from pare.reporting import write_report
+
+    try:
+        written = write_report([out], html=out / "report.html", md=out / "report.md")
+    except (OSError, ValueError, PareError) as exc:
+        return [f"warning: the model is saved, but its report could not be written: {exc}"]
+    return ([f"note: {written.note}"] if written.note else []) + [f"report: {written.html} and {written.markdown}"]
+
+
+def report_cmd(args: argparse.Namespace) -> int:
+    """``pare report OUT_DIR... --html FILE [--md FILE]``."""
+    from pare.reporting import write_report
+
+    html = args.html if args.html or args.md else "report.html"
+    written = write_report(args.runs, html=html, md=args.md, plots=args.plots)
+    if written.note:
+        print(f"note: {written.note}")
+    for path in (written.html, written.markdown):
+        if path is not None:
+            print(f"wrote {path}" + (f" ({written.plots} plots)" if written.plots else ""))
     return 0
 
 
