@@ -1,0 +1,67 @@
+"""``pare report`` as a user sees it: the HTML rendered by headless Chromium (Debian's ``chromium``), a
+screenshot whose plot regions are not blank, and the table's text in the rendered DOM."""
+
+from __future__ import annotations
+
+import io
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from pare.cli import main
+from tiny import tiny_model, tiny_text, tiny_tokenizer
+
+pytestmark = pytest.mark.slow
+BROWSER = next((shutil.which(b) for b in ("chromium", "chromium-browser", "google-chrome") if shutil.which(b)), None)
+PLOT_BLUE = (0x2E, 0x86, 0xDE)  # the bars' and points' colour in pare.reporting.plots
+
+
+def _chromium(*args: str) -> subprocess.CompletedProcess:
+    assert BROWSER is not None
+    return subprocess.run([BROWSER, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
+                           "--no-first-run", *args], capture_output=True, text=True, timeout=180, check=False)
+
+
+def _pixels(png: bytes) -> tuple[int, int, list[tuple[int, int, int]]]:
+    from PIL import Image  # matplotlib depends on Pillow: present whenever plots are
+
+    img = Image.open(io.BytesIO(png)).convert("RGB")
+    return img.width, img.height, list(img.getdata())
+
+
+@pytest.fixture
+def report(tmp_path: Path) -> Path:
+    pytest.importorskip("matplotlib")
+    dense = tmp_path / "dense"
+    tiny_model("llama", num_hidden_layers=4).save_pretrained(dense)
+    tiny_tokenizer().save_pretrained(dense)
+    text = tmp_path / "text.txt"
+    text.write_text(tiny_text())
+    common = ["--calib", str(text), "--seqlen", "16", "--nsamples", "4", "--eval", str(text), "--no-progress"]
+    assert main(["prune", "--model", str(dense), "--method", "wanda", "--sparsity", "0.5", "--out",
+                 str(tmp_path / "wanda"), *common]) == 0
+    assert main(["prune", "--model", str(dense), "--method", "shortgpt", "--num-layers", "1", "--out",
+                 str(tmp_path / "shortgpt"), *common]) == 0
+    html = tmp_path / "report.html"
+    assert main(["report", str(tmp_path / "wanda"), str(tmp_path / "shortgpt"), "--html", str(html)]) == 0
+    return html
+
+
+@pytest.mark.skipif(BROWSER is None, reason="no headless browser: apt-get install chromium")
+def test_browser_shows_the_table_and_the_plots(report: Path, tmp_path: Path) -> None:
+    dom = _chromium("--dump-dom", report.as_uri())
+    assert dom.returncode == 0, dom.stderr[-2000:]
+    for text in ("Runs side by side", "wanda", "shortgpt", "removed layers", "Compression curve", "Speed"):
+        assert text in dom.stdout, text
+    shot = tmp_path / "shot.png"
+    run = _chromium(f"--screenshot={shot}", "--window-size=1400,2600", report.as_uri())
+    assert run.returncode == 0 and shot.is_file(), run.stderr[-2000:]
+    width, height, pixels = _pixels(shot.read_bytes())
+    # the plots' blue fills large regions (bars, points) far below the header's 3-pixel rule
+    blue_rows = {i // width for i, p in enumerate(pixels)
+                 if all(abs(a - b) <= 12 for a, b in zip(p, PLOT_BLUE, strict=True))}
+    assert len(blue_rows) > 150, f"plot colour on only {len(blue_rows)} rows of {height}: images not drawn?"
+    # and the page is not a blank or broken-image page: many distinct colours from anti-aliased plots
+    assert len(set(pixels)) > 500
