@@ -19,7 +19,8 @@ Two paths compute the same numbers:
   (``[context[-1]] + continuation[:-1]`` at positions ``len(context) - 1 ...``). Contexts of several
   questions share a forward, right-padded; the padded cache entries are masked out.
 * **plain**: each request is one right-padded row (no mask is needed: padding comes after every
-  real token and the model is causal), as the harness does.
+  real token and the model is causal), as the harness does. Models with a sliding attention window
+  always take this path (their cache keeps only the window's last entries).
 
 Log-probabilities are taken in float32 on the continuation positions only (the harness takes
 ``log_softmax`` over every position, in the model's dtype).
@@ -145,6 +146,14 @@ def _forward_parameters(model: nn.Module) -> set[str]:
         return set()
 
 
+def _sliding_window(model: nn.Module) -> bool:
+    config = getattr(model, "config", None)
+    if config is not None and hasattr(config, "get_text_config"):
+        config = config.get_text_config()
+    return bool(getattr(config, "sliding_window", None)) or "sliding_attention" in (
+        getattr(config, "layer_types", None) or ())
+
+
 def _score(logits: torch.Tensor, targets: list[int]) -> tuple[float, bool]:
     """Summed log-probability of ``targets`` under ``logits: [len(targets), V]`` and whether all are greedy."""
     logp = F.log_softmax(logits.float(), dim=-1)
@@ -172,7 +181,9 @@ class LoglikelihoodRunner:
         self.model = model
         self.batch_size = batch_size
         self.max_length = max_length
-        self.share_context = share_context
+        # a sliding-window cache keeps only the window's last entries, the context padding among them:
+        # those models run every request as its own row
+        self.share_context = share_context and not _sliding_window(model)
         self.progress = progress
         self.pad_id = pad_id
         self.device = _device(model)
