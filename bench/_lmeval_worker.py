@@ -28,9 +28,9 @@ def main() -> None:
     lls = [[float(r[0][0]), bool(r[0][1])] for s in samples for r in s["resps"]]
     contexts = [[list(r) for r in s["arguments"]] if isinstance(s["arguments"], list) else s["arguments"]
                 for s in samples[:3]]
-    json.dump({"seconds": seconds, "results": res["results"][task], "requests": lls, "first_arguments": contexts,
-               "version": lm_eval.__version__ if hasattr(lm_eval, "__version__") else None},
-              open(out, "w"), default=str)
+    with open(out, "w", encoding="utf-8") as f:
+        json.dump({"seconds": seconds, "results": res["results"][task], "requests": lls,
+                   "first_arguments": contexts, "version": getattr(lm_eval, "__version__", None)}, f, default=str)
 
 
 if __name__ == "__main__":
