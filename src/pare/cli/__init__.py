@@ -19,6 +19,7 @@ log = logging.getLogger("pare")
 
 TOP_KINDS: dict[str, type] = {"model": str, "method": str, "out": str, "overwrite": bool, "eval": str, "speed": bool,
                               "eval_seqlen": int, "eval_batch_size": int, "eval_max_windows": int,
+                              "eval_tasks": str, "eval_limit": int,
                               "arch_override": str, "dtype": str, "verbose": bool, "json": bool, "report": bool}
 """The options that are not config fields, with their types when they come from a config file."""
 COMMON = set(TOP_KINDS) | {"config"}
@@ -38,6 +39,9 @@ def _prune_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--eval-seqlen", type=int, default=None, help="evaluation window (default: --seqlen)")
     p.add_argument("--eval-batch-size", type=int, default=None, help="windows per forward in evaluation")
     p.add_argument("--eval-max-windows", type=int, default=None, help="score at most this many windows")
+    p.add_argument("--eval-tasks", default=None,
+                   help="zero-shot tasks scored before and after, as lm-evaluation-harness does (e.g. piqa,arc_easy)")
+    p.add_argument("--eval-limit", type=int, default=None, help="score only the first N documents of each task")
     p.add_argument("--speed", action=argparse.BooleanOptionalAction, default=None,
                    help="with --eval, also measure prefill/decode tokens/s (default: yes)")
     p.add_argument("--arch-override", default=None, help="YAML/JSON ArchOverride for unknown architectures")
@@ -64,12 +68,23 @@ def _eval_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("eval", help="perplexity, parameters, size on disk and tokens/s of a model",
                        allow_abbrev=False)
     p.add_argument("model", help="directory written by pare prune, any local model, or a hub id")
-    p.add_argument("--ppl", default="wikitext2", help="data set for perplexity ('none' to skip)")
+    p.add_argument("--ppl", default=None,
+                   help="data set for perplexity ('none' to skip; default wikitext2, or none with --tasks/--lm-eval)")
     p.add_argument("--seqlen", type=int, default=None,
                    help="evaluation window in tokens (default: 2048, or the model's context if shorter)")
-    p.add_argument("--batch-size", type=int, default=1, help="windows per forward")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="windows per forward in perplexity (default 1), rows per forward in tasks (default 16)")
     p.add_argument("--max-windows", type=int, default=None, help="score at most this many windows")
-    p.add_argument("--speed", action=argparse.BooleanOptionalAction, default=True, help="measure tokens/s")
+    p.add_argument("--tasks", default=None,
+                   help="zero-shot tasks scored as lm-evaluation-harness does: piqa, arc_easy, arc_challenge, "
+                        "hellaswag, winogrande, boolq, openbookqa, lambada_openai, blimp or blimp_<paradigm> "
+                        "(comma-separated)")
+    p.add_argument("--limit", type=int, default=None, help="score only the first N documents of each task")
+    p.add_argument("--lm-eval", dest="lm_eval", default=None,
+                   help="run these tasks with lm-evaluation-harness itself on the loaded model (pip install "
+                        "'pare[lm-eval]')")
+    p.add_argument("--speed", action=argparse.BooleanOptionalAction, default=None,
+                   help="measure tokens/s (default: yes, or no with --tasks/--lm-eval)")
     p.add_argument("--device", default=None)
     p.add_argument("--json", action="store_true")
     p.add_argument("-v", "--verbose", action="store_true")
@@ -196,7 +211,7 @@ def _cmd_prune(args: argparse.Namespace, given: set[str]) -> int:
         key = key.replace("-", "_")
         if key in TOP_KINDS and getattr(args, key, None) is None:
             value = checked_value("config file", key, TOP_KINDS[key], value)
-            if key.startswith("eval_") and value is not None and value < 1:
+            if key.startswith("eval_") and isinstance(value, int) and value < 1:
                 raise ConfigError(f"config file: {key} must be a positive integer, got {value}")
             setattr(args, key, value)
     if not args.model:

@@ -181,20 +181,49 @@ def _load_any(name_or_path: str, dtype: str | None = None):
     return load_model(name_or_path, dtype=dtype or "auto")
 
 
+def _positive(flag: str, value: int | None, what: str) -> None:
+    if value is not None and value < 1:
+        raise ConfigError(f"{flag} must be a positive integer ({what}), got {value}")
+
+
+def _check_task_flags(tasks: str | None, limit: int | None, limit_flag: str, batch: int | None,
+                      batch_flag: str) -> None:
+    """Task names, --limit and --batch-size checked before anything is loaded."""
+    _positive(limit_flag, limit, "the first N documents of each task")
+    _positive(batch_flag, batch, "rows per forward")
+    if tasks is not None:
+        from pare.eval.zeroshot import resolve_tasks
+
+        resolve_tasks(tasks)
+
+
 def eval_cmd(args: argparse.Namespace) -> int:
     from pare.api import evaluate
     from pare.calibration.sources import split_label
 
     if args.device is not None:
         usable_device(args.device)  # before loading anything
+    _check_task_flags(args.tasks, args.limit, "--limit", args.batch_size, "--batch-size")
+    if args.limit is not None and not (args.tasks or args.lm_eval):
+        raise ConfigError("--limit applies to --tasks or --lm-eval; for perplexity use --max-windows")
+    if args.lm_eval is not None and not args.lm_eval.strip():
+        raise ConfigError("--lm-eval needs task names, e.g. --lm-eval piqa,arc_easy")
+    task_mode = bool(args.tasks or args.lm_eval)
+    ppl = args.ppl if args.ppl is not None else ("none" if task_mode else "wikitext2")
+    speed = args.speed if args.speed is not None else not task_mode
     model, tok = _load_any(args.model)
-    dataset = None if args.ppl in (None, "", "none") else args.ppl
+    dataset = None if ppl in ("", "none") else ppl
     seqlen = args.seqlen or min(2048, model_context_length(model) or 2048)
-    res = evaluate(model, tok, dataset=dataset, seqlen=seqlen, batch_size=args.batch_size,
-                   max_windows=args.max_windows, speed=args.speed, device=args.device)
+    res = evaluate(model, tok, dataset=dataset, seqlen=seqlen, batch_size=args.batch_size or 1,
+                   max_windows=args.max_windows, speed=speed, device=args.device, tasks=args.tasks,
+                   task_limit=args.limit, task_batch_size=args.batch_size or 16)
     res["size_on_disk_bytes"] = model_dir_bytes(args.model)
     res["model"] = args.model
-    if args.speed:
+    if args.lm_eval:
+        from pare.eval.zeroshot import run_lm_eval
+
+        res["lm_eval"] = run_lm_eval(model, tok, args.lm_eval, limit=args.limit, batch_size=args.batch_size or 16)
+    if speed:
         from pare.eval.semi_structured import is_two_four, measure_two_four_speedup
 
         if any(is_two_four(m.weight) for m in model.modules() if isinstance(m, nn.Linear)):
@@ -211,15 +240,51 @@ def eval_cmd(args: argparse.Namespace) -> int:
                                              "prefill_tokens_per_s", "decode_tokens_per_s",
                                              "two_four_linear_speedup", "two_four_skipped") if k in res]
     print_table(rows, ("metric", "value"))
+    if "zeroshot" in res:
+        print()
+        print_task_table(res["zeroshot"])
+    if "lm_eval" in res:
+        print()
+        print_lm_eval_table(res["lm_eval"]["results"])
     return 0
+
+
+def print_task_table(zs: dict[str, Any]) -> None:
+    """Per-task acc, acc_norm (with stderr), documents and LAMBADA's perplexity, then the mean acc."""
+    rows = []
+    for name, r in zs["tasks"].items():
+        acc = f"{r['acc']:.4f} ± {r['acc_stderr']:.4f}"
+        norm = f"{r['acc_norm']:.4f} ± {r['acc_norm_stderr']:.4f}" if "acc_norm" in r else "-"
+        rows.append((name, acc, norm, _fmt(r.get("ppl")), _fmt(r["n"])))
+    print_table(rows, ("task", "acc", "acc_norm", "ppl", "docs"))
+    print(f"mean acc: {zs['mean_acc']:.4f}")
+    for name, r in zs["tasks"].items():
+        if r.get("note"):
+            print(f"note ({name}): {r['note']}")
+
+
+def print_lm_eval_table(results: dict[str, Any]) -> None:
+    """lm-evaluation-harness's results: one row per task and metric."""
+    rows = []
+    for task, metrics in results.items():
+        for key, value in metrics.items():
+            metric, _, flt = key.partition(",")
+            if metric.endswith("_stderr") or metric == "alias" or not isinstance(value, (int, float)):
+                continue
+            err = metrics.get(f"{metric}_stderr,{flt}" if flt else f"{metric}_stderr")
+            shown = _fmt(float(value), 4) + (f" ± {err:.4f}" if isinstance(err, float) else "")
+            rows.append((task, metric, flt or "-", shown))
+    print_table(rows, ("lm-eval task", "metric", "filter", "value"))
 
 
 def _evaluate_figures(model, tok, args: argparse.Namespace, seqlen: int, runtime: RuntimeConfig) -> dict[str, Any]:
     from pare.api import evaluate
 
+    speed = args.speed if args.speed is not None else bool(args.eval)  # tasks alone: no speed run unless asked
     return evaluate(model, tok, dataset=args.eval, seqlen=args.eval_seqlen or seqlen,
                     batch_size=args.eval_batch_size or 1, max_windows=args.eval_max_windows,
-                    speed=args.speed is not False, device=runtime.device, progress=runtime.progress)
+                    speed=speed, device=runtime.device, progress=runtime.progress,
+                    tasks=args.eval_tasks, task_limit=args.eval_limit, task_batch_size=args.eval_batch_size or 16)
 
 
 @contextlib.contextmanager
@@ -253,6 +318,9 @@ def _prune_cmd(args: argparse.Namespace, method: PruneConfig, calib: Calibration
 
     if args.report and not args.out:
         raise ConfigError("--report writes report.html into the saved model's directory: pass --out DIR too")
+    _check_task_flags(args.eval_tasks, args.eval_limit, "--eval-limit", args.eval_batch_size, "--eval-batch-size")
+    if args.eval_limit is not None and not args.eval_tasks:
+        raise ConfigError("--eval-limit applies to --eval-tasks; for perplexity use --eval-max-windows")
     if args.out:  # fail before any long work
         check_out(args.out, args.model, bool(args.overwrite))
         check_output(args.out, bool(args.overwrite))
@@ -265,14 +333,15 @@ def _prune_cmd(args: argparse.Namespace, method: PruneConfig, calib: Calibration
     ids = calibration_ids(tok, calib, model) if needs_calibration else None
     if ids is not None:
         check_token_ids(model, ids)  # a tokenizer of another model: refused before the dense evaluation
-    before = _evaluate_figures(model, tok, args, calib.seqlen, runtime) if args.eval else {}
+    evaluating = bool(args.eval or args.eval_tasks)
+    before = _evaluate_figures(model, tok, args, calib.seqlen, runtime) if evaluating else {}
     if before:
         model.to("cpu") if runtime.offload else None
     report = prune(model, method, ids, tokenizer=tok, runtime=runtime, arch_override=override,
                    batch_size=calib.batch_size)
     if ids is not None:
         report.calibration = calib.to_dict()
-    after = _evaluate_figures(model, tok, args, calib.seqlen, runtime) if args.eval else {}
+    after = _evaluate_figures(model, tok, args, calib.seqlen, runtime) if evaluating else {}
     for key, value in before.items():
         report.figures[f"{key}_before"] = value
     for key, value in after.items():
@@ -416,6 +485,20 @@ def _dtype_size_note(source: str, out: Path) -> str | None:
             f"{ratio:g}x (pass --dtype {before} to compare like with like)")
 
 
+def _task_rows(figures: dict[str, Any]) -> list[tuple[str, str, str]]:
+    """Before/after rows of the zero-shot mean and each task's acc (and acc_norm where reported)."""
+    before, after = figures.get("zeroshot_before"), figures.get("zeroshot_after")
+    if not before or not after:
+        return []
+    rows = [("zero-shot mean acc", _fmt(before["mean_acc"], 4), _fmt(after["mean_acc"], 4))]
+    for name, b in before["tasks"].items():
+        a = after["tasks"].get(name, {})
+        rows.append((f"  {name} acc", _fmt(b.get("acc"), 4), _fmt(a.get("acc"), 4)))
+        if "acc_norm" in b:
+            rows.append((f"  {name} acc_norm", _fmt(b.get("acc_norm"), 4), _fmt(a.get("acc_norm"), 4)))
+    return rows
+
+
 def _print_prune_summary(report, args: argparse.Namespace) -> None:
     f = report.figures
     rows = [
@@ -424,8 +507,10 @@ def _print_prune_summary(report, args: argparse.Namespace) -> None:
     ]
     if "nonzero_after" in f:
         rows.insert(1, ("params not zeroed", _fmt(f.get("nonzero_before")), _fmt(f.get("nonzero_after"))))
+    rows[:0] = _task_rows(f)
     if args.eval:
         rows.insert(0, (f"ppl ({args.eval})", _fmt(f.get("ppl_before")), _fmt(f.get("ppl_after"))))
+    if "prefill_tokens_per_s_before" in f:
         for label, key in (("prefill tokens/s", "prefill_tokens_per_s"), ("decode tokens/s", "decode_tokens_per_s")):
             rows.append((label, _fmt(f.get(f"{key}_before"), 0), _fmt(f.get(f"{key}_after"), 0)))
     print(f"method {report.method}: pruned in {report.prune_seconds:.2f}s, peak RSS {report.peak_rss_mb:.0f} MB")
