@@ -51,15 +51,16 @@ def configurations() -> dict[str, tuple[str, str, Callable[[], Any]]]:
         "wanda-2:4": ("N:M", "2 of every 4 weights", lambda: m.WandaConfig(sparsity=0.5, pattern="2:4")),
         "sparsegpt-2:4": ("N:M", "2 of every 4 weights", lambda: m.SparseGPTConfig(sparsity=0.5, pattern="2:4")),
         "osscar-mlp35%": ("structured MLP", "35% of MLP channels", lambda: m.OsscarConfig(mlp_ratio=0.35)),
-        "width-15%": ("structured width", "15% of hidden size and MLP channels",
-                      lambda: m.WidthConfig(pruning_ratio=0.15, importance="activation", heads=False)),
+        # 576 * (1 - 0.15625) = 486 = 9 * 54: Llama's config needs the hidden size a multiple of the 9 heads
+        "width-16%": ("structured width", "15.6% of hidden size and MLP channels",
+                      lambda: m.WidthConfig(pruning_ratio=0.15625, importance="activation", heads=False)),
         "shortgpt-3": ("depth", "3 of 30 layers", lambda: m.ShortGPTConfig(num_layers=3)),
         "angular-3": ("depth", "3 of 30 layers", lambda: m.AngularConfig(num_layers=3)),
         "ppl-window-3": ("depth", "3 of 30 layers", lambda: m.PplWindowConfig(num_layers=3)),
         "sublayer-6": ("sub-layer", "6 attention/MLP blocks", lambda: m.SublayerConfig(num_sublayers=6)),
         "osscar-mlp50%": ("structured MLP", "50% of MLP channels", lambda: m.OsscarConfig(mlp_ratio=0.5)),
-        "width-20%": ("structured width", "20% of hidden size and MLP channels",
-                      lambda: m.WidthConfig(pruning_ratio=0.2, importance="activation", heads=False)),
+        "width-22%": ("structured width", "21.9% of hidden size and MLP channels",  # hidden 450 = 9 * 50
+                      lambda: m.WidthConfig(pruning_ratio=0.21875, importance="activation", heads=False)),
         "shortgpt-6": ("depth", "6 of 30 layers", lambda: m.ShortGPTConfig(num_layers=6)),
         "ppl-window-6": ("depth", "6 of 30 layers", lambda: m.PplWindowConfig(num_layers=6)),
         "angular-6": ("depth", "6 of 30 layers", lambda: m.AngularConfig(num_layers=6)),
@@ -91,8 +92,7 @@ def _prune_and_save(name: str, args: argparse.Namespace, model_dir: Path) -> dic
 
     import pare
 
-    family, removes, factory = configurations()[name]
-    config = factory()
+    config = configurations()[name][2]()
     model, tok = pare.load_model(str(args.model), dtype=torch.float32)
     calib = pare.CalibrationConfig(dataset="c4", nsamples=args.calib_samples, seqlen=args.calib_seqlen, seed=0,
                                    batch_size=4)
@@ -162,6 +162,40 @@ def worker(name: str, args: argparse.Namespace) -> None:
         (model_dir / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str), encoding="utf-8")
 
 
+def speed_pass(args: argparse.Namespace, names: list[str]) -> None:
+    """Prefill/decode tokens/s of every finished configuration, measured in one process in alternating
+    rounds (median per configuration): on a shared machine, speeds taken minutes apart are not comparable."""
+    import statistics
+
+    import torch
+
+    import pare
+    from pare.eval.speed import measure_speed
+
+    torch.set_num_threads(args.threads)
+    models = {}
+    for name in names:
+        run_dir = args.out / name.replace(":", "-").replace("%", "pct")
+        if name == "dense":
+            models[name] = pare.load_model(str(args.model), dtype=torch.float32)[0]
+        elif (run_dir / "model" / "pare.json").is_file():
+            models[name] = pare.load(run_dir / "model", dtype=torch.float32)
+    got: dict[str, list[tuple[float, float]]] = {n: [] for n in models}
+    for _ in range(args.speed_rounds):
+        for name, model in models.items():
+            sp = measure_speed(model, prompt_len=128, new_tokens=16, repeats=1)
+            got[name].append((sp.prefill_tokens_per_s, sp.decode_tokens_per_s))
+    for name, values in got.items():
+        path = args.out / name.replace(":", "-").replace("%", "pct") / "result.json"
+        result = _load_json(path)
+        result["prefill_tokens_per_s"] = statistics.median(v[0] for v in values)
+        result["decode_tokens_per_s"] = statistics.median(v[1] for v in values)
+        result["speed"] = f"median of {args.speed_rounds} alternating rounds in one process"
+        _write_json(path, result)
+        print(json.dumps({"config": name, "prefill": result["prefill_tokens_per_s"],
+                          "decode": result["decode_tokens_per_s"]}), flush=True)
+
+
 def _fmt(value: Any, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
@@ -177,13 +211,16 @@ def write_table(args: argparse.Namespace, names: list[str], started: float) -> N
         "budget": {"ppl": f"WikiText-2 test, first {args.ppl_windows} windows of 2048 tokens",
                    "zeroshot": f"first {args.task_limit} items of each of {', '.join(TASKS)}"
                    if args.task_limit else "not run",
-                   "calibration": f"{args.calib_samples} windows of {args.calib_seqlen} C4 tokens"},
+                   "calibration": f"{args.calib_samples} windows of {args.calib_seqlen} C4 tokens",
+                   "speed": next((r["speed"] for r in rows if r.get("speed")),
+                                 "each configuration measured in its own worker (prompt 128, 32 new tokens)")},
         "wall_seconds_this_run": round(time.time() - started, 1),
     }
     _write_json(args.out / "table.json", {"header": header, "rows": rows})
     lines = [
         f"SmolLM2-135M, {header['date']}, {header['machine']}. Budget: PPL on {header['budget']['ppl']}; "
-        f"zero-shot: {header['budget']['zeroshot']}; calibration: {header['budget']['calibration']}.",
+        f"zero-shot: {header['budget']['zeroshot']}; calibration: {header['budget']['calibration']}; "
+        f"tokens/s: {header['budget']['speed']}.",
         "",
         "| config | family | removes | WikiText-2 PPL | zero-shot mean acc | params | non-zero | bytes on disk "
         "| prefill tok/s | decode tok/s | prune s | peak RSS MB |",
@@ -213,6 +250,8 @@ def main() -> None:
                         "(default: all)")
     parser.add_argument("--jobs", type=int, default=1, help="configurations run at once (each its own process)")
     parser.add_argument("--table-only", action="store_true", help="only rewrite the table from the JSONs")
+    parser.add_argument("--speed-rounds", type=int, default=0,
+                        help="re-measure tokens/s of every finished configuration in this many alternating rounds")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -229,7 +268,9 @@ def main() -> None:
         names = ["dense", *[n for n in wanted if n != "dense"]]  # in the order given
     started = time.time()
     args.out.mkdir(parents=True, exist_ok=True)
-    if not args.table_only:
+    if args.speed_rounds:
+        speed_pass(args, names)
+    elif not args.table_only:
         passthrough = [f"--{k.replace('_', '-')}={getattr(args, k)}" for k in
                        ("model", "out", "ppl_windows", "task_limit", "calib_samples", "calib_seqlen", "threads")]
         def run(name: str) -> None:

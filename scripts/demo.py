@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 import pare
-from pare.cli.commands import model_dir_bytes, print_table
+from pare.cli.commands import model_dir_bytes, print_table, transformers_bars
 
 REPO = Path(__file__).resolve().parents[1]
 LOCAL_MODEL = REPO.parent / "shared" / "models" / "stories260K"
@@ -110,4 +110,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    with transformers_bars(False):  # the loading bars would interleave with the table
+        main()

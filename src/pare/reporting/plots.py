@@ -171,8 +171,8 @@ def _bars(ax: Any, values: dict[int, float], ylabel: str, title: str, highlight:
 
 def _sparsity_panel(ax: Any, stage: dict[str, Any]) -> bool:
     per_layer = layer_sparsity(stage)
-    if not per_layer:
-        return False
+    if not per_layer or ax is None:
+        return bool(per_layer)
     _bars(ax, per_layer, "sparsity", f"{stage.get('method')}: sparsity per layer")
     ax.set_ylim(0, 1)
     return True
@@ -180,8 +180,8 @@ def _sparsity_panel(ax: Any, stage: dict[str, Any]) -> bool:
 
 def _width_panel(ax: Any, stage: dict[str, Any]) -> bool:
     widths = kept_widths(stage)
-    if not widths["mlp"] and not widths["heads"]:
-        return False
+    if not widths["mlp"] and not widths["heads"] or ax is None:
+        return bool(widths["mlp"] or widths["heads"])
     kind = "mlp" if widths["mlp"] else "heads"
     hidden = hidden_width(stage)
     title = f"{stage.get('method')}: kept {'MLP width' if kind == 'mlp' else 'query heads'} per layer"
@@ -212,8 +212,8 @@ def _depth_scores(stage: dict[str, Any]) -> tuple[dict[int, float], str, set[int
 
 def _depth_panel(ax: Any, stage: dict[str, Any]) -> bool:
     found = _depth_scores(stage)
-    if not found:
-        return False
+    if not found or ax is None:
+        return bool(found)
     values, label, chosen = found
     _bars(ax, values, label, f"{stage.get('method')}: {label.split(' (')[0]}", highlight=chosen)
     if "PPL" in label:
@@ -224,8 +224,8 @@ def _depth_panel(ax: Any, stage: dict[str, Any]) -> bool:
 def _sublayer_panel(ax: Any, stage: dict[str, Any]) -> bool:
     scores = stage.get("scores") or {}
     rows = scores.get("sublayers")
-    if not rows:
-        return False
+    if not rows or ax is None:
+        return bool(rows)
     removed = set(scores.get("removed_sublayers") or [])
     for offset, part, color in ((-0.2, "attention", "#2e86de"), (0.2, "mlp", "#e67e22")):
         pts = [r for r in rows if r["part"] == part]
@@ -241,8 +241,8 @@ def _sublayer_panel(ax: Any, stage: dict[str, Any]) -> bool:
 
 def _osscar_panel(ax: Any, stage: dict[str, Any]) -> bool:
     errors = (stage.get("scores") or {}).get("mlp_error") or (stage.get("scores") or {}).get("attn_error")
-    if not errors:
-        return False
+    if not errors or ax is None:
+        return bool(errors)
     layers = sorted(int(k) for k in errors)
     ax.plot(layers, [errors[str(i)]["no_refit"] for i in layers], marker="o", ms=3, label="no refit",
             color=MUTED)
@@ -254,13 +254,13 @@ def _osscar_panel(ax: Any, stage: dict[str, Any]) -> bool:
     return True
 
 
-PANELS: tuple[Callable[[Any, dict[str, Any]], bool], ...] = (
+PANELS: tuple[Callable[[Any, dict[str, Any]], bool], ...] = (  # each: (axis or None, stage) -> has data
     _sparsity_panel, _width_panel, _osscar_panel, _depth_panel, _sublayer_panel)
 
 
 def run_plot(run: Run) -> Plot | None:
     """The per-layer panels that apply to each stage of ``run`` (sparsity, widths, scores)."""
-    jobs = [(stage, panel) for stage in run.stages for panel in PANELS if _applies(panel, stage)]
+    jobs = [(stage, panel) for stage in run.stages for panel in PANELS if panel(None, stage)]
     if not jobs:
         return None
     fig, axes = _figure(len(jobs), 4.4, 3.0)
@@ -270,13 +270,6 @@ def run_plot(run: Run) -> Plot | None:
     caption = run.methods + (": red marks what was removed (for spans, the first layer of the span)." if depth
                              else ".")
     return Plot(f"{run.name}: per layer", caption, _png(fig), f"run-{run.name}")
-
-
-def _applies(panel: Callable[[Any, dict[str, Any]], bool], stage: dict[str, Any]) -> bool:
-    """Whether ``panel`` has data for ``stage`` (drawn on a throwaway axis: cheap, and one source of truth)."""
-    from matplotlib.figure import Figure
-
-    return panel(Figure().add_subplot(), stage)
 
 
 def all_plots(runs: list[Run]) -> list[Plot]:

@@ -84,7 +84,8 @@ def render_html(runs: list[Run], plots: list[Plot] | None) -> str:
     """
     when = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     parts = [f"<header><h1>{html.escape(_title(runs))}</h1><div class=sub>{len(runs)} run(s), generated {when}. "
-             "Each cell shows the figure after the prune, with the dense figure and the change below it.</div></header>"]
+             "Each cell shows the figure after the prune, with the dense figure and the change below it."
+             "</div></header>"]
     parts.append("<h2>Runs side by side</h2>")
     parts.append(_table(SUMMARY_HEADER, summary_rows(runs)))
     theader, trows = task_rows(runs)

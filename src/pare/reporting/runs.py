@@ -222,12 +222,23 @@ def summary_rows(runs: list[Run]) -> list[tuple[str, ...]]:
     return rows
 
 
+def tasks_of(run: Run, when: str) -> dict[str, dict[str, Any]]:
+    """Per-task results before the first prune or after the last: ``{task: {"acc", "acc_norm", "n"...}}``.
+
+    ``pare prune --eval-tasks`` stores what ``evaluate_tasks`` returns (``{"tasks": {...}, "mean_acc"}``);
+    a plain ``{task: {...}}`` is read too.
+    """
+    stage = run.stages[0] if when == "before" else run.stages[-1]
+    value = stage.get("figures", {}).get(f"zeroshot_{when}") or {}
+    tasks = value.get("tasks", value) if isinstance(value, dict) else {}
+    return {k: v for k, v in tasks.items() if isinstance(v, dict)}
+
+
 def task_names(runs: list[Run]) -> list[str]:
     names: list[str] = []
     for r in runs:
-        for key in ("zeroshot_before", "zeroshot_after"):
-            tasks = r.stages[0 if key.endswith("before") else -1].get("figures", {}).get(key) or {}
-            names += [t for t in tasks if t not in names]
+        for when in ("before", "after"):
+            names += [t for t in tasks_of(r, when) if t not in names]
     return names
 
 
@@ -237,8 +248,7 @@ def task_rows(runs: list[Run]) -> tuple[tuple[str, ...], list[tuple[str, ...]]]:
     header = ("run", *names, "mean")
     rows = []
     for r in runs:
-        before = r.stages[0].get("figures", {}).get("zeroshot_before") or {}
-        after = r.stages[-1].get("figures", {}).get("zeroshot_after") or {}
+        before, after = tasks_of(r, "before"), tasks_of(r, "after")
         if not before and not after:
             continue
         cells = [_change((before.get(t) or {}).get("acc"), (after.get(t) or {}).get("acc"), 3) for t in names]
