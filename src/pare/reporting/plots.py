@@ -180,7 +180,7 @@ def _sparsity_panel(ax: Any, stage: dict[str, Any]) -> bool:
 
 def _width_panel(ax: Any, stage: dict[str, Any]) -> bool:
     widths = kept_widths(stage)
-    if not widths["mlp"] and not widths["heads"] or ax is None:
+    if not (widths["mlp"] or widths["heads"]) or ax is None:
         return bool(widths["mlp"] or widths["heads"])
     kind = "mlp" if widths["mlp"] else "heads"
     hidden = hidden_width(stage)
