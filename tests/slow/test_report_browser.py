@@ -42,12 +42,12 @@ def report(tmp_path: Path) -> Path:
     text.write_text(tiny_text())
     common = ["--calib", str(text), "--seqlen", "16", "--nsamples", "4", "--eval", str(text), "--eval-max-windows", "4",
               "--no-progress"]
-    assert main(["prune", "--model", str(dense), "--method", "wanda", "--sparsity", "0.5", "--out",
-                 str(tmp_path / "wanda"), *common]) == 0
+    assert main(["prune", "--model", str(dense), "--method", "magnitude", "--sparsity", "0.5", "--out",
+                 str(tmp_path / "magnitude"), *common]) == 0
     assert main(["prune", "--model", str(dense), "--method", "shortgpt", "--num-layers", "1", "--out",
                  str(tmp_path / "shortgpt"), *common]) == 0
     html = tmp_path / "report.html"
-    assert main(["report", str(tmp_path / "wanda"), str(tmp_path / "shortgpt"), "--html", str(html)]) == 0
+    assert main(["report", str(tmp_path / "magnitude"), str(tmp_path / "shortgpt"), "--html", str(html)]) == 0
     return html
 
 
@@ -55,7 +55,7 @@ def report(tmp_path: Path) -> Path:
 def test_browser_shows_the_table_and_the_plots(report: Path, tmp_path: Path) -> None:
     dom = _chromium("--dump-dom", report.as_uri())
     assert dom.returncode == 0, dom.stderr[-2000:]
-    for text in ("Runs side by side", "wanda", "shortgpt", "removed layers", "Compression curve", "Speed"):
+    for text in ("Runs side by side", "magnitude", "shortgpt", "removed layers", "Compression curve", "Speed"):
         assert text in dom.stdout, text
     shot = tmp_path / "shot.png"
     run = _chromium(f"--screenshot={shot}", "--window-size=1400,2600", report.as_uri())

@@ -204,7 +204,7 @@ SUMMARY_HEADER = ("run", "method", "settings", "PPL", "zero-shot mean acc", "par
 
 def summary_rows(runs: list[Run]) -> list[tuple[str, ...]]:
     """One row per run: before → after for each figure (change in % where it is a size or a speed)."""
-    rows = []
+    rows: list[tuple[str, ...]] = []
     for r in runs:
         ppl_set = r.after("dataset")
         rows.append((
@@ -246,7 +246,7 @@ def task_rows(runs: list[Run]) -> tuple[tuple[str, ...], list[tuple[str, ...]]]:
     """Per-task accuracy (acc, before → after) of every run that has zero-shot figures."""
     names = task_names(runs)
     header = ("run", *names, "mean")
-    rows = []
+    rows: list[tuple[str, ...]] = []
     for r in runs:
         before, after = tasks_of(r, "before"), tasks_of(r, "after")
         if not before and not after:
