@@ -93,9 +93,9 @@ def main() -> None:
         ("reloaded from disk = in memory", "-", "yes" if s["reload_ok"] else "NO", "yes" if u["reload_ok"] else "NO"),
     ]
     print_table(rows, ("", "dense", cuts["osscar"][0], cuts["wanda"][0]))
-    print("\nzero-shot accuracy: not measured here; stories260K (260K parameters, a 512-token vocabulary, trained "
-          "only on children's stories) scores at chance on PIQA, ARC, HellaSwag and the rest, so the seven "
-          "tasks say nothing about it. `pare eval DIR --tasks ...` measures them on a real model.")
+    print("\nzero-shot accuracy: not run; stories260K (260K parameters, a 512-token vocabulary, trained only on "
+          "children's stories) was never taught the knowledge and reasoning PIQA, ARC, HellaSwag and the other "
+          "papers' tasks test. `pare eval DIR --tasks ...` measures them on a real model.")
     print(f"the structured cut is {1 - s['bytes'] / dense_bytes:.0%} smaller on disk; the unstructured one stores "
           f"its zeros (same size, dense speed) until a sparse format or N:M kernels use them")
     from pare.reporting import write_report

@@ -70,7 +70,7 @@ def test_summary_rows_show_before_after_and_change(runs: list[Path]) -> None:
     assert rows["depth"][2] == "num_layers=1, removed layers [1]"
     assert rows["depth"][5] == "1,000 → 750 (-25%)"
     assert rows["depth"][7] == "4,000 → 3,000 (-25%)"
-    assert rows["depth"][8] == "200"  # no figure after the prune: only the dense one
+    assert rows["depth"][8] == "200 → -"  # measured before only: never shown as the pruned figure
     # a chain: both methods in order, before from the first stage and after from the last
     assert rows["chain"][1] == "shortgpt → osscar"
     assert rows["chain"][2] == "num_layers=1, removed layers [1] → mlp_ratio=0.25"

@@ -179,8 +179,10 @@ class Change(str):
     def __new__(cls, before: Any, after: Any, digits: int = 2, pct: bool = False, suffix: str = "") -> Change:
         if after is None and before is None:
             main, detail, text = "-", "", "-"
-        elif after is None or before is None:
-            main = fmt(after if after is not None else before, digits)
+        elif after is None:  # measured before only: the cell must not pass the dense figure off as the pruned one
+            main, detail, text = "-", f"from {fmt(before, digits)}", f"{fmt(before, digits)} → -"
+        elif before is None:
+            main = fmt(after, digits)
             detail, text = suffix, main + (f" ({suffix})" if suffix else "")
         else:
             main = fmt(after, digits)
@@ -249,7 +251,7 @@ def task_rows(runs: list[Run]) -> tuple[tuple[str, ...], list[tuple[str, ...]]]:
     rows: list[tuple[str, ...]] = []
     for r in runs:
         before, after = tasks_of(r, "before"), tasks_of(r, "after")
-        if not before and not after:
+        if not after:
             continue
         cells = [_change((before.get(t) or {}).get("acc"), (after.get(t) or {}).get("acc"), 3) for t in names]
         rows.append((r.name, *cells, _change(r.before("zeroshot_mean"), r.after("zeroshot_mean"), 3)))
