@@ -37,7 +37,8 @@ def test_prune_report_writes_beside_the_saved_model(model_dir: Path, tmp_path: P
 
 
 def test_prune_report_needs_out(model_dir: Path, capsys) -> None:
-    assert main(["prune", "--model", str(model_dir), "--method", "magnitude", "--report", "--no-progress"]) == 2
+    assert main(["prune", "--model", str(model_dir), "--method", "magnitude", "--report", "--no-save",
+                 "--no-progress"]) == 2
     assert "--report writes report.html" in capsys.readouterr().err
 
 
