@@ -62,6 +62,11 @@ def load_model(name_or_path: str, dtype: str | torch.dtype = "auto", device: str
     return model.eval(), tokenizer
 
 
+def _check_task_limit(limit: Any) -> None:
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        raise ConfigError(f"task_limit must be a positive integer (the first N documents of each task), got {limit!r}")
+
+
 def check_seqlen(model: nn.Module, seqlen: int) -> None:
     """Raise ConfigError when ``seqlen`` exceeds the model's context."""
     limit = model_context_length(model)
@@ -200,17 +205,34 @@ def evaluate(
     speed: bool = True,
     device: str | torch.device | None = None,
     progress: bool = True,
+    tasks: str | Sequence[str] | None = None,
+    task_limit: int | None = None,
+    task_batch_size: int = 16,
 ) -> dict[str, Any]:
-    """Perplexity (papers' protocol), parameter counts and prefill/decode tokens/s.
+    """Perplexity (papers' protocol), zero-shot task accuracy, parameter counts and prefill/decode tokens/s.
+
+    Args:
+        tasks: zero-shot tasks scored as lm-evaluation-harness does (``"piqa,arc_easy"`` or a list; see
+            ``pare.eval.zeroshot.TASKS``); None skips them.
+        task_limit: score only the first N documents of each task.
+        task_batch_size: rows per forward in the task scoring.
 
     Returns:
         A flat dict: ``ppl``, ``n_tokens``, ``n_windows``, ``seqlen``, ``dataset``, ``params``,
-        ``nonzero_params``, ``prefill_tokens_per_s``, ``decode_tokens_per_s``.
+        ``nonzero_params``, ``prefill_tokens_per_s``, ``decode_tokens_per_s``; with tasks also
+        ``zeroshot`` (the dict :func:`pare.eval.zeroshot.evaluate_tasks` returns) and ``zeroshot_mean``.
     """
     from pare.calibration.data import eval_token_ids
     from pare.eval.perplexity import perplexity
     from pare.eval.speed import measure_speed
 
+    if tasks is not None:  # bad names, limits or a missing tokenizer fail before any long work
+        from pare.eval.zeroshot import resolve_tasks
+
+        resolve_tasks(tasks if isinstance(tasks, str) else list(tasks))
+        _check_task_limit(task_limit)
+        if tokenizer is None:
+            raise ConfigError("zero-shot tasks need the model's tokenizer: pass the tokenizer load_model returned")
     if device is not None:
         model.to(usable_device(device))
     out: dict[str, Any] = {"params": count_parameters(model), "nonzero_params": count_nonzero(model)}
@@ -221,6 +243,13 @@ def evaluate(
         out.update({k: v for k, v in asdict(res).items()})
         out["dataset"] = dataset
         out["text_tokens"] = int(ids.shape[-1])  # length of the whole tokenized text
+    if tasks is not None:
+        from pare.eval.zeroshot import evaluate_tasks
+
+        zs = evaluate_tasks(model, tokenizer, tasks if isinstance(tasks, str) else list(tasks), limit=task_limit,
+                            batch_size=task_batch_size, progress=progress)
+        out["zeroshot"] = zs
+        out["zeroshot_mean"] = zs["mean_acc"]
     if speed:
         sp = measure_speed(model, prompt_len=min(128, model_context_length(model) or 128), new_tokens=32)
         out["prefill_tokens_per_s"] = sp.prefill_tokens_per_s

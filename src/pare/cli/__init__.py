@@ -1,4 +1,4 @@
-"""The ``pare`` command: ``inspect``, ``prune``, ``run`` (a recipe), ``eval``, ``methods``.
+"""The ``pare`` command: ``inspect``, ``prune``, ``run`` (a recipe), ``eval``, ``report``, ``methods``.
 
 Method options are generated from the method config dataclasses (``--sparsity``, ``--pattern``...),
 so every config field is a flag and a YAML/JSON config key at once.
@@ -22,7 +22,8 @@ log = logging.getLogger("pare")
 TOP_KINDS: dict[str, type] = {"model": str, "method": str, "out": str, "overwrite": bool, "no_save": bool,
                               "eval": str, "speed": bool,
                               "eval_seqlen": int, "eval_batch_size": int, "eval_max_windows": int,
-                              "arch_override": str, "dtype": str, "verbose": bool, "json": bool}
+                              "eval_tasks": str, "eval_limit": int,
+                              "arch_override": str, "dtype": str, "verbose": bool, "json": bool, "report": bool}
 """The options that are not config fields, with their types when they come from a config file."""
 COMMON = set(TOP_KINDS) | {"config"}
 
@@ -44,11 +45,16 @@ def _prune_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--eval-seqlen", type=positive_int, default=None, help="evaluation window (default: --seqlen)")
     p.add_argument("--eval-batch-size", type=positive_int, default=None, help="windows per forward in evaluation")
     p.add_argument("--eval-max-windows", type=positive_int, default=None, help="score at most this many windows")
+    p.add_argument("--eval-tasks", default=None,
+                   help="zero-shot tasks scored before and after, as lm-evaluation-harness does (e.g. piqa,arc_easy)")
+    p.add_argument("--eval-limit", type=int, default=None, help="score only the first N documents of each task")
     p.add_argument("--speed", action=argparse.BooleanOptionalAction, default=None,
                    help="with --eval, also measure prefill/decode tokens/s (default: yes)")
     p.add_argument("--arch-override", default=None, help="YAML/JSON ArchOverride for unknown architectures")
     p.add_argument("--dtype", default=None, help="load dtype (auto, float32, bfloat16, float16)")
     p.add_argument("--json", action="store_true", default=None, help="print the report as JSON")
+    p.add_argument("--report", action="store_true", default=None,
+                   help="also write report.html (plots) and report.md into --out once the model is saved")
     p.add_argument("-v", "--verbose", action="store_true", default=None)
     taken = set(COMMON)
     calib = p.add_argument_group("calibration")
@@ -68,12 +74,23 @@ def _eval_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("eval", help="perplexity, parameters, size on disk and tokens/s of a model",
                        allow_abbrev=False)
     p.add_argument("model", help="directory written by pare prune, any local model, or a hub id")
-    p.add_argument("--ppl", default="wikitext2", help="data set for perplexity ('none' to skip)")
+    p.add_argument("--ppl", default=None,
+                   help="data set for perplexity ('none' to skip; default wikitext2, or none with --tasks/--lm-eval)")
     p.add_argument("--seqlen", type=positive_int, default=None,
                    help="evaluation window in tokens (default: 2048, or the model's context if shorter)")
-    p.add_argument("--batch-size", type=positive_int, default=1, help="windows per forward")
+    p.add_argument("--batch-size", type=positive_int, default=None,
+                   help="windows per forward in perplexity (default 1), rows per forward in tasks (default 16)")
     p.add_argument("--max-windows", type=positive_int, default=None, help="score at most this many windows")
-    p.add_argument("--speed", action=argparse.BooleanOptionalAction, default=True, help="measure tokens/s")
+    p.add_argument("--tasks", default=None,
+                   help="zero-shot tasks scored as lm-evaluation-harness does: piqa, arc_easy, arc_challenge, "
+                        "hellaswag, winogrande, boolq, openbookqa, lambada_openai, blimp or blimp_<paradigm> "
+                        "(comma-separated)")
+    p.add_argument("--limit", type=int, default=None, help="score only the first N documents of each task")
+    p.add_argument("--lm-eval", dest="lm_eval", default=None,
+                   help="run these tasks with lm-evaluation-harness itself on the loaded model (pip install "
+                        "'pare[lm-eval]')")
+    p.add_argument("--speed", action=argparse.BooleanOptionalAction, default=None,
+                   help="measure tokens/s (default: yes, or no with --tasks/--lm-eval)")
     p.add_argument("--device", default=None)
     p.add_argument("--json", action="store_true")
     p.add_argument("-v", "--verbose", action="store_true")
@@ -97,6 +114,18 @@ def _run_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("-v", "--verbose", action="store_true", default=None)
 
 
+def _report_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("report", help="an HTML page with plots (and a markdown twin) comparing saved runs",
+                       description="Read the pare.json of each output directory and write one self-contained "
+                                   "HTML page (tables and plots, opens offline) and/or its markdown twin.",
+                       allow_abbrev=False)
+    p.add_argument("runs", nargs="+", metavar="OUT_DIR", help="directories written by pare prune --out")
+    p.add_argument("--html", default=None, help="HTML file to write (default: report.html unless --md is given)")
+    p.add_argument("--md", default=None, help="markdown file to write (its plots go to <name>_plots/ beside it)")
+    p.add_argument("--no-plots", dest="plots", action="store_false", help="tables only")
+    p.add_argument("-v", "--verbose", action="store_true")
+
+
 def build_parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     """The ``pare`` parser and its ``prune`` sub-parser."""
     # no abbreviations: options are matched by their full names (config-file values vs typed flags)
@@ -112,6 +141,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     prune_parser = _prune_parser(sub)
     _run_parser(sub)
     _eval_parser(sub)
+    _report_parser(sub)
     return parser, prune_parser
 
 
@@ -189,6 +219,10 @@ def _dispatch(args: argparse.Namespace, prune_parser: argparse.ArgumentParser, a
         return inspect_cmd(args)
     if args.command == "run":
         return _cmd_run(args)
+    if args.command == "report":
+        from pare.cli.commands import report_cmd
+
+        return report_cmd(args)
     if args.command == "eval":
         from pare.cli.commands import eval_cmd
 
@@ -229,7 +263,7 @@ def _cmd_prune(args: argparse.Namespace, given: set[str]) -> int:
         key = key.replace("-", "_")
         if key in TOP_KINDS and getattr(args, key, None) is None:
             value = checked_value("config file", key, TOP_KINDS[key], value)
-            if key.startswith("eval_") and value is not None and value < 1:
+            if key.startswith("eval_") and isinstance(value, int) and value < 1:
                 raise ConfigError(f"config file: {key} must be a positive integer, got {value}")
             setattr(args, key, value)
     if not args.model:
@@ -278,6 +312,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
         dtype=top.get("dtype"), arch_override=top.get("arch_override"), json=args.json or top.get("json", False),
         eval=recipe.ppl or None, eval_seqlen=recipe.eval.get("seqlen"), eval_batch_size=recipe.eval.get("batch_size"),
         eval_max_windows=recipe.eval.get("max_windows"), speed=recipe.eval.get("speed", True),
+        eval_tasks=recipe.eval.get("tasks"), eval_limit=recipe.eval.get("limit"), report=top.get("report", False),
+        seqlen=(data.get("calibration") or {}).get("seqlen") if isinstance(data.get("calibration"), dict) else None,
     )
     return run_cmd(ns, recipe.stages, recipe.calibration, runtime)
 

@@ -6,6 +6,7 @@ import argparse
 import contextlib
 import dataclasses
 import json
+import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -14,7 +15,7 @@ import torch
 from torch import nn
 
 from pare.config import CalibrationConfig, PruneConfig, RuntimeConfig, parse_dtype, usable_device
-from pare.errors import ConfigError, SaveInterrupted
+from pare.errors import ConfigError, PareError, SaveInterrupted
 from pare.eval.perplexity import model_context_length
 from pare.report import Report
 
@@ -130,20 +131,50 @@ def _load_any(name_or_path: str, dtype: str | None = None):
     return load_model(name_or_path, dtype=dtype or "auto")
 
 
+def _positive(flag: str, value: int | None, what: str) -> None:
+    if value is not None and value < 1:
+        raise ConfigError(f"{flag} must be a positive integer ({what}), got {value}")
+
+
+def _check_task_flags(tasks: str | None, limit: int | None, limit_flag: str, batch: int | None,
+                      batch_flag: str) -> None:
+    """Task names, --limit and --batch-size checked before anything is loaded."""
+    _positive(limit_flag, limit, "the first N documents of each task")
+    _positive(batch_flag, batch, "rows per forward")
+    if tasks is not None:
+        from pare.eval.zeroshot import resolve_tasks
+
+        resolve_tasks(tasks)
+
+
 def eval_cmd(args: argparse.Namespace) -> int:
     from pare.api import evaluate
     from pare.calibration.sources import split_label
 
     if args.device is not None:
         usable_device(args.device)  # before loading anything
+    _check_task_flags(args.tasks, args.limit, "--limit", args.batch_size, "--batch-size")
+    if args.limit is not None and not (args.tasks or args.lm_eval):
+        raise ConfigError("--limit applies to --tasks or --lm-eval; for perplexity use --max-windows")
+    if args.lm_eval is not None and not args.lm_eval.strip():
+        raise ConfigError("--lm-eval needs task names, e.g. --lm-eval piqa,arc_easy")
+    task_mode = bool(args.tasks or args.lm_eval)
+    ppl = args.ppl if args.ppl is not None else ("none" if task_mode else "wikitext2")
+    speed = args.speed if args.speed is not None else not task_mode
     model, tok = _load_any(args.model)
-    dataset = None if args.ppl in (None, "", "none") else args.ppl
+    dataset = None if ppl in ("", "none") else ppl
     seqlen = default_seqlen(model) if args.seqlen is None else args.seqlen
-    res = evaluate(model, tok, dataset=dataset, seqlen=seqlen, batch_size=args.batch_size,
-                   max_windows=args.max_windows, speed=args.speed, device=args.device)
+    res = evaluate(model, tok, dataset=dataset, seqlen=seqlen,
+                   batch_size=1 if args.batch_size is None else args.batch_size, max_windows=args.max_windows,
+                   speed=speed, device=args.device, tasks=args.tasks,
+                   task_limit=args.limit, task_batch_size=16 if args.batch_size is None else args.batch_size)
     res["size_on_disk_bytes"] = model_dir_bytes(args.model)
     res["model"] = args.model
-    if args.speed:
+    if args.lm_eval:
+        from pare.eval.zeroshot import run_lm_eval
+
+        res["lm_eval"] = run_lm_eval(model, tok, args.lm_eval, limit=args.limit, batch_size=args.batch_size or 16)
+    if speed:
         from pare.eval.semi_structured import is_two_four, measure_two_four_speedup
 
         if any(is_two_four(m.weight) for m in model.modules() if isinstance(m, nn.Linear)):
@@ -160,6 +191,12 @@ def eval_cmd(args: argparse.Namespace) -> int:
                                              "prefill_tokens_per_s", "decode_tokens_per_s",
                                              "two_four_linear_speedup", "two_four_skipped") if k in res]
     print_table(rows, ("metric", "value"))
+    if "zeroshot" in res:
+        print()
+        print_task_table(res["zeroshot"])
+    if "lm_eval" in res:
+        print()
+        print_lm_eval_table(res["lm_eval"]["results"])
     return 0
 
 
@@ -168,19 +205,50 @@ def default_seqlen(model: nn.Module) -> int:
     return min(2048, model_context_length(model) or 2048)
 
 
+def print_task_table(zs: dict[str, Any]) -> None:
+    """Per-task acc, acc_norm (with stderr), documents and LAMBADA's perplexity, then the mean acc."""
+    rows = []
+    for name, r in zs["tasks"].items():
+        acc = f"{r['acc']:.4f} ± {r['acc_stderr']:.4f}"
+        norm = f"{r['acc_norm']:.4f} ± {r['acc_norm_stderr']:.4f}" if "acc_norm" in r else "-"
+        rows.append((name, acc, norm, _fmt(r.get("ppl")), _fmt(r["n"])))
+    print_table(rows, ("task", "acc", "acc_norm", "ppl", "docs"))
+    print(f"mean acc: {zs['mean_acc']:.4f}")
+    for name, r in zs["tasks"].items():
+        if r.get("note"):
+            print(f"note ({name}): {r['note']}")
+
+
+def print_lm_eval_table(results: dict[str, Any]) -> None:
+    """lm-evaluation-harness's results: one row per task and metric."""
+    rows = []
+    for task, metrics in results.items():
+        for key, value in metrics.items():
+            metric, _, flt = key.partition(",")
+            if metric.endswith("_stderr") or metric == "alias" or not isinstance(value, (int, float)):
+                continue
+            err = metrics.get(f"{metric}_stderr,{flt}" if flt else f"{metric}_stderr")
+            shown = _fmt(float(value), 4) + (f" ± {err:.4f}" if isinstance(err, float) else "")
+            rows.append((task, metric, flt or "-", shown))
+    print_table(rows, ("lm-eval task", "metric", "filter", "value"))
+
+
 def _evaluate_figures(model, tok, args: argparse.Namespace, seqlen: int, runtime: RuntimeConfig) -> dict[str, Any]:
     """Perplexity on ``args.eval`` (a data set, or a list: the first one's figures are ``ppl``...,
     the others' ``ppl_<set>``), and tokens/s unless ``--no-speed``."""
     from pare.api import evaluate
 
-    datasets = [args.eval] if isinstance(args.eval, str) else list(args.eval)
+    datasets = [] if not args.eval else [args.eval] if isinstance(args.eval, str) else list(args.eval)
+    speed = args.speed if args.speed is not None else bool(args.eval)  # tasks alone: no speed run unless asked
     out: dict[str, Any] = {}
-    for k, dataset in enumerate(datasets):
+    for k, dataset in enumerate(datasets or [None]):
+        first = k == 0
         res = evaluate(model, tok, dataset=dataset, seqlen=seqlen if args.eval_seqlen is None else args.eval_seqlen,
                        batch_size=1 if args.eval_batch_size is None else args.eval_batch_size,
-                       max_windows=args.eval_max_windows,
-                       speed=k == 0 and args.speed is not False, device=runtime.device, progress=runtime.progress)
-        out.update(res if k == 0 else {f"ppl_{dataset}": res["ppl"]})
+                       max_windows=args.eval_max_windows, speed=first and speed, device=runtime.device,
+                       progress=runtime.progress, tasks=args.eval_tasks if first else None, task_limit=args.eval_limit,
+                       task_batch_size=16 if args.eval_batch_size is None else args.eval_batch_size)
+        out.update(res if first else {f"ppl_{dataset}": res["ppl"]})
     return out
 
 
@@ -214,6 +282,11 @@ def _run_cmd(args: argparse.Namespace, stages: Sequence[PruneConfig], calib: Cal
     from pare.pipeline import Pipeline
 
     _check_save_wanted(args)
+    if args.report and not args.out:
+        raise ConfigError("--report writes report.html into the saved model's directory: pass --out DIR too")
+    _check_task_flags(args.eval_tasks, args.eval_limit, "--eval-limit", args.eval_batch_size, "--eval-batch-size")
+    if args.eval_limit is not None and not args.eval_tasks:
+        raise ConfigError("--eval-limit applies to --eval-tasks; for perplexity use --eval-max-windows")
     if args.out:  # fail before any long work (pare.save checks again)
         check_output(args.out, bool(args.overwrite), args.model)
     usable_device(runtime.device)
@@ -228,12 +301,13 @@ def _run_cmd(args: argparse.Namespace, stages: Sequence[PruneConfig], calib: Cal
     ids = calibration_ids(tok, calib, model) if pipeline.needs_calibration() else None
     if ids is not None:
         check_token_ids(model, ids)  # a tokenizer of another model: refused before the dense evaluation
-    before = _evaluate_figures(model, tok, args, calib.seqlen, runtime) if args.eval else {}
+    evaluating = bool(args.eval or args.eval_tasks)
+    before = _evaluate_figures(model, tok, args, calib.seqlen, runtime) if evaluating else {}
     if before and runtime.offload:
         model.to("cpu")
 
     def after_stage(model: nn.Module, report: Report) -> None:
-        after = _evaluate_figures(model, tok, args, calib.seqlen, runtime) if args.eval else {}
+        after = _evaluate_figures(model, tok, args, calib.seqlen, runtime) if evaluating else {}
         for key, value in after.items():
             report.figures[f"{key}_after"] = value
         if after and runtime.offload:
@@ -244,12 +318,18 @@ def _run_cmd(args: argparse.Namespace, stages: Sequence[PruneConfig], calib: Cal
         reports[0].figures[f"{key}_before"] = value
     reports[0].figures["size_on_disk_bytes_before"] = model_dir_bytes(args.model)
     out = _save_run(args, model, tok, reports) if args.out else None
+    # after the save: the model's files are complete, and the report only adds files beside them
+    said = _write_run_report(out) if out is not None and args.report else []
     try:
         if args.json:
             shown = reports[0].to_dict() if len(reports) == 1 else {"stages": [r.to_dict() for r in reports]}
             print(json.dumps(shown, indent=2, default=str))
+            for line in said:
+                print(line, file=sys.stderr)
         else:
             _print_run_summary(reports, args)
+            for line in said:
+                print(line)
     except KeyboardInterrupt:
         if out is not None:
             raise SaveInterrupted(out, saved=True) from None
@@ -269,6 +349,32 @@ def _save_run(args: argparse.Namespace, model: nn.Module, tok: Any, reports: lis
     # save fills figures.size_on_disk_bytes_after (in the manifest and in the last report) before its rename
     return save(model, tok, args.out, [Report.from_dict(r) for r in earlier] + reports,
                 overwrite=bool(args.overwrite), source=args.model)
+
+
+def _write_run_report(out: Path) -> list[str]:
+    """report.html and report.md beside the saved model; returns the lines to tell the user. A failure
+    here is a warning: the saved model is complete and stays as it is."""
+    from pare.reporting import write_report
+
+    try:
+        written = write_report([out], html=out / "report.html", md=out / "report.md")
+    except (OSError, ValueError, PareError) as exc:
+        return [f"warning: the model is saved, but its report could not be written: {exc}"]
+    return ([f"note: {written.note}"] if written.note else []) + [f"report: {written.html} and {written.markdown}"]
+
+
+def report_cmd(args: argparse.Namespace) -> int:
+    """``pare report OUT_DIR... --html FILE [--md FILE]``."""
+    from pare.reporting import write_report
+
+    html = args.html if args.html or args.md else "report.html"
+    written = write_report(args.runs, html=html, md=args.md, plots=args.plots)
+    if written.note:
+        print(f"note: {written.note}")
+    for path in (written.html, written.markdown):
+        if path is not None:
+            print(f"wrote {path}" + (f" ({written.plots} plots)" if written.plots else ""))
+    return 0
 
 
 def _check_save_wanted(args: argparse.Namespace) -> None:
@@ -322,6 +428,20 @@ def _dtype_size_note(source: str, model: nn.Module) -> str | None:
             f"{ratio:g}x (pass --dtype {before} to compare like with like)")
 
 
+def _task_rows(figures: dict[str, Any]) -> list[tuple[str, str, str]]:
+    """Before/after rows of the zero-shot mean and each task's acc (and acc_norm where reported)."""
+    before, after = figures.get("zeroshot_before"), figures.get("zeroshot_after")
+    if not before or not after:
+        return []
+    rows = [("zero-shot mean acc", _fmt(before["mean_acc"], 4), _fmt(after["mean_acc"], 4))]
+    for name, b in before["tasks"].items():
+        a = after["tasks"].get(name, {})
+        rows.append((f"  {name} acc", _fmt(b.get("acc"), 4), _fmt(a.get("acc"), 4)))
+        if "acc_norm" in b:
+            rows.append((f"  {name} acc_norm", _fmt(b.get("acc_norm"), 4), _fmt(a.get("acc_norm"), 4)))
+    return rows
+
+
 def _print_run_summary(reports: list[Report], args: argparse.Namespace) -> None:
     first, last = reports[0], reports[-1]
     f0, f1 = first.figures, last.figures
@@ -334,8 +454,10 @@ def _print_run_summary(reports: list[Report], args: argparse.Namespace) -> None:
     elif "nonzero_after" in f1:
         rows.insert(1, ("params not zeroed", "-", _fmt(f1.get("nonzero_after"))))
     label = args.eval if isinstance(args.eval, str) else (args.eval[0] if args.eval else "")
+    rows[:0] = _task_rows({"zeroshot_before": f0.get("zeroshot_before"), "zeroshot_after": f1.get("zeroshot_after")})
     if args.eval:
         rows.insert(0, (f"ppl ({label})", _fmt(f0.get("ppl_before")), _fmt(f1.get("ppl_after"))))
+    if "prefill_tokens_per_s_before" in f0:
         for label_s, key in (("prefill tokens/s", "prefill_tokens_per_s"), ("decode tokens/s", "decode_tokens_per_s")):
             rows.append((label_s, _fmt(f0.get(f"{key}_before"), 0), _fmt(f1.get(f"{key}_after"), 0)))
     if len(reports) > 1:

@@ -1,0 +1,37 @@
+"""Run one lm-evaluation-harness task on local files and write its per-request log-likelihoods (JSON).
+
+Executed by bench/zeroshot_vs_harness.py with the python of bench/.venv-lmeval (lm-eval is not a
+dependency of pare). Arguments: model dir, task dir (holding the YAML), task name, limit, batch size,
+output file.
+"""
+
+import json
+import sys
+import time
+
+import torch
+
+
+def main() -> None:
+    model, task_dir, task, limit, batch_size, out = sys.argv[1:7]
+    torch.set_num_threads(1)
+    import lm_eval
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+
+    lm = HFLM(pretrained=model, dtype="float32", device="cpu", batch_size=int(batch_size))
+    manager = TaskManager(include_path=task_dir)
+    start = time.perf_counter()
+    res = lm_eval.simple_evaluate(model=lm, tasks=[task], limit=int(limit), task_manager=manager, log_samples=True)
+    seconds = time.perf_counter() - start
+    samples = sorted(res["samples"][task], key=lambda s: s["doc_id"])
+    lls = [[float(r[0][0]), bool(r[0][1])] for s in samples for r in s["resps"]]
+    contexts = [[list(r) for r in s["arguments"]] if isinstance(s["arguments"], list) else s["arguments"]
+                for s in samples[:3]]
+    with open(out, "w", encoding="utf-8") as f:
+        json.dump({"seconds": seconds, "results": res["results"][task], "requests": lls,
+                   "first_arguments": contexts, "version": getattr(lm_eval, "__version__", None)}, f, default=str)
+
+
+if __name__ == "__main__":
+    main()
