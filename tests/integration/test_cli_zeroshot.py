@@ -66,7 +66,6 @@ def test_prune_eval_tasks_before_and_after(model_dir: Path, data_dir: Path, tmp_
     (["--tasks", "piqa", "--limit", "0"], "--limit must be a positive integer"),
     (["--tasks", "piqa", "--limit", "-2"], "--limit must be a positive integer"),
     (["--tasks", "piqa,nope"], "unknown task 'nope': known tasks are piqa, arc_easy"),
-    (["--tasks", "piqa", "--batch-size", "0"], "--batch-size must be a positive integer"),
     (["--limit", "3"], "--limit applies to --tasks or --lm-eval"),
 ])
 def test_eval_bad_task_options_are_refused_before_loading(argv, message, tmp_path: Path, capsys) -> None:
@@ -74,8 +73,15 @@ def test_eval_bad_task_options_are_refused_before_loading(argv, message, tmp_pat
     assert message in capsys.readouterr().err
 
 
+def test_a_zero_batch_size_is_a_usage_error(tmp_path: Path, capsys) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(["eval", str(tmp_path / "no-model"), "--tasks", "piqa", "--batch-size", "0"])
+    assert exc.value.code == 2
+    assert "argument --batch-size: must be a positive integer" in capsys.readouterr().err
+
+
 def test_prune_bad_task_options_are_refused(model_dir: Path, tmp_path: Path, capsys) -> None:
-    base = ["prune", "--model", str(model_dir), "--method", "magnitude", "--sparsity", "0.5"]
+    base = ["prune", "--model", str(model_dir), "--method", "magnitude", "--sparsity", "0.5", "--no-save"]
     assert main([*base, "--eval-tasks", "piqa", "--eval-limit", "0"]) == 2
     assert "--eval-limit must be a positive integer" in capsys.readouterr().err
     assert main([*base, "--eval-tasks", "hellaswagg"]) == 2

@@ -49,7 +49,8 @@ def runs(tmp_path: Path) -> list[Path]:
                    figures={"ppl_after": 25.0, "params_after": 750, "size_on_disk_bytes_after": 3000},
                    scores={"block_influence": {"0": 0.3, "1": 0.1, "2": 0.2}, "removed_layers": [1],
                            "reason": "lowest Block Influence"},
-                   edits=[{"op": "remove_layers", "removed": [1], "kept": [0, 2]}])
+                   edits=[{"op": "remove_layers", "removed": [1], "kept": [0, 2], "layers_path": "model.layers",
+                           "num_layers_before": 3, "num_layers_after": 2}])
     osscar = _stage("osscar", {"mlp_ratio": 0.25, "attn_ratio": 0.0},
                     figures={"ppl_before": 25.0, "params_before": 750, "ppl_after": 30.0, "params_after": 600},
                     edits=[{"op": "mlp_channels", "layer": 0, "width": 96},

@@ -135,7 +135,16 @@ def _remove_sublayer(edit: dict[str, Any], where: str, sizes: _Sizes, n: int | N
     return n
 
 
+def _experts(edit: dict[str, Any], where: str, sizes: _Sizes, n: int | None) -> int | None:
+    _layer(edit, where, n)
+    kept = _int(edit, "num_experts", where, 1)
+    if edit.get("top_k") is not None:
+        _int(edit, "top_k", where, 1, kept)
+    return n
+
+
 _CHECKS: dict[str, Callable[[dict[str, Any], str, _Sizes, int | None], int | None]] = {
+    "experts": _experts,
     "mlp_channels": _mlp_channels,
     "heads": _heads,
     "hidden": _hidden,
