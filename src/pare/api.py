@@ -20,6 +20,7 @@ from pare.io import load, save
 from pare.io.save import config_describes
 from pare.methods import PruneContext, pruner_for
 from pare.methods.base import SparsityConfig, SparsityPruner
+from pare.methods.quantize import QuantizeConfig
 from pare.report import Report
 
 log = logging.getLogger(__name__)
@@ -173,7 +174,7 @@ def prune(
     report.figures["params_after"] = sum(p.numel() for p in model.parameters())
     if report.edits and report.uniform and described_before and not config_describes(model):
         report.uniform = False  # a shape the config has no field for (Bloom's MLP width): pare.load replays
-    if not isinstance(config, SparsityConfig) and report.figures["params_after"] == params_before:
+    if not isinstance(config, (SparsityConfig, QuantizeConfig)) and report.figures["params_after"] == params_before:
         unchanged = (f"{config.method} removed nothing with these options (a ratio of 0, or widths that round "
                      "back to the full size): the model is unchanged")
         log.warning(unchanged)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from pare.ops.masks import layer_mask, nm_mask, row_mask
-from pare.ops.sparsegpt import _block_counts, inverse_hessian_factor, sparsegpt_prune
+from pare.ops.sparsegpt import block_counts, inverse_hessian_factor, sparsegpt_prune
 from pare.ops.wanda import wanda_mask
 
 
@@ -47,7 +47,7 @@ def test_identity_hessian_unstructured_row_groups_is_per_row_magnitude() -> None
     assert torch.equal(full == 0, row_mask(w.abs(), 0.6))
     assert torch.equal(full[full != 0], w[full != 0])
     blocked, _ = sparsegpt_prune(w, torch.eye(64), 0.6, blocksize=16)
-    for b, k in enumerate(_block_counts(1, 64, 16, 0.6)):
+    for b, k in enumerate(block_counts(1, 64, 16, 0.6)):
         cols = slice(16 * b, 16 * (b + 1))
         assert torch.equal(blocked[:, cols] == 0, row_mask(w[:, cols].abs(), k / 16 + 1e-9))
     assert torch.equal((blocked == 0).sum(1), torch.full((32,), int(64 * 0.6)))  # per-row exact
@@ -62,7 +62,7 @@ def test_identity_hessian_unstructured_block_groups_is_layer_magnitude_within_ea
     assert torch.equal(full == 0, layer_mask(w.abs(), 0.6))
     assert torch.equal(full[full != 0], w[full != 0])
     blocked, _ = sparsegpt_prune(w, torch.eye(64), 0.6, blocksize=16, mask_group="block")
-    for b, k in enumerate(_block_counts(32, 64, 16, 0.6)):
+    for b, k in enumerate(block_counts(32, 64, 16, 0.6)):
         block = w[:, 16 * b:16 * (b + 1)]
         expected = torch.zeros(block.numel(), dtype=torch.bool)
         expected[torch.topk(block.abs().flatten(), k, largest=False).indices] = True
@@ -174,7 +174,7 @@ def test_low_precision_weights_are_computed_in_fp32() -> None:
 
 
 def test_finite_check_sees_nan_and_inf_and_survives_an_overflowing_sum() -> None:
-    from pare.ops.sparsegpt import _all_finite
+    from pare.ops.hessian import all_finite as _all_finite
 
     assert _all_finite(torch.ones(3, 3))
     assert _all_finite(torch.full((2, 2), 3e38))  # the fp32 sum overflows; every value is finite

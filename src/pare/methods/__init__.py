@@ -12,6 +12,7 @@ from pare.methods.layers import LayersConfig, LayersPruner
 from pare.methods.magnitude import MagnitudeConfig, MagnitudePruner
 from pare.methods.osscar import OsscarConfig, OsscarPruner
 from pare.methods.ppl_window import PplWindowConfig, PplWindowPruner
+from pare.methods.quantize import QuantizeConfig, QuantizePruner
 from pare.methods.shortgpt import ShortGPTConfig, ShortGPTPruner
 from pare.methods.sparsegpt import SparseGPTConfig, SparseGPTPruner
 from pare.methods.sublayer import SublayerConfig, SublayerPruner
@@ -29,6 +30,7 @@ METHODS: dict[str, type[Pruner]] = {
     "ppl-window": PplWindowPruner,
     "layers": LayersPruner,
     "sublayer": SublayerPruner,
+    "quantize": QuantizePruner,
 }
 
 
@@ -59,6 +61,8 @@ __all__ = [
     "PplWindowPruner",
     "PruneContext",
     "Pruner",
+    "QuantizeConfig",
+    "QuantizePruner",
     "ShortGPTConfig",
     "ShortGPTPruner",
     "SparseGPTConfig",

@@ -16,12 +16,20 @@ import logging
 from dataclasses import dataclass
 from typing import ClassVar
 
+import torch
+from torch import nn
+
+from pare.arch.roles import ModelArch
 from pare.arch.targets import Target
 from pare.calibration.stats import STAT_GRAM, InputStats
 from pare.config import help_field
 from pare.errors import ConfigError
 from pare.methods.base import PruneContext, SparsityConfig, SparsityPruner
+from pare.methods.quantize import record_quantized, report_quantization, scheme_of
 from pare.ops.masks import make_mask
+from pare.ops.quant.bits import BitsAccount, matrix_bits
+from pare.ops.quant.gptq import PruneSpec, gptq_quantize
+from pare.ops.quant.scheme import SCHEMES, QuantScheme, quantize
 from pare.ops.sparsegpt import InverseHessianFactor, inverse_hessian_factor, sparsegpt_prune_factored
 
 log = logging.getLogger(__name__)
@@ -37,6 +45,11 @@ class SparseGPTConfig(SparsityConfig):
         mask_group: unstructured only: choose the pruned weights inside each block per ``row``
             (every row keeps exactly ``floor(in * sparsity)`` zeros; pare's default) or over the
             whole ``block`` (the reference code's choice; uneven rows).
+        quantize: a quantization scheme (``int4``, ``mxfp4``...; see :mod:`pare.ops.quant.scheme`) to
+            prune and quantize in one pass (each column masked and quantized before its error is
+            spread; the paper's joint mode), or empty for pruning alone.
+        group_size: with ``quantize``: inputs per scale (0: per channel; default 128, MX 32, NVFP4 16).
+        symmetric: with an integer ``quantize`` scheme: no zero point.
     """
 
     method: ClassVar[str] = "sparsegpt"
@@ -44,6 +57,9 @@ class SparseGPTConfig(SparsityConfig):
     blocksize: int = help_field(128, "columns per lazy-update block (the mask is chosen per block)")
     percdamp: float = help_field(0.01, "Hessian dampening as a fraction of its mean diagonal")
     mask_group: str = help_field("row", "unstructured: pick pruned weights per 'row' of each block, or per 'block'")
+    quantize: str = help_field("", f"also quantize in the same pass: {', '.join(SCHEMES)} (empty: prune only)")
+    group_size: int | None = help_field(None, "with quantize: inputs per scale (0: per channel; default 128)")
+    symmetric: bool = help_field(True, "with an integer quantize scheme: symmetric (no zero point)")
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -58,6 +74,15 @@ class SparseGPTConfig(SparsityConfig):
                               f"got {self.mask_group!r}")
         if isinstance(self.percdamp, bool) or not isinstance(self.percdamp, (int, float)) or self.percdamp < 0:
             raise ConfigError(f"percdamp must be a number >= 0 (0.01 in the paper), got {self.percdamp!r}")
+        if self.quantize:
+            self.quant_scheme()
+        elif self.group_size is not None or not self.symmetric:
+            raise ConfigError("group_size and symmetric apply with quantize (e.g. quantize='int4'); set quantize or "
+                              "drop them")
+
+    def quant_scheme(self) -> QuantScheme | None:
+        """The joint pass's quantization scheme, or None when pruning alone."""
+        return scheme_of(self.quantize, self.group_size, self.symmetric) if self.quantize else None
 
 
 class SparseGPTPruner(SparsityPruner):
@@ -71,6 +96,16 @@ class SparseGPTPruner(SparsityPruner):
         super().__init__(config)
         self._factor_of: tuple[InputStats, InverseHessianFactor] | None = None
         self.losses: dict[str, float] = {}
+        self.scheme = config.quant_scheme()
+        self.bits = BitsAccount()
+        self.inexact: list[str] = []
+
+    def check(self, model: nn.Module, arch: ModelArch) -> None:
+        super().check(model, arch)
+        if self.scheme is not None:
+            for i, layer in enumerate(arch.layer_modules(model)):
+                for t in self._selected(arch, i, layer):
+                    self.scheme.check_width(t.shape[1], t.name)
 
     def _factor(self, stats: InputStats) -> InverseHessianFactor:
         """The inverse-Hessian factor of ``stats``; targets that share the statistics object (q/k/v,
@@ -84,15 +119,28 @@ class SparseGPTPruner(SparsityPruner):
 
     def prune_target(self, target: Target, stats: InputStats | None, sparsity: float) -> None:
         w = target.weight()
+        cfg = self.config
         if stats is None or stats.tokens == 0 or stats.gram is None:
             log.warning("%s received no calibration tokens: pruned by magnitude instead", target.name)
-            w.masked_fill_(make_mask(w.abs().float(), sparsity, self.config.nm, per_row=True), 0)
-            return
-        factor = self._factor(stats)
-        cfg = self.config
-        pruned, loss = sparsegpt_prune_factored(w, factor, sparsity, cfg.nm, cfg.blocksize, cfg.mask_group)
-        w.copy_(pruned)
-        self.losses[target.name] = loss
+            mask = make_mask(w.abs().float(), sparsity, cfg.nm, per_row=True)
+            if self.scheme is None:
+                w.masked_fill_(mask, 0)
+                return
+            record_quantized(w, quantize(w.float().masked_fill(mask, 0), self.scheme).dequant, target.name,
+                             self.inexact)
+        else:
+            factor = self._factor(stats)
+            if self.scheme is None:
+                pruned, loss = sparsegpt_prune_factored(w, factor, sparsity, cfg.nm, cfg.blocksize, cfg.mask_group)
+                w.copy_(pruned)
+                self.losses[target.name] = loss
+                return
+            spec = PruneSpec(sparsity, cfg.nm, cfg.mask_group)
+            dq, loss = gptq_quantize(w, factor, self.scheme, blocksize=cfg.blocksize, prune=spec)
+            record_quantized(w, dq, target.name, self.inexact)
+            self.losses[target.name] = loss
+        nonzero = None if cfg.nm is not None else int(torch.count_nonzero(w))  # what a bitmask format stores
+        self.bits = self.bits + matrix_bits(target.shape, self.scheme, nm=cfg.nm, nonzero=nonzero)
 
     def run(self, ctx: PruneContext) -> None:
         try:
@@ -100,3 +148,6 @@ class SparseGPTPruner(SparsityPruner):
         finally:
             self._factor_of = None
         ctx.report.scores["sparsegpt_loss"] = self.losses
+        if self.scheme is not None:
+            fmt = f"{self.config.pattern} indices" if self.config.nm is not None else "bitmask"
+            report_quantization(ctx, self.scheme, self.bits, self.inexact, {}, sparse=fmt)

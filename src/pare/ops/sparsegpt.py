@@ -25,96 +25,20 @@ M, chosen when the group is reached.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 
 import torch
 
-from pare.errors import ConfigError, PareError
+from pare.errors import ConfigError
+from pare.ops.hessian import InverseHessianFactor, inverse_hessian_factor
 
 log = logging.getLogger(__name__)
 
-MAX_DAMP_TRIES = 12
+__all__ = ["InverseHessianFactor", "inverse_hessian_factor", "sparsegpt_prune", "sparsegpt_prune_factored"]
+
 SUB = 16  # columns per inner sub-block of the lazy updates
 
 
-@dataclass
-class InverseHessianFactor:
-    """The upper Cholesky factor of the dampened inverse Hessian, and which inputs were dead.
-
-    Attributes:
-        U: ``[in, in]`` fp32 upper triangular with ``U^T U = (H + damp I)^-1``.
-        dead: ``[in]`` bool: inputs that never fired (``H_ii == 0``); their weights are zeroed.
-        damp: the dampening finally added to the diagonal.
-    """
-
-    U: torch.Tensor
-    dead: torch.Tensor
-    damp: float
-
-
-def inverse_hessian_factor(H: torch.Tensor, percdamp: float = 0.01) -> InverseHessianFactor:
-    """Dampen ``H``, invert it through Cholesky and return the upper factor of ``H^-1``.
-
-    Dead inputs (``H_ii == 0``) get ``H_ii = 1`` so that ``H`` stays invertible. The dampening starts
-    at ``percdamp * mean(diag(H))``; if a Cholesky factorisation fails (``H`` not numerically
-    positive definite), it is multiplied by 10 and the attempt repeated, with a warning.
-
-    Args:
-        H: ``[in, in]`` Hessian (e.g. ``2/n X^T X``); not modified.
-        percdamp: dampening as a fraction of the mean diagonal.
-
-    Raises:
-        PareError: ``H`` holds NaN/inf, or no dampening up to ``10^12`` times the start worked.
-    """
-    H = H.detach().to(torch.float32, copy=True)
-    if not _all_finite(H):
-        raise PareError("the Hessian holds NaN or inf values: the calibration activations overflowed (a float16 "
-                        "model whose activations pass 65504?); load the model in bfloat16 or float32 (--dtype), "
-                        "or check that its dense perplexity is finite")
-    diag = H.diagonal()
-    dead = diag == 0
-    diag[dead] = 1.0
-    base = float(diag.mean())
-    damp = percdamp * base if percdamp > 0 else 0.0
-    eye = torch.arange(H.shape[0], device=H.device)
-    for attempt in range(MAX_DAMP_TRIES):
-        Hd = H.clone()
-        Hd[eye, eye] += damp
-        U = _upper_factor_of_inverse(Hd)
-        if U is not None:
-            return InverseHessianFactor(U, dead, damp)
-        new_damp = damp * 10 if damp > 0 else 1e-6 * base
-        log.warning(
-            "SparseGPT: Hessian not positive definite with dampening %.3g (try %d); raising it to %.3g",
-            damp, attempt + 1, new_damp,
-        )
-        damp = new_damp
-    raise PareError(f"SparseGPT: Cholesky failed even with dampening {damp:.3g}; the Hessian is degenerate")
-
-
-def _upper_factor_of_inverse(H: torch.Tensor) -> torch.Tensor | None:
-    """Upper triangular ``U`` with ``U^T U = H^-1``, or None when ``H`` is not positive definite.
-
-    With ``P`` the index reversal and ``P H P = L L^T``: ``H^-1 = P L^-T L^-1 P``, so
-    ``U = P L^-1 P`` (upper triangular, positive diagonal). One Cholesky and one triangular
-    inverse, instead of the reference's Cholesky, ``cholesky_inverse`` and a second Cholesky.
-    """
-    L, info = torch.linalg.cholesky_ex(H.flip(0, 1))
-    if int(info) != 0:
-        return None
-    eye = torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
-    U = torch.linalg.solve_triangular(L, eye, upper=False).flip(0, 1)
-    return U if _all_finite(U) else None
-
-
-def _all_finite(t: torch.Tensor) -> bool:
-    """No NaN or inf in ``t``. A finite sum proves it (NaN and inf propagate) and costs ~1/30 of
-    ``isfinite(t).all()`` on CPU; an infinite sum may be an overflow of large finite values, so
-    only then is every element checked."""
-    return bool(torch.isfinite(t.sum())) or bool(torch.isfinite(t).all())
-
-
-def _block_counts(rows: int, cols: int, blocksize: int, sparsity: float) -> list[int]:
+def block_counts(rows: int, cols: int, blocksize: int, sparsity: float) -> list[int]:
     """Weights to prune per column block so that the ``rows x cols`` total is ``floor(rows*cols*s)``
     (``rows=1``: per row)."""
     counts, done = [], 0
@@ -126,7 +50,7 @@ def _block_counts(rows: int, cols: int, blocksize: int, sparsity: float) -> list
     return counts
 
 
-def _block_mask(W1: torch.Tensor, d: torch.Tensor, k: int, per_row: bool) -> torch.Tensor:
+def block_mask(W1: torch.Tensor, d: torch.Tensor, k: int, per_row: bool) -> torch.Tensor:
     """Prune the ``k`` lowest ``w^2 / d^2`` scores of a block, or of each of its rows (``True`` = prune)."""
     scores = (W1 / d).square()
     if per_row:
@@ -138,6 +62,17 @@ def _block_mask(W1: torch.Tensor, d: torch.Tensor, k: int, per_row: bool) -> tor
     if k > 0:
         flat[torch.topk(scores.flatten(), k, largest=False, sorted=False).indices] = True
     return flat.view_as(W1)
+
+
+def nm_mask_rows(W: torch.Tensor, d: torch.Tensor, nm: tuple[int, int]) -> torch.Tensor:
+    """N:M prune mask of ``W: [out, k]`` (``k`` a multiple of M): in each row, the N lowest
+    ``(w / d)^2`` of every group of M consecutive columns (``True`` = prune)."""
+    n, m = nm
+    rows, k = W.shape
+    scores = (W / d).square().reshape(rows, k // m, m)
+    mask = torch.zeros_like(scores, dtype=torch.bool)
+    mask.scatter_(2, torch.topk(scores, n, dim=2, largest=False, sorted=False).indices, True)
+    return mask.reshape(rows, k)
 
 
 def _prune_block(W1: torch.Tensor, U1: torch.Tensor, mask1: torch.Tensor | None, nm: tuple[int, int] | None):
@@ -213,13 +148,13 @@ def sparsegpt_prune_factored(
     if mask_group not in ("row", "block"):
         raise ConfigError(f"mask_group must be 'row' or 'block', got {mask_group!r}")
     per_row = mask_group == "row"
-    counts = _block_counts(1 if per_row else rows, cols, blocksize, sparsity) if nm is None else []
+    counts = block_counts(1 if per_row else rows, cols, blocksize, sparsity) if nm is None else []
     loss = torch.zeros((), dtype=torch.float32, device=U.device)
     for b, i1 in enumerate(range(0, cols, blocksize)):
         i2 = min(i1 + blocksize, cols)
         W1 = Wf[:, i1:i2]  # a view: updated in place
         U1 = U[i1:i2, i1:i2]
-        mask1 = _block_mask(W1, U1.diagonal(), counts[b], per_row) if nm is None else None
+        mask1 = block_mask(W1, U1.diagonal(), counts[b], per_row) if nm is None else None
         Err1 = _prune_block(W1, U1, mask1, nm)
         loss += Err1.square().sum() / 2
         if i2 < cols:
