@@ -144,8 +144,9 @@ class QuantizePruner(Pruner):
         w = target.weight()
         if self.config.algorithm == "gptq" and stats is not None and stats.tokens and stats.gram is not None:
             factor, perm = self._factor(stats)
-            dq, loss = gptq_quantize(w, factor, self.scheme, blocksize=self.config.blocksize, perm=perm)
-            self.losses[target.name] = loss
+            res = gptq_quantize(w, factor, self.scheme, blocksize=self.config.blocksize, perm=perm)
+            dq = res.weight
+            self.losses[target.name] = res.loss
         else:
             if self.config.algorithm == "gptq":
                 log.warning("%s received no calibration tokens: rounded to nearest instead", target.name)

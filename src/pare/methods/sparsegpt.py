@@ -30,7 +30,7 @@ from pare.ops.masks import make_mask
 from pare.ops.quant.bits import BitsAccount, matrix_bits
 from pare.ops.quant.gptq import PruneSpec, gptq_quantize
 from pare.ops.quant.scheme import SCHEMES, QuantScheme, quantize
-from pare.ops.sparsegpt import InverseHessianFactor, inverse_hessian_factor, sparsegpt_prune_factored
+from pare.ops.sparsegpt import NM_SELECT, InverseHessianFactor, inverse_hessian_factor, sparsegpt_prune_factored
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +45,9 @@ class SparseGPTConfig(SparsityConfig):
         mask_group: unstructured only: choose the pruned weights inside each block per ``row``
             (every row keeps exactly ``floor(in * sparsity)`` zeros; pare's default) or over the
             whole ``block`` (the reference code's choice; uneven rows).
+        nm_select: N:M only: choose each group's pruned weights by the group's exact OBS loss
+            (``obs``: the compensation between the group's columns included) or by the per-column
+            scores ``(w / U_qq)^2`` (``score``: the reference code's rule).
         quantize: a quantization scheme (``int4``, ``mxfp4``...; see :mod:`pare.ops.quant.scheme`) to
             prune and quantize in one pass (each column masked and quantized before its error is
             spread; the paper's joint mode), or empty for pruning alone.
@@ -57,6 +60,8 @@ class SparseGPTConfig(SparsityConfig):
     blocksize: int = help_field(128, "columns per lazy-update block (the mask is chosen per block)")
     percdamp: float = help_field(0.01, "Hessian dampening as a fraction of its mean diagonal")
     mask_group: str = help_field("row", "unstructured: pick pruned weights per 'row' of each block, or per 'block'")
+    nm_select: str = help_field("obs", "N:M: pick each group by its exact OBS loss ('obs') or per-column "
+                                "scores ('score', the reference)")
     quantize: str = help_field("", f"also quantize in the same pass: {', '.join(SCHEMES)} (empty: prune only)")
     group_size: int | None = help_field(None, "with quantize: inputs per scale (0: per channel; default 128)")
     symmetric: bool = help_field(True, "with an integer quantize scheme: symmetric (no zero point)")
@@ -74,6 +79,8 @@ class SparseGPTConfig(SparsityConfig):
                               f"got {self.mask_group!r}")
         if isinstance(self.percdamp, bool) or not isinstance(self.percdamp, (int, float)) or self.percdamp < 0:
             raise ConfigError(f"percdamp must be a number >= 0 (0.01 in the paper), got {self.percdamp!r}")
+        if self.nm_select not in NM_SELECT:
+            raise ConfigError(f"nm_select must be one of {', '.join(NM_SELECT)}, got {self.nm_select!r}")
         if self.quantize:
             self.quant_scheme()
         elif self.group_size is not None or not self.symmetric:
@@ -131,14 +138,15 @@ class SparseGPTPruner(SparsityPruner):
         else:
             factor = self._factor(stats)
             if self.scheme is None:
-                pruned, loss = sparsegpt_prune_factored(w, factor, sparsity, cfg.nm, cfg.blocksize, cfg.mask_group)
+                pruned, loss = sparsegpt_prune_factored(w, factor, sparsity, cfg.nm, cfg.blocksize, cfg.mask_group,
+                                                        cfg.nm_select)
                 w.copy_(pruned)
                 self.losses[target.name] = loss
                 return
-            spec = PruneSpec(sparsity, cfg.nm, cfg.mask_group)
-            dq, loss = gptq_quantize(w, factor, self.scheme, blocksize=cfg.blocksize, prune=spec)
-            record_quantized(w, dq, target.name, self.inexact)
-            self.losses[target.name] = loss
+            spec = PruneSpec(sparsity, cfg.nm, cfg.mask_group, cfg.nm_select)
+            res = gptq_quantize(w, factor, self.scheme, blocksize=cfg.blocksize, prune=spec)
+            record_quantized(w, res.weight, target.name, self.inexact)
+            self.losses[target.name] = res.loss
         nonzero = None if cfg.nm is not None else int(torch.count_nonzero(w))  # what a bitmask format stores
         self.bits = self.bits + matrix_bits(target.shape, self.scheme, nm=cfg.nm, nonzero=nonzero)
 

@@ -24,6 +24,7 @@ M, chosen when the group is reached.
 
 from __future__ import annotations
 
+import itertools
 import logging
 
 import torch
@@ -36,6 +37,7 @@ log = logging.getLogger(__name__)
 __all__ = ["InverseHessianFactor", "inverse_hessian_factor", "sparsegpt_prune", "sparsegpt_prune_factored"]
 
 SUB = 16  # columns per inner sub-block of the lazy updates
+NM_SELECT = ("obs", "score")
 
 
 def block_counts(rows: int, cols: int, blocksize: int, sparsity: float) -> list[int]:
@@ -75,7 +77,47 @@ def nm_mask_rows(W: torch.Tensor, d: torch.Tensor, nm: tuple[int, int]) -> torch
     return mask.reshape(rows, k)
 
 
-def _prune_block(W1: torch.Tensor, U1: torch.Tensor, mask1: torch.Tensor | None, nm: tuple[int, int] | None):
+def nm_candidates(nm: tuple[int, int], device: torch.device | None = None) -> torch.Tensor:
+    """Every way to prune N of M: ``[C(M, N), M]`` bool (``True`` = prune)."""
+    n, m = nm
+    combos = list(itertools.combinations(range(m), n))
+    out = torch.zeros(len(combos), m, dtype=torch.bool, device=device)
+    for c, idx in enumerate(combos):
+        out[c, list(idx)] = True
+    return out
+
+
+def nm_group_obs_mask(Wg: torch.Tensor, Ug: torch.Tensor, cands: torch.Tensor) -> torch.Tensor:
+    """The N:M choice for one group of M columns that minimises the group's exact OBS loss.
+
+    Pruning column ``a`` of the group costs ``err_a^2`` with ``err_a = w'_a / U_aa``, where ``w'_a``
+    already holds the compensation of the group's earlier pruned columns
+    (``w'_b -= err_a U_ab`` for ``b > a``). Scoring each column alone by ``(w / U_aa)^2`` (the
+    reference) ignores that compensation; here every candidate mask is played through the M columns
+    for every row at once and the cheapest is kept.
+
+    Args:
+        Wg: ``[M, out]`` the group's columns (transposed), as updated so far.
+        Ug: ``[M, M]`` the group's diagonal block of the inverse-Hessian factor.
+        cands: ``[C, M]`` candidate masks from :func:`nm_candidates`.
+
+    Returns:
+        ``[M, out]`` bool prune mask.
+    """
+    m = Wg.shape[0]
+    w = Wg.unsqueeze(0).expand(cands.shape[0], -1, -1).clone()  # [C, M, out]
+    c = cands.to(Wg.dtype).unsqueeze(-1)  # [C, M, 1]
+    loss = torch.zeros(cands.shape[0], Wg.shape[1], dtype=Wg.dtype, device=Wg.device)
+    for a in range(m):
+        err = w[:, a] * c[:, a] / Ug[a, a]  # [C, out]
+        loss += err.square()
+        if a + 1 < m:
+            w[:, a + 1:] -= Ug[a, a + 1:, None] * err[:, None, :]
+    return cands[loss.argmin(0)].t()  # [M, out]
+
+
+def _prune_block(W1: torch.Tensor, U1: torch.Tensor, mask1: torch.Tensor | None, nm: tuple[int, int] | None,
+                 cands: torch.Tensor | None = None):
     """OBS inside one block, column by column (the algorithm's inner loop; vectorised over rows).
 
     The block is held transposed (``[B, out]``, each column contiguous) and processed in sub-blocks
@@ -87,6 +129,8 @@ def _prune_block(W1: torch.Tensor, U1: torch.Tensor, mask1: torch.Tensor | None,
         U1: ``[B, B]`` the block's diagonal block of the inverse-Hessian factor.
         mask1: ``[out, B]`` prune mask (unstructured) or None (N:M: chosen as groups are reached).
         nm: the N:M pattern or None.
+        cands: N:M candidate masks to choose each group by its exact OBS loss
+            (:func:`nm_group_obs_mask`), or None for the reference's per-column scores.
 
     Returns:
         ``Err1 [out, B]``: the scaled errors ``(w - q) / U_qq`` that update the later columns.
@@ -101,10 +145,13 @@ def _prune_block(W1: torch.Tensor, U1: torch.Tensor, mask1: torch.Tensor | None,
         j2 = min(j1 + sub, count)
         for i in range(j1, j2):
             if nm is not None and (i - j1) % nm[1] == 0:
-                n, m = nm
-                scores = (Wt[i:i + m] / d[i:i + m, None]).square()
-                idx = torch.topk(scores, n, dim=0, largest=False, sorted=False).indices + i
-                Mt.scatter_(0, idx, True)
+                m = nm[1]
+                if cands is not None:
+                    Mt[i:i + m] = nm_group_obs_mask(Wt[i:i + m], U1[i:i + m, i:i + m], cands)
+                else:
+                    idx = torch.topk((Wt[i:i + m] / d[i:i + m, None]).square(), nm[0], dim=0, largest=False,
+                                     sorted=False).indices + i
+                    Mt.scatter_(0, idx, True)
             err = Wt[i] * Mt[i] / d[i]
             if i + 1 < j2:
                 Wt[i + 1:j2].addr_(U1[i, i + 1:j2], err, alpha=-1.0)
@@ -123,6 +170,7 @@ def sparsegpt_prune_factored(
     nm: tuple[int, int] | None = None,
     blocksize: int = 128,
     mask_group: str = "row",
+    nm_select: str = "obs",
 ) -> tuple[torch.Tensor, float]:
     """SparseGPT on ``W`` with a precomputed inverse-Hessian factor (shared by matrices with one input).
 
@@ -133,6 +181,9 @@ def sparsegpt_prune_factored(
         nm: ``(N, M)`` to prune N of every M consecutive inputs, or None.
         blocksize: lazy-update block width (a multiple of M for N:M).
         mask_group: unstructured selection group inside a block: ``row`` or ``block`` (see module doc).
+        nm_select: N:M: ``obs`` picks each group's mask by its exact OBS loss (compensation inside
+            the group included, :func:`nm_group_obs_mask`); ``score`` by the per-column scores
+            ``(w / U_qq)^2`` (the reference code).
 
     Returns:
         ``(W_pruned [out, in] in W's dtype, loss)``, the loss being the OBS estimate of
@@ -147,6 +198,9 @@ def sparsegpt_prune_factored(
     Wf[:, factor.dead] = 0.0
     if mask_group not in ("row", "block"):
         raise ConfigError(f"mask_group must be 'row' or 'block', got {mask_group!r}")
+    if nm_select not in NM_SELECT:
+        raise ConfigError(f"nm_select must be one of {', '.join(NM_SELECT)}, got {nm_select!r}")
+    cands = nm_candidates(nm, U.device) if nm is not None and nm_select == "obs" else None
     per_row = mask_group == "row"
     counts = block_counts(1 if per_row else rows, cols, blocksize, sparsity) if nm is None else []
     loss = torch.zeros((), dtype=torch.float32, device=U.device)
@@ -155,7 +209,7 @@ def sparsegpt_prune_factored(
         W1 = Wf[:, i1:i2]  # a view: updated in place
         U1 = U[i1:i2, i1:i2]
         mask1 = block_mask(W1, U1.diagonal(), counts[b], per_row) if nm is None else None
-        Err1 = _prune_block(W1, U1, mask1, nm)
+        Err1 = _prune_block(W1, U1, mask1, nm, cands)
         loss += Err1.square().sum() / 2
         if i2 < cols:
             Wf[:, i2:].addmm_(Err1, U[i1:i2, i2:], alpha=-1.0)
@@ -170,6 +224,7 @@ def sparsegpt_prune(
     blocksize: int = 128,
     percdamp: float = 0.01,
     mask_group: str = "row",
+    nm_select: str = "obs",
 ) -> tuple[torch.Tensor, float]:
     """Prune ``W: [out, in]`` with SparseGPT given the Hessian ``H: [in, in]`` of its inputs.
 
@@ -182,4 +237,4 @@ def sparsegpt_prune(
         ``(W_pruned, loss)``; see :func:`sparsegpt_prune_factored`.
     """
     factor = inverse_hessian_factor(H.to(W.device), percdamp)
-    return sparsegpt_prune_factored(W, factor, sparsity, nm, blocksize, mask_group)
+    return sparsegpt_prune_factored(W, factor, sparsity, nm, blocksize, mask_group, nm_select)

@@ -31,7 +31,7 @@ import torch
 from pare.errors import ConfigError
 from pare.ops.hessian import InverseHessianFactor
 from pare.ops.quant.scheme import GroupParams, QuantScheme, group_params, quantize_with, tensor_param
-from pare.ops.sparsegpt import block_counts, block_mask, nm_mask_rows
+from pare.ops.sparsegpt import block_counts, block_mask, nm_candidates, nm_group_obs_mask, nm_mask_rows
 
 SUB = 16  # columns per inner sub-block of the lazy updates (group sizes are multiples of it)
 
@@ -39,11 +39,32 @@ SUB = 16  # columns per inner sub-block of the lazy updates (group sizes are mul
 @dataclass(frozen=True)
 class PruneSpec:
     """The pruning half of a joint pass: ``sparsity`` (unstructured) or ``nm`` (N zeros of every M),
-    and the unstructured selection group (``row`` or ``block``)."""
+    the unstructured selection group (``row`` or ``block``) and the N:M rule (``obs`` or ``score``,
+    see :func:`pare.ops.sparsegpt.sparsegpt_prune_factored`)."""
 
     sparsity: float = 0.0
     nm: tuple[int, int] | None = None
     mask_group: str = "row"
+    nm_select: str = "obs"
+
+
+@dataclass
+class GPTQResult:
+    """What :func:`gptq_quantize` produced.
+
+    Attributes:
+        weight: ``[out, in]`` fp32 dequantized weights (pruned ones exact zeros).
+        loss: the OBS estimate of the reconstruction error, in units of ``H``.
+        scale: ``[out, in / g]`` fp32 scales of the groups (original column order).
+        zero: ``[out, in / g]`` zero points, or None (symmetric and FP schemes).
+        pruned: ``[out, in]`` bool: the prune mask (all False without ``prune``).
+    """
+
+    weight: torch.Tensor
+    loss: float
+    scale: torch.Tensor
+    zero: torch.Tensor | None
+    pruned: torch.Tensor
 
 
 def act_order_perm(H: torch.Tensor) -> torch.Tensor:
@@ -80,7 +101,7 @@ class _Grid:
 
 
 def _block(Wt: torch.Tensor, U1: torch.Tensor, cols: torch.Tensor, grid: _Grid, Mt: torch.Tensor,
-           nm: tuple[int, int] | None) -> torch.Tensor:
+           nm: tuple[int, int] | None, cands: torch.Tensor | None) -> torch.Tensor:
     """OBS over one transposed block ``Wt: [B, out]`` (updated in place into the quantized block).
 
     ``cols[i]`` is the original column of row ``i`` of the block (act-order), ``Mt [B, out]`` the
@@ -100,7 +121,9 @@ def _block(Wt: torch.Tensor, U1: torch.Tensor, cols: torch.Tensor, grid: _Grid, 
                 pruned = Mt[i:i + g].t() if nm is None else nm_mask_rows(cur, d[i:i + g], nm)
                 grid.at(k, cur.masked_fill(pruned, 0.0))
             if nm is not None and i % nm[1] == 0:
-                Mt[i:i + nm[1]] = nm_mask_rows(Wt[i:i + nm[1]].t(), d[i:i + nm[1]], nm).t()
+                m = nm[1]
+                Mt[i:i + m] = nm_mask_rows(Wt[i:i + m].t(), d[i:i + m], nm).t() if cands is None \
+                    else nm_group_obs_mask(Wt[i:i + m], U1[i:i + m, i:i + m], cands)
             q, _ = grid.quantize(Wt[i], k)
             q.masked_fill_(Mt[i], 0.0)
             err = (Wt[i] - q) / d[i]
@@ -121,7 +144,7 @@ def gptq_quantize(
     blocksize: int = 128,
     perm: torch.Tensor | None = None,
     prune: PruneSpec | None = None,
-) -> tuple[torch.Tensor, float]:
+) -> GPTQResult:
     """Quantize ``W: [out, in]`` with GPTQ (and prune it jointly when ``prune`` is given).
 
     Args:
@@ -135,8 +158,7 @@ def gptq_quantize(
         prune: prune jointly (SparseGPT's masks).
 
     Returns:
-        ``(W_q [out, in] fp32 dequantized, loss)`` with pruned weights exact zeros and every other
-        weight on the scheme's grid; the loss is the OBS estimate in units of ``H``.
+        A :class:`GPTQResult`: pruned weights exact zeros and every other weight on the scheme's grid.
     """
     rows, cols = W.shape
     scheme.check_width(cols, "the matrix")
@@ -159,20 +181,27 @@ def gptq_quantize(
     Wf = Wf[:, order] if perm is not None else Wf
     Wf[:, factor.dead] = 0.0
     per_row = prune is None or prune.mask_group == "row"
+    cands = nm_candidates(nm, U.device) if nm is not None and prune is not None and prune.nm_select == "obs" else None
     counts = block_counts(1 if per_row else rows, cols, blocksize, prune.sparsity) \
         if prune is not None and nm is None else []
     loss = torch.zeros((), dtype=torch.float32, device=U.device)
+    pruned = torch.zeros_like(Wf, dtype=torch.bool)
     for b, i1 in enumerate(range(0, cols, blocksize)):
         i2 = min(i1 + blocksize, cols)
         U1 = U[i1:i2, i1:i2]
         mask1 = block_mask(Wf[:, i1:i2], U1.diagonal(), counts[b], per_row) if counts else None
         Wt = Wf[:, i1:i2].t().contiguous()
         Mt = torch.zeros_like(Wt, dtype=torch.bool) if mask1 is None else mask1.t().contiguous()
-        Et = _block(Wt, U1, order[i1:i2], grid, Mt, nm)
+        Et = _block(Wt, U1, order[i1:i2], grid, Mt, nm, cands)
         Wf[:, i1:i2] = Wt.t()
+        pruned[:, i1:i2] = Mt.t()
         loss += Et.square().sum() / 2
         if i2 < cols:
             Wf[:, i2:].addmm_(Et.t(), U[i1:i2, i2:], alpha=-1.0)
     if perm is not None:
-        Wf = Wf[:, torch.argsort(order)]
-    return Wf, float(loss)
+        inv = torch.argsort(order)
+        Wf, pruned = Wf[:, inv], pruned[:, inv]
+    params = [grid.params[k] for k in range(cols // g)]
+    scale = torch.cat([p.scale for p in params], dim=1)
+    zero = None if params[0].zero is None else torch.cat([p.zero for p in params if p.zero is not None], dim=1)
+    return GPTQResult(Wf, float(loss), scale, zero, pruned)
