@@ -1,10 +1,10 @@
-"""pare vs llm-compressor on a real model: SparseGPT 2:4 / 50%, GPTQ W4A16 g128, and 2:4 + int4.
+"""pare vs llm-compressor on a real model: SparseGPT 2:4 / 50%, GPTQ W4A16, and 2:4 + int4.
 
 Both tools work on the same model loaded in float32 on the CPU, with the same calibration windows
 (C4 train, saved to a ``.pt`` file the peer reads), each in its own fresh subprocess. Both write
 the decoder weights they produced; this script evaluates both with pare's perplexity on the same
 held-out tokens (Wikipedia articles from ../shared, a text neither tool calibrated on), counts the
-zeros and, for quantized settings, checks that every group of 128 holds at most 16 distinct values.
+zeros and, for quantized settings, checks that every group holds at most 16 distinct values.
 One JSON object per setting goes to stdout:
 
     {"setting", "pare": {ppl, prune_seconds, sparsity, ...}, "reference": {...} | {"error": why},
@@ -16,10 +16,12 @@ Settings (pare's configuration / the reference's recipe):
   mask_structure="2:4")``.
 - ``sparsegpt-0.5``: unstructured 50% (pare's per-row selection, and ``mask_group="block"``, the
   reference's own rule, as ``pare_block``).
-- ``gptq-w4a16``: ``QuantizeConfig(scheme="int4", group_size=128, method="gptq")`` /
-  ``GPTQModifier(scheme="W4A16")`` (symmetric int4, groups of 128 along the input).
+- ``gptq-w4a16``: ``QuantizeConfig(scheme="int4", group_size=G, algorithm="gptq", act_order=True)`` /
+  ``GPTQModifier`` with the W4A16 scheme at group G (symmetric int4 along the input; its default
+  ``actorder="static"`` is what pare's ``act_order`` does). ``--group-size`` G defaults to 64:
+  SmolLM2's inputs (576) are not a multiple of 128, which both tools refuse.
 - ``sparse24-int4``: pare's joint pass ``SparseGPTConfig(pattern="2:4", quantize="int4",
-  group_size=128)`` / the reference's ``[SparseGPTModifier(2:4), GPTQModifier(W4A16)]`` recipe.
+  group_size=G)`` / the reference's ``[SparseGPTModifier(2:4), GPTQModifier(W4A16 at G)]`` recipe.
 
 ``prune_seconds`` is the wall time of ``pare.prune`` / ``oneshot`` alone. The peer venv::
 
@@ -73,9 +75,9 @@ def worker_pare(a: argparse.Namespace) -> dict:
     elif a.setting == "gptq-w4a16":
         from pare.methods.quantize import QuantizeConfig
 
-        cfg = QuantizeConfig(scheme="int4", group_size=128, algorithm="gptq", **extra)
+        cfg = QuantizeConfig(scheme="int4", group_size=a.group_size, algorithm="gptq", act_order=True, **extra)
     else:
-        cfg = pare.SparseGPTConfig(pattern="2:4", quantize="int4", group_size=128, **extra)
+        cfg = pare.SparseGPTConfig(pattern="2:4", quantize="int4", group_size=a.group_size, **extra)
     t0 = time.perf_counter()
     runtime = pare.RuntimeConfig(device="cpu", progress=False)
     report = pare.prune(model, cfg, ids, runtime=runtime, batch_size=a.batch_size)
@@ -89,6 +91,7 @@ def worker_pare(a: argparse.Namespace) -> dict:
 
 def worker_peer(a: argparse.Namespace) -> dict:
     import torch
+    from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
     from datasets import Dataset
     from llmcompressor import oneshot
     from llmcompressor.modifiers.pruning import SparseGPTModifier
@@ -102,8 +105,9 @@ def worker_peer(a: argparse.Namespace) -> dict:
     ids = torch.load(a.calib, weights_only=True)
     ignore = ["re:.*lm_head"]
     sparse = {"sparsity": 0.5, "block_size": 128, "dampening_frac": 0.01, "ignore": ignore}
-    gptq = {"scheme": "W4A16", "targets": "Linear", "ignore": ["lm_head"], "block_size": 128,
-            "dampening_frac": 0.01}
+    w4a16 = QuantizationScheme(targets=["Linear"], weights=QuantizationArgs(
+        num_bits=4, type="int", symmetric=True, strategy="group", group_size=a.group_size))  # W4A16 at this group
+    gptq = {"config_groups": {"group_0": w4a16}, "ignore": ["lm_head"], "block_size": 128, "dampening_frac": 0.01}
     recipe: list = {
         "sparsegpt-2:4": [SparseGPTModifier(mask_structure="2:4", **sparse)],
         "sparsegpt-0.5": [SparseGPTModifier(mask_structure="0:0", **sparse)],
@@ -155,7 +159,7 @@ def evaluate(weights: Path | None, ev, a: argparse.Namespace) -> dict:
         model.load_state_dict(state, strict=False)
         zeros = sum(int((w == 0).sum()) for w in state.values())
         out["sparsity"] = zeros / sum(w.numel() for w in state.values())
-        groups = [w.reshape(w.shape[0], -1, 128) for w in state.values() if w.shape[1] % 128 == 0]
+        groups = [w.reshape(w.shape[0], -1, a.group_size) for w in state.values()]
         out["max_distinct_per_group"] = max(int(torch.sort(g, dim=-1).values.diff(dim=-1).ne(0).sum(-1).max()) + 1
                                             for g in groups)
     out["ppl"] = perplexity(model, ev, a.eval_seqlen, batch_size=4, progress=False).ppl
@@ -166,7 +170,7 @@ def run_worker(python: str, kind: str, setting: str, out: Path, calib: Path, a: 
                extra: dict | None = None) -> dict:
     cmd = [python, str(Path(__file__).resolve()), "--worker", kind, "--setting", setting, "--model-path", a.model,
            "--calib-file", str(calib), "--out", str(out), "--batch-size", str(a.batch_size),
-           "--threads", str(a.threads)]
+           "--threads", str(a.threads), "--group-size", str(a.group_size)]
     if extra:
         cmd += ["--extra", json.dumps(extra)]
     env = dict(os.environ)
@@ -195,6 +199,8 @@ def main(a: argparse.Namespace) -> None:
     dense = evaluate(None, ev, a)["ppl"]
     for setting in a.settings:
         tag = f"{setting.replace(':', '_')}-{a.nsamples}x{a.seqlen}"
+        if setting in ("gptq-w4a16", "sparse24-int4"):
+            tag += f"-g{a.group_size}"
         res: dict = {}
         variants = [("pare", sys.executable, None)]
         if setting == "sparsegpt-0.5":
@@ -233,6 +239,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--eval-seqlen", type=int, default=512)
     p.add_argument("--eval-tokens", type=int, default=32768, help="held-out tokens scored")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--group-size", type=int, default=64,
+                   help="int4 group (SmolLM2's 576-wide inputs are not a multiple of 128: both tools refuse 128)")
     p.add_argument("--timeout", type=int, default=7200)
     p.add_argument("--skip-reference", action="store_true", help="run pare only")
     p.add_argument("--reuse-reference", action="store_true",

@@ -96,11 +96,12 @@ def test_loss_is_the_obs_error_of_the_dampened_hessian() -> None:
 
 
 def test_matches_reference_nm_algorithm() -> None:
-    """Against a transcription of the published ``fasterprune`` (N:M path, no ties possible)."""
+    """The reference rule (``nm_select="score"``) against a transcription of the published
+    ``fasterprune`` (N:M path, no ties possible)."""
     x = correlated_inputs(seed=5)
     w = torch.randn(16, 64, generator=_gen(5))
     h = 2.0 / x.shape[0] * x.t() @ x
-    ours, _ = sparsegpt_prune(w, h, 0.5, nm=(2, 4), blocksize=32)
+    ours, _ = sparsegpt_prune(w, h, 0.5, nm=(2, 4), blocksize=32, nm_select="score")
     assert torch.allclose(ours, _reference_fasterprune(w, h, 2, 4, 32), atol=1e-4, rtol=1e-4)
 
 
@@ -153,7 +154,7 @@ def test_not_positive_definite_raises_dampening_with_a_warning(caplog) -> None:
     v = torch.randn(64, 8, generator=g)
     h = v @ v.t()  # rank 8: singular
     h -= 0.5 * torch.eye(64) * float(h.diagonal().mean())  # and indefinite
-    with caplog.at_level(logging.WARNING, logger="pare.ops.sparsegpt"):
+    with caplog.at_level(logging.WARNING, logger="pare.ops.hessian"):
         factor = inverse_hessian_factor(h, percdamp=0.01)
     assert "raising it" in caplog.text
     assert factor.damp > 0.01 * float(h.diagonal().mean())
@@ -185,3 +186,18 @@ def test_finite_check_sees_nan_and_inf_and_survives_an_overflowing_sum() -> None
     t = torch.full((2, 2), 3e38)
     t[0, 0] = float("-inf")
     assert not _all_finite(t)
+
+
+def test_nm_obs_selection_is_the_best_sequential_mask_of_a_single_group() -> None:
+    """With one group of M inputs, OBS's sequential loss is the exact reconstruction error (a pruned
+    input is compensated by the inputs to its right), so the 'obs' rule finds, per row, the best of
+    the C(M, N) masks under that update: never worse than the per-column scores, better on some rows."""
+    x = correlated_inputs(n=512, d=4, seed=3)
+    w = torch.randn(256, 4, generator=_gen(4))
+    h = 2 * x.t() @ x / x.shape[0]
+    obs, _ = sparsegpt_prune(w, h, 0.5, nm=(2, 4), blocksize=4, percdamp=0.0, nm_select="obs")
+    score, _ = sparsegpt_prune(w, h, 0.5, nm=(2, 4), blocksize=4, percdamp=0.0, nm_select="score")
+    err_obs = ((x @ w.t()) - (x @ obs.t())).square().sum(0)
+    err_score = ((x @ w.t()) - (x @ score.t())).square().sum(0)
+    assert bool((err_obs <= err_score * (1 + 1e-4) + 1e-4).all())
+    assert bool((err_obs < err_score * 0.99).any())

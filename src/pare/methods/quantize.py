@@ -157,8 +157,9 @@ class QuantizePruner(Pruner):
     def run(self, ctx: PruneContext) -> None:
         try:
             if self.uses_calibration():
-                for step in ctx.runner(sequential=True).steps(final_outputs=False,
-                                                             overwrite_inputs=ctx.runtime.sequential):
+                # sequential: each layer sees the quantized layers' outputs; otherwise the runner
+                # keeps the dense outputs for the next layer
+                for step in ctx.runner().steps(final_outputs=False, overwrite_inputs=ctx.runtime.sequential):
                     targets = self._selected(ctx.arch, step.index, step.layer)
                     stats = {t.name: InputStats(want_gram=True) for t in targets}
                     with record_inputs(targets, stats, stop_in=step.layer, share_inputs=True):
