@@ -8,6 +8,7 @@ from __future__ import annotations
 from pare.errors import ConfigError
 from pare.methods.angular import AngularConfig, AngularPruner
 from pare.methods.base import PruneContext, Pruner, SparsityConfig, SparsityPruner
+from pare.methods.experts import ExpertsConfig, ExpertsPruner
 from pare.methods.layers import LayersConfig, LayersPruner
 from pare.methods.magnitude import MagnitudeConfig, MagnitudePruner
 from pare.methods.osscar import OsscarConfig, OsscarPruner
@@ -30,6 +31,7 @@ METHODS: dict[str, type[Pruner]] = {
     "ppl-window": PplWindowPruner,
     "layers": LayersPruner,
     "sublayer": SublayerPruner,
+    "experts": ExpertsPruner,
     "quantize": QuantizePruner,
 }
 
@@ -51,6 +53,8 @@ __all__ = [
     "METHODS",
     "AngularConfig",
     "AngularPruner",
+    "ExpertsConfig",
+    "ExpertsPruner",
     "LayersConfig",
     "LayersPruner",
     "MagnitudeConfig",
