@@ -12,7 +12,8 @@ from pare.methods import METHODS
 from tiny import tiny_batch, tiny_model
 
 QUIET = pare.RuntimeConfig(progress=False, device="cpu")
-OPTIONS = {"layers": {"layers": "1"}, "width": {"importance": "taylor"}}
+OPTIONS = {"layers": {"layers": "1"}, "width": {"importance": "taylor"},
+           "quantize": {"group_size": 32, "algorithm": "gptq"}}
 MODES = {"inference_mode": torch.inference_mode, "no_grad": torch.no_grad, "grad": contextlib.nullcontext}
 
 

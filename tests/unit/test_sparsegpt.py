@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from pare.ops.masks import layer_mask, nm_mask, row_mask
-from pare.ops.sparsegpt import _block_counts, inverse_hessian_factor, sparsegpt_prune
+from pare.ops.sparsegpt import block_counts, inverse_hessian_factor, sparsegpt_prune
 from pare.ops.wanda import wanda_mask
 
 
@@ -47,7 +47,7 @@ def test_identity_hessian_unstructured_row_groups_is_per_row_magnitude() -> None
     assert torch.equal(full == 0, row_mask(w.abs(), 0.6))
     assert torch.equal(full[full != 0], w[full != 0])
     blocked, _ = sparsegpt_prune(w, torch.eye(64), 0.6, blocksize=16)
-    for b, k in enumerate(_block_counts(1, 64, 16, 0.6)):
+    for b, k in enumerate(block_counts(1, 64, 16, 0.6)):
         cols = slice(16 * b, 16 * (b + 1))
         assert torch.equal(blocked[:, cols] == 0, row_mask(w[:, cols].abs(), k / 16 + 1e-9))
     assert torch.equal((blocked == 0).sum(1), torch.full((32,), int(64 * 0.6)))  # per-row exact
@@ -62,7 +62,7 @@ def test_identity_hessian_unstructured_block_groups_is_layer_magnitude_within_ea
     assert torch.equal(full == 0, layer_mask(w.abs(), 0.6))
     assert torch.equal(full[full != 0], w[full != 0])
     blocked, _ = sparsegpt_prune(w, torch.eye(64), 0.6, blocksize=16, mask_group="block")
-    for b, k in enumerate(_block_counts(32, 64, 16, 0.6)):
+    for b, k in enumerate(block_counts(32, 64, 16, 0.6)):
         block = w[:, 16 * b:16 * (b + 1)]
         expected = torch.zeros(block.numel(), dtype=torch.bool)
         expected[torch.topk(block.abs().flatten(), k, largest=False).indices] = True
@@ -96,11 +96,12 @@ def test_loss_is_the_obs_error_of_the_dampened_hessian() -> None:
 
 
 def test_matches_reference_nm_algorithm() -> None:
-    """Against a transcription of the published ``fasterprune`` (N:M path, no ties possible)."""
+    """The reference rule (``nm_select="score"``) against a transcription of the published
+    ``fasterprune`` (N:M path, no ties possible)."""
     x = correlated_inputs(seed=5)
     w = torch.randn(16, 64, generator=_gen(5))
     h = 2.0 / x.shape[0] * x.t() @ x
-    ours, _ = sparsegpt_prune(w, h, 0.5, nm=(2, 4), blocksize=32)
+    ours, _ = sparsegpt_prune(w, h, 0.5, nm=(2, 4), blocksize=32, nm_select="score")
     assert torch.allclose(ours, _reference_fasterprune(w, h, 2, 4, 32), atol=1e-4, rtol=1e-4)
 
 
@@ -153,7 +154,7 @@ def test_not_positive_definite_raises_dampening_with_a_warning(caplog) -> None:
     v = torch.randn(64, 8, generator=g)
     h = v @ v.t()  # rank 8: singular
     h -= 0.5 * torch.eye(64) * float(h.diagonal().mean())  # and indefinite
-    with caplog.at_level(logging.WARNING, logger="pare.ops.sparsegpt"):
+    with caplog.at_level(logging.WARNING, logger="pare.ops.hessian"):
         factor = inverse_hessian_factor(h, percdamp=0.01)
     assert "raising it" in caplog.text
     assert factor.damp > 0.01 * float(h.diagonal().mean())
@@ -174,7 +175,7 @@ def test_low_precision_weights_are_computed_in_fp32() -> None:
 
 
 def test_finite_check_sees_nan_and_inf_and_survives_an_overflowing_sum() -> None:
-    from pare.ops.sparsegpt import _all_finite
+    from pare.ops.hessian import all_finite as _all_finite
 
     assert _all_finite(torch.ones(3, 3))
     assert _all_finite(torch.full((2, 2), 3e38))  # the fp32 sum overflows; every value is finite
@@ -185,3 +186,18 @@ def test_finite_check_sees_nan_and_inf_and_survives_an_overflowing_sum() -> None
     t = torch.full((2, 2), 3e38)
     t[0, 0] = float("-inf")
     assert not _all_finite(t)
+
+
+def test_nm_obs_selection_is_the_best_sequential_mask_of_a_single_group() -> None:
+    """With one group of M inputs, OBS's sequential loss is the exact reconstruction error (a pruned
+    input is compensated by the inputs to its right), so the 'obs' rule finds, per row, the best of
+    the C(M, N) masks under that update: never worse than the per-column scores, better on some rows."""
+    x = correlated_inputs(n=512, d=4, seed=3)
+    w = torch.randn(256, 4, generator=_gen(4))
+    h = 2 * x.t() @ x / x.shape[0]
+    obs, _ = sparsegpt_prune(w, h, 0.5, nm=(2, 4), blocksize=4, percdamp=0.0, nm_select="obs")
+    score, _ = sparsegpt_prune(w, h, 0.5, nm=(2, 4), blocksize=4, percdamp=0.0, nm_select="score")
+    err_obs = ((x @ w.t()) - (x @ obs.t())).square().sum(0)
+    err_score = ((x @ w.t()) - (x @ score.t())).square().sum(0)
+    assert bool((err_obs <= err_score * (1 + 1e-4) + 1e-4).all())
+    assert bool((err_obs < err_score * 0.99).any())

@@ -1,4 +1,6 @@
-"""The ``pare`` command: ``inspect``, ``prune``, ``run`` (a recipe), ``eval``, ``report``, ``methods``.
+"""The ``pare`` command: ``inspect``, ``prune``, ``quantize``, ``run`` (a recipe), ``eval``, ``report``, ``methods``.
+
+``pare quantize ... --method rtn|gptq`` is ``pare prune --method quantize --algorithm rtn|gptq ...``.
 
 Method options are generated from the method config dataclasses (``--sparsity``, ``--pattern``...),
 so every config field is a flag and a YAML/JSON config key at once.
@@ -138,6 +140,9 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     ins.add_argument("--json", action="store_true")
     ins.add_argument("-v", "--verbose", action="store_true")
     sub.add_parser("methods", help="list the pruning methods and their options")
+    sub.add_parser("quantize", add_help=False, prefix_chars="\0",
+                   help="quantize weights and save (= prune --method quantize; --method rtn|gptq, --scheme, "
+                        "--group-size...)")
     prune_parser = _prune_parser(sub)
     _run_parser(sub)
     _eval_parser(sub)
@@ -184,8 +189,26 @@ def _file_sections(data: dict[str, Any]) -> tuple[dict, dict, dict, dict]:
     return data, calib, runtime, method_opts
 
 
+def quantize_argv(argv: list[str]) -> list[str]:
+    """``quantize ARGS`` as ``prune --method quantize ARGS``, its ``--method rtn|gptq`` as ``--algorithm``."""
+    out = ["prune", "--method", "quantize"]
+    rest = argv[1:]
+    i = 0
+    while i < len(rest):
+        arg = rest[i]
+        if arg == "--method" and i + 1 < len(rest):
+            out += ["--algorithm", rest[i + 1]]
+            i += 2
+            continue
+        out.append("--algorithm=" + arg.split("=", 1)[1] if arg.startswith("--method=") else arg)
+        i += 1
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["quantize"]:
+        argv = quantize_argv(argv)
     parser, prune_parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if getattr(args, "verbose", False) else logging.WARNING,

@@ -483,6 +483,11 @@ def _print_stage(report: Report) -> None:
     if report.modules:
         print(f"sparsity of pruned modules (counted in the weights): {report.overall_sparsity:.4f}"
               + (f", pattern {report.pattern}" if report.pattern else ""))
+    quant = report.scores.get("quantization")
+    if quant:
+        print(f"quantized: {quant['scheme']} (groups of {quant['group_size'] or 'a row'}), "
+              f"{quant['bits_per_param']:.3f} bits/param, {quant['bytes']:,} bytes for the quantized matrices"
+              + (f" ({quant['sparse_format']})" if quant.get("sparse_format") else ""))
     for key in ("removed_layers", "removed", "reason"):
         if key in report.scores:
             print(f"{key.replace('_', ' ')}: {report.scores[key]}")

@@ -19,6 +19,7 @@ from pare.methods.layers import LayersConfig, LayersPruner
 from pare.methods.magnitude import MagnitudeConfig, MagnitudePruner
 from pare.methods.osscar import OsscarConfig, OsscarPruner
 from pare.methods.ppl_window import PplWindowConfig, PplWindowPruner
+from pare.methods.quantize import QuantizeConfig, QuantizePruner
 from pare.methods.shortgpt import ShortGPTConfig, ShortGPTPruner
 from pare.methods.sparsegpt import SparseGPTConfig, SparseGPTPruner
 from pare.methods.sublayer import SublayerConfig, SublayerPruner
@@ -71,6 +72,8 @@ __all__ = [
     "PplWindowPruner",
     "PruneContext",
     "Pruner",
+    "QuantizeConfig",
+    "QuantizePruner",
     "ShortGPTConfig",
     "ShortGPTPruner",
     "SparseGPTConfig",

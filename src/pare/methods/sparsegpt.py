@@ -17,15 +17,21 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
+from torch import nn
 
+from pare.arch.roles import ModelArch
 from pare.arch.targets import Target
 from pare.calibration.stats import STAT_GRAM, InputStats
 from pare.config import help_field, register
 from pare.errors import ConfigError
 from pare.methods.base import PruneContext, SparsityConfig, SparsityPruner
+from pare.methods.quantize import record_quantized, report_quantization, scheme_of
 from pare.ops.finite import check_finite_weight
 from pare.ops.masks import make_mask
-from pare.ops.sparsegpt import InverseHessianFactor, inverse_hessian_factor, sparsegpt_prune_factored
+from pare.ops.quant.bits import BitsAccount, matrix_bits
+from pare.ops.quant.gptq import PruneSpec, gptq_quantize
+from pare.ops.quant.scheme import SCHEMES, QuantScheme, quantize
+from pare.ops.sparsegpt import NM_SELECT, InverseHessianFactor, inverse_hessian_factor, sparsegpt_prune_factored
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +46,14 @@ class SparseGPTConfig(SparsityConfig):
         mask_group: unstructured only: choose the pruned weights inside each block per ``row``
             (every row keeps exactly ``floor(in * sparsity)`` zeros; pare's default) or over the
             whole ``block`` (the reference code's choice; uneven rows).
+        nm_select: N:M only: choose each group's pruned weights by the group's exact OBS loss
+            (``obs``: the compensation between the group's columns included) or by the per-column
+            scores ``(w / U_qq)^2`` (``score``: the reference code's rule).
+        quantize: a quantization scheme (``int4``, ``mxfp4``...; see :mod:`pare.ops.quant.scheme`) to
+            prune and quantize in one pass (each column masked and quantized before its error is
+            spread; the paper's joint mode), or empty for pruning alone.
+        group_size: with ``quantize``: inputs per scale (0: per channel; default 128, MX 32, NVFP4 16).
+        symmetric: with an integer ``quantize`` scheme: no zero point.
     """
 
     method: ClassVar[str] = "sparsegpt"
@@ -47,6 +61,11 @@ class SparseGPTConfig(SparsityConfig):
     blocksize: int = help_field(128, "columns per lazy-update block (the mask is chosen per block)")
     percdamp: float = help_field(0.01, "Hessian dampening as a fraction of its mean diagonal")
     mask_group: str = help_field("row", "unstructured: pick pruned weights per 'row' of each block, or per 'block'")
+    nm_select: str = help_field("obs", "N:M: pick each group by its exact OBS loss ('obs') or per-column "
+                                "scores ('score', the reference)")
+    quantize: str = help_field("", f"also quantize in the same pass: {', '.join(SCHEMES)} (empty: prune only)")
+    group_size: int | None = help_field(None, "with quantize: inputs per scale (0: per channel; default 128)")
+    symmetric: bool = help_field(True, "with an integer quantize scheme: symmetric (no zero point)")
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -61,6 +80,17 @@ class SparseGPTConfig(SparsityConfig):
                               f"got {self.mask_group!r}")
         if isinstance(self.percdamp, bool) or not isinstance(self.percdamp, (int, float)) or self.percdamp < 0:
             raise ConfigError(f"percdamp must be a number >= 0 (0.01 in the paper), got {self.percdamp!r}")
+        if self.nm_select not in NM_SELECT:
+            raise ConfigError(f"nm_select must be one of {', '.join(NM_SELECT)}, got {self.nm_select!r}")
+        if self.quantize:
+            self.quant_scheme()
+        elif self.group_size is not None or not self.symmetric:
+            raise ConfigError("group_size and symmetric apply with quantize (e.g. quantize='int4'); set quantize or "
+                              "drop them")
+
+    def quant_scheme(self) -> QuantScheme | None:
+        """The joint pass's quantization scheme, or None when pruning alone."""
+        return scheme_of(self.quantize, self.group_size, self.symmetric) if self.quantize else None
 
 
 @register
@@ -75,6 +105,16 @@ class SparseGPTPruner(SparsityPruner):
         super().__init__(config)
         self._factor_of: tuple[InputStats, InverseHessianFactor] | None = None
         self.losses: dict[str, float] = {}
+        self.scheme = config.quant_scheme()
+        self.bits = BitsAccount()
+        self.inexact: list[str] = []
+
+    def check(self, model: nn.Module, arch: ModelArch) -> None:
+        super().check(model, arch)
+        if self.scheme is not None:
+            for i, layer in enumerate(arch.layer_modules(model)):
+                for t in self._selected(arch, i, layer):
+                    self.scheme.check_width(t.shape[1], t.name)
 
     def _factor(self, stats: InputStats, model_dtype: torch.dtype) -> InverseHessianFactor:
         """The inverse-Hessian factor of ``stats``; targets that share the statistics object (q/k/v,
@@ -88,16 +128,30 @@ class SparseGPTPruner(SparsityPruner):
 
     def prune_target(self, target: Target, stats: InputStats | None, sparsity: float) -> None:
         w = target.weight()
+        cfg = self.config
         if stats is None or stats.tokens == 0 or stats.gram is None:
             log.warning("%s received no calibration tokens: pruned by magnitude instead", target.name)
-            w.masked_fill_(make_mask(w.abs().float(), sparsity, self.config.nm, per_row=True), 0)
-            return
-        check_finite_weight(w, target.name)
-        factor = self._factor(stats, w.dtype)
-        cfg = self.config
-        pruned, loss = sparsegpt_prune_factored(w, factor, sparsity, cfg.nm, cfg.blocksize, cfg.mask_group)
-        w.copy_(pruned)
-        self.losses[target.name] = loss
+            mask = make_mask(w.abs().float(), sparsity, cfg.nm, per_row=True)
+            if self.scheme is None:
+                w.masked_fill_(mask, 0)
+                return
+            record_quantized(w, quantize(w.float().masked_fill(mask, 0), self.scheme).dequant, target.name,
+                             self.inexact)
+        else:
+            check_finite_weight(w, target.name)
+            factor = self._factor(stats, w.dtype)
+            if self.scheme is None:
+                pruned, loss = sparsegpt_prune_factored(w, factor, sparsity, cfg.nm, cfg.blocksize, cfg.mask_group,
+                                                        cfg.nm_select)
+                w.copy_(pruned)
+                self.losses[target.name] = loss
+                return
+            spec = PruneSpec(sparsity, cfg.nm, cfg.mask_group, cfg.nm_select)
+            res = gptq_quantize(w, factor, self.scheme, blocksize=cfg.blocksize, prune=spec)
+            record_quantized(w, res.weight, target.name, self.inexact)
+            self.losses[target.name] = res.loss
+        nonzero = None if cfg.nm is not None else int(torch.count_nonzero(w))  # what a bitmask format stores
+        self.bits = self.bits + matrix_bits(target.shape, self.scheme, nm=cfg.nm, nonzero=nonzero)
 
     def run(self, ctx: PruneContext) -> None:
         try:
@@ -105,3 +159,6 @@ class SparseGPTPruner(SparsityPruner):
         finally:
             self._factor_of = None
         ctx.report.scores["sparsegpt_loss"] = self.losses
+        if self.scheme is not None:
+            fmt = f"{self.config.pattern} indices" if self.config.nm is not None else "bitmask"
+            report_quantization(ctx, self.scheme, self.bits, self.inexact, {}, sparse=fmt)

@@ -14,104 +14,36 @@ Columns are processed left to right; the rows of the upper Cholesky factor ``U``
 the updates for the remaining columns (the sequence of ``H^-1`` restricted to columns ``>= j``).
 Updates are lazy: inside a block of ``blocksize`` columns they are rank-1; the rest of the matrix
 gets one matmul per block. The mask is chosen adaptively per block from ``w^2 / U_qq^2`` of the
-already-updated weights. Unstructured, ``mask_group="row"`` (pare's default) prunes the same share
-of every row inside each block, so each row ends with exactly ``floor(in * sparsity)`` zeros
-(Wanda's per-output comparison group; the README compares the two); ``mask_group="block"`` is the
-reference code's choice: the lowest scores over the whole ``[out, blocksize]`` block (exact count
-per matrix, uneven rows). N:M: the N lowest of each group of M, chosen when the group is reached.
+already-updated weights. Unstructured, ``mask_group="row"`` (pare's default) prunes the same share of
+every row inside each block, so each row ends with exactly ``floor(in * sparsity)`` zeros (Wanda's
+per-output comparison group; the README compares the two);
+``mask_group="block"`` is the reference code's choice: the lowest scores over the whole
+``[out, blocksize]`` block (exact count per matrix, uneven rows). N:M: chosen when the group is
+reached, from the error-compensated weights: by default (``nm_select="obs"``) the mask whose OBS
+loss over the group's M columns is least, the compensation of a pruned column by the group's later
+columns included (:func:`nm_group_obs_mask`); ``"score"`` keeps the reference code's rule, the N
+lowest ``w^2 / U_qq^2`` taken column by column independently.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
-from dataclasses import dataclass
 
 import torch
 
-from pare.errors import ConfigError, PareError
-from pare.ops.finite import all_finite, non_finite_hint
+from pare.errors import ConfigError
+from pare.ops.hessian import InverseHessianFactor, inverse_hessian_factor
 
 log = logging.getLogger(__name__)
 
-MAX_DAMP_TRIES = 12
+__all__ = ["InverseHessianFactor", "inverse_hessian_factor", "sparsegpt_prune", "sparsegpt_prune_factored"]
+
 SUB = 16  # columns per inner sub-block of the lazy updates
+NM_SELECT = ("obs", "score")
 
 
-@dataclass
-class InverseHessianFactor:
-    """The upper Cholesky factor of the dampened inverse Hessian, and which inputs were dead.
-
-    Attributes:
-        U: ``[in, in]`` fp32 upper triangular with ``U^T U = (H + damp I)^-1``.
-        dead: ``[in]`` bool: inputs that never fired (``H_ii == 0``); their weights are zeroed.
-        damp: the dampening finally added to the diagonal.
-    """
-
-    U: torch.Tensor
-    dead: torch.Tensor
-    damp: float
-
-
-def inverse_hessian_factor(H: torch.Tensor, percdamp: float = 0.01,
-                           model_dtype: torch.dtype | None = None) -> InverseHessianFactor:
-    """Dampen ``H``, invert it through Cholesky and return the upper factor of ``H^-1``.
-
-    Dead inputs (``H_ii == 0``) get ``H_ii = 1`` so that ``H`` stays invertible. The dampening starts
-    at ``percdamp * mean(diag(H))``; if a Cholesky factorisation fails (``H`` not numerically
-    positive definite), it is multiplied by 10 and the attempt repeated, with a warning.
-
-    Args:
-        H: ``[in, in]`` Hessian (e.g. ``2/n X^T X``); not modified.
-        percdamp: dampening as a fraction of the mean diagonal.
-        model_dtype: the dtype of the weights the Hessian serves (for the hint when it is not finite).
-
-    Raises:
-        PareError: ``H`` holds NaN/inf, or no dampening up to ``10^12`` times the start worked.
-    """
-    H = H.detach().to(torch.float32, copy=True)
-    if not _all_finite(H):
-        raise PareError("the Hessian holds NaN or inf values, so the calibration activations are not finite; "
-                        + non_finite_hint(model_dtype))
-    diag = H.diagonal()
-    dead = diag == 0
-    diag[dead] = 1.0
-    base = float(diag.mean())
-    damp = percdamp * base if percdamp > 0 else 0.0
-    eye = torch.arange(H.shape[0], device=H.device)
-    for attempt in range(MAX_DAMP_TRIES):
-        Hd = H.clone()
-        Hd[eye, eye] += damp
-        U = _upper_factor_of_inverse(Hd)
-        if U is not None:
-            return InverseHessianFactor(U, dead, damp)
-        new_damp = damp * 10 if damp > 0 else 1e-6 * base
-        log.warning(
-            "SparseGPT: Hessian not positive definite with dampening %.3g (try %d); raising it to %.3g",
-            damp, attempt + 1, new_damp,
-        )
-        damp = new_damp
-    raise PareError(f"SparseGPT: Cholesky failed even with dampening {damp:.3g}; the Hessian is degenerate")
-
-
-def _upper_factor_of_inverse(H: torch.Tensor) -> torch.Tensor | None:
-    """Upper triangular ``U`` with ``U^T U = H^-1``, or None when ``H`` is not positive definite.
-
-    With ``P`` the index reversal and ``P H P = L L^T``: ``H^-1 = P L^-T L^-1 P``, so
-    ``U = P L^-1 P`` (upper triangular, positive diagonal). One Cholesky and one triangular
-    inverse, instead of the reference's Cholesky, ``cholesky_inverse`` and a second Cholesky.
-    """
-    L, info = torch.linalg.cholesky_ex(H.flip(0, 1))
-    if int(info) != 0:
-        return None
-    eye = torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
-    U = torch.linalg.solve_triangular(L, eye, upper=False).flip(0, 1)
-    return U if _all_finite(U) else None
-
-
-_all_finite = all_finite
-
-
-def _block_counts(rows: int, cols: int, blocksize: int, sparsity: float) -> list[int]:
+def block_counts(rows: int, cols: int, blocksize: int, sparsity: float) -> list[int]:
     """Weights to prune per column block so that the ``rows x cols`` total is ``floor(rows*cols*s)``
     (``rows=1``: per row)."""
     counts, done = [], 0
@@ -123,7 +55,7 @@ def _block_counts(rows: int, cols: int, blocksize: int, sparsity: float) -> list
     return counts
 
 
-def _block_mask(W1: torch.Tensor, d: torch.Tensor, k: int, per_row: bool) -> torch.Tensor:
+def block_mask(W1: torch.Tensor, d: torch.Tensor, k: int, per_row: bool) -> torch.Tensor:
     """Prune the ``k`` lowest ``w^2 / d^2`` scores of a block, or of each of its rows (``True`` = prune)."""
     scores = (W1 / d).square()
     if per_row:
@@ -137,7 +69,58 @@ def _block_mask(W1: torch.Tensor, d: torch.Tensor, k: int, per_row: bool) -> tor
     return flat.view_as(W1)
 
 
-def _prune_block(W1: torch.Tensor, U1: torch.Tensor, mask1: torch.Tensor | None, nm: tuple[int, int] | None):
+def nm_mask_rows(W: torch.Tensor, d: torch.Tensor, nm: tuple[int, int]) -> torch.Tensor:
+    """N:M prune mask of ``W: [out, k]`` (``k`` a multiple of M): in each row, the N lowest
+    ``(w / d)^2`` of every group of M consecutive columns (``True`` = prune)."""
+    n, m = nm
+    rows, k = W.shape
+    scores = (W / d).square().reshape(rows, k // m, m)
+    mask = torch.zeros_like(scores, dtype=torch.bool)
+    mask.scatter_(2, torch.topk(scores, n, dim=2, largest=False, sorted=False).indices, True)
+    return mask.reshape(rows, k)
+
+
+def nm_candidates(nm: tuple[int, int], device: torch.device | None = None) -> torch.Tensor:
+    """Every way to prune N of M: ``[C(M, N), M]`` bool (``True`` = prune)."""
+    n, m = nm
+    combos = list(itertools.combinations(range(m), n))
+    out = torch.zeros(len(combos), m, dtype=torch.bool, device=device)
+    for c, idx in enumerate(combos):
+        out[c, list(idx)] = True
+    return out
+
+
+def nm_group_obs_mask(Wg: torch.Tensor, Ug: torch.Tensor, cands: torch.Tensor) -> torch.Tensor:
+    """The N:M choice for one group of M columns that minimises the group's exact OBS loss.
+
+    Pruning column ``a`` of the group costs ``err_a^2`` with ``err_a = w'_a / U_aa``, where ``w'_a``
+    already holds the compensation of the group's earlier pruned columns
+    (``w'_b -= err_a U_ab`` for ``b > a``). Scoring each column alone by ``(w / U_aa)^2`` (the
+    reference) ignores that compensation; here every candidate mask is played through the M columns
+    for every row at once and the cheapest is kept.
+
+    Args:
+        Wg: ``[M, out]`` the group's columns (transposed), as updated so far.
+        Ug: ``[M, M]`` the group's diagonal block of the inverse-Hessian factor.
+        cands: ``[C, M]`` candidate masks from :func:`nm_candidates`.
+
+    Returns:
+        ``[M, out]`` bool prune mask.
+    """
+    m = Wg.shape[0]
+    w = Wg.unsqueeze(0).expand(cands.shape[0], -1, -1).clone()  # [C, M, out]
+    c = cands.to(Wg.dtype).unsqueeze(-1)  # [C, M, 1]
+    loss = torch.zeros(cands.shape[0], Wg.shape[1], dtype=Wg.dtype, device=Wg.device)
+    for a in range(m):
+        err = w[:, a] * c[:, a] / Ug[a, a]  # [C, out]
+        loss += err.square()
+        if a + 1 < m:
+            w[:, a + 1:] -= Ug[a, a + 1:, None] * err[:, None, :]
+    return cands[loss.argmin(0)].t()  # [M, out]
+
+
+def _prune_block(W1: torch.Tensor, U1: torch.Tensor, mask1: torch.Tensor | None, nm: tuple[int, int] | None,
+                 cands: torch.Tensor | None = None):
     """OBS inside one block, column by column (the algorithm's inner loop; vectorised over rows).
 
     The block is held transposed (``[B, out]``, each column contiguous) and processed in sub-blocks
@@ -149,6 +132,8 @@ def _prune_block(W1: torch.Tensor, U1: torch.Tensor, mask1: torch.Tensor | None,
         U1: ``[B, B]`` the block's diagonal block of the inverse-Hessian factor.
         mask1: ``[out, B]`` prune mask (unstructured) or None (N:M: chosen as groups are reached).
         nm: the N:M pattern or None.
+        cands: N:M candidate masks to choose each group by its exact OBS loss
+            (:func:`nm_group_obs_mask`), or None for the reference's per-column scores.
 
     Returns:
         ``Err1 [out, B]``: the scaled errors ``(w - q) / U_qq`` that update the later columns.
@@ -163,10 +148,13 @@ def _prune_block(W1: torch.Tensor, U1: torch.Tensor, mask1: torch.Tensor | None,
         j2 = min(j1 + sub, count)
         for i in range(j1, j2):
             if nm is not None and (i - j1) % nm[1] == 0:
-                n, m = nm
-                scores = (Wt[i:i + m] / d[i:i + m, None]).square()
-                idx = torch.topk(scores, n, dim=0, largest=False, sorted=False).indices + i
-                Mt.scatter_(0, idx, True)
+                m = nm[1]
+                if cands is not None:
+                    Mt[i:i + m] = nm_group_obs_mask(Wt[i:i + m], U1[i:i + m, i:i + m], cands)
+                else:
+                    idx = torch.topk((Wt[i:i + m] / d[i:i + m, None]).square(), nm[0], dim=0, largest=False,
+                                     sorted=False).indices + i
+                    Mt.scatter_(0, idx, True)
             err = Wt[i] * Mt[i] / d[i]
             if i + 1 < j2:
                 Wt[i + 1:j2].addr_(U1[i, i + 1:j2], err, alpha=-1.0)
@@ -185,6 +173,7 @@ def sparsegpt_prune_factored(
     nm: tuple[int, int] | None = None,
     blocksize: int = 128,
     mask_group: str = "row",
+    nm_select: str = "obs",
 ) -> tuple[torch.Tensor, float]:
     """SparseGPT on ``W`` with a precomputed inverse-Hessian factor (shared by matrices with one input).
 
@@ -195,6 +184,9 @@ def sparsegpt_prune_factored(
         nm: ``(N, M)`` to prune N of every M consecutive inputs, or None.
         blocksize: lazy-update block width (a multiple of M for N:M).
         mask_group: unstructured selection group inside a block: ``row`` or ``block`` (see module doc).
+        nm_select: N:M: ``obs`` picks each group's mask by its exact OBS loss (compensation inside
+            the group included, :func:`nm_group_obs_mask`); ``score`` by the per-column scores
+            ``(w / U_qq)^2`` (the reference code).
 
     Returns:
         ``(W_pruned [out, in] in W's dtype, loss)``, the loss being the OBS estimate of
@@ -209,15 +201,18 @@ def sparsegpt_prune_factored(
     Wf[:, factor.dead] = 0.0
     if mask_group not in ("row", "block"):
         raise ConfigError(f"mask_group must be 'row' or 'block', got {mask_group!r}")
+    if nm_select not in NM_SELECT:
+        raise ConfigError(f"nm_select must be one of {', '.join(NM_SELECT)}, got {nm_select!r}")
+    cands = nm_candidates(nm, U.device) if nm is not None and nm_select == "obs" else None
     per_row = mask_group == "row"
-    counts = _block_counts(1 if per_row else rows, cols, blocksize, sparsity) if nm is None else []
+    counts = block_counts(1 if per_row else rows, cols, blocksize, sparsity) if nm is None else []
     loss = torch.zeros((), dtype=torch.float32, device=U.device)
     for b, i1 in enumerate(range(0, cols, blocksize)):
         i2 = min(i1 + blocksize, cols)
         W1 = Wf[:, i1:i2]  # a view: updated in place
         U1 = U[i1:i2, i1:i2]
-        mask1 = _block_mask(W1, U1.diagonal(), counts[b], per_row) if nm is None else None
-        Err1 = _prune_block(W1, U1, mask1, nm)
+        mask1 = block_mask(W1, U1.diagonal(), counts[b], per_row) if nm is None else None
+        Err1 = _prune_block(W1, U1, mask1, nm, cands)
         loss += Err1.square().sum() / 2
         if i2 < cols:
             Wf[:, i2:].addmm_(Err1, U[i1:i2, i2:], alpha=-1.0)
@@ -232,6 +227,7 @@ def sparsegpt_prune(
     blocksize: int = 128,
     percdamp: float = 0.01,
     mask_group: str = "row",
+    nm_select: str = "obs",
 ) -> tuple[torch.Tensor, float]:
     """Prune ``W: [out, in]`` with SparseGPT given the Hessian ``H: [in, in]`` of its inputs.
 
@@ -244,4 +240,4 @@ def sparsegpt_prune(
         ``(W_pruned, loss)``; see :func:`sparsegpt_prune_factored`.
     """
     factor = inverse_hessian_factor(H.to(W.device), percdamp)
-    return sparsegpt_prune_factored(W, factor, sparsity, nm, blocksize, mask_group)
+    return sparsegpt_prune_factored(W, factor, sparsity, nm, blocksize, mask_group, nm_select)

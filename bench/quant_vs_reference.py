@@ -1,0 +1,263 @@
+"""pare vs llm-compressor on a real model: SparseGPT 2:4 / 50%, GPTQ W4A16, and 2:4 + int4.
+
+Both tools work on the same model loaded in float32 on the CPU, with the same calibration windows
+(C4 train, saved to a ``.pt`` file the peer reads), each in its own fresh subprocess. Both write
+the decoder weights they produced; this script evaluates both with pare's perplexity on the same
+held-out tokens (Wikipedia articles from ../shared, a text neither tool calibrated on), counts the
+zeros and, for quantized settings, checks that every group holds at most 16 distinct values.
+One JSON object per setting goes to stdout:
+
+    {"setting", "pare": {ppl, prune_seconds, sparsity, ...}, "reference": {...} | {"error": why},
+     "ratios": {ppl_ratio, time_ratio}, "dense_ppl", "calibration", "eval"}
+
+Settings (pare's configuration / the reference's recipe):
+
+- ``sparsegpt-2:4``: ``SparseGPTConfig(pattern="2:4")`` / ``SparseGPTModifier(sparsity=0.5,
+  mask_structure="2:4")``.
+- ``sparsegpt-0.5``: unstructured 50% (pare's per-row selection, and ``mask_group="block"``, the
+  reference's own rule, as ``pare_block``).
+- ``gptq-w4a16``: ``QuantizeConfig(scheme="int4", group_size=G, algorithm="gptq", act_order=True)`` /
+  ``GPTQModifier`` with the W4A16 scheme at group G (symmetric int4 along the input; its default
+  ``actorder="static"`` is what pare's ``act_order`` does). ``--group-size`` G defaults to 64:
+  SmolLM2's inputs (576) are not a multiple of 128, which both tools refuse.
+- ``sparse24-int4``: pare's joint pass ``SparseGPTConfig(pattern="2:4", quantize="int4",
+  group_size=G)`` / the reference's ``[SparseGPTModifier(2:4), GPTQModifier(W4A16 at G)]`` recipe.
+
+``prune_seconds`` is the wall time of ``pare.prune`` / ``oneshot`` alone. The peer venv::
+
+    python3 -m venv bench/.venv-llmc && bench/.venv-llmc/bin/pip install torch==2.13.0 \
+        && bench/.venv-llmc/bin/pip install llmcompressor==0.14.0.1
+
+Usage: ``python bench/quant_vs_reference.py [--settings ...] [--nsamples 32] [--seqlen 256]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("PARE_SHARED_DIR", REPO.parent / "shared"))
+MODEL = Path(os.environ.get("PARE_MODELS_DIR", Path.home() / ".cache" / "pare-models")) / "smollm2-135m"
+PEER_VENV = REPO / "bench" / ".venv-llmc"
+SETTINGS = ("sparsegpt-2:4", "sparsegpt-0.5", "gptq-w4a16", "sparse24-int4")
+LAYER_LINEAR = re.compile(r"^model\.layers\.(\d+)\..*\.weight$")
+
+
+def decoder_weights(model) -> dict:
+    """Every 2-D weight inside a decoder layer (the matrices both tools change)."""
+    return {n: p.detach().contiguous() for n, p in model.named_parameters()
+            if LAYER_LINEAR.match(n) and p.dim() == 2 and "norm" not in n}
+
+
+def worker_pare(a: argparse.Namespace) -> dict:
+    import torch
+    from safetensors.torch import save_file
+
+    import pare
+
+    torch.set_flush_denormal(True)
+    torch.set_num_threads(a.threads)
+    model, _ = pare.load_model(a.model_path, dtype=torch.float32)
+    ids = torch.load(a.calib, weights_only=True)
+    extra = json.loads(a.extra) if a.extra else {}
+    cfg: object
+    if a.setting == "sparsegpt-2:4":
+        cfg = pare.SparseGPTConfig(pattern="2:4", **extra)
+    elif a.setting == "sparsegpt-0.5":
+        cfg = pare.SparseGPTConfig(sparsity=0.5, **extra)
+    elif a.setting == "gptq-w4a16":
+        from pare.methods.quantize import QuantizeConfig
+
+        cfg = QuantizeConfig(scheme="int4", group_size=a.group_size, algorithm="gptq", act_order=True, **extra)
+    else:
+        cfg = pare.SparseGPTConfig(pattern="2:4", quantize="int4", group_size=a.group_size, **extra)
+    t0 = time.perf_counter()
+    runtime = pare.RuntimeConfig(device="cpu", progress=False)
+    report = pare.prune(model, cfg, ids, runtime=runtime, batch_size=a.batch_size)
+    seconds = time.perf_counter() - t0
+    save_file(decoder_weights(model), a.out)
+    out: dict = {"prune_seconds": seconds}
+    if "quantization" in report.scores:
+        out["bits"] = {k: report.scores["quantization"].get(k) for k in ("bits_per_param", "quantized_bytes")}
+    return out
+
+
+def worker_peer(a: argparse.Namespace) -> dict:
+    import torch
+    from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
+    from datasets import Dataset
+    from llmcompressor import oneshot
+    from llmcompressor.modifiers.pruning import SparseGPTModifier
+    from llmcompressor.modifiers.quantization import GPTQModifier
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM
+
+    torch.set_flush_denormal(True)
+    torch.set_num_threads(a.threads)
+    model = AutoModelForCausalLM.from_pretrained(a.model_path, dtype=torch.float32).eval()
+    ids = torch.load(a.calib, weights_only=True)
+    ignore = ["re:.*lm_head"]
+    sparse = {"sparsity": 0.5, "block_size": 128, "dampening_frac": 0.01, "ignore": ignore}
+    w4a16 = QuantizationScheme(targets=["Linear"], weights=QuantizationArgs(
+        num_bits=4, type="int", symmetric=True, strategy="group", group_size=a.group_size))  # W4A16 at this group
+    gptq = {"config_groups": {"group_0": w4a16}, "ignore": ["lm_head"], "block_size": 128, "dampening_frac": 0.01}
+    recipe: list = {
+        "sparsegpt-2:4": [SparseGPTModifier(mask_structure="2:4", **sparse)],
+        "sparsegpt-0.5": [SparseGPTModifier(mask_structure="0:0", **sparse)],
+        "gptq-w4a16": [GPTQModifier(**gptq)],
+        "sparse24-int4": [SparseGPTModifier(mask_structure="2:4", **sparse), GPTQModifier(**gptq)],
+    }[a.setting]
+    ds = Dataset.from_dict({"input_ids": ids.tolist(), "attention_mask": torch.ones_like(ids).tolist()})
+    t0 = time.perf_counter()
+    oneshot(model=model, dataset=ds, recipe=recipe, num_calibration_samples=ids.shape[0],
+            max_seq_length=ids.shape[1], batch_size=a.batch_size, shuffle_calibration_samples=False)
+    seconds = time.perf_counter() - t0
+    save_file(decoder_weights(model), a.out)
+    return {"prune_seconds": seconds}
+
+
+def prepare(a: argparse.Namespace) -> tuple[Path, object]:
+    """The calibration windows file and the held-out evaluation ids."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from pare.calibration.data import calibration_windows
+
+    work = REPO / "bench" / "results" / "quant_vs_reference" / Path(a.model).name
+    work.mkdir(parents=True, exist_ok=True)
+    tok = AutoTokenizer.from_pretrained(a.model)
+    calib = work / f"calib-c4-{a.nsamples}x{a.seqlen}.pt"
+    if not calib.is_file():
+        torch.save(calibration_windows(tok, "c4", a.nsamples, a.seqlen, seed=0), calib)
+    evfile = work / f"eval-wikipedia-{a.eval_tokens}.pt"
+    if not evfile.is_file():
+        text = (SHARED / "data" / "wikipedia" / "articles.utf8").read_text(encoding="utf-8")
+        text = re.sub(r"</?doc[^>]*>\n?", "", text)
+        ids = tok(text[: a.eval_tokens * 8])["input_ids"][: a.eval_tokens]
+        torch.save(torch.tensor([ids], dtype=torch.long), evfile)
+    return calib, torch.load(evfile, weights_only=True)
+
+
+def evaluate(weights: Path | None, ev, a: argparse.Namespace) -> dict:
+    import torch
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from pare.eval.perplexity import perplexity
+
+    model = AutoModelForCausalLM.from_pretrained(a.model, dtype=torch.float32).eval()
+    out: dict = {}
+    if weights is not None:
+        state = load_file(weights)
+        model.load_state_dict(state, strict=False)
+        zeros = sum(int((w == 0).sum()) for w in state.values())
+        out["sparsity"] = zeros / sum(w.numel() for w in state.values())
+        groups = [w.reshape(w.shape[0], -1, a.group_size) for w in state.values()]
+        out["max_distinct_per_group"] = max(int(torch.sort(g, dim=-1).values.diff(dim=-1).ne(0).sum(-1).max()) + 1
+                                            for g in groups)
+    out["ppl"] = perplexity(model, ev, a.eval_seqlen, batch_size=4, progress=False).ppl
+    return out
+
+
+def run_worker(python: str, kind: str, setting: str, out: Path, calib: Path, a: argparse.Namespace,
+               extra: dict | None = None) -> dict:
+    cmd = [python, str(Path(__file__).resolve()), "--worker", kind, "--setting", setting, "--model-path", a.model,
+           "--calib-file", str(calib), "--out", str(out), "--batch-size", str(a.batch_size),
+           "--threads", str(a.threads), "--group-size", str(a.group_size)]
+    if extra:
+        cmd += ["--extra", json.dumps(extra)]
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(REPO / "src") if kind == "pare" else ""
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=a.timeout)
+    for line in proc.stdout.splitlines()[::-1]:
+        if line.startswith("WORKER_JSON "):
+            return json.loads(line[len("WORKER_JSON "):])
+    tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+    return {"error": f"{kind} worker failed (exit {proc.returncode}): {' | '.join(tail)}"}
+
+
+def ratio(a: dict, b: dict, key: str) -> float | None:
+    if "error" in a or "error" in b or not b.get(key):
+        return None
+    return a[key] / b[key]
+
+
+def main(a: argparse.Namespace) -> None:
+    import torch
+
+    torch.set_num_threads(a.threads)
+    calib, ev = prepare(a)
+    work = calib.parent
+    peer = PEER_VENV / "bin" / "python"
+    dense = evaluate(None, ev, a)["ppl"]
+    for setting in a.settings:
+        tag = f"{setting.replace(':', '_')}-{a.nsamples}x{a.seqlen}"
+        if setting in ("gptq-w4a16", "sparse24-int4"):
+            tag += f"-g{a.group_size}"
+        res: dict = {}
+        variants = [("pare", sys.executable, None)]
+        if setting == "sparsegpt-0.5":
+            variants.append(("pare_block", sys.executable, {"mask_group": "block"}))
+        if not a.skip_reference:
+            variants.append(("reference", str(peer), None))
+        for kind, python, extra in variants:
+            out = work / f"{kind}-{tag}.safetensors"
+            if kind == "reference" and not peer.is_file():
+                res[kind] = {"error": f"no llm-compressor venv at {PEER_VENV}"}
+                continue
+            if kind == "reference" and a.reuse_reference and out.is_file():
+                res[kind] = {"reused": True}
+            else:
+                res[kind] = run_worker(python, "peer" if kind == "reference" else "pare", setting, out, calib, a,
+                                       extra)
+            if "error" not in res[kind]:
+                res[kind].update(evaluate(out, ev, a))
+        ref = res.get("reference", {"error": "skipped"})
+        line = {"setting": setting, "model": a.model, **res,
+                "ratios": {"ppl_ratio": ratio(res["pare"], ref, "ppl"),
+                           "time_ratio": ratio(res["pare"], ref, "prune_seconds")},
+                "dense_ppl": dense, "calibration": {"source": "c4 train", "nsamples": a.nsamples, "seqlen": a.seqlen},
+                "eval": {"text": "wikipedia/articles.utf8", "tokens": int(ev.numel()), "seqlen": a.eval_seqlen},
+                "threads": a.threads}
+        print(json.dumps(line), flush=True)
+
+
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default=str(MODEL))
+    p.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=SETTINGS)
+    p.add_argument("--nsamples", type=int, default=32)
+    p.add_argument("--seqlen", type=int, default=256)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--eval-seqlen", type=int, default=512)
+    p.add_argument("--eval-tokens", type=int, default=32768, help="held-out tokens scored")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--group-size", type=int, default=64,
+                   help="int4 group (SmolLM2's 576-wide inputs are not a multiple of 128: both tools refuse 128)")
+    p.add_argument("--timeout", type=int, default=7200)
+    p.add_argument("--skip-reference", action="store_true", help="run pare only")
+    p.add_argument("--reuse-reference", action="store_true",
+                   help="evaluate the reference's weights from an earlier run instead of running it again")
+    p.add_argument("--worker", choices=("pare", "peer"), help=argparse.SUPPRESS)
+    p.add_argument("--setting", help=argparse.SUPPRESS)
+    p.add_argument("--model-path", help=argparse.SUPPRESS)
+    p.add_argument("--calib-file", dest="calib", help=argparse.SUPPRESS)
+    p.add_argument("--out", help=argparse.SUPPRESS)
+    p.add_argument("--extra", help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+if __name__ == "__main__":
+    args = parse()
+    if args.worker:
+        result = (worker_pare if args.worker == "pare" else worker_peer)(args)
+        print("WORKER_JSON " + json.dumps(result), flush=True)
+    else:
+        main(args)

@@ -1,0 +1,211 @@
+"""Weight quantization as a method: round-to-nearest, or GPTQ through the layer-wise runner.
+
+Fake quantization: every selected matrix is replaced by its dequantized values in the model's dtype,
+so the model keeps loading with ``from_pretrained`` and runs as before; the report records the
+scheme and what storing the codes would cost (:mod:`pare.ops.quant.bits`). RTN needs no data; GPTQ
+(Frantar et al., 2023) gathers ``H = 2/n X^T X`` of every matrix's inputs layer by layer exactly as
+SparseGPT does (matrices reading one input share it) and runs :func:`pare.ops.quant.gptq.gptq_quantize`.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from pare.arch.roles import ModelArch
+from pare.arch.targets import Target, check_selection, layer_targets, select
+from pare.calibration.stats import InputStats, record_inputs
+from pare.config import PruneConfig, check_regexes, help_field, register, usable_device
+from pare.errors import ConfigError
+from pare.methods.base import PruneContext, Pruner
+from pare.ops.hessian import InverseHessianFactor, inverse_hessian_factor
+from pare.ops.quant.bits import BitsAccount, matrix_bits
+from pare.ops.quant.gptq import act_order_perm, gptq_quantize
+from pare.ops.quant.scheme import SCHEMES, QuantScheme, fixed_group, quantize
+
+log = logging.getLogger(__name__)
+
+QUANT_METHODS = ("rtn", "gptq")
+
+
+def _check_number(name: str, value: Any, lo: float) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < lo:
+        raise ConfigError(f"{name} must be a number >= {lo:g}, got {value!r}")
+
+
+@dataclass(frozen=True)
+class QuantizeConfig(PruneConfig):
+    """Quantization options.
+
+    Attributes:
+        scheme: int8 / int4 / int3 / int2, mxfp8-e4m3 / mxfp8-e5m2 / mxfp6-e3m2 / mxfp6-e2m3 /
+            mxfp4 / mxint8 (OCP MX, blocks of 32), or nvfp4 (blocks of 16).
+        group_size: integer schemes: inputs sharing a scale (0 = per output channel); MX and NVFP4
+            define their own block (leave it at the default).
+        symmetric: integer schemes: no zero point.
+        method: ``rtn`` (round to nearest, no data) or ``gptq`` (OBS updates on calibration data).
+        act_order: GPTQ: process inputs by decreasing Hessian diagonal.
+        damp: GPTQ: Hessian dampening as a fraction of its mean diagonal.
+        blocksize: GPTQ: lazy-update block width.
+        targets: regexes of module names to quantize (default: every linear inside a decoder layer).
+        ignore: regexes of module names never to quantize.
+    """
+
+    method: ClassVar[str] = "quantize"
+
+    scheme: str = help_field("int4", f"quantization scheme: {', '.join(SCHEMES)}")
+    group_size: int | None = help_field(None, "inputs per scale (0: per channel); default 128, MX 32, NVFP4 16")
+    symmetric: bool = help_field(True, "integer schemes: symmetric (no zero point)")
+    algorithm: str = help_field("rtn", "'rtn' (round to nearest, no data) or 'gptq' (calibration data)")
+    act_order: bool = help_field(False, "GPTQ: process inputs by decreasing Hessian diagonal")
+    damp: float = help_field(0.01, "GPTQ: Hessian dampening as a fraction of its mean diagonal")
+    blocksize: int = help_field(128, "GPTQ: columns per lazy-update block")
+    targets: tuple[str, ...] = help_field((), "regexes of module names to quantize (default: all decoder linears)")
+    ignore: tuple[str, ...] = help_field((), "regexes of module names never to quantize")
+
+    def __post_init__(self) -> None:
+        self.quant_scheme()  # validates scheme, group size and symmetry
+        if self.algorithm not in QUANT_METHODS:
+            raise ConfigError(f"algorithm must be one of {', '.join(QUANT_METHODS)}, got {self.algorithm!r}")
+        _check_number("damp", self.damp, 0)
+        if isinstance(self.blocksize, bool) or not isinstance(self.blocksize, int) or self.blocksize < 1:
+            raise ConfigError(f"blocksize must be a positive integer (128 in the paper), got {self.blocksize!r}")
+        if self.act_order and self.algorithm != "gptq":
+            raise ConfigError("act_order applies to algorithm='gptq' only")
+        check_regexes("targets", self.targets)
+        check_regexes("ignore", self.ignore)
+
+    def quant_scheme(self) -> QuantScheme:
+        """The :class:`QuantScheme` these options describe."""
+        return scheme_of(self.scheme, self.group_size, self.symmetric)
+
+
+def scheme_of(name: str, group_size: int | None, symmetric: bool) -> QuantScheme:
+    """A scheme with its default group (integers: 128; MX: 32; NVFP4: 16) when ``group_size`` is None."""
+    if group_size is None:
+        fixed = fixed_group(name)
+        group_size = 128 if fixed is None else fixed
+    return QuantScheme(name, group_size, symmetric)
+
+
+def representable_in(dq: torch.Tensor, dtype: torch.dtype) -> bool:
+    """Whether every fp32 value of ``dq`` survives a cast to ``dtype`` unchanged."""
+    return dtype == torch.float32 or dtype == torch.float64 or bool(torch.equal(dq.to(dtype).to(dq.dtype), dq))
+
+
+@register
+class QuantizePruner(Pruner):
+    """Fake-quantize every selected matrix (RTN, or GPTQ layer by layer)."""
+
+    config_class = QuantizeConfig
+    config: QuantizeConfig
+
+    def __init__(self, config: QuantizeConfig) -> None:
+        super().__init__(config)
+        self.scheme = config.quant_scheme()
+        self.bits = BitsAccount()
+        self.inexact: list[str] = []
+        self._factor_of: tuple[InputStats, InverseHessianFactor, torch.Tensor | None] | None = None
+        self.losses: dict[str, float] = {}
+
+    def uses_calibration(self) -> bool:
+        return self.config.algorithm == "gptq"
+
+    def _selected(self, arch: ModelArch, index: int, layer: nn.Module) -> list[Target]:
+        found = layer_targets(layer, arch.layers[index], arch.layer_prefix(index))
+        return select(found, self.config.targets, self.config.ignore)
+
+    def check(self, model: nn.Module, arch: ModelArch) -> None:
+        layers = arch.layer_modules(model)
+        names = [t.name for i, layer in enumerate(layers)
+                 for t in layer_targets(layer, arch.layers[i], arch.layer_prefix(i))]
+        check_selection(names, self.config.targets, self.config.ignore)
+        for i, layer in enumerate(layers):
+            for t in self._selected(arch, i, layer):
+                self.scheme.check_width(t.shape[1], t.name)
+
+    def _factor(self, stats: InputStats) -> tuple[InverseHessianFactor, torch.Tensor | None]:
+        """The (act-ordered) inverse-Hessian factor of ``stats``, reused by matrices sharing it."""
+        if self._factor_of is not None and self._factor_of[0] is stats:
+            return self._factor_of[1], self._factor_of[2]
+        self._factor_of = None
+        H = stats.hessian()
+        perm = act_order_perm(H) if self.config.act_order else None
+        if perm is not None:
+            H = H[perm][:, perm]
+        factor = inverse_hessian_factor(H, self.config.damp)
+        self._factor_of = (stats, factor, perm)
+        return factor, perm
+
+    def quantize_target(self, target: Target, stats: InputStats | None) -> None:
+        w = target.weight()
+        if self.config.algorithm == "gptq" and stats is not None and stats.tokens and stats.gram is not None:
+            factor, perm = self._factor(stats)
+            res = gptq_quantize(w, factor, self.scheme, blocksize=self.config.blocksize, perm=perm)
+            dq = res.weight
+            self.losses[target.name] = res.loss
+        else:
+            if self.config.algorithm == "gptq":
+                log.warning("%s received no calibration tokens: rounded to nearest instead", target.name)
+            dq = quantize(w, self.scheme).dequant
+        record_quantized(w, dq, target.name, self.inexact)
+        self.bits = self.bits + matrix_bits(target.shape, self.scheme)
+
+    def run(self, ctx: PruneContext) -> None:
+        try:
+            if self.uses_calibration():
+                # sequential: each layer sees the quantized layers' outputs; otherwise the runner
+                # keeps the dense outputs for the next layer
+                for step in ctx.runner().steps(final_outputs=False, overwrite_inputs=ctx.runtime.sequential):
+                    targets = self._selected(ctx.arch, step.index, step.layer)
+                    stats = {t.name: InputStats(want_gram=True) for t in targets}
+                    with record_inputs(targets, stats, stop_in=step.layer, share_inputs=True):
+                        step.run()
+                    for t in targets:
+                        self.quantize_target(t, stats.pop(t.name))
+            else:
+                self._run_data_free(ctx)
+        finally:
+            self._factor_of = None
+        report_quantization(ctx, self.scheme, self.bits, self.inexact, self.losses)
+
+    def _run_data_free(self, ctx: PruneContext) -> None:
+        device = usable_device(ctx.runtime.device)
+        for i, layer in enumerate(ctx.arch.layer_modules(ctx.model)):
+            home = next(layer.parameters()).device
+            if home != device:
+                layer.to(device)
+            for t in self._selected(ctx.arch, i, layer):
+                self.quantize_target(t, None)
+            if home != device:
+                layer.to(home)
+
+
+def record_quantized(w: torch.Tensor, dq: torch.Tensor, name: str, inexact: list[str]) -> None:
+    """Write ``dq`` (fp32) into the live weight ``w``; note ``name`` when ``w``'s dtype rounds it."""
+    if not representable_in(dq, w.dtype):
+        inexact.append(name)
+    w.copy_(dq.to(device=w.device, dtype=w.dtype))
+
+
+def report_quantization(ctx: PruneContext, scheme: QuantScheme, bits: BitsAccount, inexact: list[str],
+                        losses: dict[str, float], sparse: str | None = None) -> None:
+    """The report's ``quantization`` scores and ``bits_per_param`` / ``quantized_bytes`` figures."""
+    ctx.report.scores["quantization"] = {
+        "scheme": scheme.name, "group_size": scheme.group_size, "symmetric": scheme.symmetric,
+        "element_bits": scheme.bits, "sparse_format": sparse, **bits.to_dict(),
+        "not_exact_in_dtype": inexact, "gptq_loss": losses,
+    }
+    ctx.report.figures["bits_per_param"] = bits.bits_per_param
+    ctx.report.figures["quantized_bytes"] = bits.bytes
+    if inexact:
+        first = next(ctx.model.parameters())
+        msg = (f"{len(inexact)} quantized matrices hold values that {first.dtype} cannot represent exactly "
+               f"(e.g. {inexact[0]}): the saved weights are the dequantized values rounded to {first.dtype}; "
+               "load the model in float32 (--dtype float32) for exact fake quantization")
+        log.warning(msg)
+        ctx.report.notes.append(msg)

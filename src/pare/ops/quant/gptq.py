@@ -1,0 +1,207 @@
+"""GPTQ: quantization by Optimal Brain Surgeon updates, column by column; optionally joint with
+SparseGPT's pruning in the same pass.
+
+Frantar, Ashkboos, Hoefler & Alistarh, 2023, "GPTQ: Accurate Post-Training Quantization for
+Generative Pre-trained Transformers" (arXiv:2210.17323), Algorithm 1. With ``U`` the upper
+Cholesky factor of the dampened ``H^-1`` (:mod:`pare.ops.hessian`), columns are fixed left to right:
+
+    q_j = quant(w_j),    err_j = (w_j - q_j) / U_jj,    W_{:, j+1:} -= err_j U_{j, j+1:}
+
+with lazy batches of ``blocksize`` columns (rank-1 updates inside the batch, one matmul for the rest
+of the matrix). Group parameters (scale, zero point) are computed when the group's first column is
+reached, from the weights as updated so far. ``act_order`` processes the columns in order of
+decreasing ``H_jj`` (the reference's ``--act-order``); its groups stay the contiguous groups of the
+original order (no ``g_idx`` in the stored format), their parameters computed up front from the
+original weights (the reference's ``--static-groups``).
+
+Joint pruning (SparseGPT, Frantar & Alistarh 2023, Section 3.4 "joint sparsification and
+quantization"): each column is masked and its kept weights quantized before its error
+``(w - q) / U_jj`` is spread, so the remaining weights absorb both errors. The mask is chosen as in
+:func:`pare.ops.sparsegpt.sparsegpt_prune_factored` (per block for unstructured sparsity, per group
+of M for N:M); a quantization group's parameters come from the weights the mask keeps (for N:M, a
+provisional N:M choice on the group's current scores).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from pare.errors import ConfigError
+from pare.ops.hessian import InverseHessianFactor
+from pare.ops.quant.scheme import GroupParams, QuantScheme, group_params, quantize_with, tensor_param
+from pare.ops.sparsegpt import block_counts, block_mask, nm_candidates, nm_group_obs_mask, nm_mask_rows
+
+SUB = 16  # columns per inner sub-block of the lazy updates (group sizes are multiples of it)
+
+
+@dataclass(frozen=True)
+class PruneSpec:
+    """The pruning half of a joint pass: ``sparsity`` (unstructured) or ``nm`` (N zeros of every M),
+    the unstructured selection group (``row`` or ``block``) and the N:M rule (``obs`` or ``score``,
+    see :func:`pare.ops.sparsegpt.sparsegpt_prune_factored`)."""
+
+    sparsity: float = 0.0
+    nm: tuple[int, int] | None = None
+    mask_group: str = "row"
+    nm_select: str = "obs"
+
+
+@dataclass
+class GPTQResult:
+    """What :func:`gptq_quantize` produced.
+
+    Attributes:
+        weight: ``[out, in]`` fp32 dequantized weights (pruned ones exact zeros).
+        loss: the OBS estimate of the reconstruction error, in units of ``H``.
+        scale: ``[out, in / g]`` fp32 scales of the groups (original column order).
+        zero: ``[out, in / g]`` zero points, or None (symmetric and FP schemes).
+        pruned: ``[out, in]`` bool: the prune mask (all False without ``prune``).
+    """
+
+    weight: torch.Tensor
+    loss: float
+    scale: torch.Tensor
+    zero: torch.Tensor | None
+    pruned: torch.Tensor
+
+
+def act_order_perm(H: torch.Tensor) -> torch.Tensor:
+    """Column order by decreasing Hessian diagonal (stable)."""
+    return torch.argsort(H.diagonal(), descending=True, stable=True)
+
+
+class _Grid:
+    """Group parameters of one matrix: computed on demand in processing order, or all up front."""
+
+    def __init__(self, scheme: QuantScheme, W: torch.Tensor, static: bool) -> None:
+        self.scheme = scheme
+        self.g = scheme.group(W.shape[1])
+        self.ts = tensor_param(scheme, W)
+        self.params: dict[int, GroupParams] = {}
+        if static or self.g == W.shape[1]:  # per channel: from the original row, as the reference
+            rows, cols = W.shape
+            p = group_params(scheme, W.reshape(rows * cols // self.g, self.g), self.ts)
+            for k in range(cols // self.g):
+                z = None if p.zero is None else p.zero.view(rows, -1)[:, k:k + 1]
+                self.params[k] = GroupParams(p.scale.view(rows, -1)[:, k:k + 1], z)
+
+    def at(self, k: int, current: torch.Tensor | None) -> GroupParams:
+        """Parameters of group ``k``; ``current: [out, g]`` its weights now (used once, when first asked)."""
+        if k not in self.params:
+            assert current is not None
+            self.params[k] = group_params(self.scheme, current, self.ts)
+        return self.params[k]
+
+    def quantize(self, w: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Dequantized values and codes of one column ``w: [out]`` in group ``k``."""
+        dq, codes = quantize_with(self.scheme, w[:, None], self.params[k])
+        return dq[:, 0], codes[:, 0]
+
+
+def _block(Wt: torch.Tensor, U1: torch.Tensor, cols: torch.Tensor, grid: _Grid, Mt: torch.Tensor,
+           nm: tuple[int, int] | None, cands: torch.Tensor | None) -> torch.Tensor:
+    """OBS over one transposed block ``Wt: [B, out]`` (updated in place into the quantized block).
+
+    ``cols[i]`` is the original column of row ``i`` of the block (act-order), ``Mt [B, out]`` the
+    prune mask (filled in as N:M groups are reached). Returns the scaled errors ``Et [B, out]``.
+    """
+    count = Wt.shape[0]
+    d = U1.diagonal()
+    Et = torch.empty_like(Wt)
+    g = grid.g
+    for j1 in range(0, count, SUB):
+        j2 = min(j1 + SUB, count)
+        for i in range(j1, j2):
+            c = int(cols[i])
+            k = c // g
+            if k not in grid.params:  # a group's first column (in order): its weights are up to date here
+                cur = Wt[i:i + g].t()
+                pruned = Mt[i:i + g].t() if nm is None else nm_mask_rows(cur, d[i:i + g], nm)
+                grid.at(k, cur.masked_fill(pruned, 0.0))
+            if nm is not None and i % nm[1] == 0:
+                m = nm[1]
+                Mt[i:i + m] = nm_mask_rows(Wt[i:i + m].t(), d[i:i + m], nm).t() if cands is None \
+                    else nm_group_obs_mask(Wt[i:i + m], U1[i:i + m, i:i + m], cands)
+            q, _ = grid.quantize(Wt[i], k)
+            q.masked_fill_(Mt[i], 0.0)
+            err = (Wt[i] - q) / d[i]
+            Wt[i] = q
+            if i + 1 < j2:
+                Wt[i + 1:j2].addr_(U1[i, i + 1:j2], err, alpha=-1.0)
+            Et[i] = err
+        if j2 < count:
+            Wt[j2:].addmm_(U1[j1:j2, j2:].t(), Et[j1:j2], alpha=-1.0)
+    return Et
+
+
+def gptq_quantize(
+    W: torch.Tensor,
+    factor: InverseHessianFactor,
+    scheme: QuantScheme,
+    *,
+    blocksize: int = 128,
+    perm: torch.Tensor | None = None,
+    prune: PruneSpec | None = None,
+) -> GPTQResult:
+    """Quantize ``W: [out, in]`` with GPTQ (and prune it jointly when ``prune`` is given).
+
+    Args:
+        W: weights, any float dtype; not modified.
+        factor: inverse-Hessian factor of the inputs, in processing order (for ``perm``: of
+            ``H[perm][:, perm]``).
+        scheme: the quantization scheme (its group size must divide ``in``; MX and NVFP4 blocks
+            of 32 and 16 are multiples of the inner sub-block of 16).
+        blocksize: lazy-update block width; raised to the group size when smaller, and a multiple of M.
+        perm: act-order column permutation (``None``: left to right). Not with ``prune``.
+        prune: prune jointly (SparseGPT's masks).
+
+    Returns:
+        A :class:`GPTQResult`: pruned weights exact zeros and every other weight on the scheme's grid.
+    """
+    rows, cols = W.shape
+    scheme.check_width(cols, "the matrix")
+    nm = prune.nm if prune is not None else None
+    if prune is not None and perm is not None:
+        raise ConfigError("act_order cannot be combined with pruning: N:M groups and SparseGPT's blocks follow "
+                          "the input order")
+    g = scheme.group(cols)
+    if g < cols and g % SUB:
+        raise ConfigError(f"GPTQ needs a group size that is a multiple of {SUB} (or 0, per channel), got {g}")
+    if g < cols:
+        blocksize = max(blocksize, g) // g * g
+    if nm is not None and (blocksize % nm[1] or cols % nm[1]):
+        raise ConfigError(f"the {nm[0]}:{nm[1]} pattern needs blocksize ({blocksize}) and the input width ({cols}) "
+                          f"to be multiples of {nm[1]}")
+    U = factor.U
+    Wf = W.detach().to(device=U.device, dtype=torch.float32, copy=True)
+    order = torch.arange(cols, device=U.device) if perm is None else perm.to(U.device)
+    grid = _Grid(scheme, Wf, static=perm is not None)
+    Wf = Wf[:, order] if perm is not None else Wf
+    Wf[:, factor.dead] = 0.0
+    per_row = prune is None or prune.mask_group == "row"
+    cands = nm_candidates(nm, U.device) if nm is not None and prune is not None and prune.nm_select == "obs" else None
+    counts = block_counts(1 if per_row else rows, cols, blocksize, prune.sparsity) \
+        if prune is not None and nm is None else []
+    loss = torch.zeros((), dtype=torch.float32, device=U.device)
+    pruned = torch.zeros_like(Wf, dtype=torch.bool)
+    for b, i1 in enumerate(range(0, cols, blocksize)):
+        i2 = min(i1 + blocksize, cols)
+        U1 = U[i1:i2, i1:i2]
+        mask1 = block_mask(Wf[:, i1:i2], U1.diagonal(), counts[b], per_row) if counts else None
+        Wt = Wf[:, i1:i2].t().contiguous()
+        Mt = torch.zeros_like(Wt, dtype=torch.bool) if mask1 is None else mask1.t().contiguous()
+        Et = _block(Wt, U1, order[i1:i2], grid, Mt, nm, cands)
+        Wf[:, i1:i2] = Wt.t()
+        pruned[:, i1:i2] = Mt.t()
+        loss += Et.square().sum() / 2
+        if i2 < cols:
+            Wf[:, i2:].addmm_(Et.t(), U[i1:i2, i2:], alpha=-1.0)
+    if perm is not None:
+        inv = torch.argsort(order)
+        Wf, pruned = Wf[:, inv], pruned[:, inv]
+    params = [grid.params[k] for k in range(cols // g)]
+    scale = torch.cat([p.scale for p in params], dim=1)
+    zero = None if params[0].zero is None else torch.cat([p.zero for p in params if p.zero is not None], dim=1)
+    return GPTQResult(Wf, float(loss), scale, zero, pruned)

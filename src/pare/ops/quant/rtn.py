@@ -1,0 +1,57 @@
+"""Integer round-to-nearest quantization (int8 / int4 / int3 / int2), symmetric or asymmetric.
+
+Per group of consecutive inputs of a row (or a whole row: per channel), with ``b`` bits:
+
+- symmetric: ``scale = amax / (2^(b-1) - 1/2)`` and codes ``q = clamp(round(w / scale), -2^(b-1),
+  2^(b-1) - 1)``, dequantized as ``q * scale`` (the convention of the GPTQ reference code and of
+  compressed-tensors: the whole code range is used, the largest positive weight is clipped by at
+  most half a step);
+- asymmetric: the range ``[min(w, 0), max(w, 0)]`` spread over ``2^b - 1`` steps,
+  ``zero = round(-min / scale)`` and ``q = clamp(round(w / scale) + zero, 0, 2^b - 1)``, dequantized
+  as ``(q - zero) * scale``.
+
+Both represent 0 exactly, so pruned weights stay zero. Rounding is half to even (``torch.round``);
+every dequantized value is within ``scale / 2`` of the weight.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def int_range(bits: int, symmetric: bool) -> tuple[int, int]:
+    """The codes' ``(qmin, qmax)``."""
+    return (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if symmetric else (0, 2**bits - 1)
+
+
+def int_params(W: torch.Tensor, bits: int, symmetric: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Scale (and zero point) of each row of ``W: [out, g]`` (fp32).
+
+    Returns:
+        ``(scale [out, 1], zero [out, 1] or None)``; an all-zero row gets scale 1.
+    """
+    if symmetric:
+        amax = W.abs().amax(dim=1, keepdim=True)
+        scale = amax / (2 ** (bits - 1) - 0.5)
+        return torch.where(amax > 0, scale, torch.ones_like(scale)), None
+    lo = W.amin(dim=1, keepdim=True).clamp(max=0)
+    hi = W.amax(dim=1, keepdim=True).clamp(min=0)
+    scale = (hi - lo) / (2**bits - 1)
+    scale = torch.where(hi > lo, scale, torch.ones_like(scale))
+    return scale, torch.round(-lo / scale)
+
+
+def int_quantize(
+    W: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, bits: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Codes and dequantized values of ``W: [out, k]`` with per-row ``scale``/``zero`` ``[out, 1]``.
+
+    Returns:
+        ``(dequantized [out, k] fp32, codes [out, k] fp32 holding integers)``.
+    """
+    qmin, qmax = int_range(bits, zero is None)
+    if zero is None:
+        q = torch.round(W / scale).clamp_(qmin, qmax)
+        return q * scale, q
+    q = (torch.round(W / scale) + zero).clamp_(qmin, qmax)
+    return (q - zero) * scale, q

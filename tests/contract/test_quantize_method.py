@@ -1,0 +1,116 @@
+"""The quantize method and SparseGPT's joint prune + quantize pass on tiny models."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import pare
+from pare.cli import quantize_argv
+from pare.errors import ConfigError
+from pare.ops.quant.mx import E2M1, fp_round
+from pare.ops.quant.scheme import QuantScheme, quantize
+from tiny import tiny_batch, tiny_model
+
+QUIET = pare.RuntimeConfig(progress=False, device="cpu")
+
+
+def _linears(model) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in model.named_parameters() if "layers." in n and p.dim() == 2}
+
+
+@pytest.mark.parametrize("scheme,group", [("int8", 0), ("int4", 32), ("mxfp4", None), ("nvfp4", None)])
+def test_rtn_replaces_every_decoder_linear_by_its_quantized_values(scheme: str, group: int | None) -> None:
+    model = tiny_model("llama")
+    before = _linears(model)
+    cfg = pare.QuantizeConfig(scheme=scheme, group_size=group)
+    report = pare.prune(model, cfg, runtime=QUIET)
+    qs = cfg.quant_scheme()
+    for name, w in _linears(model).items():
+        assert torch.equal(w, quantize(before[name], qs).dequant), name
+    q = report.scores["quantization"]
+    assert q["scheme"] == scheme and q["params"] == sum(w.numel() for w in before.values())
+    assert report.figures["bits_per_param"] == q["bits_per_param"]
+    assert report.figures["quantized_bytes"] == q["bytes"]
+    assert torch.equal(model.model.embed_tokens.weight, tiny_model("llama").model.embed_tokens.weight)
+
+
+def test_gptq_runs_layer_by_layer_and_stays_on_the_grid() -> None:
+    model = tiny_model("llama")
+    report = pare.prune(model, pare.QuantizeConfig(scheme="int4", group_size=32, algorithm="gptq"),
+                        tiny_batch(4, 32), runtime=QUIET)
+    assert report.calibration is not None and report.scores["quantization"]["gptq_loss"]
+    for name, w in _linears(model).items():
+        groups = w.reshape(w.shape[0], -1, 32)
+        assert int((torch.sort(groups, -1).values.diff(dim=-1) != 0).sum(-1).max()) + 1 <= 16, name
+
+
+def test_act_order_gptq_differs_and_reloads(tmp_path) -> None:
+    ids = tiny_batch(4, 32)
+    a, b = tiny_model("llama"), tiny_model("llama")
+    pare.prune(a, pare.QuantizeConfig(scheme="int4", group_size=32, algorithm="gptq"), ids, runtime=QUIET)
+    report = pare.prune(b, pare.QuantizeConfig(scheme="int4", group_size=32, algorithm="gptq", act_order=True), ids,
+                        runtime=QUIET)
+    assert any(not torch.equal(x, y) for x, y in zip(_linears(a).values(), _linears(b).values(), strict=True))
+    pare.save(b, None, tmp_path / "q", report)
+    with torch.no_grad():
+        assert torch.equal(pare.load(tmp_path / "q")(ids).logits, b(ids).logits)
+
+
+def test_bfloat16_model_says_when_values_are_not_exact() -> None:
+    model = tiny_model("llama").to(torch.bfloat16)
+    report = pare.prune(model, pare.QuantizeConfig(scheme="int4", group_size=32), runtime=QUIET)
+    assert report.scores["quantization"]["not_exact_in_dtype"]
+    assert any("cannot represent exactly" in n for n in report.notes)
+    model = tiny_model("llama").to(torch.bfloat16)  # E2M1 times a power of two: exact in bfloat16
+    report = pare.prune(model, pare.QuantizeConfig(scheme="mxfp4"), runtime=QUIET)
+    assert report.scores["quantization"]["not_exact_in_dtype"] == []
+
+
+@pytest.mark.parametrize("scheme,group", [("int4", 32), ("mxfp4", None)])
+def test_joint_sparsegpt_keeps_two_of_four_and_quantizes_the_rest(scheme: str, group: int | None) -> None:
+    model = tiny_model("llama")
+    cfg = pare.SparseGPTConfig(pattern="2:4", quantize=scheme, group_size=group)
+    report = pare.prune(model, cfg, tiny_batch(4, 32), runtime=QUIET)
+    for name, w in _linears(model).items():
+        assert bool(((w.reshape(w.shape[0], -1, 4) == 0).sum(-1) >= 2).all()), name
+        if scheme == "mxfp4":
+            scale = w.reshape(w.shape[0], -1, 32).abs().amax(-1, keepdim=True)
+            assert bool((scale > 0).all())
+    q = report.scores["quantization"]
+    assert q["sparse_format"] == "2:4 indices" and q["scheme"] == scheme
+    qs = QuantScheme(scheme, 32)
+    assert q["bits_per_param"] == pytest.approx(0.5 * qs.bits + 0.5 * 2 + (16 / 32 if scheme == "int4" else 8 / 32))
+
+
+def test_joint_mxfp4_values_are_e2m1_times_a_power_of_two() -> None:
+    model = tiny_model("llama")
+    pare.prune(model, pare.SparseGPTConfig(sparsity=0.5, quantize="mxfp4"), tiny_batch(4, 32), runtime=QUIET)
+    for name, w in _linears(model).items():
+        blocks = w.reshape(-1, 32)
+        amax = blocks.abs().amax(-1, keepdim=True)
+        scale = torch.exp2(torch.floor(torch.log2(amax.clamp(min=1e-30))) - 2)  # at most 6 * scale: 4 <= amax/s < 8
+        for s in (scale, scale * 2):  # the block's scale is its current amax's binade or one above it (saturation)
+            if torch.equal(fp_round(blocks / s, E2M1), blocks / s):
+                break
+        else:
+            pytest.fail(f"{name}: values off the E2M1 grid")
+
+
+def test_config_errors_say_what_works() -> None:
+    with pytest.raises(ConfigError, match="blocks of 32"):
+        pare.QuantizeConfig(scheme="mxfp4", group_size=128)
+    with pytest.raises(ConfigError, match="rtn, gptq"):
+        pare.QuantizeConfig(algorithm="awq")
+    with pytest.raises(ConfigError, match="act_order applies"):
+        pare.QuantizeConfig(act_order=True)
+    with pytest.raises(ConfigError, match="set quantize"):
+        pare.SparseGPTConfig(group_size=64)
+    with pytest.raises(ConfigError, match="multiple of 128"):
+        pare.prune(tiny_model("llama"), pare.QuantizeConfig(scheme="int4"), runtime=QUIET)
+
+
+def test_quantize_command_is_prune_with_the_quantize_method() -> None:
+    assert quantize_argv(["quantize", "--model", "m", "--method", "gptq", "--scheme", "int4"]) == [
+        "prune", "--method", "quantize", "--model", "m", "--algorithm", "gptq", "--scheme", "int4"]
+    assert quantize_argv(["quantize", "--method=rtn"])[-1] == "--algorithm=rtn"
