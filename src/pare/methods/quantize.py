@@ -68,6 +68,7 @@ class QuantizeConfig(PruneConfig):
     ignore: tuple[str, ...] = help_field((), "regexes of module names never to quantize")
 
     def __post_init__(self) -> None:
+        super().__post_init__()  # every field's type
         self.quant_scheme()  # validates scheme, group size and symmetry
         if self.algorithm not in QUANT_METHODS:
             raise ConfigError(f"algorithm must be one of {', '.join(QUANT_METHODS)}, got {self.algorithm!r}")
