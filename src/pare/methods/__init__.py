@@ -13,6 +13,7 @@ from pare.methods.magnitude import MagnitudeConfig, MagnitudePruner
 from pare.methods.osscar import OsscarConfig, OsscarPruner
 from pare.methods.ppl_window import PplWindowConfig, PplWindowPruner
 from pare.methods.shortgpt import ShortGPTConfig, ShortGPTPruner
+from pare.methods.slicegpt import SliceGPTConfig, SliceGPTPruner
 from pare.methods.sparsegpt import SparseGPTConfig, SparseGPTPruner
 from pare.methods.sublayer import SublayerConfig, SublayerPruner
 from pare.methods.wanda import WandaConfig, WandaPruner
@@ -29,6 +30,7 @@ METHODS: dict[str, type[Pruner]] = {
     "ppl-window": PplWindowPruner,
     "layers": LayersPruner,
     "sublayer": SublayerPruner,
+    "slicegpt": SliceGPTPruner,
 }
 
 
@@ -61,6 +63,8 @@ __all__ = [
     "Pruner",
     "ShortGPTConfig",
     "ShortGPTPruner",
+    "SliceGPTConfig",
+    "SliceGPTPruner",
     "SparseGPTConfig",
     "SparseGPTPruner",
     "SparsityConfig",
