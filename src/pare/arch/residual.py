@@ -54,6 +54,7 @@ class NormSite:
     kind: NormKind
     layer: int | None
     readers: list[Port] = field(default_factory=list)
+    norm_blocks: set[str] = field(default_factory=set)
 
 
 @dataclass
@@ -163,7 +164,6 @@ def residual_plan(model: nn.Module, arch: ModelArch) -> ResidualPlan:
     """Check the dataflow of the stream with one short forward and say which norm each reader reads
     through. Raises ConfigError naming what does not fit (see the module docstring)."""
     rec = _Recorder()
-    layers = arch.layer_modules(model)
     names: set[str] = set()
     blocks = {i: _blocks(arch.layer_prefix(i), r) for i, r in enumerate(arch.layers)}
     for i, roles in enumerate(arch.layers):
@@ -174,8 +174,8 @@ def residual_plan(model: nn.Module, arch: ModelArch) -> ResidualPlan:
             names.add(block)
             names.update(p.module for p in readers)
     if arch.final_norm_path is None:
-        raise ConfigError(f"{arch.model_type}: no final norm before the head, so the head reads the raw stream; "
-                          "SliceGPT needs a norm in front of every reader")
+        raise ConfigError(f"{arch.model_type}: no final norm before the head (a post-norm model), so the head reads "
+                          "the raw stream; SliceGPT needs a norm in front of every reader")
     names.update({arch.final_norm_path, arch.lm_head_path})
     device = next(model.parameters()).device
     ids = torch.arange(1, 9, device=device).unsqueeze(0) % int(model.get_input_embeddings().weight.shape[0])  # type: ignore[operator]
@@ -214,7 +214,14 @@ def _layer_sites(model: nn.Module, arch: ModelArch, i: int, roles: LayerRoles,
     for name, readers, _w, _block in blocks:
         for port in readers:
             seen = rec.inputs.get(port.module)
-            norm = next((n for n in roles.norms if _same(seen, rec.outputs.get(f"{prefix}.{n}"))), None)
+            matches = [n for n in roles.norms if _same(seen, rec.outputs.get(f"{prefix}.{n}"))]
+            # two norms with equal weights give equal outputs (parallel blocks): a block that has not
+            # found its norm yet takes one no other block uses
+            taken = {s.norm for s in sites.values()}
+            block_norm = next((s.norm for s in sites.values() if name in s.norm_blocks), None)
+            free = [n for n in matches if f"{prefix}.{n}" not in taken]
+            own = block_norm.rsplit(".", 1)[-1] if block_norm else None
+            norm = own if own in matches else next(iter(free or matches), None)
             if norm is None:
                 raise ConfigError(f"{family}: {port.module} does not read the output of one of layer {i}'s norms "
                                   "(a post-norm block or a reader without a norm): SliceGPT needs a pre-norm model")
@@ -231,6 +238,7 @@ def _layer_sites(model: nn.Module, arch: ModelArch, i: int, roles: LayerRoles,
                                       "linears after it")
                 sites[full] = NormSite(full, kind, i)
             sites[full].readers.append(port)
+            sites[full].norm_blocks.add(name)
     unused = [n for n in roles.norms if f"{prefix}.{n}" not in sites]
     if unused:
         raise ConfigError(f"{family}: layer {i}'s norm(s) {unused} do not feed a reader of the stream (post-norms "

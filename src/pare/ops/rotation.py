@@ -137,7 +137,7 @@ def center_output(w: torch.Tensor, dim: int) -> torch.Tensor:
 
 def kept_width(hidden: int, slicing: float, multiple: int, minimum: int = 1) -> int:
     """``floor((1 - slicing) * hidden)`` rounded down to ``multiple`` (at least ``minimum``, at most ``hidden``)."""
-    k = int(math.floor((1 - slicing) * hidden + 1e-9))
+    k = math.floor((1 - slicing) * hidden + 1e-9)
     k -= k % multiple
     return min(hidden, max(k, minimum))
 
