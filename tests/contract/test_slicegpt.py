@@ -148,3 +148,18 @@ def test_hidden_rounded_to_what_the_config_accepts():
 def test_config_validation(bad):
     with pytest.raises(ConfigError):
         SliceGPTConfig(**bad)
+
+
+@pytest.mark.parametrize(("kind", "why"), [("gptj", "bias"), ("bloom", "embeddings"), ("falcon", "output")])
+def test_families_outside_the_table_refused_with_reason(kind, why):
+    from transformers import BloomConfig, FalconConfig, GPTJConfig
+
+    torch.manual_seed(0)
+    cfg = {
+        "gptj": GPTJConfig(n_embd=64, n_layer=2, n_head=4, rotary_dim=8, n_positions=128, vocab_size=256),
+        "bloom": BloomConfig(hidden_size=64, n_layer=2, n_head=4, vocab_size=256),
+        "falcon": FalconConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, vocab_size=256,
+                               new_decoder_architecture=False, multi_query=True),
+    }[kind]
+    with pytest.raises(ConfigError, match=why):
+        check(AutoModelForCausalLM.from_config(cfg).eval(), SliceGPTConfig(slicing=0.0))

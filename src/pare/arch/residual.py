@@ -176,11 +176,12 @@ def residual_plan(model: nn.Module, arch: ModelArch) -> ResidualPlan:
     if arch.final_norm_path is None:
         raise ConfigError(f"{arch.model_type}: no final norm before the head (a post-norm model), so the head reads "
                           "the raw stream; SliceGPT needs a norm in front of every reader")
-    names.update({arch.final_norm_path, arch.lm_head_path})
+    names.update({arch.final_norm_path, arch.lm_head_path, arch.embed_path, *arch.extra_embeddings})
     device = next(model.parameters()).device
     ids = torch.arange(1, 9, device=device).unsqueeze(0) % int(model.get_input_embeddings().weight.shape[0])  # type: ignore[operator]
     with torch.no_grad(), rec.attach(model, names):
         model(input_ids=ids, use_cache=False)
+    _check_embeddings(arch, rec)
     sites: list[NormSite] = []
     writers: dict[int, list[Port]] = {}
     for i, roles in enumerate(arch.layers):
@@ -196,6 +197,17 @@ def residual_plan(model: nn.Module, arch: ModelArch) -> ResidualPlan:
         raise ConfigError(f"{arch.model_type}: the head does not read the final norm's output directly")
     sites.append(NormSite(final, kind, None, [Port(arch.lm_head_path)]))
     return ResidualPlan(tuple([arch.embed_path, *arch.extra_embeddings]), writers, sites)
+
+
+def _check_embeddings(arch: ModelArch, rec: _Recorder) -> None:
+    """The first layer must read the embeddings' sum as it is (up to one scale, as Gemma's ``sqrt(H)``)."""
+    first = rec.inputs[arch.layer_prefix(0)].float()
+    total = sum(rec.outputs[n].float().reshape(first.shape) for n in (arch.embed_path, *arch.extra_embeddings))
+    assert isinstance(total, torch.Tensor)
+    scale = float((first * total).sum() / (total * total).sum().clamp_min(1e-30))
+    if not _same(first, scale * total):
+        raise ConfigError(f"{arch.model_type}: the first layer does not read the embeddings as they are (a norm or "
+                          "projection between them, as Bloom's embedding LayerNorm): the stream cannot be rotated")
 
 
 def _layer_sites(model: nn.Module, arch: ModelArch, i: int, roles: LayerRoles,
