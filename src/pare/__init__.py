@@ -8,6 +8,7 @@ from pare.config import CalibrationConfig, RuntimeConfig
 from pare.methods import (
     METHODS,
     AngularConfig,
+    ExpertsConfig,
     LayersConfig,
     MagnitudeConfig,
     OsscarConfig,
@@ -26,6 +27,7 @@ __all__ = [
     "AngularConfig",
     "ArchOverride",
     "CalibrationConfig",
+    "ExpertsConfig",
     "LayersConfig",
     "MagnitudeConfig",
     "OsscarConfig",

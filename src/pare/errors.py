@@ -29,3 +29,23 @@ class OutputExistsError(PareError, FileExistsError):
 
 class ModelNotFoundError(PareError, OSError):
     """A model id or path could not be loaded."""
+
+
+class SaveInterrupted(KeyboardInterrupt):
+    """Ctrl-C during (or right after) a save; the message says what is on disk at ``path`` now.
+
+    Attributes:
+        path: the output directory.
+        saved: True when ``path`` holds the complete new model (the final rename had happened).
+    """
+
+    def __init__(self, path: object, saved: bool, existed: bool = False) -> None:
+        self.path = path
+        self.saved = saved
+        if saved:
+            text = f"{str(path)!r} holds the complete saved model"
+        elif existed:
+            text = f"{str(path)!r} was not changed (it still holds the model that was there); no partial files remain"
+        else:
+            text = f"nothing was saved ({str(path)!r} was not created; no partial files remain)"
+        super().__init__(text)

@@ -75,10 +75,14 @@ def test_existing_output_is_refused_and_left_intact(tmp_path) -> None:
     (out / "keep.txt").write_text("precious")
     with pytest.raises(OutputExistsError, match="overwrite"):
         pare.save(model, None, out)
-    assert (out / "keep.txt").read_text() == "precious"
-    pare.save(model, None, out, overwrite=True)
-    assert not (out / "keep.txt").exists() and (out / "config.json").exists()
-    assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no temporary directory left behind
+    with pytest.raises(OutputExistsError, match=r"does not look like a saved model.*keep\.txt"):
+        pare.save(model, None, out, overwrite=True)  # not a saved model: never replaced
+    assert (out / "keep.txt").read_text() == "precious" and sorted(p.name for p in out.iterdir()) == ["keep.txt"]
+    saved = tmp_path / "saved"
+    pare.save(tiny_model("llama", seed=1), None, saved)
+    pare.save(model, None, saved, overwrite=True)
+    assert torch.equal(pare.load(saved).model.embed_tokens.weight, model.model.embed_tokens.weight)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "saved"]  # no temporary directory left behind
 
 
 def test_interrupted_save_leaves_nothing(tmp_path, monkeypatch) -> None:

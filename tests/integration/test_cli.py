@@ -74,7 +74,7 @@ def test_config_file_and_cli_override(model_dir: Path, tmp_path: Path) -> None:
 def test_config_file_top_level_options_apply(model_dir: Path, text_file: Path, tmp_path: Path, capsys) -> None:
     cfg = tmp_path / "cfg.yaml"
     cfg.write_text(f"model: {model_dir}\nmethod: magnitude\ntargets: down_proj\neval: {text_file}\n"
-                   "eval_seqlen: 16\neval_max_windows: 3\nspeed: false\njson: true\nprogress: false\n")
+                   "eval_seqlen: 16\neval_max_windows: 3\nspeed: false\njson: true\nprogress: false\nno_save: true\n")
     assert main(["prune", "--config", str(cfg)]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["figures"]["n_windows_after"] == 3 and report["figures"]["seqlen_after"] == 16
@@ -91,13 +91,14 @@ def test_bad_inputs_are_clear_errors_and_lose_nothing(model_dir: Path, tmp_path:
     out = tmp_path / "exists"
     out.mkdir()
     (out / "keep.txt").write_text("x")
-    base = ["prune", "--model", str(model_dir), "--method", "magnitude", "--no-progress"]
-    assert "already exists" in _error(capsys, [*base, "--out", str(out)])
+    base = ["prune", "--model", str(model_dir), "--method", "magnitude", "--no-progress", "--no-save"]
+    assert "already exists" in _error(capsys, [*base[:-1], "--out", str(out)])
     assert (out / "keep.txt").read_text() == "x"
     assert "outside [0, 1)" in _error(capsys, [*base, "--sparsity", "1.0"])
     assert "outside [0, 1)" in _error(capsys, [*base, "--sparsity", "-0.2"])
     assert "N < M" in _error(capsys, [*base, "--pattern", "4:4"])
-    assert "cannot load model" in _error(capsys, ["prune", "--model", str(tmp_path / "nope"), "--method", "magnitude"])
+    assert "cannot load model" in _error(capsys, ["prune", "--model", str(tmp_path / "nope"), "--method", "magnitude",
+                                                  "--no-save"])
     assert "unknown method" in _error(capsys, ["prune", "--model", str(model_dir), "--method", "voodoo"])
     assert "does not exist" in _error(capsys, [*base, "--config", str(tmp_path / "missing.yaml")])
     bad = tmp_path / "bad.yaml"
@@ -165,7 +166,7 @@ def test_bad_options_fail_before_the_dense_evaluation(model_dir: Path, text_file
 
     monkeypatch.setattr(commands, "_evaluate_figures", no_evaluation)
     argv = ["prune", "--model", str(model_dir), "--calib", str(text_file), "--seqlen", "16", "--nsamples", "4",
-            "--eval", str(text_file), "--no-progress", *options]
+            "--eval", str(text_file), "--no-progress", "--no-save", *options]
     assert re.search(match, _error(capsys, argv), re.IGNORECASE)
 
 
@@ -199,8 +200,8 @@ def test_pruning_a_pruned_output_keeps_every_edit(model_dir: Path, text_file: Pa
 def test_allow_repeats_lets_a_short_text_calibrate(model_dir: Path, text_file: Path, tmp_path: Path, capsys) -> None:
     argv = ["prune", "--model", str(model_dir), "--method", "wanda", "--calib", str(text_file), "--seqlen", "32",
             "--nsamples", "100000", "--no-progress"]
-    assert "--allow-repeats" in _error(capsys, argv)
-    assert main([*argv[:-3], "--nsamples", "64", "--allow-repeats", "--json", "--no-progress"]) == 0
+    assert "--allow-repeats" in _error(capsys, [*argv, "--no-save"])
+    assert main([*argv[:-3], "--nsamples", "64", "--allow-repeats", "--json", "--no-progress", "--no-save"]) == 0
     assert json.loads(capsys.readouterr().out)["calibration"]["allow_repeats"] is True
 
 
@@ -270,6 +271,22 @@ def test_a_tokenizer_of_another_model_is_refused_before_any_work(tmp_path: Path,
     tiny_model("llama", vocab_size=40).save_pretrained(path)
     tiny_tokenizer().save_pretrained(path)  # ids up to 127
     code = main(["prune", "--model", str(path), "--method", "wanda", "--calib", str(text_file), "--nsamples", "2",
-                 "--seqlen", "16", "--eval", str(text_file), "--no-progress", "--no-speed"])
+                 "--seqlen", "16", "--eval", str(text_file), "--no-progress", "--no-speed", "--no-save"])
     err = capsys.readouterr().err
     assert code != 0 and "tokenizer does not match the model" in err and "Traceback" not in err
+
+
+def test_expert_pruning_from_the_command_line(tmp_path: Path, text_file: Path, capsys) -> None:
+    path = tmp_path / "tiny-moe"
+    tiny_model("qwen3_moe", num_experts=8).save_pretrained(path)
+    tiny_tokenizer().save_pretrained(path)
+    out = tmp_path / "experts"
+    argv = ["prune", "--model", str(path), "--method", "experts", "--calib", str(text_file), "--nsamples", "4",
+            "--seqlen", "32", "--no-progress"]
+    assert main([*argv, "--num-experts", "6", "--importance", "frequency", "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "layer 0: kept experts [" in text and "structural edits: 3 (uniform)" in text
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert model.config.num_experts == 6 and model.model.layers[0].mlp.experts.gate_up_proj.shape[0] == 6
+    assert re.search(r"fewer than the 2 each token selects.*--top-k",
+                     _error(capsys, [*argv, "--num-experts", "1", "--no-save"]))

@@ -81,17 +81,17 @@ def test_unusable_out_fails_before_loading(model_dir: Path, tmp_path: Path, no_l
     assert "is a file, not a directory" in err and "Traceback" not in err
     for extra in ([], ["--overwrite"]):
         err = _error(capsys, _prune(model_dir, afile, *extra))
-        assert "is a file, not a directory" in err and "choose another --out" in err
+        assert "is a file, not a directory" in err and "choose another output directory (--out)" in err
     assert afile.read_text() == "x"
     if Path("/proc/self").is_dir():  # a directory nobody can create folders in, even root
-        assert "cannot write --out" in _error(capsys, _prune(model_dir, "/proc/pare-out"))
+        assert "cannot write '/proc/pare-out'" in _error(capsys, _prune(model_dir, "/proc/pare-out"))
 
 
 def test_eval_seqlen_error_names_eval_seqlen(model_dir: Path, tmp_path: Path, capsys) -> None:
     text = tmp_path / "text.txt"
     text.write_text(tiny_text(20))
     err = _error(capsys, ["prune", "--model", str(model_dir), "--method", "magnitude", "--eval", str(text),
-                          "--eval-seqlen", "1024", "--no-progress"])
+                          "--eval-seqlen", "1024", "--no-progress", "--no-save"])
     assert "use --eval-seqlen 256 or less" in err
 
 
@@ -99,7 +99,8 @@ def test_config_file_only_fields_are_shown_as_such(model_dir: Path, capsys) -> N
     assert main(["methods"]) == 0
     out = capsys.readouterr().out
     assert "module_sparsity (config file)" in out and "--module-sparsity" not in out
-    err = _error(capsys, ["prune", "--model", str(model_dir), "--method", "magnitude", "--attn-ratio", "0.2"])
+    err = _error(capsys, ["prune", "--model", str(model_dir), "--method", "magnitude", "--attn-ratio", "0.2",
+                          "--no-save"])
     assert "'module_sparsity (config file)'" in err and "--module-sparsity" not in err
 
 
@@ -112,3 +113,45 @@ def test_size_on_disk_says_when_the_dtype_changed(model_dir: Path, tmp_path: Pat
     assert main(_prune(model_dir, tmp_path / "same")) == 0
     assert "the input was" not in capsys.readouterr().out
     shutil.rmtree(tmp_path / "same")
+
+
+def test_no_out_is_refused_unless_no_save(model_dir: Path, tmp_path: Path, monkeypatch, capsys) -> None:
+    monkeypatch.chdir(tmp_path)
+    base = ["prune", "--model", str(model_dir), "--method", "magnitude", "--no-progress"]
+    with monkeypatch.context() as mp:  # refused before the model is loaded
+        mp.setattr("pare.cli.commands._load_any", lambda *_a, **_k: pytest.fail("loaded before --out was checked"))
+        assert "pass --out DIR to save the pruned model, or --no-save" in _error(capsys, base)
+        assert "no --out (an empty path)" in _error(capsys, [*base, "--out", ""])
+        assert "contradict" in _error(capsys, [*base, "--out", "x", "--no-save"])
+    before = _tree(tmp_path)
+    assert main([*base, "--no-save"]) == 0
+    assert _tree(tmp_path) == before  # writes nothing
+
+
+def test_ctrl_c_says_what_is_on_disk(model_dir: Path, tmp_path: Path, monkeypatch, capsys) -> None:
+    import pare.cli.commands as commands
+    import pare.io.outdir as outdir
+
+    out = tmp_path / "pruned"
+    with monkeypatch.context() as mp:  # before the save: nothing was written
+        mp.setattr(commands, "_evaluate_figures", lambda *_a, **_k: (_ for _ in ()).throw(KeyboardInterrupt))
+        assert main(_prune(model_dir, out, "--eval", "wikitext2")) == 130
+    assert "nothing was written" in capsys.readouterr().err and not out.exists()
+    assert main(_prune(model_dir, out)) == 0
+    capsys.readouterr()
+    real = outdir.shutil.rmtree
+    calls: list[Path] = []
+
+    def interrupted_once(path, *args, **kwargs):  # Ctrl-C right after the swap, while the old copy is deleted
+        calls.append(path)
+        if len(calls) == 1:
+            raise KeyboardInterrupt
+        return real(path, *args, **kwargs)
+
+    with monkeypatch.context() as mp:
+        mp.setattr(outdir.shutil, "rmtree", interrupted_once)
+        assert main(_prune(model_dir, out, "--overwrite", "--sparsity", "0.25")) == 130
+    err = capsys.readouterr().err
+    assert f"{str(out)!r} holds the complete saved model" in err and "nothing was written" not in err
+    assert json.loads((out / "pare.json").read_text())["config"]["sparsity"] == 0.25
+    assert sorted(p.name for p in tmp_path.iterdir() if "pruned" in p.name) == ["pruned"]

@@ -6,6 +6,7 @@ Hooks are registered inside :func:`record_inputs`, a context manager, and are al
 from __future__ import annotations
 
 import contextlib
+import inspect
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -50,6 +51,11 @@ class InputStats:
             add_gram_upper_(self._gram, x)
             self._mirrored = False
 
+    def add_routed(self, x: torch.Tensor, gate: torch.Tensor) -> None:
+        """Record the tokens ``x [n, in]`` routed to an expert; ``gate [n]`` (their gate values for
+        it) is ignored here, see :class:`RouterWeightedStats`."""
+        self.add(x)
+
     @property
     def gram(self) -> torch.Tensor | None:
         """``X^T X`` in fp32 ``[in, in]`` when asked for (SparseGPT / OBS Hessian up to 2/n), else None."""
@@ -70,18 +76,28 @@ class InputStats:
         return gram * (2.0 / self.tokens)
 
 
+class RouterWeightedStats(InputStats):
+    """Input statistics of an expert whose every token row is scaled by the router's gate value for
+    that expert: ``||X_j||`` becomes ``sqrt(sum_t (g_t X[t, j])^2)`` (MoE-Pruner, Xie et al., 2024,
+    arXiv 2410.12013, Eq. 4: Wanda's score with router-weighted activations)."""
+
+    def add_routed(self, x: torch.Tensor, gate: torch.Tensor) -> None:
+        self.add(x.float() * gate.float().reshape(-1, 1))
+
+
 def _expert_inputs(experts: nn.Module, args: tuple, kwargs: dict, gate_up: str, num_experts: int):
-    """Per expert: the routed tokens ``x_e [n_e, H]`` and its activated intermediate ``[n_e, I]``."""
-    hidden = args[0] if args else kwargs["hidden_states"]
-    top_k_index = args[1] if len(args) > 1 else kwargs["top_k_index"]
-    hidden = hidden.reshape(-1, hidden.shape[-1])
+    """Per expert: the routed tokens ``x_e [n_e, H]``, its activated intermediate ``[n_e, I]`` and the
+    router's gate values of those tokens for it ``[n_e]``."""
+    hidden, top_k_index, top_k_weights = _routing_call(experts, args, kwargs)
     w = getattr(experts, gate_up).data
     act: Any = experts.act_fn
     for e in range(num_experts):
-        tokens = (top_k_index == e).any(dim=-1).nonzero().flatten()
+        hit = top_k_index == e
+        tokens = hit.any(dim=-1).nonzero().flatten()
         x = hidden[tokens]
+        gate_value = (top_k_weights[tokens].float() * hit[tokens]).sum(-1)
         gate, up = nn.functional.linear(x, w[e]).chunk(2, dim=-1)
-        yield e, x, act(gate) * up
+        yield e, x, act(gate) * up, gate_value
 
 
 class InputsRecorded(Exception):
@@ -210,11 +226,11 @@ def record_inputs(
 
                 def ex_hook(m, args, kwargs, _out, wanted=wanted, n=n, param=param, key=key):
                     with torch.no_grad():
-                        for e, x, mid in _expert_inputs(m, args, kwargs, param, n):
+                        for e, x, mid, gate in _expert_inputs(m, args, kwargs, param, n):
                             if (e, "expert_in") in wanted:
-                                wanted[(e, "expert_in")].add(x)
+                                wanted[(e, "expert_in")].add_routed(x, gate)
                             if (e, "expert_mid") in wanted:
-                                wanted[(e, "expert_mid")].add(mid)
+                                wanted[(e, "expert_mid")].add_routed(mid, gate)
                     if same is not None:
                         same.last = None
                     if stop is not None:
@@ -231,3 +247,111 @@ def record_inputs(
             same.last = None
         for h in handles:
             h.remove()
+
+
+# --------------------------------------------------------------------------- MoE routing statistics
+def _routing_call(experts: nn.Module, args: tuple, kwargs: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(hidden [T, H], top_k_index [T, k], top_k_weights [T, k])`` of an experts module's call.
+
+    transformers 5 calls every fused experts module as ``experts(hidden, index, weights)`` (the names
+    differ: ``top_k_index`` / ``router_indices``), so the arguments are read by position.
+    """
+    bound = inspect.signature(experts.forward).bind(*args, **kwargs)
+    values = list(bound.arguments.values())
+    hidden, index, weights = values[0], values[1], values[2]
+    return hidden.reshape(-1, hidden.shape[-1]), index.reshape(-1, index.shape[-1]), weights.reshape(
+        -1, weights.shape[-1])
+
+
+def expert_outputs(experts: nn.Module, hidden: torch.Tensor, expert: torch.Tensor) -> torch.Tensor:
+    """``f_e(x)`` for each pair: row ``p`` is expert ``expert[p]``'s output on ``hidden[p]`` ``[P, H]``.
+
+    Computed by the experts module's own ``forward`` with every row routed to one expert at gate 1,
+    so whatever the family's expert computes (biases, clamped SwiGLU, interleaved layouts) is what is
+    measured; calling ``forward`` directly does not fire the module's hooks.
+    """
+    if hidden.shape[0] == 0:
+        return hidden.new_zeros(0, hidden.shape[-1])
+    index = expert.reshape(-1, 1)
+    ones = torch.ones(index.shape, dtype=hidden.dtype, device=hidden.device)
+    return experts.forward(hidden, index, ones)
+
+
+@dataclass
+class RoutingStats:
+    """Per-expert routing statistics of one MoE layer over the calibration tokens.
+
+    Attributes:
+        num_experts: ``E``.
+        tokens: tokens seen.
+        sums: :func:`pare.ops.experts.expert_sums` accumulated (``count``, ``gate``, ``reap``, ``energy``).
+        probe_tokens: per batch, how many tokens every expert is also run on for merging (0: none).
+        outputs: compute the routed experts' outputs (their norms feed ``reap`` / ``reconstruction``;
+            ``frequency`` and ``gate`` need only the routing, and their ``reap`` / ``energy`` sums stay 0).
+        out_sum: ``[E, H]`` sum of every expert's output on the probe tokens (merge similarity).
+        probed: probe tokens seen.
+    """
+
+    num_experts: int
+    tokens: int = 0
+    sums: dict[str, torch.Tensor] = field(default_factory=dict)
+    probe_tokens: int = 0
+    outputs: bool = True
+    out_sum: torch.Tensor | None = None
+    probed: int = 0
+
+    def add(self, experts: nn.Module, hidden: torch.Tensor, index: torch.Tensor, weights: torch.Tensor) -> None:
+        from pare.ops.experts import expert_sums, routed_pairs
+
+        token, expert, gate = routed_pairs(index, weights)
+        keep = expert < self.num_experts  # some routers mark dropped slots with index E
+        token, expert, gate = token[keep], expert[keep], gate[keep]
+        if self.outputs:
+            norms = expert_outputs(experts, hidden[token], expert).float().norm(dim=-1)
+        else:
+            norms = torch.zeros_like(gate)
+        sums = expert_sums(expert, gate, norms, self.num_experts)
+        self.sums = sums if not self.sums else {k: v.add_(sums[k]) for k, v in self.sums.items()}
+        self.tokens += int(hidden.shape[0])
+        if self.probe_tokens:
+            self._probe(experts, hidden[: self.probe_tokens])
+
+    def _probe(self, experts: nn.Module, x: torch.Tensor) -> None:
+        n = x.shape[0]
+        every = torch.arange(self.num_experts, device=x.device).repeat_interleave(n)
+        out = expert_outputs(experts, x.repeat(self.num_experts, 1), every).float()
+        total = out.reshape(self.num_experts, n, -1).sum(1)
+        self.out_sum = total if self.out_sum is None else self.out_sum.add_(total)
+        self.probed += n
+
+    def mean_outputs(self) -> torch.Tensor:
+        """``[E, H]`` mean output of every expert on the probe tokens."""
+        assert self.out_sum is not None and self.probed, "no probe tokens were recorded"
+        return self.out_sum / self.probed
+
+
+@contextlib.contextmanager
+def record_routing(experts: nn.Module, stats: RoutingStats, stop: bool = False) -> Iterator[None]:
+    """Accumulate ``stats`` from every call of a fused experts module while the block runs; the hook
+    is always removed.
+
+    Args:
+        experts: the fused experts module (called as ``experts(hidden, top_k_index, top_k_weights)``).
+        stats: the accumulator.
+        stop: the layer's outputs are not wanted (they are recomputed after pruning): raise
+            :class:`InputsRecorded` once the statistics are taken, so the experts' own forward (which
+            the statistics already repeat) and the rest of the layer are skipped.
+    """
+
+    def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        with torch.no_grad():
+            hidden, index, weights = _routing_call(module, args, kwargs)
+            stats.add(module, hidden, index, weights)
+        if stop:
+            raise InputsRecorded
+
+    handle = experts.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        yield
+    finally:
+        handle.remove()

@@ -13,11 +13,12 @@ from typing import Any
 
 from pare.cli.options import add_config_options, build_config, given_dests, option_label
 from pare.config import CalibrationConfig, RuntimeConfig, checked_value, read_config_file
-from pare.errors import ConfigError, PareError
+from pare.errors import ConfigError, PareError, SaveInterrupted
 
 log = logging.getLogger("pare")
 
-TOP_KINDS: dict[str, type] = {"model": str, "method": str, "out": str, "overwrite": bool, "eval": str, "speed": bool,
+TOP_KINDS: dict[str, type] = {"model": str, "method": str, "out": str, "overwrite": bool, "no_save": bool,
+                              "eval": str, "speed": bool,
                               "eval_seqlen": int, "eval_batch_size": int, "eval_max_windows": int,
                               "arch_override": str, "dtype": str, "verbose": bool, "json": bool}
 """The options that are not config fields, with their types when they come from a config file."""
@@ -32,7 +33,10 @@ def _prune_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--model", help="hub id or local directory")
     p.add_argument("--method", help=f"one of {', '.join(sorted(METHODS))}")
     p.add_argument("--out", "--save_model", dest="out", help="output directory (written atomically)")
-    p.add_argument("--overwrite", action="store_true", default=None, help="replace an existing --out")
+    p.add_argument("--overwrite", action="store_true", default=None,
+                   help="replace an existing --out (only a directory that holds a saved model)")
+    p.add_argument("--no-save", action="store_true", default=None,
+                   help="prune (and evaluate) without saving; needed when no --out is given")
     p.add_argument("--config", help="YAML or JSON file with any of these options")
     p.add_argument("--eval", default=None, help="evaluate perplexity before and after on this set (e.g. wikitext2)")
     p.add_argument("--eval-seqlen", type=int, default=None, help="evaluation window (default: --seqlen)")
@@ -139,8 +143,11 @@ def main(argv: list[str] | None = None) -> int:
     except PareError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except SaveInterrupted as exc:  # what is on disk depends on how far the save got
+        print(f"interrupted: {exc}", file=sys.stderr)
+        return 130
     except KeyboardInterrupt:
-        print("interrupted: nothing was written", file=sys.stderr)
+        print("interrupted before anything was saved: nothing was written", file=sys.stderr)
         return 130
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -14,7 +13,7 @@ import torch
 from torch import nn
 
 from pare.config import CalibrationConfig, PruneConfig, RuntimeConfig, parse_dtype, usable_device
-from pare.errors import ConfigError
+from pare.errors import ConfigError, SaveInterrupted
 from pare.eval.perplexity import model_context_length
 
 
@@ -248,11 +247,11 @@ def _prune_cmd(args: argparse.Namespace, method: PruneConfig, calib: Calibration
                runtime: RuntimeConfig, needs_calibration: bool) -> int:
     from pare.api import calibration_ids, check, check_token_ids, prune
     from pare.io import save
-    from pare.io.save import check_output
+    from pare.io.outdir import check_output
 
-    if args.out:  # fail before any long work
-        check_out(args.out, args.model, bool(args.overwrite))
-        check_output(args.out, bool(args.overwrite))
+    _check_save_wanted(args)
+    if args.out:  # fail before any long work (pare.save checks again)
+        check_output(args.out, bool(args.overwrite), args.model)
     usable_device(runtime.device)
     parse_dtype(args.dtype)
     model, tok = _load_any(args.model, args.dtype)
@@ -277,73 +276,37 @@ def _prune_cmd(args: argparse.Namespace, method: PruneConfig, calib: Calibration
     report.figures["size_on_disk_bytes_before"] = model_dir_bytes(args.model)
     if args.out:
         from pare.io import read_manifest
-        from pare.io.save import MANIFEST
         from pare.report import Report
 
+        note = _dtype_size_note(args.model, model)
+        if note:
+            report.notes.append(note)
         # a pare output pruned again: its earlier edits stay in the manifest (pare.load replays all)
         earlier = read_manifest(args.model) if Path(args.model).is_dir() else None
         chain = (earlier.get("history") or [earlier]) if earlier else []  # a chain's manifest lists every prune
         reports = [Report.from_dict(r) for r in chain] + [report]
-        out = save(model, tok, args.out, reports, overwrite=bool(args.overwrite))
-        report.figures["size_on_disk_bytes_after"] = model_dir_bytes(out)
-        note = _dtype_size_note(args.model, out)
-        if note:
-            report.notes.append(note)
-        # the figures known only once saved go into the written manifest (and this run's history entry)
-        manifest = read_manifest(out) or {}
-        for entry in [manifest, *manifest.get("history", [])[-1:]]:
-            entry["figures"]["size_on_disk_bytes_after"] = report.figures["size_on_disk_bytes_after"]
-            entry["notes"] += [note] if note else []
-        (out / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str), encoding="utf-8")
-    if args.json:
-        print(json.dumps(report.to_dict(), indent=2, default=str))
-        return 0
-    _print_prune_summary(report, args)
+        # save fills figures.size_on_disk_bytes_after (in the manifest and in ``report``) before its rename
+        out = save(model, tok, args.out, reports, overwrite=bool(args.overwrite), source=args.model)
+    try:
+        if args.json:
+            print(json.dumps(report.to_dict(), indent=2, default=str))
+        else:
+            _print_prune_summary(report, args)
+    except KeyboardInterrupt:
+        if args.out:
+            raise SaveInterrupted(out, saved=True) from None
+        raise
     return 0
 
 
-def check_out(out: str, model: str, overwrite: bool) -> None:
-    """Refuse an ``--out`` that saving would fail on, or that ``--overwrite`` would destroy: the input model
-    or a folder holding it, the current directory or one holding it, a file, or a folder that is not a
-    saved model. Run before anything is loaded."""
-    path = Path(out).resolve()
-    if Path(model).exists():
-        source = Path(model).resolve()
-        if path == source:
-            raise ConfigError(f"--out {out!r} is the input model's directory: --overwrite would replace the "
-                              "dense model with the pruned one; choose another --out")
-        if path in source.parents:
-            raise ConfigError(f"--out {out!r} contains the input model {model!r}: replacing it would delete the "
-                              "model; choose another --out")
-    cwd = Path.cwd().resolve()
-    if path == cwd or path in cwd.parents:
-        where = "is" if path == cwd else "contains"
-        raise ConfigError(f"--out {out!r} {where} the current directory: replacing it would delete what is in it; "
-                          "choose another --out (a new directory)")
-    if path.exists() and not path.is_dir():
-        raise ConfigError(f"--out {out!r} is a file, not a directory: choose another --out (a new directory), "
-                          "or remove the file yourself")
-    if path.is_dir() and any(path.iterdir()) and not any((path / n).exists() for n in ("config.json", "pare.json")):
-        raise ConfigError(f"--out {out!r} already exists and does not look like a saved model (no config.json or "
-                          "pare.json in it): pare will not replace it, even with --overwrite; choose another "
-                          "--out, or remove it yourself")
-    _check_writable(out, path)
-
-
-def _check_writable(out: str, path: Path) -> None:
-    """Saving creates a temporary directory beside ``path`` (making missing parents first): try that in the
-    nearest existing ancestor."""
-    parent = path.parent
-    while not parent.exists():
-        parent = parent.parent
-    if not parent.is_dir():
-        raise ConfigError(f"cannot write --out {out!r}: {str(parent)!r} is a file, not a directory; choose "
-                          "another --out")
-    try:
-        Path(tempfile.mkdtemp(prefix=".pare-check-", dir=parent)).rmdir()
-    except OSError as exc:
-        raise ConfigError(f"cannot write --out {out!r}: cannot create a directory in {str(parent)!r} "
-                          f"({exc.strerror or exc}); choose another --out") from None
+def _check_save_wanted(args: argparse.Namespace) -> None:
+    """A prune can run for hours: without ``--out`` its result would be lost, so ask for ``--no-save``."""
+    if args.no_save and args.out:
+        raise ConfigError(f"--no-save and --out {args.out!r} contradict each other; pass one of them")
+    if not args.out and not args.no_save:
+        given = " (an empty path)" if args.out is not None else ""
+        raise ConfigError(f"no --out{given}: pass --out DIR to save the pruned model, or --no-save to prune "
+                          "(and evaluate) without saving the result")
 
 
 def _check_eval_seqlen(model: nn.Module, args: argparse.Namespace) -> None:
@@ -371,9 +334,15 @@ def _checkpoint_dtype(path: str | Path) -> str | None:
     return torch_names.get(floats.pop()) if len(floats) == 1 else None
 
 
-def _dtype_size_note(source: str, out: Path) -> str | None:
+def _model_dtype(model: nn.Module) -> str | None:
+    """The one floating dtype of ``model``'s parameters (what its checkpoint is saved in), else None."""
+    found = {p.dtype for p in model.parameters() if p.dtype.is_floating_point}
+    return str(found.pop()).removeprefix("torch.") if len(found) == 1 else None
+
+
+def _dtype_size_note(source: str, model: nn.Module) -> str | None:
     """A note when the output's dtype differs from the input checkpoint's: the size change is not the pruning."""
-    before, after = _checkpoint_dtype(source), _checkpoint_dtype(out)
+    before, after = _checkpoint_dtype(source), _model_dtype(model)
     if before is None or after is None or before == after:
         return None
     ratio = getattr(torch, after).itemsize / getattr(torch, before).itemsize
@@ -400,6 +369,9 @@ def _print_prune_summary(report, args: argparse.Namespace) -> None:
     for key in ("removed_layers", "removed", "reason"):
         if key in report.scores:
             print(f"{key.replace('_', ' ')}: {report.scores[key]}")
+    for row in report.scores.get("experts", []):
+        merged = f", merged {row['merged']}" if row.get("merged") else ""
+        print(f"layer {row['layer']}: kept experts {row['kept']}{merged}")
     if report.edits:
         shape = "uniform" if report.uniform else "non-uniform: reload with pare.load"
         print(f"structural edits: {len(report.edits)} ({shape})")

@@ -1,14 +1,17 @@
 """Prefill and decode throughput of a causal LM on random prompts.
 
 Prefill is one forward pass over the prompt (building the KV cache); decode is greedy generation
-one token per forward pass, feeding back the ``past_key_values`` each step returns (transformers 5
-returns a ``Cache`` object there, which the next call takes as is). The loop is written out rather
+one token per forward pass, feeding back the KV cache each step returns (a ``Cache`` object, which
+the next call takes as is). Recent transformers 5 releases name it ``cache`` (argument and output
+field) and deprecate the older ``past_key_values``; the name is taken from the model's ``forward``
+signature, so neither name draws a deprecation warning on the release it belongs to. The loop is written out rather
 than calling ``generate`` so that no generation config (sampling, stop tokens, min/max lengths)
 changes how many steps run.
 """
 
 from __future__ import annotations
 
+import inspect
 import logging
 import statistics
 import time
@@ -72,7 +75,25 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _run_once(model: nn.Module, prompt: torch.Tensor, new_tokens: int) -> tuple[float, float]:
+def cache_argument(model: nn.Module) -> str:
+    """The name under which ``model``'s forward takes the KV cache: ``cache`` where the release has it
+    (``past_key_values`` is deprecated there), else ``past_key_values``."""
+    try:
+        params = inspect.signature(model.forward).parameters  # follows the deprecation wrappers' __wrapped__
+    except (TypeError, ValueError):
+        return "past_key_values"
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def _returned_cache(out: Any) -> Any:
+    """The KV cache a forward returned, read by the field name the release fills (no deprecated alias)."""
+    for name in ("cache", "past_key_values"):
+        if name in out:  # a ModelOutput holds only the fields that are set
+            return out[name]
+    raise ConfigError(f"the model returned no KV cache with use_cache=True (got fields {list(out.keys())})")
+
+
+def _run_once(model: nn.Module, prompt: torch.Tensor, new_tokens: int, cache_arg: str) -> tuple[float, float]:
     """Seconds for the prefill and for ``new_tokens`` greedy decode steps."""
     device = prompt.device
     _sync(device)
@@ -80,11 +101,11 @@ def _run_once(model: nn.Module, prompt: torch.Tensor, new_tokens: int) -> tuple[
     out = model(input_ids=prompt, use_cache=True)
     _sync(device)
     t1 = time.perf_counter()
-    past = out.past_key_values
+    past = _returned_cache(out)
     token = out.logits[:, -1].argmax(dim=-1, keepdim=True)
     for _ in range(new_tokens):
-        out = model(input_ids=token, past_key_values=past, use_cache=True)
-        past = out.past_key_values
+        out = model(input_ids=token, use_cache=True, **{cache_arg: past})
+        past = _returned_cache(out)
         token = out.logits[:, -1].argmax(dim=-1, keepdim=True)
     _sync(device)
     t2 = time.perf_counter()
@@ -104,7 +125,8 @@ def measure_speed(
     """Median prefill and decode tokens per second over ``repeats`` runs after ``warmup`` runs.
 
     Args:
-        model: a causal LM that accepts ``past_key_values``/``use_cache``; it is not moved.
+        model: a causal LM that accepts ``use_cache`` and a KV cache (``cache`` or ``past_key_values``); it
+            is not moved.
         prompt_len: tokens per prompt (random ids below the vocabulary size).
         new_tokens: greedy decode steps after the prefill.
         batch_size: prompts per forward pass.
@@ -133,9 +155,10 @@ def measure_speed(
     prompt = prompt.to(target)
     prefill: list[float] = []
     decode: list[float] = []
+    cache_arg = cache_argument(model)
     with eval_mode(model), torch.inference_mode():
         for i in range(warmup + repeats):
-            t_prefill, t_decode = _run_once(model, prompt, new_tokens)
+            t_prefill, t_decode = _run_once(model, prompt, new_tokens, cache_arg)
             if i >= warmup:
                 prefill.append(t_prefill)
                 decode.append(t_decode)

@@ -17,8 +17,6 @@ import copy
 import json
 import logging
 import os
-import shutil
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -26,30 +24,25 @@ from typing import Any
 import torch
 from torch import nn
 
-from pare.errors import ConfigError, OutputExistsError
+from pare.errors import ConfigError, SaveInterrupted
+from pare.io.outdir import (
+    MANIFEST,
+    check_output,
+    identity,
+    move_into_place,
+    remove_stale,
+    settle,
+    temp_dir,
+)
 from pare.report import Report
 
 log = logging.getLogger(__name__)
 
-MANIFEST = "pare.json"
 
 Edit = dict[str, Any]
 
 CHAIN_HINT = ("pass every report of the prunes applied to this model, in order: "
               "pare.save(model, tok, out, [report1, report2])")
-
-
-def check_output(out: str | Path, overwrite: bool) -> Path:
-    """Refuse an existing output directory unless ``overwrite`` (call before any long work)."""
-    path = Path(out)
-    if path.exists() and not overwrite:
-        raise OutputExistsError(
-            f"output directory {str(path)!r} already exists; pass overwrite=True (--overwrite) to replace "
-            "it, or choose another --out"
-        )
-    if path.exists() and not path.is_dir():
-        raise OutputExistsError(f"output path {str(path)!r} exists and is not a directory")
-    return path
 
 
 # --------------------------------------------------------------------------- reports -> manifest
@@ -219,12 +212,15 @@ def check_describes(model: nn.Module, reports: Sequence[Report], manifest: dict[
 
 # --------------------------------------------------------------------------- save
 def save(model: nn.Module, tokenizer: Any, out: str | Path, report: Report | Sequence[Report] | None = None,
-         overwrite: bool = False) -> Path:
+         overwrite: bool = False, source: str | Path | None = None) -> Path:
     """Save ``model`` (safetensors), its config, ``tokenizer`` and the report(s) as ``pare.json``.
 
     The files are written to a temporary directory next to ``out`` and renamed into place, so an
     interruption never leaves a half-written model; an existing ``out`` is replaced only after the
-    new one is complete.
+    new one is complete, and only when it holds a saved model (see :mod:`pare.io.outdir`). Leftovers
+    of earlier saves to ``out`` that were killed are removed first (with a warning). The manifest is
+    complete before the rename: ``figures.size_on_disk_bytes_after`` (the bytes of the weight files
+    written) is filled in, in the manifest and in the last report.
 
     Args:
         model: the (pruned) causal LM.
@@ -232,12 +228,18 @@ def save(model: nn.Module, tokenizer: Any, out: str | Path, report: Report | Seq
         out: output directory.
         report: the report of the prune, or the reports of several prunes in the order they were
             applied (``[report1, report2]``); None for a model whose config describes it.
-        overwrite: replace an existing ``out``.
+        overwrite: replace an existing ``out`` that holds a saved model.
+        source: the input model's directory, never replaced nor a directory holding it; by default the
+            local directory ``model`` was loaded from (its ``name_or_path``), when there is one.
 
     Raises:
-        OutputExistsError: ``out`` exists and ``overwrite`` is False.
-        ConfigError: the manifest would not rebuild the model's shapes (e.g. only the last of two
-            prunes' reports given); nothing is written then.
+        OutputExistsError: ``out`` exists and ``overwrite`` is False; or it does not hold a saved
+            model; or it appeared while the model was written (the message says where the finished
+            model was kept).
+        ConfigError: ``out`` is the working directory, the input model's directory, a directory holding
+            either, or a file; or the manifest would not rebuild the model's shapes (e.g. only the last
+            of two prunes' reports given). Nothing is written then.
+        SaveInterrupted: Ctrl-C during the save; its message says what ``out`` holds.
     """
     from pare.arch.surgery.rotation import has_shortcuts
 
@@ -247,33 +249,65 @@ def save(model: nn.Module, tokenizer: Any, out: str | Path, report: Report | Seq
                           "checkpoint format of transformers can hold; evaluate it in memory, or prune with "
                           "rotation='shared' for a model that saves and reloads with from_pretrained. Nothing was "
                           "written.")
-    path = check_output(out, overwrite).absolute()
+    path = check_output(out, overwrite, source, loaded_from=_loaded_from(model))
     reports = as_reports(report)
     manifest = manifest_of(reports, model)
     check_describes(model, reports, manifest)
+    existed = path.exists()
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-    tmp.chmod(0o777 & ~_umask())  # mkdtemp makes it 0700; the output gets the usual permissions
+    remove_stale(path)
+    if path.exists() and not existed:  # a model moved aside by a killed save was put back: check it again
+        check_output(out, overwrite, source, loaded_from=_loaded_from(model))
+        existed = True
+    tmp = temp_dir(path)
+    ident = identity(tmp)
     try:
-        if manifest is not None and not manifest["uniform"]:
-            # Keep the model's own parameter names: pare.load rebuilds the shapes and loads them
-            # directly, without transformers' legacy checkpoint renaming (e.g. Mixtral's experts).
-            model.save_pretrained(tmp, save_original_format=False)  # type: ignore[operator]
-        else:
-            model.save_pretrained(tmp)  # type: ignore[operator]
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        if manifest is not None:
-            (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str), encoding="utf-8")
-        for f in tmp.rglob("*"):  # safetensors writes its files 0600: give every file the usual permissions
-            if f.is_file():
-                f.chmod(0o666 & ~_umask())
-        _replace(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        _write(model, tokenizer, tmp, manifest, reports)
+        move_into_place(tmp, path, out, overwrite)
+    except BaseException as exc:
+        saved = settle(tmp, path, ident)
+        if isinstance(exc, KeyboardInterrupt) and not isinstance(exc, SaveInterrupted):
+            raise SaveInterrupted(path, saved, existed) from exc
         raise
     log.info("saved to %s", path)
     return path
+
+
+def _loaded_from(model: nn.Module) -> str | None:
+    """The local directory ``model`` was loaded from (transformers records it), else None."""
+    config = getattr(model, "config", None)
+    for name in (getattr(model, "name_or_path", None), getattr(config, "_name_or_path", None)):
+        if isinstance(name, str) and name and Path(name).is_dir():
+            return name
+    return None
+
+
+def weights_bytes(path: Path) -> int:
+    """Bytes of the weight files (``*.safetensors``, ``*.bin``) directly in ``path``."""
+    return sum(f.stat().st_size for pattern in ("*.safetensors", "*.bin") for f in path.glob(pattern))
+
+
+def _write(model: nn.Module, tokenizer: Any, tmp: Path, manifest: dict[str, Any] | None,
+           reports: Sequence[Report]) -> None:
+    """Write the weights, config, tokenizer and the completed manifest into ``tmp``."""
+    if manifest is not None and not manifest["uniform"]:
+        # Keep the model's own parameter names: pare.load rebuilds the shapes and loads them
+        # directly, without transformers' legacy checkpoint renaming (e.g. Mixtral's experts).
+        model.save_pretrained(tmp, save_original_format=False)  # type: ignore[operator]
+    else:
+        model.save_pretrained(tmp)  # type: ignore[operator]
+    if tokenizer is not None:
+        tokenizer.save_pretrained(tmp)
+    if manifest is not None:
+        size = weights_bytes(tmp)
+        reports[-1].figures["size_on_disk_bytes_after"] = size
+        for entry in [manifest, *manifest.get("history", [])[-1:]]:
+            entry["figures"]["size_on_disk_bytes_after"] = size
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str), encoding="utf-8")
+    tmp.chmod(0o777 & ~_umask())  # mkdtemp makes it 0700; the output gets the usual permissions
+    for f in tmp.rglob("*"):  # safetensors writes its files 0600: give every file the usual permissions
+        if f.is_file():
+            f.chmod(0o666 & ~_umask())
 
 
 def _umask() -> int:
@@ -281,14 +315,3 @@ def _umask() -> int:
     mask = os.umask(0o022)
     os.umask(mask)
     return mask
-
-
-def _replace(tmp: Path, path: Path) -> None:
-    """Rename the finished ``tmp`` to ``path``, removing an old ``path`` only once it is in place."""
-    backup = None
-    if path.exists():
-        backup = path.with_name(f".{path.name}.old-{os.getpid()}")
-        path.rename(backup)
-    tmp.rename(path)
-    if backup is not None:
-        shutil.rmtree(backup, ignore_errors=True)

@@ -8,6 +8,7 @@ from __future__ import annotations
 from pare.errors import ConfigError
 from pare.methods.angular import AngularConfig, AngularPruner
 from pare.methods.base import PruneContext, Pruner, SparsityConfig, SparsityPruner
+from pare.methods.experts import ExpertsConfig, ExpertsPruner
 from pare.methods.layers import LayersConfig, LayersPruner
 from pare.methods.magnitude import MagnitudeConfig, MagnitudePruner
 from pare.methods.osscar import OsscarConfig, OsscarPruner
@@ -31,6 +32,7 @@ METHODS: dict[str, type[Pruner]] = {
     "layers": LayersPruner,
     "sublayer": SublayerPruner,
     "slicegpt": SliceGPTPruner,
+    "experts": ExpertsPruner,
 }
 
 
@@ -51,6 +53,8 @@ __all__ = [
     "METHODS",
     "AngularConfig",
     "AngularPruner",
+    "ExpertsConfig",
+    "ExpertsPruner",
     "LayersConfig",
     "LayersPruner",
     "MagnitudeConfig",

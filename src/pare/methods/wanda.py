@@ -13,10 +13,13 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
+from torch import nn
 
+from pare.arch.roles import ModelArch
 from pare.arch.targets import Target
-from pare.calibration.stats import STAT_NORMS, InputStats
-from pare.errors import PareError
+from pare.calibration.stats import STAT_NORMS, InputStats, RouterWeightedStats
+from pare.config import help_field
+from pare.errors import ConfigError, PareError
 from pare.methods.base import SparsityConfig, SparsityPruner
 from pare.ops.masks import make_mask
 from pare.ops.wanda import wanda_prune_
@@ -26,9 +29,18 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class WandaConfig(SparsityConfig):
-    """Wanda options: those of :class:`SparsityConfig` (sparsity, pattern, profile...)."""
+    """Wanda options: those of :class:`SparsityConfig` (sparsity, pattern, profile...).
+
+    Attributes:
+        router_weighted: inside MoE experts, weight each token's activations by the router's gate value
+            for that expert before taking ``||X_j||`` (MoE-Pruner, Xie et al., 2024, arXiv 2410.12013):
+            tokens the router barely sends to an expert count less in its scores. Other matrices are
+            scored as plain Wanda.
+    """
 
     method: ClassVar[str] = "wanda"
+
+    router_weighted: bool = help_field(False, "MoE experts: gate-weighted activation norms (MoE-Pruner)")
 
 
 class WandaPruner(SparsityPruner):
@@ -37,6 +49,17 @@ class WandaPruner(SparsityPruner):
     config_class = WandaConfig
     config: WandaConfig
     stats: ClassVar[frozenset[str]] = frozenset({STAT_NORMS})
+
+    def check(self, model: nn.Module, arch: ModelArch) -> None:
+        super().check(model, arch)
+        if self.config.router_weighted and not any(r.experts is not None for r in arch.layers):
+            raise ConfigError(f"router_weighted weights expert activations by the router's gates, but "
+                              f"{arch.model_type} has no routed experts: drop --router-weighted")
+
+    def new_stats(self, target: Target) -> InputStats:
+        if self.config.router_weighted and target.expert is not None:
+            return RouterWeightedStats()
+        return super().new_stats(target)
 
     def prune_target(self, target: Target, stats: InputStats | None, sparsity: float) -> None:
         w = target.weight()

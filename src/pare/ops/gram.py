@@ -34,11 +34,14 @@ def add_gram_upper_(acc: torch.Tensor, x: torch.Tensor, strip: int = STRIP) -> N
 
 
 def mirror_upper_(acc: torch.Tensor, strip: int = STRIP) -> torch.Tensor:
-    """Copy the upper block triangle written by :func:`add_gram_upper_` onto the lower one, in place;
-    returns ``acc``, now the full symmetric matrix."""
+    """Copy the upper triangle written by :func:`add_gram_upper_` onto the lower one, in place;
+    returns ``acc``, now an exactly symmetric matrix."""
     n = acc.shape[0]
-    if n <= strip:
-        return acc
-    for i in range(strip, n, strip):
-        acc[i:i + strip, :i] = acc[:i, i:i + strip].t()
+    for i in range(0, n, strip):
+        # a matrix product need not round X^T X to an exactly symmetric block (the order of the sums
+        # may differ between (i, j) and (j, i)): the lower half of each diagonal block mirrors its upper
+        block = acc[i:i + strip, i:i + strip]
+        block.copy_(torch.triu(block) + torch.triu(block, 1).t())
+        if i:
+            acc[i:i + strip, :i] = acc[:i, i:i + strip].t()
     return acc

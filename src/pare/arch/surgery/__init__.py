@@ -14,12 +14,12 @@ from typing import Any
 
 from torch import nn
 
-from pare.arch.surgery import depth, width
+from pare.arch.surgery import depth, experts, width
 from pare.errors import PareError
 
 Edit = dict[str, Any]
 
-EDITS: dict[str, Callable[[nn.Module, Edit], None]] = {**width.REPLAY, **depth.REPLAY}
+EDITS: dict[str, Callable[[nn.Module, Edit], None]] = {**width.REPLAY, **depth.REPLAY, **experts.REPLAY}
 
 
 def replay(model: nn.Module, edits: list[Edit]) -> None:

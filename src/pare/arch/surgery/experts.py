@@ -1,0 +1,190 @@
+"""Expert surgery: remove (or merge) whole experts of a MoE layer, with the router's rows.
+
+transformers 5 stores a layer's routed experts as fused parameters whose first dimension is the
+expert (``gate_up_proj [E, 2I, H]``, ``down_proj [E, H, I]``, gpt-oss's per-expert biases
+``[E, 2I]`` / ``[E, H]``) and the router as a module whose weight rows (and bias, DeepSeek-V3's
+``e_score_correction_bias``) are per expert. Removing experts keeps the same slices of every such
+tensor, rewrites the module attributes the forwards read (``num_experts``, ``top_k``) and, through
+:func:`sync_expert_config`, the config (``num_local_experts`` / ``num_experts``,
+``num_experts_per_tok``). Shared experts are separate modules and are never touched.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from pare.arch.roles import ExpertsRoles, ModelArch
+from pare.errors import ConfigError, PareError
+from pare.ops.experts import merge_params
+
+Edit = dict[str, Any]
+
+COUNT_ATTRS = ("num_experts", "num_local_experts", "n_routed_experts")
+TOP_K_ATTRS = ("top_k", "num_experts_per_tok")
+CONFIG_COUNT_FIELDS = ("num_local_experts", "num_experts", "n_routed_experts")
+
+
+def _per_expert(module: nn.Module, num_experts: int) -> list[tuple[str, bool]]:
+    """Names of the module's own parameters / buffers whose first dimension is the expert:
+    ``(name, is_parameter)``."""
+    out = [(n, True) for n, p in module.named_parameters(recurse=False) if p.dim() >= 1 and p.shape[0] == num_experts]
+    out += [(n, False) for n, b in module.named_buffers(recurse=False)
+            if b is not None and b.dim() >= 1 and b.shape[0] == num_experts]
+    return out
+
+
+def _replace(module: nn.Module, name: str, is_param: bool, value: torch.Tensor) -> None:
+    if is_param:
+        old = getattr(module, name)
+        setattr(module, name, nn.Parameter(value.contiguous(), requires_grad=old.requires_grad))
+    else:
+        module._buffers[name] = value.contiguous()
+
+
+def _modules(layer: nn.Module, ex: ExpertsRoles) -> tuple[nn.Module, nn.Module, nn.Module]:
+    """(experts, router, the MoE block holding them)."""
+    parent = ex.path.rsplit(".", 1)[0] if "." in ex.path else ""
+    block = layer.get_submodule(parent) if parent else layer
+    return layer.get_submodule(ex.path), layer.get_submodule(ex.router), block
+
+
+def group_limited(router: nn.Module) -> bool:
+    """Whether the router picks experts inside groups (DeepSeek-V3's ``n_group`` > 1): removing experts
+    would change which expert belongs to which group."""
+    return int(getattr(router, "num_group", getattr(router, "n_group", 1)) or 1) > 1
+
+
+def _set_counts(modules: Sequence[nn.Module], count: int, top_k: int | None) -> None:
+    for m in modules:
+        for name in COUNT_ATTRS:
+            if isinstance(getattr(m, name, None), int):
+                setattr(m, name, count)
+        if top_k is not None:
+            for name in TOP_K_ATTRS:
+                if isinstance(getattr(m, name, None), int):
+                    setattr(m, name, top_k)
+
+
+def current_top_k(layer: nn.Module, ex: ExpertsRoles) -> int:
+    """The experts each token selects in this layer (the router's ``top_k``, else the description's)."""
+    _, router, block = _modules(layer, ex)
+    for m in (router, block):
+        for name in TOP_K_ATTRS:
+            value = getattr(m, name, None)
+            if isinstance(value, int):
+                return value
+    return ex.top_k
+
+
+def remove_experts(model: nn.Module, arch: ModelArch, layer_idx: int, keep: torch.Tensor | Sequence[int],
+                   top_k: int | None = None) -> Edit:
+    """Keep experts ``keep`` (indices, stored in that order) of one MoE layer.
+
+    Every per-expert parameter and buffer of the experts module and of the router is sliced on its
+    first dimension; ``top_k`` (optional) sets how many experts each token selects.
+
+    Raises:
+        ConfigError: the layer has no routed experts, ``keep`` is empty or has repeats, fewer experts
+            would be kept than tokens select (without a ``top_k`` that fits), or the router routes
+            within groups.
+
+    Returns:
+        ``{"op": "experts", "layer": i, "num_experts": k, "top_k": top_k | None}``.
+    """
+    layer = arch.layer_modules(model)[layer_idx]
+    ex = arch.layers[layer_idx].experts
+    if ex is None:
+        raise ConfigError(f"layer {layer_idx} has no routed experts to remove")
+    experts, router, block = _modules(layer, ex)
+    idx = torch.as_tensor(keep, dtype=torch.long).flatten()
+    k = int(idx.numel())
+    if k == 0 or len(set(idx.tolist())) != k or int(idx.min()) < 0 or int(idx.max()) >= ex.num_experts:
+        raise ConfigError(f"layer {layer_idx}: keep must list distinct experts in [0, {ex.num_experts}), got "
+                          f"{idx.tolist()}")
+    selects = top_k if top_k is not None else current_top_k(layer, ex)
+    if selects > k:
+        raise ConfigError(f"layer {layer_idx}: keeping {k} experts leaves fewer than the {selects} each token selects "
+                          f"(num_experts_per_tok); keep at least {selects}, or lower it with top_k (--top-k)")
+    if group_limited(router):
+        raise ConfigError(f"layer {layer_idx}: the router selects experts within groups (n_group > 1); removing "
+                          "experts would regroup them. Expert pruning supports routers without groups")
+    for module in (experts, router):
+        for name, is_param in _per_expert(module, ex.num_experts):
+            value = getattr(module, name)
+            _replace(module, name, is_param, value.index_select(0, idx.to(value.device)))
+    _set_counts((experts, router, block), k, top_k)
+    return {"op": "experts", "layer": layer_idx, "num_experts": k, "top_k": top_k}
+
+
+def merge_experts(model: nn.Module, arch: ModelArch, layer_idx: int, groups: dict[int, list[int]],
+                  weights: torch.Tensor, top_k: int | None = None) -> Edit:
+    """Merge each group of experts into its first member, then keep only those (see
+    :func:`pare.ops.experts.merge_params`). The router keeps the first member's row.
+
+    Args:
+        groups: ``{kept: [kept, merged...]}``, every expert of the layer in exactly one group.
+        weights: ``[E]`` merge weights (calibration frequency).
+    """
+    layer = arch.layer_modules(model)[layer_idx]
+    ex = arch.layers[layer_idx].experts
+    if ex is None:
+        raise ConfigError(f"layer {layer_idx} has no routed experts to merge")
+    members = sorted(e for g in groups.values() for e in g)
+    if members != list(range(ex.num_experts)) or any(g[0] != k for k, g in groups.items()):
+        raise PareError(f"layer {layer_idx}: merge groups must cover each of the {ex.num_experts} experts once")
+    ordered = dict(sorted(groups.items()))
+    experts = layer.get_submodule(ex.path)
+    for name, is_param in _per_expert(experts, ex.num_experts):
+        value = getattr(experts, name)
+        merged = merge_params(value.data, ordered, weights)
+        full = value.data.clone()
+        full[torch.as_tensor(list(ordered), device=full.device)] = merged
+        _replace(experts, name, is_param, full)
+    return remove_experts(model, arch, layer_idx, list(ordered), top_k)
+
+
+def sync_expert_config(model: nn.Module, arch: ModelArch, top_k: int | None) -> bool:
+    """Write the experts count (when every MoE layer has the same) and ``num_experts_per_tok`` into the
+    config; True when the config alone describes the experts. ``arch`` describes the model after the
+    cut. With per-layer counts the config keeps its count and ``pare.load`` replays the edits."""
+    cfg: Any = model.config
+    counts = {r.experts.num_experts for r in arch.layers if r.experts is not None}
+    if top_k is not None:
+        for name in ("num_experts_per_tok", "top_k", "moe_topk"):
+            if isinstance(getattr(cfg, name, None), int):
+                setattr(cfg, name, top_k)
+                break
+    if len(counts) != 1:
+        return False
+    names = [arch.fields.num_experts] if arch.fields.num_experts else []
+    names += [n for n in CONFIG_COUNT_FIELDS if n not in names and isinstance(getattr(cfg, n, None), int)]
+    if not names:
+        return False
+    setattr(cfg, names[0], counts.pop())
+    return True
+
+
+def _replay_experts(model: nn.Module, edit: Edit) -> None:
+    from pare.arch import describe
+
+    arch = describe(model)
+    i = int(edit["layer"])
+    ex = arch.layers[i].experts
+    if ex is None:
+        raise PareError(f"the recorded edit removes experts of layer {i}, which the rebuilt model has none of")
+    k, top_k = int(edit["num_experts"]), edit.get("top_k")
+    if k > ex.num_experts:
+        raise PareError(f"the saved config rebuilds layer {i} with {ex.num_experts} experts, fewer than the {k} "
+                        "the recorded edit keeps: the config and the edits do not describe the pruned model")
+    if k == ex.num_experts and top_k is None:
+        return
+    remove_experts(model, arch, i, torch.arange(k), None if top_k is None else int(top_k))
+
+
+REPLAY: dict[str, Callable[[nn.Module, dict[str, Any]], None]] = {"experts": _replay_experts}
+
+__all__ = ["REPLAY", "current_top_k", "group_limited", "merge_experts", "remove_experts", "sync_expert_config"]
