@@ -21,6 +21,7 @@ from pare.methods.osscar import OsscarConfig, OsscarPruner
 from pare.methods.ppl_window import PplWindowConfig, PplWindowPruner
 from pare.methods.quantize import QuantizeConfig, QuantizePruner
 from pare.methods.shortgpt import ShortGPTConfig, ShortGPTPruner
+from pare.methods.slicegpt import SliceGPTConfig, SliceGPTPruner
 from pare.methods.sparsegpt import SparseGPTConfig, SparseGPTPruner
 from pare.methods.sublayer import SublayerConfig, SublayerPruner
 from pare.methods.wanda import WandaConfig, WandaPruner
@@ -76,6 +77,8 @@ __all__ = [
     "QuantizePruner",
     "ShortGPTConfig",
     "ShortGPTPruner",
+    "SliceGPTConfig",
+    "SliceGPTPruner",
     "SparseGPTConfig",
     "SparseGPTPruner",
     "SparsityConfig",

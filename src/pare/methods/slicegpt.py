@@ -1,0 +1,213 @@
+"""SliceGPT: rotate the residual stream onto its principal directions, then delete the weakest.
+
+Ashkboos et al., 2024, "SliceGPT: Compress Large Language Models by Deleting Rows and Columns"
+(arXiv 2401.15024). Steps (the math is in :mod:`pare.ops.rotation`, the edits in
+:mod:`pare.arch.surgery.rotation`):
+
+1. Fuse every norm's scale into the linears that read it (LayerNorm: centre every writer first, so the
+   mean subtraction does nothing; its bias goes into the readers' biases). Norms keep their own class
+   with unit weight, so the model reloads with ``from_pretrained``.
+2. Gather ``sum_t x_t x_t^T`` of the residual stream at every layer's input and at the final norm
+   (layer-wise runner, fp64), and take its eigenvectors (eq. 7).
+3. Rotate every reader and writer of the stream with ``Q`` and keep the first ``k`` directions
+   (eq. 8): a real hidden-size cut of the embeddings, q/k/v inputs, o outputs, MLP inputs and
+   outputs, routers and experts, the final norm and the head.
+
+``rotation="shared"`` uses one ``Q`` for every layer (the sum of the layers' moments, each token
+scaled to unit length by default): the result is an ordinary model of a smaller ``hidden_size`` that
+plain ``AutoModelForCausalLM.from_pretrained`` loads. ``rotation="per-layer"`` is the paper's
+variant: layer ``l`` works in its own basis ``Q_l`` and its output is carried to the next basis by
+the shortcut ``Q_l^T Q_{l+1}`` (one basis per decoder layer here, where the paper has one per
+attention and one per MLP block). The shortcut sits on the residual path, which lives inside
+transformers' layer ``forward``; no weight can absorb it, so this variant exists in memory only (for
+evaluation) and ``pare.save`` refuses it.
+
+Norms over ``k`` channels divide by ``sqrt(k)`` where the original divided by ``sqrt(H)``: every
+reader is multiplied by ``sqrt(H / k)`` (the reference code keeps ``H`` in its own norm class).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from pare.arch.residual import ResidualPlan, residual_plan
+from pare.arch.roles import ModelArch
+from pare.arch.surgery.rotation import (
+    add_shortcuts,
+    check_fusable,
+    final_weight_stays,
+    fuse_norms,
+    reader_scale,
+    rotate_stream,
+    scale_readers,
+    untie_head,
+)
+from pare.arch.surgery.width import (
+    ATTN_WIDTH_IS_HIDDEN,
+    attention_follows_hidden,
+    config_rejects_heads,
+    expert_alignment,
+    pin_derived_widths,
+    prune_hidden,
+    sync_config,
+)
+from pare.config import PruneConfig, check_ratio, help_field, register
+from pare.errors import ConfigError
+from pare.methods.base import PruneContext, StructuralPruner
+from pare.ops import rotation as rot
+
+log = logging.getLogger(__name__)
+
+ROTATIONS = ("shared", "per-layer")
+
+
+@dataclass(frozen=True)
+class SliceGPTConfig(PruneConfig):
+    """SliceGPT options.
+
+    Attributes:
+        slicing: fraction of the hidden size deleted, in [0, 1).
+        rotation: ``shared`` (one basis; reloads with ``from_pretrained``) or ``per-layer`` (a basis per
+            layer with shortcut matrices; in memory only).
+        round_to: the kept hidden size is a multiple of this (rounded down, further down where the
+            config's head count needs it).
+        damp: added to the moment's diagonal, times its mean, before the eigendecomposition.
+        unit_tokens: scale every token of the stream to unit length before gathering moments.
+    """
+
+    method: ClassVar[str] = "slicegpt"
+
+    slicing: float = help_field(0.25, "fraction of the hidden size deleted, in [0, 1)")
+    rotation: str = help_field("shared", "shared (one rotation, plain from_pretrained) | per-layer (in memory)")
+    round_to: int = help_field(8, "kept hidden size is a multiple of this")
+    damp: float = help_field(0.01, "relative diagonal damping of the moment before the eigendecomposition")
+    unit_tokens: bool = help_field(True, "weigh every token equally (scale it to unit length) in the moments")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_ratio("slicing", self.slicing)
+        if self.rotation not in ROTATIONS:
+            raise ConfigError(f"rotation must be one of {list(ROTATIONS)}, got {self.rotation!r}")
+        if isinstance(self.round_to, bool) or not isinstance(self.round_to, int) or self.round_to < 1:
+            raise ConfigError(f"round_to must be a positive integer, got {self.round_to!r}")
+        if isinstance(self.damp, bool) or not isinstance(self.damp, (int, float)) or not 0 <= self.damp < 1:
+            raise ConfigError(f"damp must be a number in [0, 1) (0.01 in the reference code), got {self.damp!r}")
+
+
+@register
+class SliceGPTPruner(StructuralPruner):
+    """Fuse norms, gather the stream's moments, rotate, slice (see the module docstring)."""
+
+    config_class = SliceGPTConfig
+    config: SliceGPTConfig
+    needs_calibration: ClassVar[bool] = True
+
+    def check(self, model: nn.Module, arch: ModelArch) -> None:
+        plan = residual_plan(model, arch)
+        check_fusable(model, plan)
+        if self.config.slicing > 0:
+            if arch.model_type in ATTN_WIDTH_IS_HIDDEN or attention_follows_hidden(model, arch):
+                raise ConfigError(f"{arch.model_type} derives its attention width (head_dim) from the hidden size, so "
+                                  "the config cannot describe a sliced hidden size with the same heads; only "
+                                  "slicing=0 (a pure rotation) applies to this family")
+            self.kept(model, arch, plan)
+
+    def kept(self, model: nn.Module, arch: ModelArch, plan: ResidualPlan) -> int:
+        """The kept hidden size: ``(1 - slicing) H`` rounded down to ``round_to`` (and to the expert
+        alignment of MoE models), then down to one the config's head count accepts."""
+        embed: Any = model.get_submodule(arch.embed_path)
+        hidden = int(embed.weight.shape[1])
+        multiple = self.config.round_to
+        if any(r.experts is not None for r in arch.layers):
+            align = expert_alignment(embed.weight.dtype)
+            multiple = multiple * align // math.gcd(multiple, align)
+        minimum = 2 if any(s.kind == "layernorm" for s in plan.sites) else 1
+        k = rot.kept_width(hidden, self.config.slicing, multiple, max(multiple, minimum))
+        if k == hidden:
+            return k
+        att = next((r.attention for r in arch.layers if r.attention is not None), None)
+        start = k
+        while att is not None and config_rejects_heads(model, arch, att.num_heads, att.num_kv_heads, k) is not None:
+            k -= multiple
+            if k < multiple:
+                why = config_rejects_heads(model, arch, att.num_heads, att.num_kv_heads, start)
+                raise ConfigError(f"no hidden size at or below {start} (a multiple of {multiple}) that "
+                                  f"{type(model.config).__name__} accepts with {att.num_heads} heads ({why})")
+        return k
+
+    def run(self, ctx: PruneContext) -> None:
+        cfg, model, arch = self.config, ctx.model, ctx.arch
+        plan = residual_plan(model, arch)
+        embed: Any = model.get_submodule(arch.embed_path)
+        hidden = int(embed.weight.shape[1])
+        k = self.kept(model, arch, plan)
+        was_tied = arch.tied
+        keep_final = final_weight_stays(model, plan, was_tied)
+        if was_tied and not keep_final:
+            untie_head(model, arch.lm_head_path, arch.embed_path)
+            ctx.report.notes.append(
+                "the head was tied to the embeddings; the final norm's weight differs per channel, so it was folded "
+                f"into an untied copy of the head (+{embed.weight.shape[0] * k:,} parameters after slicing)")
+        fuse_norms(model, plan, keep_final)
+        moments = self._moments(ctx)
+        zero_mean = any(s.kind == "layernorm" for s in plan.sites)
+        bases, energy = self._bases(moments, k, zero_mean)
+        rotate_stream(model, plan, bases)
+        if k < hidden:
+            arch = ctx.describe()
+            pin_derived_widths(model, arch)
+            ctx.report.edits.append(prune_hidden(model, arch, torch.arange(k)))
+            scale_readers(model, plan, reader_scale(hidden, k), keep_final)
+        ctx.report.uniform = sync_config(model, ctx.describe())
+        if cfg.rotation == "per-layer":
+            add_shortcuts(arch.layer_modules(model), bases, k)
+            ctx.report.uniform = False
+            ctx.report.notes.append(
+                "rotation=per-layer: each layer's output passes a shortcut matrix Q_l^T Q_(l+1) inside an in-memory "
+                "wrapper; a checkpoint cannot hold it, so this model can be evaluated but not saved")
+        ctx.report.scores["slicegpt"] = {
+            "hidden_before": hidden, "hidden_after": k, "rotation": cfg.rotation,
+            "head_tied": bool(was_tied and keep_final),
+            "kept_energy": energy,
+        }
+
+    def _moments(self, ctx: PruneContext) -> list[torch.Tensor]:
+        """``sum_t x_t x_t^T`` (fp64) of the stream entering each layer, and entering the final norm."""
+        runner = ctx.runner(sequential=True)
+        unit = self.config.unit_tokens
+        moments: list[torch.Tensor] = []
+        for step in runner.steps():
+            moments.append(sum(rot.second_moment(x, unit) for x in step.inputs))  # type: ignore[arg-type]
+        assert runner.final_hidden is not None
+        moments.append(sum(rot.second_moment(x, unit) for x in runner.final_hidden))  # type: ignore[arg-type]
+        return moments
+
+    def _bases(self, moments: list[torch.Tensor], k: int, zero_mean: bool) -> tuple[list[torch.Tensor], list[float]]:
+        """Orthogonal ``[H, H]`` per layer (and one for the head) whose first ``k`` columns are kept,
+        with the fraction of each moment's energy the kept directions hold."""
+        damp = self.config.damp
+        if self.config.rotation == "shared":
+            total = sum(m / m.trace().clamp_min(1e-30) for m in moments)
+            groups = [total]
+        else:
+            groups = list(moments)
+        made = []
+        for m in groups:
+            assert isinstance(m, torch.Tensor)
+            if zero_mean:
+                made.append(rot.complete_basis(rot.mean_free_basis(m, k, damp)))
+            else:
+                made.append(rot.pca_basis(m, damp)[1])
+        bases = made * len(moments) if len(made) == 1 else made
+        energy = [float((q[:, :k].T @ m @ q[:, :k]).trace() / m.trace().clamp_min(1e-30))
+                  for q, m in zip(bases, moments, strict=True)]
+        return bases, energy
+
+
+__all__ = ["ROTATIONS", "SliceGPTConfig", "SliceGPTPruner"]
