@@ -105,6 +105,10 @@ class QuantizePruner(Pruner):
     config_class = QuantizeConfig
     config: QuantizeConfig
 
+    @classmethod
+    def example_config(cls) -> QuantizeConfig:
+        return QuantizeConfig(group_size=0)  # per channel: any input width
+
     def __init__(self, config: QuantizeConfig) -> None:
         super().__init__(config)
         self.scheme = config.quant_scheme()
