@@ -11,7 +11,7 @@ LATEST ?= .venv-latest
 EXTRAS := .[data,tokenizers,dev]
 export PARE_DATA_DIR ?= $(abspath ../shared/data)
 
-.PHONY: install demo test test-fast test-latest constraints lint bench clean
+.PHONY: install demo test test-fast test-matrix test-latest constraints lint bench clean
 
 install: $(STAMP)
 
@@ -30,10 +30,14 @@ demo: install
 
 # Tests are offline by design: fail fast instead of retrying the Hub.
 test: install
-	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(PY) -m pytest -q -p no:cacheprovider tests
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(PY) -m pytest -q -p no:cacheprovider -m "not matrix" tests
 
 test-fast: install
-	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(PY) -m pytest -q -p no:cacheprovider -m "not slow" tests
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(PY) -m pytest -q -p no:cacheprovider -m "not slow and not matrix" tests
+
+# Every registered stage on every tiny architecture (the fast suite runs a rotation that covers each).
+test-matrix: install
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(PY) -m pytest -q -p no:cacheprovider -m matrix tests
 
 # Not in CI: the suite against the newest releases of every dependency (torch stays pinned), in its
 # own venv; then the installed versions that differ from $(PINS), i.e. the pins to move.

@@ -57,7 +57,7 @@ def check_recipe(arch: str, configs: list[PruneConfig], out: Path) -> list[pare.
 
 
 def stage_cases(names: list[str], fast: bool) -> list:
-    """``(method, arch)`` pairs: all of them, marked slow, or (``fast``) each architecture with one
+    """``(method, arch)`` pairs: all of them, marked ``matrix`` (``make test-matrix``), or (``fast``) each architecture with one
     method in turn, so every method and every architecture appear in the fast suite."""
     pairs = [(m, a) for a in ALL_TINY_ARCHS for m in names]
     if fast:
@@ -65,4 +65,4 @@ def stage_cases(names: list[str], fast: bool) -> list:
         chosen = [(names[i % len(names)], a) for i, a in enumerate(ALL_TINY_ARCHS)]
         chosen += [(m, ALL_TINY_ARCHS[(i + n // 2) % n]) for i, m in enumerate(names)]
         return list(dict.fromkeys(chosen))
-    return [pytest.param(m, a, marks=pytest.mark.slow) for m, a in pairs]
+    return [pytest.param(m, a, marks=pytest.mark.matrix) for m, a in pairs]

@@ -3,8 +3,8 @@
 (``from_pretrained`` too for uniform results), and 2- and 3-stage recipes per architecture.
 
 The fast suite runs a rotation in which every stage and every architecture appear, and the 3-stage
-recipe on every architecture; the full matrix and the 2-stage recipes are marked ``slow`` (``make
-test`` runs them).
+recipe on every architecture; the 2-stage recipes are marked ``slow`` (``make test`` runs them) and
+the full matrix ``matrix`` (``make test-matrix``: about 20 minutes on two cores, too long for CI).
 """
 
 from __future__ import annotations
