@@ -12,8 +12,8 @@ One JSON object per setting goes to stdout:
 
 Settings (pare's configuration / the reference's recipe):
 
-- ``sparsegpt-2:4``: ``SparseGPTConfig(pattern="2:4")`` / ``SparseGPTModifier(sparsity=0.5,
-  mask_structure="2:4")``.
+- ``sparsegpt-2:4``: ``SparseGPTConfig(pattern="2:4")`` (and ``nm_select="score"``, the reference's
+  per-column rule, as ``pare_score``) / ``SparseGPTModifier(sparsity=0.5, mask_structure="2:4")``.
 - ``sparsegpt-0.5``: unstructured 50% (pare's per-row selection, and ``mask_group="block"``, the
   reference's own rule, as ``pare_block``).
 - ``gptq-w4a16``: ``QuantizeConfig(scheme="int4", group_size=G, algorithm="gptq", act_order=True)`` /
@@ -205,6 +205,8 @@ def main(a: argparse.Namespace) -> None:
         variants = [("pare", sys.executable, None)]
         if setting == "sparsegpt-0.5":
             variants.append(("pare_block", sys.executable, {"mask_group": "block"}))
+        if setting == "sparsegpt-2:4":
+            variants.append(("pare_score", sys.executable, {"nm_select": "score"}))
         if not a.skip_reference:
             variants.append(("reference", str(peer), None))
         for kind, python, extra in variants:
