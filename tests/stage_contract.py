@@ -57,8 +57,9 @@ def check_recipe(arch: str, configs: list[PruneConfig], out: Path) -> list[pare.
 
 
 def stage_cases(names: list[str], fast: bool) -> list:
-    """``(method, arch)`` pairs: all of them, marked ``matrix`` (``make test-matrix``), or (``fast``) each architecture with one
-    method in turn, so every method and every architecture appear in the fast suite."""
+    """``(method, arch)`` pairs: all of them, marked ``matrix`` (``make test-matrix``), or (``fast``)
+    each architecture with one method in turn, so every method and every architecture appear in the
+    fast suite."""
     pairs = [(m, a) for a in ALL_TINY_ARCHS for m in names]
     if fast:
         n = len(ALL_TINY_ARCHS)
