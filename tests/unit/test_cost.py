@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-import time
+import json
+import os
+import subprocess
+import sys
 
 import psutil
 import pytest
@@ -11,17 +14,28 @@ import torch
 from pare.eval.cost import measure_cost
 from pare.eval.memory import peak_rss_mb
 
+_HELD_INSIDE = """
+import json, time, psutil, torch
+from pare.eval.cost import measure_cost
+before = psutil.Process().memory_info().rss / 2**20
+with measure_cost(interval=0.005) as cost:
+    block = torch.ones(32 * 2**20)  # 128 MiB, every page written
+    time.sleep(0.05)
+    del block
+after = psutil.Process().memory_info().rss / 2**20
+print(json.dumps({"before": before, "after": after, "peak": cost.peak_rss_mb, "seconds": cost.seconds}))
+"""
+
 
 def test_measure_cost_sees_memory_held_inside_the_block() -> None:
-    before = psutil.Process().memory_info().rss / 2**20
-    with measure_cost(interval=0.005) as cost:
-        block = torch.ones(32 * 2**20)  # 128 MiB, every page written
-        time.sleep(0.05)
-        del block
-    after = psutil.Process().memory_info().rss / 2**20
-    assert cost.peak_rss_mb >= before + 100
-    assert after < cost.peak_rss_mb
-    assert cost.seconds >= 0.05
+    # A fresh process: in a long test session the block may reuse pages the process already holds
+    # (no RSS growth to see), and a loaded machine may not schedule the sampler within 50 ms.
+    out = subprocess.run([sys.executable, "-c", _HELD_INSIDE], capture_output=True, text=True, check=True,
+                         env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    assert got["peak"] >= got["before"] + 100
+    assert got["after"] < got["peak"]
+    assert got["seconds"] >= 0.05
 
 
 def test_measure_cost_of_a_short_block_is_its_rss() -> None:
