@@ -8,8 +8,10 @@ import subprocess
 import sys
 
 import psutil
+import pytest
 
 from pare.eval.cost import measure_cost
+from pare.eval.memory import peak_rss_mb
 
 _HELD_INSIDE = """
 import json, time, psutil, torch
@@ -62,6 +64,10 @@ print(json.dumps({"rss": rss, "extra": extra, "peak": cost.peak_rss_mb}))
 
 
 def test_a_spike_between_samples_is_read_from_the_high_water_mark() -> None:
-    got = _fresh(_SPIKE)  # in a long session the spike may fall below the process's earlier peak
-    assert got["extra"] < 1024
+    # In a long session the spike may reuse resident pages; a fresh process has none (its lifetime
+    # peak still starts from the forking process's RSS, which is why the spike is sized from it).
+    need = peak_rss_mb() + 256
+    if need > psutil.virtual_memory().available / 2**20 / 2:
+        pytest.skip(f"a spike of about {need:.0f} MiB would not leave half the free memory")
+    got = _fresh(_SPIKE)
     assert got["peak"] >= got["rss"] + got["extra"] - 32
