@@ -11,22 +11,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from pare.cli import main
-from tiny import tiny_model, tiny_text, tiny_tokenizer
-
-
-@pytest.fixture
-def model_dir(tmp_path: Path) -> Path:
-    path = tmp_path / "tiny-llama"
-    tiny_model("llama").save_pretrained(path)
-    tiny_tokenizer().save_pretrained(path)
-    return path
-
-
-@pytest.fixture
-def text_file(tmp_path: Path) -> Path:
-    path = tmp_path / "text.txt"
-    path.write_text(tiny_text(60))
-    return path
+from tiny import tiny_model, tiny_tokenizer
 
 
 def test_inspect_prints_roles_and_params(model_dir: Path, capsys) -> None:

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from pare.cli import main
-from tiny import tiny_model, tiny_tokenizer
+from tiny import tiny_model
 from tiny_zeroshot import write_zeroshot_dir
 
 
@@ -19,14 +19,6 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
-
-
-@pytest.fixture
-def model_dir(tmp_path: Path) -> Path:
-    path = tmp_path / "tiny-llama"
-    tiny_model("llama").save_pretrained(path)
-    tiny_tokenizer().save_pretrained(path)
-    return path
 
 
 @pytest.fixture
