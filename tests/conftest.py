@@ -48,3 +48,24 @@ def stories_calibration(stories_path, shared_data):
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)
+
+
+@pytest.fixture
+def model_dir(tmp_path: Path) -> Path:
+    """A saved tiny Llama with its tokenizer (the CLI tests' model)."""
+    from tiny import tiny_model, tiny_tokenizer
+
+    path = tmp_path / "tiny-llama"
+    tiny_model("llama").save_pretrained(path)
+    tiny_tokenizer().save_pretrained(path)
+    return path
+
+
+@pytest.fixture
+def text_file(tmp_path: Path) -> Path:
+    """A small text file for --calib / --eval."""
+    from tiny import tiny_text
+
+    path = tmp_path / "text.txt"
+    path.write_text(tiny_text(60))
+    return path
