@@ -194,3 +194,49 @@ def test_config_refuses_what_cannot_work():
         ExpertsConfig(num_experts=2, importance="taylor")
     with pytest.raises(ConfigError, match="no routed experts"):
         pare.prune(tiny_model("llama"), ExpertsConfig(num_experts=2), CALIB, runtime=QUIET)
+
+
+@pytest.mark.parametrize("model_type", MOE_ARCHS)
+def test_one_expert_pass_gives_the_same_statistics_and_outputs(model_type):
+    """Dense mode records routing and keeps the layer's outputs in one expert pass: the statistics and
+    the outputs equal those of a pre-hook plus the experts' own forward, and the experts module is
+    not called by the layer (its own forward does not run)."""
+    from pare.calibration.stats import record_routing_once
+
+    model = moe_model(model_type)
+    arch = describe(model)
+    i = next(r.index for r in arch.layers if r.experts)
+    layer, ex = arch.layer_modules(model)[i], arch.layers[i].experts
+    experts = layer.get_submodule(ex.path)
+    hidden = torch.randn(2, 16, 64, generator=torch.Generator().manual_seed(0))
+    pos = torch.arange(16).unsqueeze(0).expand(2, -1)
+    emb = model.model.rotary_emb(hidden, pos) if hasattr(model.model, "rotary_emb") else None
+    kwargs = {"position_embeddings": emb, "attention_mask": None}
+    calls = []
+    handle = experts.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        two, one = RoutingStats(E), RoutingStats(E)
+        with torch.no_grad(), record_routing(experts, two):
+            ref = layer(hidden, **kwargs)
+        assert len(calls) == 1
+        with torch.no_grad(), record_routing_once(layer, ex.path, one):
+            got = layer(hidden, **kwargs)
+        assert len(calls) == 1 and layer.get_submodule(ex.path) is experts
+    finally:
+        handle.remove()
+    ref, got = (x[0] if isinstance(x, tuple) else x for x in (ref, got))
+    torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+    assert one.tokens == two.tokens
+    for key, value in two.sums.items():
+        torch.testing.assert_close(one.sums[key], value)
+
+
+def test_dense_mode_one_pass_chooses_as_sequential_scoring_of_the_dense_model():
+    """RuntimeConfig(sequential=False) (dense activations, one expert pass) removes the experts that
+    scoring every layer on the dense model's own activations (allocation=global's pass) ranks lowest."""
+    model = moe_model("qwen3_moe")
+    dense = pare.prune(moe_model("qwen3_moe"), ExpertsConfig(num_experts=5),
+                       CALIB, runtime=RuntimeConfig(progress=False, sequential=False))
+    ranked = pare.prune(model, ExpertsConfig(num_experts=5, allocation="global"), CALIB, runtime=QUIET)
+    for row_dense, row_ranked in zip(dense.scores["experts"], ranked.scores["experts"], strict=True):
+        torch.testing.assert_close(torch.tensor(row_dense["scores"]), torch.tensor(row_ranked["scores"]))

@@ -258,4 +258,26 @@ def _layer_sites(model: nn.Module, arch: ModelArch, i: int, roles: LayerRoles,
     return list(sites.values())
 
 
-__all__ = ["NormSite", "Port", "ResidualPlan", "norm_kind", "residual_plan", "writers_of"]
+@contextlib.contextmanager
+def projected_writes(model: nn.Module, arch: ModelArch, index: int, proj: torch.Tensor) -> Iterator[None]:
+    """Within the block, every write of layer ``index`` into the stream is multiplied by ``proj``
+    (``[H, H]``, e.g. the projection ``P P^T`` onto kept directions): with the layer's input projected
+    too, the layer computes in the original coordinates what its rotated and sliced version computes.
+    Hooks on the writer modules, always removed."""
+    handles = []
+
+    def hook(_m: nn.Module, _args: tuple, out: Any) -> Any:
+        if isinstance(out, (tuple, list)):
+            return type(out)([out[0] @ proj.to(out[0].dtype), *out[1:]])
+        return out @ proj.to(out.dtype)
+
+    try:
+        for name in dict.fromkeys(p.module for p in writers_of(arch, index)):
+            handles.append(model.get_submodule(name).register_forward_hook(hook))
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+__all__ = ["NormSite", "Port", "ResidualPlan", "norm_kind", "projected_writes", "residual_plan", "writers_of"]

@@ -21,30 +21,20 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from pare.arch.roles import LayerRoles, ModelArch
+from pare.arch.wrapper import LayerWrapper
 from pare.calibration.stats import InputsRecorded
 from pare.config import usable_device
 
 log = logging.getLogger(__name__)
 
 
-class _StandIn(nn.Module):
-    """Takes a decoder layer's place for one forward: records its call, returns a chosen output.
-
-    Attribute reads fall through to the real layer, so model code that reads e.g.
-    ``layer.attention_type`` keeps working.
-    """
+class _StandIn(LayerWrapper):
+    """Takes a decoder layer's place for one forward: records its call, returns a chosen output."""
 
     def __init__(self, inner: nn.Module, on_call: Callable[..., torch.Tensor], as_tuple: bool) -> None:
-        super().__init__()
-        self.inner = inner
+        super().__init__(inner)
         self._on_call = on_call
         self._as_tuple = as_tuple
-
-    def __getattr__(self, name: str) -> Any:
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            return getattr(self._modules["inner"], name)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         out = self._on_call(*args, **kwargs)

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from pare.arch.targets import Target
+from pare.arch.wrapper import LayerWrapper
 from pare.ops.gram import add_gram_upper_, mirror_upper_
 
 STAT_NORMS = "norms"
@@ -300,14 +301,23 @@ class RoutingStats:
     out_sum: torch.Tensor | None = None
     probed: int = 0
 
-    def add(self, experts: nn.Module, hidden: torch.Tensor, index: torch.Tensor, weights: torch.Tensor) -> None:
+    def add(self, experts: nn.Module, hidden: torch.Tensor, index: torch.Tensor, weights: torch.Tensor,
+            combine: bool = False) -> torch.Tensor | None:
+        """Accumulate one call's routing (``hidden [T, H]``, ``index`` and ``weights [T, k]``). With
+        ``combine`` (and :attr:`outputs`) also return the block's output ``sum_k w_k f_(e_k)(x)``
+        ``[T, H]`` built from the same per-pair expert outputs, so the experts need not run again."""
         from pare.ops.experts import expert_sums, routed_pairs
 
         token, expert, gate = routed_pairs(index, weights)
         keep = expert < self.num_experts  # some routers mark dropped slots with index E
         token, expert, gate = token[keep], expert[keep], gate[keep]
+        combined = None
         if self.outputs:
-            norms = expert_outputs(experts, hidden[token], expert).float().norm(dim=-1)
+            f = expert_outputs(experts, hidden[token], expert)
+            norms = f.float().norm(dim=-1)
+            if combine:
+                w = weights.reshape(-1)[keep].to(f.dtype)
+                combined = torch.zeros_like(hidden).index_add_(0, token, (f * w[:, None]).to(hidden.dtype))
         else:
             norms = torch.zeros_like(gate)
         sums = expert_sums(expert, gate, norms, self.num_experts)
@@ -315,6 +325,7 @@ class RoutingStats:
         self.tokens += int(hidden.shape[0])
         if self.probe_tokens:
             self._probe(experts, hidden[: self.probe_tokens])
+        return combined
 
     def _probe(self, experts: nn.Module, x: torch.Tensor) -> None:
         n = x.shape[0]
@@ -355,3 +366,47 @@ def record_routing(experts: nn.Module, stats: RoutingStats, stop: bool = False) 
         yield
     finally:
         handle.remove()
+
+
+class _RoutedOnce(LayerWrapper):
+    """Stands in a fused experts module while its routing is recorded: each call's per-pair expert
+    outputs give both the statistics and the module's output, so the experts run once per batch. On
+    the first call the combined output is checked against the module's own ``forward`` on a few tokens;
+    a family whose experts combine differently falls back to running its ``forward`` as well."""
+
+    def __init__(self, inner: nn.Module, stats: RoutingStats, check_tokens: int = 8) -> None:
+        super().__init__(inner)
+        self._stats = stats
+        self._check_tokens = check_tokens
+        self._own_forward: bool | None = None
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        inner = self._modules["inner"]
+        assert inner is not None
+        shape = (args[0] if args else next(iter(kwargs.values()))).shape
+        with torch.no_grad():
+            hidden, index, weights = _routing_call(inner, args, kwargs)
+            out = self._stats.add(inner, hidden, index, weights, combine=self._own_forward is not True)
+            if self._own_forward is None and out is not None:
+                n = self._check_tokens
+                ref = inner.forward(hidden[:n], index[:n], weights[:n])
+                self._own_forward = not torch.allclose(out[:n].float(), ref.float(), rtol=1e-3, atol=1e-5)
+        if out is None or self._own_forward:
+            return inner(*args, **kwargs)
+        return out.reshape(shape)
+
+
+@contextlib.contextmanager
+def record_routing_once(layer: nn.Module, path: str, stats: RoutingStats) -> Iterator[None]:
+    """As :func:`record_routing` for a layer whose outputs are wanted: the experts module at ``path``
+    (inside ``layer``) is replaced by a stand-in that computes statistics and output in one expert
+    pass; the module is always put back."""
+    parent_name, _, name = path.rpartition(".")
+    parent = layer.get_submodule(parent_name) if parent_name else layer
+    experts = parent._modules[name]
+    assert experts is not None
+    parent._modules[name] = _RoutedOnce(experts, stats)
+    try:
+        yield
+    finally:
+        parent._modules[name] = experts

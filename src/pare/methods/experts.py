@@ -32,7 +32,7 @@ from pare.arch.surgery.experts import (
     sync_expert_config,
 )
 from pare.calibration.runner import LayerStep
-from pare.calibration.stats import RoutingStats, record_routing
+from pare.calibration.stats import RoutingStats, record_routing, record_routing_once
 from pare.config import PruneConfig, check_ratio, help_field, register
 from pare.errors import ConfigError
 from pare.methods.base import PruneContext, StructuralPruner
@@ -173,7 +173,11 @@ class ExpertsPruner(StructuralPruner):
         cfg = self.config
         st = RoutingStats(num_experts, probe_tokens=cfg.probe_tokens if cfg.merge else 0,
                           outputs=cfg.importance in ("reap", "reconstruction"))
-        with record_routing(step.layer.get_submodule(ex.path), st, stop=not keep_outputs):
+        if keep_outputs and st.outputs:  # one expert pass gives the statistics and the layer's outputs
+            recording = record_routing_once(step.layer, ex.path, st)
+        else:
+            recording = record_routing(step.layer.get_submodule(ex.path), st, stop=not keep_outputs)
+        with recording:
             outputs = step.run(replace_inputs=keep_outputs)
         if keep_outputs:
             step.dense_outputs = outputs

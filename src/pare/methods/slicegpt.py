@@ -36,7 +36,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from pare.arch.residual import ResidualPlan, residual_plan
+from pare.arch.residual import ResidualPlan, projected_writes, residual_plan
 from pare.arch.roles import ModelArch
 from pare.arch.surgery.rotation import (
     add_shortcuts,
@@ -155,9 +155,11 @@ class SliceGPTPruner(StructuralPruner):
                 "the head was tied to the embeddings; the final norm's weight differs per channel, so it was folded "
                 f"into an untied copy of the head (+{embed.weight.shape[0] * k:,} parameters after slicing)")
         fuse_norms(model, plan, keep_final)
-        moments = self._moments(ctx)
         zero_mean = any(s.kind == "layernorm" for s in plan.sites)
-        bases, energy = self._bases(moments, k, zero_mean)
+        if cfg.rotation == "shared":
+            bases, energy = self._shared_bases(self._moments(ctx), k, zero_mean)
+        else:
+            bases, energy = self._sequential_bases(ctx, k, zero_mean)
         rotate_stream(model, plan, bases)
         if k < hidden:
             arch = ctx.describe()
@@ -166,10 +168,10 @@ class SliceGPTPruner(StructuralPruner):
             scale_readers(model, plan, reader_scale(hidden, k), keep_final)
         ctx.report.uniform = sync_config(model, ctx.describe())
         if cfg.rotation == "per-layer":
-            add_shortcuts(arch.layer_modules(model), bases, k)
+            added = add_shortcuts(arch.layer_modules(model), bases, k)
             ctx.report.uniform = False
             ctx.report.notes.append(
-                "rotation=per-layer: each layer's output passes a shortcut matrix Q_l^T Q_(l+1) inside an in-memory "
+                f"rotation=per-layer: {added} layers' inputs pass a shortcut matrix Q_l^T Q_(l+1) inside an in-memory "
                 "wrapper; a checkpoint cannot hold it, so this model can be evaluated but not saved")
         ctx.report.scores["slicegpt"] = {
             "hidden_before": hidden, "hidden_after": k, "rotation": cfg.rotation,
@@ -188,26 +190,50 @@ class SliceGPTPruner(StructuralPruner):
         moments.append(sum(rot.second_moment(x, unit) for x in runner.final_hidden))  # type: ignore[arg-type]
         return moments
 
-    def _bases(self, moments: list[torch.Tensor], k: int, zero_mean: bool) -> tuple[list[torch.Tensor], list[float]]:
-        """Orthogonal ``[H, H]`` per layer (and one for the head) whose first ``k`` columns are kept,
-        with the fraction of each moment's energy the kept directions hold."""
-        damp = self.config.damp
-        if self.config.rotation == "shared":
-            total = sum(m / m.trace().clamp_min(1e-30) for m in moments)
-            groups = [total]
-        else:
-            groups = list(moments)
-        made = []
-        for m in groups:
-            assert isinstance(m, torch.Tensor)
-            if zero_mean:
-                made.append(rot.complete_basis(rot.mean_free_basis(m, k, damp)))
-            else:
-                made.append(rot.pca_basis(m, damp)[1])
-        bases = made * len(moments) if len(made) == 1 else made
-        energy = [float((q[:, :k].T @ m @ q[:, :k]).trace() / m.trace().clamp_min(1e-30))
-                  for q, m in zip(bases, moments, strict=True)]
-        return bases, energy
+    def _basis(self, moment: torch.Tensor, k: int, zero_mean: bool) -> torch.Tensor:
+        if zero_mean:
+            return rot.complete_basis(rot.mean_free_basis(moment, k, self.config.damp))
+        return rot.pca_basis(moment, self.config.damp)[1]
+
+    def _shared_bases(self, moments: list[torch.Tensor], k: int,
+                      zero_mean: bool) -> tuple[list[torch.Tensor], list[float]]:
+        """One orthogonal ``[H, H]`` for every layer (first ``k`` columns kept), from the sum of the
+        trace-normalised moments, with the fraction of each moment's energy the kept directions hold."""
+        total = sum(m / m.trace().clamp_min(1e-30) for m in moments)
+        assert isinstance(total, torch.Tensor)
+        q = self._basis(total, k, zero_mean)
+        energy = [_kept_energy(q, m, k) for m in moments]
+        return [q] * len(moments), energy
+
+    def _sequential_bases(self, ctx: PruneContext, k: int, zero_mean: bool) -> tuple[list[torch.Tensor], list[float]]:
+        """SliceGPT's per-layer bases, computed as the paper does on the signals of the already sliced
+        layers: layer ``l`` works in the PCA basis of its own output (``bases[l + 1]``), so what it writes
+        into the stream is kept; the PCA is taken of the output it gives when its input is the previous
+        layers' sliced stream. Slicing is simulated in the original coordinates (input and writes
+        projected onto the kept directions), which is exactly what the rotated, sliced layer computes.
+        ``bases[0]`` (the embeddings) is ``bases[1]``: the first layer needs no shortcut."""
+        runner = ctx.runner(sequential=True)
+        unit = self.config.unit_tokens
+        bases: list[torch.Tensor] = []
+        energy: list[float] = []
+        for step in runner.steps():
+            outs = step.run(keep_outputs=True) or []
+            moment = sum(rot.second_moment(y, unit) for y in outs)
+            assert isinstance(moment, torch.Tensor)
+            q = self._basis(moment, k, zero_mean)
+            bases.append(q)
+            energy.append(_kept_energy(q, moment, k))
+            p = q[:, :k]
+            proj = (p @ p.T).to(step.device)
+            with torch.no_grad(), projected_writes(ctx.model, ctx.arch, step.index, proj):
+                step.dense_outputs = [
+                    step.forward_batch(b, step.inputs[b].to(step.device) @ proj.to(step.inputs[b].dtype))
+                    .detach().to(step.inputs[b].device) for b in range(len(step.inputs))]
+        return [bases[0], *bases], energy
+
+
+def _kept_energy(q: torch.Tensor, moment: torch.Tensor, k: int) -> float:
+    return float((q[:, :k].T @ moment @ q[:, :k]).trace() / moment.trace().clamp_min(1e-30))
 
 
 __all__ = ["ROTATIONS", "SliceGPTConfig", "SliceGPTPruner"]

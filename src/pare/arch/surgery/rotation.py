@@ -11,11 +11,11 @@ writer, embedding and norm.
   For LayerNorm the writers are centred first (SliceGPT, section 3.2), so the stream has zero mean and
   the mean subtraction does nothing. A tied head is untied when the final norm's weight is not one
   number for every channel (folding it into the head would change the embedding too).
-- :func:`rotate_stream`: embeddings and writers of layer ``l`` rotated by ``Q_l``, its readers
-  likewise; the head and the final norm's bias by the last ``Q``.
-- :class:`ResidualShortcut`: the per-layer variant's ``Q_l^T Q_{l+1}`` on a layer's output, an
-  in-memory wrapper (the residual additions sit inside transformers' layer forward, so the shortcut
-  cannot be folded into any weight and a plain checkpoint cannot hold it).
+- :func:`rotate_stream`: the embeddings rotated by ``Q_0``, the readers and writers of layer ``l`` by
+  ``Q_(l+1)``; the head and the final norm's bias by the last ``Q``.
+- :class:`ResidualShortcut`: the per-layer variant's ``Q_l^T Q_(l+1)`` on a layer's input (the
+  residual additions sit inside transformers' layer forward, so the shortcut cannot be folded into any
+  weight except at the first layer, whose input is the embeddings: there ``Q_0 = Q_1``).
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from pare.arch.residual import NormSite, Port, ResidualPlan
+from pare.arch.wrapper import LayerWrapper
 from pare.errors import ConfigError
 from pare.ops import rotation as rot
 
@@ -145,22 +146,22 @@ def fuse_norms(model: nn.Module, plan: ResidualPlan, keep_final_weight: bool) ->
 
 
 def rotate_stream(model: nn.Module, plan: ResidualPlan, bases: Sequence[torch.Tensor]) -> None:
-    """Rotate the stream with orthogonal ``[H, H]`` matrices: ``bases[l]`` for layer ``l``'s writers
-    and readers (``bases[0]`` also for the embeddings), ``bases[-1]`` for the head and the final norm's
-    bias. With one basis for every layer this leaves the function unchanged; with several, the layers'
-    outputs need :class:`ResidualShortcut`."""
+    """Rotate the stream with orthogonal ``[H, H]`` matrices: ``bases[0]`` for the embeddings,
+    ``bases[l + 1]`` for layer ``l``'s readers and writers, ``bases[-1]`` (the last layer's) for the head
+    and the final norm's bias. With one basis for every layer this leaves the function unchanged; where
+    ``bases[l]`` and ``bases[l + 1]`` differ, layer ``l``'s input needs :class:`ResidualShortcut`."""
     for name in plan.embeddings:
         emb: Any = model.get_submodule(name)
         emb.weight.data.copy_(rot.rotate_rows(emb.weight.data, bases[0]))
     for i, ports in plan.writers.items():
         for port in ports:
             w = writer_weight(model, port)
-            w.copy_(rot.rotate_output(w, bases[i]))
+            w.copy_(rot.rotate_output(w, bases[i + 1]))
             b = port_bias(model, port)
             if b is not None:
-                b.copy_(rot.rotate_rows(b, bases[i]))
+                b.copy_(rot.rotate_rows(b, bases[i + 1]))
     for site in plan.sites:
-        q = bases[-1] if site.layer is None else bases[site.layer]
+        q = bases[-1] if site.layer is None else bases[site.layer + 1]
         for port in site.readers:
             view = reader_weight(model, port)
             view.copy_(rot.rotate_input(view, q))
@@ -183,36 +184,36 @@ def scale_readers(model: nn.Module, plan: ResidualPlan, factor: float, keep_fina
             reader_weight(model, port).mul_(factor)
 
 
-class ResidualShortcut(nn.Module):
-    """A decoder layer followed by ``y <- y @ S`` on its hidden-state output (``S: [k, k]``, SliceGPT's
-    shortcut ``Q_l^T Q_{l+1}``). Attribute reads fall through to the wrapped layer, whose ``forward``
-    runs unchanged."""
+class ResidualShortcut(LayerWrapper):
+    """A decoder layer whose hidden-state input first passes ``x <- x @ S`` (``S: [k, k]``, SliceGPT's
+    shortcut ``B_l^T B_(l+1)`` from the previous layer's basis into this layer's). The wrapped layer's
+    ``forward`` runs unchanged, so the residual path and every reader see the same rotated input."""
 
     def __init__(self, inner: nn.Module, shortcut: torch.Tensor) -> None:
-        super().__init__()
-        self.inner = inner
+        super().__init__(inner)
         self.register_buffer("shortcut", shortcut)
 
-    def __getattr__(self, name: str) -> Any:
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            return getattr(self._modules["inner"], name)
-
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        out = self.inner(*args, **kwargs)
         s = self.shortcut
-        if isinstance(out, (tuple, list)):
-            return (out[0] @ s.to(out[0].dtype), *out[1:])
-        return out @ s.to(out.dtype)
+        if args:
+            args = (args[0] @ s.to(args[0].dtype), *args[1:])
+        else:
+            kwargs["hidden_states"] = kwargs["hidden_states"] @ s.to(kwargs["hidden_states"].dtype)
+        return self.inner(*args, **kwargs)
 
 
-def add_shortcuts(layers: nn.ModuleList, bases: Sequence[torch.Tensor], k: int) -> None:
-    """Wrap layer ``l`` in a :class:`ResidualShortcut` with ``S_l = B_l^T B_{l+1}`` (``B = Q[:, :k]``)."""
+def add_shortcuts(layers: nn.ModuleList, bases: Sequence[torch.Tensor], k: int) -> int:
+    """Wrap layer ``l`` in a :class:`ResidualShortcut` with ``S_l = B_l^T B_(l+1)`` (``B = Q[:, :k]``)
+    wherever the two bases differ (``bases`` as in :func:`rotate_stream`). Returns how many were added."""
+    added = 0
     for i in range(len(layers)):
+        if bases[i] is bases[i + 1] or torch.equal(bases[i], bases[i + 1]):
+            continue
         b0, b1 = bases[i][:, :k], bases[i + 1][:, :k]
         ref = next(layers[i].parameters())
         layers[i] = ResidualShortcut(layers[i], (b0.T @ b1).to(ref.device, ref.dtype))
+        added += 1
+    return added
 
 
 def has_shortcuts(model: nn.Module) -> bool:
