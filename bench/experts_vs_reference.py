@@ -290,6 +290,12 @@ def main(a: argparse.Namespace) -> None:
             pare_kept = json.loads((work / "dense-pare-0" / "pare.json").read_text())["scores"]["experts"]
             result[protocol]["pare_same_as_direct_reap"] = all(
                 r["kept"] == direct[str(r["layer"])] for r in pare_kept)
+        if protocol == "sequential":
+            result[protocol]["note"] = (
+                "not a like-for-like comparison: llm-compressor 0.14 runs the traced decoder layers of this model "
+                "without the causal mask, so from layer 0 on its MoE inputs are those of bidirectional attention, "
+                "not the model's own; differing choices here come from that, not from the scores (see 'dense', "
+                "where both tools see the model's own activations)")
         print(json.dumps({protocol: result[protocol]}), file=sys.stderr, flush=True)
     if not a.skip_merge:
         merged = run_worker("pare", a, model_path, calib, work / "merge", "sequential", merge=True)

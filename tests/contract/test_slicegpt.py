@@ -104,14 +104,50 @@ def test_slicing_keeps_most_of_a_low_rank_stream():
     assert torch.allclose(_logits(model), before, atol=1e-3)
 
 
-def test_per_layer_rotation_runs_sliced_but_cannot_be_saved(tmp_path):
+def test_per_layer_keeps_what_each_layer_writes():
+    """Each layer writes into directions its input does not have (the stream grows from 16 to 32
+    dimensions): the per-layer bases follow each layer's output, so slicing to 48 loses nothing."""
+    model = tiny_model("llama")
+    g = torch.Generator().manual_seed(0)
+    full = torch.linalg.qr(torch.randn(64, 64, generator=g))[0]
+    n = len(model.model.layers)
+    with torch.no_grad():
+        base = full[:, :16]
+        model.model.embed_tokens.weight.copy_(model.model.embed_tokens.weight @ base @ base.T)
+        for i, layer in enumerate(model.model.layers):
+            span = torch.cat([full[:, :16], full[:, 16 + 16 * i // n: 16 + 16 * (i + 1) // n]], dim=1)
+            # this layer writes inside the embeddings' directions plus new ones, strongly enough to matter
+            proj = 10 * span @ span.T
+            layer.self_attn.o_proj.weight.copy_(proj @ layer.self_attn.o_proj.weight)
+            layer.mlp.down_proj.weight.copy_(proj @ layer.mlp.down_proj.weight)
+    before = _logits(model)
+    shared = _model_copy(model)
+    pare.prune(model, SliceGPTConfig(slicing=0.25, rotation="per-layer"), CALIB, runtime=RT)
+    assert torch.allclose(_logits(model), before, atol=1e-3)
+    pare.prune(shared, SliceGPTConfig(slicing=0.25), CALIB, runtime=RT)  # 32 directions also fit one basis
+    assert torch.allclose(_logits(shared), before, atol=1e-3)
+
+
+def _model_copy(model):
+    import copy
+
+    return copy.deepcopy(model)
+
+
+def test_per_layer_rotation_saves_and_reloads_with_pare_load(tmp_path):
     model = _model("llama")
     report = pare.prune(model, SliceGPTConfig(slicing=0.25, rotation="per-layer"), CALIB, runtime=RT)
     assert not report.uniform
-    assert torch.isfinite(_logits(model)).all()
-    with pytest.raises(ConfigError, match="per-layer"):
-        pare.save(model, None, tmp_path / "m", report=report)
-    assert not (tmp_path / "m").exists()
+    shortcuts = report.edits[-1]
+    assert shortcuts["op"] == "residual_shortcuts" and shortcuts["width"] == 48
+    assert 0 not in shortcuts["layers"]  # the first layer's shortcut is folded into the embeddings
+    before = _logits(model)
+    assert torch.isfinite(before).all()
+    pare.save(model, None, tmp_path / "m", report=report)
+    loaded = pare.load(tmp_path / "m")
+    assert torch.equal(_logits(loaded), before)
+    out = loaded.generate(IDS[:1, :6], max_new_tokens=4, do_sample=False, use_cache=True)
+    assert torch.equal(out, loaded.generate(IDS[:1, :6], max_new_tokens=4, do_sample=False, use_cache=False))
 
 
 @pytest.mark.parametrize("model_type", sorted(REFUSED))

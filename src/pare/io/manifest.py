@@ -143,6 +143,12 @@ def _experts(edit: dict[str, Any], where: str, sizes: _Sizes, n: int | None) -> 
     return n
 
 
+def _residual_shortcuts(edit: dict[str, Any], where: str, sizes: _Sizes, n: int | None) -> int | None:
+    _index_list(edit, "layers", where, n if n is not None else 1 << 30)
+    _int(edit, "width", where, 1, sizes.hidden)
+    return n
+
+
 _CHECKS: dict[str, Callable[[dict[str, Any], str, _Sizes, int | None], int | None]] = {
     "experts": _experts,
     "mlp_channels": _mlp_channels,
@@ -150,6 +156,7 @@ _CHECKS: dict[str, Callable[[dict[str, Any], str, _Sizes, int | None], int | Non
     "hidden": _hidden,
     "remove_layers": _remove_layers,
     "remove_sublayer": _remove_sublayer,
+    "residual_shortcuts": _residual_shortcuts,
 }
 
 

@@ -214,14 +214,6 @@ def save(model: nn.Module, tokenizer: Any, out: str | Path, report: Report | Seq
         SaveInterrupted: Ctrl-C during the save; its message says what ``out`` holds.
         SaveError: writing failed (a full disk...); the partial files are removed.
     """
-    from pare.arch.surgery.rotation import has_shortcuts
-
-    if has_shortcuts(model):
-        raise ConfigError("refusing to save: this model holds SliceGPT per-layer shortcut matrices (rotation="
-                          "'per-layer'), which sit on the residual path inside the layers' forward and which no "
-                          "checkpoint format of transformers can hold; evaluate it in memory, or prune with "
-                          "rotation='shared' for a model that saves and reloads with from_pretrained. Nothing was "
-                          "written.")
     path = check_output(out, overwrite, source, loaded_from=_loaded_from(model))
     reports = as_reports(report)
     manifest = manifest_of(reports, model)

@@ -168,11 +168,12 @@ class SliceGPTPruner(StructuralPruner):
             scale_readers(model, plan, reader_scale(hidden, k), keep_final)
         ctx.report.uniform = sync_config(model, ctx.describe())
         if cfg.rotation == "per-layer":
-            added = add_shortcuts(arch.layer_modules(model), bases, k)
+            edit = add_shortcuts(arch.layer_modules(model), bases, k)
+            ctx.report.edits.append(edit)
             ctx.report.uniform = False
             ctx.report.notes.append(
-                f"rotation=per-layer: {added} layers' inputs pass a shortcut matrix Q_l^T Q_(l+1) inside an in-memory "
-                "wrapper; a checkpoint cannot hold it, so this model can be evaluated but not saved")
+                f"rotation=per-layer: the inputs of {len(edit['layers'])} layers pass a shortcut matrix Q_l^T Q_(l+1) "
+                "(a wrapper around the layer); the saved model loads with pare.load, not plain from_pretrained")
         ctx.report.scores["slicegpt"] = {
             "hidden_before": hidden, "hidden_after": k, "rotation": cfg.rotation,
             "head_tied": bool(was_tied and keep_final),

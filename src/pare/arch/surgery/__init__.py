@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
-from pare.arch.surgery import depth, experts, width
+from pare.arch.surgery import depth, experts, rotation, width
 from pare.errors import PareError
 
 if TYPE_CHECKING:
@@ -23,7 +23,7 @@ if TYPE_CHECKING:
 Edit = dict[str, Any]
 
 EDITS: dict[str, Callable[[nn.Module, Edit, ArchOverride | None], None]] = {
-    **width.REPLAY, **depth.REPLAY, **experts.REPLAY,
+    **width.REPLAY, **depth.REPLAY, **experts.REPLAY, **rotation.REPLAY,
 }
 
 

@@ -202,18 +202,37 @@ class ResidualShortcut(LayerWrapper):
         return self.inner(*args, **kwargs)
 
 
-def add_shortcuts(layers: nn.ModuleList, bases: Sequence[torch.Tensor], k: int) -> int:
+def add_shortcuts(layers: nn.ModuleList, bases: Sequence[torch.Tensor], k: int) -> dict[str, Any]:
     """Wrap layer ``l`` in a :class:`ResidualShortcut` with ``S_l = B_l^T B_(l+1)`` (``B = Q[:, :k]``)
-    wherever the two bases differ (``bases`` as in :func:`rotate_stream`). Returns how many were added."""
-    added = 0
+    wherever the two bases differ (``bases`` as in :func:`rotate_stream`).
+
+    Returns:
+        ``{"op": "residual_shortcuts", "layers": [...], "width": k}``: ``pare.load`` wraps the same
+        layers before loading the weights (the shortcuts are saved with them).
+    """
+    wrapped = []
     for i in range(len(layers)):
         if bases[i] is bases[i + 1] or torch.equal(bases[i], bases[i + 1]):
             continue
         b0, b1 = bases[i][:, :k], bases[i + 1][:, :k]
         ref = next(layers[i].parameters())
         layers[i] = ResidualShortcut(layers[i], (b0.T @ b1).to(ref.device, ref.dtype))
-        added += 1
-    return added
+        wrapped.append(i)
+    return {"op": "residual_shortcuts", "layers": wrapped, "width": k}
+
+
+def _replay_shortcuts(model: nn.Module, edit: dict[str, Any], override: Any = None) -> None:
+    from pare.arch import describe
+
+    arch = describe(model, override)
+    layers = arch.layer_modules(model)
+    k = int(edit["width"])
+    for i in edit["layers"]:
+        ref = next(layers[i].parameters())
+        layers[i] = ResidualShortcut(layers[i], torch.zeros(k, k, dtype=ref.dtype, device=ref.device))
+
+
+REPLAY = {"residual_shortcuts": _replay_shortcuts}
 
 
 def has_shortcuts(model: nn.Module) -> bool:
@@ -225,6 +244,7 @@ def reader_scale(hidden: int, kept: int) -> float:
 
 
 __all__ = [
+    "REPLAY",
     "ResidualShortcut",
     "add_shortcuts",
     "center_writers",
