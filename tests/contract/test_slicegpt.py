@@ -134,12 +134,13 @@ def _model_copy(model):
     return copy.deepcopy(model)
 
 
-def test_per_layer_rotation_saves_and_reloads_with_pare_load(tmp_path):
-    model = _model("llama")
+@pytest.mark.parametrize("model_type", [a for a in ROTATABLE if a not in ATTN_IS_HIDDEN])
+def test_per_layer_rotation_saves_and_reloads_with_pare_load(model_type, tmp_path):
+    model = _model(model_type)
     report = pare.prune(model, SliceGPTConfig(slicing=0.25, rotation="per-layer"), CALIB, runtime=RT)
     assert not report.uniform
     shortcuts = report.edits[-1]
-    assert shortcuts["op"] == "residual_shortcuts" and shortcuts["width"] == 48
+    assert shortcuts["op"] == "residual_shortcuts" and shortcuts["width"] == model.config.hidden_size
     assert 0 not in shortcuts["layers"]  # the first layer's shortcut is folded into the embeddings
     before = _logits(model)
     assert torch.isfinite(before).all()

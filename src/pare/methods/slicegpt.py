@@ -7,8 +7,8 @@ Ashkboos et al., 2024, "SliceGPT: Compress Large Language Models by Deleting Row
 1. Fuse every norm's scale into the linears that read it (LayerNorm: centre every writer first, so the
    mean subtraction does nothing; its bias goes into the readers' biases). Norms keep their own class
    with unit weight, so the model reloads with ``from_pretrained``.
-2. Gather ``sum_t x_t x_t^T`` of the residual stream at every layer's input and at the final norm
-   (layer-wise runner, fp64), and take its eigenvectors (eq. 7).
+2. Gather ``sum_t x_t x_t^T`` of the residual stream (layer-wise runner, fp64), and take its
+   eigenvectors (eq. 7).
 3. Rotate every reader and writer of the stream with ``Q`` and keep the first ``k`` directions
    (eq. 8): a real hidden-size cut of the embeddings, q/k/v inputs, o outputs, MLP inputs and
    outputs, routers and experts, the final norm and the head.
@@ -16,11 +16,15 @@ Ashkboos et al., 2024, "SliceGPT: Compress Large Language Models by Deleting Row
 ``rotation="shared"`` uses one ``Q`` for every layer (the sum of the layers' moments, each token
 scaled to unit length by default): the result is an ordinary model of a smaller ``hidden_size`` that
 plain ``AutoModelForCausalLM.from_pretrained`` loads. ``rotation="per-layer"`` is the paper's
-variant: layer ``l`` works in its own basis ``Q_l`` and its output is carried to the next basis by
-the shortcut ``Q_l^T Q_{l+1}`` (one basis per decoder layer here, where the paper has one per
-attention and one per MLP block). The shortcut sits on the residual path, which lives inside
-transformers' layer ``forward``; no weight can absorb it, so this variant exists in memory only (for
-evaluation) and ``pare.save`` refuses it.
+variant with one basis per decoder layer (the paper has one per attention and one per MLP block):
+layer ``l``'s readers and writers work in ``Q_(l+1)``, the PCA basis of the layer's *output*, so what
+the layer writes into the stream is kept (a basis taken from the layer's input would slice away every
+direction the layer adds, e.g. the massive activations a few early layers write); the PCA is taken as
+in the paper's sequential pass, on the signals of the already sliced layers. The layer's input is
+carried from the previous basis by the shortcut ``Q_l^T Q_(l+1)``; the first layer's is folded into the
+embeddings (``Q_0 = Q_1``). The other shortcuts sit on the residual path inside transformers' layer
+``forward``, where no weight can absorb them: a wrapper applies them, and ``pare.save`` stores them
+with the weights (edit ``residual_shortcuts``) for ``pare.load``.
 
 Norms over ``k`` channels divide by ``sqrt(k)`` where the original divided by ``sqrt(H)``: every
 reader is multiplied by ``sqrt(H / k)`` (the reference code keeps ``H`` in its own norm class).
@@ -74,7 +78,7 @@ class SliceGPTConfig(PruneConfig):
     Attributes:
         slicing: fraction of the hidden size deleted, in [0, 1).
         rotation: ``shared`` (one basis; reloads with ``from_pretrained``) or ``per-layer`` (a basis per
-            layer with shortcut matrices; in memory only).
+            layer with shortcut matrices; reloads with ``pare.load``).
         round_to: the kept hidden size is a multiple of this (rounded down, further down where the
             config's head count needs it).
         damp: added to the moment's diagonal, times its mean, before the eigendecomposition.
@@ -84,7 +88,7 @@ class SliceGPTConfig(PruneConfig):
     method: ClassVar[str] = "slicegpt"
 
     slicing: float = help_field(0.25, "fraction of the hidden size deleted, in [0, 1)")
-    rotation: str = help_field("shared", "shared (one rotation, plain from_pretrained) | per-layer (in memory)")
+    rotation: str = help_field("shared", "shared (one rotation, plain from_pretrained) | per-layer (pare.load)")
     round_to: int = help_field(8, "kept hidden size is a multiple of this")
     damp: float = help_field(0.01, "relative diagonal damping of the moment before the eigendecomposition")
     unit_tokens: bool = help_field(True, "weigh every token equally (scale it to unit length) in the moments")
