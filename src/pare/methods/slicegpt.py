@@ -17,9 +17,10 @@ Ashkboos et al., 2024, "SliceGPT: Compress Large Language Models by Deleting Row
 scaled to unit length by default): the result is an ordinary model of a smaller ``hidden_size`` that
 plain ``AutoModelForCausalLM.from_pretrained`` loads. ``rotation="per-layer"`` is the paper's
 variant with one basis per decoder layer (the paper has one per attention and one per MLP block):
-layer ``l``'s readers and writers work in ``Q_(l+1)``, the PCA basis of the layer's *output*, so what
-the layer writes into the stream is kept (a basis taken from the layer's input would slice away every
-direction the layer adds, e.g. the massive activations a few early layers write); the PCA is taken as
+layer ``l``'s readers and writers work in ``Q_(l+1)``, the PCA basis of the layer's input *and output*
+(trace-normalised moments summed), so what the layer writes into the stream is kept (a basis taken
+from the layer's input alone slices away every direction the layer adds: on SmolLM2 that collapsed
+the model); the PCA is taken as
 in the paper's sequential pass, on the signals of the already sliced layers. The layer's input is
 carried from the previous basis by the shortcut ``Q_l^T Q_(l+1)``; the first layer's is folded into the
 embeddings (``Q_0 = Q_1``). The other shortcuts sit on the residual path inside transformers' layer
@@ -212,9 +213,9 @@ class SliceGPTPruner(StructuralPruner):
 
     def _sequential_bases(self, ctx: PruneContext, k: int, zero_mean: bool) -> tuple[list[torch.Tensor], list[float]]:
         """SliceGPT's per-layer bases, computed as the paper does on the signals of the already sliced
-        layers: layer ``l`` works in the PCA basis of its own output (``bases[l + 1]``), so what it writes
-        into the stream is kept; the PCA is taken of the output it gives when its input is the previous
-        layers' sliced stream. Slicing is simulated in the original coordinates (input and writes
+        layers: layer ``l`` works in ``bases[l + 1]``, the PCA basis of its input and its output together
+        (trace-normalised moments summed), so what it writes into the stream is kept as well as what it
+        reads; the PCA is taken on the previous layers' sliced stream and the output this gives. Slicing is simulated in the original coordinates (input and writes
         projected onto the kept directions), which is exactly what the rotated, sliced layer computes.
         ``bases[0]`` (the embeddings) is ``bases[1]``: the first layer needs no shortcut."""
         runner = ctx.runner(sequential=True)
@@ -223,8 +224,11 @@ class SliceGPTPruner(StructuralPruner):
         energy: list[float] = []
         for step in runner.steps():
             outs = step.run(keep_outputs=True) or []
-            moment = sum(rot.second_moment(y, unit) for y in outs)
-            assert isinstance(moment, torch.Tensor)
+            m_in = sum(rot.second_moment(x, unit) for x in step.inputs)
+            m_out = sum(rot.second_moment(y, unit) for y in outs)
+            assert isinstance(m_in, torch.Tensor) and isinstance(m_out, torch.Tensor)
+            # the basis serves the layer's reads (its input) and its writes (its output), equally weighted
+            moment = m_in / m_in.trace().clamp_min(1e-30) + m_out / m_out.trace().clamp_min(1e-30)
             q = self._basis(moment, k, zero_mean)
             bases.append(q)
             energy.append(_kept_energy(q, moment, k))
