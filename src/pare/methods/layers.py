@@ -18,12 +18,13 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import ClassVar
 
 from torch import nn
 
 from pare.arch.roles import ModelArch
 from pare.arch.surgery.depth import check_layer_indices, remove_layers
+from pare.arch.surgery.edits import RemoveLayers
 from pare.config import PruneConfig, help_field, register
 from pare.errors import ConfigError
 from pare.methods.base import PruneContext, StructuralPruner
@@ -120,18 +121,18 @@ def holdout_windows(ctx: PruneContext, fraction: float):
     return ids[ids.shape[0] - k:]
 
 
-def apply_layer_removal(ctx: PruneContext, removed: list[int], why: str) -> dict[str, Any]:
+def apply_layer_removal(ctx: PruneContext, removed: list[int], why: str) -> RemoveLayers:
     """Remove ``removed`` layers, record the edit, the reason and the achieved fraction in the report."""
     before = sum(p.numel() for p in ctx.model.parameters())
     edit = remove_layers(ctx.model, ctx.arch, removed)
     after = sum(p.numel() for p in ctx.model.parameters())
     ctx.report.edits.append(edit)
-    if not edit.get("uniform", True):
+    if not edit.describes_config:
         ctx.report.uniform = False
-    ctx.report.scores["removed_layers"] = edit["removed"]
+    ctx.report.scores["removed_layers"] = list(edit.removed)
     ctx.report.scores["reason"] = why
-    ctx.report.figures["layers_before"] = edit["num_layers_before"]
-    ctx.report.figures["layers_after"] = edit["num_layers_after"]
+    ctx.report.figures["layers_before"] = edit.num_layers_before
+    ctx.report.figures["layers_after"] = edit.num_layers_after
     ctx.report.figures["param_ratio_removed"] = (before - after) / before
     return edit
 

@@ -3,7 +3,8 @@
 The only place that changes width shapes. Each function slices the weights (and biases) of every
 module a cut touches, updates the module attributes transformers 5 reads in ``forward``
 (``num_key_value_groups``, GPT-2 ``num_heads``/``split_size``, OPT ``num_heads``, MoE
-``intermediate_dim``/``hidden_dim``, LayerNorm ``normalized_shape``) and returns an *edit* dict.
+``intermediate_dim``/``hidden_dim``, LayerNorm ``normalized_shape``) and returns a typed *edit*
+(:mod:`pare.arch.surgery.edits`).
 :func:`sync_config` then rewrites the config from the actual shapes and says whether the config
 alone describes the model (``uniform``); otherwise ``pare.load`` replays the edits through
 :data:`REPLAY` on a model freshly built from the saved config.
@@ -28,9 +29,8 @@ import torch
 from torch import nn
 
 from pare.arch.roles import AttentionRoles, LayerRoles, MLPRoles, ModelArch, Proj, get_weight
+from pare.arch.surgery.edits import Edit, Heads, Hidden, MlpChannels
 from pare.errors import ConfigError, PareError
-
-Edit = dict[str, Any]
 
 ATTN_WIDTH_IS_HIDDEN = frozenset({"gpt2", "opt", "gpt_neox"})
 """Families whose attention reads ``head_dim = hidden_size // num_heads`` from the config, so a
@@ -163,7 +163,7 @@ def _prune_experts(layer: Any, roles: LayerRoles, keep: torch.Tensor) -> None:
 def prune_mlp_channels(
     model: nn.Module, arch: ModelArch, layer_idx: int, keep: torch.Tensor | Sequence[int],
     shared_keep: torch.Tensor | Sequence[int] | None = None,
-) -> Edit:
+) -> MlpChannels:
     """Keep MLP intermediate channels ``keep`` of one layer.
 
     Dense MLP: rows of gate/up (fused ``gate_up`` rows ``[gate; up]``; fc1/``c_fc`` with bias) and
@@ -171,24 +171,25 @@ def prune_mlp_channels(
     (``keep`` ``[k]`` for all experts or ``[E, k]`` per expert); ``shared_keep`` cuts the shared expert.
 
     Returns:
-        ``{"op": "mlp_channels", "layer": i, "width": k, "shared_width": k_s | None}``.
+        The :class:`~pare.arch.surgery.edits.MlpChannels` edit (``shared_width`` None unless the
+        shared expert was cut).
     """
     layer: Any = arch.layer_modules(model)[layer_idx]
     roles = arch.layers[layer_idx]
     device = next(layer.parameters()).device
     idx = _index(keep, device)
-    edit: Edit = {"op": "mlp_channels", "layer": layer_idx, "width": int(idx.shape[-1]), "shared_width": None}
+    shared_width = None
     if roles.experts is not None:
         _prune_experts(layer, roles, idx)
         if shared_keep is not None and roles.experts.shared is not None:
             s_idx = _index(shared_keep, device)
             _prune_dense_mlp(layer, roles.experts.shared, s_idx)
-            edit["shared_width"] = len(s_idx)
+            shared_width = len(s_idx)
     elif roles.mlp is not None:
         _prune_dense_mlp(layer, roles.mlp, idx)
     else:
         raise ConfigError(f"layer {layer_idx} has no MLP to prune")
-    return edit
+    return MlpChannels(layer_idx, int(idx.shape[-1]), shared_width)
 
 
 # --------------------------------------------------------------------------- attention heads
@@ -281,7 +282,7 @@ def prune_heads(
     model: nn.Module, arch: ModelArch, layer_idx: int,
     keep_query_heads: torch.Tensor | Sequence[int] | None = None,
     keep_kv_groups: torch.Tensor | Sequence[int] | None = None,
-) -> Edit:
+) -> Heads:
     """Keep query heads ``keep_query_heads`` (or whole KV groups ``keep_kv_groups``) of one layer.
 
     GQA stays valid: the KV heads kept are those with a kept query head, and every kept KV group
@@ -290,7 +291,7 @@ def prune_heads(
     head_dim and are untouched.
 
     Returns:
-        ``{"op": "heads", "layer": i, "num_heads": H', "num_kv_heads": K'}``.
+        The :class:`~pare.arch.surgery.edits.Heads` edit.
     """
     layer: Any = arch.layer_modules(model)[layer_idx]
     att = arch.layers[layer_idx].attention
@@ -319,7 +320,7 @@ def prune_heads(
     _slice_attention(layer, att, q_heads, kv_heads)
     heads, kv = len(q_heads), len(kv_heads)
     _update_attention_attrs(layer.get_submodule(att.path) if att.path else layer, heads, kv, att.head_dim)
-    return {"op": "heads", "layer": layer_idx, "num_heads": heads, "num_kv_heads": kv}
+    return Heads(layer_idx, heads, kv)
 
 
 def check_fused_layout(att: AttentionRoles) -> None:
@@ -415,7 +416,7 @@ def _sync_hidden_attrs(model: nn.Module, old: int, new: int) -> None:
 
 
 def prune_hidden(model: nn.Module, arch: ModelArch, keep: torch.Tensor | Sequence[int],
-                 rms_scale: float = 1.0) -> Edit:
+                 rms_scale: float = 1.0) -> Hidden:
     """Keep hidden (residual-stream) channels ``keep`` everywhere.
 
     Embeddings (token and learned positions), every norm's weight/bias, every input of
@@ -425,7 +426,7 @@ def prune_hidden(model: nn.Module, arch: ModelArch, keep: torch.Tensor | Sequenc
     embedding scale becomes ``sqrt(H')`` to match what transformers computes on reload.
 
     Returns:
-        ``{"op": "hidden", "width": H'}``.
+        The :class:`~pare.arch.surgery.edits.Hidden` edit.
     """
     embed: Any = model.get_submodule(arch.embed_path)
     old = int(embed.weight.shape[1])
@@ -454,7 +455,7 @@ def prune_hidden(model: nn.Module, arch: ModelArch, keep: torch.Tensor | Sequenc
     if isinstance(head, nn.Linear):
         head.in_features = new
     _sync_hidden_attrs(model, old, new)
-    return {"op": "hidden", "width": new}
+    return Hidden(new)
 
 
 # --------------------------------------------------------------------------- config
@@ -571,16 +572,16 @@ def enable_bias(model: nn.Module, arch: ModelArch, kind: str) -> bool:
     return True
 
 
-def _replay_mlp(model: nn.Module, edit: Edit, override: ArchOverride | None = None) -> None:
+def _replay_mlp(model: nn.Module, edit: MlpChannels, override: ArchOverride | None = None) -> None:
     from pare.arch import describe
 
     arch = describe(model, override)
-    i = int(edit["layer"])
+    i = edit.layer
     roles = arch.layers[i]
     layer: Any = arch.layer_modules(model)[i]
     current = roles.experts.intermediate if roles.experts is not None else _mlp_width(layer, roles.mlp)
-    shared = edit.get("shared_width")
-    keep = torch.arange(int(edit["width"]))
+    shared = edit.shared_width
+    keep = torch.arange(edit.width)
     _check_fits(f"layer {i}'s MLP width", len(keep), current)
     if roles.experts is not None and roles.experts.shared is not None and shared is not None:
         _check_fits(f"layer {i}'s shared-expert width", int(shared), _mlp_width(layer, roles.experts.shared))
@@ -589,14 +590,14 @@ def _replay_mlp(model: nn.Module, edit: Edit, override: ArchOverride | None = No
     prune_mlp_channels(model, arch, i, keep, None if shared is None else torch.arange(int(shared)))
 
 
-def _replay_heads(model: nn.Module, edit: Edit, override: ArchOverride | None = None) -> None:
+def _replay_heads(model: nn.Module, edit: Heads, override: ArchOverride | None = None) -> None:
     from pare.arch import describe
 
     arch = describe(model, override)
-    i = int(edit["layer"])
+    i = edit.layer
     att = arch.layers[i].attention
     assert att is not None
-    heads, kv = int(edit["num_heads"]), int(edit["num_kv_heads"])
+    heads, kv = edit.num_heads, edit.num_kv_heads
     _check_fits(f"layer {i}'s attention heads", heads, att.num_heads)
     _check_fits(f"layer {i}'s KV heads", kv, att.num_kv_heads)
     if att.num_heads == heads and att.num_kv_heads == kv:
@@ -607,21 +608,21 @@ def _replay_heads(model: nn.Module, edit: Edit, override: ArchOverride | None = 
     prune_heads(model, arch, i, keep_query_heads=keep)
 
 
-def _replay_hidden(model: nn.Module, edit: Edit, override: ArchOverride | None = None) -> None:
+def _replay_hidden(model: nn.Module, edit: Hidden, override: ArchOverride | None = None) -> None:
     from pare.arch import describe
 
     arch = describe(model, override)
-    width = int(edit["width"])
+    width = edit.width
     embed: Any = model.get_submodule(arch.embed_path)
     _check_fits("the hidden size", width, int(embed.weight.shape[1]))
     if int(embed.weight.shape[1]) != width:
         prune_hidden(model, arch, torch.arange(width), rms_scale=1.0)
 
 
-REPLAY: dict[str, Callable[[nn.Module, dict[str, Any], ArchOverride | None], None]] = {
-    "mlp_channels": _replay_mlp,
-    "heads": _replay_heads,
-    "hidden": _replay_hidden,
+REPLAY: dict[type[Edit], Callable[[nn.Module, Any, ArchOverride | None], None]] = {
+    MlpChannels: _replay_mlp,
+    Heads: _replay_heads,
+    Hidden: _replay_hidden,
 }
 
 __all__ = [
