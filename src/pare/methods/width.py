@@ -26,6 +26,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from pare.arch.residual import StreamPort, stream_ports
 from pare.arch.roles import LayerRoles, MLPRoles, ModelArch, Proj, get_weight
 from pare.arch.surgery.width import (
     ATTN_WIDTH_IS_HIDDEN,
@@ -259,22 +260,23 @@ class Scorer:
             total += self._hidden_layer(i, roles).to(total.device)
         return total
 
+    def _port_scores(self, i: int, ports: list[StreamPort]) -> list[torch.Tensor]:
+        """Stream-side scores of projections: every reader's columns, then every writer's rows."""
+        readers = [self.proj(i, p.proj)[1] for p in ports if p.role == "reader" and p.proj is not None]
+        return readers + [self.proj(i, p.proj)[0] for p in ports if p.role == "writer" and p.proj is not None]
+
     def _hidden_layer(self, i: int, roles: LayerRoles) -> torch.Tensor:
-        readers: list[Proj] = []
-        writers: list[Proj] = []
-        if roles.attention is not None:
-            readers += list(roles.attention.inputs)
-            writers.append(roles.attention.o)
-        if roles.mlp is not None:
-            readers += list(roles.mlp.inputs)
-            writers.append(roles.mlp.down)
-        parts = [self.proj(i, p)[1] for p in readers] + [self.proj(i, p)[0] for p in writers]
+        """Sum of the stream-side scores of the layer's readers and writers of the stream
+        (:func:`~pare.arch.residual.stream_ports`): readers' columns, writers' rows. The router and
+        the shared-expert gate are cut with the hidden size but not scored: one row per expert (or one
+        row) next to the experts' full matrices."""
+        ports = list(stream_ports(roles))
+        parts = self._port_scores(i, [p for p in ports if p.block in ("attention", "mlp")])
         ex = roles.experts
         if ex is not None:
             for e in range(ex.num_experts):
                 parts += [self.expert(i, ex.gate_up_param, e)[1], self.expert(i, ex.down_param, e)[0]]
-            if ex.shared is not None:
-                parts += [self.proj(i, p)[1] for p in ex.shared.inputs] + [self.proj(i, ex.shared.down)[0]]
+        parts += self._port_scores(i, [p for p in ports if p.block == "shared"])
         prefix = self.arch.layer_prefix(i)
         for norm in roles.norms:
             v = self.vector(f"{prefix}.{norm}.weight")

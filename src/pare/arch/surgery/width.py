@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from pare.arch.residual import StreamPort, stream_ports
 from pare.arch.roles import AttentionRoles, LayerRoles, MLPRoles, ModelArch, Proj, get_weight
 from pare.arch.surgery.edits import Edit, Heads, Hidden, MlpChannels
 from pare.errors import ConfigError, PareError
@@ -374,36 +375,26 @@ def _slice_norm(norm: Any, idx: torch.Tensor, rms_scale: float) -> None:
         norm.normalized_shape = (len(idx),)
 
 
-def _hidden_in(layer: nn.Module, projs: Sequence[Proj | None], idx: torch.Tensor) -> None:
-    for p in projs:
-        if p is not None:
-            slice_in(layer.get_submodule(p.path), p.conv1d, idx)
+def _hidden_port(layer: Any, port: StreamPort, idx: torch.Tensor) -> None:
+    """Keep hidden channels ``idx`` on the stream side of one reader or writer of the stream."""
+    module = layer.get_submodule(port.path)
+    if port.sort == "experts":
+        value = getattr(module, port.param).data  # gate_up [E, 2I, H] reads, down [E, H, I] writes
+        kept = value[:, :, idx.to(value.device)] if port.role == "reader" else value[:, idx.to(value.device), :]
+        _set_param(module, port.param, kept)
+    elif port.sort == "router":  # a Linear, or a module of its own holding a [E, H] weight
+        _set_param(module, "weight", module.weight.data[:, idx.to(module.weight.device)])
+        if isinstance(module, nn.Linear):
+            module.in_features = len(idx)
+    elif port.role == "writer":
+        slice_out(module, port.proj is not None and port.proj.conv1d, idx)
+    else:
+        slice_in(module, port.proj is not None and port.proj.conv1d, idx)
 
 
 def _hidden_layer(layer: Any, roles: LayerRoles, idx: torch.Tensor, rms_scale: float) -> None:
-    att = roles.attention
-    if att is not None:
-        _hidden_in(layer, att.inputs, idx)
-        slice_out(layer.get_submodule(att.o.path), att.o.conv1d, idx)
-    if roles.mlp is not None:
-        _hidden_in(layer, roles.mlp.inputs, idx)
-        slice_out(layer.get_submodule(roles.mlp.down.path), roles.mlp.down.conv1d, idx)
-    ex = roles.experts
-    if ex is not None:
-        experts = layer.get_submodule(ex.path)
-        check_expert_width(len(idx), getattr(experts, ex.gate_up_param).dtype, "hidden size (MoE)")
-        gu, dn = getattr(experts, ex.gate_up_param).data, getattr(experts, ex.down_param).data
-        _set_param(experts, ex.gate_up_param, gu[:, :, idx.to(gu.device)])
-        _set_param(experts, ex.down_param, dn[:, idx.to(dn.device), :])
-        router = layer.get_submodule(ex.router)
-        _set_param(router, "weight", router.weight.data[:, idx.to(router.weight.device)])
-        if isinstance(router, nn.Linear):
-            router.in_features = len(idx)
-        if ex.shared is not None:
-            _hidden_in(layer, ex.shared.inputs, idx)
-            slice_out(layer.get_submodule(ex.shared.down.path), False, idx)
-        if ex.shared_gate is not None:
-            slice_in(layer.get_submodule(ex.shared_gate), False, idx)
+    for port in stream_ports(roles):
+        _hidden_port(layer, port, idx)
     for name in roles.norms:
         _slice_norm(layer.get_submodule(name), idx, rms_scale)
 
@@ -434,6 +425,11 @@ def prune_hidden(model: nn.Module, arch: ModelArch, keep: torch.Tensor | Sequenc
     new = len(idx)
     if getattr(model.get_submodule(arch.base_path) if arch.base_path else model, "project_in", None) is not None:
         raise ConfigError("hidden-size pruning of OPT with word_embed_proj_dim != hidden_size is not supported")
+    layers: Any = arch.layer_modules(model)
+    for roles in arch.layers:  # before anything is cut
+        if roles.experts is not None:
+            fused = getattr(layers[roles.index].get_submodule(roles.experts.path), roles.experts.gate_up_param)
+            check_expert_width(new, fused.dtype, "hidden size (MoE)")
     scale = rms_scale
     head: Any = model.get_submodule(arch.lm_head_path)
     _set_param(embed, "weight", embed.weight.data[:, idx])
@@ -443,7 +439,6 @@ def prune_hidden(model: nn.Module, arch: ModelArch, keep: torch.Tensor | Sequenc
     if hasattr(embed, "embed_scale") and hasattr(embed, "scalar_embed_scale"):
         embed.scalar_embed_scale = new**0.5
         embed.embed_scale.fill_(new**0.5)
-    layers: Any = arch.layer_modules(model)
     for i, roles in enumerate(arch.layers):
         _hidden_layer(layers[i], roles, idx.to(next(layers[i].parameters()).device), scale)
     if arch.final_norm_path:
@@ -559,14 +554,12 @@ def enable_bias(model: nn.Module, arch: ModelArch, kind: str) -> bool:
         return False
     layers = arch.layer_modules(model)
     for i, roles in enumerate(arch.layers):
-        block = roles.mlp if kind == "mlp" else roles.attention
-        if block is None:
-            continue
-        out = block.down if isinstance(block, MLPRoles) else block.o
-        for p in (*block.inputs, out):
-            m: Any = layers[i].get_submodule(p.path)
+        for port in stream_ports(roles):  # the block's projections: its readers and its writer of the stream
+            if port.block != kind or port.proj is None:
+                continue
+            m: Any = layers[i].get_submodule(port.path)
             if getattr(m, "bias", None) is None:
-                w = get_weight(m, p)
+                w = get_weight(m, port.proj)
                 m.bias = nn.Parameter(torch.zeros(w.shape[0], dtype=w.dtype, device=w.device))
     setattr(cfg, flag, True)
     return True
