@@ -22,6 +22,7 @@ from typing import ClassVar
 
 from torch import nn
 
+from pare.arch.overrides import ArchOverride
 from pare.arch.roles import ModelArch
 from pare.arch.surgery.depth import check_layer_indices, remove_layers
 from pare.arch.surgery.edits import RemoveLayers
@@ -112,6 +113,21 @@ class DepthConfig(PruneConfig):
         return k
 
 
+class CountedDepthPruner(StructuralPruner):
+    """A depth stage that removes ``config.layer_count`` layers chosen from data."""
+
+    config: DepthConfig
+
+    def check(self, model: nn.Module, arch: ModelArch) -> None:
+        self.config.layer_count(model, arch)
+
+    def preview(self, model: nn.Module, arch: ModelArch, override: ArchOverride | None) -> None:
+        """Remove as many layers as the run will: the last ones before the final layer here (the run
+        chooses them from data; in a model of identical layers any choice leaves the same shapes)."""
+        k, n = self.config.layer_count(model, arch), arch.num_layers
+        remove_layers(model, arch, range(n - 1 - k, n - 1))
+
+
 def holdout_windows(ctx: PruneContext, fraction: float):
     """The last ``ceil(fraction * N)`` calibration windows (perplexity scoring split)."""
     ids = ctx.calibration
@@ -174,6 +190,9 @@ class LayersPruner(StructuralPruner):
         if not self.config.layers:
             raise ConfigError("method 'layers' needs the layers to remove, e.g. --layers 11-13 or --layers 3,7,9")
         return check_layer_indices(parse_layer_spec(self.config.layers), num_layers)
+
+    def preview(self, model: nn.Module, arch: ModelArch, override: ArchOverride | None) -> None:
+        remove_layers(model, arch, self._chosen(arch.num_layers))
 
     def run(self, ctx: PruneContext) -> None:
         chosen = self._chosen(ctx.arch.num_layers)

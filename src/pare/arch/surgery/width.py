@@ -580,7 +580,27 @@ def _replay_mlp(model: nn.Module, edit: MlpChannels, override: ArchOverride | No
         _check_fits(f"layer {i}'s shared-expert width", int(shared), _mlp_width(layer, roles.experts.shared))
     if current == len(keep) and shared is None:
         return
-    prune_mlp_channels(model, arch, i, keep, None if shared is None else torch.arange(int(shared)))
+    cut_mlp_to(model, arch, i, edit.width, shared)
+
+
+def cut_heads_to(model: nn.Module, arch: ModelArch, layer_idx: int, heads: int, kv_heads: int) -> Heads | None:
+    """Keep ``heads`` query heads in ``kv_heads`` KV groups of one layer, the first ones of each (the
+    shapes a cut to these counts leaves, for a replay before loading weights or a preview); None when
+    the layer already has them."""
+    att = arch.layers[layer_idx].attention
+    assert att is not None
+    if att.num_heads == heads and att.num_kv_heads == kv_heads:
+        return None
+    group = att.num_heads // att.num_kv_heads
+    keep = (torch.arange(kv_heads)[:, None] * group + torch.arange(heads // kv_heads)).flatten()
+    return prune_heads(model, arch, layer_idx, keep_query_heads=keep)
+
+
+def cut_mlp_to(model: nn.Module, arch: ModelArch, layer_idx: int, width: int,
+               shared_width: int | None = None) -> MlpChannels:
+    """Keep the first ``width`` MLP channels of one layer (and ``shared_width`` of its shared expert)."""
+    return prune_mlp_channels(model, arch, layer_idx, torch.arange(width),
+                              None if shared_width is None else torch.arange(shared_width))
 
 
 def _replay_heads(model: nn.Module, edit: Heads, override: ArchOverride | None = None) -> None:
@@ -590,15 +610,9 @@ def _replay_heads(model: nn.Module, edit: Heads, override: ArchOverride | None =
     i = edit.layer
     att = arch.layers[i].attention
     assert att is not None
-    heads, kv = edit.num_heads, edit.num_kv_heads
-    _check_fits(f"layer {i}'s attention heads", heads, att.num_heads)
-    _check_fits(f"layer {i}'s KV heads", kv, att.num_kv_heads)
-    if att.num_heads == heads and att.num_kv_heads == kv:
-        return
-    group = att.num_heads // att.num_kv_heads
-    per_group = heads // kv
-    keep = (torch.arange(kv)[:, None] * group + torch.arange(per_group)).flatten()
-    prune_heads(model, arch, i, keep_query_heads=keep)
+    _check_fits(f"layer {i}'s attention heads", edit.num_heads, att.num_heads)
+    _check_fits(f"layer {i}'s KV heads", edit.num_kv_heads, att.num_kv_heads)
+    cut_heads_to(model, arch, i, edit.num_heads, edit.num_kv_heads)
 
 
 def _replay_hidden(model: nn.Module, edit: Hidden, override: ArchOverride | None = None) -> None:
@@ -623,6 +637,8 @@ __all__ = [
     "BIAS_FLAGS",
     "REPLAY",
     "check_expert_width",
+    "cut_heads_to",
+    "cut_mlp_to",
     "enable_bias",
     "expert_alignment",
     "head_count_for_ratio",
