@@ -49,7 +49,7 @@ def stage_configs(configs: PruneConfig | Sequence[PruneConfig]) -> list[PruneCon
 
 
 class Pipeline:
-    """Stages built once, the model described once, the first stage checked: ready to run.
+    """Stages built once, the model described once, the whole recipe checked: ready to run.
 
     Args:
         model: the model, changed in place by :meth:`run`.
