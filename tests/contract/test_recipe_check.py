@@ -3,6 +3,9 @@ will leave (their previews on a meta-device copy), before calibration and before
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import ClassVar
+
 import pytest
 import torch
 
@@ -10,9 +13,11 @@ import pare
 import pare.api
 from pare.arch import describe
 from pare.arch.surgery.shadow import meta_copy
-from pare.config import stage_for_config
+from pare.arch.surgery.width import cut_mlp_to, sync_config
+from pare.config import PruneConfig, register, stage_for_config, unregister
 from pare.errors import ConfigError
 from pare.methods import LayersConfig, OsscarConfig, OsscarPruner, ShortGPTConfig, WidthConfig
+from pare.methods.base import PruneContext, StructuralPruner
 from tiny import tiny_batch, tiny_model
 
 RUNTIME = pare.RuntimeConfig(device="cpu", progress=False)
@@ -93,3 +98,32 @@ def test_a_preview_leaves_the_shapes_the_run_leaves(arch_name: str, config) -> N
     assert {k: v.shape for k, v in shadow.state_dict().items()} == {k: v.shape for k, v in model.state_dict().items()}
     assert shadow.config.to_dict() == model.config.to_dict()
     assert all(p.device.type == "cpu" for p in model.parameters())  # the real model was never on meta
+
+
+@dataclass(frozen=True)
+class TrimConfig(PruneConfig):
+    """Cut every MLP to 96 channels (a test stage without a preview)."""
+
+    method: ClassVar[str] = "trim-mlp-test"
+
+
+class TrimStage(StructuralPruner):
+    config_class = TrimConfig
+    needs_calibration: ClassVar[bool] = False
+
+    def run(self, ctx: PruneContext) -> None:
+        for r in ctx.arch.layers:
+            ctx.report.edits.append(cut_mlp_to(ctx.model, ctx.arch, r.index, 96))
+        ctx.report.uniform = sync_config(ctx.model, ctx.describe())
+
+
+def test_after_a_cut_without_preview_later_stages_are_checked_when_they_run() -> None:
+    register(TrimStage)
+    try:
+        model = tiny_model("llama", intermediate_size=98)  # 2:4 cannot divide 98, but the stage before leaves 96
+        reports = pare.run(model, [TrimConfig(), pare.MagnitudeConfig(pattern="2:4")], runtime=RUNTIME)
+        assert reports[1].pattern == "2:4" and model.config.intermediate_size == 96
+        with pytest.raises(ConfigError, match="multiple of 4"):  # without the cut, refused
+            pare.run(tiny_model("llama", intermediate_size=98), [pare.MagnitudeConfig(pattern="2:4")], runtime=RUNTIME)
+    finally:
+        unregister("trim-mlp-test")

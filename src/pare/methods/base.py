@@ -142,14 +142,19 @@ class Pruner(ABC):
         """Raise ConfigError when the options cannot apply to this model (checked before any work,
         e.g. before a dense evaluation); the default accepts every model."""
 
-    def preview(self, model: nn.Module, arch: ModelArch, override: ArchOverride | None) -> None:  # noqa: B027
+    def preview(self, model: nn.Module, arch: ModelArch, override: ArchOverride | None) -> None:
         """Make on ``model``, a parameter-free copy on the ``meta`` device already checked with
         :meth:`check`, the shape changes :meth:`run` will make: how many channels, heads or layers
         go follows from the options, which ones is chosen from data when the stage runs, so any
         will do here. The stages after this one are then checked against the result, before any
-        work. ``override`` describes the model again after a cut. The default changes nothing; a
-        stage that changes shapes without a preview leaves the later stages to be checked just
-        before they run."""
+        work. ``override`` describes the model again after a cut. Called only when
+        ``changes_shapes``; without a preview (this default) the stages after this one are checked
+        just before they run.
+
+        Raises:
+            NotImplementedError: this stage has no preview.
+        """
+        raise NotImplementedError(f"{type(self).__name__} has no preview")
 
     def start(self, ctx: PruneContext) -> None:  # noqa: B027 - optional hook
         """Note what :meth:`finish` compares against, before the model changes."""
