@@ -177,7 +177,7 @@ class SliceGPTPruner(StructuralPruner):
             ctx.report.edits.append(edit)
             ctx.report.uniform = False
             ctx.report.notes.append(
-                f"rotation=per-layer: the inputs of {len(edit['layers'])} layers pass a shortcut matrix Q_l^T Q_(l+1) "
+                f"rotation=per-layer: the inputs of {len(edit.layers)} layers pass a shortcut matrix Q_l^T Q_(l+1) "
                 "(a wrapper around the layer); the saved model loads with pare.load, not plain from_pretrained")
         ctx.report.scores["slicegpt"] = {
             "hidden_before": hidden, "hidden_after": k, "rotation": cfg.rotation,
@@ -215,8 +215,9 @@ class SliceGPTPruner(StructuralPruner):
         """SliceGPT's per-layer bases, computed as the paper does on the signals of the already sliced
         layers: layer ``l`` works in ``bases[l + 1]``, the PCA basis of its input and its output together
         (trace-normalised moments summed), so what it writes into the stream is kept as well as what it
-        reads; the PCA is taken on the previous layers' sliced stream and the output this gives. Slicing is simulated in the original coordinates (input and writes
-        projected onto the kept directions), which is exactly what the rotated, sliced layer computes.
+        reads; the PCA is taken on the previous layers' sliced stream and the output this gives.
+        Slicing is simulated in the original coordinates (input and writes projected onto the kept
+        directions), which is exactly what the rotated, sliced layer computes.
         ``bases[0]`` (the embeddings) is ``bases[1]``: the first layer needs no shortcut."""
         runner = ctx.runner(sequential=True)
         unit = self.config.unit_tokens

@@ -21,13 +21,14 @@ writer, embedding and norm.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
 from pare.arch.residual import NormSite, Port, ResidualPlan
+from pare.arch.surgery.edits import Edit, ResidualShortcuts
 from pare.arch.wrapper import LayerWrapper
 from pare.errors import ConfigError
 from pare.ops import rotation as rot
@@ -202,13 +203,13 @@ class ResidualShortcut(LayerWrapper):
         return self.inner(*args, **kwargs)
 
 
-def add_shortcuts(layers: nn.ModuleList, bases: Sequence[torch.Tensor], k: int) -> dict[str, Any]:
+def add_shortcuts(layers: nn.ModuleList, bases: Sequence[torch.Tensor], k: int) -> ResidualShortcuts:
     """Wrap layer ``l`` in a :class:`ResidualShortcut` with ``S_l = B_l^T B_(l+1)`` (``B = Q[:, :k]``)
     wherever the two bases differ (``bases`` as in :func:`rotate_stream`).
 
     Returns:
-        ``{"op": "residual_shortcuts", "layers": [...], "width": k}``: ``pare.load`` wraps the same
-        layers before loading the weights (the shortcuts are saved with them).
+        The edit: ``pare.load`` wraps the same layers before loading the weights (the shortcuts are
+        saved with them).
     """
     wrapped = []
     for i in range(len(layers)):
@@ -218,21 +219,21 @@ def add_shortcuts(layers: nn.ModuleList, bases: Sequence[torch.Tensor], k: int) 
         ref = next(layers[i].parameters())
         layers[i] = ResidualShortcut(layers[i], (b0.T @ b1).to(ref.device, ref.dtype))
         wrapped.append(i)
-    return {"op": "residual_shortcuts", "layers": wrapped, "width": k}
+    return ResidualShortcuts(layers=tuple(wrapped), width=k)
 
 
-def _replay_shortcuts(model: nn.Module, edit: dict[str, Any], override: Any = None) -> None:
+def _replay_shortcuts(model: nn.Module, edit: ResidualShortcuts, override: Any = None) -> None:
     from pare.arch import describe
 
     arch = describe(model, override)
     layers = arch.layer_modules(model)
-    k = int(edit["width"])
-    for i in edit["layers"]:
+    k = edit.width
+    for i in edit.layers:
         ref = next(layers[i].parameters())
         layers[i] = ResidualShortcut(layers[i], torch.zeros(k, k, dtype=ref.dtype, device=ref.device))
 
 
-REPLAY = {"residual_shortcuts": _replay_shortcuts}
+REPLAY: dict[type[Edit], Callable[[nn.Module, Any, Any], None]] = {ResidualShortcuts: _replay_shortcuts}
 
 
 def has_shortcuts(model: nn.Module) -> bool:
