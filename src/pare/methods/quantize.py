@@ -150,13 +150,13 @@ class QuantizePruner(Pruner):
         w = target.weight()
         if self.config.algorithm == "gptq" and stats is not None and stats.tokens and stats.gram is not None:
             factor, perm = self._factor(stats)
-            res = gptq_quantize(w, factor, self.scheme, blocksize=self.config.blocksize, perm=perm)
+            res = gptq_quantize(w, factor, self.scheme.for_weight(w.dtype), blocksize=self.config.blocksize, perm=perm)
             dq = res.weight
             self.losses[target.name] = res.loss
         else:
             if self.config.algorithm == "gptq":
                 log.warning("%s received no calibration tokens: rounded to nearest instead", target.name)
-            dq = quantize(w, self.scheme).dequant
+            dq = quantize(w, self.scheme.for_weight(w.dtype)).dequant
         record_quantized(w, dq, target.name, self.inexact)
         self.bits = self.bits + matrix_bits(target.shape, self.scheme)
 
