@@ -68,7 +68,7 @@ def _scheme(src: Source) -> Any:
     acts = None
     if q.activations == "int8":
         acts = QuantizationArgs(num_bits=8, type="int", symmetric=True, strategy="token", dynamic=True)
-    return QuantizationScheme(targets=["Linear"], weights=weights, input_activations=acts)
+    return QuantizationScheme(targets=["Linear"], weights=weights, input_activations=acts, format="pack-quantized")
 
 
 def _linear_names(src: Source) -> list[str]:
