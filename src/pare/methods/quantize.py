@@ -26,7 +26,7 @@ from pare.ops.hessian import InverseHessianFactor, inverse_hessian_factor
 from pare.ops.quant.act import ACTIVATION_KINDS, TokenQuantHook
 from pare.ops.quant.bits import BitsAccount, matrix_bits
 from pare.ops.quant.gptq import act_order_perm, gptq_quantize
-from pare.ops.quant.scheme import SCHEMES, QuantScheme, fixed_group, quantize
+from pare.ops.quant.scheme import INT_SCHEMES, SCHEMES, QuantScheme, fixed_group, quantize
 
 log = logging.getLogger(__name__)
 
@@ -231,7 +231,9 @@ def report_quantization(ctx: PruneContext, scheme: QuantScheme, bits: BitsAccoun
         first = next(ctx.model.parameters())
         msg = (f"{len(inexact)} quantized matrices hold values that {first.dtype} cannot represent exactly "
                f"(e.g. {inexact[0]}): the saved weights are the dequantized values rounded to {first.dtype}; "
-               "load the model in float32 (--dtype float32) for exact fake quantization")
+               "load the model in float32 (--dtype float32) for exact fake quantization"
+               + ("; integer scales are kept in that dtype, so these rounded values are exactly what a "
+                  "pare export (compressed-tensors, GGUF) dequantizes to" if scheme.name in INT_SCHEMES else ""))
         log.warning(msg)
         ctx.report.notes.append(msg)
 

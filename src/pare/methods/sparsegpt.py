@@ -135,8 +135,8 @@ class SparseGPTPruner(SparsityPruner):
             if self.scheme is None:
                 w.masked_fill_(mask, 0)
                 return
-            record_quantized(w, quantize(w.float().masked_fill(mask, 0), self.scheme.for_weight(w.dtype)).dequant, target.name,
-                             self.inexact)
+            dq = quantize(w.float().masked_fill(mask, 0), self.scheme.for_weight(w.dtype)).dequant
+            record_quantized(w, dq, target.name, self.inexact)
         else:
             check_finite_weight(w, target.name)
             factor = self._factor(stats, w.dtype)
