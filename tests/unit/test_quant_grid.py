@@ -112,3 +112,14 @@ def test_token_hook_quantizes_the_first_input_only() -> None:
         handle.remove()
     with pytest.raises(ValueError, match="int8, fp8"):
         TokenQuantHook("int4")
+
+
+@pytest.mark.parametrize("name", ["int4", "int8"])
+def test_gptq_with_identity_hessian_equals_rtn_with_16_bit_scales(name: str) -> None:
+    w = torch.randn(24, 128, generator=_gen(9)).to(torch.bfloat16)
+    scheme = QuantScheme(name, 32).for_weight(torch.bfloat16)
+    factor = inverse_hessian_factor(torch.eye(128), 0.0)
+    res = gptq_quantize(w, factor, scheme)
+    rtn = quantize(w, scheme)
+    assert torch.equal(res.weight, rtn.dequant) and torch.equal(res.scale, rtn.scale)
+    assert torch.equal(rtn.scale.to(torch.bfloat16).float(), rtn.scale)
