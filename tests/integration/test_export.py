@@ -196,3 +196,15 @@ def test_export_cli(tmp_path, capsys) -> None:
                  "--gguf-type", "f16"]) == 0
     assert main(["export", str(src), "--format", "gguf", "--out", str(tmp_path / "m.bin")]) == 2
     assert "*.gguf" in capsys.readouterr().err
+
+
+def test_quantize_then_export_from_the_command_line(tmp_path, model_dir) -> None:
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "q"
+    assert main(["quantize", "--model", str(model_dir), "--scheme", "int8", "--group-size", "0",
+                 "--activations", "int8", "--out", str(out)]) == 0
+    assert json.loads((out / "pare.json").read_text())["scores"]["quantization"]["activations"] == "int8"
+    assert main(["export", str(out), "--format", "compressed-tensors", "--out", str(tmp_path / "ct")]) == 0
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "ct")
+    assert torch.equal(_logits(loaded), _logits(pare.load(out)))
