@@ -85,7 +85,8 @@ def worker_pare(a: argparse.Namespace) -> dict:
     save_file(decoder_weights(model), a.out)
     out: dict = {"prune_seconds": seconds}
     if "quantization" in report.scores:
-        out["bits"] = {k: report.scores["quantization"].get(k) for k in ("bits_per_param", "quantized_bytes")}
+        q = report.scores["quantization"]
+        out["bits"] = {"bits_per_param": q.get("bits_per_param"), "quantized_bytes": q.get("bytes")}
     return out
 
 
