@@ -20,6 +20,7 @@ from pare.methods.magnitude import MagnitudeConfig, MagnitudePruner
 from pare.methods.osscar import OsscarConfig, OsscarPruner
 from pare.methods.ppl_window import PplWindowConfig, PplWindowPruner
 from pare.methods.quantize import QuantizeConfig, QuantizePruner
+from pare.methods.recover import RecoverConfig, RecoverStage
 from pare.methods.shortgpt import ShortGPTConfig, ShortGPTPruner
 from pare.methods.slicegpt import SliceGPTConfig, SliceGPTPruner
 from pare.methods.sparsegpt import SparseGPTConfig, SparseGPTPruner
@@ -75,6 +76,8 @@ __all__ = [
     "Pruner",
     "QuantizeConfig",
     "QuantizePruner",
+    "RecoverConfig",
+    "RecoverStage",
     "ShortGPTConfig",
     "ShortGPTPruner",
     "SliceGPTConfig",
