@@ -81,7 +81,7 @@ def nm_exact(model: torch.nn.Module, n: int = 2, m: int = 4) -> bool:
     return True
 
 
-def main() -> int:  # noqa: PLR0915 - one linear script
+def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--model", default=str(DEFAULT_MODEL))
     ap.add_argument("--device", default="cpu")

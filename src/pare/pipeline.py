@@ -81,7 +81,7 @@ class Pipeline:
             batch_size: windows per forward in the layer-wise runner.
             after_stage: called after each stage with the model and that stage's report.
         """
-        reports = []
+        reports: list[Report] = []
         for k, stage in enumerate(self.stages):
             if stage.needs() != "nothing" and ids is None:
                 raise ConfigError(f"method {stage.config.method!r} needs calibration data: pass token windows "

@@ -147,6 +147,8 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     _run_parser(sub)
     _eval_parser(sub)
     _report_parser(sub)
+    from pare.cli.recover import add_recover_parser
+    add_recover_parser(sub)
     return parser, prune_parser
 
 
@@ -246,6 +248,9 @@ def _dispatch(args: argparse.Namespace, prune_parser: argparse.ArgumentParser, a
         from pare.cli.commands import report_cmd
 
         return report_cmd(args)
+    if args.command == "recover":
+        from pare.cli.recover import recover_cmd
+        return recover_cmd(args)
     if args.command == "eval":
         from pare.cli.commands import eval_cmd
 

@@ -15,6 +15,7 @@ from pare.config import STAGES, stage_class
 from pare.methods.angular import AngularConfig, AngularPruner
 from pare.methods.base import PruneContext, Pruner, SparsityConfig, SparsityPruner, StructuralPruner
 from pare.methods.experts import ExpertsConfig, ExpertsPruner
+from pare.methods.gradual import GradualConfig, GradualStage
 from pare.methods.layers import LayersConfig, LayersPruner
 from pare.methods.magnitude import MagnitudeConfig, MagnitudePruner
 from pare.methods.osscar import OsscarConfig, OsscarPruner
@@ -64,6 +65,8 @@ __all__ = [
     "AngularPruner",
     "ExpertsConfig",
     "ExpertsPruner",
+    "GradualConfig",
+    "GradualStage",
     "LayersConfig",
     "LayersPruner",
     "MagnitudeConfig",

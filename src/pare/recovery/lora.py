@@ -58,7 +58,7 @@ def lora_layers(wrapped: nn.Module) -> dict[str, nn.Module]:
     from peft.tuners.lora import LoraLayer
 
     base: nn.Module = wrapped.model  # type: ignore[assignment]
-    return {name: m for name, m in base.named_modules() if isinstance(m, LoraLayer)}
+    return {name: m for name, m in base.named_modules() if isinstance(m, nn.Module) and isinstance(m, LoraLayer)}
 
 
 def delta(layer: nn.Module) -> torch.Tensor:
