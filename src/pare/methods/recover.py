@@ -44,6 +44,8 @@ from pare.recovery.train import LossFn, TrainResult, TrainSettings, lm_loss, tra
 log = logging.getLogger(__name__)
 
 MODES = ("lora", "full", "distill")
+_NOT_FINGERPRINTED = ("resume", "checkpoint_dir", "checkpoint_every", "eval_every")
+"""Options a resumed run may change: they decide where and how often to write, not the weights."""
 
 
 def _positive(name: str, value: Any, *, zero: bool = False) -> None:
@@ -283,7 +285,8 @@ class RecoverStage(Pruner):
             seed=cfg.seed, precision=cfg.precision,
             checkpoint_dir=Path(cfg.checkpoint_dir) if cfg.checkpoint_dir else None,
             checkpoint_every=cfg.checkpoint_every, progress=ctx.runtime.progress,
-            fingerprint={"config": repr(cfg.to_dict()), "train": list(windows.train.shape),
+            fingerprint={"config": repr({k: v for k, v in cfg.to_dict().items() if k not in _NOT_FINGERPRINTED}),
+                         "train": list(windows.train.shape),
                          "data_sum": int(windows.train.sum())})
         if cfg.grad_checkpointing:
             model.gradient_checkpointing_enable(  # type: ignore[operator]
