@@ -33,10 +33,10 @@ DEFAULT_MODEL = Path(os.environ.get("PARE_MODELS_DIR", Path.home() / ".cache" / 
 HERE = Path(__file__).resolve().parent
 
 # LLM-Pruner (Ma et al., 2023, section 4.1): LoRA r=8 on the 50K-sample Alpaca-cleaned set, 2 epochs.
-# Alpaca-cleaned averages roughly 200-300 Llama tokens per sample (instruction + input + output); the
-# figure below takes 250, so about 50K x 250 x 2 = 25M tokens.
-LLM_PRUNER = {"lora_r": 8, "samples": 50_000, "epochs": 2, "tokens_per_sample_est": 250,
-              "tokens_est": 50_000 * 250 * 2,
+# The paper gives no token count; an Alpaca sample in its prompt template is roughly 100-300 Llama
+# tokens, so the estimate below takes 200: about 50K x 200 x 2 = 20M tokens (10M-30M).
+LLM_PRUNER = {"lora_r": 8, "samples": 50_000, "epochs": 2, "tokens_per_sample_est": 200,
+              "tokens_est": 50_000 * 200 * 2, "tokens_range_est": [10_000_000, 30_000_000],
               "source": "LLM-Pruner paper section 4.1 (LoRA r=8, Alpaca-cleaned 50K samples, 2 epochs); "
                         "tokens per sample is an estimate, not a published figure"}
 
