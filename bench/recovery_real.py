@@ -40,10 +40,10 @@ LLM_PRUNER = {"lora_r": 8, "samples": 50_000, "epochs": 2, "tokens_per_sample_es
               "source": "LLM-Pruner paper section 4.1 (LoRA r=8, Alpaca-cleaned 50K samples, 2 epochs); "
                         "tokens per sample is an estimate, not a published figure"}
 
-CUTS: dict[str, Any] = {
-    "width-osscar-30": pare.OsscarConfig(mlp_ratio=0.3, round_to=8),
-    "depth-shortgpt-6": pare.ShortGPTConfig(num_layers=6),
+CUTS: dict[str, Any] = {  # cheapest cut first: a run stopped early still has whole rows
     "sparsegpt-2:4": pare.SparseGPTConfig(pattern="2:4"),
+    "depth-shortgpt-6": pare.ShortGPTConfig(num_layers=6),
+    "width-osscar-30": pare.OsscarConfig(mlp_ratio=0.3, round_to=8),
 }
 
 
@@ -140,9 +140,10 @@ def main() -> int:
             pare.save(model, tok, pruned_dir, report, overwrite=True)
             rows.put(f"{cut}/pruned", {**score(model), "prune_seconds": round(seconds, 1)})
             del model
-        variants = {"lora": {"mode": "lora"}, "distill": {"mode": "distill", "teacher": args.model}}
+        variants: dict[str, dict[str, Any]] = {"lora": {"mode": "lora"}}
         if cut.startswith("sparsegpt"):
             variants["lora-masked"] = {"mode": "lora", "lora_masked": True}
+        variants["distill"] = {"mode": "distill", "teacher": args.model}
         for name, opts in variants.items():
             key = f"{cut}/{name}"
             if rows.get(key) is not None:
@@ -160,12 +161,17 @@ def main() -> int:
             if cut.startswith("sparsegpt"):
                 row["exact_2_4"] = nm_exact(model)
             rows.put(key, row)
+            write_summary(rows.rows, args)  # after every row: a run stopped early still leaves its table
             del model
-    summary = summarize(rows.rows, args)
+    emit(write_summary(rows.rows, args, complete=True))
+    return 0
+
+
+def write_summary(rows: dict[str, Any], args: argparse.Namespace, complete: bool = False) -> dict[str, Any]:
+    summary = {**summarize(rows, args), "complete": complete}
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(summary, indent=1))
-    emit(summary)
-    return 0
+    return summary
 
 
 def _recovered(dense: float, pruned: float, after: float) -> float | None:
