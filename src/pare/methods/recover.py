@@ -173,6 +173,24 @@ class RecoverStage(Pruner):
         return self.config.data == CALIBRATION
 
     def check(self, model: nn.Module, arch: ModelArch) -> None:
+        """LoRA targets that match, a data source that exists, a teacher with the model's vocabulary:
+        refused before any work (the teacher's config is read here, its weights only in ``run``)."""
+        cfg = self.config
+        if cfg.data != CALIBRATION:
+            from pare.calibration.sources import _named, _source_path
+
+            if _named(cfg.data) is None:
+                _source_path(cfg.data)
+        if cfg.teacher:
+            from pare.io.load import causal_lm_config
+
+            try:
+                vocab = getattr(causal_lm_config(cfg.teacher), "vocab_size", None)
+            except (OSError, ValueError) as exc:
+                raise ConfigError(f"cannot read the teacher {cfg.teacher!r}: {exc}") from exc
+            if isinstance(vocab, int) and vocab != kd.vocab_size(model):
+                raise ConfigError(f"the teacher {cfg.teacher!r} has a vocabulary of {vocab} tokens, the pruned model "
+                                  f"{kd.vocab_size(model)}: {kd.SAME_VOCAB}")
         if self.config.uses_lora:
             lora.require_peft()
             names = [t.name for t in model_targets(model, arch)]

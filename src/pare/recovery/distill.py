@@ -19,6 +19,9 @@ from torch import nn
 
 from pare.errors import ConfigError
 
+SAME_VOCAB = ("distillation compares the two models' next-token distributions token by token, so the teacher must be "
+              "the unpruned model (same tokenizer); pass that with --teacher")
+
 
 def logit_kl(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
     """``T^2 * KL(p_t || p_s)`` averaged over tokens; logits ``[B, L, V]``. Zero for equal logits."""
@@ -44,9 +47,7 @@ def check_teacher(student: nn.Module, teacher: nn.Module, where: str) -> None:
     """Raise ConfigError unless the teacher's logits index the same vocabulary as the student's."""
     vs, vt = vocab_size(student), vocab_size(teacher)
     if vs != vt:
-        raise ConfigError(f"the teacher {where} has a vocabulary of {vt} tokens, the pruned model {vs}: distillation "
-                          "compares the two models' next-token distributions token by token, so the teacher must be "
-                          "the unpruned model (same tokenizer); pass that with --teacher")
+        raise ConfigError(f"the teacher {where} has a vocabulary of {vt} tokens, the pruned model {vs}: {SAME_VOCAB}")
 
 
 def kept_layers(num_teacher: int, edits: Sequence[dict[str, Any]]) -> list[int]:
