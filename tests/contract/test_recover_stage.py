@@ -206,3 +206,17 @@ def test_gradual_pruning_reaches_the_final_sparsity_with_nested_masks() -> None:
 def test_gradual_refuses_what_it_cannot_schedule(prune: dict, match: str) -> None:
     with pytest.raises(ConfigError, match=match):
         GradualConfig(prune=prune)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "phi3", "mixtral"])  # Conv1D, fused projections, MoE
+def test_lora_keeps_zeros_and_reloads_on_other_families(arch: str, tmp_path: Path) -> None:
+    model, ids, prune_report = _pruned(pare.MagnitudeConfig(sparsity=0.5), arch)
+    ids = ids % 100
+    zeros = {k: v == 0 for k, v in _state(model).items() if v.dim() >= 2 and v.shape[-1] != 128}
+    rec = pare.run(model, [_quick(mode="lora", lora_masked=True)], ids, runtime=RT, history=[prune_report])[0]
+    assert rec.scores["recovery"]["zeros_kept"]
+    state = model.state_dict()
+    assert all(torch.equal(state[k] == 0, z) for k, z in zeros.items())
+    pare.save(model, None, tmp_path / "o", [prune_report, rec])
+    with torch.no_grad():
+        assert torch.equal(pare.load(tmp_path / "o")(ids).logits, model(ids).logits)
