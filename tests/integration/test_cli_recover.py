@@ -101,3 +101,38 @@ def test_a_recipe_prunes_then_recovers(model_dir: Path, text_file: Path, tmp_pat
     manifest = json.loads((tmp_path / "o" / "pare.json").read_text())
     assert [s["method"] for s in manifest["stages"]] == ["wanda", "recover"]
     assert manifest["stages"][1]["overall_sparsity"] == pytest.approx(0.5)
+
+
+def test_a_killed_recover_process_resumes_to_the_uninterrupted_weights(pruned_dir: Path, text_file: Path,
+                                                                       tmp_path: Path) -> None:
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from safetensors.torch import load_file
+
+    args = ["--data", str(text_file), "--method", "lora", "--lora-dropout", "0.1", "--steps", "120", "--seqlen", "16",
+            "--batch-size", "2", "--lr", "0.001", "--eval-windows", "1", "--checkpoint-every", "10", "--no-progress"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "pare", "recover", str(pruned_dir)]
+    killed = tmp_path / "killed"
+    state = checkpoint_dir_for(str(killed)) / "recover-state.pt"
+    proc = subprocess.Popen([*cmd, "--out", str(killed), *args], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while not state.is_file() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    if not state.is_file() or killed.exists():
+        pytest.skip("the run finished or wrote no checkpoint before it could be killed (a very fast or slow machine)")
+    resumed = subprocess.run([*cmd, "--out", str(killed), *args, "--resume"], env=env, capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr
+    whole = subprocess.run([*cmd, "--out", str(tmp_path / "whole"), *args], env=env, capture_output=True, text=True)
+    assert whole.returncode == 0, whole.stderr
+    got, want = load_file(str(killed / "model.safetensors")), load_file(str(tmp_path / "whole" / "model.safetensors"))
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    rec = json.loads((killed / "pare.json").read_text())["scores"]["recovery"]
+    assert rec["resumed_from_step"] is not None and rec["resumed_from_step"] % 10 == 0
