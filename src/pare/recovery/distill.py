@@ -50,13 +50,16 @@ def check_teacher(student: nn.Module, teacher: nn.Module, where: str) -> None:
         raise ConfigError(f"the teacher {where} has a vocabulary of {vt} tokens, the pruned model {vs}: {SAME_VOCAB}")
 
 
-def kept_layers(num_teacher: int, edits: Sequence[dict[str, Any]]) -> list[int]:
+def kept_layers(num_teacher: int, edits: Sequence[Any]) -> list[int]:
     """For each layer of the student, the teacher layer it was kept from, replaying ``remove_layers``
-    edits in order (indices of each edit are those of the model at its time)."""
+    edits in order (indices of each edit are those of the model at its time). An edit is a typed
+    :mod:`pare.arch.surgery` edit or its manifest dict."""
     current = list(range(num_teacher))
     for edit in edits:
-        if edit.get("op") == "remove_layers":
-            current = [current[i] for i in edit["kept"]]
+        op = edit.get("op") if isinstance(edit, dict) else getattr(edit, "op", None)
+        if op == "remove_layers":
+            kept = edit["kept"] if isinstance(edit, dict) else edit.kept
+            current = [current[i] for i in kept]
     return current
 
 
