@@ -131,6 +131,7 @@ def run(
     arch_override: ArchOverride | None = None,
     batch_size: int | None = None,
     after_stage: AfterStage | None = None,
+    history: Sequence[Report] = (),
 ) -> list[Report]:
     """Apply ``stages`` (a recipe) to ``model`` in place, in order, with one calibration set.
 
@@ -146,11 +147,13 @@ def run(
             ``pare.load`` replays the edits with it).
         batch_size: windows per forward (default: the CalibrationConfig's, else 8).
         after_stage: called after each stage with the model and its report (figures after it).
+        history: the reports of the prunes applied to ``model`` before (a saved model's manifest
+            stages); stages that look back (recovery) see them.
 
     Returns:
         One report per stage; ``pare.save(model, tok, out, reports)`` writes them all as the manifest.
     """
-    pipeline = Pipeline(model, stages, runtime, arch_override)
+    pipeline = Pipeline(model, stages, runtime, arch_override, tokenizer=tokenizer, history=history)
     ids, calib_info, batch = calibration_for(model, calibration, tokenizer, batch_size) \
         if pipeline.needs_calibration() else (None, None, batch_size or 8)
     if pipeline.needs_calibration() and ids is None:

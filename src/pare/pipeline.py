@@ -59,8 +59,11 @@ class Pipeline:
     """
 
     def __init__(self, model: nn.Module, configs: PruneConfig | Sequence[PruneConfig],
-                 runtime: RuntimeConfig | None = None, arch_override: ArchOverride | None = None) -> None:
+                 runtime: RuntimeConfig | None = None, arch_override: ArchOverride | None = None,
+                 *, tokenizer: Any = None, history: Sequence[Report] = ()) -> None:
         self.model = model
+        self.tokenizer = tokenizer
+        self.history = list(history)  # reports of the prunes applied before this run (a saved model's)
         self.runtime = runtime or RuntimeConfig()
         self.device = usable_device(self.runtime.device)  # before any work
         self.arch_override = arch_override
@@ -122,7 +125,7 @@ class Pipeline:
             batch_size: windows per forward in the layer-wise runner.
             after_stage: called after each stage with the model and that stage's report.
         """
-        reports = []
+        reports: list[Report] = []
         for k, stage in enumerate(self.stages):
             if stage.needs() != "nothing" and ids is None:
                 raise ConfigError(f"method {stage.config.method!r} needs calibration data: pass token windows "
@@ -130,7 +133,7 @@ class Pipeline:
             arch = self._arch if self._arch is not None else describe(self.model, self.arch_override)
             if k:
                 stage.check(self.model, arch)
-            report = self._run_stage(stage, arch, ids, calibration, batch_size)
+            report = self._run_stage(stage, arch, ids, calibration, batch_size, [*self.history, *reports])
             if report.edits:
                 self._arch = None  # shapes changed: the next stage describes the model again
             else:
@@ -141,7 +144,7 @@ class Pipeline:
         return reports
 
     def _run_stage(self, stage: Pruner, arch: ModelArch, ids: torch.Tensor | None,
-                   calibration: dict[str, Any] | None, batch_size: int) -> Report:
+                   calibration: dict[str, Any] | None, batch_size: int, history: list[Report]) -> Report:
         model, cfg = self.model, stage.config
         uses = stage.needs() != "nothing"
         first = next(model.parameters(), None)
@@ -153,7 +156,8 @@ class Pipeline:
         report = Report(method=cfg.method, config=cfg.to_dict(), calibration=calibration if uses else None,
                         runtime=run_info, arch_override=override)
         ctx = PruneContext(model, arch, ids if uses else None, self.runtime, report, batch_size,
-                           device=self.device, arch_override=self.arch_override)
+                           device=self.device, arch_override=self.arch_override, tokenizer=self.tokenizer,
+                           history=history)
         params_before = sum(p.numel() for p in model.parameters())
         stage.start(ctx)
         with torch.no_grad(), measure_cost() as cost:

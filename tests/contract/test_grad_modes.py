@@ -13,7 +13,9 @@ from tiny import tiny_batch, tiny_model
 
 QUIET = pare.RuntimeConfig(progress=False, device="cpu")
 OPTIONS = {"layers": {"layers": "1"}, "width": {"importance": "taylor"},
-           "quantize": {"group_size": 32, "algorithm": "gptq"}}
+           "quantize": {"group_size": 32, "algorithm": "gptq"},
+           "recover": {"data": "calibration", "tokens": 64, "seqlen": 8, "batch_size": 2, "eval_windows": 1},
+           "gradual": {"prune_steps": 2, "recover": {"mode": "full", "data": "calibration", "tokens": 32, "seqlen": 8}}}
 ARCH = {"experts": "mixtral"}  # a method that needs a family of its own
 MODES = {"inference_mode": torch.inference_mode, "no_grad": torch.no_grad, "grad": contextlib.nullcontext}
 

@@ -148,8 +148,10 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     _eval_parser(sub)
     _report_parser(sub)
     from pare.cli.export import add_parser as _export_parser
+    from pare.cli.recover import add_recover_parser
 
     _export_parser(sub)
+    add_recover_parser(sub)
     return parser, prune_parser
 
 
@@ -249,6 +251,9 @@ def _dispatch(args: argparse.Namespace, prune_parser: argparse.ArgumentParser, a
         from pare.cli.commands import report_cmd
 
         return report_cmd(args)
+    if args.command == "recover":
+        from pare.cli.recover import recover_cmd
+        return recover_cmd(args)
     if args.command == "eval":
         from pare.cli.commands import eval_cmd
 

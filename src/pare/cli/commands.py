@@ -294,7 +294,8 @@ def _run_cmd(args: argparse.Namespace, stages: Sequence[PruneConfig], calib: Cal
     model, tok = _load_any(args.model, args.dtype)
     # every stage built once, the model described once; the first stage's options are checked before the
     # calibration text and the dense evaluation (later stages: on the model the earlier ones leave)
-    pipeline = Pipeline(model, stages, runtime, _arch_override(args.arch_override))
+    pipeline = Pipeline(model, stages, runtime, _arch_override(args.arch_override), tokenizer=tok,
+                        history=_earlier_reports(args.model))
     if getattr(args, "seqlen", None) is None:  # no --seqlen: as pare eval, 2048 or the model's context when shorter
         calib = dataclasses.replace(calib, seqlen=min(calib.seqlen, default_seqlen(model)))
     _check_eval_seqlen(model, args)
@@ -335,6 +336,14 @@ def _run_cmd(args: argparse.Namespace, stages: Sequence[PruneConfig], calib: Cal
             raise SaveInterrupted(out, saved=True) from None
         raise
     return 0
+
+
+def _earlier_reports(model: str) -> list[Report]:
+    """The reports of the prunes a saved pare model went through (none for another model)."""
+    from pare.io import read_manifest
+    from pare.io.save import manifest_stages
+
+    return [Report.from_dict(r) for r in manifest_stages(read_manifest(model) if Path(model).is_dir() else None)]
 
 
 def _save_run(args: argparse.Namespace, model: nn.Module, tok: Any, reports: list[Report]) -> Path:

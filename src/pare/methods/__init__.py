@@ -15,11 +15,13 @@ from pare.config import STAGES, stage_class
 from pare.methods.angular import AngularConfig, AngularPruner
 from pare.methods.base import PruneContext, Pruner, SparsityConfig, SparsityPruner, StructuralPruner
 from pare.methods.experts import ExpertsConfig, ExpertsPruner
+from pare.methods.gradual import GradualConfig, GradualStage
 from pare.methods.layers import LayersConfig, LayersPruner
 from pare.methods.magnitude import MagnitudeConfig, MagnitudePruner
 from pare.methods.osscar import OsscarConfig, OsscarPruner
 from pare.methods.ppl_window import PplWindowConfig, PplWindowPruner
 from pare.methods.quantize import QuantizeConfig, QuantizePruner
+from pare.methods.recover import RecoverConfig, RecoverStage
 from pare.methods.shortgpt import ShortGPTConfig, ShortGPTPruner
 from pare.methods.slicegpt import SliceGPTConfig, SliceGPTPruner
 from pare.methods.sparsegpt import SparseGPTConfig, SparseGPTPruner
@@ -63,6 +65,8 @@ __all__ = [
     "AngularPruner",
     "ExpertsConfig",
     "ExpertsPruner",
+    "GradualConfig",
+    "GradualStage",
     "LayersConfig",
     "LayersPruner",
     "MagnitudeConfig",
@@ -75,6 +79,8 @@ __all__ = [
     "Pruner",
     "QuantizeConfig",
     "QuantizePruner",
+    "RecoverConfig",
+    "RecoverStage",
     "ShortGPTConfig",
     "ShortGPTPruner",
     "SliceGPTConfig",

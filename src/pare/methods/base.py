@@ -24,7 +24,7 @@ import re
 from abc import ABC, abstractmethod
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import torch
 from torch import nn
@@ -71,6 +71,9 @@ class PruneContext:
         device: the resolved compute device (checked once per run).
         arch_override: the caller's architecture corrections: a stage that describes the model again
             (after cutting it) passes them on.
+        tokenizer: the model's tokenizer when the caller has it (a recovery stage tokenizes its text).
+        history: the reports of the stages applied to the model before this one, in order (a
+            recovery stage maps the layers a depth cut kept back to the teacher's).
     """
 
     model: nn.Module
@@ -81,6 +84,8 @@ class PruneContext:
     batch_size: int = 8
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     arch_override: ArchOverride | None = None
+    tokenizer: Any = None
+    history: list[Report] = field(default_factory=list)
 
     @property
     def dtype(self) -> torch.dtype | None:
