@@ -147,6 +147,8 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     _run_parser(sub)
     _eval_parser(sub)
     _report_parser(sub)
+    from pare.cli import study as study_cli
+    study_cli.add_parser(sub)
     return parser, prune_parser
 
 
@@ -246,6 +248,10 @@ def _dispatch(args: argparse.Namespace, prune_parser: argparse.ArgumentParser, a
         from pare.cli.commands import report_cmd
 
         return report_cmd(args)
+    if args.command == "study":
+        from pare.cli.study import study_cmd
+
+        return study_cmd(args)
     if args.command == "eval":
         from pare.cli.commands import eval_cmd
 

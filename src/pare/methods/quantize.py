@@ -53,6 +53,8 @@ class QuantizeConfig(PruneConfig):
         blocksize: GPTQ: lazy-update block width.
         targets: regexes of module names to quantize (default: every linear inside a decoder layer).
         ignore: regexes of module names never to quantize.
+        keep_zeros: weights that are exactly zero (an earlier pruning stage's) stay zero: GPTQ spreads
+            its errors onto the other weights only, RTN leaves them at zero even with a zero point.
     """
 
     method: ClassVar[str] = "quantize"
@@ -66,6 +68,7 @@ class QuantizeConfig(PruneConfig):
     blocksize: int = help_field(128, "GPTQ: columns per lazy-update block")
     targets: tuple[str, ...] = help_field((), "regexes of module names to quantize (default: all decoder linears)")
     ignore: tuple[str, ...] = help_field((), "regexes of module names never to quantize")
+    keep_zeros: bool = help_field(False, "weights already zero (pruned) stay zero, so a pruned model stays sparse")
 
     def __post_init__(self) -> None:
         super().__post_init__()  # every field's type
@@ -148,15 +151,18 @@ class QuantizePruner(Pruner):
 
     def quantize_target(self, target: Target, stats: InputStats | None) -> None:
         w = target.weight()
+        zeros = (w == 0) if self.config.keep_zeros else None
         if self.config.algorithm == "gptq" and stats is not None and stats.tokens and stats.gram is not None:
             factor, perm = self._factor(stats)
-            res = gptq_quantize(w, factor, self.scheme, blocksize=self.config.blocksize, perm=perm)
+            res = gptq_quantize(w, factor, self.scheme, blocksize=self.config.blocksize, perm=perm, keep_zero=zeros)
             dq = res.weight
             self.losses[target.name] = res.loss
         else:
             if self.config.algorithm == "gptq":
                 log.warning("%s received no calibration tokens: rounded to nearest instead", target.name)
             dq = quantize(w, self.scheme).dequant
+            if zeros is not None:
+                dq = dq.masked_fill(zeros.to(dq.device), 0.0)
         record_quantized(w, dq, target.name, self.inexact)
         self.bits = self.bits + matrix_bits(target.shape, self.scheme)
 
