@@ -55,7 +55,8 @@ def table_rows(results: list[dict[str, Any]], ref: int | None) -> tuple[tuple[st
     ppl_front = {id(r) for r in pareto_front(results, "bytes", "ppl", True)}
     acc_front = {id(r) for r in pareto_front(results, "bytes", "zeroshot_mean", False)}
     tasks = sorted({t for r in results for t in (r.get("zeroshot") or {})})
-    header = ("point", "prune", "quant", "order", "params", "bits/param", "MB", "% of 16-bit", "PPL",
+    mref = matrix_reference_bytes(results)
+    header = ("point", "prune", "quant", "order", "params", "bits/param", "MB", "% of 16-bit", "matrices %", "PPL",
               "zero-shot mean", *tasks, "front (PPL / acc)")
     rows = []
     for r in sorted(results, key=lambda r: r["bytes"]):
@@ -63,29 +64,58 @@ def table_rows(results: list[dict[str, Any]], ref: int | None) -> tuple[tuple[st
         front = "/".join(("PPL" if id(r) in ppl_front else "", "acc" if id(r) in acc_front else "")).strip("/")
         rows.append((p["id"], p["prune"], p["quant"], p["order"], _f(r["params"]), _f(r["bits_per_param"], 3),
                      _f(r["bytes"] / 1e6, 1), "-" if not ref else f"{100 * r['bytes'] / ref:.1f}%",
+                     "-" if not mref or r.get("matrix_bytes") is None else f"{100 * r['matrix_bytes'] / mref:.1f}%",
                      _f(r.get("ppl")), _f(r.get("zeroshot_mean"), 3),
                      *(_f((r.get("zeroshot") or {}).get(t), 3) for t in tasks), front or "-"))
     return header, rows
 
 
-def budget_rows(results: list[dict[str, Any]], ref: int | None) -> list[tuple[str, ...]]:
-    """For each budget: the best point by perplexity and by zero-shot mean among those that fit."""
+def matrix_reference_bytes(results: list[dict[str, Any]]) -> int | None:
+    """The dense point's decoder-matrix bytes (None without a dense point)."""
+    dense = [r for r in results if r["point"]["id"] == "dense"]
+    return dense[0].get("matrix_bytes") if dense else None
+
+
+def budget_rows(results: list[dict[str, Any]], ref: int | None, key: str = "bytes") -> list[tuple[str, ...]]:
+    """For each budget (a fraction of ``ref``, measured on ``key``: ``bytes`` for the whole checkpoint,
+    ``matrix_bytes`` for the decoder matrices alone), the best point by perplexity and by zero-shot mean
+    among those that fit, and the smallest point."""
     if not ref:
         return []
+    usable = [r for r in results if isinstance(r.get(key), (int, float))]
+    if not usable:
+        return []
     rows: list[tuple[str, ...]] = []
+    smallest = min(usable, key=lambda r: r[key])
     for frac in BUDGETS:
         cap = ref * frac
-        by_ppl = best_within(results, cap, "bytes", "ppl", True)
-        by_acc = best_within(results, cap, "bytes", "zeroshot_mean", False)
-        smallest = min(results, key=lambda r: r["bytes"])
+        by_ppl = best_within(usable, cap, key, "ppl", True)
+        by_acc = best_within(usable, cap, key, "zeroshot_mean", False)
         rows.append((f"{frac:.1%} ({cap / 1e6:.1f} MB)",
-                     "nothing fits" if by_ppl is None else f"{_label(by_ppl)}: PPL {_f(by_ppl['ppl'])}",
-                     "nothing fits" if by_acc is None else f"{_label(by_acc)}: {_f(by_acc['zeroshot_mean'], 3)}",
-                     f"{_label(smallest)} ({100 * smallest['bytes'] / ref:.1f}%)"))
+                     "nothing fits" if by_ppl is None else
+                     f"{_label(by_ppl)}: PPL {_f(by_ppl['ppl'])} ({100 * by_ppl[key] / ref:.1f}%)",
+                     "nothing fits" if by_acc is None else
+                     f"{_label(by_acc)}: {_f(by_acc['zeroshot_mean'], 3)} ({100 * by_acc[key] / ref:.1f}%)",
+                     f"{_label(smallest)} ({100 * smallest[key] / ref:.1f}%)"))
     return rows
 
 
-BUDGET_HEADER = ("budget (of 16-bit bytes)", "best PPL within it", "best zero-shot mean within it", "smallest point")
+BUDGET_HEADER = ("budget (of the 16-bit bytes)", "best PPL within it", "best zero-shot mean within it",
+                 "smallest point")
+BUDGET_TITLES = ("Budgets: the whole checkpoint", "Budgets: the decoder matrices alone")
+BUDGET_NOTES = ("Every stored value counts: embeddings, norms and any unquantized parameter at 16 bits.",
+                "Only the decoder layers' matrices, the part pruning and quantization change (their bytes against "
+                "the dense model's matrices at 16 bits); the embeddings and norms stay as they are.")
+
+
+def _budget_tables(results: list[dict[str, Any]], ref: int | None) -> list[tuple[str, str, list[tuple[str, ...]]]]:
+    tables = []
+    for title, note, key, base in zip(BUDGET_TITLES, BUDGET_NOTES, ("bytes", "matrix_bytes"),
+                                      (ref, matrix_reference_bytes(results)), strict=True):
+        rows = budget_rows(results, base, key)
+        if rows:
+            tables.append((title, note, rows))
+    return tables
 
 
 def order_rows(results: list[dict[str, Any]]) -> tuple[tuple[str, ...], list[tuple[str, ...]]]:
@@ -187,9 +217,9 @@ def render_study_html(study: dict[str, Any], results: list[dict[str, Any]], plot
     parts = [f"<header><h1>{html.escape(title)}</h1><div class=sub>{len(results)} point(s), generated {when}"
              "</div></header><ul class=notes>"
              + "".join(f"<li>{html.escape(t)}</li>" for t in _settings_text(study, ref)) + "</ul>"]
-    brows = budget_rows(results, ref)
-    if brows:
-        parts += ["<h2>Budgets</h2>", _html_table(BUDGET_HEADER, brows)]
+    for title, note, rows in _budget_tables(results, ref):
+        parts += [f"<h2>{html.escape(title)}</h2><p class=sub>{html.escape(note)}</p>",
+                  _html_table(BUDGET_HEADER, rows)]
     parts.append("<h2>Quality against bytes</h2>")
     if plots is None:
         parts.append(f"<p class=note>{html.escape(NO_PLOTS)}</p>")
@@ -210,9 +240,8 @@ def render_study_markdown(study: dict[str, Any], results: list[dict[str, Any]], 
     ref = reference_bytes(study, results)
     lines = [f"# pare study: {Path(str(study.get('settings', {}).get('model'))).name}", ""]
     lines += [f"- {t}" for t in _settings_text(study, ref)] + [""]
-    brows = budget_rows(results, ref)
-    if brows:
-        lines += ["## Budgets", "", markdown_table(BUDGET_HEADER, brows), ""]
+    for title, note, rows in _budget_tables(results, ref):
+        lines += [f"## {title}", "", note, "", markdown_table(BUDGET_HEADER, rows), ""]
     lines += ["## Quality against bytes", ""]
     if plots is None:
         lines += [NO_PLOTS, ""]
