@@ -117,7 +117,9 @@ def test_cli_study_resume_and_report(model_dir: Path, text_file: Path, tmp_path:
     said = capsys.readouterr().out
     assert "5 points, 5 already done" in said and "running 0" in said
     md = (out / "report.md").read_text()
-    assert "## Budgets: the whole checkpoint" in md and "## Budgets: the decoder matrices alone" in md and "## Order ablation" in md and "sparsegpt-0.5__int4-g32__joint" in md
+    for title in ("## Budgets: the whole checkpoint", "## Budgets: the decoder matrices alone", "## Order ablation",
+                  "sparsegpt-0.5__int4-g32__joint"):
+        assert title in md
     assert (out / "report_plots" / "pareto-ppl.png").stat().st_size > 1000
     assert "data:image/png;base64" in (out / "report.html").read_text()
     # pare report on a study directory writes the study's report
