@@ -165,3 +165,14 @@ def test_a_failing_point_does_not_stop_the_others(model_dir: Path, text_file: Pa
     with pytest.raises(ConfigError, match=r"1 study point\(s\) failed .*osscar-0.25__int4-g32__prune-first.*72"):
         Study(tmp_path / "s", _settings(model_dir, text_file), points).run()
     assert [r["point"]["id"] for r in read_study(tmp_path / "s")[1]] == ["int4-g32"]
+
+
+def test_cli_dry_run_lists_points_without_running(model_dir: Path, tmp_path: Path, capsys) -> None:
+    argv = ["study", "--model", str(model_dir), "--prune", "none; sparsegpt:2:4", "--quant", "mxfp4",
+            "--order", "prune-first,quant-first,joint", "--out", str(tmp_path / "s"), "--dry-run"]
+    assert main(argv) == 0
+    said = capsys.readouterr().out
+    for pid in ("mxfp4", "sparsegpt-2-4__mxfp4__prune-first", "sparsegpt-2-4__mxfp4__quant-first",
+                "sparsegpt-2-4__mxfp4__joint"):
+        assert pid in said
+    assert not (tmp_path / "s").exists()
