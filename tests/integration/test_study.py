@@ -160,11 +160,20 @@ def test_study_report_without_points_is_an_error(tmp_path: Path) -> None:
 
 
 def test_a_failing_point_does_not_stop_the_others(model_dir: Path, text_file: Path, tmp_path: Path) -> None:
-    # OSSCAR leaves 72 of 96 MLP channels: groups of 32 cannot quantize that width, found only once it ran
-    points = build_grid("none; osscar:0.25", "int4-g32", "prune-first")
-    with pytest.raises(ConfigError, match=r"1 study point\(s\) failed .*osscar-0.25__int4-g32__prune-first.*72"):
+    # GPTQ needs groups that are multiples of 16: found only when its pass runs
+    points = build_grid("none", "int4-g8; gptq-int4-g8", "prune-first")
+    with pytest.raises(ConfigError, match=r"1 study point\(s\) failed .*gptq-int4-g8: .*multiple of 16"):
         Study(tmp_path / "s", _settings(model_dir, text_file), points).run()
-    assert [r["point"]["id"] for r in read_study(tmp_path / "s")[1]] == ["int4-g32"]
+    assert [r["point"]["id"] for r in read_study(tmp_path / "s")[1]] == ["int4-g8"]
+
+
+def test_a_width_left_by_a_structured_cut_is_checked_before_any_work(model_dir: Path, text_file: Path,
+                                                                     tmp_path: Path) -> None:
+    # OSSCAR will leave 72 of 96 MLP channels: groups of 32 cannot quantize that width
+    points = build_grid("none; osscar:0.25", "int4-g32", "prune-first")
+    with pytest.raises(ConfigError, match=r"study point osscar-0.25__int4-g32__prune-first: .*72 inputs"):
+        Study(tmp_path / "s", _settings(model_dir, text_file), points).run()
+    assert not (tmp_path / "s").exists()
 
 
 def test_cli_dry_run_lists_points_without_running(model_dir: Path, tmp_path: Path, capsys) -> None:

@@ -62,21 +62,21 @@ def _needs_calibration(points: list[Point]) -> bool:
 
 
 def check_points(model_path: str, points: list[Point]) -> None:
-    """Check every stage of every point on the model's shapes (a meta copy: no weights read), so a
-    scheme that does not fit (a group size that does not divide a width...) fails before any work."""
-    from pare.arch import describe
-    from pare.config import config_from_dict, stage_for_config
+    """Check every point's whole recipe on the model's shapes (a meta copy: no weights read), each
+    stage on the shapes the stages before it leave, so a scheme that does not fit (a group size that
+    does not divide a width, before or after a structured cut) fails before any work."""
+    from pare.config import RuntimeConfig, config_from_dict
     from pare.io.load import meta_model
+    from pare.pipeline import Pipeline
 
     model = meta_model(model_path)
-    arch = describe(model)
     for p in points:
-        for s in p.stages:
-            cfg = config_from_dict(dict(s))
-            try:
-                stage_for_config(cfg)(cfg).check(model, arch)
-            except ConfigError as exc:
-                raise ConfigError(f"study point {p.id}: {exc}") from None
+        if not p.stages:
+            continue
+        try:
+            Pipeline(model, [config_from_dict(dict(s)) for s in p.stages], RuntimeConfig(device="cpu"))
+        except ConfigError as exc:
+            raise ConfigError(f"study point {p.id}: {exc}") from None
 
 
 class Study:
