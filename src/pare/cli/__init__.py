@@ -149,9 +149,11 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     _report_parser(sub)
     from pare.cli.export import add_parser as _export_parser
     from pare.cli.recover import add_recover_parser
+    from pare.cli.study import add_parser as _study_parser
 
     _export_parser(sub)
     add_recover_parser(sub)
+    _study_parser(sub)
     return parser, prune_parser
 
 
@@ -253,7 +255,12 @@ def _dispatch(args: argparse.Namespace, prune_parser: argparse.ArgumentParser, a
         return report_cmd(args)
     if args.command == "recover":
         from pare.cli.recover import recover_cmd
+
         return recover_cmd(args)
+    if args.command == "study":
+        from pare.cli.study import study_cmd
+
+        return study_cmd(args)
     if args.command == "eval":
         from pare.cli.commands import eval_cmd
 

@@ -375,7 +375,14 @@ def _write_run_report(out: Path) -> list[str]:
 def report_cmd(args: argparse.Namespace) -> int:
     """``pare report OUT_DIR... --html FILE [--md FILE]``."""
     from pare.reporting import write_report
+    from pare.study.run import is_study
 
+    if len(args.runs) == 1 and is_study(args.runs[0]):  # a study directory: its own report
+        from pare.study.report import write_study_report
+
+        for page in write_study_report(args.runs[0], args.html, args.md, plots=args.plots):
+            print(f"wrote {page}")
+        return 0
     html = args.html if args.html or args.md else "report.html"
     written = write_report(args.runs, html=html, md=args.md, plots=args.plots)
     if written.note:

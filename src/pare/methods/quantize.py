@@ -58,6 +58,8 @@ class QuantizeConfig(PruneConfig):
             (``int8`` or ``fp8`` E4M3: W8A8 with an 8-bit weight scheme), as forward pre-hooks on those
             linears (:class:`pare.ops.quant.act.TokenQuantHook`); ``pare.load`` puts them back from the
             manifest. Empty: weights only, activations stay in the model's dtype.
+        keep_zeros: weights that are exactly zero (an earlier pruning stage's) stay zero: GPTQ spreads
+            its errors onto the other weights only, RTN leaves them at zero even with a zero point.
     """
 
     method: ClassVar[str] = "quantize"
@@ -73,6 +75,7 @@ class QuantizeConfig(PruneConfig):
     ignore: tuple[str, ...] = help_field((), "regexes of module names never to quantize")
     activations: str = help_field("", "simulate dynamic per-token activation quantization of the quantized "
                                   "linears' inputs: int8 or fp8 (W8A8); empty: weights only")
+    keep_zeros: bool = help_field(False, "weights already zero (pruned) stay zero, so a pruned model stays sparse")
 
     def __post_init__(self) -> None:
         super().__post_init__()  # every field's type
@@ -162,15 +165,19 @@ class QuantizePruner(Pruner):
 
     def quantize_target(self, target: Target, stats: InputStats | None) -> None:
         w = target.weight()
+        zeros = (w == 0) if self.config.keep_zeros else None
         if self.config.algorithm == "gptq" and stats is not None and stats.tokens and stats.gram is not None:
             factor, perm = self._factor(stats)
-            res = gptq_quantize(w, factor, self.scheme.for_weight(w.dtype), blocksize=self.config.blocksize, perm=perm)
+            res = gptq_quantize(w, factor, self.scheme.for_weight(w.dtype), blocksize=self.config.blocksize, perm=perm,
+                                keep_zero=zeros)
             dq = res.weight
             self.losses[target.name] = res.loss
         else:
             if self.config.algorithm == "gptq":
                 log.warning("%s received no calibration tokens: rounded to nearest instead", target.name)
             dq = quantize(w, self.scheme.for_weight(w.dtype)).dequant
+            if zeros is not None:
+                dq = dq.masked_fill(zeros.to(dq.device), 0.0)
         record_quantized(w, dq, target.name, self.inexact)
         self.bits = self.bits + matrix_bits(target.shape, self.scheme)
 

@@ -144,6 +144,7 @@ def gptq_quantize(
     blocksize: int = 128,
     perm: torch.Tensor | None = None,
     prune: PruneSpec | None = None,
+    keep_zero: torch.Tensor | None = None,
 ) -> GPTQResult:
     """Quantize ``W: [out, in]`` with GPTQ (and prune it jointly when ``prune`` is given).
 
@@ -156,6 +157,9 @@ def gptq_quantize(
         blocksize: lazy-update block width; raised to the group size when smaller, and a multiple of M.
         perm: act-order column permutation (``None``: left to right). Not with ``prune``.
         prune: prune jointly (SparseGPT's masks).
+        keep_zero: ``[out, in]`` bool, weights already pruned (original column order): they stay exact
+            zeros (errors spread only onto kept weights, and groups whose parameters the pass computes
+            leave them out), so a pruned model keeps its sparsity. Not with ``prune``.
 
     Returns:
         A :class:`GPTQResult`: pruned weights exact zeros and every other weight on the scheme's grid.
@@ -166,6 +170,9 @@ def gptq_quantize(
     if prune is not None and perm is not None:
         raise ConfigError("act_order cannot be combined with pruning: N:M groups and SparseGPT's blocks follow "
                           "the input order")
+    if keep_zero is not None and (prune is not None or tuple(keep_zero.shape) != (rows, cols)):
+        raise ConfigError("keep_zero is a [out, in] mask of an already pruned matrix; it cannot be combined with "
+                          "joint pruning")
     g = scheme.group(cols)
     if g < cols and g % SUB:
         raise ConfigError(f"GPTQ needs a group size that is a multiple of {SUB} (or 0, per channel), got {g}")
@@ -179,6 +186,8 @@ def gptq_quantize(
     order = torch.arange(cols, device=U.device) if perm is None else perm.to(U.device)
     grid = _Grid(scheme, Wf, static=perm is not None)
     Wf = Wf[:, order] if perm is not None else Wf
+    fixed = None if keep_zero is None else keep_zero.to(device=U.device, dtype=torch.bool)
+    fixed = fixed[:, order] if fixed is not None and perm is not None else fixed
     Wf[:, factor.dead] = 0.0
     per_row = prune is None or prune.mask_group == "row"
     cands = nm_candidates(nm, U.device) if nm is not None and prune is not None and prune.nm_select == "obs" else None
@@ -189,7 +198,8 @@ def gptq_quantize(
     for b, i1 in enumerate(range(0, cols, blocksize)):
         i2 = min(i1 + blocksize, cols)
         U1 = U[i1:i2, i1:i2]
-        mask1 = block_mask(Wf[:, i1:i2], U1.diagonal(), counts[b], per_row) if counts else None
+        mask1 = block_mask(Wf[:, i1:i2], U1.diagonal(), counts[b], per_row) if counts \
+            else None if fixed is None else fixed[:, i1:i2]
         Wt = Wf[:, i1:i2].t().contiguous()
         Mt = torch.zeros_like(Wt, dtype=torch.bool) if mask1 is None else mask1.t().contiguous()
         Et = _block(Wt, U1, order[i1:i2], grid, Mt, nm, cands)
