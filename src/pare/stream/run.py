@@ -126,7 +126,7 @@ def _calibration(model: Any, stage: Any, calibration: Any, tokenizer: Any,
 
 def stream_prune(plan: StreamPlan, runtime: RuntimeConfig, *, resume: bool = False, overwrite: bool = False,
                  tokenizer: Any = None, event: Event | None = None,
-                 earlier: list[Report] | None = None) -> tuple[Report, Path]:
+                 earlier: list[Report] | None = None, figures: dict[str, Any] | None = None) -> tuple[Report, Path]:
     """Run a checked :class:`StreamPlan`; returns the stage's report and the published output.
 
     Args:
@@ -136,6 +136,7 @@ def stream_prune(plan: StreamPlan, runtime: RuntimeConfig, *, resume: bool = Fal
         tokenizer: saved beside the model when given.
         event: called at each stage of each layer (see :data:`pare.stream.files.Event`).
         earlier: reports of earlier prunes of the source model (its manifest), kept in the new one.
+        figures: added to the report's figures before it is written (e.g. ``size_on_disk_bytes_before``).
     """
     settings = {"method": plan.stage.config.to_dict(), "calibration": plan.calibration, "batch_size": plan.batch_size,
                 "sequential": runtime.sequential, "dtype": str(plan.model.dtype), "device": plan.device.type,
@@ -161,6 +162,7 @@ def stream_prune(plan: StreamPlan, runtime: RuntimeConfig, *, resume: bool = Fal
             report = _run_layers(plan, runtime, part, record, event)
         report.prune_seconds = float(record.get("seconds", cost.seconds))
         report.peak_rss_mb = max(float(record.get("peak_rss_mb", 0.0)), cost.peak_rss_mb)
+        report.figures.update(figures or {})
         return report, _publish(plan, part, record, report, tokenizer, overwrite, earlier or [])
 
 
