@@ -48,6 +48,7 @@ def build_skeleton(name_or_path: str, dtype: torch.dtype | None) -> nn.Module:
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config, dtype=resolved)
     model.config.name_or_path = str(name_or_path)
+    tie(model)  # from_config on meta leaves the tied parameters apart
     return model.eval()
 
 
