@@ -158,7 +158,7 @@ def test_pickled_checkpoint_is_refused_without_unpickling(tmp_path: Path) -> Non
     src = tmp_path / "pickled"
     tiny_model("llama").config.save_pretrained(src)
     (src / "pytorch_model.bin").write_bytes(b"not a pickle: reading it would fail loudly")
-    with pytest.raises(ConfigError, match="pickled.*never unpickles"):
+    with pytest.raises(ConfigError, match=r"pickled.*never unpickles"):
         plan_stream(str(src), pare.WandaConfig(), tmp_path / "o", tiny_batch(4, 16), None, RUNTIME,
                     StreamConfig(stream=True))
     assert not (tmp_path / "o").exists()
