@@ -134,16 +134,13 @@ class PartialOutput:
         ``before_rename`` is called with the partial file's path once it is written (a hook to
         interrupt the write in tests).
         """
-        from safetensors.torch import save_file
-
         final = self.work / name
         tmp = self.work / (name + ".partial")
-        cpu = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
-        save_file(cpu, str(tmp), metadata={"format": "pt"})
+        size = write_safetensors(tmp, tensors, {"format": "pt"})
         if before_rename is not None:
             before_rename(tmp)
         replace_atomically(tmp, final)
-        return sum(t.numel() * t.element_size() for t in cpu.values())
+        return size
 
     def has_shard(self, name: str) -> bool:
         return (self.work / name).is_file()
@@ -151,10 +148,8 @@ class PartialOutput:
     # ----------------------------------------------------------------------- activations
     def save_tensors(self, name: str, tensors: list[torch.Tensor]) -> None:
         """Save a list of tensors (the next layer's inputs) as ``name``, atomically."""
-        from safetensors.torch import save_file
-
         tmp = self.work / (name + ".partial")
-        save_file({str(i): t.detach().to("cpu").contiguous() for i, t in enumerate(tensors)}, str(tmp))
+        write_safetensors(tmp, {str(i): t for i, t in enumerate(tensors)}, {"format": "pt"})
         replace_atomically(tmp, self.work / name)
 
     def load_tensors(self, name: str, device: torch.device) -> list[torch.Tensor]:
@@ -196,6 +191,42 @@ class PartialOutput:
             raise
         shutil.rmtree(self.work, ignore_errors=True)
         return path
+
+
+_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+           torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+           torch.bool: "BOOL"}
+
+
+def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> int:
+    """Write ``tensors`` in the safetensors format, one tensor after the other from its own memory
+    (``safetensors.torch.save_file`` first copies every tensor into bytes: a second copy of a layer).
+
+    Tensors are laid out by decreasing element size, so every one starts aligned to its element
+    size (the header is padded to 8 bytes). Returns the bytes of tensor data.
+    """
+    order = sorted(tensors, key=lambda k: (-tensors[k].element_size(), k))
+    header: dict[str, Any] = {"__metadata__": metadata}
+    offset = 0
+    for key in order:
+        t = tensors[key]
+        if t.dtype not in _DTYPES:
+            raise ValueError(f"{key}: dtype {t.dtype} has no safetensors name")
+        n = t.numel() * t.element_size()
+        header[key] = {"dtype": _DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + n]}
+        offset += n
+    raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    raw += b" " * (-len(raw) % 8)
+    with open(path, "wb") as f:
+        f.write(len(raw).to_bytes(8, "little"))
+        f.write(raw)
+        for key in order:
+            t = tensors[key].detach()
+            cpu = t.to("cpu").contiguous() if t.device.type != "cpu" or not t.is_contiguous() else t
+            if cpu.numel():
+                f.write(memoryview(cpu.view(-1).view(torch.uint8).numpy()))
+            del cpu
+    return offset
 
 
 def manifest_file(tmp: Path, manifest: dict[str, Any]) -> None:
