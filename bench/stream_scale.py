@@ -6,12 +6,16 @@ peak RSS each process measured of itself (``ru_maxrss``) against one layer + act
 and whether the two outputs are equal bitwise. Then a streamed run killed with SIGKILL after a random
 layer and resumed with ``--resume``: its files against the uninterrupted run's.
 
-``big``: a random-weight Llama (hidden 5120, MLP 13824, bf16) larger than half this machine's RAM,
-written once under ``--dir`` and deleted after: Wanda (and SparseGPT with ``--sparsegpt``) 50% with
+With ``--device cuda`` (when a GPU is there) the same comparison is the GPU check: seconds and the
+peak GPU memory (``torch.cuda.max_memory_allocated``) of each run.
+
+``big``: a random-weight Llama (hidden 5120, MLP 13824, bf16; one random layer repeated) larger than
+half this machine's RAM, written once under ``--dir`` and deleted after: Wanda (and SparseGPT with ``--sparsegpt``) 50% with
 ``--stream`` must finish with a peak RSS within one layer + activations + 2 GiB, and the output
 must load with ``from_pretrained(device_map="meta")`` with no missing or unexpected weight.
 
-Every heavy run goes through /work/notes/heavy-run when it exists (one thread, nice).
+Run the script itself through /work/notes/heavy-run (one machine slot for the whole bench); every
+pare run is a child process with one thread, under nice.
 """
 
 from __future__ import annotations
@@ -31,7 +35,6 @@ from pathlib import Path
 
 SMOL = Path("/root/.cache/pare-models/smollm2-135m")
 TEXT = Path(os.environ.get("PARE_DATA_DIR", "/work/shared/data")) / "tinystories" / "train-head.txt"
-HEAVY = Path("/work/notes/heavy-run")
 GiB = 2**30
 
 
@@ -44,16 +47,15 @@ def child(argv: list[str]) -> int:
 
     start = time.perf_counter()
     rc = main(argv)
-    print(json.dumps({"rc": rc, "seconds": time.perf_counter() - start,
+    cuda = torch.cuda.max_memory_allocated() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+    print(json.dumps({"rc": rc, "seconds": time.perf_counter() - start, "max_cuda_bytes": cuda,
                       "maxrss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
     return rc
 
 
-def run_pare(argv: list[str], heavy: bool = True) -> dict:
+def run_pare(argv: list[str]) -> dict:
     """``pare argv`` in a child process; its report (``--json``) and its measured cost."""
-    cmd = [sys.executable, __file__, "child", "--", *argv]
-    if heavy and HEAVY.exists():
-        cmd = [str(HEAVY), *cmd]
+    cmd = ["nice", "-n", "10", sys.executable, __file__, "child", "--", *argv]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
     lines = proc.stdout.strip().splitlines()
@@ -111,7 +113,7 @@ def small(args: argparse.Namespace) -> dict:
     work.mkdir(parents=True)
     common = ["prune", "--model", str(SMOL), "--method", args.method, "--sparsity", "0.5", "--calib", str(TEXT),
               "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen), "--batch-size", str(args.batch),
-              "--no-progress", "--json", "--overwrite"]
+              "--no-progress", "--json", "--overwrite", *(["--device", args.device] if args.device else [])]
     figs = plan_figures(str(SMOL), args.nsamples, args.seqlen, args.batch, args.method)
     runs: dict[str, list[dict]] = {"in_memory": [], "streamed": []}
     for r in range(args.repeats):
@@ -120,7 +122,7 @@ def small(args: argparse.Namespace) -> dict:
             extra = ["--stream"] if kind == "streamed" else []
             res = run_pare([*common, "--out", str(out), *extra])
             runs[kind].append({"seconds": res["seconds"], "prune_seconds": res["report"]["prune_seconds"],
-                               "maxrss_bytes": res["maxrss_bytes"]})
+                               "maxrss_bytes": res["maxrss_bytes"], "max_cuda_bytes": res["max_cuda_bytes"]})
     n = figs["num_layers"]
 
     def med(kind: str, key: str) -> float:
@@ -196,6 +198,14 @@ def write_big(root: Path, layers: int, hidden: int, inter: int, seed: int) -> in
     def rand(*shape: int) -> torch.Tensor:
         return (torch.randn(*shape, generator=g, dtype=torch.float32) * 0.02).to(torch.bfloat16)
 
+    # one random layer written for every layer: drawing 13 GB of normals would cost minutes of CPU on
+    # this shared machine, and the run streams, prunes and writes each layer all the same
+    layer = {f"self_attn.{proj}.weight": rand(hidden, hidden) for proj in ("q_proj", "k_proj", "v_proj", "o_proj")}
+    layer.update({"mlp.gate_proj.weight": rand(inter, hidden), "mlp.up_proj.weight": rand(inter, hidden),
+                  "mlp.down_proj.weight": rand(hidden, inter),
+                  "input_layernorm.weight": torch.ones(hidden, dtype=torch.bfloat16),
+                  "post_attention_layernorm.weight": torch.ones(hidden, dtype=torch.bfloat16)})
+
     groups: list[dict[str, torch.Tensor]] = []
     outside = {"model.embed_tokens.weight": rand(vocab, hidden), "lm_head.weight": rand(vocab, hidden),
                "model.norm.weight": torch.ones(hidden, dtype=torch.bfloat16)}
@@ -214,14 +224,7 @@ def write_big(root: Path, layers: int, hidden: int, inter: int, seed: int) -> in
     del outside, groups
     shard: dict[str, torch.Tensor] = {}
     for i in range(layers):
-        p = f"model.layers.{i}."
-        for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
-            shard[p + f"self_attn.{proj}.weight"] = rand(hidden, hidden)
-        shard[p + "mlp.gate_proj.weight"] = rand(inter, hidden)
-        shard[p + "mlp.up_proj.weight"] = rand(inter, hidden)
-        shard[p + "mlp.down_proj.weight"] = rand(hidden, inter)
-        shard[p + "input_layernorm.weight"] = torch.ones(hidden, dtype=torch.bfloat16)
-        shard[p + "post_attention_layernorm.weight"] = torch.ones(hidden, dtype=torch.bfloat16)
+        shard.update({f"model.layers.{i}.{k}": v for k, v in layer.items()})
         if i % 2 == 1 or i == layers - 1:
             flush(1 + i // 2, shard)
             shard = {}
@@ -289,6 +292,8 @@ def main() -> None:
     p.add_argument("part", choices=["small", "big"])
     p.add_argument("--dir", default=None, help="work directory (small: /tmp/stream-bench; big: /work/bigmodel)")
     p.add_argument("--method", default="wanda")
+    p.add_argument("--device", default=None, help="small: compute device (cuda: the GPU check; peak GPU memory "
+                                                   "is reported per run)")
     p.add_argument("--nsamples", type=int, default=None)
     p.add_argument("--seqlen", type=int, default=None)
     p.add_argument("--batch", type=int, default=4)

@@ -224,7 +224,7 @@ def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: di
             t = tensors[key].detach()
             cpu = t.to("cpu").contiguous() if t.device.type != "cpu" or not t.is_contiguous() else t
             if cpu.numel():
-                f.write(memoryview(cpu.view(-1).view(torch.uint8).numpy()))
+                f.write(cpu.view(-1).view(torch.uint8).numpy().data)
             del cpu
     return offset
 

@@ -8,7 +8,10 @@ windows, gradients over them, or nothing) and implements a small lifecycle, driv
 1. ``check(model, arch)``: refuse options that cannot apply, before any work;
 2. ``start(ctx)``: note what ``finish`` compares against (the model is not changed yet);
 3. ``run(ctx)``: the whole-model step; layer-wise methods ask ``ctx.runner()`` for the layer steps
-   (the runner decides the passes, dense or sequential inputs, and which layer is on which device);
+   (the runner decides the passes, dense or sequential inputs, and which layer is on which device)
+   and hand each to their per-layer step (``layer_step``, between ``begin_layers`` and
+   ``end_layers``), which the streaming runner (:mod:`pare.stream`) also calls with layers read
+   from disk; ``stream_refusal`` says why a stage cannot stream;
 4. ``finish(ctx)``: complete the report (measured sparsity, notes, whether the shapes are uniform).
 
 The math itself lives in :mod:`pare.ops`.
