@@ -10,8 +10,8 @@ With ``--device cuda`` (when a GPU is there) the same comparison is the GPU chec
 peak GPU memory (``torch.cuda.max_memory_allocated``) of each run.
 
 ``big``: a random-weight Llama (hidden 5120, MLP 13824, bf16; one random layer repeated) larger than
-half this machine's RAM, written once under ``--dir`` and deleted after: Wanda (and SparseGPT with ``--sparsegpt``) 50% with
-``--stream`` must finish with a peak RSS within one layer + activations + 2 GiB, and the output
+half this machine's RAM, written once under ``--dir`` and deleted after: Wanda (and SparseGPT with
+``--sparsegpt``) 50% with ``--stream`` must finish with a peak RSS within one layer + activations + 2 GiB, and the output
 must load with ``from_pretrained(device_map="meta")`` with no missing or unexpected weight.
 
 Run the script itself through /work/notes/heavy-run (one machine slot for the whole bench); every
