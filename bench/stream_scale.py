@@ -11,8 +11,8 @@ peak GPU memory (``torch.cuda.max_memory_allocated``) of each run.
 
 ``big``: a random-weight Llama (hidden 5120, MLP 13824, bf16; one random layer repeated) larger than
 half this machine's RAM, written once under ``--dir`` and deleted after: Wanda (and SparseGPT with
-``--sparsegpt``) 50% with ``--stream`` must finish with a peak RSS within one layer + activations + 2 GiB, and the output
-must load with ``from_pretrained(device_map="meta")`` with no missing or unexpected weight.
+``--sparsegpt``) 50% with ``--stream`` must finish with a peak RSS within one layer + activations
++ 2 GiB, and the output must load with ``from_pretrained(device_map="meta")`` with no missing or unexpected weight.
 
 Run the script itself through /work/notes/heavy-run (one machine slot for the whole bench); every
 pare run is a child process with one thread, under nice.
