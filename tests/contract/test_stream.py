@@ -214,3 +214,13 @@ def test_streams_on_cuda_with_one_layer_on_the_device(tmp_path: Path) -> None:
     in_memory(src, tmp_path / "mem", pare.WandaConfig(), ids, runtime)
     sa, sb = state(out), state(tmp_path / "mem")
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+@pytest.mark.parametrize("options", [{"algorithm": "rtn", "group_size": 0}, {"algorithm": "gptq", "group_size": 0}])
+def test_quantize_streams(tmp_path: Path, options: dict) -> None:
+    src = saved(tmp_path, "qwen2")
+    ids = tiny_batch(4, 16)
+    config = pare.config_from_dict({"method": "quantize", **options})
+    in_memory(src, tmp_path / "mem", config, ids)
+    out = streamed(src, tmp_path / "stream", config, ids)
+    assert_same_model(tmp_path / "mem", out)

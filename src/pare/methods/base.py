@@ -117,6 +117,9 @@ class Pruner(ABC):
 
     config_class: ClassVar[type[PruneConfig]]
     needs_calibration: ClassVar[bool] = True
+    dense_in_step: ClassVar[bool] = False
+    """Whether the per-layer step keeps the dense outputs itself when the inputs are dense
+    (``sequential=False``); otherwise the in-memory runner computes them before the step."""
 
     def __init__(self, config: PruneConfig) -> None:
         self.config = config
@@ -148,6 +151,36 @@ class Pruner(ABC):
 
     def finish(self, ctx: PruneContext) -> None:  # noqa: B027 - optional hook
         """Complete ``ctx.report`` once the run is done (figures ``params_*`` are already in)."""
+
+    def begin_layers(self, ctx: PruneContext) -> None:  # noqa: B027 - optional hook
+        """Before the first per-layer step (a layer-wise stage)."""
+
+    def layer_step(self, ctx: PruneContext, step: LayerStep) -> None:
+        """The per-layer step of a layer-wise stage: change ``step.layer`` in place. The runner (in
+        memory, or streaming from disk) owns the control flow: it brings the layer to the compute
+        device, calls this, then computes the layer's outputs for the next one."""
+        raise NotImplementedError(f"{self.config.method} has no per-layer step")
+
+    def end_layers(self, ctx: PruneContext) -> None:  # noqa: B027 - optional hook
+        """After the last per-layer step: what the report says about all layers."""
+
+    def layer_modules_report(self, arch: ModelArch, index: int, layer: nn.Module) -> dict[str, dict]:
+        """What the report's ``modules`` holds for one layer (a streamed run counts each layer while
+        it is loaded); stages without per-module figures have none."""
+        return {}
+
+    def layer_state(self) -> dict[str, Any]:
+        """What this stage accumulated over the layers stepped so far, as JSON (a streamed run
+        records it with each layer, so a resumed run reports the same)."""
+        return {}
+
+    def restore_layer_state(self, state: dict[str, Any]) -> None:  # noqa: B027 - optional hook
+        """Take back what :meth:`layer_state` returned (a resumed streamed run)."""
+
+    def finish_with(  # noqa: B027 - optional hook
+        self, ctx: PruneContext, modules: dict[str, dict], nonzero_before: int, nonzero_after: int
+    ) -> None:
+        """:meth:`finish` from figures counted layer by layer (a streamed run never holds the model)."""
 
     def stream_refusal(self) -> str | None:
         """None when this run can stream the model from disk layer by layer (``--stream``: the
@@ -267,6 +300,7 @@ class SparsityPruner(Pruner):
     """Layer-wise weight sparsity: per target, gather input statistics, then mask (and update)."""
 
     config: SparsityConfig
+    dense_in_step: ClassVar[bool] = True
     stats: ClassVar[frozenset[str]] = frozenset()
 
     def __init__(self, config: PruneConfig) -> None:
@@ -487,13 +521,6 @@ class SparsityPruner(Pruner):
         """After the last layer step: the per-layer summary in the report."""
         self._layer_summary(ctx)
 
-    def layer_state(self) -> dict[str, Any]:
-        """What this stage accumulated over the layers stepped so far, as JSON (a streamed run
-        records it with each layer, so a resumed run reports the same)."""
-        return {}
-
-    def restore_layer_state(self, state: dict[str, Any]) -> None:
-        """Take back what :meth:`layer_state` returned (a resumed streamed run)."""
 
     def _layer_summary(self, ctx: PruneContext) -> None:
         """``report.scores["layers"]``: per decoder layer, the asked sparsity (parameter-weighted) and

@@ -86,6 +86,9 @@ def plan_stream(source: str, config: PruneConfig, out: str | Path, calibration: 
         raise ConfigError(f"--stream: {refusal}. Without --stream it loads the whole model: about {fmt_bytes(need)} "
                           f"of weights ({model.dtype}) plus the calibration activations and the method's work; "
                           "prune on a machine with that much memory. Nothing was read or written.")
+    if not runtime.sequential and not stage.dense_in_step:
+        raise ConfigError(f"--stream with dense inputs (--no-sequential) needs a per-layer step that keeps the dense "
+                          f"outputs itself; {config.method}'s does not: stream it with sequential inputs")
     stage.check(model, arch)
     keymap = KeyMap(model, ckpt.weight_map)
     tied = getattr(model, "all_tied_weights_keys", None) or {}
