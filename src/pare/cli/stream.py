@@ -9,7 +9,7 @@ import types
 from pathlib import Path
 
 from pare.config import CalibrationConfig, PruneConfig, RuntimeConfig, parse_dtype
-from pare.errors import ConfigError
+from pare.errors import ConfigError, ModelNotFoundError
 from pare.report import Report
 from pare.stream.config import StreamConfig
 
@@ -43,7 +43,10 @@ def stream_cmd(args: argparse.Namespace, config: PruneConfig, calib: Calibration
         raise ConfigError(f"{source!r} was pruned with shapes its config cannot describe (pare.load replays its "
                           "edits): it cannot be streamed from its config; prune it without --stream")
     if getattr(args, "seqlen", None) is None:  # as pare prune: 2048, or the model's context when shorter
-        skeleton = types.SimpleNamespace(config=causal_lm_config(source))
+        try:
+            skeleton = types.SimpleNamespace(config=causal_lm_config(source))
+        except (OSError, ValueError) as exc:
+            raise ModelNotFoundError(f"cannot read a model config from {source!r}: {exc}") from exc
         calib = dataclasses.replace(calib, seqlen=min(calib.seqlen, default_seqlen(skeleton)))  # type: ignore[arg-type]
     with transformers_bars(runtime.progress):
         tokenizer = _tokenizer(source) if _needs_text(config) else None

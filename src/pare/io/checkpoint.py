@@ -82,7 +82,15 @@ class Checkpoint:
             refuse_pickled(str(name_or_path), (p.name for p in path.iterdir()))
             files = weight_files(path)  # index inside the directory, shards whole
             return cls(str(name_or_path), _weight_map(path, files), root=path)
-        return cls._from_hub(str(name_or_path), revision)
+        try:
+            return cls._from_hub(str(name_or_path), revision)
+        except ConfigError:
+            raise
+        except Exception as exc:  # offline, unknown repository, no access: said as such, not a traceback
+            from pare.errors import ModelNotFoundError
+
+            raise ModelNotFoundError(f"cannot stream {str(name_or_path)!r}: it is not a local directory and the "
+                                     f"Hugging Face Hub did not serve it ({type(exc).__name__}: {exc})") from exc
 
     @classmethod
     def _from_hub(cls, repo: str, revision: str | None) -> Checkpoint:

@@ -22,7 +22,7 @@ from torch import nn
 
 from pare.arch.roles import ModelArch
 from pare.calibration.stream import MappedBatches
-from pare.errors import ConfigError
+from pare.errors import ConfigError, ModelNotFoundError
 from pare.eval.size import nonzero_by_parameter
 from pare.io.checkpoint import Checkpoint, KeyMap
 from pare.io.partial import PartialOutput, shard_name
@@ -43,7 +43,10 @@ def build_skeleton(name_or_path: str, dtype: torch.dtype | None) -> nn.Module:
 
     from pare.io.load import causal_lm_config
 
-    config = causal_lm_config(name_or_path)
+    try:
+        config = causal_lm_config(name_or_path)
+    except (OSError, ValueError) as exc:
+        raise ModelNotFoundError(f"cannot read a model config from {str(name_or_path)!r}: {exc}") from exc
     resolved = dtype or _config_dtype(config) or torch.float32
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config, dtype=resolved)
