@@ -181,8 +181,9 @@ def kill_and_resume(common: list[str], work: Path, num_layers: int, seed: int | 
 def write_big(root: Path, layers: int, hidden: int, inter: int, seed: int) -> int:
     """A random bf16 Llama written shard by shard (two layers a shard); returns its bytes."""
     import torch
-    from safetensors.torch import save_file
     from transformers import LlamaConfig
+
+    from pare.io.partial import write_safetensors
 
     torch.set_num_threads(1)
     root.mkdir(parents=True, exist_ok=True)
@@ -216,7 +217,7 @@ def write_big(root: Path, layers: int, hidden: int, inter: int, seed: int) -> in
     def flush(k: int, tensors: dict[str, torch.Tensor]) -> None:
         nonlocal total
         name = f"model-{k + 1:05d}-of-{n_shards:05d}.safetensors"
-        save_file(tensors, str(root / name), metadata={"format": "pt"})
+        write_safetensors(root / name, tensors, {"format": "pt"})  # layers share one random draw
         weight_map.update(dict.fromkeys(tensors, name))
         total += sum(t.numel() * t.element_size() for t in tensors.values())
 
