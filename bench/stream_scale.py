@@ -49,7 +49,19 @@ def child(argv: list[str]) -> int:
     rc = main(argv)
     cuda = torch.cuda.max_memory_allocated() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
     print(json.dumps({"rc": rc, "seconds": time.perf_counter() - start, "max_cuda_bytes": cuda,
-                      "maxrss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
+                      "maxrss_bytes": own_peak_rss()}))
+
+
+def own_peak_rss() -> int:
+    """This process's own peak RSS: ``VmHWM`` (reset by exec; ``ru_maxrss`` is not: Linux carries the
+    parent's peak at fork into it, here the bench's own memory), else ``ru_maxrss``."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     return rc
 
 
