@@ -50,6 +50,7 @@ def child(argv: list[str]) -> int:
     cuda = torch.cuda.max_memory_allocated() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
     print(json.dumps({"rc": rc, "seconds": time.perf_counter() - start, "max_cuda_bytes": cuda,
                       "maxrss_bytes": own_peak_rss()}))
+    return rc
 
 
 def own_peak_rss() -> int:
@@ -62,7 +63,6 @@ def own_peak_rss() -> int:
     except OSError:
         pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    return rc
 
 
 def run_pare(argv: list[str]) -> dict:
