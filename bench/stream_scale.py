@@ -275,6 +275,7 @@ def big(args: argparse.Namespace) -> dict:
                        "nonzero_kept": res["report"]["figures"]["nonzero_after"]
                        / res["report"]["figures"]["nonzero_before"],
                        "loads": lazy_load(dest)}
+        print(json.dumps({method: out[method]}, default=str), file=sys.stderr)  # kept if a later step fails
         shutil.rmtree(dest, ignore_errors=True)
     if not args.keep:
         shutil.rmtree(root, ignore_errors=True)
@@ -293,7 +294,7 @@ def lazy_load(path: Path) -> dict:
     with safe_open(str(path / index["weight_map"][key]), "pt") as f:
         w = f.get_tensor(key)
         zero_per_row = (w == 0).float().mean(dim=1)
-    return {"missing": info["missing_keys"], "unexpected": info["unexpected_keys"],
+    return {"missing": sorted(info["missing_keys"]), "unexpected": sorted(info["unexpected_keys"]),
             "params": sum(p.numel() for p in model.parameters()),
             "layer0_down_zero_fraction_min_max": [float(zero_per_row.min()), float(zero_per_row.max())]}
 
@@ -326,7 +327,7 @@ def main() -> None:
         res = big(args)
     res["budget_note"] = ("one thread per run (OMP_NUM_THREADS=1, nice) on a 2-core machine shared by 8 developers; "
                           "in-memory and streamed runs alternate, medians reported")
-    print(json.dumps(res, indent=2))
+    print(json.dumps(res, indent=2, default=str))
 
 
 if __name__ == "__main__":
