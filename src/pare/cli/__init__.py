@@ -18,6 +18,7 @@ from typing import Any
 from pare.cli.options import add_config_options, build_config, given_dests, option_label, positive_int
 from pare.config import CalibrationConfig, RuntimeConfig, checked_value, read_config_file
 from pare.errors import ConfigError, PareError, SaveInterrupted
+from pare.stream.config import StreamConfig
 
 log = logging.getLogger("pare")
 
@@ -66,6 +67,7 @@ def _prune_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     calib.add_argument("--max_seq_len", dest="seqlen", type=positive_int, default=None, help="alias of --seqlen")
     add_config_options(calib, CalibrationConfig, taken)
     add_config_options(p.add_argument_group("runtime"), RuntimeConfig, taken)
+    add_config_options(p.add_argument_group("streaming (models larger than memory)"), StreamConfig, taken)
     group = p.add_argument_group("method options (each applies to the methods that define it)")
     for cls in METHODS.values():
         add_config_options(group, cls.config_class, taken)
@@ -317,18 +319,25 @@ def _cmd_prune(args: argparse.Namespace, given: set[str]) -> int:
     foreign = sorted(
         d for d in given
         if d not in method_fields and d not in COMMON and d not in CalibrationConfig.__dataclass_fields__
-        and d not in RuntimeConfig.__dataclass_fields__ and d != "help"
+        and d not in RuntimeConfig.__dataclass_fields__ and d not in StreamConfig.__dataclass_fields__ and d != "help"
     )
     if foreign:
         raise ConfigError(
             f"option(s) {['--' + f.replace('_', '-') for f in foreign]} do not apply to method {args.method!r}; "
             f"its options are {sorted(option_label(pruner.config_class, f) for f in method_fields)}"
         )
+    streamed = StreamConfig.__dataclass_fields__
+    stream_vals = {k: method_vals.pop(k) for k in list(method_vals) if k.replace("-", "_") in streamed}
+    stream_cfg = build_config(StreamConfig, stream_vals, args, given)
     method_cfg = build_config(pruner.config_class, method_vals, args, given)
     calib_cfg = build_config(CalibrationConfig, calib_vals, args, given)
     if args.seqlen is None and any(k.replace("-", "_") == "seqlen" for k in calib_vals):
         args.seqlen = calib_cfg.seqlen  # None: not chosen, so fit to the model's context once loaded
     runtime_cfg = build_config(RuntimeConfig, runtime_vals, args, given)
+    if stream_cfg.stream:
+        from pare.cli.stream import stream_cmd
+
+        return stream_cmd(args, method_cfg, calib_cfg, runtime_cfg, stream_cfg)
     return run_cmd(args, [method_cfg], calib_cfg, runtime_cfg)
 
 

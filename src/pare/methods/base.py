@@ -11,7 +11,10 @@ windows, gradients over them, or nothing) and implements a small lifecycle, driv
    ``preview`` (the cut its options ask for, with placeholder channels or layers);
 2. ``start(ctx)``: note what ``finish`` compares against (the model is not changed yet);
 3. ``run(ctx)``: the whole-model step; layer-wise methods ask ``ctx.runner()`` for the layer steps
-   (the runner decides the passes, dense or sequential inputs, and which layer is on which device);
+   (the runner decides the passes, dense or sequential inputs, and which layer is on which device)
+   and hand each to their per-layer step (``layer_step``, between ``begin_layers`` and
+   ``end_layers``), which the streaming runner (:mod:`pare.stream`) also calls with layers read
+   from disk; ``stream_refusal`` says why a stage cannot stream;
 4. ``finish(ctx)``: complete the report (measured sparsity, notes, whether the shapes are uniform).
 
 The math itself lives in :mod:`pare.ops`.
@@ -32,7 +35,7 @@ from tqdm.auto import tqdm
 
 from pare.arch.roles import ModelArch
 from pare.arch.targets import Target, check_selection, layer_targets, select
-from pare.calibration.runner import LayerwiseRunner, on_device
+from pare.calibration.runner import LayerStep, LayerwiseRunner, on_device
 from pare.calibration.stats import STAT_GRAM, InputStats, record_inputs
 from pare.config import PruneConfig, RuntimeConfig, check_ratio, check_regexes, help_field
 from pare.errors import ConfigError
@@ -122,6 +125,9 @@ class Pruner(ABC):
 
     config_class: ClassVar[type[PruneConfig]]
     needs_calibration: ClassVar[bool] = True
+    dense_in_step: ClassVar[bool] = False
+    """Whether the per-layer step keeps the dense outputs itself when the inputs are dense
+    (``sequential=False``); otherwise the in-memory runner computes them before the step."""
     changes_shapes: ClassVar[bool] = False
     """Whether the stage changes shapes (layers, heads, channels): then the stages after it are checked
     against its :meth:`preview`."""
@@ -170,6 +176,42 @@ class Pruner(ABC):
 
     def finish(self, ctx: PruneContext) -> None:  # noqa: B027 - optional hook
         """Complete ``ctx.report`` once the run is done (figures ``params_*`` are already in)."""
+
+    def begin_layers(self, ctx: PruneContext) -> None:  # noqa: B027 - optional hook
+        """Before the first per-layer step (a layer-wise stage)."""
+
+    def layer_step(self, ctx: PruneContext, step: LayerStep) -> None:
+        """The per-layer step of a layer-wise stage: change ``step.layer`` in place. The runner (in
+        memory, or streaming from disk) owns the control flow: it brings the layer to the compute
+        device, calls this, then computes the layer's outputs for the next one."""
+        raise NotImplementedError(f"{self.config.method} has no per-layer step")
+
+    def end_layers(self, ctx: PruneContext) -> None:  # noqa: B027 - optional hook
+        """After the last per-layer step: what the report says about all layers."""
+
+    def layer_modules_report(self, arch: ModelArch, index: int, layer: nn.Module) -> dict[str, dict]:
+        """What the report's ``modules`` holds for one layer (a streamed run counts each layer while
+        it is loaded); stages without per-module figures have none."""
+        return {}
+
+    def layer_state(self) -> dict[str, Any]:
+        """What this stage accumulated over the layers stepped so far, as JSON (a streamed run
+        records it with each layer, so a resumed run reports the same)."""
+        return {}
+
+    def restore_layer_state(self, state: dict[str, Any]) -> None:  # noqa: B027 - optional hook
+        """Take back what :meth:`layer_state` returned (a resumed streamed run)."""
+
+    def finish_with(  # noqa: B027 - optional hook
+        self, ctx: PruneContext, modules: dict[str, dict], nonzero_before: int, nonzero_after: int
+    ) -> None:
+        """:meth:`finish` from figures counted layer by layer (a streamed run never holds the model)."""
+
+    def stream_refusal(self) -> str | None:
+        """None when this run can stream the model from disk layer by layer (``--stream``: the
+        stage has a per-layer step and needs nothing outside one layer), else why it cannot."""
+        return (f"{self.config.method} works on the whole model at once (it scores or changes more than one "
+                "decoder layer at a time), so it cannot stream layer by layer from disk")
 
 
 class StructuralPruner(Pruner):
@@ -285,6 +327,7 @@ class SparsityPruner(Pruner):
     """Layer-wise weight sparsity: per target, gather input statistics, then mask (and update)."""
 
     config: SparsityConfig
+    dense_in_step: ClassVar[bool] = True
     stats: ClassVar[frozenset[str]] = frozenset()
 
     def __init__(self, config: PruneConfig) -> None:
@@ -311,13 +354,20 @@ class SparsityPruner(Pruner):
 
     def finish(self, ctx: PruneContext) -> None:
         """Weights are zeroed, shapes unchanged: the measured sparsity per module and the non-zeros."""
+        modules = self.pruned_modules(ctx.model, ctx.arch)
+        self.finish_with(ctx, modules, sum(self._nonzero_before.values()),
+                         self.nonzero_after(ctx.model, ctx.arch, self._nonzero_before, modules))
+
+    def finish_with(self, ctx: PruneContext, modules: dict[str, dict], nonzero_before: int,
+                    nonzero_after: int) -> None:
+        """Complete the report from figures counted in the weights (all at once in memory, or layer
+        by layer when streaming)."""
         report, cfg = ctx.report, self.config
         report.pattern = None if cfg.nm is None else cfg.pattern
-        report.modules = self.pruned_modules(ctx.model, ctx.arch)
+        report.modules = modules
         report.notes.append(DENSE_ZEROS_NOTE)
-        report.figures["nonzero_before"] = sum(self._nonzero_before.values())
-        report.figures["nonzero_after"] = self.nonzero_after(ctx.model, ctx.arch, self._nonzero_before,
-                                                             report.modules)
+        report.figures["nonzero_before"] = nonzero_before
+        report.figures["nonzero_after"] = nonzero_after
 
     def new_stats(self, target: Target) -> InputStats:
         """The accumulator for one target's inputs (methods may share work between targets)."""
@@ -436,37 +486,68 @@ class SparsityPruner(Pruner):
             after[key] = sum(counts.values()) if len(counts) == param.shape[0] else nonzero(param)
         return sum(after.values())
 
+    def layer_modules_report(self, arch: ModelArch, index: int, layer: nn.Module) -> dict[str, dict]:
+        """:meth:`pruned_modules` of one layer (a streamed run counts each layer while it is loaded)."""
+        return measure_sparsity(self._selected(arch, index, layer))
+
     def pruned_modules(self, model: nn.Module, arch: ModelArch) -> dict[str, dict]:
         """Per pruned matrix: shape, numel, nonzero and sparsity, counted in the weights after the run."""
         layers = arch.layer_modules(model)
         return measure_sparsity(t for i, layer in enumerate(layers) for t in self._selected(arch, i, layer))
 
     def run(self, ctx: PruneContext) -> None:
-        self.prepare_profile(ctx)
-        self.prepare(ctx)
+        self.begin_layers(ctx)
         if not self.needs_calibration:
             self._run_data_free(ctx)
         else:
-            # sequential: statistics on the pruned prefix's outputs, then the pruned layer's outputs;
-            # dense inputs: one pass per layer records the statistics and keeps the dense outputs
-            sequential = ctx.runtime.sequential
-            last = ctx.arch.num_layers - 1
-            for step in ctx.runner(sequential=True).steps(final_outputs=False, overwrite_inputs=sequential):
-                targets = self._selected(ctx.arch, step.index, step.layer)
-                keep = not sequential and step.index < last
-                reused = self._reused_stats.pop(step.index, None)
-                stats = reused or {t.name: self.new_stats(t) for t in targets}
-                if reused is None:
-                    with record_inputs(targets, stats, stop_in=None if keep else step.layer, share_inputs=True):
-                        outputs = step.run(replace_inputs=keep)
-                else:
-                    outputs = step.run(replace_inputs=True) if keep else None
-                if keep:
-                    step.dense_outputs = outputs  # taken before this layer is pruned, in place of its inputs
-                for t in targets:
-                    self.prune_target(t, stats[t.name], self.target_sparsity(step.index, t))
-                    del stats[t.name]
+            for step in ctx.runner(sequential=True).steps(final_outputs=False,
+                                                          overwrite_inputs=ctx.runtime.sequential):
+                self.layer_step(ctx, step)
+        self.end_layers(ctx)
+
+    def stream_refusal(self) -> str | None:
+        if self.config.profile == "owl":
+            return ("profile='owl' scores every layer in a first pass before pruning any, so it cannot stream "
+                    "layer by layer in one pass; give the per-layer ratios with layer_sparsity instead")
+        return None
+
+    def begin_layers(self, ctx: PruneContext) -> None:
+        """Before the first layer step: per-layer ratios (OWL or explicit) and the method's preparation."""
+        self.prepare_profile(ctx)
+        self.prepare(ctx)
+
+    def layer_step(self, ctx: PruneContext, step: LayerStep) -> None:
+        """The per-layer step: gather the layer's input statistics and prune its targets in place.
+
+        The runner (in memory, or streaming from disk) brings ``step.layer`` to the compute device
+        and, once this returns, computes the layer's outputs for the next one. In sequential mode
+        the statistics come from the pruned prefix's outputs; with dense inputs one pass records
+        them and keeps the dense outputs (``step.dense_outputs``). A data-free method ignores the
+        calibration inputs.
+        """
+        targets = self._selected(ctx.arch, step.index, step.layer)
+        if not self.needs_calibration:
+            for t in targets:
+                self.prune_target(t, None, self.target_sparsity(step.index, t))
+            return
+        keep = not ctx.runtime.sequential and step.index < ctx.arch.num_layers - 1
+        reused = self._reused_stats.pop(step.index, None)
+        stats = reused or {t.name: self.new_stats(t) for t in targets}
+        if reused is None:
+            with record_inputs(targets, stats, stop_in=None if keep else step.layer, share_inputs=True):
+                outputs = step.run(replace_inputs=keep)
+        else:
+            outputs = step.run(replace_inputs=True) if keep else None
+        if keep:
+            step.dense_outputs = outputs  # taken before this layer is pruned, in place of its inputs
+        for t in targets:
+            self.prune_target(t, stats[t.name], self.target_sparsity(step.index, t))
+            del stats[t.name]
+
+    def end_layers(self, ctx: PruneContext) -> None:
+        """After the last layer step: the per-layer summary in the report."""
         self._layer_summary(ctx)
+
 
     def _layer_summary(self, ctx: PruneContext) -> None:
         """``report.scores["layers"]``: per decoder layer, the asked sparsity (parameter-weighted) and

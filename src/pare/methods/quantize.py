@@ -10,7 +10,7 @@ SparseGPT does (matrices reading one input share it) and runs :func:`pare.ops.qu
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any, ClassVar
 
 import torch
@@ -18,6 +18,7 @@ from torch import nn
 
 from pare.arch.roles import ModelArch
 from pare.arch.targets import Target, check_selection, layer_targets, select
+from pare.calibration.runner import LayerStep
 from pare.calibration.stats import InputStats, record_inputs
 from pare.config import PruneConfig, check_regexes, help_field, register, usable_device
 from pare.errors import ConfigError
@@ -187,16 +188,33 @@ class QuantizePruner(Pruner):
                 # sequential: each layer sees the quantized layers' outputs; otherwise the runner
                 # keeps the dense outputs for the next layer
                 for step in ctx.runner().steps(final_outputs=False, overwrite_inputs=ctx.runtime.sequential):
-                    targets = self._selected(ctx.arch, step.index, step.layer)
-                    stats = {t.name: InputStats(want_gram=True) for t in targets}
-                    with record_inputs(targets, stats, stop_in=step.layer, share_inputs=True):
-                        step.run()
-                    for t in targets:
-                        self.quantize_target(t, stats.pop(t.name))
+                    self.layer_step(ctx, step)
             else:
                 self._run_data_free(ctx)
         finally:
             self._factor_of = None
+        self.end_layers(ctx)
+
+    def stream_refusal(self) -> str | None:
+        return None
+
+    def layer_step(self, ctx: PruneContext, step: LayerStep) -> None:
+        """Quantize one layer: GPTQ from the statistics of its inputs, or RTN (no data)."""
+        targets = self._selected(ctx.arch, step.index, step.layer)
+        try:
+            if not self.uses_calibration():
+                for t in targets:
+                    self.quantize_target(t, None)
+                return
+            stats = {t.name: InputStats(want_gram=True) for t in targets}
+            with record_inputs(targets, stats, stop_in=step.layer, share_inputs=True):
+                step.run()
+            for t in targets:
+                self.quantize_target(t, stats.pop(t.name))
+        finally:
+            self._factor_of = None
+
+    def end_layers(self, ctx: PruneContext) -> None:
         report_quantization(ctx, self.scheme, self.bits, self.inexact, self.losses)
         if self.config.activations:
             count = install_activation_quant(ctx.model, ctx.arch, self.config)
@@ -204,6 +222,14 @@ class QuantizePruner(Pruner):
             ctx.report.notes.append(f"{count} linears fake-quantize their inputs per token ({self.config.activations}, "
                                     "dynamic) through forward pre-hooks: pare.load restores them; a plain "
                                     "from_pretrained runs the weights with unquantized activations")
+
+    def layer_state(self) -> dict[str, Any]:
+        return {"losses": dict(self.losses), "bits": asdict(self.bits), "inexact": list(self.inexact)}
+
+    def restore_layer_state(self, state: dict[str, Any]) -> None:
+        self.losses = dict(state["losses"])
+        self.bits = BitsAccount(**state["bits"])
+        self.inexact = list(state["inexact"])
 
     def _run_data_free(self, ctx: PruneContext) -> None:
         device = usable_device(ctx.runtime.device)

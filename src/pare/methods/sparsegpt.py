@@ -13,14 +13,15 @@ see :func:`pare.calibration.stats.record_inputs`) and one inverse-Hessian factor
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
-from typing import ClassVar
+from dataclasses import asdict, dataclass
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
 from pare.arch.roles import ModelArch
 from pare.arch.targets import Target
+from pare.calibration.runner import LayerStep
 from pare.calibration.stats import STAT_GRAM, InputStats
 from pare.config import help_field, register
 from pare.errors import ConfigError
@@ -158,6 +159,23 @@ class SparseGPTPruner(SparsityPruner):
             super().run(ctx)
         finally:
             self._factor_of = None
+
+    def layer_step(self, ctx: PruneContext, step: LayerStep) -> None:
+        try:
+            super().layer_step(ctx, step)
+        finally:
+            self._factor_of = None  # the layer's last factor is not needed by the next layer
+
+    def layer_state(self) -> dict[str, Any]:
+        return {"losses": dict(self.losses), "bits": asdict(self.bits), "inexact": list(self.inexact)}
+
+    def restore_layer_state(self, state: dict[str, Any]) -> None:
+        self.losses = dict(state["losses"])
+        self.bits = BitsAccount(**state["bits"])
+        self.inexact = list(state["inexact"])
+
+    def end_layers(self, ctx: PruneContext) -> None:
+        super().end_layers(ctx)
         ctx.report.scores["sparsegpt_loss"] = self.losses
         if self.scheme is not None:
             fmt = f"{self.config.pattern} indices" if self.config.nm is not None else "bitmask"

@@ -1,0 +1,48 @@
+"""``pare prune --stream``: the same model as without it, and its refusals."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM
+
+from pare.cli import main
+
+
+def _error(capsys, argv: list[str]) -> str:
+    capsys.readouterr()
+    assert main(argv) == 2
+    return capsys.readouterr().err
+
+
+def test_stream_flag_gives_the_in_memory_model(model_dir: Path, text_file: Path, tmp_path: Path, capsys) -> None:
+    common = ["--model", str(model_dir), "--method", "sparsegpt", "--sparsity", "0.5", "--calib", str(text_file),
+              "--seqlen", "16", "--nsamples", "8", "--batch-size", "4", "--no-progress"]
+    assert main(["prune", *common, "--out", str(tmp_path / "mem")]) == 0
+    capsys.readouterr()
+    assert main(["prune", *common, "--out", str(tmp_path / "st"), "--stream", "--max-memory", "4GiB",
+                 "--activations", "disk", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["runtime"]["stream"]["activations"] == "disk"
+    a = AutoModelForCausalLM.from_pretrained(tmp_path / "mem").state_dict()
+    b = AutoModelForCausalLM.from_pretrained(tmp_path / "st").state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert (tmp_path / "st" / "tokenizer.json").is_file() or (tmp_path / "st" / "tokenizer_config.json").is_file()
+    manifest = json.loads((tmp_path / "st" / "pare.json").read_text())
+    assert manifest["figures"]["size_on_disk_bytes_before"] > 0
+
+
+def test_stream_refusals(model_dir: Path, text_file: Path, tmp_path: Path, capsys) -> None:
+    base = ["prune", "--model", str(model_dir), "--method", "wanda", "--calib", str(text_file), "--seqlen", "16",
+            "--nsamples", "8", "--no-progress"]
+    assert "add --stream" in _error(capsys, [*base, "--resume", "--out", str(tmp_path / "o")])
+    assert "pass --out" in _error(capsys, [*base, "--stream", "--no-save"])
+    assert "pare eval" in _error(capsys, [*base, "--stream", "--eval", str(text_file), "--out", str(tmp_path / "o")])
+    err = _error(capsys, [*base, "--stream", "--max-memory", "2MB", "--out", str(tmp_path / "o")])
+    assert "not enough RAM" in err and "largest decoder layer" in err
+    err = _error(capsys, ["prune", "--model", str(model_dir), "--method", "shortgpt", "--num-layers", "1", "--calib",
+                          str(text_file), "--seqlen", "16", "--stream", "--out", str(tmp_path / "o")])
+    assert "cannot stream" in err
+    assert not (tmp_path / "o").exists()
