@@ -21,15 +21,15 @@ def main() -> None:
 
     lm = HFLM(pretrained=model, dtype="float32", device="cpu", batch_size=int(batch_size))
     manager = TaskManager(include_path=task_dir)
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     res = lm_eval.simple_evaluate(model=lm, tasks=[task], limit=int(limit), task_manager=manager, log_samples=True)
-    seconds = time.perf_counter() - start
+    seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
     samples = sorted(res["samples"][task], key=lambda s: s["doc_id"])
     lls = [[float(r[0][0]), bool(r[0][1])] for s in samples for r in s["resps"]]
     contexts = [[list(r) for r in s["arguments"]] if isinstance(s["arguments"], list) else s["arguments"]
                 for s in samples[:3]]
     with open(out, "w", encoding="utf-8") as f:
-        json.dump({"seconds": seconds, "results": res["results"][task], "requests": lls,
+        json.dump({"seconds": seconds, "cpu_seconds": cpu_seconds, "results": res["results"][task], "requests": lls,
                    "first_arguments": contexts, "version": getattr(lm_eval, "__version__", None)}, f, default=str)
 
 
