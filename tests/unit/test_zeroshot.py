@@ -291,6 +291,21 @@ def test_bad_input_is_refused_with_what_would_work(data_dir, tok, tmp_path, monk
     assert "datasets.load_dataset('baber/piqa', split='validation')" in msg and "offline" in msg
 
 
+def test_missing_data_without_a_data_dir_names_the_default_places_and_the_hub(tok, tmp_path, monkeypatch) -> None:
+    from pare.calibration import sources
+
+    monkeypatch.delenv("PARE_DATA_DIR", raising=False)
+    places = [tmp_path / "a" / "shared" / "data", tmp_path / "b" / "shared" / "data"]
+    monkeypatch.setattr(sources, "_default_data_dirs", lambda: places)
+    monkeypatch.setattr(zs_data, "_default_data_dirs", lambda: places)
+    monkeypatch.setattr(zs_data, "load_hub_rows", lambda source: (_ for _ in ()).throw(ConnectionError("no network")))
+    with pytest.raises(DataNotFoundError) as err:
+        evaluate_tasks(tiny_model("llama"), tok, ["winogrande"], progress=False)
+    msg = str(err.value)
+    assert "PARE_DATA_DIR is not set" in msg and str(places[0]) in msg and str(places[1]) in msg
+    assert "datasets.load_dataset(" in msg and "no network" in msg and "Fix: set PARE_DATA_DIR" in msg
+
+
 def test_hub_rows_are_used_when_the_local_files_are_missing(tmp_path, tok, monkeypatch) -> None:
     monkeypatch.setenv("PARE_DATA_DIR", str(tmp_path / "empty"))
     rows = [{"goal": "Say hello", "sol1": "to Tom", "sol2": "to the sun", "label": 0}] * 3
