@@ -5,8 +5,9 @@ For each task the harness runs from its own venv (bench/.venv-lmeval: ``python3 
 ``dataset_path: json`` at the local files of ``$PARE_DATA_DIR/zeroshot`` (converted to the Hugging
 Face schema the official prompt functions read; WinoGrande's sentence is rebuilt as ``"_ " + target``
 with the two contexts as options, which the official functions turn back into the same contexts).
-pare runs in this process. Both use float32, one thread, the same batch size and ``--limit``; the
-order alternates per task. Prints JSON: per-task accuracies of both, the largest per-request
+pare runs in this process, after the harness's process has run every task (lm-eval's import and task
+index are paid once, outside the timing). Both use float32, one thread, the same batch size and
+``--limit``. Prints JSON: per-task accuracies of both, the largest per-request
 log-likelihood difference, whether the greedy flags agree, and the time ratios: wall clock, and the
 CPU time of each side's process (``time.process_time``; on a shared, loaded machine the wall clock
 counts other jobs' time too). Each side's time covers reading its data, tokenizing and scoring.
@@ -101,15 +102,17 @@ def write_task(task: str, zdir: Path, work: Path, tasks_root: Path, limit: int) 
     return name
 
 
-def run_harness(args, task: str, zdir: Path, work: Path, tasks_root: Path) -> dict:
-    name = write_task(task, zdir, work, tasks_root, args.limit)
-    out = work / f"{task}.harness.json"
+def run_harness(args, tasks: list[str], zdir: Path, work: Path, tasks_root: Path) -> dict:
+    """Every task in one harness process (its import and task index are paid once, outside the timing)."""
+    names = {task: write_task(task, zdir, work, tasks_root, args.limit) for task in tasks}
+    out = work / "harness.json"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1",
            "TOKENIZERS_PARALLELISM": "false"}
-    subprocess.run([str(LMEVAL_PY), str(ROOT / "bench" / "_lmeval_worker.py"), str(args.model), str(work), name,
-                    str(args.limit), str(args.batch_size), str(out)], check=True, env=env,
-                   stdout=subprocess.DEVNULL, stderr=None if args.verbose else subprocess.DEVNULL)
-    return json.loads(out.read_text())
+    subprocess.run([str(LMEVAL_PY), str(ROOT / "bench" / "_lmeval_worker.py"), str(args.model), str(work),
+                    ",".join(names[t] for t in tasks), str(args.limit), str(args.batch_size), str(out)], check=True,
+                   env=env, stdout=subprocess.DEVNULL, stderr=None if args.verbose else subprocess.DEVNULL)
+    got = json.loads(out.read_text())
+    return {task: got[names[task]] for task in tasks}
 
 
 def run_pare(args, model, tok, task: str) -> dict:
@@ -155,14 +158,11 @@ def main() -> int:
                     "dtype": "float32", "tasks": {}}
     ratios: list[float] = []
     cpu_ratios: list[float] = []
+    tasks = [t.strip() for t in args.tasks.split(",")]
     with tempfile.TemporaryDirectory(prefix="pare-zs-bench-") as tmp:
-        for k, task in enumerate(t.strip() for t in args.tasks.split(",")):
-            order = ("harness", "pare") if k % 2 == 0 else ("pare", "harness")
-            got = {}
-            for who in order:
-                got[who] = run_harness(args, task, zdir, Path(tmp), tasks_root) if who == "harness" \
-                    else run_pare(args, model, tok, task)
-            h, q = got["harness"], got["pare"]
+        harness = run_harness(args, tasks, zdir, Path(tmp), tasks_root)
+        for task in tasks:
+            h, q = harness[task], run_pare(args, model, tok, task)
             diffs = [abs(a[0] - b[0]) for a, b in zip(h["requests"], q["requests"], strict=True)]
             greedy_same = all(a[1] == b[1] for a, b in zip(h["requests"], q["requests"], strict=True))
             hr = {m.split(",")[0]: v for m, v in h["results"].items() if m.split(",")[0] in ("acc", "acc_norm",
