@@ -306,6 +306,16 @@ def test_missing_data_without_a_data_dir_names_the_default_places_and_the_hub(to
     assert "datasets.load_dataset(" in msg and "no network" in msg and "Fix: set PARE_DATA_DIR" in msg
 
 
+def test_a_limit_reads_the_same_first_documents(data_dir) -> None:
+    for name in ("hellaswag", "piqa", "winogrande"):
+        task = TASKS[name]
+        paths = [data_dir / rel for rel in task.local_files]
+        everything = task.read_local(paths, None)
+        assert len(everything) >= 2
+        assert task.read_local(paths, 1)[:1] == everything[:1]
+        assert zs_data.load_docs(task, 1) == everything[:1]
+
+
 def test_hub_rows_are_used_when_the_local_files_are_missing(tmp_path, tok, monkeypatch) -> None:
     monkeypatch.setenv("PARE_DATA_DIR", str(tmp_path / "empty"))
     rows = [{"goal": "Say hello", "sol1": "to Tom", "sol2": "to the sun", "label": 0}] * 3
