@@ -17,8 +17,8 @@ from typing import ClassVar
 import torch
 
 from pare.config import register
-from pare.methods.base import PruneContext, StructuralPruner
-from pare.methods.layers import DepthConfig, apply_layer_removal
+from pare.methods.base import PruneContext
+from pare.methods.layers import CountedDepthPruner, DepthConfig, apply_layer_removal
 from pare.ops.similarity import lowest, token_cosine
 
 
@@ -44,7 +44,7 @@ class ShortGPTConfig(DepthConfig):
 
 
 @register
-class ShortGPTPruner(StructuralPruner):
+class ShortGPTPruner(CountedDepthPruner):
     """Block Influence ranking over calibration tokens, then whole-layer removal."""
 
     config_class = ShortGPTConfig
