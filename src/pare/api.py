@@ -25,6 +25,10 @@ log = logging.getLogger(__name__)
 
 
 
+# the files a tokenizer is read from (any one suffices, depending on the tokenizer's kind)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "spiece.model")
+
+
 def load_model(name_or_path: str, dtype: str | torch.dtype = "auto", device: str | None = None):
     """Load a causal LM and its tokenizer by hub id or local path, with a clear error when missing.
 
@@ -53,6 +57,12 @@ def load_model(name_or_path: str, dtype: str | torch.dtype = "auto", device: str
         raise ModelNotFoundError(
             f"cannot load model {name_or_path!r}: {hint}. ({exc.__class__.__name__}: {exc})"
         ) from exc
+    local_dir = Path(name_or_path)
+    if local_dir.is_dir() and not any((local_dir / f).is_file() for f in TOKENIZER_FILES):
+        raise ModelNotFoundError(
+            f"model {name_or_path!r} loaded but has no tokenizer: none of {', '.join(TOKENIZER_FILES)} is in the "
+            "directory. Copy the tokenizer of the model it came from into it (AutoTokenizer.from_pretrained(BASE)"
+            f".save_pretrained({name_or_path!r}))")
     try:
         tokenizer = AutoTokenizer.from_pretrained(name_or_path)
     except (OSError, ValueError) as exc:

@@ -106,3 +106,11 @@ def test_model_without_tokenizer_gets_a_clear_error(tmp_path: Path) -> None:
 
     with pytest.raises(ConfigError, match="tokenizer"):
         evaluate(tiny_model("llama"), None, dataset=None, speed=False, tasks="piqa")
+
+
+def test_model_directory_without_tokenizer_files_is_refused_naming_them(tmp_path: Path, capsys) -> None:
+    tiny_model("llama").save_pretrained(tmp_path / "no-tokenizer")
+    assert main(["eval", str(tmp_path / "no-tokenizer"), "--tasks", "piqa", "--limit", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "has no tokenizer: none of tokenizer.json, tokenizer_config.json" in err
+    assert "save_pretrained" in err and "sentencepiece" not in err  # not transformers' conversion advice

@@ -156,6 +156,51 @@ def test_batched_loglikelihoods_equal_the_naive_computation(arch: str, share: bo
                 assert greedy == egreedy
 
 
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "opt"])
+def test_packed_questions_share_prefixes_across_contexts_and_choices(arch: str) -> None:
+    """WinoGrande-like requests (different contexts, one sentence start), choices that begin with the same
+    tokens (scored positions inside the shared prefix), a request that is a prefix of another, duplicates."""
+    model = tiny_model(arch)
+    reqs = [Encoded((3, 4, 5, 6, 7), (8, 9, 10)), Encoded((3, 4, 5, 11), (8, 9, 10)),  # a blank filled two ways
+            Encoded((20, 21), (22, 23, 24, 25)), Encoded((20, 21), (22, 23, 30)),  # choices share (22, 23)
+            Encoded((20, 21), (22,)), Encoded((20, 21), (22,)),  # one inside the others' prefix, twice
+            Encoded((40, 41, 42), (43, 44))]
+    groups = [[0, 1], [2, 3, 4, 5], [6]]
+    runner = LoglikelihoodRunner(model, batch_size=1, max_length=256, progress=False)
+    assert runner.share_context  # the packed path runs
+    with torch.no_grad():
+        expected = [_naive(model, r, 256) for r in reqs]
+        for given in (groups, None):
+            got = runner.run(reqs, groups=given)
+            assert [g[0] for g in got] == pytest.approx([e[0] for e in expected], abs=1e-4)
+            assert [g[1] for g in got] == [e[1] for e in expected]
+
+
+def test_trees_take_the_common_prefix_and_pack_within_capacity() -> None:
+    from pare.eval.zeroshot.loglik import _plain_row, build_tree, pack_trees, packed_inputs
+
+    tree = build_tree([_plain_row(0, Encoded((1, 2, 3), (4, 5)), 64), _plain_row(1, Encoded((1, 2, 3), (4, 6)), 64)])
+    assert tree.prefix == [1, 2, 3, 4] and [r.inputs for r in tree.rows] == [[], []]  # all shared, all scored
+    ids, pos, allowed, scored = packed_inputs([tree])
+    assert ids == [1, 2, 3, 4] and pos == [0, 1, 2, 3] and scored == [[2, 3], [2, 3]]
+    assert torch.equal(allowed, torch.tril(torch.ones(4, 4, dtype=torch.bool)))
+    trees = [build_tree([_plain_row(i, Encoded(tuple(range(1, n)), (9,)), 64)]) for i, n in enumerate([9, 5, 4, 3])]
+    rows = pack_trees(trees, capacity=10)
+    assert sorted(t.rows[0].index for r in rows for t in r) == [0, 1, 2, 3]
+    assert all(sum(t.length for t in r) <= 10 for r in rows) and len(rows) == 2  # 8 + 2, then 4 + 3
+    two = build_tree([_plain_row(0, Encoded((1, 2), (3, 4)), 64), _plain_row(1, Encoded((1, 7), (3,)), 64)])
+    ids, pos, allowed, scored = packed_inputs([two])  # prefix [1]; own parts [2, 3] and [7]
+    assert ids == [1, 2, 3, 7] and pos == [0, 1, 2, 1] and scored == [[1, 2], [3]]
+    assert allowed[3].tolist() == [True, False, False, True]  # 7 sees the prefix and itself, not the other choice
+
+
+def test_groups_must_cover_every_request_once() -> None:
+    runner = LoglikelihoodRunner(tiny_model("llama"), progress=False)
+    reqs = [Encoded((1, 2), (3,)), Encoded((1, 2), (4,))]
+    with pytest.raises(ConfigError, match="exactly once"):
+        runner.run(reqs, groups=[[0], [0, 1]])
+
+
 def test_requests_longer_than_the_context_keep_their_last_tokens() -> None:
     model = tiny_model("llama")
     reqs = [Encoded(tuple(range(3, 40)), (50, 51, 52)), Encoded(tuple(range(3, 40)), (60,)),
@@ -244,6 +289,31 @@ def test_bad_input_is_refused_with_what_would_work(data_dir, tok, tmp_path, monk
     msg = str(err.value)
     assert "valid.jsonl (missing)" in msg and "valid-labels.lst (missing)" in msg
     assert "datasets.load_dataset('baber/piqa', split='validation')" in msg and "offline" in msg
+
+
+def test_missing_data_without_a_data_dir_names_the_default_places_and_the_hub(tok, tmp_path, monkeypatch) -> None:
+    from pare.calibration import sources
+
+    monkeypatch.delenv("PARE_DATA_DIR", raising=False)
+    places = [tmp_path / "a" / "shared" / "data", tmp_path / "b" / "shared" / "data"]
+    monkeypatch.setattr(sources, "_default_data_dirs", lambda: places)
+    monkeypatch.setattr(zs_data, "_default_data_dirs", lambda: places)
+    monkeypatch.setattr(zs_data, "load_hub_rows", lambda source: (_ for _ in ()).throw(ConnectionError("no network")))
+    with pytest.raises(DataNotFoundError) as err:
+        evaluate_tasks(tiny_model("llama"), tok, ["winogrande"], progress=False)
+    msg = str(err.value)
+    assert "PARE_DATA_DIR is not set" in msg and str(places[0]) in msg and str(places[1]) in msg
+    assert "datasets.load_dataset(" in msg and "no network" in msg and "Fix: set PARE_DATA_DIR" in msg
+
+
+def test_a_limit_reads_the_same_first_documents(data_dir) -> None:
+    for name in ("hellaswag", "piqa", "winogrande"):
+        task = TASKS[name]
+        paths = [data_dir / rel for rel in task.local_files]
+        everything = task.read_local(paths, None)
+        assert len(everything) >= 2
+        assert task.read_local(paths, 1)[:1] == everything[:1]
+        assert zs_data.load_docs(task, 1) == everything[:1]
 
 
 def test_hub_rows_are_used_when_the_local_files_are_missing(tmp_path, tok, monkeypatch) -> None:

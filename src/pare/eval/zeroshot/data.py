@@ -35,7 +35,7 @@ def load_docs(task: Task, limit: int | None = None) -> list[Doc]:
     else:
         paths = [root / rel for rel in task.local_files]
         if all(p.is_file() for p in paths):
-            docs = task.read_local(paths)
+            docs = task.read_local(paths, limit)
             logger.info("%s: %d documents from %s", task.name, len(docs), ", ".join(map(str, paths)))
             return docs[:limit] if limit is not None else docs
         looked += [f"{p} ({'found' if p.is_file() else 'missing'})" for p in paths]

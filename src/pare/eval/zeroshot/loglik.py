@@ -14,13 +14,16 @@ over the input ``(context + continuation)[-(max_length + 1):][:-1]`` (the harnes
 
 Two paths compute the same numbers:
 
-* **shared context**: requests with the same context tokens (the choices of a question) run the
-  context once, keep its key/value cache, and run only their continuations on copies of it
-  (``[context[-1]] + continuation[:-1]`` at positions ``len(context) - 1 ...``). Contexts of several
-  questions share a forward, right-padded; the padded cache entries are masked out.
+* **packed** (the default): the requests of one question usually share their first tokens (the
+  context of its choices; WinoGrande's sentence up to the blank). Each question becomes a small tree,
+  its common prefix once and then every request's remaining tokens, and several trees are packed into
+  one row without padding. Position ids restart at the prefix's end for each request, and a custom
+  attention mask lets a token see its own prefix and the earlier tokens of its own request only, so
+  every scored position sees exactly the tokens it would see alone. Logits are computed only at the
+  scored positions.
 * **plain**: each request is one right-padded row (no mask is needed: padding comes after every
-  real token and the model is causal), as the harness does. Models with a sliding attention window
-  always take this path (their cache keeps only the window's last entries).
+  real token and the model is causal), as the harness does. Models with a sliding attention window,
+  or an attention implementation that takes no custom mask, take this path.
 
 Log-probabilities are taken in float32 on the continuation positions only (the harness takes
 ``log_softmax`` over every position, in the model's dtype).
@@ -28,6 +31,7 @@ Log-probabilities are taken in float32 on the continuation positions only (the h
 
 from __future__ import annotations
 
+import bisect
 import inspect
 import logging
 from collections import defaultdict
@@ -162,16 +166,104 @@ def _score(logits: torch.Tensor, targets: list[int]) -> tuple[float, bool]:
     return float(picked.sum()), bool((logp.argmax(dim=-1) == tgt).all())
 
 
+_PACKABLE_ATTENTION = ("sdpa", "eager")  # implementations that apply a custom 4-D additive mask as given
+ROW_TOKENS = 128  # a packed row's length (a longer question gets a row of its own): attention costs its square
+FORWARD_TOKENS_PER_BATCH = 32  # a packed forward holds about this many tokens per unit of batch_size
+
+
+@dataclass(frozen=True)
+class _Tree:
+    """The requests of one question: their common ``prefix`` and each request's remaining ``rows``
+    (a row's ``inputs`` continue the prefix; its ``targets`` are scored at the last positions of
+    ``prefix + inputs``)."""
+
+    prefix: list[int]
+    rows: list[_Row]
+
+    @property
+    def length(self) -> int:
+        return len(self.prefix) + sum(len(r.inputs) for r in self.rows)
+
+
+def build_tree(rows: Sequence[_Row]) -> _Tree:
+    """Split requests into their longest common prefix of inputs and what each request adds after it.
+
+    Scored positions may lie inside the prefix (choices that start with the same words): the logits
+    there are the same for every request that shares it, so they are computed once."""
+    ref = rows[0].inputs
+    shortest = min(len(r.inputs) for r in rows)
+    n = 0
+    while n < shortest and all(r.inputs[n] == ref[n] for r in rows):
+        n += 1
+    return _Tree(list(ref[:n]), [_Row(r.index, r.inputs[n:], r.targets) for r in rows])
+
+
+def pack_trees(trees: Sequence[_Tree], capacity: int) -> list[list[_Tree]]:
+    """Trees into rows of at most ``capacity`` tokens (a longer tree gets a row of its own): largest
+    first, each row topped up with the largest trees that still fit (first-fit decreasing)."""
+    pending = sorted(trees, key=lambda t: t.length)  # ascending: bisect finds the largest that fits
+    lengths = [t.length for t in pending]
+    packed: list[list[_Tree]] = []
+    while pending:
+        row = [pending.pop()]
+        lengths.pop()
+        room = capacity - row[0].length
+        while pending and room >= lengths[0]:
+            at = bisect.bisect_right(lengths, room) - 1
+            row.append(pending.pop(at))
+            room -= lengths.pop(at)
+        packed.append(row)
+    return packed
+
+
+def packed_inputs(row: Sequence[_Tree]) -> tuple[list[int], list[int], torch.Tensor, list[list[int]]]:
+    """Token ids, position ids and the ``[T, T]`` boolean attention pattern of a packed row, and the
+    positions in it where every request is scored (in the order of its trees' rows).
+
+    A prefix token sees the earlier tokens of its prefix; a request's token sees its whole prefix and
+    the earlier tokens of its own request."""
+    ids: list[int] = []
+    pos: list[int] = []
+    tree_start: list[int] = []  # per token: where its tree's prefix starts / ends, where its own part starts
+    prefix_end: list[int] = []
+    own_start: list[int] = []
+    scored: list[list[int]] = []
+    for tree in row:
+        start, n = len(ids), len(tree.prefix)
+        ids += tree.prefix
+        pos += range(n)
+        tree_start += [start] * n
+        prefix_end += [start + n] * n
+        own_start += [start] * n
+        for r in tree.rows:
+            begin = len(ids)
+            ids += r.inputs
+            pos += range(n, n + len(r.inputs))
+            tree_start += [start] * len(r.inputs)
+            prefix_end += [start + n] * len(r.inputs)
+            own_start += [begin] * len(r.inputs)
+            # the request's input index j sits at start + j inside the prefix, at begin + j - n after it
+            first = n + len(r.inputs) - len(r.targets)
+            scored.append([start + j if j < n else begin + j - n for j in range(first, n + len(r.inputs))])
+    q = torch.arange(len(ids))[:, None]
+    k = torch.arange(len(ids))[None, :]
+    ts, pe, own = (torch.tensor(v)[:, None] for v in (tree_start, prefix_end, own_start))
+    allowed = (k <= q) & (((k >= ts) & (k < pe)) | (k >= own))
+    return ids, pos, allowed, scored
+
+
 class LoglikelihoodRunner:
     """Scores encoded requests on one model, in batches, with a progress bar.
 
     Args:
         model: a causal LM (eval mode is the caller's business).
-        batch_size: rows per forward (continuations of the shared path, requests of the plain path).
+        batch_size: rows per forward on the plain path; on the packed path a forward holds about
+            ``32 * batch_size`` tokens, in rows of up to 128 (or the longest question, when longer).
         max_length: the model's context in tokens (see :func:`harness_max_length`).
-        share_context: run a context shared by several requests once (the default); False runs every
-            request as its own row, as the harness does.
+        share_context: run the tokens the requests of a question share once, packing questions into
+            rows (the default); False runs every request as its own row, as the harness does.
         progress: show a tqdm bar.
+        pad_id: the token that fills the plain path's padding (never scored).
     """
 
     def __init__(self, model: nn.Module, *, batch_size: int = 16, max_length: int = DEFAULT_MAX_LENGTH,
@@ -181,35 +273,34 @@ class LoglikelihoodRunner:
         self.model = model
         self.batch_size = batch_size
         self.max_length = max_length
-        # a sliding-window cache keeps only the window's last entries, the context padding among them:
-        # those models run every request as its own row
-        self.share_context = share_context and not _sliding_window(model)
+        params = _forward_parameters(model)
+        self._keep = "logits_to_keep" in params
+        self.share_context = share_context and _packable(model, params)
         self.progress = progress
         self.pad_id = pad_id
         self.device = _device(model)
-        params = _forward_parameters(model)
-        self._keep = "logits_to_keep" in params
-        # transformers 5.24 renamed ``past_key_values`` to ``cache`` (the old name warns)
-        self._cache_arg = "cache" if "cache" in params else "past_key_values"
+        self.row_tokens = ROW_TOKENS
+        self.forward_tokens = FORWARD_TOKENS_PER_BATCH * batch_size
 
-    def run(self, requests: Sequence[Encoded], desc: str = "loglikelihood") -> list[tuple[float, bool]]:
-        """``(loglik, greedy)`` for each request, in the order given."""
-        out: list[tuple[float, bool] | None] = [None] * len(requests)
-        groups: dict[tuple[int, ...], list[int]] = defaultdict(list)
-        plain: list[int] = []
+    def run(self, requests: Sequence[Encoded], desc: str = "loglikelihood",
+            groups: Sequence[Sequence[int]] | None = None) -> list[tuple[float, bool]]:
+        """``(loglik, greedy)`` for each request, in the order given.
+
+        Args:
+            requests: the encoded requests.
+            desc: the progress bar's label.
+            groups: indices of requests likely to share their first tokens (the requests of one
+                question); by default, the requests with the same context tokens.
+        """
         for i, req in enumerate(requests):
             if not req.continuation:
                 raise ConfigError(f"request {i} has an empty continuation: nothing to score")
-            fits = len(req.context) + len(req.continuation) <= self.max_length + 1
-            if self.share_context and fits and len(req.context) >= 2:
-                groups[req.context].append(i)
-            else:
-                plain.append(i)
-        shared = [members for members in groups.values() if len(members) > 1]
-        plain += [members[0] for members in groups.values() if len(members) == 1]
+        out: list[tuple[float, bool] | None] = [None] * len(requests)
         with torch.no_grad(), tqdm(total=len(requests), desc=desc, disable=not self.progress, leave=False) as bar:
-            self._run_shared(requests, shared, out, bar)
-            self._run_plain(requests, plain, out, bar)
+            if self.share_context:
+                self._run_packed(requests, _groups(requests, groups), out, bar)
+            else:
+                self._run_plain(requests, list(range(len(requests))), out, bar)
         return [r for r in out if r is not None]
 
     # -- plain path -------------------------------------------------------------------------------
@@ -235,47 +326,65 @@ class LoglikelihoodRunner:
                 out[r.index] = _score(logits[b, end - len(r.targets):end], r.targets)
             bar.update(len(batch))
 
-    # -- shared-context path ----------------------------------------------------------------------
+    # -- packed path ------------------------------------------------------------------------------
 
-    def _run_shared(self, requests: Sequence[Encoded], groups: list[list[int]], out: list, bar: tqdm) -> None:
-        groups = sorted(groups, key=lambda g: (-len(requests[g[0]].context), g[0]))
-        batch: list[list[int]] = []
-        rows = 0
-        for members in groups:
-            if batch and rows + len(members) > self.batch_size:
-                self._shared_batch(requests, batch, out)
-                bar.update(rows)
-                batch, rows = [], 0
-            batch.append(members)
-            rows += len(members)
-        if batch:
-            self._shared_batch(requests, batch, out)
-            bar.update(rows)
+    def _run_packed(self, requests: Sequence[Encoded], groups: list[list[int]], out: list, bar: tqdm) -> None:
+        trees = [build_tree([_plain_row(i, requests[i], self.max_length) for i in g]) for g in groups]
+        rows = pack_trees(trees, self.row_tokens)
+        rows.sort(key=lambda r: -sum(t.length for t in r))
+        per_forward = max(1, self.forward_tokens // self.row_tokens)
+        for start in range(0, len(rows), per_forward):
+            self._packed_forward(rows[start:start + per_forward], out)
+            bar.update(sum(len(t.rows) for r in rows[start:start + per_forward] for t in r))
 
-    def _shared_batch(self, requests: Sequence[Encoded], groups: list[list[int]], out: list) -> None:
-        """One forward over the contexts (all but their last token), then one over every continuation."""
-        contexts = [requests[g[0]].context[:-1] for g in groups]
-        c_width = max(len(c) for c in contexts)
-        ctx_ids = torch.full((len(groups), c_width), self.pad_id, dtype=torch.long)
-        for g, c in enumerate(contexts):
-            ctx_ids[g, :len(c)] = torch.tensor(c)
-        kwargs: dict[str, Any] = {"logits_to_keep": 1} if self._keep else {}
-        first = self.model(input_ids=ctx_ids.to(self.device), use_cache=True, **kwargs)
-        cache = first.cache if self._cache_arg == "cache" else first.past_key_values
-        members = [(g, i) for g, idx in enumerate(groups) for i in idx]
-        rows = [[requests[i].context[-1], *requests[i].continuation[:-1]] for _, i in members]
-        width = max(len(r) for r in rows)
+    def _packed_forward(self, rows: list[list[_Tree]], out: list) -> None:
+        """One forward over packed rows (right-padded to the longest; a pad token sees only itself)."""
+        packed = [packed_inputs(r) for r in rows]
+        width = max(len(p[0]) for p in packed)
+        dtype = next(self.model.parameters()).dtype
         ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
-        mask = torch.ones((len(rows), c_width + width), dtype=torch.long)
-        positions = torch.empty((len(rows), width), dtype=torch.long)
-        for b, ((g, _), row) in enumerate(zip(members, rows, strict=True)):
-            ids[b, :len(row)] = torch.tensor(row)
-            mask[b, len(contexts[g]):c_width] = 0  # the padding of this row's context in the cache
-            positions[b] = torch.arange(len(contexts[g]), len(contexts[g]) + width)
-        cache.reorder_cache(torch.tensor([g for g, _ in members], device=self.device))
-        logits = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
-                            position_ids=positions.to(self.device), use_cache=True,
-                            **{self._cache_arg: cache}).logits
-        for b, (_, i) in enumerate(members):
-            cont = list(requests[i].continuation)
-            out[i] = _score(logits[b, :len(cont)], cont)
+        pos = torch.zeros((len(rows), width), dtype=torch.long)
+        allowed = torch.eye(width, dtype=torch.bool).repeat(len(rows), 1, 1)
+        keep = torch.zeros((len(rows), width), dtype=torch.bool)
+        for b, (row_ids, row_pos, row_allowed, scored) in enumerate(packed):
+            n = len(row_ids)
+            ids[b, :n] = torch.tensor(row_ids)
+            pos[b, :n] = torch.tensor(row_pos)
+            allowed[b, :n, :n] = row_allowed
+            for s in scored:
+                keep[b, s] = True
+        mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill_(~allowed, torch.finfo(dtype).min)
+        kwargs: dict[str, Any] = {"logits_to_keep": keep.to(self.device)} if self._keep else {}
+        logits = self.model(input_ids=ids.to(self.device), position_ids=pos.to(self.device),
+                            attention_mask=mask[:, None].to(self.device), use_cache=False, **kwargs).logits
+        if logits.ndim == 2:  # a boolean logits_to_keep comes back flattened: [kept positions, V]
+            flat_index = torch.full((len(rows), width), -1, dtype=torch.long)
+            flat_index[keep] = torch.arange(int(keep.sum()))
+        else:  # every position came back
+            logits = logits.reshape(-1, logits.shape[-1])
+            flat_index = torch.arange(len(rows) * width).reshape(len(rows), width)
+        for b, (row, (_, _, _, scored)) in enumerate(zip(rows, packed, strict=True)):
+            for r, positions in zip((r for tree in row for r in tree.rows), scored, strict=True):
+                out[r.index] = _score(logits[flat_index[b, positions].to(logits.device)], r.targets)
+
+
+def _groups(requests: Sequence[Encoded], groups: Sequence[Sequence[int]] | None) -> list[list[int]]:
+    """The groups given (checked to cover every request once), or the requests by context tokens."""
+    if groups is None:
+        by_context: dict[tuple[int, ...], list[int]] = defaultdict(list)
+        for i, req in enumerate(requests):
+            by_context[req.context].append(i)
+        return list(by_context.values())
+    flat = sorted(i for g in groups for i in g)
+    if flat != list(range(len(requests))) or any(not g for g in groups):
+        raise ConfigError(f"groups must cover each of the {len(requests)} requests exactly once")
+    return [list(g) for g in groups]
+
+
+def _packable(model: nn.Module, params: set[str]) -> bool:
+    """Whether the model takes position ids and applies a custom 4-D mask as given, with no sliding window
+    (its own window mask would be replaced by ours)."""
+    config = getattr(model, "config", None)
+    implementation = getattr(config, "_attn_implementation", None)
+    return ("position_ids" in params and "attention_mask" in params and implementation in _PACKABLE_ATTENTION
+            and not _sliding_window(model))

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import bz2
 import gzip
+import itertools
 import json
 import re
 from collections.abc import Callable
@@ -75,7 +76,8 @@ class Task:
         kind: ``multiple_choice``, ``multiple_input`` or ``loglikelihood`` (see the module docstring).
         metrics: what the harness reports (``acc``, ``acc_norm``, ``perplexity``).
         local_files: files under ``$PARE_DATA_DIR`` that hold the task (all needed).
-        read_local: those files (as paths, same order) -> documents.
+        read_local: those files (as paths, same order) and a document limit (None: all) -> documents
+            (at least the first ``limit``; a reader may stop early).
         hub: where the harness downloads the data.
         from_hub: one Hugging Face row -> one document.
         note: a caveat on the local copy, shown in results.
@@ -85,7 +87,7 @@ class Task:
     kind: str
     metrics: tuple[str, ...]
     local_files: tuple[str, ...]
-    read_local: Callable[[list[Path]], list[Doc]]
+    read_local: Callable[[list[Path], int | None], list[Doc]]
     hub: HubSource
     from_hub: Callable[[dict[str, Any]], Doc]
     note: str | None = None
@@ -175,7 +177,7 @@ def _lines(path: Path) -> list[str]:
         return [line.strip() for line in f if line.strip()]
 
 
-def _read_piqa(paths: list[Path]) -> list[Doc]:
+def _read_piqa(paths: list[Path], limit: int | None = None) -> list[Doc]:
     rows, labels = _jsonl(paths[0]), _lines(paths[1])
     if len(rows) != len(labels):
         raise ConfigError(f"{paths[0]} has {len(rows)} items but {paths[1]} has {len(labels)} labels")
@@ -189,23 +191,26 @@ def _ai2_row(r: dict[str, Any]) -> dict[str, Any]:
             "choices": {"text": [c["text"] for c in q["choices"]], "label": [c["label"] for c in q["choices"]]}}
 
 
-def _read_arc(paths: list[Path]) -> list[Doc]:
+def _read_arc(paths: list[Path], limit: int | None = None) -> list[Doc]:
     return [arc_doc(_ai2_row(r)) for r in _jsonl(paths[0])]
 
 
-def _read_openbookqa(paths: list[Path]) -> list[Doc]:
+def _read_openbookqa(paths: list[Path], limit: int | None = None) -> list[Doc]:
     return [openbookqa_doc(_ai2_row(r)) for r in _jsonl(paths[0])]
 
 
-def _read_boolq(paths: list[Path]) -> list[Doc]:
+def _read_boolq(paths: list[Path], limit: int | None = None) -> list[Doc]:
     return [boolq_doc(r) for r in _jsonl(paths[0])]
 
 
-def _read_hellaswag(paths: list[Path]) -> list[Doc]:
+def _read_hellaswag(paths: list[Path], limit: int | None = None) -> list[Doc]:
     """llama.cpp's text format: six lines per item (``label: ctx``, gold, four endings). It has no
     ``ctx_b``, so ``ctx_b.capitalize()`` cannot be applied (see the data README)."""
     with bz2.open(paths[0], "rt", encoding="utf-8") as f:
-        lines = f.read().split("\n")
+        if limit is None:
+            lines = f.read().split("\n")
+        else:  # decompress only what the first documents need
+            lines = [line.rstrip("\n") for line in itertools.islice(f, 6 * limit)]
     if lines and lines[-1] == "":
         lines.pop()
     if len(lines) % 6:
@@ -214,17 +219,17 @@ def _read_hellaswag(paths: list[Path]) -> list[Doc]:
              "choices": [hellaswag_preprocess(e) for e in lines[i + 2:i + 6]]} for i in range(0, len(lines), 6)]
 
 
-def _read_winogrande(paths: list[Path]) -> list[Doc]:
+def _read_winogrande(paths: list[Path], limit: int | None = None) -> list[Doc]:
     """llm-foundry's copy: ``context_options`` are the harness's two contexts, ``continuation`` its target."""
     return [{"contexts": list(r["context_options"]), "target": r["continuation"], "gold": int(r["gold"])}
             for r in _jsonl(paths[0])]
 
 
-def _read_lambada(paths: list[Path]) -> list[Doc]:
+def _read_lambada(paths: list[Path], limit: int | None = None) -> list[Doc]:
     return [lambada_doc(r) for r in _jsonl(paths[0])]
 
 
-def _read_blimp(paths: list[Path]) -> list[Doc]:
+def _read_blimp(paths: list[Path], limit: int | None = None) -> list[Doc]:
     return [blimp_doc(r) for r in _jsonl(paths[0])]
 
 
