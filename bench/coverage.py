@@ -41,7 +41,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from tiny_configs import VOCAB, build, count_meta_params, tiny_config  # noqa: E402
+from tiny_configs import VOCAB, build, count_meta_params, tiny_config
 
 METHODS = ("inspect", "sparsity", "depth", "width")
 MAX_PARAMS = 30_000_000
@@ -89,7 +89,7 @@ def guarded(fn: Callable[[], Any], seconds: int) -> dict[str, Any]:
         out = {"status": "ok", "info": info}
     except PareError as exc:
         out = {"status": "refused", "reason": f"{type(exc).__name__}: {exc}"}
-    except Exception as exc:  # noqa: BLE001 - the report records every failure
+    except Exception as exc:
         out = {"status": "FAIL", "reason": f"{type(exc).__name__}: {exc}"[:500],
                "traceback": traceback.format_exc(limit=-8)}
     out["seconds"] = round(time.perf_counter() - start, 2)
@@ -114,7 +114,8 @@ def _same_generation(model: Any, ids: torch.Tensor) -> None:
         cached = model.generate(ids[:1, :8], use_cache=True, **kw)
         plain = model.generate(ids[:1, :8], use_cache=False, **kw)
     if not torch.equal(cached, plain):
-        raise AssertionError(f"generation with the KV cache differs from without: {cached.tolist()} vs {plain.tolist()}")
+        raise AssertionError(f"generation with the KV cache differs from without: {cached.tolist()} vs "
+                             f"{plain.tolist()}")
 
 
 def _method_config(method: str) -> Any:
@@ -194,7 +195,7 @@ def cover(model_type: str, kind: str, limit: int) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix=f"pare-cov-{model_type}-") as tmp:
         for method in METHODS[1:]:
             row[method] = guarded(lambda m=method: run_method(model, kind, m, ids, Path(tmp)), limit)
-    del holder, model
+    holder.clear()
     gc.collect()
     return row
 
@@ -275,6 +276,7 @@ def main(argv: list[str] | None = None) -> int:
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
     import transformers
 
     wanted = {t for t in args.types.split(",") if t}

@@ -8,6 +8,7 @@ to the new depth. Used by ``bench/coverage.py`` and the multimodal / hybrid cont
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import torch
@@ -16,7 +17,8 @@ VOCAB = 256
 LAYERS = 4
 
 GENERIC: dict[str, Any] = {
-    "hidden_size": 64, "n_embd": 64, "d_model": 64, "dim": 64, "embed_dim": 64, "n_embed": 64,
+    "hidden_size": 64, "word_embed_proj_dim": 64,
+    "n_embd": 64, "d_model": 64, "dim": 64, "embed_dim": 64, "n_embed": 64,
     "intermediate_size": 128, "ffn_dim": 128, "n_inner": 128, "ffn_hidden_size": 128, "d_ff": 128,
     "num_hidden_layers": LAYERS, "n_layer": LAYERS, "n_layers": LAYERS, "num_layers": LAYERS,
     "num_attention_heads": 4, "n_head": 4, "n_heads": 4, "num_heads": 4,
@@ -27,7 +29,9 @@ GENERIC: dict[str, Any] = {
     "moe_topk": 2, "top_k": 2, "n_group": 1, "topk_group": 1, "n_shared_experts": 1,
     "first_k_dense_replace": 1, "kv_lora_rank": 16, "q_lora_rank": 32, "qk_rope_head_dim": 8,
     "qk_nope_head_dim": 8, "v_head_dim": 16, "qk_head_dim": 16,
-    "mamba_d_state": 8, "mamba_n_heads": 4, "mamba_d_head": 32, "mamba_n_groups": 1, "mamba_expand": 2,
+    "mamba_d_state": 8, "mamba_d_ssm": 128,
+    "mamba_num_heads": 4, "mamba_head_dim": 16,
+    "mamba_n_heads": 4, "mamba_d_head": 32, "mamba_n_groups": 1, "mamba_expand": 2,
     "state_size": 8, "ssm_state_size": 8, "mamba_headdim": 32, "time_step_rank": 8, "n_groups": 1,
     "linear_num_key_heads": 2, "linear_num_value_heads": 4, "linear_key_head_dim": 16,
     "linear_value_head_dim": 16, "sliding_window": 16, "attention_window_size": 16,
@@ -37,6 +41,13 @@ GENERIC: dict[str, Any] = {
     "num_channels": 3, "depth": 2, "spatial_merge_size": 2, "temporal_patch_size": 2,
 }
 """Field -> tiny value, applied wherever the field already exists (never added)."""
+
+MROPE = {
+    "cohere_compass", "cosmos3_edge", "ernie4_5_vl_moe", "glm4v", "glm4v_moe", "glm_image", "glm_ocr", "hunyuan_vl",
+    "hy_v4_vl", "paddleocr_vl", "qwen2_5_omni", "qwen2_5_omni_thinker", "qwen2_5_vl", "qwen2_vl", "qwen3_5",
+    "qwen3_5_moe", "qwen3_omni_moe", "qwen3_omni_moe_thinker", "qwen3_vl", "qwen3_vl_moe", "qwen4_exp",
+}
+"""Model types with multimodal RoPE: ``mrope_section`` (default [16, 24, 24]) must sum to head_dim / 2."""
 
 KEEP_LISTS = ("architectures", "mrope_section", "block_types_pattern")
 
@@ -51,6 +62,12 @@ SHRINK: dict[str, dict[str, Any]] = {
               "mamba_dt_rank": 8, "mamba_d_conv": 4},
     "zamba": {"attn_layer_period": 2, "attn_layer_offset": 1, "mamba_dt_rank": 8},
     "openai-gpt": {"n_positions": 512},
+    "bamba": {"attn_layer_indices": [1, 3]},
+    "deepseek_v2": {"num_experts_per_tok": 2},
+    "granitemoehybrid": {"layer_types": ["mamba", "attention", "mamba", "attention"]},
+    "zamba2": {"layers_block_type": ["mamba", "hybrid", "mamba", "hybrid"], "hybrid_layer_ids": [1, 3],
+               "n_mamba_heads": 4},
+    "nemotron_h": {"num_hidden_layers": 8},
     "ctrl": {"dff": 128},
     "xlstm": {"embedding_dim": 64, "num_blocks": LAYERS},
 }
@@ -73,10 +90,39 @@ def _layer_count(values: dict[str, Any]) -> int | None:
     return None
 
 
-def shrink_dict(values: dict[str, Any], extra: dict[str, Any] | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
+def keep_every_kind(values: list[Any], n: int) -> list[Any]:
+    """The first ``n`` entries of a per-layer list, with the last ones replaced so every distinct value
+    (layer kind) still appears: a hybrid's tiny model keeps an attention layer."""
+    out = values[:n]
+    missing = [v for v in dict.fromkeys(map(_hashable, values)) if v not in map(_hashable, out)]
+    for j, kind in enumerate(missing[: max(0, n - 1)]):
+        out[n - 1 - j] = next(v for v in values if _hashable(v) == kind)
+    return out
+
+
+def _hashable(value: Any) -> Any:
+    return json.dumps(value, sort_keys=True) if isinstance(value, (list, dict)) else value
+
+
+def _token_id(old: int, seen: dict[int, int]) -> int:
+    """A special-token id beyond the tiny vocabulary, moved to the top of it (the same old id always
+    maps to the same new one, so ``image_token_id`` stays distinct from ``eos_token_id``)."""
+    if old not in seen:
+        seen[old] = VOCAB - 1 - len(seen)
+    return seen[old]
+
+
+def shrink_dict(values: dict[str, Any], extra: dict[str, Any] | None = None, mrope: bool = False,
+                tokens: dict[int, int] | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
     """(shrunk values with per-layer lists dropped, the dropped lists cut to the new depth)."""
     old_layers = _layer_count(values)
     out = dict(values)
+    tokens = {} if tokens is None else tokens
+    for key, value in values.items():
+        if (key.endswith("token_id") or key.endswith("token_index")) and isinstance(value, int) and value >= VOCAB:
+            out[key] = _token_id(value, tokens)
+        if key == "rope_parameters" and mrope and isinstance(value, dict):
+            out[key] = {**value, "mrope_section": [2, 3, 3]}
     for key, tiny in GENERIC.items():
         if key in out and out[key] is not None and not isinstance(out[key], (list, dict)):
             if isinstance(out[key], bool):
@@ -86,13 +132,18 @@ def shrink_dict(values: dict[str, Any], extra: dict[str, Any] | None = None) -> 
         if isinstance(value, dict) and isinstance(value.get("mrope_section"), list):
             out[key] = {**value, "mrope_section": _sections(len(value["mrope_section"]), GENERIC["head_dim"] // 2)}
     new_layers = _layer_count(out)
+    if isinstance(out.get("qk_rope_head_dim"), int) and "head_dim" in out:
+        out["head_dim"] = out["qk_rope_head_dim"]  # MLA: the config's head_dim is the RoPE part
     cut: dict[str, Any] = {}
     for key, value in values.items():
         if key in KEEP_LISTS or not isinstance(value, (list, tuple)):
             continue
         if old_layers and new_layers and len(value) == old_layers and old_layers != new_layers:
-            cut[key] = list(value)[:new_layers]
-            del out[key]
+            cut[key] = keep_every_kind(list(value), new_layers)
+            out[key] = cut[key]
+        elif new_layers and key.endswith("indices") and all(isinstance(v, int) for v in value) and value:
+            kept = [v for v in value if v < new_layers]
+            out[key] = kept or [new_layers - 1]  # e.g. Bamba's attention layers: keep one
     for key, value in (extra or {}).items():
         if "." not in key:
             out[key] = value
@@ -107,10 +158,12 @@ def tiny_config(model_type: str) -> Any:
     extra = SHRINK.get(model_type, {})
     values = base.to_dict()
     subs = _sub_configs(base)
-    kwargs, cut = shrink_dict({k: v for k, v in values.items() if k not in subs}, extra)
+    mrope = model_type in MROPE
+    tokens: dict[int, int] = {}
+    kwargs, cut = shrink_dict({k: v for k, v in values.items() if k not in subs}, extra, mrope, tokens)
     for name, sub in subs.items():
         sub_extra = {k.split(".", 1)[1]: v for k, v in extra.items() if k.startswith(name + ".")}
-        sub_values, sub_cut = shrink_dict(sub.to_dict(), sub_extra)
+        sub_values, sub_cut = shrink_dict(sub.to_dict(), sub_extra, mrope, tokens)
         sub_values.update(sub_cut)  # sub-configs keep their (cut) lists: rebuilt from a dict they stay
         kwargs[name] = sub_values
     for key in ("model_type", "transformers_version", "_name_or_path"):
@@ -119,10 +172,6 @@ def tiny_config(model_type: str) -> Any:
     for key, value in cut.items():  # lists the config did not regenerate: cut to the new depth
         if getattr(config, key, None) is None or len(getattr(config, key)) != len(value):
             setattr(config, key, value)
-    for key in ("pad_token_id", "bos_token_id", "eos_token_id"):
-        value = getattr(config, key, None)
-        if isinstance(value, int) and value >= VOCAB:
-            setattr(config, key, min(value, VOCAB - 1) if key != "pad_token_id" else 0)
     return config
 
 

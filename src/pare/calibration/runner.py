@@ -174,22 +174,36 @@ def capture(
 ) -> Captured:
     """Record every decoder layer's inputs for each batch of token ids ``[B, L]``.
 
-    Only the modules outside the decoder layers run (embeddings, rotary tables, mask building).
+    Only the modules outside the decoder layers run (embeddings, rotary tables, mask building). A
+    model whose loop unpacks what a layer returns (Bamba: ``hidden, attn = layer(...)``) cannot take
+    the stand-in's plain tensor: it is captured again with every layer but the last run for real.
     """
+    try:
+        return _capture(model, arch, batches, device, store, run_layers=False)
+    except (ValueError, TypeError):
+        log.debug("capture with stand-in outputs failed; running the layers", exc_info=True)
+        return _capture(model, arch, batches, device, store, run_layers=True)
+
+
+def _capture(model: nn.Module, arch: ModelArch, batches: list[torch.Tensor], device: torch.device,
+             store: torch.device, run_layers: bool) -> Captured:
     layers = arch.layer_modules(model)
+    originals = list(layers)
     interner = _Interner(store)
     hidden: list[torch.Tensor] = []
     calls: list[list[LayerCall]] = [[] for _ in range(len(layers))]
 
     last = len(layers) - 1
 
-    def make_call(i: int) -> Callable[..., torch.Tensor]:
-        def call(hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    def make_call(i: int) -> Callable[..., Any]:
+        def call(hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
             if i == 0:
                 hidden.append(hidden_states.detach().to(store))
             calls[i].append(LayerCall(interner(args), interner(kwargs)))
             if i == last:  # nothing after the last layer is needed
                 raise _CaptureDone
+            if run_layers:
+                return originals[i](hidden_states, *args, **kwargs)
             # a layer returns a tensor or a tuple depending on the model; only layer 0's hidden
             # states are kept, so a model that takes ``outputs[0]`` of this tensor loses nothing
             return hidden_states
@@ -203,7 +217,6 @@ def capture(
             with contextlib.suppress(_CaptureDone):
                 base(input_ids=batch.to(device), use_cache=False)
     return Captured(hidden=hidden, calls=calls)
-
 
 
 @dataclass

@@ -16,10 +16,11 @@ from typing import ClassVar
 
 import torch
 
+from pare.arch.surgery.depth import choose_layers
 from pare.config import register
 from pare.methods.base import PruneContext, StructuralPruner
 from pare.methods.layers import DepthConfig, apply_layer_removal
-from pare.ops.similarity import lowest, token_cosine
+from pare.ops.similarity import token_cosine
 
 
 def block_influences(ctx: PruneContext) -> list[float]:
@@ -54,10 +55,11 @@ class ShortGPTPruner(StructuralPruner):
     def run(self, ctx: PruneContext) -> None:
         k = self.config.layer_count(ctx.model, ctx.arch)
         bi = block_influences(ctx)
-        chosen = lowest(bi, k)
+        order = sorted(range(len(bi)), key=lambda i: (bi[i], i))
+        chosen, skipped = choose_layers(ctx.model, ctx.arch, order, k)
         ctx.report.scores["block_influence"] = {str(i): s for i, s in enumerate(bi)}
-        apply_layer_removal(
-            ctx, chosen,
-            f"lowest Block Influence (1 - mean cos(input, output)) of {len(bi)} layers: "
-            + ", ".join(f"{i}: {bi[i]:.4f}" for i in chosen),
-        )
+        why = (f"lowest Block Influence (1 - mean cos(input, output)) of {len(bi)} layers: "
+               + ", ".join(f"{i}: {bi[i]:.4f}" for i in chosen))
+        if skipped:
+            why += "; skipped (cannot be removed): " + "; ".join(skipped)
+        apply_layer_removal(ctx, chosen, why)

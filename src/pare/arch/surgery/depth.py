@@ -55,7 +55,9 @@ def check_layer_indices(indices: Sequence[int], num_layers: int) -> list[int]:
 
 
 def _config(model: nn.Module) -> Any:
-    return model.config  # type: ignore[union-attr]
+    from pare.arch.infer import text_config
+
+    return text_config(model)  # a vision-language model's text_config holds the decoder's fields
 
 
 def _renumber(layers: nn.ModuleList) -> None:
@@ -75,7 +77,123 @@ def _moe_layout(config: Any, arch: ModelArch, kept: list[int]) -> dict[str, Any]
     return {"decoder_sparse_step": 1, "mlp_only_layers": dense}
 
 
-def remove_layers(model: nn.Module, arch: ModelArch, indices: Sequence[int]) -> dict[str, Any]:
+def _config_changes(config: Any, arch: ModelArch, kept: list[int], n: int) -> dict[str, Any]:
+    changes: dict[str, Any] = {}
+    for name in arch.fields.per_layer_lists:
+        value = getattr(config, name, None)
+        if isinstance(value, (list, tuple)) and len(value) == n:
+            changes[name] = type(value)(value[i] for i in kept)
+    for name in INDEX_LISTS:
+        value = getattr(config, name, None)
+        if isinstance(value, (list, tuple)) and name not in changes:
+            changes[name] = [kept.index(i) for i in value if i in kept]
+    changes.update(_moe_layout(config, arch, kept))
+    changes[arch.fields.layers] = len(kept)
+    return changes
+
+
+def _kinds(config: Any, n: int) -> list[str] | None:
+    """Each layer's kind (``layer_types``: full / sliding / linear attention, mamba...), if the config says."""
+    for name in ("layer_types", "layers_block_type"):
+        try:
+            value = getattr(config, name, None)
+        except (AttributeError, IndexError, TypeError, ValueError):
+            continue
+        if isinstance(value, (list, tuple)) and len(value) == n:
+            return [str(v) for v in value]
+    return None
+
+
+def _signature(layer: nn.Module) -> list[tuple[str, str, tuple[int, ...]]]:
+    return [(n, type(m).__name__, tuple(getattr(getattr(m, "weight", None), "shape", ())))
+            for n, m in layer.named_modules()]
+
+
+def removal_problem(model: nn.Module, arch: ModelArch, removed: Sequence[int]) -> str | None:
+    """Why removing layers ``removed`` would leave a model that cannot be saved or run as one, or None.
+
+    Two checks, both generic: every kind of layer the config names (``layer_types``: full, sliding or
+    linear attention, mamba...) keeps at least one layer (transformers' hybrid caches read lengths from
+    one of each kind), and the shortened config rebuilds exactly the kept layers (a pattern given by a
+    period, as Jamba's ``attn_layer_period``, cannot express every subset).
+    """
+    n = arch.num_layers
+    drop = set(removed)
+    kept = [i for i in range(n) if i not in drop]
+    config = _config(model)
+    kinds = _kinds(config, n)
+    if kinds is not None:
+        for kind in dict.fromkeys(kinds):
+            if all(kinds[i] != kind for i in kept):
+                where = [i for i in range(n) if kinds[i] == kind]
+                return (f"it removes every {kind!r} layer ({where}); the model's cache and masks need at least one "
+                        "of each layer kind in layer_types")
+    return _rebuild_problem(model, arch, kept, _config_changes(config, arch, kept, n))
+
+
+def _rebuild_problem(model: nn.Module, arch: ModelArch, kept: list[int], changes: dict[str, Any]) -> str | None:
+    from pare.arch.infer import decoder_config
+
+    full: Any = copy.deepcopy(model.config)  # type: ignore[union-attr]
+    target = decoder_config(full)
+    try:
+        for name, value in changes.items():
+            setattr(target, name, value)
+        with torch.device("meta"):
+            built = type(model)(full)
+    except Exception as exc:
+        return f"the shortened config cannot be built ({type(exc).__name__}: {exc})"
+    layers = built.get_submodule(arch.layers_path)
+    have = arch.layer_modules(model)
+    if len(layers) != len(kept):
+        return f"the shortened config builds {len(layers)} layers, not {len(kept)}"
+    for new, old in enumerate(kept):
+        if _signature(layers[new]) != _signature(have[old]):
+            return (f"after the cut, layer {old} would sit at index {new}, where the config's layer pattern "
+                    "builds a different kind of layer (a pattern set by a period cannot express this subset)")
+    return None
+
+
+def choose_layers(model: nn.Module, arch: ModelArch, order: Sequence[int], k: int) -> tuple[list[int], list[str]]:
+    """The first ``k`` layers of ``order`` (best first) whose removal together is valid
+    (:func:`removal_problem`), skipping those that are not; and the reasons for each skipped one.
+
+    Raises:
+        ConfigError: fewer than ``k`` layers can be removed.
+    """
+    chosen: list[int] = []
+    skipped: list[str] = []
+    for i in order:
+        if len(chosen) == k:
+            break
+        why = removal_problem(model, arch, [*chosen, i])
+        if why is None:
+            chosen.append(i)
+        else:
+            skipped.append(f"layer {i}: {why}")
+    if len(chosen) < k:
+        raise ConfigError(f"only {len(chosen)} of the {k} layers asked can be removed from this "
+                          f"{arch.model_type} model: " + "; ".join(skipped[:3]))
+    return sorted(chosen), skipped
+
+
+def first_valid_span(model: nn.Module, arch: ModelArch, starts: Sequence[int], n: int) -> tuple[int, list[str]]:
+    """The first start (best first) whose span of ``n`` layers can be removed, and why earlier ones cannot.
+
+    Raises:
+        ConfigError: no span can be removed.
+    """
+    skipped = []
+    for start in starts:
+        why = removal_problem(model, arch, list(range(start, start + n)))
+        if why is None:
+            return start, skipped
+        skipped.append(f"layers {start}-{start + n - 1}: {why}")
+    raise ConfigError(f"no span of {n} layers can be removed from this {arch.model_type} model: "
+                      + "; ".join(skipped[:3]))
+
+
+def remove_layers(model: nn.Module, arch: ModelArch, indices: Sequence[int], check: bool = True) -> dict[str, Any]:
     """Delete decoder layers ``indices`` and fix every index and config field that refers to them.
 
     Args:
@@ -89,24 +207,19 @@ def remove_layers(model: nn.Module, arch: ModelArch, indices: Sequence[int]) -> 
         cannot express the result (GPT-2 with ``scale_attn_by_inverse_layer_idx``).
 
     Raises:
-        ConfigError: empty, out-of-range indices, or all layers.
+        ConfigError: empty, out-of-range indices, all layers, or (``check``) a removal the shortened
+            config cannot express or that leaves a layer kind with no layer (:func:`removal_problem`).
     """
     layers = arch.layer_modules(model)
     n = len(layers)
     removed = check_layer_indices(indices, n)
+    if check:
+        why = removal_problem(model, arch, removed)
+        if why is not None:
+            raise ConfigError(f"cannot remove layers {removed} from this {arch.model_type} model: {why}")
     kept = [i for i in range(n) if i not in set(removed)]
     config = _config(model)
-    changes: dict[str, Any] = {}
-    for name in arch.fields.per_layer_lists:
-        value = getattr(config, name, None)
-        if isinstance(value, (list, tuple)) and len(value) == n:
-            changes[name] = type(value)(value[i] for i in kept)
-    for name in INDEX_LISTS:
-        value = getattr(config, name, None)
-        if isinstance(value, (list, tuple)) and name not in changes:
-            changes[name] = [kept.index(i) for i in value if i in kept]
-    changes.update(_moe_layout(config, arch, kept))
-    changes[arch.fields.layers] = len(kept)
+    changes = _config_changes(config, arch, kept, n)
     new_layers = [layers[i] for i in kept]
     layers._modules.clear()
     for i, layer in enumerate(new_layers):
@@ -154,7 +267,7 @@ def layers_removed(model: nn.Module, arch: ModelArch, indices: Sequence[int]) ->
     names = (*arch.fields.per_layer_lists, *INDEX_LISTS, "decoder_sparse_step", arch.fields.layers)
     before = {k: copy.deepcopy(getattr(config, k)) for k in names if hasattr(config, k)}
     try:
-        yield remove_layers(model, arch, indices)
+        yield remove_layers(model, arch, indices, check=False)
     finally:
         layers._modules.clear()
         for i, layer in enumerate(originals):
