@@ -62,6 +62,7 @@ SHRINK: dict[str, dict[str, Any]] = {
               "mamba_dt_rank": 8, "mamba_d_conv": 4},
     "zamba": {"attn_layer_period": 2, "attn_layer_offset": 1, "mamba_dt_rank": 8},
     "openai-gpt": {"n_positions": 512},
+    "gemma3": {"mm_tokens_per_image": 4},
     "bamba": {"attn_layer_indices": [1, 3]},
     "deepseek_v2": {"num_experts_per_tok": 2},
     "granitemoehybrid": {"layer_types": ["mamba", "attention", "mamba", "attention"]},

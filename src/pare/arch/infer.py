@@ -311,6 +311,8 @@ _MIXER_KINDS: tuple[tuple[tuple[str, ...], MixerKind], ...] = (
 
 
 def _mixer_kind(module: nn.Module, path: str) -> MixerKind:
+    if _is_projection(module) or isinstance(module, nn.Conv1d):
+        return "other"  # a bare linear beside the known blocks says nothing of what it is
     text = f"{type(module).__name__} {path}".lower()
     return next((kind for keys, kind in _MIXER_KINDS if any(k in text for k in keys)), "other")
 
@@ -401,10 +403,11 @@ def describe(model: nn.Module, override: ArchOverride | None = None) -> ModelArc
     assert isinstance(layer_list, nn.ModuleList)
     layers = [describe_layer(layer, i, config, override) for i, layer in enumerate(layer_list)]
     missing = []
-    if all(r.attention is None and r.mixer is None for r in layers):
+    known = [r.mixer is not None and r.mixer.kind != "other" for r in layers]  # an unknown block describes nothing
+    if all(r.attention is None and not k for r, k in zip(layers, known, strict=True)):
         missing.append("attention projections (q/k/v or fused qkv, and the output projection), or a "
                        "state-space / linear-attention mixer")
-    if all(r.mlp is None and r.experts is None and r.mixer is None for r in layers):
+    if all(r.mlp is None and r.experts is None and not k for r, k in zip(layers, known, strict=True)):
         missing.append("MLP projections (gate/up or fc1, and down or fc2) or MoE experts")
     get_in: Any = model.get_input_embeddings
     get_out: Any = model.get_output_embeddings
