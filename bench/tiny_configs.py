@@ -164,7 +164,7 @@ def tiny_config(model_type: str) -> Any:
     kwargs, cut = shrink_dict({k: v for k, v in values.items() if k not in subs}, extra, mrope, tokens)
     for name, sub in subs.items():
         sub_extra = {k.split(".", 1)[1]: v for k, v in extra.items() if k.startswith(name + ".")}
-        sub_values, sub_cut = shrink_dict(sub.to_dict(), sub_extra, mrope, tokens)
+        sub_values, sub_cut = shrink_dict(sub.to_dict(), sub_extra, mrope and "vision" not in name, tokens)
         sub_values.update(sub_cut)  # sub-configs keep their (cut) lists: rebuilt from a dict they stay
         kwargs[name] = sub_values
     for key in ("model_type", "transformers_version", "_name_or_path"):

@@ -58,8 +58,9 @@ def _qwen2_vl(config: Any) -> dict[str, torch.Tensor]:
     grid = torch.tensor([[1, 4, 4]])  # t, h, w patches: 16 patches, merged 2x2 into 4 tokens
     dim = v.in_channels * v.temporal_patch_size * v.patch_size**2
     pixels = torch.randn(16, dim, generator=torch.Generator().manual_seed(2))
-    return {"input_ids": _prompt(config.image_token_id, 16 // v.spatial_merge_size**2), "pixel_values": pixels,
-            "image_grid_thw": grid}
+    ids = _prompt(config.image_token_id, 16 // v.spatial_merge_size**2)
+    return {"input_ids": ids, "pixel_values": pixels, "image_grid_thw": grid,
+            "mm_token_type_ids": (ids == config.image_token_id).long()}
 
 
 FAMILIES = {"llava": _llava, "gemma3": _gemma3, "smolvlm": _smolvlm, "idefics3": _smolvlm, "qwen2_vl": _qwen2_vl,
@@ -72,7 +73,7 @@ def _outside_decoder(model: torch.nn.Module, layers_path: str) -> dict[str, torc
 
 
 def _image_features(model: Any, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
-    kwargs = {k: v for k, v in inputs.items() if k != "input_ids"}
+    kwargs = {k: v for k, v in inputs.items() if k not in ("input_ids", "mm_token_type_ids")}
     with torch.no_grad():
         out = model.get_image_features(**kwargs)
     first = out if isinstance(out, torch.Tensor) else getattr(out, "pooler_output", None)
@@ -83,8 +84,11 @@ def _image_features(model: Any, inputs: dict[str, torch.Tensor]) -> torch.Tensor
     return first
 
 
-@pytest.mark.parametrize("method", ["wanda", "shortgpt"])
-@pytest.mark.parametrize("family", sorted(FAMILIES))
+CASES = [(f, "wanda") for f in sorted(FAMILIES)] + [("llava", "shortgpt"), ("qwen2_vl", "shortgpt"),
+                                                      ("gemma3", "shortgpt")]
+
+
+@pytest.mark.parametrize(("family", "method"), CASES)
 def test_text_decoder_pruned_vision_untouched_and_reload_answers_images(family: str, method: str,
                                                                          tmp_path: Path) -> None:
     config = tiny_config(family)
