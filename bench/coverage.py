@@ -144,14 +144,22 @@ def run_method(model: Any, kind: str, method: str, ids: torch.Tensor, workdir: P
         raise AssertionError("pare.load logits differ from the pruned model's")
     manifest = read_manifest(out) or {}
     uniform = bool(manifest.get("uniform", True))
+    loader = "pare.load"
     if uniform:
-        auto = auto_class(kind).from_pretrained(out).eval()
+        try:
+            auto = auto_class(kind).from_pretrained(out).eval()
+            loader = auto_class(kind).__name__
+        except ValueError as exc:  # transformers' Auto mapping cannot load its own class of this config
+            if "Unrecognized configuration class" not in str(exc):
+                raise
+            auto = type(pruned).from_pretrained(out).eval()
+            loader = f"{type(pruned).__name__} (the Auto class does not map this config)"
         if not torch.equal(_logits(auto, ids), want):
             raise AssertionError("from_pretrained logits differ from the pruned model's")
     if method == "depth":
         _same_generation(reloaded, ids)
     params = sum(p.numel() for p in pruned.parameters())
-    return {"uniform": uniform, "params_after": params}
+    return {"uniform": uniform, "params_after": params, "reloaded_with": loader}
 
 
 def inspect(model: Any) -> dict[str, Any]:

@@ -308,6 +308,8 @@ class LayerwiseRunner:
         self.batches = list(input_ids.split(batch_size))
         self.store = torch.device("cpu") if offload else self.device
         self.final_hidden: list[torch.Tensor] | None = None
+        self.not_run: list[int] = []
+        """Layers the model did not call on the calibration data (skipped, left as they are)."""
 
     def capture(self) -> Captured:
         """The first layer's inputs and every layer's call arguments, per batch (no layer runs)."""
@@ -339,6 +341,11 @@ class LayerwiseRunner:
         bar = tqdm(range(len(layers)), desc="layers", disable=not self.progress, leave=False)
         for i in bar:
             layer = layers[i]
+            if not captured.calls[i]:  # the model did not call it on these inputs: it changes nothing here
+                self.not_run.append(i)
+                log.warning("layer %d did not run on the calibration data (e.g. a cross-attention layer that "
+                            "runs only with images); it is left as it is", i)
+                continue
             layer_home = model_device(layer)
             layer.to(self.device)
             step = LayerStep(i, layer, arch.layers[i], arch.layer_prefix(i), hidden, captured.calls[i], self.device)

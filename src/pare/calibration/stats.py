@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from pare.arch.targets import Target
+from pare.errors import UnsupportedArchitectureError
 from pare.ops.gram import add_gram_upper_, mirror_upper_
 
 STAT_NORMS = "norms"
@@ -90,7 +91,12 @@ def _expert_inputs(experts: nn.Module, args: tuple, kwargs: dict, gate_up: str, 
     router's gate values of those tokens for it ``[n_e]``."""
     hidden, top_k_index, top_k_weights = _routing_call(experts, args, kwargs)
     w = getattr(experts, gate_up).data
-    act: Any = experts.act_fn
+    act: Any = getattr(experts, "act_fn", None)
+    if act is None:
+        raise UnsupportedArchitectureError(
+            f"{type(experts).__name__} computes its experts' activation in its own code (no act_fn), so pare cannot "
+            "take each expert's intermediate inputs: exclude the experts from this method (ignore='experts') or "
+            "use magnitude pruning for them")
     for e in range(num_experts):
         hit = top_k_index == e
         tokens = hit.any(dim=-1).nonzero().flatten()
@@ -258,6 +264,11 @@ def _routing_call(experts: nn.Module, args: tuple, kwargs: dict) -> tuple[torch.
     """
     bound = inspect.signature(experts.forward).bind(*args, **kwargs)
     values = list(bound.arguments.values())
+    if len(values) < 3:
+        raise UnsupportedArchitectureError(
+            f"{type(experts).__name__} is called without routing indices and weights (tokens are routed before the "
+            "call), so pare cannot tell which tokens each expert saw: exclude the experts from this method "
+            "(ignore='experts') or use magnitude pruning for them")
     hidden, index, weights = values[0], values[1], values[2]
     return hidden.reshape(-1, hidden.shape[-1]), index.reshape(-1, index.shape[-1]), weights.reshape(
         -1, weights.shape[-1])

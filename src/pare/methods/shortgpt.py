@@ -26,14 +26,14 @@ from pare.ops.similarity import token_cosine
 def block_influences(ctx: PruneContext) -> list[float]:
     """BI of every layer over all calibration tokens (dense inputs)."""
     runner = ctx.runner(sequential=False)
-    scores = []
+    scores = [float("inf")] * ctx.arch.num_layers  # a layer the data never runs is never chosen
     for step in runner.steps():
         assert step.dense_outputs is not None
         total, count = 0.0, 0
         for x_in, x_out in zip(step.inputs, step.dense_outputs, strict=True):
             cos = token_cosine(x_in, x_out)
             total, count = total + float(cos.sum()), count + cos.numel()
-        scores.append(1.0 - total / count)
+        scores[step.index] = 1.0 - total / count
     return scores
 
 
