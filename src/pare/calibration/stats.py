@@ -97,6 +97,11 @@ def _expert_inputs(experts: nn.Module, args: tuple, kwargs: dict, gate_up: str, 
             f"{type(experts).__name__} computes its experts' activation in its own code (no act_fn), so pare cannot "
             "take each expert's intermediate inputs: exclude the experts from this method (ignore='experts') or "
             "use magnitude pruning for them")
+    if w.shape[-1] != hidden.shape[-1]:
+        raise UnsupportedArchitectureError(
+            f"{type(experts).__name__} stores its experts' {gate_up} as {list(w.shape)} with the hidden size "
+            f"{hidden.shape[-1]} not last (pare reads fused experts as [experts, out, in]): exclude the experts from "
+            "this method (ignore='experts')")
     for e in range(num_experts):
         hit = top_k_index == e
         tokens = hit.any(dim=-1).nonzero().flatten()

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -35,6 +36,12 @@ INDEX_LISTS = ("mlp_only_layers",)
 
 if TYPE_CHECKING:
     from pare.arch.overrides import ArchOverride
+
+
+def _with_layers(arch: ModelArch, kept: list[int]) -> ModelArch:
+    """``arch`` with only the ``kept`` layers (re-indexed), for code that walks the layers after a cut."""
+    return dataclasses.replace(arch, layers=[dataclasses.replace(arch.layers[old], index=new)
+                                             for new, old in enumerate(kept)])
 
 
 def check_layer_indices(indices: Sequence[int], num_layers: int) -> list[int]:
@@ -129,6 +136,46 @@ def removal_problem(model: nn.Module, arch: ModelArch, removed: Sequence[int]) -
                 return (f"it removes every {kind!r} layer ({where}); the model's cache and masks need at least one "
                         "of each layer kind in layer_types")
     return _rebuild_problem(model, arch, kept, _config_changes(config, arch, kept, n))
+
+
+def _built_layers(model: nn.Module, arch: ModelArch, changes: dict[str, Any] | None = None) -> nn.ModuleList:
+    """The decoder layers the model's config (with ``changes``) builds, on the meta device."""
+    from pare.arch.infer import decoder_config
+
+    full: Any = copy.deepcopy(model.config)  # type: ignore[union-attr]
+    target = decoder_config(full)
+    for name, value in (changes or {}).items():
+        setattr(target, name, value)
+    with torch.device("meta"):
+        built = type(model)(full)
+    layers = built.get_submodule(arch.layers_path)
+    assert isinstance(layers, nn.ModuleList)
+    return layers
+
+
+def _sync_build_attributes(model: nn.Module, arch: ModelArch) -> list[str]:
+    """Give the kept layers' modules the number-valued attributes a model built from the shortened
+    config has (Beam's ``attn_residual_add_idx = 2 * (layer_idx + 1)``, set at build time from the
+    layer index), so the pruned model computes what its reload computes. Returns what was changed."""
+    try:
+        built = _built_layers(model, arch)
+    except Exception:
+        return []
+    changed = []
+    for i, (have, want) in enumerate(zip(arch.layer_modules(model), built, strict=False)):
+        wanted = dict(want.named_modules())
+        for name, module in have.named_modules():
+            other = wanted.get(name)
+            if other is None or type(other) is not type(module):
+                continue
+            for key, value in vars(module).items():
+                if key.startswith("_") or key == "layer_idx" or type(value) not in (int, float):
+                    continue
+                new = vars(other).get(key)
+                if type(new) is type(value) and new != value:
+                    setattr(module, key, new)
+                    changed.append(f"{i}.{name}.{key}" if name else f"{i}.{key}")
+    return changed
 
 
 def _rebuild_problem(model: nn.Module, arch: ModelArch, kept: list[int], changes: dict[str, Any]) -> str | None:
@@ -227,11 +274,14 @@ def remove_layers(model: nn.Module, arch: ModelArch, indices: Sequence[int], che
     _renumber(layers)
     for name, value in changes.items():
         setattr(config, name, value)
+    synced = _sync_build_attributes(model, _with_layers(arch, kept)) if check else []
     edit: dict[str, Any] = {
         "op": "remove_layers", "removed": removed, "kept": kept, "num_layers_before": n,
         "num_layers_after": len(kept), "layers_path": arch.layers_path,
         "config": {k: list(v) if isinstance(v, tuple) else v for k, v in changes.items()},
     }
+    if synced:
+        edit["rebuilt_attributes"] = synced
     if getattr(config, "scale_attn_by_inverse_layer_idx", False):
         edit["uniform"] = False  # GPT-2 scales attention by 1/(layer_idx+1) at build time: keep the old scale
     return edit
