@@ -86,6 +86,15 @@ class RouterWeightedStats(InputStats):
         self.add(x.float() * gate.float().reshape(-1, 1))
 
 
+def _takes_two(fn: Any) -> bool:
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    return len(positional) >= 2 and all(p.default is p.empty for p in positional[:2])
+
+
 def _expert_inputs(experts: nn.Module, args: tuple, kwargs: dict, gate_up: str, num_experts: int):
     """Per expert: the routed tokens ``x_e [n_e, H]``, its activated intermediate ``[n_e, I]`` and the
     router's gate values of those tokens for it ``[n_e]``."""
@@ -102,13 +111,14 @@ def _expert_inputs(experts: nn.Module, args: tuple, kwargs: dict, gate_up: str, 
             f"{type(experts).__name__} stores its experts' {gate_up} as {list(w.shape)} with the hidden size "
             f"{hidden.shape[-1]} not last (pare reads fused experts as [experts, out, in]): exclude the experts from "
             "this method (ignore='experts')")
+    joint = _takes_two(act)  # a fused gated activation act(gate, up) (Inkling's softcapped SwiGLU)
     for e in range(num_experts):
         hit = top_k_index == e
         tokens = hit.any(dim=-1).nonzero().flatten()
         x = hidden[tokens]
         gate_value = (top_k_weights[tokens].float() * hit[tokens]).sum(-1)
         gate, up = nn.functional.linear(x, w[e]).chunk(2, dim=-1)
-        yield e, x, act(gate) * up, gate_value
+        yield e, x, act(gate, up) if joint else act(gate) * up, gate_value
 
 
 class InputsRecorded(Exception):
