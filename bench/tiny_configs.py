@@ -35,8 +35,10 @@ GENERIC: dict[str, Any] = {
     "state_size": 8, "ssm_state_size": 8, "mamba_headdim": 32, "time_step_rank": 8, "n_groups": 1,
     "linear_num_key_heads": 2, "linear_num_value_heads": 4, "linear_key_head_dim": 16,
     "linear_value_head_dim": 16, "sliding_window": 16, "attention_window_size": 16,
-    "global_attn_every_n_layers": 2, "rotary_dim": 8, "index_head_dim": 16, "index_n_heads": 4, "index_topk": 8,
-    "linear_head_dim": 16, "linear_num_heads": 4, "num_kv_shared_layers": 2, "conv_L_cache": 3,
+    "global_attn_every_n_layers": 2, "rotary_dim": 8, "index_head_dim": 16, "index_n_heads": 4,
+    "index_topk": 8,
+    "attention_hidden_size": 64, "linear_head_dim": 16, "linear_num_heads": 4, "num_kv_shared_layers": 0,
+    "conv_L_cache": 3,
     "hidden_size_per_layer_input": 16, "vocab_size_per_layer_input": VOCAB,
     "image_size": 32, "patch_size": 8, "projection_dim": 64, "out_hidden_size": 64,
     "num_channels": 3, "depth": 2, "spatial_merge_size": 2, "temporal_patch_size": 2,
@@ -64,6 +66,7 @@ SHRINK: dict[str, dict[str, Any]] = {
     "zamba": {"attn_layer_period": 2, "attn_layer_offset": 1, "mamba_dt_rank": 8},
     "openai-gpt": {"n_positions": 512},
     "gemma3": {"mm_tokens_per_image": 4},
+    "zaya": {"num_experts_per_tok": 1},
     "bamba": {"attn_layer_indices": [1, 3]},
     "deepseek_v2": {"num_experts_per_tok": 2},
     "granitemoehybrid": {"layer_types": ["mamba", "attention", "mamba", "attention"]},
@@ -134,6 +137,9 @@ def shrink_dict(values: dict[str, Any], extra: dict[str, Any] | None = None, mro
         if isinstance(value, dict) and isinstance(value.get("mrope_section"), list):
             out[key] = {**value, "mrope_section": _sections(len(value["mrope_section"]), GENERIC["head_dim"] // 2)}
     new_layers = _layer_count(out)
+    for key, value in values.items():  # per-layer dicts keyed by layer index (Gemma 4's per_layer_config)
+        if key.startswith("per_layer") and isinstance(value, dict) and new_layers:
+            out[key] = {k: v for k, v in value.items() if str(k).isdigit() and int(k) < new_layers}
     if isinstance(out.get("qk_rope_head_dim"), int) and "head_dim" in out:
         out["head_dim"] = out["qk_rope_head_dim"]  # MLA: the config's head_dim is the RoPE part
     cut: dict[str, Any] = {}

@@ -160,6 +160,11 @@ def _version(x: torch.Tensor) -> int | None:
         return None
 
 
+class SharedInputChanged(RuntimeError):
+    """A module recorded as reading its neighbour's input read another tensor later (record again with
+    ``share_inputs=False``)."""
+
+
 class _SameInput:
     """Finds watched modules that read the very tensor the module called just before read (q/k/v
     after one norm, gate/up): their inputs are recorded once, by the first of them (the leader).
@@ -193,8 +198,8 @@ class _SameInput:
             self.last = (key, x, _version(x))
             return True
         if not same or last is None or last[0] != lead:
-            raise RuntimeError("a module that shared its input with the module called before it got a "
-                               "different input in a later forward; record with share_inputs=False")
+            raise SharedInputChanged("a module that shared its input with the module called before it got a "
+                                     "different input in a later forward; record with share_inputs=False")
         return False
 
 

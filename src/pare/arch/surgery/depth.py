@@ -140,6 +140,13 @@ def removal_problem(model: nn.Module, arch: ModelArch, removed: Sequence[int]) -
 
 def _built_layers(model: nn.Module, arch: ModelArch, changes: dict[str, Any] | None = None) -> nn.ModuleList:
     """The decoder layers the model's config (with ``changes``) builds, on the meta device."""
+    layers = _built(model, arch, changes).get_submodule(arch.layers_path)
+    assert isinstance(layers, nn.ModuleList)
+    return layers
+
+
+def _built(model: nn.Module, arch: ModelArch, changes: dict[str, Any] | None = None) -> nn.Module:
+    """The model the config (with ``changes``) builds, on the meta device."""
     from pare.arch.infer import decoder_config
 
     full: Any = copy.deepcopy(model.config)  # type: ignore[union-attr]
@@ -147,10 +154,7 @@ def _built_layers(model: nn.Module, arch: ModelArch, changes: dict[str, Any] | N
     for name, value in (changes or {}).items():
         setattr(target, name, value)
     with torch.device("meta"):
-        built = type(model)(full)
-    layers = built.get_submodule(arch.layers_path)
-    assert isinstance(layers, nn.ModuleList)
-    return layers
+        return type(model)(full)
 
 
 def _sync_build_attributes(model: nn.Module, arch: ModelArch) -> list[str]:
@@ -178,18 +182,20 @@ def _sync_build_attributes(model: nn.Module, arch: ModelArch) -> list[str]:
     return changed
 
 
-def _rebuild_problem(model: nn.Module, arch: ModelArch, kept: list[int], changes: dict[str, Any]) -> str | None:
-    from pare.arch.infer import decoder_config
+def _outside_shapes(model: nn.Module, layers_path: str) -> dict[str, tuple[int, ...]]:
+    return {n: tuple(p.shape) for n, p in model.named_parameters() if not n.startswith(layers_path + ".")}
 
-    full: Any = copy.deepcopy(model.config)  # type: ignore[union-attr]
-    target = decoder_config(full)
+
+def _rebuild_problem(model: nn.Module, arch: ModelArch, kept: list[int], changes: dict[str, Any]) -> str | None:
     try:
-        for name, value in changes.items():
-            setattr(target, name, value)
-        with torch.device("meta"):
-            built = type(model)(full)
-    except Exception as exc:
+        built = _built(model, arch, changes)
+    except Exception as exc:  # any failure means the config cannot express the cut
         return f"the shortened config cannot be built ({type(exc).__name__}: {exc})"
+    outside = _outside_shapes(built, arch.layers_path)
+    for name, shape in _outside_shapes(model, arch.layers_path).items():
+        if outside.get(name, shape) != shape:
+            return (f"the shortened config also resizes {name} ({list(shape)} -> {list(outside[name])}), a per-layer "
+                    "table outside the decoder layers that pare does not cut")
     layers = built.get_submodule(arch.layers_path)
     have = arch.layer_modules(model)
     if len(layers) != len(kept):
