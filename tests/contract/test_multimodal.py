@@ -84,8 +84,13 @@ def _image_features(model: Any, inputs: dict[str, torch.Tensor]) -> torch.Tensor
     return first
 
 
-CASES = [(f, "wanda") for f in sorted(FAMILIES)] + [("llava", "shortgpt"), ("qwen2_vl", "shortgpt"),
-                                                      ("gemma3", "shortgpt")]
+FAST = {("llava", "wanda"), ("qwen2_vl", "shortgpt")}
+"""In ``make test``; the other cases run with ``make test-matrix``."""
+CASES = [
+    c if c in FAST else pytest.param(*c, marks=pytest.mark.matrix)
+    for c in [(f, "wanda") for f in sorted(FAMILIES)] + [("llava", "shortgpt"), ("qwen2_vl", "shortgpt"),
+                                                        ("gemma3", "shortgpt")]
+]
 
 
 @pytest.mark.parametrize(("family", "method"), CASES)
