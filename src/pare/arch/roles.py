@@ -115,7 +115,8 @@ class ExpertsRoles:
     shared_gate: str | None = None
 
 
-MixerKind = Literal["state-space", "linear-attention", "convolution", "recurrent", "other"]
+MixerKind = Literal["state-space", "linear-attention", "convolution", "recurrent", "attention", "other"]
+"""``attention``: an attention block whose heads pare does not describe (DeepSeek's MLA with low-rank q/kv)."""
 
 
 @dataclass(frozen=True)
@@ -236,16 +237,18 @@ class ModelArch:
                 "removed, but their internal sizes (state, convolution kernel, latent ranks) are not cut")
 
     def nothing_to_cut(self, mlp: bool, attention: bool) -> str | None:
-        """Why a width cut of the MLP (``mlp``) and / or attention heads (``attention``) has nothing to cut
-        in this model, or None."""
+        """Why a width cut of the MLP (``mlp``) and / or attention heads (``attention``) asks for a part
+        this model does not have (so the cut would silently do nothing there), or None."""
         has_mlp = any(r.mlp is not None or r.experts is not None for r in self.layers)
         has_att = any(r.attention is not None for r in self.layers)
-        if (mlp and has_mlp) or (attention and has_att):
+        missing = [w for w, asked, has in (("MLP channels", mlp, has_mlp), ("attention heads", attention, has_att))
+                   if asked and not has]
+        if not missing:
             return None
-        asked = " or ".join(w for w, on in (("MLP channels", mlp), ("attention heads", attention)) if on)
         hint = self.mixers()
-        return (f"this {self.model_type} model has no {asked} pare can cut" + (f"; {hint}" if hint else "")
-                + ". Use weight sparsity (wanda, sparsegpt, magnitude) or depth (shortgpt, angular) instead")
+        return (f"this {self.model_type} model has no {' or '.join(missing)} pare can cut"
+                + (f"; {hint}" if hint else "") + ". Cut only what it has, or use weight sparsity (wanda, sparsegpt, magnitude) or depth "
+                "(shortgpt, angular)")
 
     def mlp_width(self, model: nn.Module, index: int) -> int:
         """The MLP intermediate width of layer ``index`` (the down projection's input width)."""

@@ -109,7 +109,7 @@ def skeleton(model: nn.Module, edits: Sequence[Edit] | None = None, override: An
     ``meta`` device (no memory), with ``edits`` replayed when given (described with ``override``)."""
     from pare.io.load import build_from_config
 
-    config = copy.deepcopy(model.config)  # type: ignore[union-attr]
+    config: Any = copy.deepcopy(model.config)
     config.architectures = [type(model).__name__]  # what save_pretrained writes, so what load builds
     with torch.device("meta"):
         try:

@@ -196,7 +196,7 @@ def _rebuild_problem(model: nn.Module, arch: ModelArch, kept: list[int], changes
         if outside.get(name, shape) != shape:
             return (f"the shortened config also resizes {name} ({list(shape)} -> {list(outside[name])}), a per-layer "
                     "table outside the decoder layers that pare does not cut")
-    layers = built.get_submodule(arch.layers_path)
+    layers: Any = built.get_submodule(arch.layers_path)
     have = arch.layer_modules(model)
     if len(layers) != len(kept):
         return f"the shortened config builds {len(layers)} layers, not {len(kept)}"
@@ -236,7 +236,7 @@ def first_valid_span(model: nn.Module, arch: ModelArch, starts: Sequence[int], n
     Raises:
         ConfigError: no span can be removed.
     """
-    skipped = []
+    skipped: list[str] = []
     for start in starts:
         why = removal_problem(model, arch, list(range(start, start + n)))
         if why is None:
