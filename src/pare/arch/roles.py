@@ -247,7 +247,8 @@ class ModelArch:
             return None
         hint = self.mixers()
         return (f"this {self.model_type} model has no {' or '.join(missing)} pare can cut"
-                + (f"; {hint}" if hint else "") + ". Cut only what it has, or use weight sparsity (wanda, sparsegpt, magnitude) or depth "
+                + (f"; {hint}" if hint else "")
+                + ". Cut only what it has, or use weight sparsity (wanda, sparsegpt, magnitude) or depth "
                 "(shortgpt, angular)")
 
     def mlp_width(self, model: nn.Module, index: int) -> int:
