@@ -280,7 +280,8 @@ def remove_layers(model: nn.Module, arch: ModelArch, indices: Sequence[int], che
     _renumber(layers)
     for name, value in changes.items():
         setattr(config, name, value)
-    synced = _sync_build_attributes(model, _with_layers(arch, kept)) if check else []
+    keeps_old_scale = bool(getattr(config, "scale_attn_by_inverse_layer_idx", False))  # GPT-2: non-uniform below
+    synced = _sync_build_attributes(model, _with_layers(arch, kept)) if check and not keeps_old_scale else []
     edit: dict[str, Any] = {
         "op": "remove_layers", "removed": removed, "kept": kept, "num_layers_before": n,
         "num_layers_after": len(kept), "layers_path": arch.layers_path,
