@@ -8,7 +8,7 @@ TORCH  := torch==2.13.0
 # the tested versions of every dependency: `make install` (and so CI) installs exactly these
 PINS   := constraints.txt
 LATEST ?= .venv-latest
-EXTRAS := .[data,tokenizers,dev]
+EXTRAS := .[data,tokenizers,dev,export]
 export PARE_DATA_DIR ?= $(abspath ../shared/data)
 
 .PHONY: install demo test test-fast test-matrix test-latest constraints lint bench clean

@@ -85,7 +85,8 @@ def worker_pare(a: argparse.Namespace) -> dict:
     save_file(decoder_weights(model), a.out)
     out: dict = {"prune_seconds": seconds}
     if "quantization" in report.scores:
-        out["bits"] = {k: report.scores["quantization"].get(k) for k in ("bits_per_param", "quantized_bytes")}
+        q = report.scores["quantization"]
+        out["bits"] = {"bits_per_param": q.get("bits_per_param"), "quantized_bytes": q.get("bytes")}
     return out
 
 
@@ -227,7 +228,10 @@ def main(a: argparse.Namespace) -> None:
                            "time_ratio": ratio(res["pare"], ref, "prune_seconds")},
                 "dense_ppl": dense, "calibration": {"source": "c4 train", "nsamples": a.nsamples, "seqlen": a.seqlen},
                 "eval": {"text": "wikipedia/articles.utf8", "tokens": int(ev.numel()), "seqlen": a.eval_seqlen},
-                "threads": a.threads}
+                "threads": a.threads, "group_size": a.group_size,
+                "group_note": ("int4 groups of this size on every decoder linear for both tools (SmolLM2's 576-wide "
+                               "inputs are not a multiple of 128, so g128 is impossible on q/k/v/o/gate/up)")
+                if setting in ("gptq-w4a16", "sparse24-int4") else None}
         print(json.dumps(line), flush=True)
 
 

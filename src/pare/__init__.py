@@ -5,6 +5,7 @@ __version__ = "0.1.0"
 from pare.api import evaluate, load, load_model, prune, run, save
 from pare.arch import ArchOverride, describe
 from pare.config import CalibrationConfig, PruneConfig, RuntimeConfig, config_from_dict, register
+from pare.io.export import export
 from pare.methods import (
     METHODS,
     AngularConfig,
@@ -47,6 +48,7 @@ __all__ = [
     "config_from_dict",
     "describe",
     "evaluate",
+    "export",
     "load",
     "load_model",
     "prune",

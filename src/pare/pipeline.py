@@ -1,10 +1,13 @@
 """Run a list of stages on one model with one calibration set: the control flow of ``pare.run``.
 
 A :class:`Pipeline` builds every stage once from its config, describes the model once (with the
-caller's :class:`~pare.arch.ArchOverride`) and checks the first stage before any work, so a caller
-(the CLI) can refuse bad options before loading calibration text or evaluating the dense model.
-Each later stage is checked on the model as the earlier stages left it, just before it runs; the
-model is described again only after a stage changed shapes. The stages never see each other: each
+caller's :class:`~pare.arch.ArchOverride`) and checks the whole recipe before any work, so a caller
+(the CLI) can refuse bad options before loading calibration text or evaluating the dense model:
+the first stage on the model, each later one on a parameter-free copy (``meta`` device) to which the
+earlier stages applied their :meth:`~pare.methods.base.Pruner.preview`, i.e. on the shapes they will
+leave. Each later stage is checked again on the real model just before it runs (a preview picks
+placeholder channels and layers; which ones go is chosen from data); the model is described again
+only after a stage changed shapes. The stages never see each other: each
 gets a :class:`~pare.methods.base.PruneContext` and fills its own :class:`~pare.report.Report`.
 """
 
@@ -19,6 +22,7 @@ from torch import nn
 
 from pare.arch import ArchOverride, describe
 from pare.arch.roles import ModelArch
+from pare.arch.surgery.shadow import meta_copy
 from pare.config import PruneConfig, RuntimeConfig, stage_for_config, usable_device
 from pare.errors import ConfigError
 from pare.eval.cost import measure_cost
@@ -45,7 +49,7 @@ def stage_configs(configs: PruneConfig | Sequence[PruneConfig]) -> list[PruneCon
 
 
 class Pipeline:
-    """Stages built once, the model described once, the first stage checked: ready to run.
+    """Stages built once, the model described once, the whole recipe checked: ready to run.
 
     Args:
         model: the model, changed in place by :meth:`run`.
@@ -62,7 +66,47 @@ class Pipeline:
         self.arch_override = arch_override
         self.stages: list[Pruner] = [stage_for_config(cfg)(cfg) for cfg in stage_configs(configs)]
         self._arch: ModelArch | None = describe(model, arch_override)
-        self.stages[0].check(model, self._arch)
+        self.check_all(self._arch)
+
+    def check_all(self, arch: ModelArch) -> None:
+        """Check every stage before any work, each on the shapes the stages before it will leave.
+
+        Raises:
+            ConfigError: a stage's options cannot apply; for a later stage the message names the
+                stages before it.
+        """
+        shadow: nn.Module | None = None  # the meta-device copy the earlier stages' previews cut
+        for k, stage in enumerate(self.stages):
+            if shadow is None:
+                stage.check(self.model, arch)
+            else:
+                self._check_later(k, stage, shadow, arch)
+            if k == len(self.stages) - 1 or not stage.changes_shapes:
+                continue
+            shadow = meta_copy(self.model) if shadow is None else shadow
+            if shadow is None:
+                return  # no copy: the later stages are checked just before they run
+            try:
+                stage.preview(shadow, arch, self.arch_override)
+                arch = describe(shadow, self.arch_override)
+            except ConfigError:
+                raise
+            except Exception:
+                log.debug("no preview of stage %d (%s): the later stages are checked before they run", k + 1,
+                          stage.config.method, exc_info=True)
+                return
+
+    def _check_later(self, k: int, stage: Pruner, shadow: nn.Module, arch: ModelArch) -> None:
+        """Check stage ``k`` on the previewed shapes; a check that needs real weights (a forward pass)
+        is left to the check just before the stage runs."""
+        try:
+            stage.check(shadow, arch)
+        except ConfigError as exc:
+            before = " -> ".join(s.config.method for s in self.stages[:k])
+            raise ConfigError(f"stage {k + 1} ({stage.config.method}), on the shapes {before} will leave: {exc}") \
+                from exc
+        except Exception:
+            log.debug("stage %d (%s) is checked when it runs", k + 1, stage.config.method, exc_info=True)
 
     def needs_calibration(self) -> bool:
         """Whether any stage needs the calibration windows (all stages share one set)."""

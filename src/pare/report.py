@@ -6,6 +6,8 @@ import platform
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from pare.arch.surgery.edits import Edit, as_edit, edit_dicts
+
 REPORT_VERSION = 1
 
 
@@ -37,7 +39,8 @@ class Report:
             (which changes the result), offload, windows per forward.
         modules: per pruned module: ``shape`` [out, in], measured ``sparsity`` and ``nonzero``.
         pattern: ``"2:4"``-style pattern, or None.
-        edits: structural edits in the order applied (replayed by ``pare.load`` to rebuild shapes).
+        edits: structural edits (:mod:`pare.arch.surgery.edits`) in the order applied (replayed by
+            ``pare.load`` to rebuild shapes); written to the manifest as ``{"op": ...}`` objects.
         uniform: True when the config alone describes the shapes (plain ``from_pretrained`` works).
         scores: method-specific scores (per layer, span, head...).
         figures: before/after measurements (``ppl_before``, ``params_after``...). Sparsity methods add
@@ -54,7 +57,7 @@ class Report:
     runtime: dict[str, Any] = field(default_factory=dict)
     modules: dict[str, dict[str, Any]] = field(default_factory=dict)
     pattern: str | None = None
-    edits: list[dict[str, Any]] = field(default_factory=list)
+    edits: list[Edit] = field(default_factory=list)
     uniform: bool = True
     scores: dict[str, Any] = field(default_factory=dict)
     figures: dict[str, Any] = field(default_factory=dict)
@@ -74,10 +77,14 @@ class Report:
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
+        d["edits"] = edit_dicts(self.edits)
         d["overall_sparsity"] = self.overall_sparsity
         return d
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Report:
+        """The report a manifest entry holds (its edits parsed into typed edits)."""
         known = {f for f in cls.__dataclass_fields__}
-        return cls(**{k: v for k, v in data.items() if k in known})
+        values = {k: v for k, v in data.items() if k in known}
+        values["edits"] = [as_edit(e) for e in values.get("edits") or []]
+        return cls(**values)

@@ -54,7 +54,7 @@ def test_layer_methods_run_on_every_architecture(arch_name):
         k = 2 if isinstance(config, AngularConfig) else 1
         assert model.config.num_hidden_layers == 4 - k == len(describe(model).layers)
         assert len(report.scores["removed_layers"]) == k and report.scores["reason"]
-        assert report.uniform and report.edits[0]["op"] == "remove_layers"
+        assert report.uniform and report.edits[0].op == "remove_layers"
         assert report.figures["params_after"] < report.figures["params_before"]
 
 
@@ -173,7 +173,7 @@ def test_sublayer_method_removes_lowest_nri_and_generates(arch_name):
     assert len(rows) == 6 and all(r["params"] > 0 for r in rows)
     lowest = sorted(rows, key=lambda r: r["nri"])[:2]
     assert sorted(report.scores["removed_sublayers"]) == sorted(f"{r['layer']}.{r['part']}" for r in lowest)
-    assert not report.uniform and [e["op"] for e in report.edits] == ["remove_sublayer"] * 2
+    assert not report.uniform and [e.op for e in report.edits] == ["remove_sublayer"] * 2
     assert report.figures["params_before"] - report.figures["params_after"] == sum(r["params"] for r in lowest)
     greedy_matches_generate(model)
 

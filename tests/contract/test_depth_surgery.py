@@ -71,7 +71,7 @@ def test_remove_zeroed_layer_keeps_logits_and_generates(arch_name, tmp_path):
     ids = tiny_batch(2, 12)
     before = logits(model, ids)
     edit = remove_layers(model, describe(model), [1])
-    assert edit["kept"] == [0, 2, 3] and model.config.num_hidden_layers == 3
+    assert edit.kept == (0, 2, 3) and model.config.num_hidden_layers == 3
     assert len(describe(model).layers) == 3
     torch.testing.assert_close(logits(model, ids), before, rtol=1e-5, atol=1e-5)
     check_generate(model, tiny_batch(1, 10, seed=3))
@@ -94,7 +94,7 @@ def test_remove_sublayer_keep_logits_generate_and_reload(arch_name, tmp_path):
     report.edits.append(remove_sublayer(model, describe(model), 1, "mlp"))
     arch = describe(model)  # the removed blocks have no roles any more
     assert arch.layers[0].attention is None and arch.layers[1].mlp is None and arch.layers[1].experts is None
-    assert report.edits[0]["params_removed"] > 0 and report.edits[1]["params_removed"] > 0
+    assert report.edits[0].params_removed > 0 and report.edits[1].params_removed > 0
     torch.testing.assert_close(logits(model, ids), before, rtol=1e-5, atol=1e-5)
     check_generate(model, tiny_batch(1, 10, seed=3))  # attention of layer 0 (the cache-length slot) is gone
     pare.save(model, None, tmp_path / "m", report)
@@ -170,7 +170,7 @@ def test_gpt2_inverse_layer_scaling_survives_removal_and_reload(tmp_path):
     ids = tiny_batch(2, 12)
     before = logits(model, ids)
     edit = remove_layers(model, describe(model), [1])
-    assert edit["uniform"] is False  # the config cannot say "scale layer 1 as if it were layer 2"
+    assert edit.uniform is False  # the config cannot say "scale layer 1 as if it were layer 2"
     torch.testing.assert_close(logits(model, ids), before, rtol=1e-5, atol=1e-5)
     report = Report(method="layers", config={}, edits=[edit], uniform=False)
     pare.save(model, None, tmp_path / "m", report)

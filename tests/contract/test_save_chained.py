@@ -43,7 +43,7 @@ def listing(path) -> dict[str, bytes]:
 @pytest.mark.parametrize("model_type", ["llama", "gpt2", "qwen2_moe"])
 def test_chained_sublayer_then_layers_reloads_identically(model_type: str, tmp_path) -> None:
     model, r1, r2 = sublayer_then_layer(model_type)
-    assert r1.edits[0]["layer"] == 2 and not r1.uniform and r2.uniform
+    assert r1.edits[0].layer == 2 and not r1.uniform and r2.uniform
     out = pare.save(model, None, tmp_path / "m", [r1, r2])
     manifest = json.loads((out / "pare.json").read_text())
     assert manifest["uniform"] is False and manifest["method"] == "layers"
@@ -147,7 +147,8 @@ def test_load_refuses_a_manifest_that_misses_edits(tmp_path) -> None:
     model, r1, r2 = sublayer_then_layer()
     out = pare.save(model, None, tmp_path / "m", [r1, r2])
     manifest = json.loads((out / "pare.json").read_text())
-    manifest.update(uniform=True, edits=r2.edits)  # what an older pare wrote with the last report only
+    # what an older pare wrote with the last report only
+    manifest.update(uniform=True, edits=[e.to_dict() for e in r2.edits])
     (out / "pare.json").write_text(json.dumps(manifest))
     with pytest.raises(PareError, match=r"missing 4 weight\(s\).*self_attn.*random weights") as err:
         pare.load(out)

@@ -60,7 +60,7 @@ def test_pruning_zero_mlp_channels_keeps_logits(model_type):
     before = _logits(model)
     for i, keep in enumerate(keeps):
         edit = prune_mlp_channels(model, arch, i, keep)
-        assert edit == {"op": "mlp_channels", "layer": i, "width": len(keep), "shared_width": None}
+        assert edit.to_dict() == {"op": "mlp_channels", "layer": i, "width": len(keep), "shared_width": None}
     assert torch.allclose(_logits(model), before, atol=1e-5)
     assert all(_mlp_width(model, describe(model), i) == len(k) for i, k in enumerate(keeps))
 
@@ -103,8 +103,8 @@ def test_kv_group_pruning(model_type):
     before = _logits(model)
     edit = prune_heads(model, arch, 0, keep_kv_groups=torch.arange(att.num_kv_heads - 1))
     group = att.num_heads // att.num_kv_heads
-    assert edit["num_kv_heads"] == att.num_kv_heads - 1
-    assert edit["num_heads"] == (att.num_kv_heads - 1) * group
+    assert edit.num_kv_heads == att.num_kv_heads - 1
+    assert edit.num_heads == (att.num_kv_heads - 1) * group
     out = _logits(model)
     assert out.shape == before.shape and torch.isfinite(out).all()
 

@@ -155,3 +155,24 @@ def test_ctrl_c_says_what_is_on_disk(model_dir: Path, tmp_path: Path, monkeypatc
     assert f"{str(out)!r} holds the complete saved model" in err and "nothing was written" not in err
     assert json.loads((out / "pare.json").read_text())["config"]["sparsity"] == 0.25
     assert sorted(p.name for p in tmp_path.iterdir() if "pruned" in p.name) == ["pruned"]
+
+
+def test_the_cli_writes_the_manifest_only_inside_the_save(model_dir: Path, tmp_path: Path, monkeypatch) -> None:
+    """pare.save writes the complete pare.json before its atomic rename; the CLI never rewrites it."""
+    import pare.io as io
+
+    seen = {}
+    real_save = io.save
+
+    def watching_save(*args, **kwargs):
+        path = real_save(*args, **kwargs)
+        manifest = path / "pare.json"
+        seen["stat"] = (manifest.stat().st_ino, manifest.stat().st_mtime_ns, manifest.read_bytes())
+        return path
+
+    monkeypatch.setattr(io, "save", watching_save)
+    out = tmp_path / "o"
+    assert main([*_prune(model_dir, out), "--report"]) == 0
+    manifest = out / "pare.json"
+    assert (manifest.stat().st_ino, manifest.stat().st_mtime_ns, manifest.read_bytes()) == seen["stat"]
+    assert json.loads(manifest.read_text())["figures"]["size_on_disk_bytes_after"] > 0

@@ -66,42 +66,96 @@ class ResidualPlan:
     sites: list[NormSite]
 
 
-def _port(prefix: str, proj: Proj) -> Port:
-    return Port(f"{prefix}.{proj.path}", "weight", "conv1d" if proj.conv1d else "linear")
+BlockName = Literal["attention", "mlp", "experts", "shared"]
+PortRole = Literal["reader", "writer"]
+PortSort = Literal["proj", "experts", "router", "shared_gate"]
+
+
+@dataclass(frozen=True)
+class StreamPort:
+    """One parameter of a decoder layer that reads or writes the residual stream, as the layer's roles
+    name it (paths inside the layer). This is the one list of the stream's readers and writers:
+    hidden-size surgery slices each, width importance scores them, SliceGPT rotates them.
+
+    Attributes:
+        role: ``reader`` (its input side is the hidden size) or ``writer`` (its output side is).
+        block: ``attention``, ``mlp``, ``experts`` (routed experts and their router) or ``shared``
+            (a MoE layer's shared expert).
+        sort: ``proj`` (a Linear / Conv1D with roles ``proj``), ``experts`` (a fused 3-D expert
+            parameter ``param``: ``gate_up [E, 2I, H]`` reads, ``down [E, H, I]`` writes), ``router``
+            or ``shared_gate`` (plain Linears reading the stream).
+        path: the module's path inside the layer.
+        proj: the projection's roles (``sort == "proj"``), else None.
+        param: the parameter's name.
+    """
+
+    role: PortRole
+    block: BlockName
+    sort: PortSort
+    path: str
+    proj: Proj | None = None
+    param: str = "weight"
+
+
+def _proj_ports(block: BlockName, inputs: tuple[Proj, ...] | list[Proj], output: Proj) -> Iterator[StreamPort]:
+    for p in inputs:
+        yield StreamPort("reader", block, "proj", p.path, p)
+    yield StreamPort("writer", block, "proj", output.path, output)
+
+
+def stream_ports(roles: LayerRoles) -> Iterator[StreamPort]:
+    """Every parameter of one decoder layer that reads or writes the residual stream, in model order:
+    attention (q/k/v or qkv, then o), MLP (gate/up, then down), routed experts (fused gate/up, router,
+    shared expert's inputs, shared-expert gate; then fused down, shared expert's down)."""
+    att = roles.attention
+    if att is not None:
+        yield from _proj_ports("attention", att.inputs, att.o)
+    if roles.mlp is not None:
+        yield from _proj_ports("mlp", roles.mlp.inputs, roles.mlp.down)
+    ex = roles.experts
+    if ex is None:
+        return
+    yield StreamPort("reader", "experts", "experts", ex.path, param=ex.gate_up_param)
+    yield StreamPort("reader", "experts", "router", ex.router)
+    if ex.shared is not None:
+        yield from (StreamPort("reader", "shared", "proj", p.path, p) for p in ex.shared.inputs)
+    if ex.shared_gate is not None:
+        yield StreamPort("reader", "experts", "shared_gate", ex.shared_gate)
+    yield StreamPort("writer", "experts", "experts", ex.path, param=ex.down_param)
+    if ex.shared is not None:
+        yield StreamPort("writer", "shared", "proj", ex.shared.down.path, ex.shared.down)
+
+
+def _port(prefix: str, sp: StreamPort) -> Port:
+    """The :class:`Port` (full module name) of a stream port of the layer at ``prefix``."""
+    kind: PortKind = "experts" if sp.sort == "experts" else (
+        "conv1d" if sp.proj is not None and sp.proj.conv1d else "linear")
+    return Port(f"{prefix}.{sp.path}", sp.param, kind)
 
 
 def _blocks(prefix: str, roles: LayerRoles) -> list[tuple[str, list[Port], Port, str]]:
-    """Per block of a layer: (name, readers, writer, module whose output is the block's contribution)."""
+    """Per block of a layer: (name, readers, writer, module whose output is the block's contribution).
+    A MoE block (routed and shared experts) is the layer's ``mlp``; the shared expert's down is not its
+    writer (see :func:`writers_of`)."""
+    ports = list(stream_ports(roles))
     out = []
-    att = roles.attention
-    if att is not None:
-        out.append(("attention", [_port(prefix, p) for p in att.inputs], _port(prefix, att.o),
-                    f"{prefix}.{att.o.path}"))
-    if roles.mlp is not None:
-        mlp = roles.mlp
-        out.append(("mlp", [_port(prefix, p) for p in mlp.inputs], _port(prefix, mlp.down),
-                    f"{prefix}.{mlp.down.path}"))
-    ex = roles.experts
-    if ex is not None:
-        experts = f"{prefix}.{ex.path}"
-        readers = [Port(experts, ex.gate_up_param, "experts"), Port(f"{prefix}.{ex.router}")]
-        if ex.shared is not None:
-            readers += [_port(prefix, p) for p in ex.shared.inputs]
-        if ex.shared_gate is not None:
-            readers.append(Port(f"{prefix}.{ex.shared_gate}"))
-        block = experts.rsplit(".", 1)[0]
-        out.append(("mlp", readers, Port(experts, ex.down_param, "experts"), block))
+    for name, blocks, owner in (("attention", ("attention",), None), ("mlp", ("mlp",), None),
+                                ("mlp", ("experts", "shared"), roles.experts)):
+        mine = [p for p in ports if p.block in blocks]
+        if not mine:
+            continue
+        readers = [_port(prefix, p) for p in mine if p.role == "reader"]
+        writer = next(p for p in mine if p.role == "writer" and p.block != "shared")
+        full = _port(prefix, writer)
+        block = full.module.rsplit(".", 1)[0] if owner is not None else full.module
+        out.append((name, readers, full, block))
     return out
 
 
 def writers_of(arch: ModelArch, index: int) -> list[Port]:
     """The parameters of layer ``index`` that write the stream (attention output, MLP / experts output)."""
-    roles = arch.layers[index]
-    ports = [w for _n, _r, w, _b in _blocks(arch.layer_prefix(index), roles)]
-    ex = roles.experts
-    if ex is not None and ex.shared is not None:
-        ports.append(_port(arch.layer_prefix(index), ex.shared.down))
-    return ports
+    prefix = arch.layer_prefix(index)
+    return [_port(prefix, p) for p in stream_ports(arch.layers[index]) if p.role == "writer"]
 
 
 class _Recorder:
@@ -258,4 +312,4 @@ def _layer_sites(model: nn.Module, arch: ModelArch, i: int, roles: LayerRoles,
     return list(sites.values())
 
 
-__all__ = ["NormSite", "Port", "ResidualPlan", "norm_kind", "residual_plan", "writers_of"]
+__all__ = ["NormSite", "Port", "ResidualPlan", "StreamPort", "norm_kind", "residual_plan", "stream_ports", "writers_of"]

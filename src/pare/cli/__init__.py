@@ -147,6 +147,9 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     _run_parser(sub)
     _eval_parser(sub)
     _report_parser(sub)
+    from pare.cli.export import add_parser as _export_parser
+
+    _export_parser(sub)
     return parser, prune_parser
 
 
@@ -250,6 +253,10 @@ def _dispatch(args: argparse.Namespace, prune_parser: argparse.ArgumentParser, a
         from pare.cli.commands import eval_cmd
 
         return eval_cmd(args)
+    if args.command == "export":
+        from pare.cli.export import export_cmd
+
+        return export_cmd(args)
     return _cmd_prune(args, given_dests(prune_parser, argv))
 
 

@@ -238,6 +238,10 @@ def load(path: str | Path, device: str | torch.device | None = None,
             )
         if tied:
             model.tie_weights()
+    if manifest:
+        from pare.methods.quantize import restore_activation_quant
+
+        restore_activation_quant(model, manifest)  # simulated W8A8 activations live in hooks, not weights
     if device is not None:
         model.to(device)  # type: ignore[arg-type]
     return model.eval()

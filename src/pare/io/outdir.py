@@ -51,7 +51,7 @@ SAVE_FILES = frozenset({
     "pytorch_model.bin.index.json", "tokenizer.json", "tokenizer_config.json", "tokenizer.model",
     "special_tokens_map.json", "added_tokens.json", "vocab.json", "merges.txt", "vocab.txt", "spiece.model",
     "sentencepiece.bpe.model", "chat_template.jinja", "chat_template.json", "tokenizer.tiktoken",
-    "bpe.codes", "preprocessor_config.json", "processor_config.json",
+    "bpe.codes", "preprocessor_config.json", "processor_config.json", "pare_export.json",
 })
 """Files a save writes (the model's, the tokenizer's, the manifest), besides the weight files."""
 WEIGHTS = re.compile(r"^(model(-\d{5}-of-\d{5})?\.safetensors|pytorch_model(-\d{5}-of-\d{5})?\.bin)$")

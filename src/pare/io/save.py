@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from pare.arch.surgery.edits import Edit, edit_dicts
 from pare.arch.surgery.reindex import chain_edits
 from pare.errors import ConfigError, PareError, SaveError, SaveInterrupted
 from pare.io.outdir import (
@@ -40,8 +41,6 @@ from pare.report import Report
 
 log = logging.getLogger(__name__)
 
-
-Edit = dict[str, Any]
 
 CHAIN_HINT = ("pass every report of the prunes applied to this model, in order: "
               "pare.save(model, tok, out, [report1, report2])")
@@ -73,7 +72,7 @@ def manifest_of(reports: Sequence[Report], model: nn.Module | None = None) -> di
     if len(reports) == 1:
         return reports[0].to_dict()
     manifest = reports[-1].to_dict()
-    manifest["edits"] = chain_edits([r.edits for r in reports])
+    manifest["edits"] = edit_dicts(chain_edits([r.edits for r in reports]))
     manifest["uniform"] = all(r.uniform for r in reports) or (model is not None and config_describes(model))
     manifest["stages"] = [r.to_dict() for r in reports]
     methods = " -> ".join(r.method for r in reports)
@@ -104,7 +103,7 @@ def manifest_override(manifest: dict[str, Any] | None) -> Any:
 
 
 # --------------------------------------------------------------------------- does it describe the model?
-def skeleton(model: nn.Module, edits: Sequence[Edit] | None = None, override: Any = None) -> nn.Module:
+def skeleton(model: nn.Module, edits: Sequence[Edit | dict[str, Any]] | None = None, override: Any = None) -> nn.Module:
     """The architecture ``pare.load`` would build for ``model``: from a copy of its config, on the
     ``meta`` device (no memory), with ``edits`` replayed when given (described with ``override``)."""
     from pare.io.load import build_from_config

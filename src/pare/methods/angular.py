@@ -21,8 +21,8 @@ import torch
 from pare.arch.surgery.depth import first_valid_span
 from pare.config import help_field, register
 from pare.errors import ConfigError
-from pare.methods.base import PruneContext, StructuralPruner
-from pare.methods.layers import DepthConfig, apply_layer_removal
+from pare.methods.base import PruneContext
+from pare.methods.layers import CountedDepthPruner, DepthConfig, apply_layer_removal
 from pare.ops.similarity import angular_distance
 
 
@@ -73,7 +73,7 @@ class AngularConfig(DepthConfig):
 
 
 @register
-class AngularPruner(StructuralPruner):
+class AngularPruner(CountedDepthPruner):
     """Angular-distance span selection, then whole-layer removal."""
 
     config_class = AngularConfig

@@ -5,7 +5,10 @@ A method is a frozen config dataclass plus a stage class (a :class:`Pruner`) reg
 windows, gradients over them, or nothing) and implements a small lifecycle, driven by
 :mod:`pare.pipeline` in this order:
 
-1. ``check(model, arch)``: refuse options that cannot apply, before any work;
+1. ``check(model, arch)``: refuse options that cannot apply, before any work. In a recipe every
+   stage is checked before the first one runs: a later stage against a parameter-free copy of the
+   model (on the ``meta`` device) to which each earlier stage that changes shapes applied its
+   ``preview`` (the cut its options ask for, with placeholder channels or layers);
 2. ``start(ctx)``: note what ``finish`` compares against (the model is not changed yet);
 3. ``run(ctx)``: the whole-model step; layer-wise methods ask ``ctx.runner()`` for the layer steps
    (the runner decides the passes, dense or sequential inputs, and which layer is on which device);
@@ -114,6 +117,9 @@ class Pruner(ABC):
 
     config_class: ClassVar[type[PruneConfig]]
     needs_calibration: ClassVar[bool] = True
+    changes_shapes: ClassVar[bool] = False
+    """Whether the stage changes shapes (layers, heads, channels): then the stages after it are checked
+    against its :meth:`preview`."""
 
     def __init__(self, config: PruneConfig) -> None:
         self.config = config
@@ -136,6 +142,20 @@ class Pruner(ABC):
         """Raise ConfigError when the options cannot apply to this model (checked before any work,
         e.g. before a dense evaluation); the default accepts every model."""
 
+    def preview(self, model: nn.Module, arch: ModelArch, override: ArchOverride | None) -> None:
+        """Make on ``model``, a parameter-free copy on the ``meta`` device already checked with
+        :meth:`check`, the shape changes :meth:`run` will make: how many channels, heads or layers
+        go follows from the options, which ones is chosen from data when the stage runs, so any
+        will do here. The stages after this one are then checked against the result, before any
+        work. ``override`` describes the model again after a cut. Called only when
+        ``changes_shapes``; without a preview (this default) the stages after this one are checked
+        just before they run.
+
+        Raises:
+            NotImplementedError: this stage has no preview.
+        """
+        raise NotImplementedError(f"{type(self).__name__} has no preview")
+
     def start(self, ctx: PruneContext) -> None:  # noqa: B027 - optional hook
         """Note what :meth:`finish` compares against, before the model changes."""
 
@@ -150,6 +170,8 @@ class Pruner(ABC):
 class StructuralPruner(Pruner):
     """A stage that changes shapes (layers, heads, channels): its report says whether the config
     alone still describes the model (plain ``from_pretrained``) or ``pare.load`` must replay edits."""
+
+    changes_shapes: ClassVar[bool] = True
 
     def start(self, ctx: PruneContext) -> None:
         from pare.io.save import config_describes

@@ -18,12 +18,14 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import ClassVar
 
 from torch import nn
 
+from pare.arch.overrides import ArchOverride
 from pare.arch.roles import ModelArch
 from pare.arch.surgery.depth import check_layer_indices, remove_layers
+from pare.arch.surgery.edits import RemoveLayers
 from pare.config import PruneConfig, help_field, register
 from pare.errors import ConfigError
 from pare.methods.base import PruneContext, StructuralPruner
@@ -111,6 +113,21 @@ class DepthConfig(PruneConfig):
         return k
 
 
+class CountedDepthPruner(StructuralPruner):
+    """A depth stage that removes ``config.layer_count`` layers chosen from data."""
+
+    config: DepthConfig
+
+    def check(self, model: nn.Module, arch: ModelArch) -> None:
+        self.config.layer_count(model, arch)
+
+    def preview(self, model: nn.Module, arch: ModelArch, override: ArchOverride | None) -> None:
+        """Remove as many layers as the run will: the last ones before the final layer here (the run
+        chooses them from data; in a model of identical layers any choice leaves the same shapes)."""
+        k, n = self.config.layer_count(model, arch), arch.num_layers
+        remove_layers(model, arch, range(n - 1 - k, n - 1))
+
+
 def holdout_windows(ctx: PruneContext, fraction: float):
     """The last ``ceil(fraction * N)`` calibration windows (perplexity scoring split)."""
     ids = ctx.calibration
@@ -120,18 +137,18 @@ def holdout_windows(ctx: PruneContext, fraction: float):
     return ids[ids.shape[0] - k:]
 
 
-def apply_layer_removal(ctx: PruneContext, removed: list[int], why: str) -> dict[str, Any]:
+def apply_layer_removal(ctx: PruneContext, removed: list[int], why: str) -> RemoveLayers:
     """Remove ``removed`` layers, record the edit, the reason and the achieved fraction in the report."""
     before = sum(p.numel() for p in ctx.model.parameters())
     edit = remove_layers(ctx.model, ctx.arch, removed)
     after = sum(p.numel() for p in ctx.model.parameters())
     ctx.report.edits.append(edit)
-    if not edit.get("uniform", True):
+    if not edit.describes_config:
         ctx.report.uniform = False
-    ctx.report.scores["removed_layers"] = edit["removed"]
+    ctx.report.scores["removed_layers"] = list(edit.removed)
     ctx.report.scores["reason"] = why
-    ctx.report.figures["layers_before"] = edit["num_layers_before"]
-    ctx.report.figures["layers_after"] = edit["num_layers_after"]
+    ctx.report.figures["layers_before"] = edit.num_layers_before
+    ctx.report.figures["layers_after"] = edit.num_layers_after
     ctx.report.figures["param_ratio_removed"] = (before - after) / before
     return edit
 
@@ -173,6 +190,9 @@ class LayersPruner(StructuralPruner):
         if not self.config.layers:
             raise ConfigError("method 'layers' needs the layers to remove, e.g. --layers 11-13 or --layers 3,7,9")
         return check_layer_indices(parse_layer_spec(self.config.layers), num_layers)
+
+    def preview(self, model: nn.Module, arch: ModelArch, override: ArchOverride | None) -> None:
+        remove_layers(model, arch, self._chosen(arch.num_layers))
 
     def run(self, ctx: PruneContext) -> None:
         chosen = self._chosen(ctx.arch.num_layers)

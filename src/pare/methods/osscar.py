@@ -22,10 +22,13 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from pare.arch.roles import AttentionRoles, ModelArch
+from pare.arch import ArchOverride, describe
+from pare.arch.roles import AttentionRoles, ModelArch, in_features, weight_of
 from pare.arch.surgery.width import (
     check_fused_layout,
     config_rejects_heads,
+    cut_heads_to,
+    cut_mlp_to,
     expert_alignment,
     head_count_for_ratio,
     prune_heads,
@@ -123,6 +126,24 @@ def check_savable_heads(model: nn.Module, arch: ModelArch, ratio: float, mode: s
                       f"hold ({why}); ratios that work: {sorted(working) or 'none in ' + used + ' mode'}")
 
 
+def check_savable_hidden(model: nn.Module, arch: ModelArch, hidden: int, heads: int, kv_heads: int) -> None:
+    """Raise ConfigError, naming the nearest hidden sizes that work, when a hidden size of ``hidden`` with
+    ``heads`` / ``kv_heads`` attention heads is one the model's config class refuses (Llama's needs a
+    multiple of the head count): the run would only fail when saving."""
+    why = config_rejects_heads(model, arch, heads, kv_heads, hidden)
+    if why is None:
+        return
+    total = int(model.get_input_embeddings().weight.shape[1])  # type: ignore[operator]
+    below = next((w for w in range(hidden - 1, 0, -1) if config_rejects_heads(model, arch, heads, kv_heads, w)
+                  is None), None)
+    above = next((w for w in range(hidden + 1, total) if config_rejects_heads(model, arch, heads, kv_heads, w)
+                  is None), None)
+    works = [f"{w} (a ratio of {1 - w / total:.4f})" for w in (below, above) if w is not None]
+    raise ConfigError(f"the hidden size would become {hidden} of {total}, which {type(model.config).__name__} cannot "
+                      f"hold with {heads} attention heads ({why}); nearest hidden sizes that work: "
+                      f"{', '.join(works) or 'none'}; or keep the hidden size (hidden=False, --no-hidden)")
+
+
 def head_groups(att: AttentionRoles, heads: int, kv: int, mode: str) -> tuple[int, torch.Tensor, torch.Tensor]:
     """OSSCAR grouping of o_proj columns: (columns per group, partition per group, quota per partition)."""
     g = att.num_heads // att.num_kv_heads
@@ -149,6 +170,33 @@ class OsscarPruner(StructuralPruner):
         first = next((r.attention for r in arch.layers if r.attention is not None), None)
         if self.config.attn_ratio > 0 and first is not None:
             check_savable_heads(model, arch, self.config.attn_ratio, self.config.head_mode, "attn_ratio")
+
+    def preview(self, model: nn.Module, arch: ModelArch, override: ArchOverride | None) -> None:
+        """The run's head counts and MLP widths (its first channels and heads: the run selects them)."""
+        cfg = self.config
+        first = next((r.attention for r in arch.layers if r.attention is not None), None)
+        if cfg.attn_ratio > 0 and first is not None:
+            heads, kv, _ = resolve_heads(first, cfg.attn_ratio, cfg.head_mode)
+            for r in arch.layers:
+                if r.attention is not None:
+                    cut_heads_to(model, arch, r.index, heads, kv)
+        layers = arch.layer_modules(model)
+        for r in arch.layers if cfg.mlp_ratio > 0 else ():
+            if r.mlp is not None:
+                total = arch.mlp_width(model, r.index)
+                width = self._mlp_width(total, False, weight_of(layers[r.index].get_submodule(r.mlp.down.path)).dtype)
+                if width < total:
+                    cut_mlp_to(model, arch, r.index, width)
+            elif r.experts is not None:
+                ex = r.experts
+                fused = getattr(layers[r.index].get_submodule(ex.path), ex.down_param)
+                shared = None
+                if ex.shared is not None:
+                    down = layers[r.index].get_submodule(ex.shared.down.path)
+                    shared = self._mlp_width(in_features(down, ex.shared.down), False, fused.dtype)
+                cut_mlp_to(model, arch, r.index, min(ex.intermediate, self._mlp_width(ex.intermediate, True,
+                                                                                       fused.dtype)), shared)
+        sync_config(model, describe(model, override))
 
     def run(self, ctx: PruneContext) -> None:
         cfg = self.config

@@ -42,8 +42,8 @@ from pare.calibration.runner import LayerStep, logits_from_hidden, model_device,
 from pare.config import help_field, register
 from pare.errors import ConfigError
 from pare.eval.perplexity import nll_sum
-from pare.methods.base import PruneContext, StructuralPruner
-from pare.methods.layers import DepthConfig, apply_layer_removal, holdout_windows
+from pare.methods.base import PruneContext
+from pare.methods.layers import CountedDepthPruner, DepthConfig, apply_layer_removal, holdout_windows
 from pare.ops.similarity import angular_distance, perplexity_of
 
 log = logging.getLogger(__name__)
@@ -252,7 +252,7 @@ class PplWindowConfig(DepthConfig):
 
 
 @register
-class PplWindowPruner(StructuralPruner):
+class PplWindowPruner(CountedDepthPruner):
     """Quark-style perplexity search over windows of consecutive layers."""
 
     config_class = PplWindowConfig

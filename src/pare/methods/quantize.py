@@ -23,9 +23,10 @@ from pare.config import PruneConfig, check_regexes, help_field, register, usable
 from pare.errors import ConfigError
 from pare.methods.base import PruneContext, Pruner
 from pare.ops.hessian import InverseHessianFactor, inverse_hessian_factor
+from pare.ops.quant.act import ACTIVATION_KINDS, TokenQuantHook
 from pare.ops.quant.bits import BitsAccount, matrix_bits
 from pare.ops.quant.gptq import act_order_perm, gptq_quantize
-from pare.ops.quant.scheme import SCHEMES, QuantScheme, fixed_group, quantize
+from pare.ops.quant.scheme import INT_SCHEMES, SCHEMES, QuantScheme, fixed_group, quantize
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +54,10 @@ class QuantizeConfig(PruneConfig):
         blocksize: GPTQ: lazy-update block width.
         targets: regexes of module names to quantize (default: every linear inside a decoder layer).
         ignore: regexes of module names never to quantize.
+        activations: also simulate dynamic per-token quantization of the quantized linears' inputs
+            (``int8`` or ``fp8`` E4M3: W8A8 with an 8-bit weight scheme), as forward pre-hooks on those
+            linears (:class:`pare.ops.quant.act.TokenQuantHook`); ``pare.load`` puts them back from the
+            manifest. Empty: weights only, activations stay in the model's dtype.
     """
 
     method: ClassVar[str] = "quantize"
@@ -66,6 +71,8 @@ class QuantizeConfig(PruneConfig):
     blocksize: int = help_field(128, "GPTQ: columns per lazy-update block")
     targets: tuple[str, ...] = help_field((), "regexes of module names to quantize (default: all decoder linears)")
     ignore: tuple[str, ...] = help_field((), "regexes of module names never to quantize")
+    activations: str = help_field("", "simulate dynamic per-token activation quantization of the quantized "
+                                  "linears' inputs: int8 or fp8 (W8A8); empty: weights only")
 
     def __post_init__(self) -> None:
         super().__post_init__()  # every field's type
@@ -79,6 +86,9 @@ class QuantizeConfig(PruneConfig):
             raise ConfigError("act_order applies to algorithm='gptq' only")
         check_regexes("targets", self.targets)
         check_regexes("ignore", self.ignore)
+        if self.activations not in ("", *ACTIVATION_KINDS):
+            raise ConfigError(f"activations must be one of {', '.join(ACTIVATION_KINDS)} (dynamic per-token), or empty "
+                              f"for weight-only quantization; got {self.activations!r}")
 
     def quant_scheme(self) -> QuantScheme:
         """The :class:`QuantScheme` these options describe."""
@@ -132,6 +142,10 @@ class QuantizePruner(Pruner):
         for i, layer in enumerate(layers):
             for t in self._selected(arch, i, layer):
                 self.scheme.check_width(t.shape[1], t.name)
+                if self.config.activations and t.expert is not None:
+                    raise ConfigError(f"activations={self.config.activations!r} simulates the inputs of linear "
+                                      f"modules; {t.name} is a slice of a fused expert parameter. Leave the experts "
+                                      "out with ignore, or quantize weights only")
 
     def _factor(self, stats: InputStats) -> tuple[InverseHessianFactor, torch.Tensor | None]:
         """The (act-ordered) inverse-Hessian factor of ``stats``, reused by matrices sharing it."""
@@ -150,13 +164,13 @@ class QuantizePruner(Pruner):
         w = target.weight()
         if self.config.algorithm == "gptq" and stats is not None and stats.tokens and stats.gram is not None:
             factor, perm = self._factor(stats)
-            res = gptq_quantize(w, factor, self.scheme, blocksize=self.config.blocksize, perm=perm)
+            res = gptq_quantize(w, factor, self.scheme.for_weight(w.dtype), blocksize=self.config.blocksize, perm=perm)
             dq = res.weight
             self.losses[target.name] = res.loss
         else:
             if self.config.algorithm == "gptq":
                 log.warning("%s received no calibration tokens: rounded to nearest instead", target.name)
-            dq = quantize(w, self.scheme).dequant
+            dq = quantize(w, self.scheme.for_weight(w.dtype)).dequant
         record_quantized(w, dq, target.name, self.inexact)
         self.bits = self.bits + matrix_bits(target.shape, self.scheme)
 
@@ -177,6 +191,12 @@ class QuantizePruner(Pruner):
         finally:
             self._factor_of = None
         report_quantization(ctx, self.scheme, self.bits, self.inexact, self.losses)
+        if self.config.activations:
+            count = install_activation_quant(ctx.model, ctx.arch, self.config)
+            ctx.report.scores["quantization"]["activations"] = self.config.activations
+            ctx.report.notes.append(f"{count} linears fake-quantize their inputs per token ({self.config.activations}, "
+                                    "dynamic) through forward pre-hooks: pare.load restores them; a plain "
+                                    "from_pretrained runs the weights with unquantized activations")
 
     def _run_data_free(self, ctx: PruneContext) -> None:
         device = usable_device(ctx.runtime.device)
@@ -211,6 +231,37 @@ def report_quantization(ctx: PruneContext, scheme: QuantScheme, bits: BitsAccoun
         first = next(ctx.model.parameters())
         msg = (f"{len(inexact)} quantized matrices hold values that {first.dtype} cannot represent exactly "
                f"(e.g. {inexact[0]}): the saved weights are the dequantized values rounded to {first.dtype}; "
-               "load the model in float32 (--dtype float32) for exact fake quantization")
+               "load the model in float32 (--dtype float32) for exact fake quantization"
+               + ("; integer scales are kept in that dtype, so these rounded values are exactly what a "
+                  "pare export (compressed-tensors, GGUF) dequantizes to" if scheme.name in INT_SCHEMES else ""))
         log.warning(msg)
         ctx.report.notes.append(msg)
+
+
+def install_activation_quant(model: nn.Module, arch: ModelArch, config: QuantizeConfig) -> int:
+    """Hook per-token activation fake quantization (``config.activations``) onto every linear ``config``
+    selects; returns how many. The hooks are the simulated model's behaviour: they stay on the model."""
+    hook = TokenQuantHook(config.activations)
+    count = 0
+    for i, layer in enumerate(arch.layer_modules(model)):
+        found = layer_targets(layer, arch.layers[i], arch.layer_prefix(i))
+        for t in select(found, config.targets, config.ignore):
+            if t.expert is None:
+                t.module.register_forward_pre_hook(hook)
+                count += 1
+    return count
+
+
+def restore_activation_quant(model: nn.Module, manifest: dict[str, Any]) -> int:
+    """Put back the activation simulation the manifest's quantize stages recorded; returns the hooked linears."""
+    from pare.arch import describe
+    from pare.io.save import manifest_override, manifest_stages
+
+    count = 0
+    for stage in manifest_stages(manifest):
+        cfg = stage.get("config") or {}
+        if stage.get("method") != QuantizeConfig.method or not cfg.get("activations"):
+            continue
+        config = QuantizeConfig.from_dict(cfg)
+        count += install_activation_quant(model, describe(model, manifest_override(manifest)), config)
+    return count

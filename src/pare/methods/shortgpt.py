@@ -18,8 +18,8 @@ import torch
 
 from pare.arch.surgery.depth import choose_layers
 from pare.config import register
-from pare.methods.base import PruneContext, StructuralPruner
-from pare.methods.layers import DepthConfig, apply_layer_removal
+from pare.methods.base import PruneContext
+from pare.methods.layers import CountedDepthPruner, DepthConfig, apply_layer_removal
 from pare.ops.similarity import token_cosine
 
 
@@ -45,7 +45,7 @@ class ShortGPTConfig(DepthConfig):
 
 
 @register
-class ShortGPTPruner(StructuralPruner):
+class ShortGPTPruner(CountedDepthPruner):
     """Block Influence ranking over calibration tokens, then whole-layer removal."""
 
     config_class = ShortGPTConfig

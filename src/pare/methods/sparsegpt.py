@@ -135,8 +135,8 @@ class SparseGPTPruner(SparsityPruner):
             if self.scheme is None:
                 w.masked_fill_(mask, 0)
                 return
-            record_quantized(w, quantize(w.float().masked_fill(mask, 0), self.scheme).dequant, target.name,
-                             self.inexact)
+            dq = quantize(w.float().masked_fill(mask, 0), self.scheme.for_weight(w.dtype)).dequant
+            record_quantized(w, dq, target.name, self.inexact)
         else:
             check_finite_weight(w, target.name)
             factor = self._factor(stats, w.dtype)
@@ -147,7 +147,7 @@ class SparseGPTPruner(SparsityPruner):
                 self.losses[target.name] = loss
                 return
             spec = PruneSpec(sparsity, cfg.nm, cfg.mask_group, cfg.nm_select)
-            res = gptq_quantize(w, factor, self.scheme, blocksize=cfg.blocksize, prune=spec)
+            res = gptq_quantize(w, factor, self.scheme.for_weight(w.dtype), blocksize=cfg.blocksize, prune=spec)
             record_quantized(w, res.weight, target.name, self.inexact)
             self.losses[target.name] = res.loss
         nonzero = None if cfg.nm is not None else int(torch.count_nonzero(w))  # what a bitmask format stores

@@ -26,11 +26,15 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from pare.arch.roles import LayerRoles, MLPRoles, ModelArch, Proj, get_weight
+from pare.arch import ArchOverride, describe
+from pare.arch.residual import StreamPort, stream_ports
+from pare.arch.roles import LayerRoles, MLPRoles, ModelArch, Proj, get_weight, in_features
 from pare.arch.surgery.width import (
     ATTN_WIDTH_IS_HIDDEN,
     BIAS_FLAGS,
     attention_follows_hidden,
+    cut_heads_to,
+    cut_mlp_to,
     enable_bias,
     expert_alignment,
     pin_derived_widths,
@@ -45,7 +49,7 @@ from pare.calibration.stats import InputStats, record_inputs
 from pare.config import PruneConfig, check_ratio, help_field, register
 from pare.errors import ConfigError
 from pare.methods.base import Needs, PruneContext, StructuralPruner
-from pare.methods.osscar import HEAD_MODES, check_savable_heads, resolve_heads
+from pare.methods.osscar import HEAD_MODES, check_savable_heads, check_savable_hidden, resolve_heads
 from pare.ops import importance as imp
 from pare.ops.finite import check_finite_weight
 
@@ -259,22 +263,23 @@ class Scorer:
             total += self._hidden_layer(i, roles).to(total.device)
         return total
 
+    def _port_scores(self, i: int, ports: list[StreamPort]) -> list[torch.Tensor]:
+        """Stream-side scores of projections: every reader's columns, then every writer's rows."""
+        readers = [self.proj(i, p.proj)[1] for p in ports if p.role == "reader" and p.proj is not None]
+        return readers + [self.proj(i, p.proj)[0] for p in ports if p.role == "writer" and p.proj is not None]
+
     def _hidden_layer(self, i: int, roles: LayerRoles) -> torch.Tensor:
-        readers: list[Proj] = []
-        writers: list[Proj] = []
-        if roles.attention is not None:
-            readers += list(roles.attention.inputs)
-            writers.append(roles.attention.o)
-        if roles.mlp is not None:
-            readers += list(roles.mlp.inputs)
-            writers.append(roles.mlp.down)
-        parts = [self.proj(i, p)[1] for p in readers] + [self.proj(i, p)[0] for p in writers]
+        """Sum of the stream-side scores of the layer's readers and writers of the stream
+        (:func:`~pare.arch.residual.stream_ports`): readers' columns, writers' rows. The router and
+        the shared-expert gate are cut with the hidden size but not scored: one row per expert (or one
+        row) next to the experts' full matrices."""
+        ports = list(stream_ports(roles))
+        parts = self._port_scores(i, [p for p in ports if p.block in ("attention", "mlp")])
         ex = roles.experts
         if ex is not None:
             for e in range(ex.num_experts):
                 parts += [self.expert(i, ex.gate_up_param, e)[1], self.expert(i, ex.down_param, e)[0]]
-            if ex.shared is not None:
-                parts += [self.proj(i, p)[1] for p in ex.shared.inputs] + [self.proj(i, ex.shared.down)[0]]
+        parts += self._port_scores(i, [p for p in ports if p.block == "shared"])
         prefix = self.arch.layer_prefix(i)
         for norm in roles.norms:
             v = self.vector(f"{prefix}.{norm}.weight")
@@ -392,6 +397,25 @@ def kept_hidden(model: nn.Module, arch: ModelArch, cfg: WidthConfig) -> int:
     return imp.round_width((1 - cfg.pruning_ratio) * total, total, multiple)
 
 
+def preview_mlp(model: nn.Module, arch: ModelArch, cfg: WidthConfig) -> None:
+    """Cut every MLP (and expert) to the uniform width of ``cfg``, keeping the first channels (a preview)."""
+    keep = 1 - cfg.pruning_ratio
+    layers = arch.layer_modules(model)
+    for r in arch.layers:
+        if r.mlp is not None:
+            n = arch.mlp_width(model, r.index)
+            cut_mlp_to(model, arch, r.index, imp.round_width(keep * n, n, cfg.round_to, minimum=cfg.round_to))
+        elif r.experts is not None:
+            ex, shared = r.experts, None
+            fused = getattr(layers[r.index].get_submodule(ex.path), ex.down_param)
+            multiple = _mlp_multiple(cfg, True, fused.dtype)
+            if ex.shared is not None:
+                n = in_features(layers[r.index].get_submodule(ex.shared.down.path), ex.shared.down)
+                shared = imp.round_width(keep * n, n, cfg.round_to)
+            width = imp.round_width(keep * ex.intermediate, ex.intermediate, multiple, minimum=multiple)
+            cut_mlp_to(model, arch, r.index, width, shared)
+
+
 # ---------------------------------------------------------------------------- applying
 def _compensate(ctx: PruneContext, scorer: Scorer, i: int, proj: Proj, keep: torch.Tensor, group: int,
                 kind: str, can: dict[str, bool]) -> None:
@@ -472,6 +496,35 @@ class WidthPruner(StructuralPruner):
                 and arch.model_type not in ATTN_WIDTH_IS_HIDDEN and attention_follows_hidden(model, arch)):
             raise ConfigError(f"{arch.model_type} derives head_dim from the hidden size, so the hidden size cannot "
                               "be cut on its own: use hidden=False (--no-hidden), or the osscar method")
+        if cfg.hidden and cfg.pruning_ratio > 0 and first is not None and arch.model_type not in ATTN_WIDTH_IS_HIDDEN:
+            heads, kv = (first.num_heads, first.num_kv_heads) if not cfg.heads else \
+                resolve_heads(first, cfg.pruning_ratio, cfg.head_mode)[:2]
+            check_savable_hidden(model, arch, kept_hidden(model, arch, cfg), heads, kv)
+
+    def preview(self, model: nn.Module, arch: ModelArch, override: ArchOverride | None) -> None:
+        """The run's head counts, MLP widths (uniform ones, also for ``allocation=global``, whose
+        per-layer widths come from data) and hidden size, keeping the first channels and heads."""
+        cfg = self.config
+        if cfg.pruning_ratio == 0:
+            return
+        pin_derived_widths(model, arch)
+        first = next((r.attention for r in arch.layers if r.attention is not None), None)
+        attn_width = None
+        if cfg.heads and first is not None:
+            heads, kv, _ = resolve_heads(first, cfg.pruning_ratio, cfg.head_mode)
+            for r in arch.layers:
+                if r.attention is not None:
+                    cut_heads_to(model, arch, r.index, heads, kv)
+            attn_width = heads * first.head_dim
+        if cfg.mlp:
+            preview_mlp(model, arch, cfg)
+        if cfg.hidden:
+            width = attn_width if arch.model_type in ATTN_WIDTH_IS_HIDDEN else kept_hidden(model, arch, cfg)
+            if width is None:
+                raise ConfigError(f"{arch.model_type}: the attention width is the hidden size; prune heads and "
+                                  "hidden together (heads=True) or set hidden=False")
+            prune_hidden(model, arch, torch.arange(width))
+        sync_config(model, describe(model, override))
 
     def run(self, ctx: PruneContext) -> None:
         cfg = self.config

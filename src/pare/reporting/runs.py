@@ -12,7 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pare.errors import ConfigError
+from pare.arch.surgery.edits import Edit, Heads, Hidden, MlpChannels, as_edit
+from pare.errors import ConfigError, PareError
 
 SETTING_KEYS = ("sparsity", "pattern", "profile", "mlp_ratio", "attn_ratio", "pruning_ratio", "importance",
                 "num_layers", "num_sublayers", "param_ratio", "target_params", "layers")
@@ -129,14 +130,26 @@ def layer_sparsity(stage: dict[str, Any]) -> dict[int, float]:
     return {i: zeros[i] / total[i] for i in sorted(total)}
 
 
+def stage_edits(stage: dict[str, Any]) -> list[Edit]:
+    """A stage's recorded edits, typed (entries this version of pare cannot read are left out of the
+    report's views)."""
+    out = []
+    for entry in stage.get("edits") or []:
+        try:
+            out.append(as_edit(entry))
+        except (PareError, TypeError):
+            continue
+    return out
+
+
 def kept_widths(stage: dict[str, Any]) -> dict[str, dict[int, int]]:
     """Per decoder layer, the MLP width and query heads its edits left (``{"mlp": {...}, "heads": {...}}``)."""
     out: dict[str, dict[int, int]] = {"mlp": {}, "heads": {}}
-    for edit in stage.get("edits") or []:
-        if edit.get("op") == "mlp_channels":
-            out["mlp"][int(edit["layer"])] = int(edit["width"])
-        elif edit.get("op") == "heads":
-            out["heads"][int(edit["layer"])] = int(edit["num_heads"])
+    for edit in stage_edits(stage):
+        if isinstance(edit, MlpChannels):
+            out["mlp"][int(edit.layer)] = int(edit.width)
+        elif isinstance(edit, Heads):
+            out["heads"][int(edit.layer)] = int(edit.num_heads)
     widths = (stage.get("scores") or {}).get("widths") or {}
     for kind in ("mlp", "heads"):
         for layer, value in (widths.get(kind) or {}).items():
@@ -145,9 +158,9 @@ def kept_widths(stage: dict[str, Any]) -> dict[str, dict[int, int]]:
 
 
 def hidden_width(stage: dict[str, Any]) -> int | None:
-    for edit in stage.get("edits") or []:
-        if edit.get("op") == "hidden":
-            return int(edit["width"])
+    for edit in stage_edits(stage):
+        if isinstance(edit, Hidden):
+            return int(edit.width)
     return None
 
 

@@ -23,12 +23,14 @@ import contextlib
 import copy
 import dataclasses
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from pare.arch.roles import ModelArch
+from pare.arch.surgery.edits import Edit, RemoveLayers, RemoveSublayer
 from pare.errors import ConfigError
 
 INDEX_LISTS = ("mlp_only_layers",)
@@ -246,7 +248,7 @@ def first_valid_span(model: nn.Module, arch: ModelArch, starts: Sequence[int], n
                       + "; ".join(skipped[:3]))
 
 
-def remove_layers(model: nn.Module, arch: ModelArch, indices: Sequence[int], check: bool = True) -> dict[str, Any]:
+def remove_layers(model: nn.Module, arch: ModelArch, indices: Sequence[int], check: bool = True) -> RemoveLayers:
     """Delete decoder layers ``indices`` and fix every index and config field that refers to them.
 
     Args:
@@ -255,9 +257,8 @@ def remove_layers(model: nn.Module, arch: ModelArch, indices: Sequence[int], che
         indices: layer indices of the current model to delete (any order, not necessarily consecutive).
 
     Returns:
-        The edit ``{"op": "remove_layers", "removed": [...], "kept": [...], "num_layers_before",
-        "num_layers_after", "config": {field: new value}}``; ``"uniform": False`` only when the config
-        cannot express the result (GPT-2 with ``scale_attn_by_inverse_layer_idx``).
+        The :class:`~pare.arch.surgery.edits.RemoveLayers` edit; its ``uniform`` is False only when the
+        config cannot express the result (GPT-2 with ``scale_attn_by_inverse_layer_idx``).
 
     Raises:
         ConfigError: empty, out-of-range indices, all layers, or (``check``) a removal the shortened
@@ -280,31 +281,30 @@ def remove_layers(model: nn.Module, arch: ModelArch, indices: Sequence[int], che
     _renumber(layers)
     for name, value in changes.items():
         setattr(config, name, value)
-    keeps_old_scale = bool(getattr(config, "scale_attn_by_inverse_layer_idx", False))  # GPT-2: non-uniform below
-    synced = _sync_build_attributes(model, _with_layers(arch, kept)) if check and not keeps_old_scale else []
-    edit: dict[str, Any] = {
-        "op": "remove_layers", "removed": removed, "kept": kept, "num_layers_before": n,
-        "num_layers_after": len(kept), "layers_path": arch.layers_path,
-        "config": {k: list(v) if isinstance(v, tuple) else v for k, v in changes.items()},
-    }
-    if synced:
-        edit["rebuilt_attributes"] = synced
-    if getattr(config, "scale_attn_by_inverse_layer_idx", False):
-        edit["uniform"] = False  # GPT-2 scales attention by 1/(layer_idx+1) at build time: keep the old scale
-    return edit
+    keeps_old_scale = bool(getattr(config, "scale_attn_by_inverse_layer_idx", False))
+    if check and not keeps_old_scale:  # GPT-2 keeps its old per-layer scale (a non-uniform edit)
+        _sync_build_attributes(model, _with_layers(arch, kept))
+    # GPT-2 scales attention by 1/(layer_idx+1) at build time: the config cannot keep the old scale
+    scaled = bool(getattr(config, "scale_attn_by_inverse_layer_idx", False))
+    return RemoveLayers(
+        removed=tuple(removed), kept=tuple(kept), num_layers_before=n, num_layers_after=len(kept),
+        layers_path=arch.layers_path,
+        config={k: list(v) if isinstance(v, tuple) else v for k, v in changes.items()},
+        uniform=False if scaled else None,
+    )
 
 
-def _replay_remove_layers(model: nn.Module, edit: dict[str, Any], override: ArchOverride | None = None) -> None:
+def _replay_remove_layers(model: nn.Module, edit: RemoveLayers, override: ArchOverride | None = None) -> None:
     """On a model built from the saved (already shortened) config the layers are gone; restore the
     per-layer attention scale of GPT-2 models built with ``scale_attn_by_inverse_layer_idx``."""
-    layers = model.get_submodule(edit["layers_path"])
+    layers = model.get_submodule(edit.layers_path)
     assert isinstance(layers, nn.ModuleList)
-    if len(layers) == edit["num_layers_before"]:  # a config saved before the cut: cut now
+    if len(layers) == edit.num_layers_before:  # a config saved before the cut: cut now
         from pare.arch import describe
 
-        remove_layers(model, describe(model, override), edit["removed"])
+        remove_layers(model, describe(model, override), edit.removed)
     if getattr(_config(model), "scale_attn_by_inverse_layer_idx", False):
-        for new, old in enumerate(edit["kept"]):
+        for new, old in enumerate(edit.kept):
             for module in layers[new].modules():
                 if hasattr(module, "scale_attn_by_inverse_layer_idx") and hasattr(module, "scaling"):
                     base = float(getattr(module, "head_dim")) ** -0.5 if getattr(module, "scale_attn_weights") else 1.0  # noqa: B009
@@ -312,7 +312,7 @@ def _replay_remove_layers(model: nn.Module, edit: dict[str, Any], override: Arch
 
 
 @contextlib.contextmanager
-def layers_removed(model: nn.Module, arch: ModelArch, indices: Sequence[int]) -> Iterator[dict[str, Any]]:
+def layers_removed(model: nn.Module, arch: ModelArch, indices: Sequence[int]) -> Iterator[RemoveLayers]:
     """Temporarily remove layers (e.g. to score a candidate window); everything is restored on exit."""
     layers = arch.layer_modules(model)
     originals = list(layers)
@@ -455,7 +455,7 @@ def sublayer_removed(model: nn.Module, arch: ModelArch, layer_idx: int, part: st
             set_submodule(layer, path, module)
 
 
-def remove_sublayer(model: nn.Module, arch: ModelArch, layer_idx: int, part: str = "attention") -> dict[str, Any]:
+def remove_sublayer(model: nn.Module, arch: ModelArch, layer_idx: int, part: str = "attention") -> RemoveSublayer:
     """Replace the attention or MLP block of one layer by its residual identity (a zero output).
 
     Args:
@@ -466,9 +466,8 @@ def remove_sublayer(model: nn.Module, arch: ModelArch, layer_idx: int, part: str
             expert included).
 
     Returns:
-        The edit ``{"op": "remove_sublayer", "layer", "part", "params_removed", ...}``. The config cannot
-        express a missing block, so the pruning report must set ``uniform = False``; ``pare.load``
-        replays the edit.
+        The :class:`~pare.arch.surgery.edits.RemoveSublayer` edit. The config cannot express a missing
+        block, so the pruning report must set ``uniform = False``; ``pare.load`` replays the edit.
 
     Raises:
         ConfigError: unknown part, index outside the model, or a block that is already removed.
@@ -482,19 +481,15 @@ def remove_sublayer(model: nn.Module, arch: ModelArch, layer_idx: int, part: str
     roles = arch.layers[layer_idx]
     layer = layers[layer_idx]
     freed = sublayer_parameters(arch, model, layer_idx, part)
-    edit: dict[str, Any] = {
-        "op": "remove_sublayer", "layer": layer_idx, "part": part, "params_removed": freed,
-        "layers_path": arch.layers_path,
-    }
+    base = RemoveSublayer(layer_idx, part, freed, arch.layers_path)
     if part == "attention":
         att = roles.attention
         if att is None:
             raise ConfigError(f"layer {layer_idx} has no attention block left to remove")
         old = layer.get_submodule(att.path)
         layer_slot = getattr(old, "layer_idx", layer_idx)
-        edit.update(path=att.path, num_kv_heads=att.num_kv_heads, head_dim=att.head_dim)
         set_submodule(layer, att.path, ZeroAttention(layer_slot, att.num_kv_heads, att.head_dim))
-        return edit
+        return replace(base, path=att.path, num_kv_heads=att.num_kv_heads, head_dim=att.head_dim)
     if roles.experts is not None:
         path = roles.experts.path.rpartition(".")[0]
     elif roles.mlp is not None:
@@ -502,38 +497,38 @@ def remove_sublayer(model: nn.Module, arch: ModelArch, layer_idx: int, part: str
     else:
         raise ConfigError(f"layer {layer_idx} has no MLP block left to remove")
     if path:
-        edit["path"] = path
         set_submodule(layer, path, ZeroMLP())
-        return edit
+        return replace(base, path=path)
     assert roles.mlp is not None
     from pare.arch.roles import out_features
 
     out = out_features(layer.get_submodule(roles.mlp.down.path), roles.mlp.down)
-    edit.update(inputs=[p.path for p in roles.mlp.inputs], down=roles.mlp.down.path, out_features=out)
     for proj in roles.mlp.inputs:
         set_submodule(layer, proj.path, EmptyProjection())
     set_submodule(layer, roles.mlp.down.path, ZeroProjection(out))
-    return edit
+    return replace(base, inputs=tuple(p.path for p in roles.mlp.inputs), down=roles.mlp.down.path, out_features=out)
 
 
-def _replay_remove_sublayer(model: nn.Module, edit: dict[str, Any], override: ArchOverride | None = None) -> None:
+def _replay_remove_sublayer(model: nn.Module, edit: RemoveSublayer, override: ArchOverride | None = None) -> None:
     # No describe() here: a layer whose block is already a stand-in has no roles to infer.
-    layers = model.get_submodule(edit["layers_path"])
+    layers = model.get_submodule(edit.layers_path)
     assert isinstance(layers, nn.ModuleList)
-    layer = layers[edit["layer"]]
-    if edit["part"] == "attention":
-        old = layer.get_submodule(edit["path"])
-        slot = getattr(old, "layer_idx", edit["layer"])
-        set_submodule(layer, edit["path"], ZeroAttention(slot, edit["num_kv_heads"], edit["head_dim"]))
-    elif "path" in edit:
-        set_submodule(layer, edit["path"], ZeroMLP())
+    layer = layers[edit.layer]
+    if edit.part == "attention":
+        assert edit.path is not None and edit.num_kv_heads is not None and edit.head_dim is not None
+        old = layer.get_submodule(edit.path)
+        slot = getattr(old, "layer_idx", edit.layer)
+        set_submodule(layer, edit.path, ZeroAttention(slot, edit.num_kv_heads, edit.head_dim))
+    elif edit.path is not None:
+        set_submodule(layer, edit.path, ZeroMLP())
     else:
-        for p in edit["inputs"]:
+        assert edit.inputs is not None and edit.down is not None and edit.out_features is not None
+        for p in edit.inputs:
             set_submodule(layer, p, EmptyProjection())
-        set_submodule(layer, edit["down"], ZeroProjection(edit["out_features"]))
+        set_submodule(layer, edit.down, ZeroProjection(edit.out_features))
 
 
-REPLAY: dict[str, Callable[[nn.Module, dict[str, Any], ArchOverride | None], None]] = {
-    "remove_layers": _replay_remove_layers,
-    "remove_sublayer": _replay_remove_sublayer,
+REPLAY: dict[type[Edit], Callable[[nn.Module, Any, ArchOverride | None], None]] = {
+    RemoveLayers: _replay_remove_layers,
+    RemoveSublayer: _replay_remove_sublayer,
 }

@@ -18,13 +18,12 @@ import torch
 from torch import nn
 
 from pare.arch.roles import ExpertsRoles, ModelArch
+from pare.arch.surgery.edits import Edit, Experts
 from pare.errors import ConfigError, PareError
 from pare.ops.experts import merge_params
 
 if TYPE_CHECKING:
     from pare.arch.overrides import ArchOverride
-
-Edit = dict[str, Any]
 
 COUNT_ATTRS = ("num_experts", "num_local_experts", "n_routed_experts")
 TOP_K_ATTRS = ("top_k", "num_experts_per_tok")
@@ -84,7 +83,7 @@ def current_top_k(layer: nn.Module, ex: ExpertsRoles) -> int:
 
 
 def remove_experts(model: nn.Module, arch: ModelArch, layer_idx: int, keep: torch.Tensor | Sequence[int],
-                   top_k: int | None = None) -> Edit:
+                   top_k: int | None = None) -> Experts:
     """Keep experts ``keep`` (indices, stored in that order) of one MoE layer.
 
     Every per-expert parameter and buffer of the experts module and of the router is sliced on its
@@ -96,7 +95,7 @@ def remove_experts(model: nn.Module, arch: ModelArch, layer_idx: int, keep: torc
             within groups.
 
     Returns:
-        ``{"op": "experts", "layer": i, "num_experts": k, "top_k": top_k | None}``.
+        The :class:`~pare.arch.surgery.edits.Experts` edit.
     """
     layer = arch.layer_modules(model)[layer_idx]
     ex = arch.layers[layer_idx].experts
@@ -120,11 +119,11 @@ def remove_experts(model: nn.Module, arch: ModelArch, layer_idx: int, keep: torc
             value = getattr(module, name)
             _replace(module, name, is_param, value.index_select(0, idx.to(value.device)))
     _set_counts((experts, router, block), k, top_k)
-    return {"op": "experts", "layer": layer_idx, "num_experts": k, "top_k": top_k}
+    return Experts(layer_idx, k, top_k)
 
 
 def merge_experts(model: nn.Module, arch: ModelArch, layer_idx: int, groups: dict[int, list[int]],
-                  weights: torch.Tensor, top_k: int | None = None) -> Edit:
+                  weights: torch.Tensor, top_k: int | None = None) -> Experts:
     """Merge each group of experts into its first member, then keep only those (see
     :func:`pare.ops.experts.merge_params`). The router keeps the first member's row.
 
@@ -171,15 +170,15 @@ def sync_expert_config(model: nn.Module, arch: ModelArch, top_k: int | None) -> 
     return True
 
 
-def _replay_experts(model: nn.Module, edit: Edit, override: ArchOverride | None = None) -> None:
+def _replay_experts(model: nn.Module, edit: Experts, override: ArchOverride | None = None) -> None:
     from pare.arch import describe
 
     arch = describe(model, override)
-    i = int(edit["layer"])
+    i = edit.layer
     ex = arch.layers[i].experts
     if ex is None:
         raise PareError(f"the recorded edit removes experts of layer {i}, which the rebuilt model has none of")
-    k, top_k = int(edit["num_experts"]), edit.get("top_k")
+    k, top_k = edit.num_experts, edit.top_k
     if k > ex.num_experts:
         raise PareError(f"the saved config rebuilds layer {i} with {ex.num_experts} experts, fewer than the {k} "
                         "the recorded edit keeps: the config and the edits do not describe the pruned model")
@@ -188,6 +187,6 @@ def _replay_experts(model: nn.Module, edit: Edit, override: ArchOverride | None 
     remove_experts(model, arch, i, torch.arange(k), None if top_k is None else int(top_k))
 
 
-REPLAY: dict[str, Callable[[nn.Module, dict[str, Any], ArchOverride | None], None]] = {"experts": _replay_experts}
+REPLAY: dict[type[Edit], Callable[[nn.Module, Any, ArchOverride | None], None]] = {Experts: _replay_experts}
 
 __all__ = ["REPLAY", "current_top_k", "group_limited", "merge_experts", "remove_experts", "sync_expert_config"]

@@ -8,45 +8,45 @@ successive removals into one removal from the original indices.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from typing import Any
 
-Edit = dict[str, Any]
+from pare.arch.surgery.edits import Edit, LayerEdit, RemoveLayers, as_edit
 
 
-def _compose_cuts(earlier: Edit, later: Edit) -> Edit:
-    """One ``remove_layers`` edit equal to ``earlier`` followed by ``later``, in the original indices."""
-    kept = [earlier["kept"][j] for j in later["kept"]]
-    merged = {**later, "kept": kept, "num_layers_before": earlier["num_layers_before"],
-              "removed": [i for i in range(earlier["num_layers_before"]) if i not in set(kept)]}
-    if not earlier.get("uniform", True):
-        merged["uniform"] = False
-    return merged
+def _compose_cuts(earlier: RemoveLayers, later: RemoveLayers) -> RemoveLayers:
+    """One removal equal to ``earlier`` followed by ``later``, in the original indices."""
+    kept = tuple(earlier.kept[j] for j in later.kept)
+    gone = set(kept)
+    return replace(later, kept=kept, num_layers_before=earlier.num_layers_before,
+                   removed=tuple(i for i in range(earlier.num_layers_before) if i not in gone),
+                   uniform=False if not earlier.describes_config else later.uniform)
 
 
-def _through_cut(edits: list[Edit], cut: Edit) -> tuple[list[Edit], Edit]:
+def _through_cut(edits: list[Edit], cut: RemoveLayers) -> tuple[list[Edit], RemoveLayers]:
     """Re-index ``edits`` (made before layer removal ``cut``) for the layers that remain.
 
-    Edits of a removed layer are dropped (the layer is gone); an earlier ``remove_layers`` edit is
-    merged into ``cut`` so that replay sees one removal from the original layer indices.
+    Edits of a removed layer are dropped (the layer is gone); an earlier removal is merged into
+    ``cut`` so that replay sees one removal from the original layer indices.
 
     Returns:
         The re-indexed edits, and ``cut`` (merged with an earlier removal, if any).
     """
-    kept = list(cut["kept"])
+    kept = list(cut.kept)
     out: list[Edit] = []
     for edit in edits:
-        if edit.get("op") == "remove_layers":
+        if isinstance(edit, RemoveLayers):
             cut = _compose_cuts(edit, cut)
-        elif isinstance(edit.get("layer"), int):
-            if edit["layer"] in kept:
-                out.append({**edit, "layer": kept.index(edit["layer"])})
+        elif isinstance(edit, LayerEdit):
+            if edit.layer in kept:
+                out.append(replace(edit, layer=kept.index(edit.layer)))
         else:
             out.append(edit)
     return out, cut
 
 
-def chain_edits(stages: Sequence[Sequence[Edit]]) -> list[Edit]:
+def chain_edits(stages: Sequence[Sequence[Edit | Mapping[str, Any]]]) -> list[Edit]:
     """Every structural edit of several stages (each stage's edits, stages in the order applied),
     in replay order.
 
@@ -56,9 +56,9 @@ def chain_edits(stages: Sequence[Sequence[Edit]]) -> list[Edit]:
     """
     out: list[Edit] = []
     for edits in stages:
-        new = [dict(e) for e in edits]
+        new = [as_edit(e) for e in edits]
         for i, edit in enumerate(new):
-            if edit.get("op") == "remove_layers" and out:
+            if isinstance(edit, RemoveLayers) and out:
                 out, new[i] = _through_cut(out, edit)
         out.extend(new)
     return out

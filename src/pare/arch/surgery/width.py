@@ -3,7 +3,8 @@
 The only place that changes width shapes. Each function slices the weights (and biases) of every
 module a cut touches, updates the module attributes transformers 5 reads in ``forward``
 (``num_key_value_groups``, GPT-2 ``num_heads``/``split_size``, OPT ``num_heads``, MoE
-``intermediate_dim``/``hidden_dim``, LayerNorm ``normalized_shape``) and returns an *edit* dict.
+``intermediate_dim``/``hidden_dim``, LayerNorm ``normalized_shape``) and returns a typed *edit*
+(:mod:`pare.arch.surgery.edits`).
 :func:`sync_config` then rewrites the config from the actual shapes and says whether the config
 alone describes the model (``uniform``); otherwise ``pare.load`` replays the edits through
 :data:`REPLAY` on a model freshly built from the saved config.
@@ -28,10 +29,10 @@ import torch
 from torch import nn
 
 from pare.arch.infer import text_config
+from pare.arch.residual import StreamPort, stream_ports
 from pare.arch.roles import AttentionRoles, LayerRoles, MLPRoles, ModelArch, Proj, get_weight
+from pare.arch.surgery.edits import Edit, Heads, Hidden, MlpChannels
 from pare.errors import ConfigError, PareError
-
-Edit = dict[str, Any]
 
 ATTN_WIDTH_IS_HIDDEN = frozenset({"gpt2", "opt", "gpt_neox"})
 """Families whose attention reads ``head_dim = hidden_size // num_heads`` from the config, so a
@@ -164,7 +165,7 @@ def _prune_experts(layer: Any, roles: LayerRoles, keep: torch.Tensor) -> None:
 def prune_mlp_channels(
     model: nn.Module, arch: ModelArch, layer_idx: int, keep: torch.Tensor | Sequence[int],
     shared_keep: torch.Tensor | Sequence[int] | None = None,
-) -> Edit:
+) -> MlpChannels:
     """Keep MLP intermediate channels ``keep`` of one layer.
 
     Dense MLP: rows of gate/up (fused ``gate_up`` rows ``[gate; up]``; fc1/``c_fc`` with bias) and
@@ -172,24 +173,25 @@ def prune_mlp_channels(
     (``keep`` ``[k]`` for all experts or ``[E, k]`` per expert); ``shared_keep`` cuts the shared expert.
 
     Returns:
-        ``{"op": "mlp_channels", "layer": i, "width": k, "shared_width": k_s | None}``.
+        The :class:`~pare.arch.surgery.edits.MlpChannels` edit (``shared_width`` None unless the
+        shared expert was cut).
     """
     layer: Any = arch.layer_modules(model)[layer_idx]
     roles = arch.layers[layer_idx]
     device = next(layer.parameters()).device
     idx = _index(keep, device)
-    edit: Edit = {"op": "mlp_channels", "layer": layer_idx, "width": int(idx.shape[-1]), "shared_width": None}
+    shared_width = None
     if roles.experts is not None:
         _prune_experts(layer, roles, idx)
         if shared_keep is not None and roles.experts.shared is not None:
             s_idx = _index(shared_keep, device)
             _prune_dense_mlp(layer, roles.experts.shared, s_idx)
-            edit["shared_width"] = len(s_idx)
+            shared_width = len(s_idx)
     elif roles.mlp is not None:
         _prune_dense_mlp(layer, roles.mlp, idx)
     else:
         raise ConfigError(f"layer {layer_idx} has no MLP to prune")
-    return edit
+    return MlpChannels(layer_idx, int(idx.shape[-1]), shared_width)
 
 
 # --------------------------------------------------------------------------- attention heads
@@ -282,7 +284,7 @@ def prune_heads(
     model: nn.Module, arch: ModelArch, layer_idx: int,
     keep_query_heads: torch.Tensor | Sequence[int] | None = None,
     keep_kv_groups: torch.Tensor | Sequence[int] | None = None,
-) -> Edit:
+) -> Heads:
     """Keep query heads ``keep_query_heads`` (or whole KV groups ``keep_kv_groups``) of one layer.
 
     GQA stays valid: the KV heads kept are those with a kept query head, and every kept KV group
@@ -291,7 +293,7 @@ def prune_heads(
     head_dim and are untouched.
 
     Returns:
-        ``{"op": "heads", "layer": i, "num_heads": H', "num_kv_heads": K'}``.
+        The :class:`~pare.arch.surgery.edits.Heads` edit.
     """
     layer: Any = arch.layer_modules(model)[layer_idx]
     att = arch.layers[layer_idx].attention
@@ -320,7 +322,7 @@ def prune_heads(
     _slice_attention(layer, att, q_heads, kv_heads)
     heads, kv = len(q_heads), len(kv_heads)
     _update_attention_attrs(layer.get_submodule(att.path) if att.path else layer, heads, kv, att.head_dim)
-    return {"op": "heads", "layer": layer_idx, "num_heads": heads, "num_kv_heads": kv}
+    return Heads(layer_idx, heads, kv)
 
 
 def check_fused_layout(att: AttentionRoles) -> None:
@@ -374,36 +376,26 @@ def _slice_norm(norm: Any, idx: torch.Tensor, rms_scale: float) -> None:
         norm.normalized_shape = (len(idx),)
 
 
-def _hidden_in(layer: nn.Module, projs: Sequence[Proj | None], idx: torch.Tensor) -> None:
-    for p in projs:
-        if p is not None:
-            slice_in(layer.get_submodule(p.path), p.conv1d, idx)
+def _hidden_port(layer: Any, port: StreamPort, idx: torch.Tensor) -> None:
+    """Keep hidden channels ``idx`` on the stream side of one reader or writer of the stream."""
+    module = layer.get_submodule(port.path)
+    if port.sort == "experts":
+        value = getattr(module, port.param).data  # gate_up [E, 2I, H] reads, down [E, H, I] writes
+        kept = value[:, :, idx.to(value.device)] if port.role == "reader" else value[:, idx.to(value.device), :]
+        _set_param(module, port.param, kept)
+    elif port.sort == "router":  # a Linear, or a module of its own holding a [E, H] weight
+        _set_param(module, "weight", module.weight.data[:, idx.to(module.weight.device)])
+        if isinstance(module, nn.Linear):
+            module.in_features = len(idx)
+    elif port.role == "writer":
+        slice_out(module, port.proj is not None and port.proj.conv1d, idx)
+    else:
+        slice_in(module, port.proj is not None and port.proj.conv1d, idx)
 
 
 def _hidden_layer(layer: Any, roles: LayerRoles, idx: torch.Tensor, rms_scale: float) -> None:
-    att = roles.attention
-    if att is not None:
-        _hidden_in(layer, att.inputs, idx)
-        slice_out(layer.get_submodule(att.o.path), att.o.conv1d, idx)
-    if roles.mlp is not None:
-        _hidden_in(layer, roles.mlp.inputs, idx)
-        slice_out(layer.get_submodule(roles.mlp.down.path), roles.mlp.down.conv1d, idx)
-    ex = roles.experts
-    if ex is not None:
-        experts = layer.get_submodule(ex.path)
-        check_expert_width(len(idx), getattr(experts, ex.gate_up_param).dtype, "hidden size (MoE)")
-        gu, dn = getattr(experts, ex.gate_up_param).data, getattr(experts, ex.down_param).data
-        _set_param(experts, ex.gate_up_param, gu[:, :, idx.to(gu.device)])
-        _set_param(experts, ex.down_param, dn[:, idx.to(dn.device), :])
-        router = layer.get_submodule(ex.router)
-        _set_param(router, "weight", router.weight.data[:, idx.to(router.weight.device)])
-        if isinstance(router, nn.Linear):
-            router.in_features = len(idx)
-        if ex.shared is not None:
-            _hidden_in(layer, ex.shared.inputs, idx)
-            slice_out(layer.get_submodule(ex.shared.down.path), False, idx)
-        if ex.shared_gate is not None:
-            slice_in(layer.get_submodule(ex.shared_gate), False, idx)
+    for port in stream_ports(roles):
+        _hidden_port(layer, port, idx)
     for name in roles.norms:
         _slice_norm(layer.get_submodule(name), idx, rms_scale)
 
@@ -416,7 +408,7 @@ def _sync_hidden_attrs(model: nn.Module, old: int, new: int) -> None:
 
 
 def prune_hidden(model: nn.Module, arch: ModelArch, keep: torch.Tensor | Sequence[int],
-                 rms_scale: float = 1.0) -> Edit:
+                 rms_scale: float = 1.0) -> Hidden:
     """Keep hidden (residual-stream) channels ``keep`` everywhere.
 
     Embeddings (token and learned positions), every norm's weight/bias, every input of
@@ -426,7 +418,7 @@ def prune_hidden(model: nn.Module, arch: ModelArch, keep: torch.Tensor | Sequenc
     embedding scale becomes ``sqrt(H')`` to match what transformers computes on reload.
 
     Returns:
-        ``{"op": "hidden", "width": H'}``.
+        The :class:`~pare.arch.surgery.edits.Hidden` edit.
     """
     embed: Any = model.get_submodule(arch.embed_path)
     old = int(embed.weight.shape[1])
@@ -434,6 +426,11 @@ def prune_hidden(model: nn.Module, arch: ModelArch, keep: torch.Tensor | Sequenc
     new = len(idx)
     if getattr(model.get_submodule(arch.base_path) if arch.base_path else model, "project_in", None) is not None:
         raise ConfigError("hidden-size pruning of OPT with word_embed_proj_dim != hidden_size is not supported")
+    layers: Any = arch.layer_modules(model)
+    for roles in arch.layers:  # before anything is cut
+        if roles.experts is not None:
+            fused = getattr(layers[roles.index].get_submodule(roles.experts.path), roles.experts.gate_up_param)
+            check_expert_width(new, fused.dtype, "hidden size (MoE)")
     scale = rms_scale
     head: Any = model.get_submodule(arch.lm_head_path)
     _set_param(embed, "weight", embed.weight.data[:, idx])
@@ -443,7 +440,6 @@ def prune_hidden(model: nn.Module, arch: ModelArch, keep: torch.Tensor | Sequenc
     if hasattr(embed, "embed_scale") and hasattr(embed, "scalar_embed_scale"):
         embed.scalar_embed_scale = new**0.5
         embed.embed_scale.fill_(new**0.5)
-    layers: Any = arch.layer_modules(model)
     for i, roles in enumerate(arch.layers):
         _hidden_layer(layers[i], roles, idx.to(next(layers[i].parameters()).device), scale)
     if arch.final_norm_path:
@@ -455,7 +451,7 @@ def prune_hidden(model: nn.Module, arch: ModelArch, keep: torch.Tensor | Sequenc
     if isinstance(head, nn.Linear):
         head.in_features = new
     _sync_hidden_attrs(model, old, new)
-    return {"op": "hidden", "width": new}
+    return Hidden(new)
 
 
 # --------------------------------------------------------------------------- config
@@ -559,70 +555,82 @@ def enable_bias(model: nn.Module, arch: ModelArch, kind: str) -> bool:
         return False
     layers = arch.layer_modules(model)
     for i, roles in enumerate(arch.layers):
-        block = roles.mlp if kind == "mlp" else roles.attention
-        if block is None:
-            continue
-        out = block.down if isinstance(block, MLPRoles) else block.o
-        for p in (*block.inputs, out):
-            m: Any = layers[i].get_submodule(p.path)
+        for port in stream_ports(roles):  # the block's projections: its readers and its writer of the stream
+            if port.block != kind or port.proj is None:
+                continue
+            m: Any = layers[i].get_submodule(port.path)
             if getattr(m, "bias", None) is None:
-                w = get_weight(m, p)
+                w = get_weight(m, port.proj)
                 m.bias = nn.Parameter(torch.zeros(w.shape[0], dtype=w.dtype, device=w.device))
     setattr(cfg, flag, True)
     return True
 
 
-def _replay_mlp(model: nn.Module, edit: Edit, override: ArchOverride | None = None) -> None:
+def _replay_mlp(model: nn.Module, edit: MlpChannels, override: ArchOverride | None = None) -> None:
     from pare.arch import describe
 
     arch = describe(model, override)
-    i = int(edit["layer"])
+    i = edit.layer
     roles = arch.layers[i]
     layer: Any = arch.layer_modules(model)[i]
     current = roles.experts.intermediate if roles.experts is not None else _mlp_width(layer, roles.mlp)
-    shared = edit.get("shared_width")
-    keep = torch.arange(int(edit["width"]))
+    shared = edit.shared_width
+    keep = torch.arange(edit.width)
     _check_fits(f"layer {i}'s MLP width", len(keep), current)
     if roles.experts is not None and roles.experts.shared is not None and shared is not None:
         _check_fits(f"layer {i}'s shared-expert width", int(shared), _mlp_width(layer, roles.experts.shared))
     if current == len(keep) and shared is None:
         return
-    prune_mlp_channels(model, arch, i, keep, None if shared is None else torch.arange(int(shared)))
+    cut_mlp_to(model, arch, i, edit.width, shared)
 
 
-def _replay_heads(model: nn.Module, edit: Edit, override: ArchOverride | None = None) -> None:
+def cut_heads_to(model: nn.Module, arch: ModelArch, layer_idx: int, heads: int, kv_heads: int) -> Heads | None:
+    """Keep ``heads`` query heads in ``kv_heads`` KV groups of one layer, the first ones of each (the
+    shapes a cut to these counts leaves, for a replay before loading weights or a preview); None when
+    the layer already has them."""
+    att = arch.layers[layer_idx].attention
+    assert att is not None
+    if att.num_heads == heads and att.num_kv_heads == kv_heads:
+        return None
+    group = att.num_heads // att.num_kv_heads
+    keep = (torch.arange(kv_heads)[:, None] * group + torch.arange(heads // kv_heads)).flatten()
+    return prune_heads(model, arch, layer_idx, keep_query_heads=keep)
+
+
+def cut_mlp_to(model: nn.Module, arch: ModelArch, layer_idx: int, width: int,
+               shared_width: int | None = None) -> MlpChannels:
+    """Keep the first ``width`` MLP channels of one layer (and ``shared_width`` of its shared expert)."""
+    return prune_mlp_channels(model, arch, layer_idx, torch.arange(width),
+                              None if shared_width is None else torch.arange(shared_width))
+
+
+def _replay_heads(model: nn.Module, edit: Heads, override: ArchOverride | None = None) -> None:
     from pare.arch import describe
 
     arch = describe(model, override)
-    i = int(edit["layer"])
+    i = edit.layer
     att = arch.layers[i].attention
     assert att is not None
-    heads, kv = int(edit["num_heads"]), int(edit["num_kv_heads"])
-    _check_fits(f"layer {i}'s attention heads", heads, att.num_heads)
-    _check_fits(f"layer {i}'s KV heads", kv, att.num_kv_heads)
-    if att.num_heads == heads and att.num_kv_heads == kv:
-        return
-    group = att.num_heads // att.num_kv_heads
-    per_group = heads // kv
-    keep = (torch.arange(kv)[:, None] * group + torch.arange(per_group)).flatten()
-    prune_heads(model, arch, i, keep_query_heads=keep)
+    _check_fits(f"layer {i}'s attention heads", edit.num_heads, att.num_heads)
+    _check_fits(f"layer {i}'s KV heads", edit.num_kv_heads, att.num_kv_heads)
+    cut_heads_to(model, arch, i, edit.num_heads, edit.num_kv_heads)
 
 
-def _replay_hidden(model: nn.Module, edit: Edit, override: ArchOverride | None = None) -> None:
+def _replay_hidden(model: nn.Module, edit: Hidden, override: ArchOverride | None = None) -> None:
     from pare.arch import describe
 
     arch = describe(model, override)
-    width = int(edit["width"])
+    width = edit.width
     embed: Any = model.get_submodule(arch.embed_path)
     _check_fits("the hidden size", width, int(embed.weight.shape[1]))
     if int(embed.weight.shape[1]) != width:
         prune_hidden(model, arch, torch.arange(width), rms_scale=1.0)
 
 
-REPLAY: dict[str, Callable[[nn.Module, dict[str, Any], ArchOverride | None], None]] = {
-    "mlp_channels": _replay_mlp,
-    "heads": _replay_heads,
-    "hidden": _replay_hidden,
+REPLAY: dict[type[Edit], Callable[[nn.Module, Any, ArchOverride | None], None]] = {
+    MlpChannels: _replay_mlp,
+    Heads: _replay_heads,
+    Hidden: _replay_hidden,
 }
 
 __all__ = [
@@ -630,6 +638,8 @@ __all__ = [
     "BIAS_FLAGS",
     "REPLAY",
     "check_expert_width",
+    "cut_heads_to",
+    "cut_mlp_to",
     "enable_bias",
     "expert_alignment",
     "head_count_for_ratio",

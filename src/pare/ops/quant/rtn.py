@@ -24,21 +24,39 @@ def int_range(bits: int, symmetric: bool) -> tuple[int, int]:
     return (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if symmetric else (0, 2**bits - 1)
 
 
-def int_params(W: torch.Tensor, bits: int, symmetric: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+def round_scale(scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Positive fp32 ``scale`` rounded to ``dtype`` (kept fp32); one that would underflow to 0 becomes the
+    smallest positive value of ``dtype``."""
+    if dtype == torch.float32:
+        return scale
+    rounded = scale.to(dtype).to(torch.float32)
+    tiny = torch.tensor(2.0 ** -24 if dtype == torch.float16 else torch.finfo(dtype).tiny, dtype=torch.float32)
+    return torch.where(rounded > 0, rounded, tiny.to(scale.device))
+
+
+def int_params(W: torch.Tensor, bits: int, symmetric: bool,
+               scale_dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Scale (and zero point) of each row of ``W: [out, g]`` (fp32).
 
+    Args:
+        W: one group's weights of every row.
+        bits: code width.
+        symmetric: no zero point.
+        scale_dtype: the scales are rounded to this dtype (a 16-bit model's own: what a compressed
+            checkpoint stores); the zero point is computed from the rounded scale.
+
     Returns:
-        ``(scale [out, 1], zero [out, 1] or None)``; an all-zero row gets scale 1.
+        ``(scale [out, 1], zero [out, 1] or None)`` fp32; an all-zero row gets scale 1.
     """
     if symmetric:
         amax = W.abs().amax(dim=1, keepdim=True)
         scale = amax / (2 ** (bits - 1) - 0.5)
-        return torch.where(amax > 0, scale, torch.ones_like(scale)), None
+        return round_scale(torch.where(amax > 0, scale, torch.ones_like(scale)), scale_dtype), None
     lo = W.amin(dim=1, keepdim=True).clamp(max=0)
     hi = W.amax(dim=1, keepdim=True).clamp(min=0)
     scale = (hi - lo) / (2**bits - 1)
-    scale = torch.where(hi > lo, scale, torch.ones_like(scale))
-    return scale, torch.round(-lo / scale)
+    scale = round_scale(torch.where(hi > lo, scale, torch.ones_like(scale)), scale_dtype)
+    return scale, torch.round(-lo / scale).clamp_(0, 2**bits - 1)
 
 
 def int_quantize(

@@ -16,7 +16,7 @@ nvfp4              FP4 E2M1      16            FP8 E4M3, times one FP32 scale pe
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -40,11 +40,15 @@ class QuantScheme:
         name: one of :data:`SCHEMES`.
         group_size: consecutive inputs of a row sharing a scale; 0 = the whole row (per channel).
         symmetric: integer schemes only: no zero point.
+        scale_dtype: integer schemes: the dtype the scales are rounded to (the weights' 16-bit dtype,
+            so that a compressed checkpoint storing the scales in it dequantizes to exactly the
+            fake-quantized weights, see :meth:`for_weight`); float32 keeps them unrounded.
     """
 
     name: str
     group_size: int = 128
     symmetric: bool = True
+    scale_dtype: torch.dtype = torch.float32
 
     def __post_init__(self) -> None:
         if self.name not in SCHEMES:
@@ -59,6 +63,14 @@ class QuantScheme:
         if not self.symmetric and self.name not in INT_SCHEMES:
             raise ConfigError(f"{self.name} is symmetric by definition; asymmetric (zero points) exists for "
                               f"{', '.join(INT_SCHEMES)} only")
+
+    def for_weight(self, dtype: torch.dtype) -> QuantScheme:
+        """This scheme with its integer scales kept in ``dtype`` when that is a 16-bit float (bfloat16,
+        float16); float32 otherwise. compressed-tensors stores the scales in the model's dtype and
+        dequantizes ``(q - z) * scale`` in it: with scales already in that dtype, that product (exact
+        in fp32) rounds once, as pare's fake-quantized weights do."""
+        target = dtype if dtype in (torch.bfloat16, torch.float16) else torch.float32
+        return self if target == self.scale_dtype else replace(self, scale_dtype=target)
 
     @property
     def fixed_group(self) -> int | None:
@@ -111,7 +123,7 @@ def tensor_param(scheme: QuantScheme, W: torch.Tensor) -> float | None:
 def group_params(scheme: QuantScheme, W: torch.Tensor, tensor_scale: float | None = None) -> GroupParams:
     """Parameters for ``W: [out, g]`` fp32, one group's weights of every row."""
     if scheme.name in INT_SCHEMES:
-        scale, zero = int_params(W, scheme.bits, scheme.symmetric)
+        scale, zero = int_params(W, scheme.bits, scheme.symmetric, scheme.scale_dtype)
         return GroupParams(scale, zero)
     if scheme.name == "nvfp4":
         return GroupParams(nvfp4_block_scale(W, tensor_scale if tensor_scale is not None else 1.0))
