@@ -113,9 +113,13 @@ def _kinds(config: Any, n: int) -> list[str] | None:
     return None
 
 
-def _signature(layer: nn.Module) -> list[tuple[str, str, tuple[int, ...]]]:
-    return [(n, type(m).__name__, tuple(getattr(getattr(m, "weight", None), "shape", ())))
-            for n, m in layer.named_modules()]
+def _shapes(layer: nn.Module) -> list[tuple[str, tuple[int, ...]]]:
+    return [(n, tuple(p.shape)) for n, p in layer.named_parameters()]
+
+
+def _signature(layer: nn.Module) -> list[tuple[str, str]]:
+    """Module names and classes (not shapes: a width cut earlier in a chain is replayed from the manifest)."""
+    return [(n, type(m).__name__) for n, m in layer.named_modules()]
 
 
 def removal_problem(model: nn.Module, arch: ModelArch, removed: Sequence[int]) -> str | None:
@@ -169,6 +173,8 @@ def _sync_build_attributes(model: nn.Module, arch: ModelArch) -> list[str]:
         return []
     changed = []
     for i, (have, want) in enumerate(zip(arch.layer_modules(model), built, strict=False)):
+        if _shapes(have) != _shapes(want):
+            continue  # widths cut per layer: the manifest rebuilds this layer, not the config
         wanted = dict(want.named_modules())
         for name, module in have.named_modules():
             other = wanted.get(name)
@@ -203,6 +209,8 @@ def _rebuild_problem(model: nn.Module, arch: ModelArch, kept: list[int], changes
     if len(layers) != len(kept):
         return f"the shortened config builds {len(layers)} layers, not {len(kept)}"
     for new, old in enumerate(kept):
+        if any(type(m).__module__ == __name__ for m in have[old].modules()):
+            continue  # a sub-layer pare already removed (a stand-in): the manifest replays it
         if _signature(layers[new]) != _signature(have[old]):
             return (f"after the cut, layer {old} would sit at index {new}, where the config's layer pattern "
                     "builds a different kind of layer (a pattern set by a period cannot express this subset)")
