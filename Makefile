@@ -67,3 +67,8 @@ bench: install
 
 clean:
 	rm -rf $(VENV) $(LATEST) build dist src/*.egg-info .pytest_cache .ruff_cache .mypy_cache
+
+# Every causal-LM and image-text-to-text model type of the installed transformers, as a tiny random
+# model, through inspect / sparsity / depth / width: docs/coverage/coverage.md (about 20 minutes).
+coverage: install
+	HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 $(PY) bench/coverage.py --out docs/coverage

@@ -35,16 +35,18 @@ def load_model(name_or_path: str, dtype: str | torch.dtype = "auto", device: str
     Returns:
         ``(model, tokenizer)``; the model is in eval mode.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
+
+    from pare.io.load import auto_class
 
     dtype = parse_dtype(dtype) or "auto"
     if device is not None:
         usable_device(device)
     try:
-        causal_lm_config(name_or_path)  # T5 and other non-causal models: said so, not "cannot load"
+        config = causal_lm_config(name_or_path)  # T5 and other non-causal models: said so, not "cannot load"
         if Path(name_or_path).is_dir():
             weight_files(name_or_path)  # tampered index or truncated weights: refused before transformers reads
-        model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype)
+        model = auto_class(config).from_pretrained(name_or_path, dtype=dtype)
     except PareError:
         raise
     except (OSError, ValueError) as exc:

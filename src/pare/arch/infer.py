@@ -20,6 +20,8 @@ from pare.arch.roles import (
     ConfigFields,
     ExpertsRoles,
     LayerRoles,
+    MixerKind,
+    MixerRoles,
     MLPRoles,
     ModelArch,
     Proj,
@@ -53,13 +55,58 @@ def _is_projection(module: nn.Module) -> bool:
     return isinstance(module, nn.Linear) or _is_conv1d(module)
 
 
+def text_config(model: nn.Module) -> Any:
+    """The config of the text decoder: the model's own, or its ``text_config`` for a vision-language
+    model (the same object the language model holds, so edits to it are saved with the model)."""
+    return decoder_config(model.config)
+
+
+def decoder_config(config: Any) -> Any:
+    """``config``'s text-decoder part (``config`` itself for a plain causal LM)."""
+    get = getattr(config, "get_text_config", None)
+    if not callable(get) or getattr(config, "is_encoder_decoder", False):
+        return config
+    try:
+        return get(decoder=True)
+    except ValueError:  # several text configs: the model's own fields describe its decoder
+        return config
+
+
+def decoder_prefix(model: nn.Module) -> str:
+    """Dotted path of the text decoder (``model.language_model`` in a vision-language model), or ``""``
+    when the model does not name one; the decoder layers are searched there first so a vision tower's
+    layers are never taken for them."""
+    get = getattr(model, "get_decoder", None)
+    if not callable(get):
+        return ""
+    try:
+        decoder = get()
+    except (AttributeError, NotImplementedError, TypeError):
+        return ""
+    if not isinstance(decoder, nn.Module) or decoder is model:
+        return ""
+    return next((n for n, m in model.named_modules() if m is decoder), "")
+
+
 def find_layers_path(model: nn.Module, override: ArchOverride | None = None) -> str:
-    """Dotted path of the ModuleList holding the decoder layers."""
+    """Dotted path of the ModuleList holding the decoder layers (inside the text decoder when the
+    model names one)."""
     if override is not None and override.layers_path:
         return override.layers_path
+    prefix = decoder_prefix(model)
+    if prefix:
+        try:
+            inner = _find_layers(model.get_submodule(prefix), model)
+            return f"{prefix}.{inner}" if inner else prefix
+        except UnsupportedArchitectureError:
+            pass
+    return _find_layers(model, model)
+
+
+def _find_layers(root: nn.Module, model: nn.Module) -> str:
     layer_classes = set(getattr(model, "_no_split_modules", None) or ())
     candidates = []
-    for name, module in model.named_modules():
+    for name, module in root.named_modules():
         if isinstance(module, nn.ModuleList) and len(module) > 0:
             first = type(module[0]).__name__
             if first in layer_classes:
@@ -174,7 +221,8 @@ def _parent(rel: str) -> str:
 
 
 def config_head_counts(config: Any) -> tuple[int, int, int]:
-    """(heads, kv_heads, head_dim) as the config states them."""
+    """(heads, kv_heads, head_dim) as the (text) config states them."""
+    config = decoder_config(config)
     heads = int(config.num_attention_heads)
     kv = getattr(config, "num_key_value_heads", None) or heads
     head_dim = getattr(config, "head_dim", None) or int(config.hidden_size) // heads
@@ -244,6 +292,65 @@ def _norms(modules: dict[str, nn.Module], attention: AttentionRoles | None) -> t
     return tuple(out)
 
 
+MIXER_SIZES = (
+    "state_size", "ssm_state_size", "mamba_d_state", "d_state", "conv_kernel", "mamba_d_conv", "d_conv",
+    "linear_conv_kernel_dim", "conv_L_cache", "time_step_rank", "mamba_dt_rank", "mamba_n_heads",
+    "mamba_n_groups", "n_groups", "mamba_expand", "expand", "linear_num_key_heads", "linear_num_value_heads",
+    "linear_key_head_dim", "linear_value_head_dim", "kv_lora_rank", "q_lora_rank", "qk_rope_head_dim",
+    "qk_nope_head_dim", "v_head_dim", "lru_width",
+)
+"""Config fields that size a non-attention mixer (or a latent attention): named by inspect, never cut."""
+
+_MIXER_KINDS: tuple[tuple[tuple[str, ...], MixerKind], ...] = (
+    (("mamba", "ssm", "mixer"), "state-space"),
+    (("delta", "linear", "lightning", "retention"), "linear-attention"),
+    (("recurr", "rglru", "lstm", "rwkv", "lru"), "recurrent"),
+    (("conv",), "convolution"),
+    (("attention", "attn", "mla"), "attention"),
+)
+
+
+def _mixer_kind(module: nn.Module, path: str) -> MixerKind:
+    if _is_projection(module) or isinstance(module, nn.Conv1d):
+        return "other"  # a bare linear beside the known blocks says nothing of what it is
+    text = f"{type(module).__name__} {path}".lower()
+    return next((kind for keys, kind in _MIXER_KINDS if any(k in text for k in keys)), "other")
+
+
+def _mixer(layer: nn.Module, config: Any, used: set[str]) -> MixerRoles | None:
+    """The first child block of ``layer`` holding linears or convolutions that no attention / MLP /
+    experts / norm role claims (a Mamba mixer, a linear-attention block, a latent attention...)."""
+    found: list[MixerRoles] = []
+    for name, child in layer.named_children():
+        if name in used:
+            continue
+        inner = dict(child.named_modules())
+        projections = tuple(f"{name}.{n}" if n else name for n, m in inner.items() if _is_projection(m))
+        convs = [m for m in inner.values() if isinstance(m, nn.Conv1d)]
+        if not projections and not convs:
+            continue
+        fixed = [f"conv_kernel={int(c.kernel_size[0])}" for c in convs[:1]]
+        fixed += [f"{k}={getattr(config, k)}" for k in MIXER_SIZES
+                  if isinstance(getattr(config, k, None), int) and not isinstance(getattr(config, k), bool)]
+        found.append(MixerRoles(path=name, kind=_mixer_kind(child, name), projections=projections,
+                                fixed=tuple(dict.fromkeys(fixed))))
+    return next((m for m in found if m.kind != "other"), found[0] if found else None)
+
+
+def _claimed(attention: AttentionRoles | None, mlp: MLPRoles | None, experts: ExpertsRoles | None,
+             norms: tuple[str, ...]) -> set[str]:
+    used = {n for n in norms if "." not in n}  # a norm inside a block (Mamba-2's gated norm) claims nothing
+    if attention is not None:
+        used.add(attention.path)
+    if mlp is not None:
+        used.update(p.path for p in (*mlp.inputs, mlp.down))
+        if mlp.path:
+            used.add(mlp.path)
+    if experts is not None:
+        used.add(_parent(experts.path) or experts.path)
+    return {u.split(".", 1)[0] for u in used if u}
+
+
 def describe_layer(layer: nn.Module, index: int, config: Any, override: ArchOverride | None) -> LayerRoles:
     """The roles of one decoder layer, with head counts read from its weights."""
     modules = dict(layer.named_modules())
@@ -255,9 +362,11 @@ def describe_layer(layer: nn.Module, index: int, config: Any, override: ArchOver
     parallel = bool(getattr(config, "use_parallel_residual", False) or getattr(config, "parallel_attn", False))
     if override and override.parallel_residual is not None:
         parallel = override.parallel_residual
+    norms = _norms(modules, attention)
+    mixer = _mixer(layer, config, _claimed(attention, mlp, experts, norms))
     return LayerRoles(
         index=index, attention=attention, mlp=mlp, experts=experts,
-        norms=_norms(modules, attention), parallel_residual=parallel,
+        norms=norms, parallel_residual=parallel, mixer=mixer,
     )
 
 
@@ -285,8 +394,8 @@ def describe(model: nn.Module, override: ArchOverride | None = None) -> ModelArc
     Raises:
         UnsupportedArchitectureError: naming what could not be inferred and how to override it.
     """
-    config = model.config
-    model_type = getattr(config, "model_type", type(model).__name__)
+    config = text_config(model)
+    model_type = getattr(model.config, "model_type", type(model).__name__)
     if override is None:
         override = BUILTIN_OVERRIDES.get(model_type)
     layers_path = find_layers_path(model, override)
@@ -294,9 +403,11 @@ def describe(model: nn.Module, override: ArchOverride | None = None) -> ModelArc
     assert isinstance(layer_list, nn.ModuleList)
     layers = [describe_layer(layer, i, config, override) for i, layer in enumerate(layer_list)]
     missing = []
-    if all(r.attention is None for r in layers):
-        missing.append("attention projections (q/k/v or fused qkv, and the output projection)")
-    if all(r.mlp is None and r.experts is None for r in layers):
+    known = [r.mixer is not None and r.mixer.kind != "other" for r in layers]  # an unknown block describes nothing
+    if all(r.attention is None and not k for r, k in zip(layers, known, strict=True)):
+        missing.append("attention projections (q/k/v or fused qkv, and the output projection), or a "
+                       "state-space / linear-attention mixer")
+    if all(r.mlp is None and r.experts is None and not k for r, k in zip(layers, known, strict=True)):
         missing.append("MLP projections (gate/up or fc1, and down or fc2) or MoE experts")
     get_in: Any = model.get_input_embeddings
     get_out: Any = model.get_output_embeddings

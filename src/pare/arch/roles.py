@@ -115,6 +115,32 @@ class ExpertsRoles:
     shared_gate: str | None = None
 
 
+MixerKind = Literal["state-space", "linear-attention", "convolution", "recurrent", "attention", "other"]
+"""``attention``: an attention block whose heads pare does not describe (DeepSeek's MLA with low-rank q/kv)."""
+
+
+@dataclass(frozen=True)
+class MixerRoles:
+    """A token mixer that is not softmax attention: a state-space block (Mamba, Mamba-2), linear or
+    delta-rule attention (Qwen3-Next, Kimi-Linear), a gated short convolution (LFM2) or a recurrence.
+
+    Its linears are prunable matrices like any other (weight sparsity applies), and the whole layer can
+    be removed; its internal sizes are not cut: they are tied together inside one kernel (the SSM
+    state, the convolution kernel, the in-projection's packed ``[z, x, B, C, dt]`` rows).
+
+    Attributes:
+        path: the block, relative to the decoder layer (``"mixer"``, ``"linear_attn"``).
+        kind: what it is, from its class name.
+        projections: its linears, relative to the decoder layer.
+        fixed: sizes that cannot be cut, as ``"name=value"`` (``"ssm_state=16"``, ``"conv_kernel=4"``).
+    """
+
+    path: str
+    kind: MixerKind
+    projections: tuple[str, ...] = ()
+    fixed: tuple[str, ...] = ()
+
+
 @dataclass(frozen=True)
 class LayerRoles:
     """The roles inside one decoder layer."""
@@ -125,6 +151,7 @@ class LayerRoles:
     experts: ExpertsRoles | None = None
     norms: tuple[str, ...] = ()
     parallel_residual: bool = False
+    mixer: MixerRoles | None = None
 
 
 @dataclass(frozen=True)
@@ -196,6 +223,33 @@ class ModelArch:
             if any(rel.startswith(p + ".") for p in mlp_paths):
                 return "mlp"
         return "other"
+
+    def mixers(self) -> str | None:
+        """A sentence naming the non-attention mixers and the sizes pare does not cut (None when the
+        model has none): inspect prints it, and width methods refuse with it."""
+        found = {(r.mixer.kind, r.mixer.path, r.mixer.fixed) for r in self.layers if r.mixer is not None}
+        if not found:
+            return None
+        layers = [r.index for r in self.layers if r.mixer is not None]
+        parts = [f"{kind} block {path!r}" + (f" (not cut: {', '.join(fixed)})" if fixed else "")
+                 for kind, path, fixed in sorted(found)]
+        return (f"layers {layers} hold {'; '.join(parts)}: their linears take weight sparsity and the layers can be "
+                "removed, but their internal sizes (state, convolution kernel, latent ranks) are not cut")
+
+    def nothing_to_cut(self, mlp: bool, attention: bool) -> str | None:
+        """Why a width cut of the MLP (``mlp``) and / or attention heads (``attention``) asks for a part
+        this model does not have (so the cut would silently do nothing there), or None."""
+        has_mlp = any(r.mlp is not None or r.experts is not None for r in self.layers)
+        has_att = any(r.attention is not None for r in self.layers)
+        missing = [w for w, asked, has in (("MLP channels", mlp, has_mlp), ("attention heads", attention, has_att))
+                   if asked and not has]
+        if not missing:
+            return None
+        hint = self.mixers()
+        return (f"this {self.model_type} model has no {' or '.join(missing)} pare can cut"
+                + (f"; {hint}" if hint else "")
+                + ". Cut only what it has, or use weight sparsity (wanda, sparsegpt, magnitude) or depth "
+                "(shortgpt, angular)")
 
     def mlp_width(self, model: nn.Module, index: int) -> int:
         """The MLP intermediate width of layer ``index`` (the down projection's input width)."""

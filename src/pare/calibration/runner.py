@@ -164,22 +164,36 @@ def capture(
 ) -> Captured:
     """Record every decoder layer's inputs for each batch of token ids ``[B, L]``.
 
-    Only the modules outside the decoder layers run (embeddings, rotary tables, mask building).
+    Only the modules outside the decoder layers run (embeddings, rotary tables, mask building). A
+    model whose loop unpacks what a layer returns (Bamba: ``hidden, attn = layer(...)``) cannot take
+    the stand-in's plain tensor: it is captured again with every layer but the last run for real.
     """
+    try:
+        return _capture(model, arch, batches, device, store, run_layers=False)
+    except (ValueError, TypeError):
+        log.debug("capture with stand-in outputs failed; running the layers", exc_info=True)
+        return _capture(model, arch, batches, device, store, run_layers=True)
+
+
+def _capture(model: nn.Module, arch: ModelArch, batches: list[torch.Tensor], device: torch.device,
+             store: torch.device, run_layers: bool) -> Captured:
     layers = arch.layer_modules(model)
+    originals = list(layers)
     interner = _Interner(store)
     hidden: list[torch.Tensor] = []
     calls: list[list[LayerCall]] = [[] for _ in range(len(layers))]
 
     last = len(layers) - 1
 
-    def make_call(i: int) -> Callable[..., torch.Tensor]:
-        def call(hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    def make_call(i: int) -> Callable[..., Any]:
+        def call(hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
             if i == 0:
                 hidden.append(hidden_states.detach().to(store))
             calls[i].append(LayerCall(interner(args), interner(kwargs)))
             if i == last:  # nothing after the last layer is needed
                 raise _CaptureDone
+            if run_layers:
+                return originals[i](hidden_states, *args, **kwargs)
             # a layer returns a tensor or a tuple depending on the model; only layer 0's hidden
             # states are kept, so a model that takes ``outputs[0]`` of this tensor loses nothing
             return hidden_states
@@ -193,7 +207,6 @@ def capture(
             with contextlib.suppress(_CaptureDone):
                 base(input_ids=batch.to(device), use_cache=False)
     return Captured(hidden=hidden, calls=calls)
-
 
 
 @dataclass
@@ -285,6 +298,8 @@ class LayerwiseRunner:
         self.batches = list(input_ids.split(batch_size))
         self.store = torch.device("cpu") if offload else self.device
         self.final_hidden: list[torch.Tensor] | None = None
+        self.not_run: list[int] = []
+        """Layers the model did not call on the calibration data (skipped, left as they are)."""
 
     def capture(self) -> Captured:
         """The first layer's inputs and every layer's call arguments, per batch (no layer runs)."""
@@ -316,6 +331,11 @@ class LayerwiseRunner:
         bar = tqdm(range(len(layers)), desc="layers", disable=not self.progress, leave=False)
         for i in bar:
             layer = layers[i]
+            if not captured.calls[i]:  # the model did not call it on these inputs: it changes nothing here
+                self.not_run.append(i)
+                log.warning("layer %d did not run on the calibration data (e.g. a cross-attention layer that "
+                            "runs only with images); it is left as it is", i)
+                continue
             layer_home = model_device(layer)
             layer.to(self.device)
             step = LayerStep(i, layer, arch.layers[i], arch.layer_prefix(i), hidden, captured.calls[i], self.device)

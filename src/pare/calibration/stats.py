@@ -16,6 +16,7 @@ from torch import nn
 
 from pare.arch.targets import Target
 from pare.arch.wrapper import LayerWrapper
+from pare.errors import UnsupportedArchitectureError
 from pare.ops.gram import add_gram_upper_, mirror_upper_
 
 STAT_NORMS = "norms"
@@ -86,19 +87,39 @@ class RouterWeightedStats(InputStats):
         self.add(x.float() * gate.float().reshape(-1, 1))
 
 
+def _takes_two(fn: Any) -> bool:
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    return len(positional) >= 2 and all(p.default is p.empty for p in positional[:2])
+
+
 def _expert_inputs(experts: nn.Module, args: tuple, kwargs: dict, gate_up: str, num_experts: int):
     """Per expert: the routed tokens ``x_e [n_e, H]``, its activated intermediate ``[n_e, I]`` and the
     router's gate values of those tokens for it ``[n_e]``."""
     hidden, top_k_index, top_k_weights = _routing_call(experts, args, kwargs)
     w = getattr(experts, gate_up).data
-    act: Any = experts.act_fn
+    act: Any = getattr(experts, "act_fn", None)
+    if act is None:
+        raise UnsupportedArchitectureError(
+            f"{type(experts).__name__} computes its experts' activation in its own code (no act_fn), so pare cannot "
+            "take each expert's intermediate inputs: exclude the experts from this method (ignore='experts') or "
+            "use magnitude pruning for them")
+    if w.shape[-1] != hidden.shape[-1]:
+        raise UnsupportedArchitectureError(
+            f"{type(experts).__name__} stores its experts' {gate_up} as {list(w.shape)} with the hidden size "
+            f"{hidden.shape[-1]} not last (pare reads fused experts as [experts, out, in]): exclude the experts from "
+            "this method (ignore='experts')")
+    joint = _takes_two(act)  # a fused gated activation act(gate, up) (Inkling's softcapped SwiGLU)
     for e in range(num_experts):
         hit = top_k_index == e
         tokens = hit.any(dim=-1).nonzero().flatten()
         x = hidden[tokens]
         gate_value = (top_k_weights[tokens].float() * hit[tokens]).sum(-1)
         gate, up = nn.functional.linear(x, w[e]).chunk(2, dim=-1)
-        yield e, x, act(gate) * up, gate_value
+        yield e, x, act(gate, up) if joint else act(gate) * up, gate_value
 
 
 class InputsRecorded(Exception):
@@ -140,6 +161,11 @@ def _version(x: torch.Tensor) -> int | None:
         return None
 
 
+class SharedInputChanged(RuntimeError):
+    """A module recorded as reading its neighbour's input read another tensor later (record again with
+    ``share_inputs=False``)."""
+
+
 class _SameInput:
     """Finds watched modules that read the very tensor the module called just before read (q/k/v
     after one norm, gate/up): their inputs are recorded once, by the first of them (the leader).
@@ -173,8 +199,8 @@ class _SameInput:
             self.last = (key, x, _version(x))
             return True
         if not same or last is None or last[0] != lead:
-            raise RuntimeError("a module that shared its input with the module called before it got a "
-                               "different input in a later forward; record with share_inputs=False")
+            raise SharedInputChanged("a module that shared its input with the module called before it got a "
+                                     "different input in a later forward; record with share_inputs=False")
         return False
 
 
@@ -259,6 +285,11 @@ def _routing_call(experts: nn.Module, args: tuple, kwargs: dict) -> tuple[torch.
     """
     bound = inspect.signature(experts.forward).bind(*args, **kwargs)
     values = list(bound.arguments.values())
+    if len(values) < 3:
+        raise UnsupportedArchitectureError(
+            f"{type(experts).__name__} is called without routing indices and weights (tokens are routed before the "
+            "call), so pare cannot tell which tokens each expert saw: exclude the experts from this method "
+            "(ignore='experts') or use magnitude pruning for them")
     hidden, index, weights = values[0], values[1], values[2]
     return hidden.reshape(-1, hidden.shape[-1]), index.reshape(-1, index.shape[-1]), weights.reshape(
         -1, weights.shape[-1])

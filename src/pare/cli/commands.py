@@ -81,11 +81,12 @@ def inspect_cmd(args: argparse.Namespace) -> int:
             "head_dim": a.head_dim if a else None,
             "mlp": arch.mlp_width(model, r.index) if m else None,
             "experts": f"{e.num_experts}x{e.intermediate} top{e.top_k}" if e else None,
+            "mixer": f"{r.mixer.kind} ({r.mixer.path})" if r.mixer else None,
             "parallel": r.parallel_residual,
         })
     if args.json:
         print(json.dumps({"model_type": arch.model_type, "layers_path": arch.layers_path,
-                          "tied": arch.tied, "params": parts, "layers": layers}, indent=2))
+                          "tied": arch.tied, "params": parts, "layers": layers, "not_cut": arch.mixers()}, indent=2))
         return 0
     print(f"{args.model}: {arch.model_type}, {arch.num_layers} decoder layers at {arch.layers_path}, "
           f"lm_head {'tied to' if arch.tied else 'separate from'} {arch.embed_path}")
@@ -100,6 +101,8 @@ def inspect_cmd(args: argparse.Namespace) -> int:
         ex = r0.experts
         print(f"experts: {ex.path} ({ex.gate_up_param}, {ex.down_param}), router {ex.router}")
     print(f"norms: {', '.join(r0.norms)}")
+    if arch.mixers():
+        print(f"not attention: {arch.mixers()}")
     f = arch.fields
     sizes = {"hidden": f.hidden, "intermediate": f.intermediate, "heads": f.heads, "kv_heads": f.kv_heads,
              "head_dim": f.head_dim, "layers": f.layers, "moe_intermediate": f.moe_intermediate,

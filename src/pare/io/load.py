@@ -47,18 +47,58 @@ def read_manifest(path: str | Path) -> dict[str, Any] | None:
     return manifest
 
 
+def auto_class(config: Any) -> Any:
+    """The transformers Auto class that builds a model of ``config``: ``AutoModelForCausalLM``, or
+    ``AutoModelForImageTextToText`` for a vision-language model whose text decoder pare prunes."""
+    from transformers import AutoModelForImageTextToText
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    saved = saved_class(config)
+    if saved is not None:
+        return saved
+    if getattr(config, "model_type", None) in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        return AutoModelForCausalLM
+    return AutoModelForImageTextToText
+
+
+def build_from_config(config: Any, **kwargs: Any) -> Any:
+    """A model of ``config``'s class (:func:`auto_class`) with fresh weights."""
+    cls = auto_class(config)
+    if hasattr(cls, "from_config"):  # an Auto class
+        return cls.from_config(config, **kwargs)
+    return cls._from_config(config, **kwargs)
+
+
+def saved_class(config: Any) -> Any:
+    """The generating class the config names in ``architectures`` (``MllamaForConditionalGeneration``),
+    when transformers has it: the exact class that was saved (an Auto mapping may pick another, e.g. the
+    text-only ``MllamaForCausalLM`` for a Mllama config)."""
+    import transformers
+
+    names = getattr(config, "architectures", None) or []
+    name = names[0] if names else ""
+    if not name.endswith(("ForCausalLM", "ForConditionalGeneration")):
+        return None
+    return getattr(transformers, name, None)
+
+
 def causal_lm_config(name_or_path: str | Path) -> Any:
-    """The config of a model, refused when transformers has no causal-LM class for it (T5, BERT...).
+    """The config of a model, refused when transformers has no causal-LM class for it (T5, BERT...);
+    a vision-language model (``AutoModelForImageTextToText``) is accepted for its text decoder.
 
     Raises:
         NotCausalLMError: an encoder-decoder or encoder-only model, which pare cannot prune.
         OSError, ValueError: as ``AutoConfig.from_pretrained`` (no config, an unknown model type).
     """
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+        MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES,
+    )
 
     config = AutoConfig.from_pretrained(name_or_path)
     model_type = getattr(config, "model_type", None)
-    if model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+    known = (MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES)
+    if not any(model_type in names for names in known) and saved_class(config) is None:
         archs = ", ".join(getattr(config, "architectures", None) or []) or "no architectures listed"
         raise NotCausalLMError(
             f"{str(name_or_path)!r} is a {model_type} model ({archs}), not a causal LM: pare prunes decoder-only "
@@ -132,7 +172,8 @@ def _from_pretrained(path: Path, dtype: torch.dtype | None, pare_saved: bool) ->
         PareError: ``pare_saved`` and weights are missing (a tied ``lm_head`` is fine) or left unused:
             the config does not describe the saved model.
     """
-    loaded: Any = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or "auto", output_loading_info=True)
+    loaded: Any = auto_class(AutoConfig.from_pretrained(path)).from_pretrained(
+        path, dtype=dtype or "auto", output_loading_info=True)
     model: PreTrainedModel = loaded[0]
     info: dict[str, Any] = loaded[1]
     tied = bool(getattr(model.config, "tie_word_embeddings", False))
@@ -183,7 +224,7 @@ def load(path: str | Path, device: str | torch.device | None = None,
         saved_dtype = getattr(config, "dtype", None) or torch.float32
         if isinstance(saved_dtype, str):
             saved_dtype = getattr(torch, saved_dtype)
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype or saved_dtype)
+        model = build_from_config(config, dtype=dtype or saved_dtype)
         from pare.io.save import manifest_override
 
         replay(model, edits, manifest_override(manifest))
@@ -215,7 +256,7 @@ def meta_model(name_or_path: str) -> Any:
     except (OSError, ValueError) as exc:
         raise ModelNotFoundError(f"cannot read a model config from {name_or_path!r}: {exc}") from exc
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
+        model = build_from_config(config)
     manifest = read_manifest(name_or_path) if Path(name_or_path).is_dir() else None
     if manifest and not manifest.get("uniform", True):
         from pare.arch.surgery import replay

@@ -106,12 +106,13 @@ def manifest_override(manifest: dict[str, Any] | None) -> Any:
 def skeleton(model: nn.Module, edits: Sequence[Edit | dict[str, Any]] | None = None, override: Any = None) -> nn.Module:
     """The architecture ``pare.load`` would build for ``model``: from a copy of its config, on the
     ``meta`` device (no memory), with ``edits`` replayed when given (described with ``override``)."""
-    from transformers import AutoModelForCausalLM
+    from pare.io.load import build_from_config
 
-    config = copy.deepcopy(model.config)  # type: ignore[union-attr]
+    config: Any = copy.deepcopy(model.config)
+    config.architectures = [type(model).__name__]  # what save_pretrained writes, so what load builds
     with torch.device("meta"):
         try:
-            built = AutoModelForCausalLM.from_config(config)
+            built = build_from_config(config)
         except (ValueError, KeyError):  # a class the auto mapping does not know: its own class
             built = type(model)(config)
     if edits:

@@ -18,11 +18,12 @@ from typing import ClassVar
 
 import torch
 
+from pare.arch.surgery.depth import first_valid_span
 from pare.config import help_field, register
 from pare.errors import ConfigError
 from pare.methods.base import PruneContext
 from pare.methods.layers import CountedDepthPruner, DepthConfig, apply_layer_removal
-from pare.ops.similarity import angular_distance, best_span
+from pare.ops.similarity import angular_distance
 
 
 def _mean_distance(a: list[torch.Tensor], b: list[torch.Tensor], last: bool) -> float:
@@ -82,12 +83,13 @@ class AngularPruner(CountedDepthPruner):
     def run(self, ctx: PruneContext) -> None:
         n = self.config.layer_count(ctx.model, ctx.arch)
         dist = span_distances(ctx, n, last=self.config.tokens == "last")
-        best = best_span(dist)
+        order = sorted(range(len(dist)), key=lambda i: (dist[i], i))
+        best, skipped = first_valid_span(ctx.model, ctx.arch, order, n)
         ctx.report.scores["angular_distance"] = [
             {"layers": list(range(s, s + n)), "distance": d} for s, d in enumerate(dist)
         ]
-        apply_layer_removal(
-            ctx, list(range(best, best + n)),
-            f"span {best}-{best + n - 1} has the smallest angular distance ({dist[best]:.4f}) "
-            f"between its input and output among {len(dist)} spans of {n} layers",
-        )
+        why = (f"span {best}-{best + n - 1} has the smallest angular distance ({dist[best]:.4f}) "
+               f"between its input and output among {len(dist)} spans of {n} layers")
+        if skipped:
+            why = why.replace("smallest", "smallest removable") + "; skipped: " + "; ".join(skipped)
+        apply_layer_removal(ctx, list(range(best, best + n)), why)

@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 from pare.arch.roles import ModelArch
 from pare.arch.targets import Target, check_selection, layer_targets, select
 from pare.calibration.runner import LayerStep, LayerwiseRunner, on_device
-from pare.calibration.stats import STAT_GRAM, InputStats, record_inputs
+from pare.calibration.stats import STAT_GRAM, InputStats, SharedInputChanged, record_inputs
 from pare.config import PruneConfig, RuntimeConfig, check_ratio, check_regexes, help_field
 from pare.errors import ConfigError
 from pare.eval.size import nonzero, nonzero_by_parameter
@@ -534,8 +534,15 @@ class SparsityPruner(Pruner):
         reused = self._reused_stats.pop(step.index, None)
         stats = reused or {t.name: self.new_stats(t) for t in targets}
         if reused is None:
-            with record_inputs(targets, stats, stop_in=None if keep else step.layer, share_inputs=True):
-                outputs = step.run(replace_inputs=keep)
+            try:
+                with record_inputs(targets, stats, stop_in=None if keep else step.layer, share_inputs=True):
+                    outputs = step.run(replace_inputs=keep)
+            except SharedInputChanged:
+                if keep:  # the inputs were already replaced: a second pass would see other ones
+                    raise
+                stats = {t.name: self.new_stats(t) for t in targets}  # Zaya: one input, two readers
+                with record_inputs(targets, stats, stop_in=step.layer, share_inputs=False):
+                    outputs = step.run()
         else:
             outputs = step.run(replace_inputs=True) if keep else None
         if keep:

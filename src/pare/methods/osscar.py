@@ -164,6 +164,9 @@ class OsscarPruner(StructuralPruner):
     needs_calibration: ClassVar[bool] = True
 
     def check(self, model: nn.Module, arch: ModelArch) -> None:
+        why = arch.nothing_to_cut(self.config.mlp_ratio > 0, self.config.attn_ratio > 0)
+        if why:
+            raise ConfigError(why)
         first = next((r.attention for r in arch.layers if r.attention is not None), None)
         if self.config.attn_ratio > 0 and first is not None:
             check_savable_heads(model, arch, self.config.attn_ratio, self.config.head_mode, "attn_ratio")

@@ -16,23 +16,24 @@ from typing import ClassVar
 
 import torch
 
+from pare.arch.surgery.depth import choose_layers
 from pare.config import register
 from pare.methods.base import PruneContext
 from pare.methods.layers import CountedDepthPruner, DepthConfig, apply_layer_removal
-from pare.ops.similarity import lowest, token_cosine
+from pare.ops.similarity import token_cosine
 
 
 def block_influences(ctx: PruneContext) -> list[float]:
     """BI of every layer over all calibration tokens (dense inputs)."""
     runner = ctx.runner(sequential=False)
-    scores = []
+    scores = [float("inf")] * ctx.arch.num_layers  # a layer the data never runs is never chosen
     for step in runner.steps():
         assert step.dense_outputs is not None
         total, count = 0.0, 0
         for x_in, x_out in zip(step.inputs, step.dense_outputs, strict=True):
             cos = token_cosine(x_in, x_out)
             total, count = total + float(cos.sum()), count + cos.numel()
-        scores.append(1.0 - total / count)
+        scores[step.index] = 1.0 - total / count
     return scores
 
 
@@ -54,10 +55,11 @@ class ShortGPTPruner(CountedDepthPruner):
     def run(self, ctx: PruneContext) -> None:
         k = self.config.layer_count(ctx.model, ctx.arch)
         bi = block_influences(ctx)
-        chosen = lowest(bi, k)
+        order = sorted(range(len(bi)), key=lambda i: (bi[i], i))
+        chosen, skipped = choose_layers(ctx.model, ctx.arch, order, k)
         ctx.report.scores["block_influence"] = {str(i): s for i, s in enumerate(bi)}
-        apply_layer_removal(
-            ctx, chosen,
-            f"lowest Block Influence (1 - mean cos(input, output)) of {len(bi)} layers: "
-            + ", ".join(f"{i}: {bi[i]:.4f}" for i in chosen),
-        )
+        why = (f"lowest Block Influence (1 - mean cos(input, output)) of {len(bi)} layers: "
+               + ", ".join(f"{i}: {bi[i]:.4f}" for i in chosen))
+        if skipped:
+            why += "; skipped (cannot be removed): " + "; ".join(skipped)
+        apply_layer_removal(ctx, chosen, why)

@@ -485,6 +485,9 @@ class WidthPruner(StructuralPruner):
 
     def check(self, model: nn.Module, arch: ModelArch) -> None:
         cfg = self.config
+        why = arch.nothing_to_cut(cfg.mlp, cfg.heads) if not cfg.hidden else None
+        if why:
+            raise ConfigError(why)
         first = next((r.attention for r in arch.layers if r.attention is not None), None)
         if cfg.heads and first is not None and cfg.pruning_ratio > 0:
             hidden = kept_hidden(model, arch, cfg) if cfg.hidden else None

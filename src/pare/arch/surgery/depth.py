@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
@@ -37,6 +38,12 @@ INDEX_LISTS = ("mlp_only_layers",)
 
 if TYPE_CHECKING:
     from pare.arch.overrides import ArchOverride
+
+
+def _with_layers(arch: ModelArch, kept: list[int]) -> ModelArch:
+    """``arch`` with only the ``kept`` layers (re-indexed), for code that walks the layers after a cut."""
+    return dataclasses.replace(arch, layers=[dataclasses.replace(arch.layers[old], index=new)
+                                             for new, old in enumerate(kept)])
 
 
 def check_layer_indices(indices: Sequence[int], num_layers: int) -> list[int]:
@@ -57,7 +64,9 @@ def check_layer_indices(indices: Sequence[int], num_layers: int) -> list[int]:
 
 
 def _config(model: nn.Module) -> Any:
-    return model.config  # type: ignore[union-attr]
+    from pare.arch.infer import text_config
+
+    return text_config(model)  # a vision-language model's text_config holds the decoder's fields
 
 
 def _renumber(layers: nn.ModuleList) -> None:
@@ -77,7 +86,177 @@ def _moe_layout(config: Any, arch: ModelArch, kept: list[int]) -> dict[str, Any]
     return {"decoder_sparse_step": 1, "mlp_only_layers": dense}
 
 
-def remove_layers(model: nn.Module, arch: ModelArch, indices: Sequence[int]) -> RemoveLayers:
+def _config_changes(config: Any, arch: ModelArch, kept: list[int], n: int) -> dict[str, Any]:
+    changes: dict[str, Any] = {}
+    for name in arch.fields.per_layer_lists:
+        value = getattr(config, name, None)
+        if isinstance(value, (list, tuple)) and len(value) == n:
+            changes[name] = type(value)(value[i] for i in kept)
+    for name in INDEX_LISTS:
+        value = getattr(config, name, None)
+        if isinstance(value, (list, tuple)) and name not in changes:
+            changes[name] = [kept.index(i) for i in value if i in kept]
+    changes.update(_moe_layout(config, arch, kept))
+    changes[arch.fields.layers] = len(kept)
+    return changes
+
+
+def _kinds(config: Any, n: int) -> list[str] | None:
+    """Each layer's kind (``layer_types``: full / sliding / linear attention, mamba...), if the config says."""
+    for name in ("layer_types", "layers_block_type"):
+        try:
+            value = getattr(config, name, None)
+        except (AttributeError, IndexError, TypeError, ValueError):
+            continue
+        if isinstance(value, (list, tuple)) and len(value) == n:
+            return [str(v) for v in value]
+    return None
+
+
+def _shapes(layer: nn.Module) -> list[tuple[str, tuple[int, ...]]]:
+    return [(n, tuple(p.shape)) for n, p in layer.named_parameters()]
+
+
+def _signature(layer: nn.Module) -> list[tuple[str, str]]:
+    """Module names and classes (not shapes: a width cut earlier in a chain is replayed from the manifest)."""
+    return [(n, type(m).__name__) for n, m in layer.named_modules()]
+
+
+def removal_problem(model: nn.Module, arch: ModelArch, removed: Sequence[int]) -> str | None:
+    """Why removing layers ``removed`` would leave a model that cannot be saved or run as one, or None.
+
+    Two checks, both generic: every kind of layer the config names (``layer_types``: full, sliding or
+    linear attention, mamba...) keeps at least one layer (transformers' hybrid caches read lengths from
+    one of each kind), and the shortened config rebuilds exactly the kept layers (a pattern given by a
+    period, as Jamba's ``attn_layer_period``, cannot express every subset).
+    """
+    n = arch.num_layers
+    drop = set(removed)
+    kept = [i for i in range(n) if i not in drop]
+    config = _config(model)
+    kinds = _kinds(config, n)
+    if kinds is not None:
+        for kind in dict.fromkeys(kinds):
+            if all(kinds[i] != kind for i in kept):
+                where = [i for i in range(n) if kinds[i] == kind]
+                return (f"it removes every {kind!r} layer ({where}); the model's cache and masks need at least one "
+                        "of each layer kind in layer_types")
+    return _rebuild_problem(model, arch, kept, _config_changes(config, arch, kept, n))
+
+
+def _built_layers(model: nn.Module, arch: ModelArch, changes: dict[str, Any] | None = None) -> nn.ModuleList:
+    """The decoder layers the model's config (with ``changes``) builds, on the meta device."""
+    layers = _built(model, arch, changes).get_submodule(arch.layers_path)
+    assert isinstance(layers, nn.ModuleList)
+    return layers
+
+
+def _built(model: nn.Module, arch: ModelArch, changes: dict[str, Any] | None = None) -> nn.Module:
+    """The model the config (with ``changes``) builds, on the meta device."""
+    from pare.arch.infer import decoder_config
+
+    full: Any = copy.deepcopy(model.config)  # type: ignore[union-attr]
+    target = decoder_config(full)
+    for name, value in (changes or {}).items():
+        setattr(target, name, value)
+    with torch.device("meta"):
+        return type(model)(full)
+
+
+def _sync_build_attributes(model: nn.Module, arch: ModelArch) -> list[str]:
+    """Give the kept layers' modules the number-valued attributes a model built from the shortened
+    config has (Beam's ``attn_residual_add_idx = 2 * (layer_idx + 1)``, set at build time from the
+    layer index), so the pruned model computes what its reload computes. Returns what was changed."""
+    try:
+        built = _built_layers(model, arch)
+    except Exception:
+        return []
+    changed = []
+    for i, (have, want) in enumerate(zip(arch.layer_modules(model), built, strict=False)):
+        if _shapes(have) != _shapes(want):
+            continue  # widths cut per layer: the manifest rebuilds this layer, not the config
+        wanted = dict(want.named_modules())
+        for name, module in have.named_modules():
+            other = wanted.get(name)
+            if other is None or type(other) is not type(module):
+                continue
+            for key, value in vars(module).items():
+                if key.startswith("_") or key == "layer_idx" or type(value) not in (int, float):
+                    continue
+                new = vars(other).get(key)
+                if type(new) is type(value) and new != value:
+                    setattr(module, key, new)
+                    changed.append(f"{i}.{name}.{key}" if name else f"{i}.{key}")
+    return changed
+
+
+def _outside_shapes(model: nn.Module, layers_path: str) -> dict[str, tuple[int, ...]]:
+    return {n: tuple(p.shape) for n, p in model.named_parameters() if not n.startswith(layers_path + ".")}
+
+
+def _rebuild_problem(model: nn.Module, arch: ModelArch, kept: list[int], changes: dict[str, Any]) -> str | None:
+    try:
+        built = _built(model, arch, changes)
+    except Exception as exc:  # any failure means the config cannot express the cut
+        return f"the shortened config cannot be built ({type(exc).__name__}: {exc})"
+    outside = _outside_shapes(built, arch.layers_path)
+    for name, shape in _outside_shapes(model, arch.layers_path).items():
+        if outside.get(name, shape) != shape:
+            return (f"the shortened config also resizes {name} ({list(shape)} -> {list(outside[name])}), a per-layer "
+                    "table outside the decoder layers that pare does not cut")
+    layers: Any = built.get_submodule(arch.layers_path)
+    have = arch.layer_modules(model)
+    if len(layers) != len(kept):
+        return f"the shortened config builds {len(layers)} layers, not {len(kept)}"
+    for new, old in enumerate(kept):
+        if any(type(m).__module__ == __name__ for m in have[old].modules()):
+            continue  # a sub-layer pare already removed (a stand-in): the manifest replays it
+        if _signature(layers[new]) != _signature(have[old]):
+            return (f"after the cut, layer {old} would sit at index {new}, where the config's layer pattern "
+                    "builds a different kind of layer (a pattern set by a period cannot express this subset)")
+    return None
+
+
+def choose_layers(model: nn.Module, arch: ModelArch, order: Sequence[int], k: int) -> tuple[list[int], list[str]]:
+    """The first ``k`` layers of ``order`` (best first) whose removal together is valid
+    (:func:`removal_problem`), skipping those that are not; and the reasons for each skipped one.
+
+    Raises:
+        ConfigError: fewer than ``k`` layers can be removed.
+    """
+    chosen: list[int] = []
+    skipped: list[str] = []
+    for i in order:
+        if len(chosen) == k:
+            break
+        why = removal_problem(model, arch, [*chosen, i])
+        if why is None:
+            chosen.append(i)
+        else:
+            skipped.append(f"layer {i}: {why}")
+    if len(chosen) < k:
+        raise ConfigError(f"only {len(chosen)} of the {k} layers asked can be removed from this "
+                          f"{arch.model_type} model: " + "; ".join(skipped[:3]))
+    return sorted(chosen), skipped
+
+
+def first_valid_span(model: nn.Module, arch: ModelArch, starts: Sequence[int], n: int) -> tuple[int, list[str]]:
+    """The first start (best first) whose span of ``n`` layers can be removed, and why earlier ones cannot.
+
+    Raises:
+        ConfigError: no span can be removed.
+    """
+    skipped: list[str] = []
+    for start in starts:
+        why = removal_problem(model, arch, list(range(start, start + n)))
+        if why is None:
+            return start, skipped
+        skipped.append(f"layers {start}-{start + n - 1}: {why}")
+    raise ConfigError(f"no span of {n} layers can be removed from this {arch.model_type} model: "
+                      + "; ".join(skipped[:3]))
+
+
+def remove_layers(model: nn.Module, arch: ModelArch, indices: Sequence[int], check: bool = True) -> RemoveLayers:
     """Delete decoder layers ``indices`` and fix every index and config field that refers to them.
 
     Args:
@@ -90,24 +269,19 @@ def remove_layers(model: nn.Module, arch: ModelArch, indices: Sequence[int]) -> 
         config cannot express the result (GPT-2 with ``scale_attn_by_inverse_layer_idx``).
 
     Raises:
-        ConfigError: empty, out-of-range indices, or all layers.
+        ConfigError: empty, out-of-range indices, all layers, or (``check``) a removal the shortened
+            config cannot express or that leaves a layer kind with no layer (:func:`removal_problem`).
     """
     layers = arch.layer_modules(model)
     n = len(layers)
     removed = check_layer_indices(indices, n)
+    if check:
+        why = removal_problem(model, arch, removed)
+        if why is not None:
+            raise ConfigError(f"cannot remove layers {removed} from this {arch.model_type} model: {why}")
     kept = [i for i in range(n) if i not in set(removed)]
     config = _config(model)
-    changes: dict[str, Any] = {}
-    for name in arch.fields.per_layer_lists:
-        value = getattr(config, name, None)
-        if isinstance(value, (list, tuple)) and len(value) == n:
-            changes[name] = type(value)(value[i] for i in kept)
-    for name in INDEX_LISTS:
-        value = getattr(config, name, None)
-        if isinstance(value, (list, tuple)) and name not in changes:
-            changes[name] = [kept.index(i) for i in value if i in kept]
-    changes.update(_moe_layout(config, arch, kept))
-    changes[arch.fields.layers] = len(kept)
+    changes = _config_changes(config, arch, kept, n)
     new_layers = [layers[i] for i in kept]
     layers._modules.clear()
     for i, layer in enumerate(new_layers):
@@ -115,6 +289,9 @@ def remove_layers(model: nn.Module, arch: ModelArch, indices: Sequence[int]) -> 
     _renumber(layers)
     for name, value in changes.items():
         setattr(config, name, value)
+    keeps_old_scale = bool(getattr(config, "scale_attn_by_inverse_layer_idx", False))
+    if check and not keeps_old_scale:  # GPT-2 keeps its old per-layer scale (a non-uniform edit)
+        _sync_build_attributes(model, _with_layers(arch, kept))
     # GPT-2 scales attention by 1/(layer_idx+1) at build time: the config cannot keep the old scale
     scaled = bool(getattr(config, "scale_attn_by_inverse_layer_idx", False))
     return RemoveLayers(
@@ -155,7 +332,7 @@ def layers_removed(model: nn.Module, arch: ModelArch, indices: Sequence[int]) ->
     names = (*arch.fields.per_layer_lists, *INDEX_LISTS, "decoder_sparse_step", arch.fields.layers)
     before = {k: copy.deepcopy(getattr(config, k)) for k in names if hasattr(config, k)}
     try:
-        yield remove_layers(model, arch, indices)
+        yield remove_layers(model, arch, indices, check=False)
     finally:
         layers._modules.clear()
         for i, layer in enumerate(originals):

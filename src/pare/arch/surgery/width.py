@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from pare.arch.infer import text_config
 from pare.arch.residual import StreamPort, stream_ports
 from pare.arch.roles import AttentionRoles, LayerRoles, MLPRoles, ModelArch, Proj, get_weight
 from pare.arch.surgery.edits import Edit, Heads, Hidden, MlpChannels
@@ -50,7 +51,7 @@ def attention_follows_hidden(model: nn.Module, arch: ModelArch) -> bool:
     first = next(r for r in arch.layers if r.attention is not None)
     att = first.attention
     assert att is not None
-    config: Any = copy.deepcopy(model.config)
+    config: Any = copy.deepcopy(text_config(model))
     hidden = getattr(config, arch.fields.hidden)
     try:
         setattr(config, arch.fields.hidden, max(att.head_dim, hidden // 2))
@@ -234,7 +235,7 @@ def config_rejects_heads(model: nn.Module, arch: ModelArch, heads: int, kv_heads
     (head_dim kept, as :func:`sync_config` writes them; ``hidden``: a new hidden size), or None when it
     accepts them. Llama and Gemma configs, for one, require the hidden size to be a multiple of the
     head count."""
-    cfg: Any = model.config
+    cfg: Any = text_config(model)
     att = next((r.attention for r in arch.layers if r.attention is not None), None)
     if att is None or arch.model_type in ATTN_WIDTH_IS_HIDDEN:
         return None
@@ -475,7 +476,7 @@ def sync_config(model: nn.Module, arch: ModelArch) -> bool:
     ``num_key_value_heads`` and an explicit ``head_dim`` when every layer agrees. ``arch`` must
     describe the model *after* the surgery (call :func:`pare.arch.describe` again).
     """
-    cfg: Any = model.config
+    cfg: Any = text_config(model)
     f = arch.fields
     uniform = True
     hidden = int(model.get_input_embeddings().weight.shape[1])  # type: ignore[operator]
@@ -516,7 +517,7 @@ def sync_config(model: nn.Module, arch: ModelArch) -> bool:
 def pin_derived_widths(model: nn.Module, arch: ModelArch) -> None:
     """Write an MLP width the config leaves to a default (GPT-2's ``n_inner=None`` means 4 x hidden) as
     the number it stands for, before any cut: a later hidden-size cut would otherwise change it."""
-    cfg: Any = model.config
+    cfg: Any = text_config(model)
     name = arch.fields.intermediate
     if not name or not hasattr(cfg, name) or getattr(cfg, name) is not None:
         return
@@ -549,7 +550,7 @@ def enable_bias(model: nn.Module, arch: ModelArch, kind: str) -> bool:
     """Make every projection governed by ``mlp_bias``/``attention_bias`` carry a (zero) bias and set
     the flag, so transformers rebuilds the biases on reload. False when the family has no flag."""
     flag = BIAS_FLAGS[kind]
-    cfg: Any = model.config
+    cfg: Any = text_config(model)
     if not hasattr(cfg, flag):
         return False
     layers = arch.layer_modules(model)

@@ -1,0 +1,46 @@
+"""Today's decoder families, hybrids and state-space models as tiny random models: weight sparsity
+(Wanda), depth (ShortGPT) and MLP width (OSSCAR) either work (save -> reload with identical logits,
+and for depth greedy generation with the KV cache equal to generation without it) or are refused with
+a pare error naming the reason; never a traceback. Runs the same checks as ``bench/coverage.py``."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
+from coverage import cover
+
+OK = {"inspect": "ok", "sparsity": "ok", "depth": "ok", "width": "ok"}
+NO_WIDTH = {**OK, "width": "refused"}  # no MLP channels to cut, or a width the config cannot state
+
+EXPECTED: dict[str, dict[str, str]] = {
+    # today's decoder families
+    "olmo2": OK, "olmoe": OK, "granite": OK, "granitemoe": OK, "phimoe": OK, "cohere2": OK, "smollm3": OK,
+    "stablelm": OK, "starcoder2": OK, "glm4": OK, "phi": OK,
+    "deepseek_v3": NO_WIDTH,  # MLA: sparsity and depth; the config cannot state a cut MoE width
+    "gpt_oss": {**OK, "sparsity": "refused", "width": "refused"},  # experts' clamped SwiGLU has no act_fn
+    "llama4_text": {**OK, "sparsity": "refused", "width": "refused"},  # tokens routed before the experts
+    # hybrids and state-space models
+    "mamba": NO_WIDTH, "mamba2": NO_WIDTH, "jamba": OK, "bamba": OK, "qwen3_next": OK, "lfm2": OK,
+    "granitemoehybrid": OK, "falcon_h1": NO_WIDTH,
+}
+
+
+FAST = ("mamba", "qwen3_next")
+"""In ``make test``; the others (a few seconds each, minutes under load) run with ``make test-matrix``."""
+
+
+@pytest.mark.parametrize(
+    "model_type", [t if t in FAST else pytest.param(t, marks=pytest.mark.matrix) for t in sorted(EXPECTED)])
+def test_family_works_or_is_refused_with_a_reason(model_type: str) -> None:
+    row = cover(model_type, "causal", limit=300)
+    assert row["build"]["status"] == "ok", row["build"].get("reason")
+    got = {m: row[m]["status"] for m in EXPECTED[model_type]}
+    reasons = {m: row[m].get("reason", "")[:300] for m in got if got[m] != "ok"}
+    assert got == EXPECTED[model_type], reasons
+    for m, status in got.items():
+        if status == "refused":
+            assert row[m]["reason"].split(":")[0].endswith("Error")  # a named pare error with its reason
