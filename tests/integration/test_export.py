@@ -114,7 +114,7 @@ def test_gguf_unquantized_pruned_model(tmp_path, dtype, ftype) -> None:
 def test_w8a8_int8_exports_with_dynamic_token_activations(tmp_path) -> None:
     from transformers import AutoModelForCausalLM
 
-    cfg = pare.QuantizeConfig(scheme="int8", group_size=0, activations="int8")
+    cfg = pare.QuantizeConfig(scheme="int8", group_size=0, act_quant="int8")
     src = _saved(tmp_path, "w8a8", cfg, torch.float32)
     reloaded = pare.load(src)  # the manifest puts the activation hooks back
     plain = AutoModelForCausalLM.from_pretrained(src)  # weights only
@@ -131,15 +131,15 @@ def test_w8a8_int8_exports_with_dynamic_token_activations(tmp_path) -> None:
 def test_w8a8_simulation_changes_the_outputs_and_reloads(tmp_path) -> None:
     for kind in ("int8", "fp8"):
         model = tiny_model("llama")
-        report = pare.prune(model, pare.QuantizeConfig(scheme="int8", group_size=0, activations=kind), runtime=QUIET)
+        report = pare.prune(model, pare.QuantizeConfig(scheme="int8", group_size=0, act_quant=kind), runtime=QUIET)
         assert report.scores["quantization"]["activations"] == kind
         weights_only = tiny_model("llama")
         pare.prune(weights_only, pare.QuantizeConfig(scheme="int8", group_size=0), runtime=QUIET)
         assert not torch.equal(_logits(model), _logits(weights_only))
         pare.save(model, None, tmp_path / kind, report)
         assert torch.equal(_logits(pare.load(tmp_path / kind)), _logits(model))
-    with pytest.raises(ConfigError, match="activations must be one of int8, fp8"):
-        pare.QuantizeConfig(activations="int4")
+    with pytest.raises(ConfigError, match="act_quant must be one of int8, fp8"):
+        pare.QuantizeConfig(act_quant="int4")
 
 
 @pytest.mark.parametrize("case,fmt,match", [
@@ -203,7 +203,7 @@ def test_quantize_then_export_from_the_command_line(tmp_path, model_dir) -> None
 
     out = tmp_path / "q"
     assert main(["quantize", "--model", str(model_dir), "--scheme", "int8", "--group-size", "0",
-                 "--activations", "int8", "--out", str(out)]) == 0
+                 "--act-quant", "int8", "--out", str(out)]) == 0
     assert json.loads((out / "pare.json").read_text())["scores"]["quantization"]["activations"] == "int8"
     assert main(["export", str(out), "--format", "compressed-tensors", "--out", str(tmp_path / "ct")]) == 0
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "ct")

@@ -36,6 +36,7 @@ OLD_FORM = [
     {"op": "remove_sublayer", "layer": 0, "part": "mlp", "params_removed": 100, "layers_path": "model.decoder.layers",
      "inputs": ["fc1"], "down": "fc2", "out_features": 64},
     {"op": "experts", "layer": 0, "num_experts": 7, "top_k": None},
+    {"op": "residual_shortcuts", "layers": [0, 1, 2], "width": 48},
 ]
 
 
@@ -48,7 +49,8 @@ def test_old_manifest_entries_parse_and_write_back_unchanged(entry: dict) -> Non
 
 
 def test_every_edit_kind_is_known_by_its_manifest_name() -> None:
-    assert set(EDIT_TYPES) == {"mlp_channels", "heads", "hidden", "remove_layers", "remove_sublayer", "experts"}
+    assert set(EDIT_TYPES) == {"mlp_channels", "heads", "hidden", "remove_layers", "remove_sublayer", "experts",
+                                "residual_shortcuts"}
     assert {e["op"] for e in OLD_FORM} == set(EDIT_TYPES)
 
 

@@ -55,7 +55,7 @@ class QuantizeConfig(PruneConfig):
         blocksize: GPTQ: lazy-update block width.
         targets: regexes of module names to quantize (default: every linear inside a decoder layer).
         ignore: regexes of module names never to quantize.
-        activations: also simulate dynamic per-token quantization of the quantized linears' inputs
+        act_quant: also simulate dynamic per-token quantization of the quantized linears' inputs
             (``int8`` or ``fp8`` E4M3: W8A8 with an 8-bit weight scheme), as forward pre-hooks on those
             linears (:class:`pare.ops.quant.act.TokenQuantHook`); ``pare.load`` puts them back from the
             manifest. Empty: weights only, activations stay in the model's dtype.
@@ -74,7 +74,7 @@ class QuantizeConfig(PruneConfig):
     blocksize: int = help_field(128, "GPTQ: columns per lazy-update block")
     targets: tuple[str, ...] = help_field((), "regexes of module names to quantize (default: all decoder linears)")
     ignore: tuple[str, ...] = help_field((), "regexes of module names never to quantize")
-    activations: str = help_field("", "simulate dynamic per-token activation quantization of the quantized "
+    act_quant: str = help_field("", "simulate dynamic per-token activation quantization of the quantized "
                                   "linears' inputs: int8 or fp8 (W8A8); empty: weights only")
     keep_zeros: bool = help_field(False, "weights already zero (pruned) stay zero, so a pruned model stays sparse")
 
@@ -90,9 +90,9 @@ class QuantizeConfig(PruneConfig):
             raise ConfigError("act_order applies to algorithm='gptq' only")
         check_regexes("targets", self.targets)
         check_regexes("ignore", self.ignore)
-        if self.activations not in ("", *ACTIVATION_KINDS):
-            raise ConfigError(f"activations must be one of {', '.join(ACTIVATION_KINDS)} (dynamic per-token), or empty "
-                              f"for weight-only quantization; got {self.activations!r}")
+        if self.act_quant not in ("", *ACTIVATION_KINDS):
+            raise ConfigError(f"act_quant must be one of {', '.join(ACTIVATION_KINDS)} (dynamic per-token "
+                              f"activations), or empty for weight-only quantization; got {self.act_quant!r}")
 
     def quant_scheme(self) -> QuantScheme:
         """The :class:`QuantScheme` these options describe."""
@@ -146,8 +146,8 @@ class QuantizePruner(Pruner):
         for i, layer in enumerate(layers):
             for t in self._selected(arch, i, layer):
                 self.scheme.check_width(t.shape[1], t.name)
-                if self.config.activations and t.expert is not None:
-                    raise ConfigError(f"activations={self.config.activations!r} simulates the inputs of linear "
+                if self.config.act_quant and t.expert is not None:
+                    raise ConfigError(f"act_quant={self.config.act_quant!r} simulates the inputs of linear "
                                       f"modules; {t.name} is a slice of a fused expert parameter. Leave the experts "
                                       "out with ignore, or quantize weights only")
 
@@ -216,10 +216,10 @@ class QuantizePruner(Pruner):
 
     def end_layers(self, ctx: PruneContext) -> None:
         report_quantization(ctx, self.scheme, self.bits, self.inexact, self.losses)
-        if self.config.activations:
+        if self.config.act_quant:
             count = install_activation_quant(ctx.model, ctx.arch, self.config)
-            ctx.report.scores["quantization"]["activations"] = self.config.activations
-            ctx.report.notes.append(f"{count} linears fake-quantize their inputs per token ({self.config.activations}, "
+            ctx.report.scores["quantization"]["activations"] = self.config.act_quant
+            ctx.report.notes.append(f"{count} linears fake-quantize their inputs per token ({self.config.act_quant}, "
                                     "dynamic) through forward pre-hooks: pare.load restores them; a plain "
                                     "from_pretrained runs the weights with unquantized activations")
 
@@ -272,9 +272,9 @@ def report_quantization(ctx: PruneContext, scheme: QuantScheme, bits: BitsAccoun
 
 
 def install_activation_quant(model: nn.Module, arch: ModelArch, config: QuantizeConfig) -> int:
-    """Hook per-token activation fake quantization (``config.activations``) onto every linear ``config``
+    """Hook per-token activation fake quantization (``config.act_quant``) onto every linear ``config``
     selects; returns how many. The hooks are the simulated model's behaviour: they stay on the model."""
-    hook = TokenQuantHook(config.activations)
+    hook = TokenQuantHook(config.act_quant)
     count = 0
     for i, layer in enumerate(arch.layer_modules(model)):
         found = layer_targets(layer, arch.layers[i], arch.layer_prefix(i))
@@ -293,7 +293,7 @@ def restore_activation_quant(model: nn.Module, manifest: dict[str, Any]) -> int:
     count = 0
     for stage in manifest_stages(manifest):
         cfg = stage.get("config") or {}
-        if stage.get("method") != QuantizeConfig.method or not cfg.get("activations"):
+        if stage.get("method") != QuantizeConfig.method or not cfg.get("act_quant"):
             continue
         config = QuantizeConfig.from_dict(cfg)
         count += install_activation_quant(model, describe(model, manifest_override(manifest)), config)

@@ -51,7 +51,7 @@ def check(src: Source) -> None:
     if q.activations == "fp8":
         raise ConfigError("FP8 activations with integer weights have no pack-quantized layout (compressed-tensors "
                           "packs integer weights with integer or no activation quantization): export the weights of a "
-                          "quantization without --activations fp8")
+                          "quantization without --act-quant fp8")
     try:
         import compressed_tensors  # noqa: F401
     except ImportError:

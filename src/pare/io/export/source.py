@@ -97,7 +97,7 @@ def quant_info(manifest: dict[str, Any] | None) -> QuantInfo | None:
             continue
         cfg = stage.get("config") or {}
         found.append(QuantInfo(str(q.get("scheme")), int(q.get("group_size") or 0), bool(q.get("symmetric", True)),
-                               bool(cfg.get("targets") or cfg.get("ignore")), str(cfg.get("activations") or "")))
+                               bool(cfg.get("targets") or cfg.get("ignore")), str(cfg.get("act_quant") or "")))
     kinds = {(f.scheme, f.group_size, f.symmetric) for f in found}
     if len(kinds) > 1:
         raise ConfigError(f"the model was quantized by several stages with different schemes "
