@@ -16,6 +16,7 @@ from pare.arch.surgery.edits import (
     MlpChannels,
     RemoveLayers,
     RemoveSublayer,
+    ResidualShortcuts,
     as_edit,
 )
 from pare.arch.surgery.reindex import chain_edits
@@ -57,7 +58,7 @@ def test_every_edit_kind_is_known_by_its_manifest_name() -> None:
 def test_a_report_reads_and_writes_the_manifest_form() -> None:
     report = Report.from_dict({"method": "x", "config": {}, "edits": OLD_FORM})
     assert [type(e) for e in report.edits] == [MlpChannels, Heads, Hidden, RemoveLayers, RemoveLayers,
-                                                RemoveSublayer, RemoveSublayer, Experts]
+                                                RemoveSublayer, RemoveSublayer, Experts, ResidualShortcuts]
     assert report.to_dict()["edits"] == OLD_FORM
     assert json.loads(json.dumps(report.to_dict()))["edits"] == OLD_FORM
 
