@@ -112,8 +112,26 @@ def representable_in(dq: torch.Tensor, dtype: torch.dtype) -> bool:
     return dtype == torch.float32 or dtype == torch.float64 or bool(torch.equal(dq.to(dtype).to(dq.dtype), dq))
 
 
+class QuantAccounting:
+    """What a quantizing pruner accumulates over its layers (per-module losses, the bits account, the
+    modules whose values the model's dtype cannot hold), saved and restored per layer so a resumed
+    streaming run reports the same as an uninterrupted one."""
+
+    losses: dict[str, float]
+    bits: BitsAccount
+    inexact: list[str]
+
+    def layer_state(self) -> dict[str, Any]:
+        return {"losses": dict(self.losses), "bits": asdict(self.bits), "inexact": list(self.inexact)}
+
+    def restore_layer_state(self, state: dict[str, Any]) -> None:
+        self.losses = dict(state["losses"])
+        self.bits = BitsAccount(**state["bits"])
+        self.inexact = list(state["inexact"])
+
+
 @register
-class QuantizePruner(Pruner):
+class QuantizePruner(QuantAccounting, Pruner):
     """Fake-quantize every selected matrix (RTN, or GPTQ layer by layer)."""
 
     config_class = QuantizeConfig
@@ -222,14 +240,6 @@ class QuantizePruner(Pruner):
             ctx.report.notes.append(f"{count} linears fake-quantize their inputs per token ({self.config.act_quant}, "
                                     "dynamic) through forward pre-hooks: pare.load restores them; a plain "
                                     "from_pretrained runs the weights with unquantized activations")
-
-    def layer_state(self) -> dict[str, Any]:
-        return {"losses": dict(self.losses), "bits": asdict(self.bits), "inexact": list(self.inexact)}
-
-    def restore_layer_state(self, state: dict[str, Any]) -> None:
-        self.losses = dict(state["losses"])
-        self.bits = BitsAccount(**state["bits"])
-        self.inexact = list(state["inexact"])
 
     def _run_data_free(self, ctx: PruneContext) -> None:
         device = usable_device(ctx.runtime.device)

@@ -13,8 +13,8 @@ see :func:`pare.calibration.stats.record_inputs`) and one inverse-Hessian factor
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, dataclass
-from typing import Any, ClassVar
+from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -26,7 +26,7 @@ from pare.calibration.stats import STAT_GRAM, InputStats
 from pare.config import help_field, register
 from pare.errors import ConfigError
 from pare.methods.base import PruneContext, SparsityConfig, SparsityPruner
-from pare.methods.quantize import record_quantized, report_quantization, scheme_of
+from pare.methods.quantize import QuantAccounting, record_quantized, report_quantization, scheme_of
 from pare.ops.finite import check_finite_weight
 from pare.ops.masks import make_mask
 from pare.ops.quant.bits import BitsAccount, matrix_bits
@@ -95,7 +95,7 @@ class SparseGPTConfig(SparsityConfig):
 
 
 @register
-class SparseGPTPruner(SparsityPruner):
+class SparseGPTPruner(QuantAccounting, SparsityPruner):
     """Prune and reconstruct every target matrix with SparseGPT."""
 
     config_class = SparseGPTConfig
@@ -165,14 +165,6 @@ class SparseGPTPruner(SparsityPruner):
             super().layer_step(ctx, step)
         finally:
             self._factor_of = None  # the layer's last factor is not needed by the next layer
-
-    def layer_state(self) -> dict[str, Any]:
-        return {"losses": dict(self.losses), "bits": asdict(self.bits), "inexact": list(self.inexact)}
-
-    def restore_layer_state(self, state: dict[str, Any]) -> None:
-        self.losses = dict(state["losses"])
-        self.bits = BitsAccount(**state["bits"])
-        self.inexact = list(state["inexact"])
 
     def end_layers(self, ctx: PruneContext) -> None:
         super().end_layers(ctx)
