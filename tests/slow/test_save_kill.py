@@ -37,6 +37,13 @@ def _saving_child(model, report, out: Path) -> int:
     if pid == 0:  # the child: never returns into pytest
         code = 1
         try:
+            # tqdm's class-wide lock is a multiprocessing semaphore shared with pytest across the fork
+            # (taken even by disabled bars): a child killed while holding it would block pytest's next bar
+            import threading
+
+            from tqdm import tqdm as _tqdm
+
+            _tqdm.set_lock(threading.RLock())
             os.close(read)
             os.write(write, b"s")
             os.close(write)
