@@ -74,6 +74,18 @@ def test_bad_input_is_a_clear_error_and_writes_nothing(pruned_dir: Path, text_fi
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["p24", "tiny-llama", "text.txt"])
 
 
+@pytest.mark.parametrize("content", ["", "too short"])
+def test_no_training_text_is_a_clear_error_and_writes_nothing(pruned_dir: Path, text_file: Path, tmp_path: Path,
+                                                             capsys, content: str) -> None:
+    empty = tmp_path / "empty.txt"
+    empty.write_text(content)
+    out = tmp_path / "r"
+    assert _recover(pruned_dir, out, empty) == 2
+    err = capsys.readouterr().err
+    assert "empty.txt" in err and "Traceback" not in err
+    assert not out.exists() and not checkpoint_dir_for(str(out)).exists()
+
+
 def test_a_teacher_with_another_vocabulary_writes_nothing(pruned_dir: Path, text_file: Path, tmp_path: Path,
                                                           capsys) -> None:
     tiny_model("llama", vocab_size=96).save_pretrained(tmp_path / "other")
