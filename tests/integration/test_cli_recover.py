@@ -86,6 +86,16 @@ def test_no_training_text_is_a_clear_error_and_writes_nothing(pruned_dir: Path, 
     assert not out.exists() and not checkpoint_dir_for(str(out)).exists()
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is available here: --device cuda would run")
+def test_device_cuda_without_cuda_is_a_clear_error_and_writes_nothing(pruned_dir: Path, text_file: Path,
+                                                                      tmp_path: Path, capsys) -> None:
+    out = tmp_path / "r"
+    assert _recover(pruned_dir, out, text_file, "--device", "cuda") == 2
+    err = capsys.readouterr().err
+    assert "cuda" in err and "usable here: cpu" in err and "Traceback" not in err
+    assert not out.exists() and not checkpoint_dir_for(str(out)).exists()
+
+
 def test_a_teacher_with_another_vocabulary_writes_nothing(pruned_dir: Path, text_file: Path, tmp_path: Path,
                                                           capsys) -> None:
     tiny_model("llama", vocab_size=96).save_pretrained(tmp_path / "other")
