@@ -43,6 +43,10 @@ def test_recover_keeps_2_4_and_the_history(pruned_dir: Path, text_file: Path, tm
     assert [s["method"] for s in manifest["stages"]] == ["magnitude", "recover"] and manifest["pattern"] == "2:4"
     rec = manifest["scores"]["recovery"]
     assert rec["mode"] == "lora" and rec["steps"] == 8 and rec["lora"]["r"] == 4 and rec["zeros_kept"]
+    # what the issue asks the manifest to record: method, data, tokens, steps, lr, losses
+    assert str(text_file) in rec["data"] and rec["tokens"] == 8 * 2 * 16 and rec["lr"] == 0.01
+    assert rec["loss_first"] > 0 and rec["loss_last"] > 0 and [s for s, _ in rec["heldout"]] == [0, 8]
+    assert manifest["stages"][1]["config"]["tokens"] == 256 and manifest["stages"][1]["scores"]["recovery"] == rec
     model = AutoModelForCausalLM.from_pretrained(out)
     w = model.model.layers[0].mlp.up_proj.weight
     assert ((w.reshape(-1, 4) == 0).sum(-1) == 2).all()
