@@ -269,7 +269,8 @@ def summarize(rows: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
             "tokens": row.get("tokens", 0), "train_seconds": row.get("train_seconds"),
             "nm_2_4_holds": row.get("nm_2_4_holds"), "zeros_kept": row.get("zeros_kept"),
         })
-    table.sort(key=lambda r: (list(CUTS).index(r["cut"]), r["recovery"] != "none"))
+    order = ["none", "lora", "lora-masked", "distill"]
+    table.sort(key=lambda r: (list(CUTS).index(r["cut"]), order.index(r["recovery"])))
     tokens = max((r["tokens"] for r in table), default=0)
     return {
         "bench": "recovery_real", "model": args.model, "device": args.device, "dense": dense,
