@@ -31,13 +31,19 @@ TOP_KINDS: dict[str, type] = {"model": str, "method": str, "out": str, "overwrit
 COMMON = set(TOP_KINDS) | {"config"}
 
 
-def _prune_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+def prune_methods() -> dict[str, Any]:
+    """The registered methods ``pare prune --method`` runs (not the ones with a command or recipe of their own)."""
     from pare.methods import METHODS
 
+    return {name: cls for name, cls in METHODS.items() if not cls.runs_elsewhere}
+
+
+def _prune_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    methods = prune_methods()
     p = sub.add_parser("prune", help="prune a model and save it", description="Prune a model and save it.",
                        allow_abbrev=False)
     p.add_argument("--model", help="hub id or local directory")
-    p.add_argument("--method", help=f"one of {', '.join(sorted(METHODS))}")
+    p.add_argument("--method", help=f"one of {', '.join(sorted(methods))}")
     p.add_argument("--out", "--save_model", dest="out", help="output directory (written atomically)")
     p.add_argument("--overwrite", action="store_true", default=None,
                    help="replace an existing --out (only a directory that holds a saved model)")
@@ -69,7 +75,7 @@ def _prune_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     add_config_options(p.add_argument_group("runtime"), RuntimeConfig, taken)
     add_config_options(p.add_argument_group("streaming (models larger than memory)"), StreamConfig, taken)
     group = p.add_argument_group("method options (each applies to the methods that define it)")
-    for cls in METHODS.values():
+    for cls in methods.values():
         add_config_options(group, cls.config_class, taken)
     return p
 
@@ -315,6 +321,8 @@ def _cmd_prune(args: argparse.Namespace, given: set[str]) -> int:
     if not args.method:
         raise ConfigError("no method: pass --method (see `pare methods`) or `method:` in --config")
     pruner = pruner_for(args.method)
+    if pruner.runs_elsewhere:
+        raise ConfigError(f"method {args.method!r} is not run by `pare prune`: it runs as {pruner.runs_elsewhere}")
     method_fields = {f.name for f in dataclasses.fields(pruner.config_class)}  # not ClassVars (`method`)
     foreign = sorted(
         d for d in given
