@@ -25,6 +25,17 @@ def test_inspect_prints_roles_and_params(model_dir: Path, capsys) -> None:
     assert data["params"]["total"] == sum(p.numel() for p in model.parameters())
 
 
+def test_inspect_honours_arch_override(model_dir: Path, tmp_path: Path, capsys) -> None:
+    override = tmp_path / "override.yaml"
+    override.write_text("names: {gate: mlp.up_proj, up: mlp.gate_proj}\n")  # the roles as the file says
+    assert main(["inspect", str(model_dir)]) == 0
+    assert "mlp: mlp.gate_proj, mlp.up_proj, mlp.down_proj" in capsys.readouterr().out
+    assert main(["inspect", str(model_dir), "--arch-override", str(override)]) == 0
+    assert "mlp: mlp.up_proj, mlp.gate_proj, mlp.down_proj" in capsys.readouterr().out
+    override.write_text("layers_path: model.nowhere\n")
+    assert "model.nowhere" in _error(capsys, ["inspect", str(model_dir), "--arch-override", str(override)])
+
+
 def test_prune_then_eval(model_dir: Path, text_file: Path, tmp_path: Path, capsys) -> None:
     out = tmp_path / "pruned"
     code = main(["prune", "--model", str(model_dir), "--method", "magnitude", "--sparsity", "0.5",

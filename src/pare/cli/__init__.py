@@ -29,6 +29,7 @@ TOP_KINDS: dict[str, type] = {"model": str, "method": str, "out": str, "overwrit
                               "arch_override": str, "dtype": str, "verbose": bool, "json": bool, "report": bool}
 """The options that are not config fields, with their types when they come from a config file."""
 COMMON = set(TOP_KINDS) | {"config"}
+ARCH_OVERRIDE_HELP = "YAML/JSON ArchOverride for unknown architectures"
 
 
 def prune_methods() -> dict[str, Any]:
@@ -59,7 +60,7 @@ def _prune_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--eval-limit", type=int, default=None, help="score only the first N documents of each task")
     p.add_argument("--speed", action=argparse.BooleanOptionalAction, default=None,
                    help="with --eval, also measure prefill/decode tokens/s (default: yes)")
-    p.add_argument("--arch-override", default=None, help="YAML/JSON ArchOverride for unknown architectures")
+    p.add_argument("--arch-override", default=None, help=ARCH_OVERRIDE_HELP)
     p.add_argument("--dtype", default=None, help="load dtype (auto, float32, bfloat16, float16)")
     p.add_argument("--json", action="store_true", default=None, help="print the report as JSON")
     p.add_argument("--report", action="store_true", default=None,
@@ -145,6 +146,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     ins = sub.add_parser("inspect", help="the model's roles: layers, heads, MLP width, params by part",
                          allow_abbrev=False)
     ins.add_argument("model")
+    ins.add_argument("--arch-override", default=None, help=ARCH_OVERRIDE_HELP)
     ins.add_argument("--json", action="store_true")
     ins.add_argument("-v", "--verbose", action="store_true")
     sub.add_parser("methods", help="list the pruning methods and their options")
