@@ -11,6 +11,7 @@ index are paid once, outside the timing). Both use float32, one thread, the same
 log-likelihood difference, whether the greedy flags agree, and the time ratios: wall clock, and the
 CPU time of each side's process (``time.process_time``; on a shared, loaded machine the wall clock
 counts other jobs' time too). Each side's time covers reading its data, tokenizing and scoring.
+``--rounds N`` runs both sides N times, alternating which goes first, and compares medians per task.
 
     PYTHONPATH=src python bench/zeroshot_vs_harness.py --limit 40
 """
@@ -132,6 +133,8 @@ def main() -> int:
     p.add_argument("--tasks", default=",".join(TASKS))
     p.add_argument("--limit", type=int, default=40)
     p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--rounds", type=int, default=1,
+                   help="alternating rounds (harness then pare, then pare then harness, ...); medians are compared")
     p.add_argument("--verbose", action="store_true")
     args = p.parse_args()
     if not LMEVAL_PY.exists():
@@ -155,32 +158,45 @@ def main() -> int:
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
     tok = AutoTokenizer.from_pretrained(args.model)
     report: dict = {"model": str(args.model), "limit": args.limit, "batch_size": args.batch_size, "threads": 1,
-                    "dtype": "float32", "tasks": {}}
+                    "dtype": "float32", "rounds": args.rounds, "tasks": {}}
+    tasks = [t.strip() for t in args.tasks.split(",")]
+    harness_runs: list[dict] = []
+    pare_runs: list[dict] = []
+    loads = [os.getloadavg()[0]]
+    with tempfile.TemporaryDirectory(prefix="pare-zs-bench-") as tmp:
+        for r in range(args.rounds):  # alternate which side goes first: the load drifts during a run
+            for side in ("harness", "pare") if r % 2 == 0 else ("pare", "harness"):
+                if side == "harness":
+                    harness_runs.append(run_harness(args, tasks, zdir, Path(tmp), tasks_root))
+                else:
+                    pare_runs.append({task: run_pare(args, model, tok, task) for task in tasks})
+                loads.append(os.getloadavg()[0])
     ratios: list[float] = []
     cpu_ratios: list[float] = []
-    tasks = [t.strip() for t in args.tasks.split(",")]
-    with tempfile.TemporaryDirectory(prefix="pare-zs-bench-") as tmp:
-        harness = run_harness(args, tasks, zdir, Path(tmp), tasks_root)
-        for task in tasks:
-            h, q = harness[task], run_pare(args, model, tok, task)
-            diffs = [abs(a[0] - b[0]) for a, b in zip(h["requests"], q["requests"], strict=True)]
-            greedy_same = all(a[1] == b[1] for a, b in zip(h["requests"], q["requests"], strict=True))
-            hr = {m.split(",")[0]: v for m, v in h["results"].items() if m.split(",")[0] in ("acc", "acc_norm",
-                                                                                           "perplexity")}
-            pr = {m: q["results"][m] for m in ("acc", "acc_norm", "ppl") if m in q["results"]}
-            ratio = h["seconds"] / q["seconds"]
-            cpu_ratio = h["cpu_seconds"] / q["cpu_seconds"]
-            ratios.append(ratio)
-            cpu_ratios.append(cpu_ratio)
-            report["tasks"][task] = {
-                "harness": hr, "pare": pr, "requests": len(diffs), "max_abs_loglik_diff": max(diffs),
-                "greedy_flags_equal": greedy_same,
-                "acc_equal": hr.get("acc") == pr.get("acc") and hr.get("acc_norm") == pr.get("acc_norm"),
-                "harness_s": round(h["seconds"], 2), "pare_s": round(q["seconds"], 2), "speedup": round(ratio, 2),
-                "harness_cpu_s": round(h["cpu_seconds"], 2), "pare_cpu_s": round(q["cpu_seconds"], 2),
-                "cpu_speedup": round(cpu_ratio, 2),
-            }
-            print(json.dumps({task: report["tasks"][task]}), file=sys.stderr, flush=True)
+    for task in tasks:
+        h, q = harness_runs[0][task], pare_runs[0][task]
+        diffs = [abs(a[0] - b[0]) for a, b in zip(h["requests"], q["requests"], strict=True)]
+        greedy_same = all(a[1] == b[1] for a, b in zip(h["requests"], q["requests"], strict=True))
+        hr = {m.split(",")[0]: v for m, v in h["results"].items() if m.split(",")[0] in ("acc", "acc_norm",
+                                                                                       "perplexity")}
+        pr = {m: q["results"][m] for m in ("acc", "acc_norm", "ppl") if m in q["results"]}
+        same_every_round = all(run[task]["requests"] == q["requests"] for run in pare_runs)
+        h_s, q_s, h_cpu, q_cpu = (statistics.median(run[task][key] for run in runs) for runs, key in (
+            (harness_runs, "seconds"), (pare_runs, "seconds"), (harness_runs, "cpu_seconds"),
+            (pare_runs, "cpu_seconds")))
+        ratio, cpu_ratio = h_s / q_s, h_cpu / q_cpu
+        ratios.append(ratio)
+        cpu_ratios.append(cpu_ratio)
+        report["tasks"][task] = {
+            "harness": hr, "pare": pr, "requests": len(diffs), "max_abs_loglik_diff": max(diffs),
+            "greedy_flags_equal": greedy_same, "pare_same_every_round": same_every_round,
+            "acc_equal": hr.get("acc") == pr.get("acc") and hr.get("acc_norm") == pr.get("acc_norm"),
+            "harness_s": round(h_s, 2), "pare_s": round(q_s, 2), "speedup": round(ratio, 2),
+            "harness_cpu_s": round(h_cpu, 2), "pare_cpu_s": round(q_cpu, 2), "cpu_speedup": round(cpu_ratio, 2),
+            "cpu_speedup_per_round": [round(hh[task]["cpu_seconds"] / pp[task]["cpu_seconds"], 2)
+                                      for hh, pp in zip(harness_runs, pare_runs, strict=True)],
+        }
+        print(json.dumps({task: report["tasks"][task]}), file=sys.stderr, flush=True)
     rows = report["tasks"].values()
     report["all_acc_equal"] = all(r["acc_equal"] for r in rows)
     report["max_abs_loglik_diff"] = max(r["max_abs_loglik_diff"] for r in rows)
@@ -192,7 +208,7 @@ def main() -> int:
     report["pare_cpu_s"] = round(sum(r["pare_cpu_s"] for r in rows), 2)
     report["cpu_speedup_total"] = round(report["harness_cpu_s"] / report["pare_cpu_s"], 2)
     report["cpu_speedup_min_task"] = round(min(cpu_ratios), 2)
-    report["load_average"] = os.getloadavg()
+    report["load_average_1min"] = [round(x, 1) for x in loads]
     print(json.dumps(report, indent=2))
     return 0
 

@@ -165,40 +165,78 @@ def test_packed_questions_share_prefixes_across_contexts_and_choices(arch: str) 
             Encoded((20, 21), (22, 23, 24, 25)), Encoded((20, 21), (22, 23, 30)),  # choices share (22, 23)
             Encoded((20, 21), (22,)), Encoded((20, 21), (22,)),  # one inside the others' prefix, twice
             Encoded((40, 41, 42), (43, 44))]
-    groups = [[0, 1], [2, 3, 4, 5], [6]]
     runner = LoglikelihoodRunner(model, batch_size=1, max_length=256, progress=False)
     assert runner.share_context  # the packed path runs
     with torch.no_grad():
         expected = [_naive(model, r, 256) for r in reqs]
-        for given in (groups, None):
-            got = runner.run(reqs, groups=given)
-            assert [g[0] for g in got] == pytest.approx([e[0] for e in expected], abs=1e-4)
-            assert [g[1] for g in got] == [e[1] for e in expected]
+        got = runner.run(reqs)
+        assert [g[0] for g in got] == pytest.approx([e[0] for e in expected], abs=1e-4)
+        assert [g[1] for g in got] == [e[1] for e in expected]
 
 
-def test_trees_take_the_common_prefix_and_pack_within_capacity() -> None:
-    from pare.eval.zeroshot.loglik import _plain_row, build_tree, pack_trees, packed_inputs
+def _rows(*reqs: Encoded) -> list:
+    from pare.eval.zeroshot.loglik import _plain_row
 
-    tree = build_tree([_plain_row(0, Encoded((1, 2, 3), (4, 5)), 64), _plain_row(1, Encoded((1, 2, 3), (4, 6)), 64)])
-    assert tree.prefix == [1, 2, 3, 4] and [r.inputs for r in tree.rows] == [[], []]  # all shared, all scored
-    ids, pos, allowed, scored = packed_inputs([tree])
-    assert ids == [1, 2, 3, 4] and pos == [0, 1, 2, 3] and scored == [[2, 3], [2, 3]]
+    return [_plain_row(i, r, 64) for i, r in enumerate(reqs)]
+
+
+def test_trie_shares_every_common_prefix_and_sees_only_ancestors() -> None:
+    from pare.eval.zeroshot.pack import Unit, build_trie, packed_inputs
+
+    root = build_trie(_rows(Encoded((1, 2, 3), (4, 5)), Encoded((1, 2, 3), (4, 6))))
+    assert root.tokens == [1, 2, 3, 4] and not root.children and len(root.ends) == 2  # all shared, all scored
+    ids, pos, allowed, scored = packed_inputs([Unit(root.tokens, [], [(r, 4) for r in root.ends])])
+    assert ids == [1, 2, 3, 4] and pos == [0, 1, 2, 3] and [p for _, p in scored] == [[2, 3], [2, 3]]
     assert torch.equal(allowed, torch.tril(torch.ones(4, 4, dtype=torch.bool)))
-    trees = [build_tree([_plain_row(i, Encoded(tuple(range(1, n)), (9,)), 64)]) for i, n in enumerate([9, 5, 4, 3])]
-    rows = pack_trees(trees, capacity=10)
-    assert sorted(t.rows[0].index for r in rows for t in r) == [0, 1, 2, 3]
-    assert all(sum(t.length for t in r) <= 10 for r in rows) and len(rows) == 2  # 8 + 2, then 4 + 3
-    two = build_tree([_plain_row(0, Encoded((1, 2), (3, 4)), 64), _plain_row(1, Encoded((1, 7), (3,)), 64)])
-    ids, pos, allowed, scored = packed_inputs([two])  # prefix [1]; own parts [2, 3] and [7]
-    assert ids == [1, 2, 3, 7] and pos == [0, 1, 2, 1] and scored == [[1, 2], [3]]
-    assert allowed[3].tolist() == [True, False, False, True]  # 7 sees the prefix and itself, not the other choice
+    # WinoGrande twins: sentence [1, 2], options 3 / 7, continuations (5, 6) / (8, 9) after the blank
+    twins = _rows(Encoded((1, 2, 3), (5, 6)), Encoded((1, 2, 7), (5, 6)), Encoded((1, 2, 3), (8, 9)),
+                  Encoded((1, 2, 7), (8, 9)))
+    root = build_trie(twins)
+    assert root.tokens == [1, 2] and [c.tokens for c in root.children] == [[3], [7]]
+    assert [[g.tokens for g in c.children] for c in root.children] == [[[5], [8]], [[5], [8]]]
+    assert root.size == 2 + 2 * 3  # 8 tokens run instead of 4 x 4
+    ids, pos, allowed, scored = packed_inputs([Unit(root.tokens, root.children, [])])
+    assert ids == [1, 2, 3, 5, 8, 7, 5, 8] and pos == [0, 1, 2, 3, 3, 2, 3, 3]
+    assert allowed[6].tolist() == [True, True, False, False, False, True, True, False]  # 5 after 7: 1, 2, 7, 5
+    assert dict((r.index, p) for r, p in scored) == {0: [2, 3], 2: [2, 4], 1: [5, 6], 3: [5, 7]}
 
 
-def test_groups_must_cover_every_request_once() -> None:
-    runner = LoglikelihoodRunner(tiny_model("llama"), progress=False)
-    reqs = [Encoded((1, 2), (3,)), Encoded((1, 2), (4,))]
-    with pytest.raises(ConfigError, match="exactly once"):
-        runner.run(reqs, groups=[[0], [0, 1]])
+def test_trie_cuts_into_units_within_capacity_and_keeps_long_paths_whole() -> None:
+    from pare.eval.zeroshot.pack import build_trie, first_fit_decreasing, split_trie
+
+    # a short lead-in [1] shared by five questions of 4 tokens each: cut, the lead-in repeated per unit
+    reqs = [Encoded((1, 10 + q, 20 + q, 30 + q), (40,)) for q in range(5)]
+    units = split_trie(build_trie(_rows(*reqs)), capacity=10)
+    assert all(u.path == [1] and u.length <= 10 for u in units) and len(units) == 2  # 1 + 3 x 3, then 1 + 2 x 3
+    assert sorted(r.index for u in units for t in u.subtrees for r in t.ends) == [0, 1, 2, 3, 4]
+    # a long shared context with two choices stays one unit, longer than the capacity
+    long_ctx = tuple(range(3, 30))
+    units = split_trie(build_trie(_rows(Encoded(long_ctx, (50, 51)), Encoded(long_ctx, (60, 61)))), capacity=10)
+    assert len(units) == 1 and units[0].length == 27 + 2
+    bins = first_fit_decreasing([9, 5, 4, 3, 2], 10, lambda x: x)
+    assert bins == [[9], [5, 4], [3, 2]]
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_trie_cut_into_small_rows_equals_the_naive_computation(arch: str) -> None:
+    """Shared lead-ins, twins and nested choices, with rows so small that the trie is cut at every level."""
+    model = tiny_model(arch)
+    g = torch.Generator().manual_seed(1)
+    lead = (7, 8)
+    reqs = []
+    for q in range(6):
+        sentence = lead + tuple(torch.randint(3, 128, (3 + q,), generator=g).tolist())
+        for option in (11, 12):
+            for cont in ((20, 21, 22), (20, 23)):
+                reqs.append(Encoded((*sentence, option), cont))
+    runner = LoglikelihoodRunner(model, batch_size=1, max_length=256, progress=False)
+    with torch.no_grad():
+        expected = [_naive(model, r, 256) for r in reqs]
+        for capacity in (6, 16, 128):
+            runner.row_tokens = capacity
+            got = runner.run(reqs)
+            assert [x[0] for x in got] == pytest.approx([e[0] for e in expected], abs=1e-4)
+            assert [x[1] for x in got] == [e[1] for e in expected]
 
 
 def test_requests_longer_than_the_context_keep_their_last_tokens() -> None:

@@ -14,13 +14,12 @@ over the input ``(context + continuation)[-(max_length + 1):][:-1]`` (the harnes
 
 Two paths compute the same numbers:
 
-* **packed** (the default): the requests of one question usually share their first tokens (the
-  context of its choices; WinoGrande's sentence up to the blank). Each question becomes a small tree,
-  its common prefix once and then every request's remaining tokens, and several trees are packed into
-  one row without padding. Position ids restart at the prefix's end for each request, and a custom
-  attention mask lets a token see its own prefix and the earlier tokens of its own request only, so
-  every scored position sees exactly the tokens it would see alone. Logits are computed only at the
-  scored positions.
+* **packed** (the default): requests share their first tokens (the context of a question's choices;
+  WinoGrande's sentence up to the blank, and twin sentences more; a fixed lead-in). All requests go
+  into one prefix trie (:mod:`pare.eval.zeroshot.pack`), cut into units and packed into rows without
+  padding, so a shared token runs once per row. Position ids follow each token's depth in the trie,
+  and a custom attention mask lets a token see its ancestors only, so every scored position sees
+  exactly the tokens it would see alone. Logits are computed only at the scored positions.
 * **plain**: each request is one right-padded row (no mask is needed: padding comes after every
   real token and the model is causal), as the harness does. Models with a sliding attention window,
   or an attention implementation that takes no custom mask, take this path.
@@ -31,10 +30,8 @@ Log-probabilities are taken in float32 on the continuation positions only (the h
 
 from __future__ import annotations
 
-import bisect
 import inspect
 import logging
-from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -45,6 +42,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from pare.errors import ConfigError
+from pare.eval.zeroshot.pack import Row, Unit, build_trie, first_fit_decreasing, packed_inputs, split_trie
 
 logger = logging.getLogger(__name__)
 
@@ -123,19 +121,10 @@ def harness_max_length(model: nn.Module, tokenizer: Any = None) -> int:
     return DEFAULT_MAX_LENGTH
 
 
-@dataclass(frozen=True)
-class _Row:
-    """One request prepared for a forward: the input ids and the targets scored at its last positions."""
-
-    index: int
-    inputs: list[int]
-    targets: list[int]
-
-
-def _plain_row(index: int, req: Encoded, max_length: int) -> _Row:
+def _plain_row(index: int, req: Encoded, max_length: int) -> Row:
     whole = list(req.context + req.continuation)[-(max_length + 1):]
     targets = list(req.continuation)[-(len(whole) - 1):] if len(whole) > 1 else []
-    return _Row(index, whole[:-1], targets)
+    return Row(index, whole[:-1], targets)
 
 
 def _device(model: nn.Module) -> torch.device:
@@ -167,89 +156,8 @@ def _score(logits: torch.Tensor, targets: list[int]) -> tuple[float, bool]:
 
 
 _PACKABLE_ATTENTION = ("sdpa", "eager")  # implementations that apply a custom 4-D additive mask as given
-ROW_TOKENS = 128  # a packed row's length (a longer question gets a row of its own): attention costs its square
+ROW_TOKENS = 128  # a packed row's length (a longer unit gets a row of its own): attention costs its square
 FORWARD_TOKENS_PER_BATCH = 32  # a packed forward holds about this many tokens per unit of batch_size
-
-
-@dataclass(frozen=True)
-class _Tree:
-    """The requests of one question: their common ``prefix`` and each request's remaining ``rows``
-    (a row's ``inputs`` continue the prefix; its ``targets`` are scored at the last positions of
-    ``prefix + inputs``)."""
-
-    prefix: list[int]
-    rows: list[_Row]
-
-    @property
-    def length(self) -> int:
-        return len(self.prefix) + sum(len(r.inputs) for r in self.rows)
-
-
-def build_tree(rows: Sequence[_Row]) -> _Tree:
-    """Split requests into their longest common prefix of inputs and what each request adds after it.
-
-    Scored positions may lie inside the prefix (choices that start with the same words): the logits
-    there are the same for every request that shares it, so they are computed once."""
-    ref = rows[0].inputs
-    shortest = min(len(r.inputs) for r in rows)
-    n = 0
-    while n < shortest and all(r.inputs[n] == ref[n] for r in rows):
-        n += 1
-    return _Tree(list(ref[:n]), [_Row(r.index, r.inputs[n:], r.targets) for r in rows])
-
-
-def pack_trees(trees: Sequence[_Tree], capacity: int) -> list[list[_Tree]]:
-    """Trees into rows of at most ``capacity`` tokens (a longer tree gets a row of its own): largest
-    first, each row topped up with the largest trees that still fit (first-fit decreasing)."""
-    pending = sorted(trees, key=lambda t: t.length)  # ascending: bisect finds the largest that fits
-    lengths = [t.length for t in pending]
-    packed: list[list[_Tree]] = []
-    while pending:
-        row = [pending.pop()]
-        lengths.pop()
-        room = capacity - row[0].length
-        while pending and room >= lengths[0]:
-            at = bisect.bisect_right(lengths, room) - 1
-            row.append(pending.pop(at))
-            room -= lengths.pop(at)
-        packed.append(row)
-    return packed
-
-
-def packed_inputs(row: Sequence[_Tree]) -> tuple[list[int], list[int], torch.Tensor, list[list[int]]]:
-    """Token ids, position ids and the ``[T, T]`` boolean attention pattern of a packed row, and the
-    positions in it where every request is scored (in the order of its trees' rows).
-
-    A prefix token sees the earlier tokens of its prefix; a request's token sees its whole prefix and
-    the earlier tokens of its own request."""
-    ids: list[int] = []
-    pos: list[int] = []
-    tree_start: list[int] = []  # per token: where its tree's prefix starts / ends, where its own part starts
-    prefix_end: list[int] = []
-    own_start: list[int] = []
-    scored: list[list[int]] = []
-    for tree in row:
-        start, n = len(ids), len(tree.prefix)
-        ids += tree.prefix
-        pos += range(n)
-        tree_start += [start] * n
-        prefix_end += [start + n] * n
-        own_start += [start] * n
-        for r in tree.rows:
-            begin = len(ids)
-            ids += r.inputs
-            pos += range(n, n + len(r.inputs))
-            tree_start += [start] * len(r.inputs)
-            prefix_end += [start + n] * len(r.inputs)
-            own_start += [begin] * len(r.inputs)
-            # the request's input index j sits at start + j inside the prefix, at begin + j - n after it
-            first = n + len(r.inputs) - len(r.targets)
-            scored.append([start + j if j < n else begin + j - n for j in range(first, n + len(r.inputs))])
-    q = torch.arange(len(ids))[:, None]
-    k = torch.arange(len(ids))[None, :]
-    ts, pe, own = (torch.tensor(v)[:, None] for v in (tree_start, prefix_end, own_start))
-    allowed = (k <= q) & (((k >= ts) & (k < pe)) | (k >= own))
-    return ids, pos, allowed, scored
 
 
 class LoglikelihoodRunner:
@@ -258,9 +166,9 @@ class LoglikelihoodRunner:
     Args:
         model: a causal LM (eval mode is the caller's business).
         batch_size: rows per forward on the plain path; on the packed path a forward holds about
-            ``32 * batch_size`` tokens, in rows of up to 128 (or the longest question, when longer).
+            ``32 * batch_size`` tokens, in rows of up to 128 (or one longer unit of the trie).
         max_length: the model's context in tokens (see :func:`harness_max_length`).
-        share_context: run the tokens the requests of a question share once, packing questions into
+        share_context: run the tokens requests share once, packing a prefix trie of all requests into
             rows (the default); False runs every request as its own row, as the harness does.
         progress: show a tqdm bar.
         pad_id: the token that fills the plain path's padding (never scored).
@@ -282,31 +190,23 @@ class LoglikelihoodRunner:
         self.row_tokens = ROW_TOKENS
         self.forward_tokens = FORWARD_TOKENS_PER_BATCH * batch_size
 
-    def run(self, requests: Sequence[Encoded], desc: str = "loglikelihood",
-            groups: Sequence[Sequence[int]] | None = None) -> list[tuple[float, bool]]:
-        """``(loglik, greedy)`` for each request, in the order given.
-
-        Args:
-            requests: the encoded requests.
-            desc: the progress bar's label.
-            groups: indices of requests likely to share their first tokens (the requests of one
-                question); by default, the requests with the same context tokens.
-        """
+    def run(self, requests: Sequence[Encoded], desc: str = "loglikelihood") -> list[tuple[float, bool]]:
+        """``(loglik, greedy)`` for each request, in the order given (``desc`` labels the progress bar)."""
         for i, req in enumerate(requests):
             if not req.continuation:
                 raise ConfigError(f"request {i} has an empty continuation: nothing to score")
         out: list[tuple[float, bool] | None] = [None] * len(requests)
+        rows = [_plain_row(i, req, self.max_length) for i, req in enumerate(requests)]
         with torch.no_grad(), tqdm(total=len(requests), desc=desc, disable=not self.progress, leave=False) as bar:
-            if self.share_context:
-                self._run_packed(requests, _groups(requests, groups), out, bar)
-            else:
-                self._run_plain(requests, list(range(len(requests))), out, bar)
+            if rows and self.share_context:
+                self._run_packed(rows, out, bar)
+            elif rows:
+                self._run_plain(rows, out, bar)
         return [r for r in out if r is not None]
 
     # -- plain path -------------------------------------------------------------------------------
 
-    def _run_plain(self, requests: Sequence[Encoded], indices: list[int], out: list, bar: tqdm) -> None:
-        rows = [_plain_row(i, requests[i], self.max_length) for i in indices]
+    def _run_plain(self, rows: list[Row], out: list, bar: tqdm) -> None:
         rows.sort(key=lambda r: (-len(r.inputs), r.index))  # longest first, as the harness orders them
         for start in range(0, len(rows), self.batch_size):
             batch = rows[start:start + self.batch_size]
@@ -328,17 +228,20 @@ class LoglikelihoodRunner:
 
     # -- packed path ------------------------------------------------------------------------------
 
-    def _run_packed(self, requests: Sequence[Encoded], groups: list[list[int]], out: list, bar: tqdm) -> None:
-        trees = [build_tree([_plain_row(i, requests[i], self.max_length) for i in g]) for g in groups]
-        rows = pack_trees(trees, self.row_tokens)
-        rows.sort(key=lambda r: -sum(t.length for t in r))
-        per_forward = max(1, self.forward_tokens // self.row_tokens)
-        for start in range(0, len(rows), per_forward):
-            self._packed_forward(rows[start:start + per_forward], out)
-            bar.update(sum(len(t.rows) for r in rows[start:start + per_forward] for t in r))
+    def _run_packed(self, rows: list[Row], out: list, bar: tqdm) -> None:
+        units = split_trie(build_trie(rows), self.row_tokens)
+        packed = first_fit_decreasing(units, self.row_tokens, lambda u: u.length)
+        lengths = [sum(u.length for u in row) for row in packed]
+        order = sorted(range(len(packed)), key=lambda i: -lengths[i])  # a forward's rows are of similar width
+        at = 0
+        while at < len(order):  # as many rows as fit the forward's tokens at the width of its first (widest)
+            n = max(1, min(len(order) - at, self.forward_tokens // lengths[order[at]]))
+            bar.update(self._packed_forward([packed[i] for i in order[at:at + n]], out))
+            at += n
 
-    def _packed_forward(self, rows: list[list[_Tree]], out: list) -> None:
-        """One forward over packed rows (right-padded to the longest; a pad token sees only itself)."""
+    def _packed_forward(self, rows: list[list[Unit]], out: list) -> int:
+        """One forward over packed rows (right-padded to the longest; a pad token sees only itself);
+        returns the number of requests scored."""
         packed = [packed_inputs(r) for r in rows]
         width = max(len(p[0]) for p in packed)
         dtype = next(self.model.parameters()).dtype
@@ -351,8 +254,8 @@ class LoglikelihoodRunner:
             ids[b, :n] = torch.tensor(row_ids)
             pos[b, :n] = torch.tensor(row_pos)
             allowed[b, :n, :n] = row_allowed
-            for s in scored:
-                keep[b, s] = True
+            for _, positions in scored:
+                keep[b, positions] = True
         mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill_(~allowed, torch.finfo(dtype).min)
         kwargs: dict[str, Any] = {"logits_to_keep": keep.to(self.device)} if self._keep else {}
         logits = self.model(input_ids=ids.to(self.device), position_ids=pos.to(self.device),
@@ -363,22 +266,12 @@ class LoglikelihoodRunner:
         else:  # every position came back
             logits = logits.reshape(-1, logits.shape[-1])
             flat_index = torch.arange(len(rows) * width).reshape(len(rows), width)
-        for b, (row, (_, _, _, scored)) in enumerate(zip(rows, packed, strict=True)):
-            for r, positions in zip((r for tree in row for r in tree.rows), scored, strict=True):
+        done = 0
+        for b, (_, _, _, scored) in enumerate(packed):
+            for r, positions in scored:
                 out[r.index] = _score(logits[flat_index[b, positions].to(logits.device)], r.targets)
-
-
-def _groups(requests: Sequence[Encoded], groups: Sequence[Sequence[int]] | None) -> list[list[int]]:
-    """The groups given (checked to cover every request once), or the requests by context tokens."""
-    if groups is None:
-        by_context: dict[tuple[int, ...], list[int]] = defaultdict(list)
-        for i, req in enumerate(requests):
-            by_context[req.context].append(i)
-        return list(by_context.values())
-    flat = sorted(i for g in groups for i in g)
-    if flat != list(range(len(requests))) or any(not g for g in groups):
-        raise ConfigError(f"groups must cover each of the {len(requests)} requests exactly once")
-    return [list(g) for g in groups]
+                done += 1
+        return done
 
 
 def _packable(model: nn.Module, params: set[str]) -> bool:

@@ -13,7 +13,6 @@ A task's figure is the mean over its documents and its stderr the sample standar
 
 from __future__ import annotations
 
-import itertools
 import logging
 import math
 from collections.abc import Sequence
@@ -102,8 +101,8 @@ def evaluate_tasks(model: nn.Module, tokenizer: Any, tasks: Sequence[str] | str,
         limit: score only the first ``limit`` documents of each task (the harness's ``--limit``).
         batch_size: rows per forward.
         progress: show a progress bar per task.
-        share_context: run the tokens the requests of a document share once (WinoGrande's sentence start,
-            a question's context), packing documents into rows; False scores each request alone.
+        share_context: run the tokens the requests of a task share once (a question's context, WinoGrande's
+            sentence start and twin sentences), packing a prefix trie into rows; False scores each request alone.
         return_loglikelihoods: also return each task's per-request ``(loglik, greedy)`` under ``"requests"``.
 
     Returns:
@@ -138,9 +137,7 @@ def evaluate_tasks(model: nn.Module, tokenizer: Any, tasks: Sequence[str] | str,
             task = TASKS[name]
             pairs = [requests_of(task, d) for d in docs[name]]
             encoded: list[Encoded] = [encode_pair(tokenizer, c, x) for p in pairs for c, x in p]
-            ends = list(itertools.accumulate(len(p) for p in pairs))
-            groups = [list(range(end - len(p), end)) for p, end in zip(pairs, ends, strict=True)]
-            scores = runner.run(encoded, desc=name, groups=groups)  # a document's requests share a prefix
+            scores = runner.run(encoded, desc=name)
             raw[name] = scores
             per_doc, at = [], 0
             for doc, p in zip(docs[name], pairs, strict=True):
