@@ -48,7 +48,9 @@ def attention_follows_hidden(model: nn.Module, arch: ModelArch) -> bool:
     the meta device from the config with half the hidden size and the same ``head_dim`` tells."""
     from transformers import AutoModelForCausalLM
 
-    first = next(r for r in arch.layers if r.attention is not None)
+    first = next((r for r in arch.layers if r.attention is not None), None)
+    if first is None:
+        return False  # no q/k/v attention (state-space, latent attention): nothing sized by head_dim
     att = first.attention
     assert att is not None
     config: Any = copy.deepcopy(text_config(model))
@@ -488,14 +490,23 @@ def sync_config(model: nn.Module, arch: ModelArch) -> bool:
     moe = [r.experts.intermediate for r in arch.layers if r.experts is not None]
     shared = [_mlp_width(layers[r.index], r.experts.shared) for r in arch.layers
               if r.experts is not None and r.experts.shared is not None]
+    shared_ok = _shared_follows_experts(cfg, f.shared_count, moe, shared)
     for values, name in ((dense, f.intermediate), (moe, f.moe_intermediate or f.intermediate),
-                         (shared, f.shared_intermediate)):
-        if values:
+                         (shared, None if f.shared_count else f.shared_intermediate)):
+        if values and f.shared_count and values is not dense and not shared_ok:
+            uniform = False  # keep the stated (wider) expert width: pare.load cuts both from it
+        elif values and values is shared and f.shared_count:
+            pass  # stated by the expert width times the multiplier
+        elif values:
             width = _uniform(values)
             if width is None or not name:
                 uniform = False
             else:
                 _field_set(cfg, name, width)
+    if any(r.mla is not None for r in arch.layers):
+        from pare.arch.surgery.mla import sync_mla_config
+
+        return sync_mla_config(cfg, arch) and uniform
     atts = [r.attention for r in arch.layers if r.attention is not None]
     heads, kv = _uniform([a.num_heads for a in atts]), _uniform([a.num_kv_heads for a in atts])
     head_dim = atts[0].head_dim if atts else None
@@ -512,6 +523,17 @@ def sync_config(model: nn.Module, arch: ModelArch) -> bool:
         if f.kv_heads or hasattr(cfg, "num_key_value_heads"):
             _field_set(cfg, f.kv_heads or "num_key_value_heads", kv)
     return uniform
+
+
+def _shared_follows_experts(cfg: Any, count: str | None, moe: list[int], shared: list[int]) -> bool:
+    """Whether a shared expert sized ``expert width * cfg.<count>`` (DeepSeek's ``n_shared_experts``) is
+    still that after a cut, in every layer (so writing the expert width states both)."""
+    if not count:
+        return True
+    if _uniform(moe) is None:
+        return False
+    multiple = getattr(cfg, count, None)
+    return isinstance(multiple, int) and all(w == moe[0] * multiple for w in shared)
 
 
 def pin_derived_widths(model: nn.Module, arch: ModelArch) -> None:
