@@ -316,7 +316,7 @@ class ModelArch:
         """Why a width cut of the MLP (``mlp``) and / or attention heads (``attention``) asks for a part
         this model does not have (so the cut would silently do nothing there), or None."""
         has_mlp = any(r.mlp is not None or r.experts is not None for r in self.layers)
-        has_att = any(r.attention is not None for r in self.layers)
+        has_att = any(r.attention is not None or r.mla is not None for r in self.layers)
         missing = [w for w, asked, has in (("MLP channels", mlp, has_mlp), ("attention heads", attention, has_att))
                    if asked and not has]
         if not missing:

@@ -78,6 +78,19 @@ def prune_mla_heads(model: nn.Module, arch: ModelArch, layer_idx: int,
     return Heads(layer_idx, k, k)
 
 
+def mla_head_count(arch: ModelArch, ratio: float) -> int:
+    """The heads every MLA layer keeps when ``ratio`` of them is removed (each head stands alone: any
+    count from 1 to all works).
+
+    Raises:
+        ConfigError: ``ratio`` is not a whole number of heads, naming the ratios that are.
+    """
+    from pare.arch.surgery.width import head_count_for_ratio
+
+    total = next(r.mla.num_heads for r in arch.layers if r.mla is not None)
+    return head_count_for_ratio(total, total, ratio, "query")[0]
+
+
 def cut_mla_heads_to(model: nn.Module, arch: ModelArch, layer_idx: int, heads: int) -> Heads | None:
     """Keep the first ``heads`` heads of one MLA layer (the shapes a cut leaves, for a replay); None
     when it already has that many."""
@@ -96,11 +109,13 @@ def _head_fields(cfg: Any, arch: ModelArch, heads: int) -> dict[str, int]:
     return out
 
 
-def mla_config_rejects(cfg: Any, arch: ModelArch, heads: int) -> str | None:
-    """Why transformers would refuse ``cfg`` stating ``heads`` MLA heads, or None. DeepSeek's configs
-    require the hidden size to be a multiple of the head count, though MLA's head width never depends
-    on it."""
+def mla_config_rejects(cfg: Any, arch: ModelArch, heads: int, hidden: int | None = None) -> str | None:
+    """Why transformers would refuse ``cfg`` stating ``heads`` MLA heads (and hidden size ``hidden``), or
+    None. DeepSeek's configs require the hidden size to be a multiple of the head count, though MLA's
+    head width never depends on it."""
     data = {**cfg.to_dict(), **_head_fields(cfg, arch, heads)}
+    if hidden is not None:
+        data[arch.fields.hidden] = hidden
     try:
         type(cfg).from_dict(data)
     except Exception as exc:  # transformers' own validation: its message says why
@@ -147,4 +162,7 @@ def _replay_heads(model: nn.Module, edit: Heads, override: ArchOverride | None =
 
 REPLAY: dict[type[Edit], Callable[[nn.Module, Any, ArchOverride | None], None]] = {Heads: _replay_heads}
 
-__all__ = ["REPLAY", "cut_mla_heads_to", "mla_config_rejects", "mla_head_rows", "prune_mla_heads", "sync_mla_config"]
+__all__ = [
+    "REPLAY", "cut_mla_heads_to", "mla_config_rejects", "mla_head_count", "mla_head_rows", "prune_mla_heads",
+    "sync_mla_config",
+]

@@ -575,17 +575,45 @@ def enable_bias(model: nn.Module, arch: ModelArch, kind: str) -> bool:
     cfg: Any = text_config(model)
     if not hasattr(cfg, flag):
         return False
+    governed = _biased_by_flag(model, arch, flag)
     layers = arch.layer_modules(model)
     for i, roles in enumerate(arch.layers):
         for port in stream_ports(roles):  # the block's projections: its readers and its writer of the stream
             if port.block != kind or port.proj is None:
                 continue
+            if governed is not None and f"{i}.{port.path}" not in governed:
+                continue  # the flag does not give it a bias (DeepSeek's q_proj): FLAP leaves it as it is
             m: Any = layers[i].get_submodule(port.path)
             if getattr(m, "bias", None) is None:
                 w = get_weight(m, port.proj)
                 m.bias = nn.Parameter(torch.zeros(w.shape[0], dtype=w.dtype, device=w.device))
+    for path in governed or ():  # other linears the flag gives a bias (DeepSeek's shared experts: mlp_bias)
+        m = layers.get_submodule(path)
+        if isinstance(m, nn.Linear) and m.bias is None:
+            m.bias = nn.Parameter(torch.zeros(m.out_features, dtype=m.weight.dtype, device=m.weight.device))
     setattr(cfg, flag, True)
     return True
+
+
+def _biased_by_flag(model: nn.Module, arch: ModelArch, flag: str) -> set[str] | None:
+    """The linears (``"<layer>.<path>"``) that gain a bias when the config's ``flag`` is set, read from a
+    model built on the meta device with it; None when that model cannot be built."""
+    full: Any = copy.deepcopy(model.config)
+    from pare.arch.infer import decoder_config
+
+    setattr(decoder_config(full), flag, True)
+    try:
+        with torch.device("meta"):
+            built = type(model)(full)
+    except Exception:  # any failure: fall back to the roles' projections
+        return None
+    have = dict(arch.layer_modules(model).named_modules())
+    out = set()
+    for name, m in built.get_submodule(arch.layers_path).named_modules():
+        mine = have.get(name)
+        if isinstance(m, nn.Linear) and m.bias is not None and isinstance(mine, nn.Linear) and mine.bias is None:
+            out.add(name)
+    return out
 
 
 def _replay_mlp(model: nn.Module, edit: MlpChannels, override: ArchOverride | None = None) -> None:
