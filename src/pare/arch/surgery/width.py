@@ -608,7 +608,7 @@ def _biased_by_flag(model: nn.Module, arch: ModelArch, flag: str) -> set[str] | 
     except Exception:  # any failure: fall back to the roles' projections
         return None
     have = dict(arch.layer_modules(model).named_modules())
-    out = set()
+    out: set[str] = set()
     for name, m in built.get_submodule(arch.layers_path).named_modules():
         mine = have.get(name)
         if isinstance(m, nn.Linear) and m.bias is not None and isinstance(mine, nn.Linear) and mine.bias is None:
