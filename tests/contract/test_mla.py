@@ -181,3 +181,23 @@ def test_removing_a_dense_prefix_layer_moves_first_k_dense_replace(arch: str, tm
     with torch.no_grad():
         assert torch.equal(again.generate(ids[:1, :8], use_cache=True, **kw),
                            again.generate(ids[:1, :8], use_cache=False, **kw))
+
+
+@pytest.mark.parametrize("arch", MLA)
+def test_slicegpt_rotates_latent_attention_readers_and_writer(arch: str, tmp_path) -> None:
+    """q (or q_a) and kv_a read the stream through input_layernorm and o writes it; the latent norms
+    are inside the block. Rotation without slicing keeps the logits; slicing reloads with from_pretrained."""
+    model, ids = tiny_model(arch), tiny_batch(2, 32, seed=2)
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for _, p in model.named_parameters():
+            if p.dim() == 1:  # norm weights that are not ones: the fusion is not a no-op
+                p.add_(0.3 * torch.randn(p.shape, generator=g))
+    before = _logits(model, ids)
+    calib = tiny_batch(4, 32, seed=1)
+    pare.prune(model, pare.SliceGPTConfig(slicing=0.0), calib, runtime=RT)
+    torch.testing.assert_close(_logits(model, ids), before, atol=1e-4, rtol=0)
+    report = pare.prune(model, pare.SliceGPTConfig(slicing=0.25), calib, runtime=RT)
+    assert report.uniform and model.config.hidden_size == 48
+    pare.save(model, None, tmp_path / "o", report)
+    assert torch.equal(_logits(AutoModelForCausalLM.from_pretrained(tmp_path / "o").eval(), ids), _logits(model, ids))

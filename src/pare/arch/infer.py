@@ -446,6 +446,7 @@ def _moe_fields(config: Any, fields: ConfigFields, layers: list[LayerRoles]) -> 
         if name is not None:
             changes["num_experts"] = name
     if (fields.shared_intermediate is None and fields.shared_count is None and stated("n_shared_experts")
+            and not stated("shared_experts_intermediate_size")  # Dots3: its own base width, times the count
             and any(e.shared is not None for e in experts)):
         changes["shared_count"] = "n_shared_experts"
     return dataclasses.replace(fields, **changes) if changes else fields
