@@ -201,3 +201,26 @@ def test_slicegpt_rotates_latent_attention_readers_and_writer(arch: str, tmp_pat
     assert report.uniform and model.config.hidden_size == 48
     pare.save(model, None, tmp_path / "o", report)
     assert torch.equal(_logits(AutoModelForCausalLM.from_pretrained(tmp_path / "o").eval(), ids), _logits(model, ids))
+
+
+def test_inspect_states_what_a_head_is_and_what_is_not_cut(tmp_path, capsys) -> None:
+    import json
+
+    from pare.cli import main
+
+    tiny_model("deepseek_v3").save_pretrained(tmp_path)
+    assert main(["inspect", str(tmp_path)]) == 0
+    text = capsys.readouterr().out
+    assert "attention (latent)" in text and "kv_lora_rank=16, q_lora_rank=32" in text
+    assert "shared mlp.shared_experts" in text
+    assert main(["inspect", str(tmp_path), "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert "RoPE key" in data["latent_attention"] and data["layers"][1]["heads"] == 4
+
+
+def test_latent_attention_is_not_removed_as_a_sublayer() -> None:
+    from pare.arch.surgery.depth import remove_sublayer
+
+    model = tiny_model("deepseek_v2")
+    with pytest.raises(ConfigError, match="latent attention"):
+        remove_sublayer(model, describe(model), 0, "attention")

@@ -504,6 +504,10 @@ def remove_sublayer(model: nn.Module, arch: ModelArch, layer_idx: int, part: str
     base = RemoveSublayer(layer_idx, part, freed, arch.layers_path)
     if part == "attention":
         att = roles.attention
+        if att is None and roles.mla is not None:
+            raise ConfigError(f"layer {layer_idx}'s attention is multi-head latent attention, whose KV cache holds "
+                              "the shared latents: pare does not remove it as a sub-layer. Remove whole layers "
+                              "(shortgpt, layers) or cut its heads (width, osscar --attn-ratio)")
         if att is None:
             raise ConfigError(f"layer {layer_idx} has no attention block left to remove")
         old = layer.get_submodule(att.path)
