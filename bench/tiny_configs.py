@@ -69,6 +69,7 @@ SHRINK: dict[str, dict[str, Any]] = {
     "zaya": {"num_experts_per_tok": 1},
     "bamba": {"attn_layer_indices": [1, 3]},
     "deepseek_v2": {"num_experts_per_tok": 2},
+    "kimi_linear": {"num_experts_per_token": 2},
     "granitemoehybrid": {"layer_types": ["mamba", "attention", "mamba", "attention"]},
     "zamba2": {"layers_block_type": ["mamba", "hybrid", "mamba", "hybrid"], "hybrid_layer_ids": [1, 3],
                "n_mamba_heads": 4},

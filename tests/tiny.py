@@ -43,8 +43,19 @@ EXTRA_SPECS: dict[str, dict] = {
     "falcon": dict(hidden_size=64, num_hidden_layers=3, num_attention_heads=4, vocab_size=VOCAB,
                    new_decoder_architecture=False, multi_query=True),
 }
+_MLA = dict(
+    hidden_size=64, intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=3, num_attention_heads=4,
+    num_key_value_heads=4, vocab_size=VOCAB, max_position_embeddings=256, kv_lora_rank=16, qk_rope_head_dim=8,
+    qk_nope_head_dim=8, v_head_dim=16, n_routed_experts=8, num_experts_per_tok=2, n_shared_experts=1,
+    first_k_dense_replace=1,
+)
+EXTRA_SPECS.update({
+    # multi-head latent attention; layer 0 dense, then routed + shared experts
+    "deepseek_v2": dict(_MLA, q_lora_rank=None),  # q_proj, greedy routing
+    "deepseek_v3": dict(_MLA, q_lora_rank=32, n_group=2, topk_group=1),  # q_a/q_b, group-limited routing
+})
 ALL_TINY_ARCHS = TINY_ARCHS + tuple(EXTRA_SPECS)
-"""The 13 table families plus GPT-J, Bloom and Falcon: the contract matrix's architectures."""
+"""The 13 table families plus GPT-J, Bloom, Falcon and DeepSeek-V2/V3: the contract matrix's architectures."""
 
 
 def tiny_config(model_type: str, **overrides):

@@ -20,7 +20,7 @@ EXPECTED: dict[str, dict[str, str]] = {
     # today's decoder families
     "olmo2": OK, "olmoe": OK, "granite": OK, "granitemoe": OK, "phimoe": OK, "cohere2": OK, "smollm3": OK,
     "stablelm": OK, "starcoder2": OK, "glm4": OK, "phi": OK,
-    "deepseek_v3": NO_WIDTH,  # MLA: sparsity and depth; the config cannot state a cut MoE width
+    "deepseek_v2": OK, "deepseek_v3": OK,  # MLA heads, dense prefix layers, routed + shared experts
     "gpt_oss": {**OK, "sparsity": "refused", "width": "refused"},  # experts' clamped SwiGLU has no act_fn
     "llama4_text": {**OK, "sparsity": "refused", "width": "refused"},  # tokens routed before the experts
     # hybrids and state-space models

@@ -68,3 +68,9 @@ def test_merge_params_is_the_frequency_weighted_mean():
     assert torch.allclose(merged[1], param[1])  # expert 3 has weight 0
     uniform = ops.merge_params(param, {0: [0, 3]}, torch.zeros(4))  # no frequency: plain mean
     assert torch.allclose(uniform[0], (param[0] + param[3]) / 2)
+
+
+def test_keep_experts_in_groups_keeps_as_many_of_each_group():
+    scores = torch.tensor([9.0, 8.0, 7.0, 6.0, 1.0, 2.0, 3.0, 4.0])  # group 0 outscores group 1 everywhere
+    assert ops.keep_experts(scores, 4).tolist() == [0, 1, 2, 3]
+    assert ops.keep_experts(scores, 4, groups=2).tolist() == [0, 1, 6, 7]  # the best two of each group

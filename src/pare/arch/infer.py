@@ -22,6 +22,7 @@ from pare.arch.roles import (
     LayerRoles,
     MixerKind,
     MixerRoles,
+    MLARoles,
     MLPRoles,
     ModelArch,
     Proj,
@@ -196,12 +197,13 @@ def _experts(layer: nn.Module, modules: dict[str, nn.Module], config: Any) -> Ex
             return None
         num_experts, two_i, _ = getattr(module, gu).shape
         shared = None
-        if f"{prefix}shared_expert.down_proj" in modules:
+        name = next((n for n in ("shared_expert", "shared_experts") if f"{prefix}{n}.down_proj" in modules), None)
+        if name is not None:  # Qwen2-MoE's shared_expert, DeepSeek's shared_experts (n_shared_experts wide)
             shared = MLPRoles(
-                path=f"{prefix}shared_expert",
-                gate=Proj(f"{prefix}shared_expert.gate_proj"),
-                up=Proj(f"{prefix}shared_expert.up_proj"),
-                down=Proj(f"{prefix}shared_expert.down_proj"),
+                path=f"{prefix}{name}",
+                gate=Proj(f"{prefix}{name}.gate_proj"),
+                up=Proj(f"{prefix}{name}.up_proj"),
+                down=Proj(f"{prefix}{name}.down_proj"),
             )
         shared_gate = f"{prefix}shared_expert_gate" if f"{prefix}shared_expert_gate" in modules else None
         return ExpertsRoles(
@@ -292,8 +294,42 @@ def _mlp(modules: dict[str, nn.Module], roles: dict[str, str]) -> MLPRoles | Non
     return MLPRoles(path=_parent(down.path), down=down, up=up, gate=gate, gate_up=gate_up)
 
 
-def _norms(modules: dict[str, nn.Module], attention: AttentionRoles | None) -> tuple[str, ...]:
-    skip = {attention.q_norm, attention.k_norm} if attention else set()
+MLA_NAMES = {"kv_a": "kv_a_proj_with_mqa", "kv_a_norm": "kv_a_layernorm", "kv_b": "kv_b_proj",
+             "q": "q_proj", "q_a": "q_a_proj", "q_a_norm": "q_a_layernorm", "q_b": "q_b_proj", "o": "o_proj"}
+"""Leaf names of a multi-head latent attention block (DeepSeek-V2's, kept by every family that copies it)."""
+
+
+def _mla(modules: dict[str, nn.Module], config: Any) -> MLARoles | None:
+    """Multi-head latent attention: a block holding ``kv_a_proj_with_mqa`` and ``kv_b_proj`` (with
+    ``o_proj`` and ``q_proj`` or ``q_a_proj``/``q_b_proj``), sized by the config's
+    ``qk_nope_head_dim`` / ``qk_rope_head_dim`` / ``v_head_dim``; the head count is read from ``o_proj``."""
+    kv_b = next((n for n, m in modules.items() if n.rsplit(".", 1)[-1] == MLA_NAMES["kv_b"] and _is_projection(m)),
+                None)
+    dims = [getattr(config, k, None) for k in ("qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim")]
+    if kv_b is None or not all(isinstance(d, int) and d > 0 for d in dims):
+        return None
+    path = _parent(kv_b)
+    own = {role: f"{path}.{leaf}" if path else leaf for role, leaf in MLA_NAMES.items()}
+    found = {role: rel for role, rel in own.items() if rel in modules}
+    if not {"kv_a", "kv_a_norm", "o"} <= found.keys() or not ("q" in found or {"q_a", "q_b"} <= found.keys()):
+        return None
+    nope, rope, v = (int(d) for d in dims)  # type: ignore[arg-type]
+    heads = int(weight_of(modules[found["o"]]).shape[1]) // v
+    q_rank = int(weight_of(modules[found["q_a"]]).shape[0]) if "q_a" in found else None
+    return MLARoles(
+        path=path, o=Proj(found["o"]), kv_a=Proj(found["kv_a"]), kv_a_norm=found["kv_a_norm"], kv_b=Proj(kv_b),
+        num_heads=heads, nope_dim=nope, rope_dim=rope, v_dim=v,
+        kv_rank=int(weight_of(modules[found["kv_a"]]).shape[0]) - rope,
+        q=Proj(found["q"]) if "q" in found and "q_a" not in found else None,
+        q_a=Proj(found["q_a"]) if "q_a" in found else None, q_a_norm=found.get("q_a_norm"),
+        q_b=Proj(found["q_b"]) if "q_b" in found else None, q_rank=q_rank,
+    )
+
+
+def _norms(modules: dict[str, nn.Module], attention: AttentionRoles | None,
+           mla: MLARoles | None = None) -> tuple[str, ...]:
+    skip: set[str | None] = {attention.q_norm, attention.k_norm} if attention else set()
+    skip.update(mla.norms if mla else ())
     out = []
     for rel, module in modules.items():
         is_norm = "norm" in type(module).__name__.lower() and hasattr(module, "weight")
@@ -348,10 +384,12 @@ def _mixer(layer: nn.Module, config: Any, used: set[str]) -> MixerRoles | None:
 
 
 def _claimed(attention: AttentionRoles | None, mlp: MLPRoles | None, experts: ExpertsRoles | None,
-             norms: tuple[str, ...]) -> set[str]:
+             norms: tuple[str, ...], mla: MLARoles | None = None) -> set[str]:
     used = {n for n in norms if "." not in n}  # a norm inside a block (Mamba-2's gated norm) claims nothing
     if attention is not None:
         used.add(attention.path)
+    if mla is not None:
+        used.add(mla.path)
     if mlp is not None:
         used.update(p.path for p in (*mlp.inputs, mlp.down))
         if mlp.path:
@@ -367,20 +405,22 @@ def describe_layer(layer: nn.Module, index: int, config: Any, override: ArchOver
     roles = _match_roles(modules, override)
     layout = (override.qkv_layout if override and override.qkv_layout else None) or "unknown"
     attention = _attention(modules, roles, config, layout)
+    mla = _mla(modules, config) if attention is None else None
     experts = _experts(layer, modules, config)
     mlp = None if experts is not None else _mlp(modules, roles)
     parallel = bool(getattr(config, "use_parallel_residual", False) or getattr(config, "parallel_attn", False))
     if override and override.parallel_residual is not None:
         parallel = override.parallel_residual
-    norms = _norms(modules, attention)
-    mixer = _mixer(layer, config, _claimed(attention, mlp, experts, norms))
+    norms = _norms(modules, attention, mla)
+    mixer = _mixer(layer, config, _claimed(attention, mlp, experts, norms, mla))
     return LayerRoles(
         index=index, attention=attention, mlp=mlp, experts=experts,
-        norms=norms, parallel_residual=parallel, mixer=mixer,
+        norms=norms, parallel_residual=parallel, mixer=mixer, mla=mla,
     )
 
 
-def _config_fields(config: Any, override: ArchOverride | None, num_layers: int) -> ConfigFields:
+def _config_fields(config: Any, override: ArchOverride | None, layers: list[LayerRoles]) -> ConfigFields:
+    num_layers = len(layers)
     fields = override.fields if override and override.fields else ConfigFields()
     if fields.kv_heads and getattr(config, fields.kv_heads, None) is None:
         fields = dataclasses.replace(fields, kv_heads=None)
@@ -390,7 +430,36 @@ def _config_fields(config: Any, override: ArchOverride | None, num_layers: int) 
         k for k, v in sorted(vars(config).items())
         if isinstance(v, (list, tuple)) and len(v) == num_layers and k not in ("architectures",)
     )
-    return dataclasses.replace(fields, per_layer_lists=lists)
+    return _moe_fields(config, dataclasses.replace(fields, per_layer_lists=lists), layers)
+
+
+COUNT_FIELDS = ("n_routed_experts", "num_local_experts", "num_experts")
+
+
+def _moe_fields(config: Any, fields: ConfigFields, layers: list[LayerRoles]) -> ConfigFields:
+    """The MoE size fields a config states that no override named: the expert width
+    (``moe_intermediate_size``), the routed-expert count and, for DeepSeek-style shared experts sized
+    ``moe_intermediate_size * n_shared_experts``, that multiplier."""
+    experts = [r.experts for r in layers if r.experts is not None]
+    if not experts:
+        return fields
+
+    def stated(name: str) -> bool:
+        value = getattr(config, name, None)
+        return isinstance(value, int) and not isinstance(value, bool)
+
+    changes: dict[str, Any] = {}
+    if fields.moe_intermediate is None and stated("moe_intermediate_size"):
+        changes["moe_intermediate"] = "moe_intermediate_size"
+    if fields.num_experts is None:
+        name = next((n for n in COUNT_FIELDS if stated(n)), None)
+        if name is not None:
+            changes["num_experts"] = name
+    if (fields.shared_intermediate is None and fields.shared_count is None and stated("n_shared_experts")
+            and not stated("shared_experts_intermediate_size")  # Dots3: its own base width, times the count
+            and any(e.shared is not None for e in experts)):
+        changes["shared_count"] = "n_shared_experts"
+    return dataclasses.replace(fields, **changes) if changes else fields
 
 
 def describe(model: nn.Module, override: ArchOverride | None = None) -> ModelArch:
@@ -413,7 +482,8 @@ def describe(model: nn.Module, override: ArchOverride | None = None) -> ModelArc
     assert isinstance(layer_list, nn.ModuleList)
     layers = [describe_layer(layer, i, config, override) for i, layer in enumerate(layer_list)]
     missing = []
-    known = [r.mixer is not None and r.mixer.kind != "other" for r in layers]  # an unknown block describes nothing
+    # an unknown block describes nothing
+    known = [(r.mixer is not None and r.mixer.kind != "other") or r.mla is not None for r in layers]
     if all(r.attention is None and not k for r, k in zip(layers, known, strict=True)):
         missing.append("attention projections (q/k/v or fused qkv, and the output projection), or a "
                        "state-space / linear-attention mixer")
@@ -464,7 +534,7 @@ def describe(model: nn.Module, override: ArchOverride | None = None) -> ModelArc
         final_norm_path=final_norm,
         lm_head_path=lm_head_path or "",
         tied=tied,
-        fields=_config_fields(config, override, len(layers)),
+        fields=_config_fields(config, override, layers),
         layers=layers,
         extra_embeddings=extra,
     )

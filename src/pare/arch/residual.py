@@ -111,6 +111,8 @@ def stream_ports(roles: LayerRoles) -> Iterator[StreamPort]:
     att = roles.attention
     if att is not None:
         yield from _proj_ports("attention", att.inputs, att.o)
+    if roles.mla is not None:  # latent attention: q (or q_a) and kv_a read the stream, o writes it
+        yield from _proj_ports("attention", roles.mla.inputs, roles.mla.o)
     if roles.mlp is not None:
         yield from _proj_ports("mlp", roles.mlp.inputs, roles.mlp.down)
     ex = roles.experts

@@ -115,6 +115,60 @@ class ExpertsRoles:
     shared_gate: str | None = None
 
 
+@dataclass(frozen=True)
+class MLARoles:
+    """Multi-head latent attention (DeepSeek-V2/V3 and look-alikes), one layer.
+
+    Queries: ``q`` (``[H*(n+r), hidden]`` when ``q_lora_rank`` is None) or the low-rank pair
+    ``q_b(q_a_norm(q_a(x)))`` (``q_a: [q_rank, hidden]``, ``q_b: [H*(n+r), q_rank]``). Keys and values:
+    ``kv_a: [kv_rank + r, hidden]`` whose first ``kv_rank`` rows go through ``kv_a_norm`` into
+    ``kv_b: [H*(n+v), kv_rank]`` (per head: ``n`` key rows without RoPE, then ``v`` value rows), and
+    whose last ``r`` rows are one RoPE key shared by every head. ``o: [hidden, H*v]``.
+
+    A head ``h`` is therefore rows ``h*(n+r) ... (h+1)*(n+r)`` of the query projection, rows
+    ``h*(n+v) ... (h+1)*(n+v)`` of ``kv_b`` and columns ``h*v ... (h+1)*v`` of ``o``; removing it leaves
+    the latents (``q_a``, ``kv_a``, the shared RoPE key) untouched. The latent ranks are not cut: each
+    goes through an RMSNorm whose statistic is the mean over all its channels.
+
+    Attributes:
+        n, r, v: ``qk_nope_head_dim``, ``qk_rope_head_dim``, ``v_head_dim``.
+    """
+
+    path: str
+    o: Proj
+    kv_a: Proj
+    kv_a_norm: str
+    kv_b: Proj
+    num_heads: int
+    nope_dim: int
+    rope_dim: int
+    v_dim: int
+    kv_rank: int
+    q: Proj | None = None
+    q_a: Proj | None = None
+    q_a_norm: str | None = None
+    q_b: Proj | None = None
+    q_rank: int | None = None
+
+    @property
+    def inputs(self) -> tuple[Proj, ...]:
+        """Projections that read the block's input (hidden size on their input side)."""
+        first = self.q if self.q is not None else self.q_a
+        return tuple(p for p in (first, self.kv_a) if p is not None)
+
+    @property
+    def query(self) -> Proj:
+        """The projection whose rows are per-head queries (``q`` or ``q_b``)."""
+        out = self.q if self.q is not None else self.q_b
+        assert out is not None
+        return out
+
+    @property
+    def norms(self) -> tuple[str, ...]:
+        """The latent RMSNorms inside the block (never on the residual stream)."""
+        return tuple(n for n in (self.q_a_norm, self.kv_a_norm) if n is not None)
+
+
 MixerKind = Literal["state-space", "linear-attention", "convolution", "recurrent", "attention", "other"]
 """``attention``: an attention block whose heads pare does not describe (DeepSeek's MLA with low-rank q/kv)."""
 
@@ -152,6 +206,7 @@ class LayerRoles:
     norms: tuple[str, ...] = ()
     parallel_residual: bool = False
     mixer: MixerRoles | None = None
+    mla: MLARoles | None = None
 
 
 @dataclass(frozen=True)
@@ -169,6 +224,9 @@ class ConfigFields:
     shared_intermediate: str | None = None
     num_experts: str | None = None
     per_layer_lists: tuple[str, ...] = ()
+    shared_count: str | None = None
+    """A config field the shared expert's width is a multiple of the expert width by (DeepSeek's
+    ``n_shared_experts``: shared width = ``moe_intermediate_size * n_shared_experts``)."""
 
 
 @dataclass
@@ -214,6 +272,8 @@ class ModelArch:
             return "experts"
         if roles.attention is not None and rel.startswith(roles.attention.path + "."):
             return "attention"
+        if roles.mla is not None and rel.startswith(roles.mla.path + "."):
+            return "attention"
         if any(rel.startswith(n + ".") for n in roles.norms):
             return "norms"
         if roles.mlp is not None:
@@ -236,11 +296,27 @@ class ModelArch:
         return (f"layers {layers} hold {'; '.join(parts)}: their linears take weight sparsity and the layers can be "
                 "removed, but their internal sizes (state, convolution kernel, latent ranks) are not cut")
 
+    def latent_attention(self) -> str | None:
+        """What a head is under multi-head latent attention and which of its sizes are not cut (None
+        when the model has no MLA layer): inspect prints it."""
+        mla = next((r.mla for r in self.layers if r.mla is not None), None)
+        if mla is None:
+            return None
+        q = (f"{mla.q.path} rows" if mla.q is not None else
+             f"{mla.q_b.path if mla.q_b else '?'} rows (after the q_lora_rank={mla.q_rank} latent)")
+        return (f"multi-head latent attention: head h = its {mla.nope_dim}+{mla.rope_dim} {q}, its "
+                f"{mla.nope_dim}+{mla.v_dim} {mla.kv_b.path} rows (key without RoPE, value) and its {mla.v_dim} "
+                f"{mla.o.path} columns; heads can be cut (num_attention_heads rewritten). Not cut: the RoPE key "
+                f"(the last {mla.rope_dim} rows of {mla.kv_a.path}) is one for all heads, and the latent ranks "
+                f"kv_lora_rank={mla.kv_rank}" + (f", q_lora_rank={mla.q_rank}" if mla.q_rank else "")
+                + f" each pass through an RMSNorm ({', '.join(mla.norms)}) whose statistic spans every latent "
+                "channel, so removing channels would change what the kept ones compute")
+
     def nothing_to_cut(self, mlp: bool, attention: bool) -> str | None:
         """Why a width cut of the MLP (``mlp``) and / or attention heads (``attention``) asks for a part
         this model does not have (so the cut would silently do nothing there), or None."""
         has_mlp = any(r.mlp is not None or r.experts is not None for r in self.layers)
-        has_att = any(r.attention is not None for r in self.layers)
+        has_att = any(r.attention is not None or r.mla is not None for r in self.layers)
         missing = [w for w, asked, has in (("MLP channels", mlp, has_mlp), ("attention heads", attention, has_att))
                    if asked and not has]
         if not missing:

@@ -73,12 +73,12 @@ def inspect_cmd(args: argparse.Namespace) -> int:
     parts = params_by_part(model, arch)
     layers = []
     for r in arch.layers:
-        a, m, e = r.attention, r.mlp, r.experts
+        a, m, e, la = r.attention, r.mlp, r.experts, r.mla
         layers.append({
             "layer": r.index,
-            "heads": a.num_heads if a else None,
+            "heads": a.num_heads if a else (la.num_heads if la else None),
             "kv_heads": a.num_kv_heads if a else None,
-            "head_dim": a.head_dim if a else None,
+            "head_dim": a.head_dim if a else (f"{la.nope_dim}+{la.rope_dim}/{la.v_dim}" if la else None),
             "mlp": arch.mlp_width(model, r.index) if m else None,
             "experts": f"{e.num_experts}x{e.intermediate} top{e.top_k}" if e else None,
             "mixer": f"{r.mixer.kind} ({r.mixer.path})" if r.mixer else None,
@@ -86,7 +86,8 @@ def inspect_cmd(args: argparse.Namespace) -> int:
         })
     if args.json:
         print(json.dumps({"model_type": arch.model_type, "layers_path": arch.layers_path,
-                          "tied": arch.tied, "params": parts, "layers": layers, "not_cut": arch.mixers()}, indent=2))
+                          "tied": arch.tied, "params": parts, "layers": layers, "not_cut": arch.mixers(),
+                          "latent_attention": arch.latent_attention()}, indent=2))
         return 0
     print(f"{args.model}: {arch.model_type}, {arch.num_layers} decoder layers at {arch.layers_path}, "
           f"lm_head {'tied to' if arch.tied else 'separate from'} {arch.embed_path}")
@@ -95,11 +96,17 @@ def inspect_cmd(args: argparse.Namespace) -> int:
         at = r0.attention
         names = ", ".join(p.path for p in (*at.inputs, at.o))
         print(f"attention: {names}" + (f" (fused, {at.qkv_layout})" if at.qkv else ""))
+    if r0.mla:
+        la = r0.mla
+        names = ", ".join(p.path for p in (la.q, la.q_a, la.q_b, la.kv_a, la.kv_b, la.o) if p is not None)
+        print(f"attention (latent): {names}")
+        print(f"  {arch.latent_attention()}")
     if r0.mlp:
         print(f"mlp: {', '.join(p.path for p in (*r0.mlp.inputs, r0.mlp.down))}")
-    if r0.experts:
-        ex = r0.experts
-        print(f"experts: {ex.path} ({ex.gate_up_param}, {ex.down_param}), router {ex.router}")
+    ex = next((r.experts for r in arch.layers if r.experts is not None), None)  # DeepSeek: layer 0 is dense
+    if ex is not None:
+        shared = f", shared {ex.shared.path}" if ex.shared is not None else ""
+        print(f"experts: {ex.path} ({ex.gate_up_param}, {ex.down_param}), router {ex.router}{shared}")
     print(f"norms: {', '.join(r0.norms)}")
     if arch.mixers():
         print(f"not attention: {arch.mixers()}")

@@ -11,7 +11,9 @@ router rows. ``merge=True`` instead folds each removed expert into its most simi
 reloads with ``from_pretrained``; layers are visited in order, each scored on the outputs of the
 already-pruned layers before it (``RuntimeConfig(sequential=False)``: on the dense model's).
 ``allocation="global"`` scores every layer on the dense model first and ranks experts of all layers
-together (per-layer counts, replayed by ``pare.load``). Shared experts (Qwen2-MoE) are never removed.
+together (per-layer counts, replayed by ``pare.load``). Shared experts (Qwen2-MoE, DeepSeek) are never
+removed. A group-limited router (DeepSeek's ``n_group``) loses the same number of experts in every
+group, each group's weakest, so ``n_group`` and ``topk_group`` keep their meaning.
 """
 
 from __future__ import annotations
@@ -26,7 +28,9 @@ from torch import nn
 from pare.arch.roles import ModelArch
 from pare.arch.surgery.experts import (
     current_top_k,
+    expert_groups,
     group_limited,
+    grouped_count_problem,
     merge_experts,
     remove_experts,
     sync_expert_config,
@@ -118,10 +122,15 @@ class ExpertsPruner(StructuralPruner):
             ex = roles.experts
             assert ex is not None
             layer = layers[roles.index]
-            if group_limited(layer.get_submodule(ex.router)):
-                raise ConfigError(f"layer {roles.index}: the router selects experts within groups (n_group > 1); "
-                                  "removing experts would regroup them, which expert pruning does not support")
             k, selects = cfg.kept(ex.num_experts), cfg.top_k or current_top_k(layer, ex)
+            router = layer.get_submodule(ex.router)
+            if group_limited(router):
+                if cfg.allocation == "global":
+                    raise ConfigError(f"layer {roles.index}: the router selects experts within groups (n_group > 1), "
+                                      "so each group must keep as many experts; use allocation='uniform'")
+                why = grouped_count_problem(router, ex.num_experts, k, selects)
+                if why is not None:
+                    raise ConfigError(f"layer {roles.index}: {why} (--num-experts)")
             if k > ex.num_experts:
                 raise ConfigError(f"num_experts={k} is more than layer {roles.index}'s {ex.num_experts} experts")
             if cfg.top_k and cfg.top_k > k:
@@ -195,7 +204,10 @@ class ExpertsPruner(StructuralPruner):
     def _cut(self, ctx: PruneContext, i: int, st: RoutingStats, scores: torch.Tensor, k: int,
              top_k: int | None) -> dict[str, Any]:
         """Remove (or merge away) all but the ``k`` best experts of layer ``i``; the report row."""
-        keep = ops.keep_experts(scores, k)
+        layer = ctx.arch.layer_modules(ctx.model)[i]
+        ex = ctx.arch.layers[i].experts
+        assert ex is not None
+        keep = ops.keep_experts(scores, k, expert_groups(layer.get_submodule(ex.router)))
         row: dict[str, Any] = {"layer": i, "scores": [float(v) for v in scores], "kept": keep.tolist(),
                                "tokens": st.tokens, "frequency": [int(v) for v in st.sums["count"]]}
         if k == scores.numel() and top_k is None:

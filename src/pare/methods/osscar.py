@@ -6,7 +6,8 @@ entering the down projection (the MLP's intermediate channels) choose the kept c
 minimising ``||W H - B H_S||^2`` by combinatorial local search, refit ``B`` by ridge least squares
 (:mod:`pare.ops.osscar`), then cut the channels from gate/up/down for real, so the model is
 smaller and reloads with ``from_pretrained``. With ``attn_ratio`` the same is done for attention
-heads as groups of ``head_dim`` input columns of ``o_proj`` (GQA kept valid).
+heads as groups of ``head_dim`` input columns of ``o_proj`` (GQA kept valid; under latent attention,
+MLA, groups of ``v_head_dim`` columns, each head cut with its query and ``kv_b`` rows).
 
 Like AMD Quark's OSSCAR the kept width can be rounded (``round_to``, ``power_of_two``): widths that
 are multiples of 64/128 or powers of two run faster on GPUs.
@@ -24,6 +25,7 @@ from torch import nn
 
 from pare.arch import ArchOverride, describe
 from pare.arch.roles import AttentionRoles, ModelArch, in_features, weight_of
+from pare.arch.surgery.mla import cut_mla_heads_to, mla_head_count, prune_mla_heads
 from pare.arch.surgery.width import (
     check_fused_layout,
     config_rejects_heads,
@@ -170,6 +172,8 @@ class OsscarPruner(StructuralPruner):
         first = next((r.attention for r in arch.layers if r.attention is not None), None)
         if self.config.attn_ratio > 0 and first is not None:
             check_savable_heads(model, arch, self.config.attn_ratio, self.config.head_mode, "attn_ratio")
+        if self.config.attn_ratio > 0 and first is None and any(r.mla for r in arch.layers):
+            mla_head_count(arch, self.config.attn_ratio)  # a whole number of latent-attention heads
 
     def preview(self, model: nn.Module, arch: ModelArch, override: ArchOverride | None) -> None:
         """The run's head counts and MLP widths (its first channels and heads: the run selects them)."""
@@ -180,6 +184,11 @@ class OsscarPruner(StructuralPruner):
             for r in arch.layers:
                 if r.attention is not None:
                     cut_heads_to(model, arch, r.index, heads, kv)
+        if cfg.attn_ratio > 0 and first is None and any(r.mla for r in arch.layers):
+            keep = mla_head_count(arch, cfg.attn_ratio)
+            for r in arch.layers:
+                if r.mla is not None:
+                    cut_mla_heads_to(model, arch, r.index, keep)
         layers = arch.layer_modules(model)
         for r in arch.layers if cfg.mlp_ratio > 0 else ():
             if r.mlp is not None:
@@ -204,10 +213,14 @@ class OsscarPruner(StructuralPruner):
         first = next((r.attention for r in ctx.arch.layers if r.attention is not None), None)
         if cfg.attn_ratio > 0 and first is not None:
             heads_plan = resolve_heads(first, cfg.attn_ratio, cfg.head_mode)
+        latent = any(r.mla for r in ctx.arch.layers) and cfg.attn_ratio > 0 and first is None
+        mla_keep = mla_head_count(ctx.arch, cfg.attn_ratio) if latent else 0
         for step in ctx.runner().steps():
             targets = {t.name: t for t in layer_targets(step.layer, step.roles, step.prefix)}
             if heads_plan is not None and step.roles.attention is not None:
                 self._prune_attention(ctx, step, targets, heads_plan)
+            if mla_keep and step.roles.mla is not None:
+                self._prune_latent_attention(ctx, step, targets, mla_keep)
             if cfg.mlp_ratio > 0 and (step.roles.mlp is not None or step.roles.experts is not None):
                 self._prune_mlp(ctx, step, targets)  # a layer whose MLP block was removed is left as it is
         ctx.report.uniform = sync_config(ctx.model, ctx.describe())
@@ -240,6 +253,25 @@ class OsscarPruner(StructuralPruner):
         else:
             edit = prune_heads(ctx.model, ctx.arch, step.index, keep_query_heads=sel.keep)
         ctx.report.edits.append(edit)
+        ctx.report.scores.setdefault("attn_error", {})[str(step.index)] = _errors(sel)
+
+    def _prune_latent_attention(self, ctx: PruneContext, step: LayerStep, targets: dict[str, Target],
+                                keep: int) -> None:
+        """Latent attention (MLA): heads are groups of ``v_head_dim`` input columns of ``o_proj``; the
+        kept ones are refit, then each head's query, ``kv_b`` rows and ``o`` columns are cut."""
+        mla = step.roles.mla
+        assert mla is not None
+        o = targets[f"{step.prefix}.{mla.o.path}"]
+        stats = {o.name: InputStats(want_gram=True)}
+        with record_inputs([o], stats):
+            step.run()
+        w, gram = o.weight(), stats[o.name].gram
+        assert gram is not None
+        sel = select_groups(gram.to(w.device), w, keep, group=mla.v_dim, damp=self.config.damp,
+                            max_swaps=self.config.max_swaps, exact=self.config.exact)
+        cols = (sel.keep[:, None] * mla.v_dim + torch.arange(mla.v_dim, device=w.device)).flatten()
+        w[:, cols] = sel.weight.to(w.dtype)
+        ctx.report.edits.append(prune_mla_heads(ctx.model, ctx.arch, step.index, sel.keep))
         ctx.report.scores.setdefault("attn_error", {})[str(step.index)] = _errors(sel)
 
     # ------------------------------------------------------------------ MLP

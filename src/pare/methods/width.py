@@ -27,8 +27,10 @@ import torch
 from torch import nn
 
 from pare.arch import ArchOverride, describe
+from pare.arch.infer import text_config
 from pare.arch.residual import StreamPort, stream_ports
 from pare.arch.roles import LayerRoles, MLPRoles, ModelArch, Proj, get_weight, in_features
+from pare.arch.surgery.mla import cut_mla_heads_to, mla_config_rejects, mla_head_count, prune_mla_heads
 from pare.arch.surgery.width import (
     ATTN_WIDTH_IS_HIDDEN,
     BIAS_FLAGS,
@@ -241,6 +243,14 @@ class Scorer:
         assert att.q is not None
         return score + imp.group_sum(self.proj(index, att.q)[0], d)
 
+    def mla_heads(self, index: int) -> torch.Tensor:
+        """Per latent-attention head: its query rows, ``kv_b`` rows and ``o`` columns."""
+        mla = self.arch.layers[index].mla
+        assert mla is not None
+        return (imp.group_sum(self.proj(index, mla.o)[1], mla.v_dim)
+                + imp.group_sum(self.proj(index, mla.query)[0], mla.nope_dim + mla.rope_dim)
+                + imp.group_sum(self.proj(index, mla.kv_b)[0], mla.nope_dim + mla.v_dim))
+
     def kv_groups(self, index: int) -> torch.Tensor:
         att = self.arch.layers[index].attention
         assert att is not None
@@ -320,6 +330,10 @@ def _mlp_multiple(cfg: WidthConfig, moe: bool, dtype: torch.dtype) -> int:
 def _plan_heads(scorer: Scorer, arch: ModelArch, cfg: WidthConfig, plan: Plan) -> int | None:
     """Kept heads per layer; returns the kept attention width (heads * head_dim) or None."""
     first = next((r.attention for r in arch.layers if r.attention is not None), None)
+    if cfg.heads and first is None and cfg.pruning_ratio > 0 and any(r.mla for r in arch.layers):
+        keep = mla_head_count(arch, cfg.pruning_ratio)  # latent attention: every head stands alone
+        plan.heads.update({r.index: imp.keep_top(scorer.mla_heads(r.index), keep) for r in arch.layers if r.mla})
+        return None
     if not cfg.heads or first is None or cfg.pruning_ratio == 0:
         return None
     heads, kv, mode = resolve_heads(first, cfg.pruning_ratio, cfg.head_mode)
@@ -454,6 +468,10 @@ def apply(ctx: PruneContext, p: Plan, scorer: Scorer, cfg: WidthConfig) -> None:
             if flap:
                 _compensate(ctx, scorer, i, att.o, heads, att.head_dim, "attention", can)
             ctx.report.edits.append(prune_heads(ctx.model, arch, i, keep_query_heads=heads))
+        if i in p.heads and roles.mla is not None:
+            if flap:
+                _compensate(ctx, scorer, i, roles.mla.o, p.heads[i], roles.mla.v_dim, "attention", can)
+            ctx.report.edits.append(prune_mla_heads(ctx.model, arch, i, p.heads[i]))
         if i in p.mlp:
             if flap and roles.mlp is not None:
                 _compensate(ctx, scorer, i, roles.mlp.down, p.mlp[i], 1, "mlp", can)
@@ -466,6 +484,21 @@ def apply(ctx: PruneContext, p: Plan, scorer: Scorer, cfg: WidthConfig) -> None:
             "hidden-size pruning: norm weights are kept as they are; RMSNorm's mean of squares now runs over "
             "the kept channels only (rescaling by sqrt(H/H') over-amplifies when removed channels carry energy)"
         )
+
+
+def _check_mla(model: nn.Module, arch: ModelArch, cfg: WidthConfig) -> None:
+    """Latent attention: the head cut must be a whole number of heads, and a hidden cut one the config
+    accepts with the heads left (DeepSeek's configs want the hidden size a multiple of the heads)."""
+    heads = next(r.mla.num_heads for r in arch.layers if r.mla is not None)
+    if cfg.heads:
+        heads = mla_head_count(arch, cfg.pruning_ratio)
+    if cfg.hidden:
+        hidden = kept_hidden(model, arch, cfg)
+        why = mla_config_rejects(text_config(model), arch, heads, hidden)
+        if why is not None:
+            raise ConfigError(f"pruning_ratio {cfg.pruning_ratio} leaves a hidden size of {hidden} with {heads} "
+                              f"attention heads, which {type(model.config).__name__} refuses ({why}); choose "
+                              "another ratio or set hidden=False")
 
 
 # ---------------------------------------------------------------------------- the pruner
@@ -489,6 +522,8 @@ class WidthPruner(StructuralPruner):
         if why:
             raise ConfigError(why)
         first = next((r.attention for r in arch.layers if r.attention is not None), None)
+        if first is None and cfg.pruning_ratio > 0 and any(r.mla for r in arch.layers):
+            _check_mla(model, arch, cfg)
         if cfg.heads and first is not None and cfg.pruning_ratio > 0:
             hidden = kept_hidden(model, arch, cfg) if cfg.hidden else None
             check_savable_heads(model, arch, cfg.pruning_ratio, cfg.head_mode, "pruning_ratio", hidden)
@@ -516,6 +551,11 @@ class WidthPruner(StructuralPruner):
                 if r.attention is not None:
                     cut_heads_to(model, arch, r.index, heads, kv)
             attn_width = heads * first.head_dim
+        if cfg.heads and first is None and any(r.mla for r in arch.layers):
+            keep = mla_head_count(arch, cfg.pruning_ratio)
+            for r in arch.layers:
+                if r.mla is not None:
+                    cut_mla_heads_to(model, arch, r.index, keep)
         if cfg.mlp:
             preview_mlp(model, arch, cfg)
         if cfg.hidden:

@@ -80,8 +80,15 @@ def expert_scores(importance: str, sums: dict[str, torch.Tensor], tokens: int) -
     raise ValueError(f"unknown expert importance {importance!r}; choose one of {list(IMPORTANCES)}")
 
 
-def keep_experts(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """Indices of the ``k`` highest scores, ascending; on ties the lower index is kept."""
+def keep_experts(scores: torch.Tensor, k: int, groups: int = 1) -> torch.Tensor:
+    """Indices of the ``k`` highest scores, ascending; on ties the lower index is kept.
+
+    With ``groups`` > 1 (a router that picks experts inside ``groups`` contiguous groups, DeepSeek's
+    ``n_group``) the ``k / groups`` best of every group are kept, so each group keeps as many.
+    """
+    if groups > 1:
+        per = scores.numel() // groups
+        return torch.cat([keep_experts(scores[g * per:(g + 1) * per], k // groups) + g * per for g in range(groups)])
     order = torch.argsort(-scores.double(), stable=True)
     return order[:k].sort().values
 

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
-from pare.arch.surgery import depth, experts, rotation, width
+from pare.arch.surgery import depth, experts, mla, rotation, width
 from pare.arch.surgery.edits import EDIT_TYPES, Edit, as_edit
 
 if TYPE_CHECKING:
@@ -23,6 +23,7 @@ if TYPE_CHECKING:
 
 REPLAY: dict[type[Edit], Callable[[nn.Module, Any, ArchOverride | None], None]] = {
     **width.REPLAY, **depth.REPLAY, **experts.REPLAY, **rotation.REPLAY,
+    **mla.REPLAY,  # heads of an MLA layer; other layers' heads go on to width's replay
 }
 """How each kind of edit is replayed on a model built from the saved config."""
 

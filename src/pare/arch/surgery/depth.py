@@ -9,7 +9,8 @@ rewrites everything transformers reads by layer index, so the result reloads wit
 * per-layer config lists (``layer_types``: sliding/full attention, which also decides the mask and
   the cache layer kind, and Gemma-3's rotary table),
 * index lists: Qwen-MoE's ``mlp_only_layers`` / ``decoder_sparse_step``, rewritten as
-  ``decoder_sparse_step=1`` plus an explicit list of dense layers so no MoE layer turns dense.
+  ``decoder_sparse_step=1`` plus an explicit list of dense layers so no MoE layer turns dense;
+  DeepSeek's ``first_k_dense_replace`` (a dense prefix) counts the dense layers kept.
 
 Sub-layer removal (:func:`remove_sublayer`) swaps an attention or MLP block for a parameter-free
 module whose output is zero, so the decoder layer adds nothing to the residual stream (Gemma's
@@ -86,6 +87,15 @@ def _moe_layout(config: Any, arch: ModelArch, kept: list[int]) -> dict[str, Any]
     return {"decoder_sparse_step": 1, "mlp_only_layers": dense}
 
 
+def _dense_prefix(config: Any, arch: ModelArch, kept: list[int]) -> dict[str, Any]:
+    """DeepSeek-style configs build dense MLPs in the first ``first_k_dense_replace`` layers and MoE
+    after: count the dense layers kept (they stay a prefix, since the order is kept)."""
+    value = getattr(config, "first_k_dense_replace", None)
+    if not isinstance(value, int) or isinstance(value, bool) or not any(r.experts is not None for r in arch.layers):
+        return {}
+    return {"first_k_dense_replace": sum(1 for i in kept if i < value)}
+
+
 def _config_changes(config: Any, arch: ModelArch, kept: list[int], n: int) -> dict[str, Any]:
     changes: dict[str, Any] = {}
     for name in arch.fields.per_layer_lists:
@@ -97,6 +107,7 @@ def _config_changes(config: Any, arch: ModelArch, kept: list[int], n: int) -> di
         if isinstance(value, (list, tuple)) and name not in changes:
             changes[name] = [kept.index(i) for i in value if i in kept]
     changes.update(_moe_layout(config, arch, kept))
+    changes.update(_dense_prefix(config, arch, kept))
     changes[arch.fields.layers] = len(kept)
     return changes
 
@@ -329,7 +340,8 @@ def layers_removed(model: nn.Module, arch: ModelArch, indices: Sequence[int]) ->
         (m, m.layer_idx) for layer in originals for m in layer.modules()
         if isinstance(getattr(m, "layer_idx", None), int)
     ]
-    names = (*arch.fields.per_layer_lists, *INDEX_LISTS, "decoder_sparse_step", arch.fields.layers)
+    names = (*arch.fields.per_layer_lists, *INDEX_LISTS, "decoder_sparse_step", "first_k_dense_replace",
+             arch.fields.layers)
     before = {k: copy.deepcopy(getattr(config, k)) for k in names if hasattr(config, k)}
     try:
         yield remove_layers(model, arch, indices, check=False)
@@ -492,6 +504,10 @@ def remove_sublayer(model: nn.Module, arch: ModelArch, layer_idx: int, part: str
     base = RemoveSublayer(layer_idx, part, freed, arch.layers_path)
     if part == "attention":
         att = roles.attention
+        if att is None and roles.mla is not None:
+            raise ConfigError(f"layer {layer_idx}'s attention is multi-head latent attention, whose KV cache holds "
+                              "the shared latents: pare does not remove it as a sub-layer. Remove whole layers "
+                              "(shortgpt, layers) or cut its heads (width, osscar --attn-ratio)")
         if att is None:
             raise ConfigError(f"layer {layer_idx} has no attention block left to remove")
         old = layer.get_submodule(att.path)

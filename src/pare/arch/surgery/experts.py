@@ -6,7 +6,9 @@ expert (``gate_up_proj [E, 2I, H]``, ``down_proj [E, H, I]``, gpt-oss's per-expe
 ``e_score_correction_bias``) are per expert. Removing experts keeps the same slices of every such
 tensor, rewrites the module attributes the forwards read (``num_experts``, ``top_k``) and, through
 :func:`sync_expert_config`, the config (``num_local_experts`` / ``num_experts``,
-``num_experts_per_tok``). Shared experts are separate modules and are never touched.
+``num_experts_per_tok``). Shared experts are separate modules and are never touched. A router that
+selects experts within contiguous groups (DeepSeek's ``n_group`` / ``topk_group``) keeps its groups:
+the same number of experts is removed from each (:func:`grouped_count_problem` says which counts work).
 """
 
 from __future__ import annotations
@@ -55,9 +57,50 @@ def _modules(layer: nn.Module, ex: ExpertsRoles) -> tuple[nn.Module, nn.Module, 
 
 
 def group_limited(router: nn.Module) -> bool:
-    """Whether the router picks experts inside groups (DeepSeek-V3's ``n_group`` > 1): removing experts
-    would change which expert belongs to which group."""
-    return int(getattr(router, "num_group", getattr(router, "n_group", 1)) or 1) > 1
+    """Whether the router picks experts inside groups (DeepSeek-V3's ``n_group`` > 1, DeepSeek-V2's
+    ``group_limited_greedy``): experts can then only be removed evenly from every group."""
+    return expert_groups(router) > 1
+
+
+def expert_groups(router: nn.Module) -> int:
+    """How many contiguous groups the router selects experts within (1: no groups). DeepSeek-V2's
+    ``greedy`` routing ignores its ``n_group``."""
+    if getattr(router, "topk_method", None) == "greedy":
+        return 1
+    return int(getattr(router, "num_group", getattr(router, "n_group", 1)) or 1)
+
+
+def grouped_count_problem(router: nn.Module, num_experts: int, keep: int, top_k: int) -> str | None:
+    """Why keeping ``keep`` of ``num_experts`` experts breaks a group-limited router, or None.
+
+    Experts ``g*E/G ... (g+1)*E/G`` form group ``g`` (the router reshapes its scores to ``[G, E/G]``), so
+    every group must keep the same number of experts, at least two (DeepSeek-V3 scores a group by
+    the sum of its two best experts) unless the groups had fewer, and the ``topk_group`` groups a token
+    may use must still hold its ``top_k`` experts. ``n_group`` and ``topk_group`` stay as they are.
+    """
+    groups = expert_groups(router)
+    if groups <= 1:
+        return None
+    per = num_experts // groups
+    least = min(2, per)
+    topk_group = int(getattr(router, "topk_group", groups) or groups)
+    valid = [m * groups for m in range(least, per + 1) if m * topk_group >= top_k]
+    if keep % groups == 0 and keep // groups >= least and keep // groups * topk_group >= top_k:
+        return None
+    return (f"the router selects experts within {groups} groups of {per} (n_group={groups}, topk_group={topk_group}, "
+            f"top_k={top_k}): every group must keep the same number of experts, at least {least}, and "
+            f"{topk_group} groups must still hold {top_k} experts, so {keep} cannot be kept; counts that work: "
+            f"{valid or 'none (lower top_k)'}")
+
+
+def first_experts(router: nn.Module, num_experts: int, keep: int) -> torch.Tensor:
+    """The first ``keep`` experts, or with a group-limited router the first ``keep / G`` of each group
+    (the shapes a cut to ``keep`` leaves, for a replay)."""
+    groups = expert_groups(router)
+    if groups <= 1:
+        return torch.arange(keep)
+    per = num_experts // groups
+    return (torch.arange(groups)[:, None] * per + torch.arange(keep // groups)).flatten()
 
 
 def _set_counts(modules: Sequence[nn.Module], count: int, top_k: int | None) -> None:
@@ -111,9 +154,16 @@ def remove_experts(model: nn.Module, arch: ModelArch, layer_idx: int, keep: torc
     if selects > k:
         raise ConfigError(f"layer {layer_idx}: keeping {k} experts leaves fewer than the {selects} each token selects "
                           f"(num_experts_per_tok); keep at least {selects}, or lower it with top_k (--top-k)")
-    if group_limited(router):
-        raise ConfigError(f"layer {layer_idx}: the router selects experts within groups (n_group > 1); removing "
-                          "experts would regroup them. Expert pruning supports routers without groups")
+    groups = expert_groups(router)
+    if groups > 1:
+        why = grouped_count_problem(router, ex.num_experts, k, selects)
+        per = ex.num_experts // groups
+        counts = torch.bincount(idx // per, minlength=groups)
+        if why is None and bool((counts != k // groups).any()):
+            why = f"it keeps {counts.tolist()} experts of the {groups} groups, not {k // groups} of each"
+        if why is not None:
+            raise ConfigError(f"layer {layer_idx}: {why}")
+        idx = idx.sort().values  # group by group, so the router's [G, E/G] reshape keeps every group
     for module in (experts, router):
         for name, is_param in _per_expert(module, ex.num_experts):
             value = getattr(module, name)
@@ -184,9 +234,13 @@ def _replay_experts(model: nn.Module, edit: Experts, override: ArchOverride | No
                         "the recorded edit keeps: the config and the edits do not describe the pruned model")
     if k == ex.num_experts and top_k is None:
         return
-    remove_experts(model, arch, i, torch.arange(k), None if top_k is None else int(top_k))
+    router = arch.layer_modules(model)[i].get_submodule(ex.router)
+    remove_experts(model, arch, i, first_experts(router, ex.num_experts, k), None if top_k is None else int(top_k))
 
 
 REPLAY: dict[type[Edit], Callable[[nn.Module, Any, ArchOverride | None], None]] = {Experts: _replay_experts}
 
-__all__ = ["REPLAY", "current_top_k", "group_limited", "merge_experts", "remove_experts", "sync_expert_config"]
+__all__ = [
+    "REPLAY", "current_top_k", "expert_groups", "first_experts", "group_limited", "grouped_count_problem",
+    "merge_experts", "remove_experts", "sync_expert_config",
+]

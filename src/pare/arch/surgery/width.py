@@ -48,7 +48,9 @@ def attention_follows_hidden(model: nn.Module, arch: ModelArch) -> bool:
     the meta device from the config with half the hidden size and the same ``head_dim`` tells."""
     from transformers import AutoModelForCausalLM
 
-    first = next(r for r in arch.layers if r.attention is not None)
+    first = next((r for r in arch.layers if r.attention is not None), None)
+    if first is None:
+        return False  # no q/k/v attention (state-space, latent attention): nothing sized by head_dim
     att = first.attention
     assert att is not None
     config: Any = copy.deepcopy(text_config(model))
@@ -488,14 +490,23 @@ def sync_config(model: nn.Module, arch: ModelArch) -> bool:
     moe = [r.experts.intermediate for r in arch.layers if r.experts is not None]
     shared = [_mlp_width(layers[r.index], r.experts.shared) for r in arch.layers
               if r.experts is not None and r.experts.shared is not None]
+    shared_ok = _shared_follows_experts(cfg, f.shared_count, moe, shared)
     for values, name in ((dense, f.intermediate), (moe, f.moe_intermediate or f.intermediate),
-                         (shared, f.shared_intermediate)):
-        if values:
+                         (shared, None if f.shared_count else f.shared_intermediate)):
+        if values and f.shared_count and values is not dense and not shared_ok:
+            uniform = False  # keep the stated (wider) expert width: pare.load cuts both from it
+        elif values and values is shared and f.shared_count:
+            pass  # stated by the expert width times the multiplier
+        elif values:
             width = _uniform(values)
             if width is None or not name:
                 uniform = False
             else:
                 _field_set(cfg, name, width)
+    if any(r.mla is not None for r in arch.layers):
+        from pare.arch.surgery.mla import sync_mla_config
+
+        return sync_mla_config(cfg, arch) and uniform
     atts = [r.attention for r in arch.layers if r.attention is not None]
     heads, kv = _uniform([a.num_heads for a in atts]), _uniform([a.num_kv_heads for a in atts])
     head_dim = atts[0].head_dim if atts else None
@@ -512,6 +523,17 @@ def sync_config(model: nn.Module, arch: ModelArch) -> bool:
         if f.kv_heads or hasattr(cfg, "num_key_value_heads"):
             _field_set(cfg, f.kv_heads or "num_key_value_heads", kv)
     return uniform
+
+
+def _shared_follows_experts(cfg: Any, count: str | None, moe: list[int], shared: list[int]) -> bool:
+    """Whether a shared expert sized ``expert width * cfg.<count>`` (DeepSeek's ``n_shared_experts``) is
+    still that after a cut, in every layer (so writing the expert width states both)."""
+    if not count:
+        return True
+    if _uniform(moe) is None:
+        return False
+    multiple = getattr(cfg, count, None)
+    return isinstance(multiple, int) and all(w == moe[0] * multiple for w in shared)
 
 
 def pin_derived_widths(model: nn.Module, arch: ModelArch) -> None:
@@ -553,17 +575,45 @@ def enable_bias(model: nn.Module, arch: ModelArch, kind: str) -> bool:
     cfg: Any = text_config(model)
     if not hasattr(cfg, flag):
         return False
+    governed = _biased_by_flag(model, arch, flag)
     layers = arch.layer_modules(model)
     for i, roles in enumerate(arch.layers):
         for port in stream_ports(roles):  # the block's projections: its readers and its writer of the stream
             if port.block != kind or port.proj is None:
                 continue
+            if governed is not None and f"{i}.{port.path}" not in governed:
+                continue  # the flag does not give it a bias (DeepSeek's q_proj): FLAP leaves it as it is
             m: Any = layers[i].get_submodule(port.path)
             if getattr(m, "bias", None) is None:
                 w = get_weight(m, port.proj)
                 m.bias = nn.Parameter(torch.zeros(w.shape[0], dtype=w.dtype, device=w.device))
+    for path in governed or ():  # other linears the flag gives a bias (DeepSeek's shared experts: mlp_bias)
+        m = layers.get_submodule(path)
+        if isinstance(m, nn.Linear) and m.bias is None:
+            m.bias = nn.Parameter(torch.zeros(m.out_features, dtype=m.weight.dtype, device=m.weight.device))
     setattr(cfg, flag, True)
     return True
+
+
+def _biased_by_flag(model: nn.Module, arch: ModelArch, flag: str) -> set[str] | None:
+    """The linears (``"<layer>.<path>"``) that gain a bias when the config's ``flag`` is set, read from a
+    model built on the meta device with it; None when that model cannot be built."""
+    full: Any = copy.deepcopy(model.config)
+    from pare.arch.infer import decoder_config
+
+    setattr(decoder_config(full), flag, True)
+    try:
+        with torch.device("meta"):
+            built = type(model)(full)
+    except Exception:  # any failure: fall back to the roles' projections
+        return None
+    have = dict(arch.layer_modules(model).named_modules())
+    out: set[str] = set()
+    for name, m in built.get_submodule(arch.layers_path).named_modules():
+        mine = have.get(name)
+        if isinstance(m, nn.Linear) and m.bias is not None and isinstance(mine, nn.Linear) and mine.bias is None:
+            out.add(name)
+    return out
 
 
 def _replay_mlp(model: nn.Module, edit: MlpChannels, override: ArchOverride | None = None) -> None:
