@@ -444,7 +444,12 @@ def record_routing_once(experts: nn.Module, stats: RoutingStats, check_tokens: i
         with torch.no_grad():
             stats.add_pairs(module, hidden, pairs, output)
             w = pairs.gate.to(output.dtype)
-            out = torch.zeros_like(hidden).index_add_(0, pairs.token, (output * w[:, None]).to(hidden.dtype))
+            weighted = (output * w[:, None]).to(hidden.dtype)
+            t, k = index.shape
+            if pairs.token.numel() == t * k:  # every slot routed: the rows are token-major, k per token
+                out = weighted.view(t, k, -1).sum(1)
+            else:
+                out = torch.zeros_like(hidden).index_add_(0, pairs.token, weighted)
             if not combines:
                 n = check_tokens
                 ref = module.forward(hidden[:n], index[:n], weights[:n])
