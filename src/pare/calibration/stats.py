@@ -455,13 +455,10 @@ def record_routing_once(experts: nn.Module, stats: RoutingStats, check_tokens: i
                 out = module.forward(hidden, index, weights)
         return out.reshape(shape)
 
-    handles = [experts.register_forward_pre_hook(before, with_kwargs=True),
-               experts.register_forward_hook(after, with_kwargs=True)]
-    try:
+    with removed_after() as handles:
+        handles.append(experts.register_forward_pre_hook(before, with_kwargs=True))
+        handles.append(experts.register_forward_hook(after, with_kwargs=True))
         yield
-    finally:
-        for h in handles:
-            h.remove()
 
 
 def _with_routing(experts: nn.Module, args: tuple, kwargs: dict, hidden: torch.Tensor, index: torch.Tensor,
