@@ -199,8 +199,8 @@ def test_config_refuses_what_cannot_work():
 @pytest.mark.parametrize("model_type", MOE_ARCHS)
 def test_one_expert_pass_gives_the_same_statistics_and_outputs(model_type):
     """Dense mode records routing and keeps the layer's outputs in one expert pass: the statistics and
-    the outputs equal those of a pre-hook plus the experts' own forward, and the experts module is
-    not called by the layer (its own forward does not run)."""
+    the outputs equal those of a pre-hook plus the experts' own forward, and the experts module runs
+    once, on one row per routed (token, expert) pair; its hooks are gone afterwards."""
     from pare.calibration.stats import record_routing_once
 
     model = moe_model(model_type)
@@ -213,15 +213,16 @@ def test_one_expert_pass_gives_the_same_statistics_and_outputs(model_type):
     emb = model.model.rotary_emb(hidden, pos) if hasattr(model.model, "rotary_emb") else None
     kwargs = {"position_embeddings": emb, "attention_mask": None}
     calls = []
-    handle = experts.register_forward_hook(lambda *a: calls.append(1))
+    handle = experts.register_forward_hook(lambda _m, _a, out: calls.append(out.shape[0]))  # rows computed
     try:
         two, one = RoutingStats(E), RoutingStats(E)
         with torch.no_grad(), record_routing(experts, two):
             ref = layer(hidden, **kwargs)
         assert len(calls) == 1
-        with torch.no_grad(), record_routing_once(layer, ex.path, one):
+        with torch.no_grad(), record_routing_once(experts, one):
             got = layer(hidden, **kwargs)
-        assert len(calls) == 1 and layer.get_submodule(ex.path) is experts
+        assert len(calls) == 2 and calls[1] == int(one.sums["count"].sum()) != calls[0]
+        assert not experts._forward_pre_hooks and len(experts._forward_hooks) == 1  # only the test's own
     finally:
         handle.remove()
     ref, got = (x[0] if isinstance(x, tuple) else x for x in (ref, got))

@@ -15,7 +15,6 @@ import torch
 from torch import nn
 
 from pare.arch.targets import Target
-from pare.arch.wrapper import LayerWrapper
 from pare.errors import UnsupportedArchitectureError
 from pare.hooks import removed_after
 from pare.ops.gram import add_gram_upper_, mirror_upper_
@@ -308,6 +307,25 @@ def expert_outputs(experts: nn.Module, hidden: torch.Tensor, expert: torch.Tenso
     return experts.forward(hidden, index, ones)
 
 
+@dataclass(frozen=True)
+class RoutedPairs:
+    """One call's routing as (token, expert) pairs: ``token``, ``expert`` and ``gate [P]`` (the gate the
+    model multiplies the expert's output by), without the slots some routers mark as dropped (index E)."""
+
+    token: torch.Tensor
+    expert: torch.Tensor
+    gate: torch.Tensor
+
+
+def routed(index: torch.Tensor, weights: torch.Tensor, num_experts: int) -> RoutedPairs:
+    """The :class:`RoutedPairs` of a router's ``top_k_index`` / ``top_k_weights [T, k]``."""
+    from pare.ops.experts import routed_pairs
+
+    token, expert, gate = routed_pairs(index, weights)
+    keep = expert < num_experts
+    return RoutedPairs(token[keep], expert[keep], gate[keep])
+
+
 @dataclass
 class RoutingStats:
     """Per-expert routing statistics of one MoE layer over the calibration tokens.
@@ -331,31 +349,25 @@ class RoutingStats:
     out_sum: torch.Tensor | None = None
     probed: int = 0
 
-    def add(self, experts: nn.Module, hidden: torch.Tensor, index: torch.Tensor, weights: torch.Tensor,
-            combine: bool = False) -> torch.Tensor | None:
-        """Accumulate one call's routing (``hidden [T, H]``, ``index`` and ``weights [T, k]``). With
-        ``combine`` (and :attr:`outputs`) also return the block's output ``sum_k w_k f_(e_k)(x)``
-        ``[T, H]`` built from the same per-pair expert outputs, so the experts need not run again."""
-        from pare.ops.experts import expert_sums, routed_pairs
+    def add(self, experts: nn.Module, hidden: torch.Tensor, index: torch.Tensor, weights: torch.Tensor) -> None:
+        """Accumulate one call's routing (``hidden [T, H]``, ``index`` and ``weights [T, k]``), running the
+        routed experts on their tokens when :attr:`outputs` is set."""
+        pairs = routed(index, weights, self.num_experts)
+        outputs = expert_outputs(experts, hidden[pairs.token], pairs.expert) if self.outputs else None
+        self.add_pairs(experts, hidden, pairs, outputs)
 
-        token, expert, gate = routed_pairs(index, weights)
-        keep = expert < self.num_experts  # some routers mark dropped slots with index E
-        token, expert, gate = token[keep], expert[keep], gate[keep]
-        combined = None
-        if self.outputs:
-            f = expert_outputs(experts, hidden[token], expert)
-            norms = f.float().norm(dim=-1)
-            if combine:
-                w = weights.reshape(-1)[keep].to(f.dtype)
-                combined = torch.zeros_like(hidden).index_add_(0, token, (f * w[:, None]).to(hidden.dtype))
-        else:
-            norms = torch.zeros_like(gate)
-        sums = expert_sums(expert, gate, norms, self.num_experts)
+    def add_pairs(self, experts: nn.Module, hidden: torch.Tensor, pairs: RoutedPairs,
+                  outputs: torch.Tensor | None) -> None:
+        """Accumulate one call from its routed pairs and, when :attr:`outputs` is set, their expert
+        outputs ``f_e(x) [P, H]`` (row ``p`` for pair ``p``)."""
+        from pare.ops.experts import expert_sums
+
+        norms = outputs.float().norm(dim=-1) if outputs is not None else torch.zeros_like(pairs.gate)
+        sums = expert_sums(pairs.expert, pairs.gate, norms, self.num_experts)
         self.sums = sums if not self.sums else {k: v.add_(sums[k]) for k, v in self.sums.items()}
         self.tokens += int(hidden.shape[0])
         if self.probe_tokens:
             self._probe(experts, hidden[: self.probe_tokens])
-        return combined
 
     def _probe(self, experts: nn.Module, x: torch.Tensor) -> None:
         n = x.shape[0]
@@ -396,45 +408,64 @@ def record_routing(experts: nn.Module, stats: RoutingStats, stop: bool = False) 
         yield
 
 
-class _RoutedOnce(LayerWrapper):
-    """Stands in a fused experts module while its routing is recorded: each call's per-pair expert
-    outputs give both the statistics and the module's output, so the experts run once per batch. On
-    the first call the combined output is checked against the module's own ``forward`` on a few tokens;
-    a family whose experts combine differently falls back to running its ``forward`` as well."""
+@contextlib.contextmanager
+def record_routing_once(experts: nn.Module, stats: RoutingStats, check_tokens: int = 8) -> Iterator[None]:
+    """As :func:`record_routing` where the block's output is wanted, with one expert pass per call.
 
-    def __init__(self, inner: nn.Module, stats: RoutingStats, check_tokens: int = 8) -> None:
-        super().__init__(inner)
-        self._stats = stats
-        self._check_tokens = check_tokens
-        self._own_forward: bool | None = None
+    A forward pre-hook hands the experts module every routed (token, expert) pair as a row of its own,
+    routed to that expert alone at gate 1, so the module's own ``forward`` computes each pair's output
+    ``f_e(x)`` once; a forward hook takes the statistics from that output and returns the block's output
+    ``sum_k g_k f_(e_k)(x)`` built from it. On the first call that sum is checked against the module's
+    own ``forward`` on ``check_tokens`` tokens; a family that combines its experts differently falls back
+    to running its ``forward`` as well (two passes, as :func:`record_routing`). Both hooks are always
+    removed.
+    """
+    pending: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, RoutedPairs, torch.Size]] = []
+    combines: list[bool] = []  # [] until the first call is checked, then whether the sum is the module's
 
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
-        inner = self._modules["inner"]
-        assert inner is not None
-        shape = (args[0] if args else next(iter(kwargs.values()))).shape
+    def before(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+        hidden, index, weights = _routing_call(module, args, kwargs)
         with torch.no_grad():
-            hidden, index, weights = _routing_call(inner, args, kwargs)
-            out = self._stats.add(inner, hidden, index, weights, combine=self._own_forward is not True)
-            if self._own_forward is None and out is not None:
-                n = self._check_tokens
-                ref = inner.forward(hidden[:n], index[:n], weights[:n])
-                self._own_forward = not torch.allclose(out[:n].float(), ref.float(), rtol=1e-3, atol=1e-5)
-        if out is None or self._own_forward:
-            return inner(*args, **kwargs)
+            if combines == [False]:
+                stats.add(module, hidden, index, weights)
+                return None
+            pairs = routed(index, weights, stats.num_experts)
+        pending.append((hidden, index, weights, pairs, args[0].shape if args else next(iter(kwargs.values())).shape))
+        ones = torch.ones(pairs.expert.shape[0], 1, dtype=hidden.dtype, device=hidden.device)
+        return _with_routing(module, args, kwargs, hidden[pairs.token], pairs.expert.reshape(-1, 1), ones)
+
+    def after(module: nn.Module, _args: tuple, _kwargs: dict, output: Any) -> Any:
+        if not pending:
+            return None
+        hidden, index, weights, pairs, shape = pending.pop()
+        with torch.no_grad():
+            stats.add_pairs(module, hidden, pairs, output)
+            w = pairs.gate.to(output.dtype)
+            weighted = (output * w[:, None]).to(hidden.dtype)
+            t, k = index.shape
+            if pairs.token.numel() == t * k:  # every slot routed: the rows are token-major, k per token
+                out = weighted.view(t, k, -1).sum(1)
+            else:
+                out = torch.zeros_like(hidden).index_add_(0, pairs.token, weighted)
+            if not combines:
+                n = check_tokens
+                ref = module.forward(hidden[:n], index[:n], weights[:n])
+                combines.append(bool(torch.allclose(out[:n].float(), ref.float(), rtol=1e-3, atol=1e-5)))
+            if combines == [False]:
+                out = module.forward(hidden, index, weights)
         return out.reshape(shape)
 
-
-@contextlib.contextmanager
-def record_routing_once(layer: nn.Module, path: str, stats: RoutingStats) -> Iterator[None]:
-    """As :func:`record_routing` for a layer whose outputs are wanted: the experts module at ``path``
-    (inside ``layer``) is replaced by a stand-in that computes statistics and output in one expert
-    pass; the module is always put back."""
-    parent_name, _, name = path.rpartition(".")
-    parent = layer.get_submodule(parent_name) if parent_name else layer
-    experts = parent._modules[name]
-    assert experts is not None
-    parent._modules[name] = _RoutedOnce(experts, stats)
-    try:
+    with removed_after() as handles:
+        handles.append(experts.register_forward_pre_hook(before, with_kwargs=True))
+        handles.append(experts.register_forward_hook(after, with_kwargs=True))
         yield
-    finally:
-        parent._modules[name] = experts
+
+
+def _with_routing(experts: nn.Module, args: tuple, kwargs: dict, hidden: torch.Tensor, index: torch.Tensor,
+                  weights: torch.Tensor) -> tuple[tuple, dict]:
+    """The call's ``(args, kwargs)`` with its first three arguments (hidden states, routing indices and
+    weights, :func:`_routing_call`) replaced."""
+    bound = inspect.signature(experts.forward).bind(*args, **kwargs)
+    for name, value in zip(list(bound.arguments)[:3], (hidden, index, weights), strict=True):
+        bound.arguments[name] = value
+    return tuple(bound.args), dict(bound.kwargs)

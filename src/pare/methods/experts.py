@@ -182,10 +182,11 @@ class ExpertsPruner(StructuralPruner):
         cfg = self.config
         st = RoutingStats(num_experts, probe_tokens=cfg.probe_tokens if cfg.merge else 0,
                           outputs=cfg.importance in ("reap", "reconstruction"))
+        experts = step.layer.get_submodule(ex.path)
         if keep_outputs and st.outputs:  # one expert pass gives the statistics and the layer's outputs
-            recording = record_routing_once(step.layer, ex.path, st)
+            recording = record_routing_once(experts, st)
         else:
-            recording = record_routing(step.layer.get_submodule(ex.path), st, stop=not keep_outputs)
+            recording = record_routing(experts, st, stop=not keep_outputs)
         with recording:
             outputs = step.run(replace_inputs=keep_outputs)
         if keep_outputs:
