@@ -183,9 +183,35 @@ class QuantizePruner(QuantAccounting, Pruner):
         return factor, perm
 
     def quantize_target(self, target: Target, stats: InputStats | None) -> None:
+        self.quantize_group([target], stats)
+
+    def quantize_group(self, targets: list[Target], stats: InputStats | None) -> None:
+        """Quantize ``targets``, matrices that read one input (``stats``): with GPTQ, as one row-stacked
+        matrix (rows are independent and share the factor), so the column loop runs once for q/k/v
+        and once for gate/up."""
+        gptq = self.config.algorithm == "gptq" and stats is not None and stats.tokens > 0 and stats.gram is not None
+        if gptq and stats is not None and len(targets) > 1 and stackable(self.scheme, targets):
+            factor, perm = self._factor(stats)
+            ws = [t.weight() for t in targets]
+            w = torch.cat([x.float() for x in ws])
+            zeros = (w == 0) if self.config.keep_zeros else None
+            res = gptq_quantize(w, factor, self.scheme.for_weight(ws[0].dtype), blocksize=self.config.blocksize,
+                                perm=perm, keep_zero=zeros)
+            start = 0
+            for t, x in zip(targets, ws, strict=True):
+                rows = slice(start, start + x.shape[0])
+                start += x.shape[0]
+                self.losses[t.name] = float(res.row_loss[rows].sum())
+                record_quantized(x, res.weight[rows], t.name, self.inexact)
+                self.bits = self.bits + matrix_bits(t.shape, self.scheme)
+            return
+        for t in targets:
+            self._quantize_one(t, stats if gptq else None)
+
+    def _quantize_one(self, target: Target, stats: InputStats | None) -> None:
         w = target.weight()
         zeros = (w == 0) if self.config.keep_zeros else None
-        if self.config.algorithm == "gptq" and stats is not None and stats.tokens and stats.gram is not None:
+        if stats is not None:
             factor, perm = self._factor(stats)
             res = gptq_quantize(w, factor, self.scheme.for_weight(w.dtype), blocksize=self.config.blocksize, perm=perm,
                                 keep_zero=zeros)
@@ -227,8 +253,10 @@ class QuantizePruner(QuantAccounting, Pruner):
             stats = {t.name: InputStats(want_gram=True) for t in targets}
             with record_inputs(targets, stats, stop_in=step.layer, share_inputs=True):
                 step.run()
-            for t in targets:
-                self.quantize_target(t, stats.pop(t.name))
+            for group in shared_input_groups(targets, stats):
+                self.quantize_group(group, stats[group[0].name])
+                for t in group:
+                    del stats[t.name]
         finally:
             self._factor_of = None
 
@@ -251,6 +279,21 @@ class QuantizePruner(QuantAccounting, Pruner):
                 self.quantize_target(t, None)
             if home != device:
                 layer.to(home)
+
+
+def shared_input_groups(targets: list[Target], stats: dict[str, InputStats]) -> list[list[Target]]:
+    """``targets`` grouped by their statistics object (matrices reading one input share it), in order."""
+    groups: dict[int, list[Target]] = {}
+    for t in targets:
+        groups.setdefault(id(stats[t.name]), []).append(t)
+    return list(groups.values())
+
+
+def stackable(scheme: QuantScheme, targets: list[Target]) -> bool:
+    """Whether ``targets`` can be solved as one row-stacked matrix: one dtype and device, and a scheme
+    without a per-tensor parameter (NVFP4's tensor scale is taken over the whole matrix)."""
+    ws = [t.weight() for t in targets]
+    return scheme.name != "nvfp4" and len({(w.dtype, w.device, w.shape[1]) for w in ws}) == 1
 
 
 def record_quantized(w: torch.Tensor, dq: torch.Tensor, name: str, inexact: list[str]) -> None:

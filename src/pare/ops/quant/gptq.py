@@ -30,7 +30,8 @@ import torch
 
 from pare.errors import ConfigError
 from pare.ops.hessian import InverseHessianFactor
-from pare.ops.quant.scheme import GroupParams, QuantScheme, group_params, quantize_with, tensor_param
+from pare.ops.quant.rtn import int_range
+from pare.ops.quant.scheme import INT_SCHEMES, GroupParams, QuantScheme, group_params, quantize_with, tensor_param
 from pare.ops.sparsegpt import block_counts, block_mask, nm_candidates, nm_group_obs_mask, nm_mask_rows
 
 SUB = 16  # columns per inner sub-block of the lazy updates (group sizes are multiples of it)
@@ -58,6 +59,8 @@ class GPTQResult:
         scale: ``[out, in / g]`` fp32 scales of the groups (original column order).
         zero: ``[out, in / g]`` zero points, or None (symmetric and FP schemes).
         pruned: ``[out, in]`` bool: the prune mask (all False without ``prune``).
+        row_loss: ``[out]`` the loss of each row (rows are independent: matrices sharing a Hessian
+            can be solved as one row-stacked matrix and their losses read back by rows).
     """
 
     weight: torch.Tensor
@@ -65,6 +68,7 @@ class GPTQResult:
     scale: torch.Tensor
     zero: torch.Tensor | None
     pruned: torch.Tensor
+    row_loss: torch.Tensor
 
 
 def act_order_perm(H: torch.Tensor) -> torch.Tensor:
@@ -73,13 +77,21 @@ def act_order_perm(H: torch.Tensor) -> torch.Tensor:
 
 
 class _Grid:
-    """Group parameters of one matrix: computed on demand in processing order, or all up front."""
+    """Group parameters of one matrix: computed on demand in processing order, or all up front.
+
+    The solver reads them per processed column: :meth:`fill` writes the scale (and zero point) of
+    every column of a block, in processing order, into ``[B, out]`` tables, so the column loop only
+    indexes a row of a table instead of looking a group up per column.
+    """
 
     def __init__(self, scheme: QuantScheme, W: torch.Tensor, static: bool) -> None:
         self.scheme = scheme
         self.g = scheme.group(W.shape[1])
         self.ts = tensor_param(scheme, W)
         self.params: dict[int, GroupParams] = {}
+        self._tables: tuple[torch.Tensor, torch.Tensor | None] | None = None
+        self.fast_int = scheme.name in INT_SCHEMES and scheme.symmetric
+        self.qmin, self.qmax = int_range(scheme.bits, True) if self.fast_int else (0, 0)
         if static or self.g == W.shape[1]:  # per channel: from the original row, as the reference
             rows, cols = W.shape
             p = group_params(scheme, W.reshape(rows * cols // self.g, self.g), self.ts)
@@ -94,10 +106,38 @@ class _Grid:
             self.params[k] = group_params(self.scheme, current, self.ts)
         return self.params[k]
 
-    def quantize(self, w: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Dequantized values and codes of one column ``w: [out]`` in group ``k``."""
-        dq, codes = quantize_with(self.scheme, w[:, None], self.params[k])
-        return dq[:, 0], codes[:, 0]
+    @property
+    def has_zero(self) -> bool:
+        """Whether the scheme stores zero points (asymmetric integers)."""
+        return self.scheme.name in INT_SCHEMES and not self.scheme.symmetric
+
+    def fill(self, k: int, rows: slice, S: torch.Tensor, Z: torch.Tensor | None) -> None:
+        """Copy group ``k``'s scale (zero point) into rows ``rows`` of the tables ``S`` (``Z``) ``[B, out]``."""
+        p = self.params[k]
+        S[rows] = p.scale[:, 0]
+        if Z is not None and p.zero is not None:
+            Z[rows] = p.zero[:, 0]
+
+    def fill_columns(self, cols: torch.Tensor, S: torch.Tensor, Z: torch.Tensor | None) -> None:
+        """Rows ``i`` of ``S`` (``Z``) ``[B, out]``: the parameters of original column ``cols[i]``
+        (every group's parameters already known)."""
+        if self._tables is None:
+            groups = range(len(self.params))
+            scale = torch.cat([self.params[k].scale for k in groups], dim=1).t().contiguous()  # [groups, out]
+            zero = None if Z is None else torch.cat([self.params[k].zero for k in groups],  # type: ignore[misc]
+                                                    dim=1).t().contiguous()
+            self._tables = (scale, zero)
+        idx = cols // self.g
+        torch.index_select(self._tables[0], 0, idx, out=S)
+        if Z is not None and self._tables[1] is not None:
+            torch.index_select(self._tables[1], 0, idx, out=Z)
+
+    def round(self, w: torch.Tensor, s: torch.Tensor, z: torch.Tensor | None) -> torch.Tensor:
+        """Dequantized values of one column ``w: [out]`` with its scale ``s`` (zero point ``z``) ``[out]``."""
+        if self.fast_int:  # symmetric integers, the common case: the ops of int_quantize, without views
+            return torch.div(w, s).round_().clamp_(self.qmin, self.qmax).mul_(s)
+        dq, _ = quantize_with(self.scheme, w[:, None], GroupParams(s[:, None], None if z is None else z[:, None]))
+        return dq[:, 0]
 
 
 def _block(Wt: torch.Tensor, U1: torch.Tensor, cols: torch.Tensor, grid: _Grid, Mt: torch.Tensor,
@@ -106,31 +146,43 @@ def _block(Wt: torch.Tensor, U1: torch.Tensor, cols: torch.Tensor, grid: _Grid, 
 
     ``cols[i]`` is the original column of row ``i`` of the block (act-order), ``Mt [B, out]`` the
     prune mask (filled in as N:M groups are reached). Returns the scaled errors ``Et [B, out]``.
+    The column loop is the solver's only Python-level loop: each column costs a handful of vector
+    operations on pre-split row views (scale and zero point read from per-column tables).
     """
     count = Wt.shape[0]
     d = U1.diagonal()
     Et = torch.empty_like(Wt)
     g = grid.g
+    col_list = cols.tolist()
+    S = torch.empty_like(Wt)
+    Z = torch.empty_like(Wt) if grid.has_zero else None
+    static = col_list[0] // g in grid.params  # blocks hold whole groups: all known up front, or none
+    if static:
+        grid.fill_columns(cols, S, Z)
+    w_rows, e_rows, s_rows, m_rows, d_rows = Wt.unbind(0), Et.unbind(0), S.unbind(0), Mt.unbind(0), d.unbind(0)
+    z_rows = Z.unbind(0) if Z is not None else None
+    masked = nm is not None or bool(Mt.any())
     for j1 in range(0, count, SUB):
         j2 = min(j1 + SUB, count)
         for i in range(j1, j2):
-            c = int(cols[i])
-            k = c // g
-            if k not in grid.params:  # a group's first column (in order): its weights are up to date here
+            if not static and col_list[i] % g == 0:  # a group's first column: its weights are up to date here
+                k = col_list[i] // g
                 cur = Wt[i:i + g].t()
                 pruned = Mt[i:i + g].t() if nm is None else nm_mask_rows(cur, d[i:i + g], nm)
                 grid.at(k, cur.masked_fill(pruned, 0.0))
+                grid.fill(k, slice(i, i + g), S, Z)
             if nm is not None and i % nm[1] == 0:
                 m = nm[1]
                 Mt[i:i + m] = nm_mask_rows(Wt[i:i + m].t(), d[i:i + m], nm).t() if cands is None \
                     else nm_group_obs_mask(Wt[i:i + m], U1[i:i + m, i:i + m], cands)
-            q, _ = grid.quantize(Wt[i], k)
-            q.masked_fill_(Mt[i], 0.0)
-            err = (Wt[i] - q) / d[i]
-            Wt[i] = q
+            w = w_rows[i]
+            q = grid.round(w, s_rows[i], None if z_rows is None else z_rows[i])
+            if masked:
+                q.masked_fill_(m_rows[i], 0.0)
+            err = torch.sub(w, q, out=e_rows[i]).div_(d_rows[i])
+            w.copy_(q)
             if i + 1 < j2:
                 Wt[i + 1:j2].addr_(U1[i, i + 1:j2], err, alpha=-1.0)
-            Et[i] = err
         if j2 < count:
             Wt[j2:].addmm_(U1[j1:j2, j2:].t(), Et[j1:j2], alpha=-1.0)
     return Et
@@ -182,36 +234,37 @@ def gptq_quantize(
         raise ConfigError(f"the {nm[0]}:{nm[1]} pattern needs blocksize ({blocksize}) and the input width ({cols}) "
                           f"to be multiples of {nm[1]}")
     U = factor.U
-    Wf = W.detach().to(device=U.device, dtype=torch.float32, copy=True)
+    Wf = W.detach().to(device=U.device, dtype=torch.float32)
     order = torch.arange(cols, device=U.device) if perm is None else perm.to(U.device)
     grid = _Grid(scheme, Wf, static=perm is not None)
-    Wf = Wf[:, order] if perm is not None else Wf
-    fixed = None if keep_zero is None else keep_zero.to(device=U.device, dtype=torch.bool)
-    fixed = fixed[:, order] if fixed is not None and perm is not None else fixed
-    Wf[:, factor.dead] = 0.0
+    # the solver works on the transpose [in, out] in processing order: a column is a contiguous row,
+    # a block a contiguous slice, and the trailing update one matrix product, with no copies per block
+    WT = Wf.t().contiguous()
+    MT = torch.zeros_like(WT, dtype=torch.bool) if keep_zero is None \
+        else keep_zero.to(device=U.device, dtype=torch.bool).t().contiguous()
+    if perm is not None:
+        WT, MT = WT.index_select(0, order), MT.index_select(0, order)
+    WT.index_fill_(0, factor.dead.nonzero().flatten(), 0.0)
     per_row = prune is None or prune.mask_group == "row"
     cands = nm_candidates(nm, U.device) if nm is not None and prune is not None and prune.nm_select == "obs" else None
     counts = block_counts(1 if per_row else rows, cols, blocksize, prune.sparsity) \
         if prune is not None and nm is None else []
-    loss = torch.zeros((), dtype=torch.float32, device=U.device)
-    pruned = torch.zeros_like(Wf, dtype=torch.bool)
+    row_loss = torch.zeros(rows, dtype=torch.float32, device=U.device)
     for b, i1 in enumerate(range(0, cols, blocksize)):
         i2 = min(i1 + blocksize, cols)
         U1 = U[i1:i2, i1:i2]
-        mask1 = block_mask(Wf[:, i1:i2], U1.diagonal(), counts[b], per_row) if counts \
-            else None if fixed is None else fixed[:, i1:i2]
-        Wt = Wf[:, i1:i2].t().contiguous()
-        Mt = torch.zeros_like(Wt, dtype=torch.bool) if mask1 is None else mask1.t().contiguous()
+        Wt, Mt = WT[i1:i2], MT[i1:i2]  # views, updated in place
+        if counts:
+            Mt.copy_(block_mask(Wt.t(), U1.diagonal(), counts[b], per_row).t())
         Et = _block(Wt, U1, order[i1:i2], grid, Mt, nm, cands)
-        Wf[:, i1:i2] = Wt.t()
-        pruned[:, i1:i2] = Mt.t()
-        loss += Et.square().sum() / 2
+        row_loss += Et.square().sum(0) / 2
         if i2 < cols:
-            Wf[:, i2:].addmm_(Et.t(), U[i1:i2, i2:], alpha=-1.0)
+            WT[i2:].addmm_(U[i1:i2, i2:].t(), Et, alpha=-1.0)
     if perm is not None:
         inv = torch.argsort(order)
-        Wf, pruned = Wf[:, inv], pruned[:, inv]
+        WT, MT = WT.index_select(0, inv), MT.index_select(0, inv)
+    Wf, pruned = WT.t().contiguous(), MT.t().contiguous()
     params = [grid.params[k] for k in range(cols // g)]
     scale = torch.cat([p.scale for p in params], dim=1)
     zero = None if params[0].zero is None else torch.cat([p.zero for p in params if p.zero is not None], dim=1)
-    return GPTQResult(Wf, float(loss), scale, zero, pruned)
+    return GPTQResult(Wf, float(row_loss.sum()), scale, zero, pruned, row_loss)
