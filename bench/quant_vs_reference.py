@@ -67,6 +67,7 @@ def worker_pare(a: argparse.Namespace) -> dict:
     model, _ = pare.load_model(a.model_path, dtype=torch.float32)
     ids = torch.load(a.calib, weights_only=True)
     extra = json.loads(a.extra) if a.extra else {}
+    two_stage = bool(extra.pop("two_stage", False))
     cfg: object
     if a.setting == "sparsegpt-2:4":
         cfg = pare.SparseGPTConfig(pattern="2:4", **extra)
@@ -76,11 +77,18 @@ def worker_pare(a: argparse.Namespace) -> dict:
         from pare.methods.quantize import QuantizeConfig
 
         cfg = QuantizeConfig(scheme="int4", group_size=a.group_size, algorithm="gptq", act_order=True, **extra)
+    elif two_stage:  # pare's own prune-then-quantize recipe: GPTQ keeps the pruned zeros (an exact 2:4 model)
+        from pare.methods.quantize import QuantizeConfig
+
+        cfg = [pare.SparseGPTConfig(pattern="2:4"),
+               QuantizeConfig(scheme="int4", group_size=a.group_size, algorithm="gptq", act_order=True,
+                              keep_zeros=True, **extra)]
     else:
         cfg = pare.SparseGPTConfig(pattern="2:4", quantize="int4", group_size=a.group_size, **extra)
     t0 = time.perf_counter()
     runtime = pare.RuntimeConfig(device="cpu", progress=False)
-    report = pare.prune(model, cfg, ids, runtime=runtime, batch_size=a.batch_size)
+    report = pare.run(model, cfg, ids, runtime=runtime, batch_size=a.batch_size)[-1] if isinstance(cfg, list) \
+        else pare.prune(model, cfg, ids, runtime=runtime, batch_size=a.batch_size)
     seconds = time.perf_counter() - t0
     save_file(decoder_weights(model), a.out)
     out: dict = {"prune_seconds": seconds}
@@ -208,6 +216,14 @@ def main(a: argparse.Namespace) -> None:
             variants.append(("pare_block", sys.executable, {"mask_group": "block"}))
         if setting == "sparsegpt-2:4":
             variants.append(("pare_score", sys.executable, {"nm_select": "score"}))
+        if setting == "gptq-w4a16":
+            variants.append(("pare_clip", sys.executable, {"clip_search": True}))
+        if setting == "sparse24-int4":
+            variants += [("pare_two_stage", sys.executable, {"two_stage": True}),
+                         ("pare_nm_quant", sys.executable, {"nm_quant": True}),
+                         ("pare_clip", sys.executable, {"clip_search": True}),
+                         ("pare_nm_quant_clip", sys.executable, {"nm_quant": True, "clip_search": True})]
+        variants = [v for v in variants if v[0] in ("pare", "reference") or not a.variants or v[0] in a.variants]
         if not a.skip_reference:
             variants.append(("reference", str(peer), None))
         for kind, python, extra in variants:
@@ -249,6 +265,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
                    help="int4 group (SmolLM2's 576-wide inputs are not a multiple of 128: both tools refuse 128)")
     p.add_argument("--timeout", type=int, default=7200)
     p.add_argument("--skip-reference", action="store_true", help="run pare only")
+    p.add_argument("--variants", nargs="*", default=None,
+                   help="pare's extra variants to run besides its default (default: all of the setting's)")
     p.add_argument("--reuse-reference", action="store_true",
                    help="evaluate the reference's weights from an earlier run instead of running it again")
     p.add_argument("--worker", choices=("pare", "peer"), help=argparse.SUPPRESS)

@@ -59,6 +59,8 @@ class QuantizeConfig(PruneConfig):
             (``int8`` or ``fp8`` E4M3: W8A8 with an 8-bit weight scheme), as forward pre-hooks on those
             linears (:class:`pare.ops.quant.act.TokenQuantHook`); ``pare.load`` puts them back from the
             manifest. Empty: weights only, activations stay in the model's dtype.
+        clip_search: GPTQ with an integer scheme: each group's range is shrunk to the factor with the least
+            rounding error (:func:`pare.ops.quant.rtn.int_params_searched`).
         keep_zeros: weights that are exactly zero (an earlier pruning stage's) stay zero: GPTQ spreads
             its errors onto the other weights only, RTN leaves them at zero even with a zero point.
     """
@@ -77,6 +79,8 @@ class QuantizeConfig(PruneConfig):
     act_quant: str = help_field("", "simulate dynamic per-token activation quantization of the quantized "
                                   "linears' inputs: int8 or fp8 (W8A8); empty: weights only")
     keep_zeros: bool = help_field(False, "weights already zero (pruned) stay zero, so a pruned model stays sparse")
+    clip_search: bool = help_field(False, "GPTQ, integer schemes: shrink each group's range to the least rounding "
+                                   "error")
 
     def __post_init__(self) -> None:
         super().__post_init__()  # every field's type
@@ -88,6 +92,9 @@ class QuantizeConfig(PruneConfig):
             raise ConfigError(f"blocksize must be a positive integer (128 in the paper), got {self.blocksize!r}")
         if self.act_order and self.algorithm != "gptq":
             raise ConfigError("act_order applies to algorithm='gptq' only")
+        if self.clip_search and (self.algorithm != "gptq" or self.scheme not in INT_SCHEMES):
+            raise ConfigError(f"clip_search applies to algorithm='gptq' with an integer scheme "
+                              f"({', '.join(INT_SCHEMES)}); got algorithm={self.algorithm!r}, scheme={self.scheme!r}")
         check_regexes("targets", self.targets)
         check_regexes("ignore", self.ignore)
         if self.act_quant not in ("", *ACTIVATION_KINDS):
@@ -196,7 +203,7 @@ class QuantizePruner(QuantAccounting, Pruner):
             w = torch.cat([x.float() for x in ws])
             zeros = (w == 0) if self.config.keep_zeros else None
             res = gptq_quantize(w, factor, self.scheme.for_weight(ws[0].dtype), blocksize=self.config.blocksize,
-                                perm=perm, keep_zero=zeros)
+                                perm=perm, keep_zero=zeros, clip_search=self.config.clip_search)
             start = 0
             for t, x in zip(targets, ws, strict=True):
                 rows = slice(start, start + x.shape[0])
@@ -214,7 +221,7 @@ class QuantizePruner(QuantAccounting, Pruner):
         if stats is not None:
             factor, perm = self._factor(stats)
             res = gptq_quantize(w, factor, self.scheme.for_weight(w.dtype), blocksize=self.config.blocksize, perm=perm,
-                                keep_zero=zeros)
+                                keep_zero=zeros, clip_search=self.config.clip_search)
             dq = res.weight
             self.losses[target.name] = res.loss
         else:

@@ -31,7 +31,7 @@ from pare.ops.finite import check_finite_weight
 from pare.ops.masks import make_mask
 from pare.ops.quant.bits import BitsAccount, matrix_bits
 from pare.ops.quant.gptq import PruneSpec, gptq_quantize
-from pare.ops.quant.scheme import SCHEMES, QuantScheme, quantize
+from pare.ops.quant.scheme import INT_SCHEMES, SCHEMES, QuantScheme, quantize
 from pare.ops.sparsegpt import NM_SELECT, InverseHessianFactor, inverse_hessian_factor, sparsegpt_prune_factored
 
 log = logging.getLogger(__name__)
@@ -55,6 +55,11 @@ class SparseGPTConfig(SparsityConfig):
             spread; the paper's joint mode), or empty for pruning alone.
         group_size: with ``quantize``: inputs per scale (0: per channel; default 128, MX 32, NVFP4 16).
         symmetric: with an integer ``quantize`` scheme: no zero point.
+        nm_quant: with ``quantize`` and an N:M ``pattern`` (``nm_select="obs"``): each group's mask is
+            the one whose loss, with the kept weights quantized as the pass quantizes them, is least
+            (:func:`pare.ops.quant.gptq.gptq_quantize`), instead of the pruning loss alone.
+        clip_search: with an integer ``quantize`` scheme: each group's range is shrunk to the factor
+            with the least rounding error (:func:`pare.ops.quant.rtn.int_params_searched`).
     """
 
     method: ClassVar[str] = "sparsegpt"
@@ -67,6 +72,10 @@ class SparseGPTConfig(SparsityConfig):
     quantize: str = help_field("", f"also quantize in the same pass: {', '.join(SCHEMES)} (empty: prune only)")
     group_size: int | None = help_field(None, "with quantize: inputs per scale (0: per channel; default 128)")
     symmetric: bool = help_field(True, "with an integer quantize scheme: symmetric (no zero point)")
+    nm_quant: bool = help_field(False, "joint N:M: choose each group's mask with its kept weights' quantization "
+                                "error counted")
+    clip_search: bool = help_field(False, "with an integer quantize scheme: shrink each group's range to the "
+                                   "least rounding error")
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -85,7 +94,13 @@ class SparseGPTConfig(SparsityConfig):
             raise ConfigError(f"nm_select must be one of {', '.join(NM_SELECT)}, got {self.nm_select!r}")
         if self.quantize:
             self.quant_scheme()
-        elif self.group_size is not None or not self.symmetric:
+        if self.nm_quant and (not self.quantize or nm is None or self.nm_select != "obs"):
+            raise ConfigError("nm_quant chooses N:M groups in the joint pass: it needs quantize (e.g. 'int4'), an "
+                              "N:M pattern (e.g. '2:4') and nm_select='obs'")
+        if self.clip_search and self.quantize not in INT_SCHEMES:
+            raise ConfigError(f"clip_search searches integer ranges: it needs an integer quantize scheme "
+                              f"({', '.join(INT_SCHEMES)}), got {self.quantize or 'none'!r}")
+        if not self.quantize and (self.group_size is not None or not self.symmetric):
             raise ConfigError("group_size and symmetric apply with quantize (e.g. quantize='int4'); set quantize or "
                               "drop them")
 
@@ -147,8 +162,9 @@ class SparseGPTPruner(QuantAccounting, SparsityPruner):
                 w.copy_(pruned)
                 self.losses[target.name] = loss
                 return
-            spec = PruneSpec(sparsity, cfg.nm, cfg.mask_group, cfg.nm_select)
-            res = gptq_quantize(w, factor, self.scheme.for_weight(w.dtype), blocksize=cfg.blocksize, prune=spec)
+            spec = PruneSpec(sparsity, cfg.nm, cfg.mask_group, cfg.nm_select, cfg.nm_quant)
+            res = gptq_quantize(w, factor, self.scheme.for_weight(w.dtype), blocksize=cfg.blocksize, prune=spec,
+                                clip_search=cfg.clip_search)
             record_quantized(w, res.weight, target.name, self.inexact)
             self.losses[target.name] = res.loss
         nonzero = None if cfg.nm is not None else int(torch.count_nonzero(w))  # what a bitmask format stores

@@ -30,7 +30,7 @@ import torch
 
 from pare.errors import ConfigError
 from pare.ops.hessian import InverseHessianFactor
-from pare.ops.quant.rtn import int_range
+from pare.ops.quant.rtn import int_params_searched, int_range
 from pare.ops.quant.scheme import INT_SCHEMES, GroupParams, QuantScheme, group_params, quantize_with, tensor_param
 from pare.ops.sparsegpt import block_counts, block_mask, nm_candidates, nm_group_obs_mask, nm_mask_rows
 
@@ -47,6 +47,7 @@ class PruneSpec:
     nm: tuple[int, int] | None = None
     mask_group: str = "row"
     nm_select: str = "obs"
+    nm_quant: bool = False
 
 
 @dataclass
@@ -84,8 +85,9 @@ class _Grid:
     indexes a row of a table instead of looking a group up per column.
     """
 
-    def __init__(self, scheme: QuantScheme, W: torch.Tensor, static: bool) -> None:
+    def __init__(self, scheme: QuantScheme, W: torch.Tensor, static: bool, clip_search: bool = False) -> None:
         self.scheme = scheme
+        self.clip_search = clip_search and scheme.name in INT_SCHEMES
         self.g = scheme.group(W.shape[1])
         self.ts = tensor_param(scheme, W)
         self.params: dict[int, GroupParams] = {}
@@ -94,7 +96,7 @@ class _Grid:
         self.qmin, self.qmax = int_range(scheme.bits, True) if self.fast_int else (0, 0)
         if static or self.g == W.shape[1]:  # per channel: from the original row, as the reference
             rows, cols = W.shape
-            p = group_params(scheme, W.reshape(rows * cols // self.g, self.g), self.ts)
+            p = self._params(W.reshape(rows * cols // self.g, self.g))
             for k in range(cols // self.g):
                 z = None if p.zero is None else p.zero.view(rows, -1)[:, k:k + 1]
                 self.params[k] = GroupParams(p.scale.view(rows, -1)[:, k:k + 1], z)
@@ -103,8 +105,14 @@ class _Grid:
         """Parameters of group ``k``; ``current: [out, g]`` its weights now (used once, when first asked)."""
         if k not in self.params:
             assert current is not None
-            self.params[k] = group_params(self.scheme, current, self.ts)
+            self.params[k] = self._params(current)
         return self.params[k]
+
+    def _params(self, W: torch.Tensor) -> GroupParams:
+        if self.clip_search:
+            scale, zero = int_params_searched(W, self.scheme.bits, self.scheme.symmetric, self.scheme.scale_dtype)
+            return GroupParams(scale, zero)
+        return group_params(self.scheme, W, self.ts)
 
     @property
     def has_zero(self) -> bool:
@@ -133,15 +141,47 @@ class _Grid:
             torch.index_select(self._tables[1], 0, idx, out=Z)
 
     def round(self, w: torch.Tensor, s: torch.Tensor, z: torch.Tensor | None) -> torch.Tensor:
-        """Dequantized values of one column ``w: [out]`` with its scale ``s`` (zero point ``z``) ``[out]``."""
+        """Dequantized values of one column ``w: [..., out]`` with its scale ``s`` (zero point ``z``) ``[out]``."""
         if self.fast_int:  # symmetric integers, the common case: the ops of int_quantize, without views
             return torch.div(w, s).round_().clamp_(self.qmin, self.qmax).mul_(s)
-        dq, _ = quantize_with(self.scheme, w[:, None], GroupParams(s[:, None], None if z is None else z[:, None]))
-        return dq[:, 0]
+        return quantize_with(self.scheme, w, GroupParams(s, z))[0]  # elementwise: any shape broadcasts
+
+
+def _nm_joint_mask(Wg: torch.Tensor, Ug: torch.Tensor, cands: torch.Tensor, grid: _Grid, Sg: torch.Tensor,
+                   Zg: torch.Tensor | None) -> torch.Tensor:
+    """The N:M choice for one group of M columns that minimises the joint pass's own loss over them.
+
+    As :func:`pare.ops.sparsegpt.nm_group_obs_mask`, every candidate mask is played through the
+    group's columns for every row at once, but each kept weight is quantized the way the pass will
+    quantize it (its error ``(w' - q(w')) / U_aa`` counted and spread onto the group's later columns),
+    so the choice sees the quantization error of the weights it keeps, not only the pruning error.
+
+    Args:
+        Wg: ``[M, out]`` the group's columns (transposed), as updated so far.
+        Ug: ``[M, M]`` the group's diagonal block of the inverse-Hessian factor.
+        cands: ``[C, M]`` candidate masks (``True`` = prune).
+        grid: the matrix's quantization grid.
+        Sg, Zg: ``[M, out]`` the columns' scales (zero points or None).
+
+    Returns:
+        ``[M, out]`` bool prune mask.
+    """
+    m = Wg.shape[0]
+    w = Wg.unsqueeze(0).expand(cands.shape[0], -1, -1).clone()  # [C, M, out]
+    keep = (~cands).to(Wg.dtype).unsqueeze(-1)  # [C, M, 1]
+    loss = torch.zeros(cands.shape[0], Wg.shape[1], dtype=Wg.dtype, device=Wg.device)
+    for a in range(m):
+        col = w[:, a]  # [C, out]
+        q = grid.round(col, Sg[a], None if Zg is None else Zg[a]) * keep[:, a]
+        err = (col - q) / Ug[a, a]
+        loss += err.square()
+        if a + 1 < m:
+            w[:, a + 1:] -= Ug[a, a + 1:, None] * err[:, None, :]
+    return cands[loss.argmin(0)].t()  # [M, out]
 
 
 def _block(Wt: torch.Tensor, U1: torch.Tensor, cols: torch.Tensor, grid: _Grid, Mt: torch.Tensor,
-           nm: tuple[int, int] | None, cands: torch.Tensor | None) -> torch.Tensor:
+           nm: tuple[int, int] | None, cands: torch.Tensor | None, quant_aware: bool = False) -> torch.Tensor:
     """OBS over one transposed block ``Wt: [B, out]`` (updated in place into the quantized block).
 
     ``cols[i]`` is the original column of row ``i`` of the block (act-order), ``Mt [B, out]`` the
@@ -173,8 +213,13 @@ def _block(Wt: torch.Tensor, U1: torch.Tensor, cols: torch.Tensor, grid: _Grid, 
                 grid.fill(k, slice(i, i + g), S, Z)
             if nm is not None and i % nm[1] == 0:
                 m = nm[1]
-                Mt[i:i + m] = nm_mask_rows(Wt[i:i + m].t(), d[i:i + m], nm).t() if cands is None \
-                    else nm_group_obs_mask(Wt[i:i + m], U1[i:i + m, i:i + m], cands)
+                if cands is None:
+                    Mt[i:i + m] = nm_mask_rows(Wt[i:i + m].t(), d[i:i + m], nm).t()
+                elif quant_aware:
+                    Mt[i:i + m] = _nm_joint_mask(Wt[i:i + m], U1[i:i + m, i:i + m], cands, grid, S[i:i + m],
+                                                 None if Z is None else Z[i:i + m])
+                else:
+                    Mt[i:i + m] = nm_group_obs_mask(Wt[i:i + m], U1[i:i + m, i:i + m], cands)
             w = w_rows[i]
             q = grid.round(w, s_rows[i], None if z_rows is None else z_rows[i])
             if masked:
@@ -197,6 +242,7 @@ def gptq_quantize(
     perm: torch.Tensor | None = None,
     prune: PruneSpec | None = None,
     keep_zero: torch.Tensor | None = None,
+    clip_search: bool = False,
 ) -> GPTQResult:
     """Quantize ``W: [out, in]`` with GPTQ (and prune it jointly when ``prune`` is given).
 
@@ -212,6 +258,8 @@ def gptq_quantize(
         keep_zero: ``[out, in]`` bool, weights already pruned (original column order): they stay exact
             zeros (errors spread only onto kept weights, and groups whose parameters the pass computes
             leave them out), so a pruned model keeps its sparsity. Not with ``prune``.
+        clip_search: integer schemes: each group's range is the shrink of its weights' range with the
+            least rounding error (:func:`pare.ops.quant.rtn.int_params_searched`) instead of the full range.
 
     Returns:
         A :class:`GPTQResult`: pruned weights exact zeros and every other weight on the scheme's grid.
@@ -236,7 +284,7 @@ def gptq_quantize(
     U = factor.U
     Wf = W.detach().to(device=U.device, dtype=torch.float32)
     order = torch.arange(cols, device=U.device) if perm is None else perm.to(U.device)
-    grid = _Grid(scheme, Wf, static=perm is not None)
+    grid = _Grid(scheme, Wf, static=perm is not None, clip_search=clip_search)
     # the solver works on the transpose [in, out] in processing order: a column is a contiguous row,
     # a block a contiguous slice, and the trailing update one matrix product, with no copies per block
     WT = Wf.t().contiguous()
@@ -256,7 +304,7 @@ def gptq_quantize(
         Wt, Mt = WT[i1:i2], MT[i1:i2]  # views, updated in place
         if counts:
             Mt.copy_(block_mask(Wt.t(), U1.diagonal(), counts[b], per_row).t())
-        Et = _block(Wt, U1, order[i1:i2], grid, Mt, nm, cands)
+        Et = _block(Wt, U1, order[i1:i2], grid, Mt, nm, cands, prune is not None and prune.nm_quant)
         row_loss += Et.square().sum(0) / 2
         if i2 < cols:
             WT[i2:].addmm_(U[i1:i2, i2:].t(), Et, alpha=-1.0)
