@@ -113,9 +113,11 @@ def worker_peer(a: argparse.Namespace) -> dict:
     model = AutoModelForCausalLM.from_pretrained(a.model_path, dtype=torch.float32).eval()
     ids = torch.load(a.calib, weights_only=True)
     ignore = ["re:.*lm_head"]
+    extra = json.loads(a.extra) if a.extra else {}
     sparse = {"sparsity": 0.5, "block_size": 128, "dampening_frac": 0.01, "ignore": ignore}
     w4a16 = QuantizationScheme(targets=["Linear"], weights=QuantizationArgs(
-        num_bits=4, type="int", symmetric=True, strategy="group", group_size=a.group_size))  # W4A16 at this group
+        num_bits=4, type="int", symmetric=True, strategy="group", group_size=a.group_size,  # W4A16 at this group
+        **({"observer": extra["observer"]} if "observer" in extra else {})))
     gptq = {"config_groups": {"group_0": w4a16}, "ignore": ["lm_head"], "block_size": 128, "dampening_frac": 0.01}
     recipe: list = {
         "sparsegpt-2:4": [SparseGPTModifier(mask_structure="2:4", **sparse)],
@@ -226,16 +228,18 @@ def main(a: argparse.Namespace) -> None:
         variants = [v for v in variants if v[0] in ("pare", "reference") or not a.variants or v[0] in a.variants]
         if not a.skip_reference:
             variants.append(("reference", str(peer), None))
+            if a.reference_mse and setting in ("gptq-w4a16", "sparse24-int4"):
+                variants.append(("reference_mse", str(peer), {"observer": "memoryless_mse"}))
         for kind, python, extra in variants:
             out = work / f"{kind}-{tag}.safetensors"
-            if kind == "reference" and not peer.is_file():
+            if kind.startswith("reference") and not peer.is_file():
                 res[kind] = {"error": f"no llm-compressor venv at {PEER_VENV}"}
                 continue
             if kind == "reference" and a.reuse_reference and out.is_file():
                 res[kind] = {"reused": True}
             else:
-                res[kind] = run_worker(python, "peer" if kind == "reference" else "pare", setting, out, calib, a,
-                                       extra)
+                worker = "peer" if kind.startswith("reference") else "pare"
+                res[kind] = run_worker(python, worker, setting, out, calib, a, extra)
             if "error" not in res[kind]:
                 res[kind].update(evaluate(out, ev, a))
         ref = res.get("reference", {"error": "skipped"})
@@ -265,6 +269,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
                    help="int4 group (SmolLM2's 576-wide inputs are not a multiple of 128: both tools refuse 128)")
     p.add_argument("--timeout", type=int, default=7200)
     p.add_argument("--skip-reference", action="store_true", help="run pare only")
+    p.add_argument("--reference-mse", action="store_true",
+                   help="also run the reference with its MSE range observer (memoryless_mse) for the int4 settings")
     p.add_argument("--variants", nargs="*", default=None,
                    help="pare's extra variants to run besides its default (default: all of the setting's)")
     p.add_argument("--reuse-reference", action="store_true",
