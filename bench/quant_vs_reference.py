@@ -23,6 +23,14 @@ Settings (pare's configuration / the reference's recipe):
 - ``sparse24-int4``: pare's joint pass ``SparseGPTConfig(pattern="2:4", quantize="int4",
   group_size=G)`` / the reference's ``[SparseGPTModifier(2:4), GPTQModifier(W4A16 at G)]`` recipe.
 
+pare's variants run in the same invocation (``--variants`` picks some): for ``gptq-w4a16``,
+``pare_clip`` (``clip_search``: each group's range shrunk to the least rounding error); for
+``sparse24-int4``, ``pare_two_stage`` (pare's own recipe: SparseGPT 2:4, then GPTQ with
+``keep_zeros`` on the pruned model's activations), ``pare_nm_quant`` (the joint pass choosing each
+group of 4 with its kept weights' quantization error counted), ``pare_clip`` and
+``pare_nm_quant_clip``. ``--reference-mse`` adds ``reference_mse``, the reference with its
+``memoryless_mse`` range observer.
+
 ``prune_seconds`` is the wall time of ``pare.prune`` / ``oneshot`` alone. The peer venv::
 
     python3 -m venv bench/.venv-llmc && bench/.venv-llmc/bin/pip install torch==2.13.0 \
