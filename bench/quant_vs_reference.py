@@ -88,9 +88,10 @@ def worker_pare(a: argparse.Namespace) -> dict:
     elif two_stage:  # pare's own prune-then-quantize recipe: GPTQ keeps the pruned zeros (an exact 2:4 model)
         from pare.methods.quantize import QuantizeConfig
 
-        cfg = [pare.SparseGPTConfig(pattern="2:4"),
+        damp = extra.pop("damp", 0.01)
+        cfg = [pare.SparseGPTConfig(pattern="2:4", percdamp=damp),
                QuantizeConfig(scheme="int4", group_size=a.group_size, algorithm="gptq", act_order=True,
-                              keep_zeros=True, **extra)]
+                              keep_zeros=True, damp=damp, **extra)]
     else:
         cfg = pare.SparseGPTConfig(pattern="2:4", quantize="int4", group_size=a.group_size, **extra)
     t0 = time.perf_counter()
@@ -230,6 +231,8 @@ def main(a: argparse.Namespace) -> None:
             variants.append(("pare_clip", sys.executable, {"clip_search": True}))
         if setting == "sparse24-int4":
             variants += [("pare_two_stage", sys.executable, {"two_stage": True}),
+                         ("pare_two_stage_damp0.1", sys.executable, {"two_stage": True, "damp": 0.1}),
+                         ("pare_damp0.1", sys.executable, {"percdamp": 0.1}),
                          ("pare_nm_quant", sys.executable, {"nm_quant": True}),
                          ("pare_clip", sys.executable, {"clip_search": True}),
                          ("pare_nm_quant_clip", sys.executable, {"nm_quant": True, "clip_search": True})]
