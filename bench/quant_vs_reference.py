@@ -28,8 +28,11 @@ pare's variants run in the same invocation (``--variants`` picks some): for ``gp
 ``sparse24-int4``, ``pare_two_stage`` (pare's own recipe: SparseGPT 2:4, then GPTQ with
 ``keep_zeros`` on the pruned model's activations), ``pare_nm_quant`` (the joint pass choosing each
 group of 4 with its kept weights' quantization error counted), ``pare_clip`` and
-``pare_nm_quant_clip``. ``--reference-mse`` adds ``reference_mse``, the reference with its
-``memoryless_mse`` range observer.
+``pare_prune_then_gptq`` (``joint="prune-then-gptq"``: in the one pass, SparseGPT prunes each
+matrix, then act-order GPTQ quantizes its kept weights), and the two-stage, joint and
+prune-then-GPTQ passes with dampening 0.1 (``percdamp``, both stages). ``--reference-mse`` adds
+``reference_mse``, the reference with its ``memoryless_mse`` range observer; ``--reference-damp D``
+adds the reference recipe with dampening D in both modifiers.
 
 ``prune_seconds`` is the wall time of ``pare.prune`` / ``oneshot`` alone. The peer venv::
 
@@ -123,11 +126,12 @@ def worker_peer(a: argparse.Namespace) -> dict:
     ids = torch.load(a.calib, weights_only=True)
     ignore = ["re:.*lm_head"]
     extra = json.loads(a.extra) if a.extra else {}
-    sparse = {"sparsity": 0.5, "block_size": 128, "dampening_frac": 0.01, "ignore": ignore}
+    damp = extra.get("damp", 0.01)
+    sparse = {"sparsity": 0.5, "block_size": 128, "dampening_frac": damp, "ignore": ignore}
     w4a16 = QuantizationScheme(targets=["Linear"], weights=QuantizationArgs(
         num_bits=4, type="int", symmetric=True, strategy="group", group_size=a.group_size,  # W4A16 at this group
         **({"observer": extra["observer"]} if "observer" in extra else {})))
-    gptq = {"config_groups": {"group_0": w4a16}, "ignore": ["lm_head"], "block_size": 128, "dampening_frac": 0.01}
+    gptq = {"config_groups": {"group_0": w4a16}, "ignore": ["lm_head"], "block_size": 128, "dampening_frac": damp}
     recipe: list = {
         "sparsegpt-2:4": [SparseGPTModifier(mask_structure="2:4", **sparse)],
         "sparsegpt-0.5": [SparseGPTModifier(mask_structure="0:0", **sparse)],
@@ -231,16 +235,21 @@ def main(a: argparse.Namespace) -> None:
             variants.append(("pare_clip", sys.executable, {"clip_search": True}))
         if setting == "sparse24-int4":
             variants += [("pare_two_stage", sys.executable, {"two_stage": True}),
-                         ("pare_two_stage_damp0.1", sys.executable, {"two_stage": True, "damp": 0.1}),
-                         ("pare_damp0.1", sys.executable, {"percdamp": 0.1}),
+                         ("pare_prune_then_gptq", sys.executable, {"joint": "prune-then-gptq"}),
                          ("pare_nm_quant", sys.executable, {"nm_quant": True}),
                          ("pare_clip", sys.executable, {"clip_search": True}),
-                         ("pare_nm_quant_clip", sys.executable, {"nm_quant": True, "clip_search": True})]
+                         ("pare_damp0.1", sys.executable, {"percdamp": 0.1}),
+                         ("pare_two_stage_damp0.1", sys.executable, {"two_stage": True, "damp": 0.1}),
+                         ("pare_prune_then_gptq_damp0.1", sys.executable, {"joint": "prune-then-gptq",
+                                                                           "percdamp": 0.1})]
         variants = [v for v in variants if v[0] in ("pare", "reference") or not a.variants or v[0] in a.variants]
         if not a.skip_reference:
             variants.append(("reference", str(peer), None))
             if a.reference_mse and setting in ("gptq-w4a16", "sparse24-int4"):
                 variants.append(("reference_mse", str(peer), {"observer": "memoryless_mse"}))
+            if a.reference_damp and setting == "sparse24-int4":
+                variants.append((f"reference_damp{a.reference_damp:g}", str(peer), {"damp": a.reference_damp}))
+        variants.sort(key=lambda v: (v[0] != "pare", v[0] != "reference"))  # the headline pair first (stable)
         for kind, python, extra in variants:
             out = work / f"{kind}-{tag}.safetensors"
             if kind.startswith("reference") and not peer.is_file():
@@ -253,6 +262,8 @@ def main(a: argparse.Namespace) -> None:
                 res[kind] = run_worker(python, worker, setting, out, calib, a, extra)
             if "error" not in res[kind]:
                 res[kind].update(evaluate(out, ev, a))
+            print("PARTIAL " + json.dumps({"setting": setting, "variant": kind, **res[kind]}), file=sys.stderr,
+                  flush=True)
         ref = res.get("reference", {"error": "skipped"})
         line = {"setting": setting, "model": a.model, **res,
                 "ratios": {"ppl_ratio": ratio(res["pare"], ref, "ppl"),
@@ -280,6 +291,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
                    help="int4 group (SmolLM2's 576-wide inputs are not a multiple of 128: both tools refuse 128)")
     p.add_argument("--timeout", type=int, default=7200)
     p.add_argument("--skip-reference", action="store_true", help="run pare only")
+    p.add_argument("--reference-damp", type=float, default=0.0,
+                   help="sparse24-int4: also run the reference recipe with this dampening in both modifiers")
     p.add_argument("--reference-mse", action="store_true",
                    help="also run the reference with its MSE range observer (memoryless_mse) for the int4 settings")
     p.add_argument("--variants", nargs="*", default=None,
