@@ -67,13 +67,17 @@ def test_bfloat16_model_says_when_values_are_not_exact() -> None:
     assert report.scores["quantization"]["not_exact_in_dtype"] == []
 
 
+@pytest.mark.parametrize("joint", ["interleaved", "prune-then-gptq"])
 @pytest.mark.parametrize("scheme,group", [("int4", 32), ("mxfp4", None)])
-def test_joint_sparsegpt_keeps_two_of_four_and_quantizes_the_rest(scheme: str, group: int | None) -> None:
+def test_joint_sparsegpt_keeps_two_of_four_and_quantizes_the_rest(scheme: str, group: int | None, joint: str) -> None:
     model = tiny_model("llama")
-    cfg = pare.SparseGPTConfig(pattern="2:4", quantize=scheme, group_size=group)
+    cfg = pare.SparseGPTConfig(pattern="2:4", quantize=scheme, group_size=group, joint=joint)
     report = pare.prune(model, cfg, tiny_batch(4, 32), runtime=QUIET)
     for name, w in _linears(model).items():
         assert bool(((w.reshape(w.shape[0], -1, 4) == 0).sum(-1) >= 2).all()), name
+        if scheme == "int4":  # at most 16 values (zero among them) in each group of 32
+            groups = w.reshape(w.shape[0], -1, 32)
+            assert int((torch.sort(groups, -1).values.diff(dim=-1) != 0).sum(-1).max()) + 1 <= 16, name
         if scheme == "mxfp4":
             scale = w.reshape(w.shape[0], -1, 32).abs().amax(-1, keepdim=True)
             assert bool((scale > 0).all())

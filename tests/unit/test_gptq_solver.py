@@ -92,4 +92,8 @@ def test_options_are_validated() -> None:
         SparseGPTConfig(pattern="2:4", quantize="mxfp4", clip_search=True)
     with pytest.raises(ConfigError, match="clip_search"):
         QuantizeConfig(scheme="int4", clip_search=True)  # rtn
+    with pytest.raises(ConfigError, match="joint must be one of"):
+        SparseGPTConfig(pattern="2:4", quantize="int4", joint="together")
+    with pytest.raises(ConfigError, match="nm_quant"):
+        SparseGPTConfig(pattern="2:4", quantize="int4", nm_quant=True, joint="prune-then-gptq")
     SparseGPTConfig(pattern="2:4", quantize="int4", group_size=32, nm_quant=True, clip_search=True)
