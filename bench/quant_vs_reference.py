@@ -24,7 +24,9 @@ Settings (pare's configuration / the reference's recipe):
   group_size=G)`` / the reference's ``[SparseGPTModifier(2:4), GPTQModifier(W4A16 at G)]`` recipe.
 
 pare's variants run in the same invocation (``--variants`` picks some): for ``gptq-w4a16``,
-``pare_clip`` (``clip_search``: each group's range shrunk to the least rounding error); for
+``pare_clip`` (``clip_search``: each group's range shrunk to the least rounding error) and
+``pare_dense_inputs`` (``RuntimeConfig(sequential=False)``: each layer calibrated on the dense
+model's activations, one forward per layer instead of two); for
 ``sparse24-int4``, ``pare_two_stage`` (pare's own recipe: SparseGPT 2:4, then GPTQ with
 ``keep_zeros`` on the pruned model's activations), ``pare_nm_quant`` (the joint pass choosing each
 group of 4 with its kept weights' quantization error counted), ``pare_clip`` and
@@ -79,6 +81,7 @@ def worker_pare(a: argparse.Namespace) -> dict:
     ids = torch.load(a.calib, weights_only=True)
     extra = json.loads(a.extra) if a.extra else {}
     two_stage = bool(extra.pop("two_stage", False))
+    sequential = bool(extra.pop("sequential", True))
     cfg: object
     if a.setting == "sparsegpt-2:4":
         cfg = pare.SparseGPTConfig(pattern="2:4", **extra)
@@ -98,7 +101,7 @@ def worker_pare(a: argparse.Namespace) -> dict:
     else:
         cfg = pare.SparseGPTConfig(pattern="2:4", quantize="int4", group_size=a.group_size, **extra)
     t0 = time.perf_counter()
-    runtime = pare.RuntimeConfig(device="cpu", progress=False)
+    runtime = pare.RuntimeConfig(device="cpu", progress=False, sequential=sequential)
     report = pare.run(model, cfg, ids, runtime=runtime, batch_size=a.batch_size)[-1] if isinstance(cfg, list) \
         else pare.prune(model, cfg, ids, runtime=runtime, batch_size=a.batch_size)
     seconds = time.perf_counter() - t0
@@ -232,7 +235,8 @@ def main(a: argparse.Namespace) -> None:
         if setting == "sparsegpt-2:4":
             variants.append(("pare_score", sys.executable, {"nm_select": "score"}))
         if setting == "gptq-w4a16":
-            variants.append(("pare_clip", sys.executable, {"clip_search": True}))
+            variants += [("pare_clip", sys.executable, {"clip_search": True}),
+                         ("pare_dense_inputs", sys.executable, {"sequential": False})]
         if setting == "sparse24-int4":
             variants += [("pare_two_stage", sys.executable, {"two_stage": True}),
                          ("pare_prune_then_gptq", sys.executable, {"joint": "prune-then-gptq"}),
