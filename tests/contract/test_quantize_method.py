@@ -118,3 +118,17 @@ def test_quantize_command_is_prune_with_the_quantize_method() -> None:
     assert quantize_argv(["quantize", "--model", "m", "--method", "gptq", "--scheme", "int4"]) == [
         "prune", "--method", "quantize", "--model", "m", "--algorithm", "gptq", "--scheme", "int4"]
     assert quantize_argv(["quantize", "--method=rtn"])[-1] == "--algorithm=rtn"
+
+
+def test_gptq_on_dense_inputs_quantizes_each_layer_from_the_dense_model() -> None:
+    ids = tiny_batch(4, 32)
+    dense = pare.RuntimeConfig(progress=False, device="cpu", sequential=False)
+    cfg = dict(scheme="int4", group_size=32, algorithm="gptq")
+    whole, alone = tiny_model("llama"), tiny_model("llama")
+    pare.prune(whole, pare.QuantizeConfig(**cfg), ids, runtime=dense)
+    pare.prune(alone, pare.QuantizeConfig(**cfg, targets=(r".*layers\.1\..*",)), ids, runtime=dense)
+    last = {n: w for n, w in _linears(whole).items() if "layers.1." in n}
+    assert last and all(torch.equal(w, _linears(alone)[n]) for n, w in last.items())
+    seq = tiny_model("llama")  # sequential (default): layer 1 sees layer 0 quantized, so it differs
+    pare.prune(seq, pare.QuantizeConfig(**cfg), ids, runtime=QUIET)
+    assert any(not torch.equal(w, _linears(seq)[n]) for n, w in last.items())

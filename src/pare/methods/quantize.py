@@ -143,6 +143,7 @@ class QuantizePruner(QuantAccounting, Pruner):
 
     config_class = QuantizeConfig
     config: QuantizeConfig
+    dense_in_step: ClassVar[bool] = True
 
     @classmethod
     def example_config(cls) -> QuantizeConfig:
@@ -236,9 +237,11 @@ class QuantizePruner(QuantAccounting, Pruner):
     def run(self, ctx: PruneContext) -> None:
         try:
             if self.uses_calibration():
-                # sequential: each layer sees the quantized layers' outputs; otherwise the runner
-                # keeps the dense outputs for the next layer
-                for step in ctx.runner().steps(final_outputs=False, overwrite_inputs=ctx.runtime.sequential):
+                # sequential: each layer sees the quantized layers' outputs (a recording pass, then the
+                # runner's pass with the quantized weights); dense inputs: the recording pass also keeps
+                # the dense outputs for the next layer (one forward per layer, see layer_step)
+                for step in ctx.runner(sequential=True).steps(final_outputs=False,
+                                                              overwrite_inputs=ctx.runtime.sequential):
                     self.layer_step(ctx, step)
             else:
                 self._run_data_free(ctx)
@@ -257,9 +260,12 @@ class QuantizePruner(QuantAccounting, Pruner):
                 for t in targets:
                     self.quantize_target(t, None)
                 return
+            keep = not ctx.runtime.sequential and step.index < ctx.arch.num_layers - 1
             stats = {t.name: InputStats(want_gram=True) for t in targets}
-            with record_inputs(targets, stats, stop_in=step.layer, share_inputs=True):
-                step.run()
+            with record_inputs(targets, stats, stop_in=None if keep else step.layer, share_inputs=True):
+                outputs = step.run(replace_inputs=keep)
+            if keep:
+                step.dense_outputs = outputs  # taken before this layer is quantized, in place of its inputs
             for group in shared_input_groups(targets, stats):
                 self.quantize_group(group, stats[group[0].name])
                 for t in group:
