@@ -240,12 +240,12 @@ def main(a: argparse.Namespace) -> None:
         if setting == "sparse24-int4":
             variants += [("pare_two_stage", sys.executable, {"two_stage": True}),
                          ("pare_prune_then_gptq", sys.executable, {"joint": "prune-then-gptq"}),
+                         ("pare_prune_then_gptq_damp0.1", sys.executable, {"joint": "prune-then-gptq",
+                                                                           "percdamp": 0.1}),
                          ("pare_nm_quant", sys.executable, {"nm_quant": True}),
                          ("pare_clip", sys.executable, {"clip_search": True}),
                          ("pare_damp0.1", sys.executable, {"percdamp": 0.1}),
-                         ("pare_two_stage_damp0.1", sys.executable, {"two_stage": True, "damp": 0.1}),
-                         ("pare_prune_then_gptq_damp0.1", sys.executable, {"joint": "prune-then-gptq",
-                                                                           "percdamp": 0.1})]
+                         ("pare_two_stage_damp0.1", sys.executable, {"two_stage": True, "damp": 0.1})]
         variants = [v for v in variants if v[0] in ("pare", "reference") or not a.variants or v[0] in a.variants]
         if not a.skip_reference:
             variants.append(("reference", str(peer), None))
@@ -253,7 +253,9 @@ def main(a: argparse.Namespace) -> None:
                 variants.append(("reference_mse", str(peer), {"observer": "memoryless_mse"}))
             if a.reference_damp and setting == "sparse24-int4":
                 variants.append((f"reference_damp{a.reference_damp:g}", str(peer), {"damp": a.reference_damp}))
-        variants.sort(key=lambda v: (v[0] != "pare", v[0] != "reference"))  # the headline pair first (stable)
+        late = ("pare_nm_quant", "pare_clip", "pare_damp0.1", "pare_two_stage_damp0.1")
+        # the headline pair first, then pare's main variants and the reference's, then the rest (stable)
+        variants.sort(key=lambda v: (v[0] != "pare", v[0] != "reference", v[0] in late))
         for kind, python, extra in variants:
             out = work / f"{kind}-{tag}.safetensors"
             if kind.startswith("reference") and not peer.is_file():
