@@ -21,20 +21,20 @@ Settings (pare's configuration / the reference's recipe):
   ``actorder="static"`` is what pare's ``act_order`` does). ``--group-size`` G defaults to 64:
   SmolLM2's inputs (576) are not a multiple of 128, which both tools refuse.
 - ``sparse24-int4``: pare's joint pass ``SparseGPTConfig(pattern="2:4", quantize="int4",
-  group_size=G)`` / the reference's ``[SparseGPTModifier(2:4), GPTQModifier(W4A16 at G)]`` recipe.
+  group_size=G)`` (its default ``joint="prune-then-gptq"``) / the reference's
+  ``[SparseGPTModifier(2:4), GPTQModifier(W4A16 at G)]`` recipe.
 
 pare's variants run in the same invocation (``--variants`` picks some): for ``gptq-w4a16``,
 ``pare_clip`` (``clip_search``: each group's range shrunk to the least rounding error) and
 ``pare_dense_inputs`` (``RuntimeConfig(sequential=False)``: each layer calibrated on the dense
 model's activations, one forward per layer instead of two); for
-``sparse24-int4``, ``pare_two_stage`` (pare's own recipe: SparseGPT 2:4, then GPTQ with
-``keep_zeros`` on the pruned model's activations), ``pare_nm_quant`` (the joint pass choosing each
-group of 4 with its kept weights' quantization error counted), ``pare_clip`` and
-``pare_prune_then_gptq`` (``joint="prune-then-gptq"``: in the one pass, SparseGPT prunes each
-matrix, then act-order GPTQ quantizes its kept weights), and the two-stage, joint and
-prune-then-GPTQ passes with dampening 0.1 (``percdamp``, both stages). ``--reference-mse`` adds
-``reference_mse``, the reference with its ``memoryless_mse`` range observer; ``--reference-damp D``
-adds the reference recipe with dampening D in both modifiers.
+``sparse24-int4``, ``pare_interleaved`` (``joint="interleaved"``: the paper's one pass, each column
+masked and quantized before its error is spread), ``pare_two_stage`` (pare's own recipe: SparseGPT
+2:4, then GPTQ with ``keep_zeros`` on the pruned model's activations), ``pare_damp0.1``
+(``percdamp=0.1``), ``pare_nm_quant`` (interleaved, each group of 4 chosen with its kept weights'
+quantization error counted), ``pare_clip`` (``clip_search``), and the interleaved and two-stage
+passes with dampening 0.1. ``--reference-mse`` adds ``reference_mse``, the reference with its
+``memoryless_mse`` range observer; ``--reference-damp D`` adds the reference recipe with dampening D in both modifiers.
 
 ``prune_seconds`` is the wall time of ``pare.prune`` / ``oneshot`` alone. The peer venv::
 
@@ -238,13 +238,12 @@ def main(a: argparse.Namespace) -> None:
             variants += [("pare_clip", sys.executable, {"clip_search": True}),
                          ("pare_dense_inputs", sys.executable, {"sequential": False})]
         if setting == "sparse24-int4":
-            variants += [("pare_two_stage", sys.executable, {"two_stage": True}),
-                         ("pare_prune_then_gptq", sys.executable, {"joint": "prune-then-gptq"}),
-                         ("pare_prune_then_gptq_damp0.1", sys.executable, {"joint": "prune-then-gptq",
-                                                                           "percdamp": 0.1}),
-                         ("pare_nm_quant", sys.executable, {"nm_quant": True}),
-                         ("pare_clip", sys.executable, {"clip_search": True}),
+            variants += [("pare_interleaved", sys.executable, {"joint": "interleaved"}),
+                         ("pare_two_stage", sys.executable, {"two_stage": True}),
                          ("pare_damp0.1", sys.executable, {"percdamp": 0.1}),
+                         ("pare_nm_quant", sys.executable, {"joint": "interleaved", "nm_quant": True}),
+                         ("pare_clip", sys.executable, {"clip_search": True}),
+                         ("pare_interleaved_damp0.1", sys.executable, {"joint": "interleaved", "percdamp": 0.1}),
                          ("pare_two_stage_damp0.1", sys.executable, {"two_stage": True, "damp": 0.1})]
         variants = [v for v in variants if v[0] in ("pare", "reference") or not a.variants or v[0] in a.variants]
         if not a.skip_reference:
@@ -253,7 +252,7 @@ def main(a: argparse.Namespace) -> None:
                 variants.append(("reference_mse", str(peer), {"observer": "memoryless_mse"}))
             if a.reference_damp and setting == "sparse24-int4":
                 variants.append((f"reference_damp{a.reference_damp:g}", str(peer), {"damp": a.reference_damp}))
-        late = ("pare_nm_quant", "pare_clip", "pare_damp0.1", "pare_two_stage_damp0.1")
+        late = ("pare_nm_quant", "pare_clip", "pare_interleaved_damp0.1", "pare_two_stage_damp0.1")
         # the headline pair first, then pare's main variants and the reference's, then the rest (stable)
         variants.sort(key=lambda v: (v[0] != "pare", v[0] != "reference", v[0] in late))
         for kind, python, extra in variants:

@@ -95,5 +95,5 @@ def test_options_are_validated() -> None:
     with pytest.raises(ConfigError, match="joint must be one of"):
         SparseGPTConfig(pattern="2:4", quantize="int4", joint="together")
     with pytest.raises(ConfigError, match="nm_quant"):
-        SparseGPTConfig(pattern="2:4", quantize="int4", nm_quant=True, joint="prune-then-gptq")
-    SparseGPTConfig(pattern="2:4", quantize="int4", group_size=32, nm_quant=True, clip_search=True)
+        SparseGPTConfig(pattern="2:4", quantize="int4", nm_quant=True)  # the default joint mode picks no groups
+    SparseGPTConfig(pattern="2:4", quantize="int4", group_size=32, nm_quant=True, clip_search=True, joint="interleaved")
