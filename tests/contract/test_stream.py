@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -224,3 +225,58 @@ def test_quantize_streams(tmp_path: Path, options: dict) -> None:
     in_memory(src, tmp_path / "mem", config, ids)
     out = streamed(src, tmp_path / "stream", config, ids)
     assert_same_model(tmp_path / "mem", out)
+
+
+def _killed_after_publish(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, out: Path) -> Path:
+    """Stream into ``out``, stopped between the publish rename and the work directory's removal."""
+    import pare.io.partial as partial
+
+    work = out.with_name(f".{out.name}.stream")
+    rmtree = partial.shutil.rmtree
+
+    def stop_at_work(path, *args, **kwargs):  # type: ignore[no-untyped-def]
+        if Path(path) == work:
+            raise Stop
+        return rmtree(path, *args, **kwargs)
+
+    with monkeypatch.context() as m:
+        m.setattr(partial.shutil, "rmtree", stop_at_work)
+        with pytest.raises(Stop):
+            streamed(saved(tmp_path), out, pare.WandaConfig(sparsity=0.5), tiny_batch(4, 16))
+    assert (out / "pare.json").is_file() and (work / "progress.json").is_file()
+    return work
+
+
+def test_work_left_by_a_run_killed_after_publishing_is_removed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                               caplog: pytest.LogCaptureFixture) -> None:
+    out = tmp_path / "o"
+    work = _killed_after_publish(tmp_path, monkeypatch, out)
+    ids = tiny_batch(4, 16)
+    with caplog.at_level("WARNING", logger="pare.io.partial"):
+        plan = plan_stream(str(tmp_path / "src-llama"), pare.WandaConfig(sparsity=0.6), out, ids, None, RUNTIME,
+                           StreamConfig(stream=True), batch_size=2, overwrite=True)
+    assert not work.exists()
+    assert any("published" in r.getMessage() and str(work) in r.getMessage() for r in caplog.records)
+    stream_prune(plan, RUNTIME, overwrite=True)  # a fresh run, not a refusal to resume
+    assert json.loads((out / "pare.json").read_text())["config"]["sparsity"] == 0.6
+    assert not work.exists()
+
+
+def test_only_pares_own_published_work_is_removed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    out = tmp_path / "o"
+    work = _killed_after_publish(tmp_path, monkeypatch, out)
+    from pare.io.partial import PartialOutput
+
+    (work / "notes.txt").write_text("mine")  # something pare did not write: the directory stays
+    assert not PartialOutput(out).discard_if_published() and (work / "notes.txt").is_file()
+    (work / "notes.txt").unlink()
+    shard = next(out.glob("model-*.safetensors"))  # the output no longer holds this run's files
+    data = shard.read_bytes()
+    shard.unlink()
+    shard.write_bytes(data)
+    assert not PartialOutput(out).discard_if_published() and work.is_dir()
+    with PartialOutput(out).locked():  # a run holds it
+        shard.unlink()
+        os.link(work / shard.name, shard)  # the output's file is the run's again
+        assert not PartialOutput(out).discard_if_published() and work.is_dir()
+    assert PartialOutput(out).discard_if_published() and not work.exists()

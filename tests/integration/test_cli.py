@@ -25,6 +25,17 @@ def test_inspect_prints_roles_and_params(model_dir: Path, capsys) -> None:
     assert data["params"]["total"] == sum(p.numel() for p in model.parameters())
 
 
+def test_inspect_honours_arch_override(model_dir: Path, tmp_path: Path, capsys) -> None:
+    override = tmp_path / "override.yaml"
+    override.write_text("names: {gate: mlp.up_proj, up: mlp.gate_proj}\n")  # the roles as the file says
+    assert main(["inspect", str(model_dir)]) == 0
+    assert "mlp: mlp.gate_proj, mlp.up_proj, mlp.down_proj" in capsys.readouterr().out
+    assert main(["inspect", str(model_dir), "--arch-override", str(override)]) == 0
+    assert "mlp: mlp.up_proj, mlp.gate_proj, mlp.down_proj" in capsys.readouterr().out
+    override.write_text("layers_path: model.nowhere\n")
+    assert "model.nowhere" in _error(capsys, ["inspect", str(model_dir), "--arch-override", str(override)])
+
+
 def test_prune_then_eval(model_dir: Path, text_file: Path, tmp_path: Path, capsys) -> None:
     out = tmp_path / "pruned"
     code = main(["prune", "--model", str(model_dir), "--method", "magnitude", "--sparsity", "0.5",
@@ -112,6 +123,47 @@ def test_abbreviated_options_are_refused(model_dir: Path, capsys) -> None:
     with pytest.raises(SystemExit):
         main(["prune", "--model", str(model_dir), "--method", "magnitude", "--spars", "0.7"])
     assert "unrecognized arguments: --spars" in capsys.readouterr().err
+
+
+def _help(capsys, argv: list[str]) -> str:
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 0
+    return capsys.readouterr().out
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def test_prune_help_lists_only_what_prune_runs(model_dir: Path, capsys) -> None:
+    import dataclasses
+
+    from pare.cli.options import file_only
+    from pare.methods import METHODS, GradualConfig, RecoverConfig
+
+    text = _help(capsys, ["prune", "--help"])
+    flags = set(re.findall(r"(?<![\w-])--[a-z][a-z0-9_-]*", text))
+    pruning = [c for c in METHODS.values() if c.config_class not in (RecoverConfig, GradualConfig)]
+    for cls in pruning:  # every pruning method's options are there
+        for f in dataclasses.fields(cls.config_class):
+            assert f.name in file_only(cls.config_class) or _flag(f.name) in flags, (cls.config_class.method, f.name)
+    from pare.cli import COMMON
+    from pare.config import CalibrationConfig, RuntimeConfig
+    from pare.stream.config import StreamConfig
+
+    prune_fields = {f.name for c in [*(p.config_class for p in pruning), CalibrationConfig, RuntimeConfig,
+                                     StreamConfig] for f in dataclasses.fields(c)} | COMMON
+    own = {f.name for c in (RecoverConfig, GradualConfig) for f in dataclasses.fields(c)
+           if f.name not in prune_fields and f.name not in file_only(c)}
+    assert own and not {_flag(n) for n in own} & flags  # --lora-r, --teacher, --final-sparsity, ...
+    assert "recover" not in text.split("--method METHOD", 1)[1].split("--", 1)[0]
+    assert "gradual" not in text.split("--method METHOD", 1)[1].split("--", 1)[0]
+    recover = _help(capsys, ["recover", "--help"])
+    assert "--lora-r" in recover and "--teacher" in recover
+    for method, where in (("recover", "pare recover"), ("gradual", "recipe")):
+        message = _error(capsys, ["prune", "--model", str(model_dir), "--method", method, "--no-save"])
+        assert "not run by `pare prune`" in message and where in message
 
 
 def test_unknown_model_type_is_reported(tmp_path: Path, capsys) -> None:

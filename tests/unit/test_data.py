@@ -149,6 +149,20 @@ def test_data_dir_env_then_shared_beside_cwd(tmp_path: Path, monkeypatch: pytest
     assert found is not None and found.resolve() == (tmp_path / "shared" / "data").resolve()
 
 
+def test_the_places_looked_read_the_same_for_every_loader(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    looked: list[str] = []
+    monkeypatch.setenv("PARE_DATA_DIR", str(tmp_path))
+    assert sources.local_data_root(looked) == tmp_path and looked == []
+    monkeypatch.delenv("PARE_DATA_DIR")
+    places = [tmp_path / "a", tmp_path / "b"]
+    monkeypatch.setattr(sources, "_default_data_dirs", lambda: places)
+    assert sources.local_data_root(looked) is None
+    assert looked == [f"local copies: PARE_DATA_DIR is not set, and neither {places[0]} nor {places[1]} exists"]
+    assert sources.hub_failure("load()", ImportError("x")) == "load(): the datasets package is not installed"
+    assert sources.hub_failure("load()", ConnectionError("offline\nmore")) == "load(): ConnectionError: offline"
+    assert sources.hub_failure("load()", ValueError()) == "load(): ValueError: "
+
+
 def test_named_sets_read_local_copies(tiny_sets: Path) -> None:
     # the wikitext loader keeps blank rows as "" so that "\n\n".join reproduces the papers' text
     assert load_documents("wikitext2", "test") == ["", " = w1 = \n", "", " w2 w3 \n"]

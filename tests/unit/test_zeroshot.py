@@ -296,8 +296,7 @@ def test_missing_data_without_a_data_dir_names_the_default_places_and_the_hub(to
 
     monkeypatch.delenv("PARE_DATA_DIR", raising=False)
     places = [tmp_path / "a" / "shared" / "data", tmp_path / "b" / "shared" / "data"]
-    monkeypatch.setattr(sources, "_default_data_dirs", lambda: places)
-    monkeypatch.setattr(zs_data, "_default_data_dirs", lambda: places)
+    monkeypatch.setattr(sources, "_default_data_dirs", lambda: places)  # the one place both loaders look up
     monkeypatch.setattr(zs_data, "load_hub_rows", lambda source: (_ for _ in ()).throw(ConnectionError("no network")))
     with pytest.raises(DataNotFoundError) as err:
         evaluate_tasks(tiny_model("llama"), tok, ["winogrande"], progress=False)

@@ -92,6 +92,16 @@ def find_layers_path(model: nn.Module, override: ArchOverride | None = None) -> 
     """Dotted path of the ModuleList holding the decoder layers (inside the text decoder when the
     model names one)."""
     if override is not None and override.layers_path:
+        try:
+            found = model.get_submodule(override.layers_path)
+        except AttributeError:
+            found = None
+        if not isinstance(found, nn.ModuleList):
+            lists = [n for n, m in model.named_modules() if isinstance(m, nn.ModuleList) and len(m) > 0]
+            raise UnsupportedArchitectureError(
+                f"{type(model).__name__}: the override's layers_path {override.layers_path!r} is not a ModuleList "
+                f"of the model{'' if found is None else f' (it is a {type(found).__name__})'}; its module lists: "
+                f"{lists[:5]}")
         return override.layers_path
     prefix = decoder_prefix(model)
     if prefix:

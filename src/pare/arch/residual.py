@@ -25,6 +25,7 @@ from torch import nn
 
 from pare.arch.roles import LayerRoles, ModelArch, Proj
 from pare.errors import ConfigError
+from pare.hooks import removed_after
 
 PortKind = Literal["linear", "conv1d", "experts"]
 NormKind = Literal["rms", "layernorm"]
@@ -167,8 +168,6 @@ class _Recorder:
 
     @contextlib.contextmanager
     def attach(self, model: nn.Module, names: set[str]) -> Iterator[None]:
-        handles = []
-
         def hook(name: str) -> Any:
             def record(_m: nn.Module, args: tuple, kwargs: dict, out: Any) -> None:
                 x = args[0] if args else kwargs.get("hidden_states")
@@ -179,13 +178,10 @@ class _Recorder:
                     self.outputs[name] = y.detach()
             return record
 
-        try:
+        with removed_after() as handles:
             for name in names:
                 handles.append(model.get_submodule(name).register_forward_hook(hook(name), with_kwargs=True))
             yield
-        finally:
-            for h in handles:
-                h.remove()
 
 
 def _same(a: torch.Tensor | None, b: torch.Tensor | None, tol: float = 1e-4) -> bool:
@@ -318,20 +314,16 @@ def projected_writes(model: nn.Module, arch: ModelArch, index: int, proj: torch.
     (``[H, H]``, e.g. the projection ``P P^T`` onto kept directions): with the layer's input projected
     too, the layer computes in the original coordinates what its rotated and sliced version computes.
     Hooks on the writer modules, always removed."""
-    handles = []
 
     def hook(_m: nn.Module, _args: tuple, out: Any) -> Any:
         if isinstance(out, (tuple, list)):
             return type(out)([out[0] @ proj.to(out[0].dtype), *out[1:]])
         return out @ proj.to(out.dtype)
 
-    try:
+    with removed_after() as handles:
         for name in dict.fromkeys(p.module for p in writers_of(arch, index)):
             handles.append(model.get_submodule(name).register_forward_hook(hook))
         yield
-    finally:
-        for h in handles:
-            h.remove()
 
 
 __all__ = [

@@ -48,6 +48,23 @@ def _default_data_dirs() -> list[Path]:
     return [Path.cwd().parent / "shared" / "data", repo.parent / "shared" / "data"]
 
 
+def local_data_root(looked: list[str]) -> Path | None:
+    """:func:`data_dir`; when there is none, None, with the reason added to ``looked`` (the places a
+    :class:`DataNotFoundError` lists)."""
+    root = data_dir()
+    if root is None:
+        dirs = " nor ".join(str(p) for p in _default_data_dirs())
+        looked.append(f"local copies: PARE_DATA_DIR is not set, and neither {dirs} exists")
+    return root
+
+
+def hub_failure(call: str, exc: Exception) -> str:
+    """A failed Hub load (``call`` describes it) as one of the places a :class:`DataNotFoundError` lists."""
+    if isinstance(exc, ImportError):
+        return f"{call}: the datasets package is not installed"
+    return f"{call}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+
+
 # ---------------------------------------------------------------------------------------------
 # File readers: each returns the documents (rows) of one file.
 
@@ -268,11 +285,8 @@ def _source_path(source: str) -> Path:
 def _load_named(name: str, split: str) -> list[str]:
     spec = _NAMED[name]
     looked: list[str] = []
-    root = data_dir()
-    if root is None:
-        dirs = " nor ".join(str(p) for p in _default_data_dirs())
-        looked.append(f"local copies: PARE_DATA_DIR is not set, and neither {dirs} exists")
-    else:
+    root = local_data_root(looked)
+    if root is not None:
         for rel, reader in spec.local[split]:
             path = root / rel
             if not path.is_file():
@@ -292,10 +306,8 @@ def _load_named(name: str, split: str) -> list[str]:
     try:
         dataset = _load_hub_dataset(hub.path, hub.name, hub_split, files)
         docs = [t or "" for t in dataset[hub.column]]
-    except ImportError:
-        looked.append(f"{call}: the datasets package is not installed")
     except Exception as exc:  # any hub failure (offline, missing, renamed) means "not found there"
-        looked.append(f"{call}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+        looked.append(hub_failure(call, exc))
     else:
         logger.info("%s %s: %d documents from %s", name, split, len(docs), call)
         return docs

@@ -17,6 +17,7 @@ from torch import nn
 from pare.arch.targets import Target
 from pare.arch.wrapper import LayerWrapper
 from pare.errors import UnsupportedArchitectureError
+from pare.hooks import removed_after
 from pare.ops.gram import add_gram_upper_, mirror_upper_
 
 STAT_NORMS = "norms"
@@ -221,7 +222,6 @@ def record_inputs(
             block ends, their entries of ``stats`` are one accumulator object (one ``[in, in]`` Gram
             per distinct input instead of one per matrix).
     """
-    handles = []
     by_module: dict[int, list[Target]] = {}
     for t in targets:
         by_module.setdefault(id(t.module), []).append(t)
@@ -230,50 +230,49 @@ def record_inputs(
     if share_inputs:
         same = _SameInput({k: stats[g[0].name] for k, g in by_module.items() if g[0].expert is None})
     try:
-        if stop is not None and stop_in is not None:
-            handles.append(stop_in.register_forward_pre_hook(stop.start))
-            handles.append(stop_in.register_forward_hook(stop.finish))
-        for key, group in by_module.items():
-            module = group[0].module
-            if group[0].expert is None:
-                acc = stats[group[0].name]
+        with removed_after() as handles:
+            if stop is not None and stop_in is not None:
+                handles.append(stop_in.register_forward_pre_hook(stop.start))
+                handles.append(stop_in.register_forward_hook(stop.finish))
+            for key, group in by_module.items():
+                module = group[0].module
+                if group[0].expert is None:
+                    acc = stats[group[0].name]
 
-                def hook(_m, args, acc=acc, key=key):
-                    if same is None or same.record(key, args[0]):
-                        acc.add(args[0].detach())
-                    if stop is not None:
-                        stop.seen(key)
+                    def hook(_m, args, acc=acc, key=key):
+                        if same is None or same.record(key, args[0]):
+                            acc.add(args[0].detach())
+                        if stop is not None:
+                            stop.seen(key)
 
-                handles.append(module.register_forward_pre_hook(hook))
-            else:
-                wanted = {(t.expert, t.input_kind): stats[t.name] for t in group}
-                n = max(t.expert for t in group if t.expert is not None) + 1
+                    handles.append(module.register_forward_pre_hook(hook))
+                else:
+                    wanted = {(t.expert, t.input_kind): stats[t.name] for t in group}
+                    n = max(t.expert for t in group if t.expert is not None) + 1
 
-                param = group[0].gate_up_param or "gate_up_proj"
+                    param = group[0].gate_up_param or "gate_up_proj"
 
-                def ex_hook(m, args, kwargs, _out, wanted=wanted, n=n, param=param, key=key):
-                    with torch.no_grad():
-                        for e, x, mid, gate in _expert_inputs(m, args, kwargs, param, n):
-                            if (e, "expert_in") in wanted:
-                                wanted[(e, "expert_in")].add_routed(x, gate)
-                            if (e, "expert_mid") in wanted:
-                                wanted[(e, "expert_mid")].add_routed(mid, gate)
-                    if same is not None:
-                        same.last = None
-                    if stop is not None:
-                        stop.seen(key)
+                    def ex_hook(m, args, kwargs, _out, wanted=wanted, n=n, param=param, key=key):
+                        with torch.no_grad():
+                            for e, x, mid, gate in _expert_inputs(m, args, kwargs, param, n):
+                                if (e, "expert_in") in wanted:
+                                    wanted[(e, "expert_in")].add_routed(x, gate)
+                                if (e, "expert_mid") in wanted:
+                                    wanted[(e, "expert_mid")].add_routed(mid, gate)
+                        if same is not None:
+                            same.last = None
+                        if stop is not None:
+                            stop.seen(key)
 
-                handles.append(module.register_forward_hook(ex_hook, with_kwargs=True))
-        yield
-        if same is not None:
-            for follower, lead in same.leader.items():
-                for t in by_module[follower]:
-                    stats[t.name] = same.stats_of[lead]
+                    handles.append(module.register_forward_hook(ex_hook, with_kwargs=True))
+            yield
+            if same is not None:
+                for follower, lead in same.leader.items():
+                    for t in by_module[follower]:
+                        stats[t.name] = same.stats_of[lead]
     finally:
         if same is not None:
             same.last = None
-        for h in handles:
-            h.remove()
 
 
 # --------------------------------------------------------------------------- MoE routing statistics
@@ -392,11 +391,9 @@ def record_routing(experts: nn.Module, stats: RoutingStats, stop: bool = False) 
         if stop:
             raise InputsRecorded
 
-    handle = experts.register_forward_pre_hook(hook, with_kwargs=True)
-    try:
+    with removed_after() as handles:
+        handles.append(experts.register_forward_pre_hook(hook, with_kwargs=True))
         yield
-    finally:
-        handle.remove()
 
 
 class _RoutedOnce(LayerWrapper):

@@ -29,15 +29,22 @@ TOP_KINDS: dict[str, type] = {"model": str, "method": str, "out": str, "overwrit
                               "arch_override": str, "dtype": str, "verbose": bool, "json": bool, "report": bool}
 """The options that are not config fields, with their types when they come from a config file."""
 COMMON = set(TOP_KINDS) | {"config"}
+ARCH_OVERRIDE_HELP = "YAML/JSON ArchOverride for unknown architectures"
+
+
+def prune_methods() -> dict[str, Any]:
+    """The registered methods ``pare prune --method`` runs (not the ones with a command or recipe of their own)."""
+    from pare.methods import METHODS
+
+    return {name: cls for name, cls in METHODS.items() if not cls.runs_elsewhere}
 
 
 def _prune_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    from pare.methods import METHODS
-
+    methods = prune_methods()
     p = sub.add_parser("prune", help="prune a model and save it", description="Prune a model and save it.",
                        allow_abbrev=False)
     p.add_argument("--model", help="hub id or local directory")
-    p.add_argument("--method", help=f"one of {', '.join(sorted(METHODS))}")
+    p.add_argument("--method", help=f"one of {', '.join(sorted(methods))}")
     p.add_argument("--out", "--save_model", dest="out", help="output directory (written atomically)")
     p.add_argument("--overwrite", action="store_true", default=None,
                    help="replace an existing --out (only a directory that holds a saved model)")
@@ -53,7 +60,7 @@ def _prune_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--eval-limit", type=int, default=None, help="score only the first N documents of each task")
     p.add_argument("--speed", action=argparse.BooleanOptionalAction, default=None,
                    help="with --eval, also measure prefill/decode tokens/s (default: yes)")
-    p.add_argument("--arch-override", default=None, help="YAML/JSON ArchOverride for unknown architectures")
+    p.add_argument("--arch-override", default=None, help=ARCH_OVERRIDE_HELP)
     p.add_argument("--dtype", default=None, help="load dtype (auto, float32, bfloat16, float16)")
     p.add_argument("--json", action="store_true", default=None, help="print the report as JSON")
     p.add_argument("--report", action="store_true", default=None,
@@ -69,7 +76,7 @@ def _prune_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     add_config_options(p.add_argument_group("runtime"), RuntimeConfig, taken)
     add_config_options(p.add_argument_group("streaming (models larger than memory)"), StreamConfig, taken)
     group = p.add_argument_group("method options (each applies to the methods that define it)")
-    for cls in METHODS.values():
+    for cls in methods.values():
         add_config_options(group, cls.config_class, taken)
     return p
 
@@ -139,6 +146,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     ins = sub.add_parser("inspect", help="the model's roles: layers, heads, MLP width, params by part",
                          allow_abbrev=False)
     ins.add_argument("model")
+    ins.add_argument("--arch-override", default=None, help=ARCH_OVERRIDE_HELP)
     ins.add_argument("--json", action="store_true")
     ins.add_argument("-v", "--verbose", action="store_true")
     sub.add_parser("methods", help="list the pruning methods and their options")
@@ -315,6 +323,8 @@ def _cmd_prune(args: argparse.Namespace, given: set[str]) -> int:
     if not args.method:
         raise ConfigError("no method: pass --method (see `pare methods`) or `method:` in --config")
     pruner = pruner_for(args.method)
+    if pruner.runs_elsewhere:
+        raise ConfigError(f"method {args.method!r} is not run by `pare prune`: it runs as {pruner.runs_elsewhere}")
     method_fields = {f.name for f in dataclasses.fields(pruner.config_class)}  # not ClassVars (`method`)
     foreign = sorted(
         d for d in given

@@ -69,7 +69,7 @@ def inspect_cmd(args: argparse.Namespace) -> int:
     from pare.io.load import meta_model
 
     model = meta_model(args.model)
-    arch = describe(model)
+    arch = describe(model, _arch_override(args.arch_override))
     parts = params_by_part(model, arch)
     layers = []
     for r in arch.layers:

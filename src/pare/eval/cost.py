@@ -24,7 +24,7 @@ class Cost:
 def measure_cost(interval: float = 0.02) -> Iterator[Cost]:
     """Time the block and find this process's peak RSS during it.
 
-    When the block raises the process's lifetime peak (``ru_maxrss``), that peak is exact; otherwise
+    When the block raises the process's lifetime peak (:func:`peak_rss_mb`), that peak is exact; otherwise
     a thread samples the RSS every ``interval`` seconds (a shorter spike below the earlier peak can
     be missed).
     """

@@ -7,12 +7,30 @@ import sys
 import psutil
 
 
+def _vm_hwm_kib() -> int | None:
+    """``VmHWM`` of ``/proc/self/status`` (Linux), in KiB; None where the file or the field is missing."""
+    try:
+        with open("/proc/self/status", encoding="ascii", errors="replace") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
 def peak_rss_mb() -> float:
     """The peak resident set size of this process so far, in MiB.
 
-    Uses ``resource.getrusage`` (``ru_maxrss``: KiB on Linux, bytes on macOS) where it exists;
-    on Windows, psutil's peak working set; elsewhere the current RSS, the best psutil knows.
+    On Linux, ``VmHWM`` from ``/proc/self/status``: the high-water mark of this process's own memory.
+    (``ru_maxrss`` is not: a process started by fork + exec begins with the forking process's RSS as
+    its peak, so a small child of a large parent reports the parent's size.) Elsewhere
+    ``resource.getrusage`` (``ru_maxrss``: KiB on Linux, bytes on macOS); on Windows, psutil's peak
+    working set.
     """
+    hwm = _vm_hwm_kib()
+    if hwm is not None:
+        return hwm / 2**10
     try:
         import resource
     except ImportError:  # Windows

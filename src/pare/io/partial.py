@@ -11,7 +11,9 @@ When every layer is written, :meth:`PartialOutput.publish` builds the output the
 :func:`pare.save` does: a private ``.<out>.tmp-<pid>-*`` directory (the shards hard-linked into it,
 so the work directory stays whole until the output is in place), the index, config, tokenizer and
 the complete manifest, then :func:`pare.io.outdir.move_into_place`; the work directory is removed
-only after that rename.
+only after that rename. A run killed between the two leaves a work directory whose shards are the
+output's own files: the next streamed run to the same output removes it, with a warning
+(:meth:`PartialOutput.discard_if_published`).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import fcntl
 import json
 import logging
 import os
+import re
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -36,6 +39,9 @@ log = logging.getLogger(__name__)
 PROGRESS = "progress.json"
 LOCK = "lock"
 INDEX = "model.safetensors.index.json"
+WORK_FILE = re.compile(r"^(lock|progress\.json|inputs-\d{5}\.safetensors|activations-[01]\.bin"
+                       r"|model-\d{5}-of-\d{5}\.safetensors)(\.partial)?$")
+"""The names a streamed run writes into its work directory."""
 
 
 def shard_name(k: int, n: int) -> str:
@@ -97,6 +103,58 @@ class PartialOutput:
             fcntl.flock(fd, fcntl.LOCK_UN)
             os.close(fd)
             self._lock = None
+
+    def discard_if_published(self) -> bool:
+        """Remove the work directory of a run that published ``out`` but was killed before it removed
+        the work directory (a warning says so); return whether it did.
+
+        Only a directory that is pare's own is removed: a real directory with pare's lock file, not
+        locked by a running process, holding nothing but the files a streamed run writes, whose
+        progress record names shards that are the very files (hard links) the output holds. A work
+        directory of a run that never published (``--resume`` continues it) is left as it is.
+        """
+        work = self.work
+        if work.is_symlink() or not work.is_dir():
+            return False
+        try:
+            fd = os.open(work / LOCK, os.O_RDWR | os.O_NOFOLLOW)
+        except OSError:  # no lock file: not a work directory pare made
+            return False
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:  # a streamed run is using it
+                return False
+            if not self._published():
+                return False
+            others = [p.name for p in work.iterdir()
+                      if p.is_symlink() or not p.is_file() or not WORK_FILE.match(p.name)]
+            if others:
+                log.warning("%s belongs to the published streamed run at %s but also holds %s: left as it is; "
+                            "remove it yourself", work, self.out, ", ".join(sorted(others)[:5]))
+                return False
+            shutil.rmtree(work)
+        finally:
+            os.close(fd)
+        log.warning("removed %s: the work directory of the streamed run that published %s (it was stopped before "
+                    "it removed it)", work, self.out)
+        return True
+
+    def _published(self) -> bool:
+        """Every shard of the progress record is the same file as the output's (publish links them)."""
+        if self.out.is_symlink() or not self.out.is_dir():
+            return False
+        try:
+            record = self.progress()
+        except ConfigError:
+            return False
+        shards = (record or {}).get("shards")
+        if not isinstance(shards, dict) or not shards:
+            return False
+        try:
+            return all(WORK_FILE.match(n) and os.path.samefile(self.work / n, self.out / n) for n in shards)
+        except (OSError, TypeError):
+            return False
 
     # ----------------------------------------------------------------------- progress
     def progress(self) -> dict[str, Any] | None:

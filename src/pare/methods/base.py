@@ -131,6 +131,9 @@ class Pruner(ABC):
     changes_shapes: ClassVar[bool] = False
     """Whether the stage changes shapes (layers, heads, channels): then the stages after it are checked
     against its :meth:`preview`."""
+    runs_elsewhere: ClassVar[str] = ""
+    """Where the stage runs when ``pare prune --method NAME`` does not (its options stay out of that
+    command's help, and the command refuses the method with this text); empty: ``pare prune`` runs it."""
 
     def __init__(self, config: PruneConfig) -> None:
         self.config = config

@@ -103,6 +103,8 @@ class GradualStage(Pruner):
 
     config_class = GradualConfig
     config: GradualConfig
+    runs_elsewhere = ("a recipe stage (`pare run recipe.yaml`: `- gradual: {prune: {wanda: {}}, final_sparsity: 0.6, "
+                      "recover: {mode: full, tokens: 100000}}`)")
 
     @classmethod
     def example_config(cls) -> GradualConfig:

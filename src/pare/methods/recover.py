@@ -160,6 +160,8 @@ class RecoverStage(Pruner):
 
     config_class = RecoverConfig
     config: RecoverConfig
+    runs_elsewhere = ("`pare recover DIR --out DIR2 --method lora|full|distill` on a saved pruned model, or a recipe "
+                      "stage after the pruning ones (`pare run`: `- recover: {mode: lora, tokens: 2000000}`)")
 
     def __init__(self, config: PruneConfig) -> None:
         super().__init__(config)

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pare.errors import ConfigError
+from pare.hooks import removed_after
 
 ADAPTER = "default"
 
@@ -71,25 +72,21 @@ def delta(layer: nn.Module) -> torch.Tensor:
 def mask_aware(layers: dict[str, nn.Module], masks: dict[str, torch.Tensor]) -> Iterator[None]:
     """While the block runs, each adapted layer's output omits the update on its pruned weights
     (hooks removed after). ``masks`` is keyed by the base weight's name (``<layer>.weight``)."""
-    handles = []
-    for name, layer in layers.items():
-        mask = masks.get(f"{name}.weight")
-        if mask is None:
-            continue
-        fan_in_fan_out = bool(getattr(layer, "fan_in_fan_out", False))
+    with removed_after() as handles:
+        for name, layer in layers.items():
+            mask = masks.get(f"{name}.weight")
+            if mask is None:
+                continue
+            fan_in_fan_out = bool(getattr(layer, "fan_in_fan_out", False))
 
-        def hook(module: nn.Module, args: tuple, output: torch.Tensor, keep: torch.Tensor = mask,
-                 t: bool = fan_in_fan_out) -> torch.Tensor:
-            off = delta(module) * (~keep.to(output.device))
-            x = args[0].to(off.dtype)
-            return output - (x @ off if t else F.linear(x, off)).to(output.dtype)
+            def hook(module: nn.Module, args: tuple, output: torch.Tensor, keep: torch.Tensor = mask,
+                     t: bool = fan_in_fan_out) -> torch.Tensor:
+                off = delta(module) * (~keep.to(output.device))
+                x = args[0].to(off.dtype)
+                return output - (x @ off if t else F.linear(x, off)).to(output.dtype)
 
-        handles.append(layer.register_forward_hook(hook))
-    try:
+            handles.append(layer.register_forward_hook(hook))
         yield
-    finally:
-        for h in handles:
-            h.remove()
 
 
 @torch.no_grad()

@@ -17,6 +17,7 @@ from torch import nn
 
 from pare.arch.roles import ModelArch
 from pare.arch.targets import Target, layer_targets
+from pare.hooks import removed_after
 
 
 def model_targets(model: nn.Module, arch: ModelArch) -> list[Target]:
@@ -44,16 +45,12 @@ def target_params(model: nn.Module, targets: list[Target]) -> dict[str, nn.Param
 @contextmanager
 def masked_gradients(params: dict[str, nn.Parameter], masks: dict[str, torch.Tensor]) -> Iterator[None]:
     """Zero the gradient of every masked weight while the block runs (hooks removed after)."""
-    handles = []
-    for name, mask in masks.items():
-        p = params[name]
-        m = mask.to(p.device)
-        handles.append(p.register_hook(lambda g, m=m: g * m))
-    try:
+    with removed_after() as handles:
+        for name, mask in masks.items():
+            p = params[name]
+            m = mask.to(p.device)
+            handles.append(p.register_hook(lambda g, m=m: g * m))
         yield
-    finally:
-        for h in handles:
-            h.remove()
 
 
 @torch.no_grad()

@@ -75,6 +75,8 @@ def plan_stream(source: str, config: PruneConfig, out: str | Path, calibration: 
             weights, an output that cannot be written, not enough memory for one layer.
     """
     device = usable_device(runtime.device)
+    if str(out).strip():  # an empty path is refused just below
+        PartialOutput(out).discard_if_published()
     path = check_output(out, overwrite, source)
     ckpt = Checkpoint.open(source)
     model = build_skeleton(source, dtype)

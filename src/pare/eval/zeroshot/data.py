@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from pare.calibration.sources import _default_data_dirs, data_dir
+from pare.calibration.sources import hub_failure, local_data_root
 from pare.errors import DataNotFoundError
 from pare.eval.zeroshot.tasks import Doc, HubSource, Task
 
@@ -28,11 +28,8 @@ def load_docs(task: Task, limit: int | None = None) -> list[Doc]:
             place looked.
     """
     looked: list[str] = []
-    root = data_dir()
-    if root is None:
-        dirs = " nor ".join(str(p) for p in _default_data_dirs())
-        looked.append(f"local copies: PARE_DATA_DIR is not set, and neither {dirs} exists")
-    else:
+    root = local_data_root(looked)
+    if root is not None:
         paths = [root / rel for rel in task.local_files]
         if all(p.is_file() for p in paths):
             docs = task.read_local(paths, limit)
@@ -42,10 +39,8 @@ def load_docs(task: Task, limit: int | None = None) -> list[Doc]:
     call = task.hub.describe()
     try:
         rows = load_hub_rows(task.hub)
-    except ImportError:
-        looked.append(f"{call}: the datasets package is not installed")
     except Exception as exc:  # any hub failure (offline, missing, renamed) means "not found there"
-        looked.append(f"{call}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+        looked.append(hub_failure(call, exc))
     else:
         n = len(rows) if limit is None else min(limit, len(rows))
         logger.info("%s: %d documents from %s", task.name, n, call)
