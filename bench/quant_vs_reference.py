@@ -21,7 +21,20 @@ Settings (pare's configuration / the reference's recipe):
   ``actorder="static"`` is what pare's ``act_order`` does). ``--group-size`` G defaults to 64:
   SmolLM2's inputs (576) are not a multiple of 128, which both tools refuse.
 - ``sparse24-int4``: pare's joint pass ``SparseGPTConfig(pattern="2:4", quantize="int4",
-  group_size=G)`` / the reference's ``[SparseGPTModifier(2:4), GPTQModifier(W4A16 at G)]`` recipe.
+  group_size=G)`` (its default ``joint="prune-then-gptq"``) / the reference's
+  ``[SparseGPTModifier(2:4), GPTQModifier(W4A16 at G)]`` recipe.
+
+pare's variants run in the same invocation (``--variants`` picks some): for ``gptq-w4a16``,
+``pare_clip`` (``clip_search``: each group's range shrunk to the least rounding error) and
+``pare_dense_inputs`` (``RuntimeConfig(sequential=False)``: each layer calibrated on the dense
+model's activations, one forward per layer instead of two); for
+``sparse24-int4``, ``pare_interleaved`` (``joint="interleaved"``: the paper's one pass, each column
+masked and quantized before its error is spread), ``pare_two_stage`` (pare's own recipe: SparseGPT
+2:4, then GPTQ with ``keep_zeros`` on the pruned model's activations), ``pare_damp0.1``
+(``percdamp=0.1``), ``pare_nm_quant`` (interleaved, each group of 4 chosen with its kept weights'
+quantization error counted), ``pare_clip`` (``clip_search``), and the interleaved and two-stage
+passes with dampening 0.1. ``--reference-mse`` adds ``reference_mse``, the reference with its
+``memoryless_mse`` range observer; ``--reference-damp D`` adds the reference recipe with dampening D in both modifiers.
 
 ``prune_seconds`` is the wall time of ``pare.prune`` / ``oneshot`` alone. The peer venv::
 
@@ -67,6 +80,8 @@ def worker_pare(a: argparse.Namespace) -> dict:
     model, _ = pare.load_model(a.model_path, dtype=torch.float32)
     ids = torch.load(a.calib, weights_only=True)
     extra = json.loads(a.extra) if a.extra else {}
+    two_stage = bool(extra.pop("two_stage", False))
+    sequential = bool(extra.pop("sequential", True))
     cfg: object
     if a.setting == "sparsegpt-2:4":
         cfg = pare.SparseGPTConfig(pattern="2:4", **extra)
@@ -76,11 +91,19 @@ def worker_pare(a: argparse.Namespace) -> dict:
         from pare.methods.quantize import QuantizeConfig
 
         cfg = QuantizeConfig(scheme="int4", group_size=a.group_size, algorithm="gptq", act_order=True, **extra)
+    elif two_stage:  # pare's own prune-then-quantize recipe: GPTQ keeps the pruned zeros (an exact 2:4 model)
+        from pare.methods.quantize import QuantizeConfig
+
+        damp = extra.pop("damp", 0.01)
+        cfg = [pare.SparseGPTConfig(pattern="2:4", percdamp=damp),
+               QuantizeConfig(scheme="int4", group_size=a.group_size, algorithm="gptq", act_order=True,
+                              keep_zeros=True, damp=damp, **extra)]
     else:
         cfg = pare.SparseGPTConfig(pattern="2:4", quantize="int4", group_size=a.group_size, **extra)
     t0 = time.perf_counter()
-    runtime = pare.RuntimeConfig(device="cpu", progress=False)
-    report = pare.prune(model, cfg, ids, runtime=runtime, batch_size=a.batch_size)
+    runtime = pare.RuntimeConfig(device="cpu", progress=False, sequential=sequential)
+    report = pare.run(model, cfg, ids, runtime=runtime, batch_size=a.batch_size)[-1] if isinstance(cfg, list) \
+        else pare.prune(model, cfg, ids, runtime=runtime, batch_size=a.batch_size)
     seconds = time.perf_counter() - t0
     save_file(decoder_weights(model), a.out)
     out: dict = {"prune_seconds": seconds}
@@ -105,10 +128,13 @@ def worker_peer(a: argparse.Namespace) -> dict:
     model = AutoModelForCausalLM.from_pretrained(a.model_path, dtype=torch.float32).eval()
     ids = torch.load(a.calib, weights_only=True)
     ignore = ["re:.*lm_head"]
-    sparse = {"sparsity": 0.5, "block_size": 128, "dampening_frac": 0.01, "ignore": ignore}
+    extra = json.loads(a.extra) if a.extra else {}
+    damp = extra.get("damp", 0.01)
+    sparse = {"sparsity": 0.5, "block_size": 128, "dampening_frac": damp, "ignore": ignore}
     w4a16 = QuantizationScheme(targets=["Linear"], weights=QuantizationArgs(
-        num_bits=4, type="int", symmetric=True, strategy="group", group_size=a.group_size))  # W4A16 at this group
-    gptq = {"config_groups": {"group_0": w4a16}, "ignore": ["lm_head"], "block_size": 128, "dampening_frac": 0.01}
+        num_bits=4, type="int", symmetric=True, strategy="group", group_size=a.group_size,  # W4A16 at this group
+        **({"observer": extra["observer"]} if "observer" in extra else {})))
+    gptq = {"config_groups": {"group_0": w4a16}, "ignore": ["lm_head"], "block_size": 128, "dampening_frac": damp}
     recipe: list = {
         "sparsegpt-2:4": [SparseGPTModifier(mask_structure="2:4", **sparse)],
         "sparsegpt-0.5": [SparseGPTModifier(mask_structure="0:0", **sparse)],
@@ -208,20 +234,41 @@ def main(a: argparse.Namespace) -> None:
             variants.append(("pare_block", sys.executable, {"mask_group": "block"}))
         if setting == "sparsegpt-2:4":
             variants.append(("pare_score", sys.executable, {"nm_select": "score"}))
+        if setting == "gptq-w4a16":
+            variants += [("pare_clip", sys.executable, {"clip_search": True}),
+                         ("pare_dense_inputs", sys.executable, {"sequential": False})]
+        if setting == "sparse24-int4":
+            variants += [("pare_interleaved", sys.executable, {"joint": "interleaved"}),
+                         ("pare_two_stage", sys.executable, {"two_stage": True}),
+                         ("pare_damp0.1", sys.executable, {"percdamp": 0.1}),
+                         ("pare_nm_quant", sys.executable, {"joint": "interleaved", "nm_quant": True}),
+                         ("pare_clip", sys.executable, {"clip_search": True}),
+                         ("pare_interleaved_damp0.1", sys.executable, {"joint": "interleaved", "percdamp": 0.1}),
+                         ("pare_two_stage_damp0.1", sys.executable, {"two_stage": True, "damp": 0.1})]
+        variants = [v for v in variants if v[0] in ("pare", "reference") or not a.variants or v[0] in a.variants]
         if not a.skip_reference:
             variants.append(("reference", str(peer), None))
+            if a.reference_mse and setting in ("gptq-w4a16", "sparse24-int4"):
+                variants.append(("reference_mse", str(peer), {"observer": "memoryless_mse"}))
+            if a.reference_damp and setting == "sparse24-int4":
+                variants.append((f"reference_damp{a.reference_damp:g}", str(peer), {"damp": a.reference_damp}))
+        late = ("pare_nm_quant", "pare_clip", "pare_interleaved_damp0.1", "pare_two_stage_damp0.1")
+        # the headline pair first, then pare's main variants and the reference's, then the rest (stable)
+        variants.sort(key=lambda v: (v[0] != "pare", v[0] != "reference", v[0] in late))
         for kind, python, extra in variants:
             out = work / f"{kind}-{tag}.safetensors"
-            if kind == "reference" and not peer.is_file():
+            if kind.startswith("reference") and not peer.is_file():
                 res[kind] = {"error": f"no llm-compressor venv at {PEER_VENV}"}
                 continue
             if kind == "reference" and a.reuse_reference and out.is_file():
                 res[kind] = {"reused": True}
             else:
-                res[kind] = run_worker(python, "peer" if kind == "reference" else "pare", setting, out, calib, a,
-                                       extra)
+                worker = "peer" if kind.startswith("reference") else "pare"
+                res[kind] = run_worker(python, worker, setting, out, calib, a, extra)
             if "error" not in res[kind]:
                 res[kind].update(evaluate(out, ev, a))
+            print("PARTIAL " + json.dumps({"setting": setting, "variant": kind, **res[kind]}), file=sys.stderr,
+                  flush=True)
         ref = res.get("reference", {"error": "skipped"})
         line = {"setting": setting, "model": a.model, **res,
                 "ratios": {"ppl_ratio": ratio(res["pare"], ref, "ppl"),
@@ -249,6 +296,12 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
                    help="int4 group (SmolLM2's 576-wide inputs are not a multiple of 128: both tools refuse 128)")
     p.add_argument("--timeout", type=int, default=7200)
     p.add_argument("--skip-reference", action="store_true", help="run pare only")
+    p.add_argument("--reference-damp", type=float, default=0.0,
+                   help="sparse24-int4: also run the reference recipe with this dampening in both modifiers")
+    p.add_argument("--reference-mse", action="store_true",
+                   help="also run the reference with its MSE range observer (memoryless_mse) for the int4 settings")
+    p.add_argument("--variants", nargs="*", default=None,
+                   help="pare's extra variants to run besides its default (default: all of the setting's)")
     p.add_argument("--reuse-reference", action="store_true",
                    help="evaluate the reference's weights from an earlier run instead of running it again")
     p.add_argument("--worker", choices=("pare", "peer"), help=argparse.SUPPRESS)

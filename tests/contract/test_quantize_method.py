@@ -67,13 +67,17 @@ def test_bfloat16_model_says_when_values_are_not_exact() -> None:
     assert report.scores["quantization"]["not_exact_in_dtype"] == []
 
 
+@pytest.mark.parametrize("joint", ["interleaved", "prune-then-gptq"])
 @pytest.mark.parametrize("scheme,group", [("int4", 32), ("mxfp4", None)])
-def test_joint_sparsegpt_keeps_two_of_four_and_quantizes_the_rest(scheme: str, group: int | None) -> None:
+def test_joint_sparsegpt_keeps_two_of_four_and_quantizes_the_rest(scheme: str, group: int | None, joint: str) -> None:
     model = tiny_model("llama")
-    cfg = pare.SparseGPTConfig(pattern="2:4", quantize=scheme, group_size=group)
+    cfg = pare.SparseGPTConfig(pattern="2:4", quantize=scheme, group_size=group, joint=joint)
     report = pare.prune(model, cfg, tiny_batch(4, 32), runtime=QUIET)
     for name, w in _linears(model).items():
         assert bool(((w.reshape(w.shape[0], -1, 4) == 0).sum(-1) >= 2).all()), name
+        if scheme == "int4":  # at most 16 values (zero among them) in each group of 32
+            groups = w.reshape(w.shape[0], -1, 32)
+            assert int((torch.sort(groups, -1).values.diff(dim=-1) != 0).sum(-1).max()) + 1 <= 16, name
         if scheme == "mxfp4":
             scale = w.reshape(w.shape[0], -1, 32).abs().amax(-1, keepdim=True)
             assert bool((scale > 0).all())
@@ -114,3 +118,17 @@ def test_quantize_command_is_prune_with_the_quantize_method() -> None:
     assert quantize_argv(["quantize", "--model", "m", "--method", "gptq", "--scheme", "int4"]) == [
         "prune", "--method", "quantize", "--model", "m", "--algorithm", "gptq", "--scheme", "int4"]
     assert quantize_argv(["quantize", "--method=rtn"])[-1] == "--algorithm=rtn"
+
+
+def test_gptq_on_dense_inputs_quantizes_each_layer_from_the_dense_model() -> None:
+    ids = tiny_batch(4, 32)
+    dense = pare.RuntimeConfig(progress=False, device="cpu", sequential=False)
+    cfg = dict(scheme="int4", group_size=32, algorithm="gptq")
+    whole, alone = tiny_model("llama"), tiny_model("llama")
+    pare.prune(whole, pare.QuantizeConfig(**cfg), ids, runtime=dense)
+    pare.prune(alone, pare.QuantizeConfig(**cfg, targets=(r".*layers\.1\..*",)), ids, runtime=dense)
+    last = {n: w for n, w in _linears(whole).items() if "layers.1." in n}
+    assert last and all(torch.equal(w, _linears(alone)[n]) for n, w in last.items())
+    seq = tiny_model("llama")  # sequential (default): layer 1 sees layer 0 quantized, so it differs
+    pare.prune(seq, pare.QuantizeConfig(**cfg), ids, runtime=QUIET)
+    assert any(not torch.equal(w, _linears(seq)[n]) for n, w in last.items())

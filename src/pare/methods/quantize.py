@@ -59,6 +59,8 @@ class QuantizeConfig(PruneConfig):
             (``int8`` or ``fp8`` E4M3: W8A8 with an 8-bit weight scheme), as forward pre-hooks on those
             linears (:class:`pare.ops.quant.act.TokenQuantHook`); ``pare.load`` puts them back from the
             manifest. Empty: weights only, activations stay in the model's dtype.
+        clip_search: GPTQ with an integer scheme: each group's range is shrunk to the factor with the least
+            rounding error (:func:`pare.ops.quant.rtn.int_params_searched`).
         keep_zeros: weights that are exactly zero (an earlier pruning stage's) stay zero: GPTQ spreads
             its errors onto the other weights only, RTN leaves them at zero even with a zero point.
     """
@@ -77,6 +79,8 @@ class QuantizeConfig(PruneConfig):
     act_quant: str = help_field("", "simulate dynamic per-token activation quantization of the quantized "
                                   "linears' inputs: int8 or fp8 (W8A8); empty: weights only")
     keep_zeros: bool = help_field(False, "weights already zero (pruned) stay zero, so a pruned model stays sparse")
+    clip_search: bool = help_field(False, "GPTQ, integer schemes: shrink each group's range to the least rounding "
+                                   "error")
 
     def __post_init__(self) -> None:
         super().__post_init__()  # every field's type
@@ -88,6 +92,9 @@ class QuantizeConfig(PruneConfig):
             raise ConfigError(f"blocksize must be a positive integer (128 in the paper), got {self.blocksize!r}")
         if self.act_order and self.algorithm != "gptq":
             raise ConfigError("act_order applies to algorithm='gptq' only")
+        if self.clip_search and (self.algorithm != "gptq" or self.scheme not in INT_SCHEMES):
+            raise ConfigError(f"clip_search applies to algorithm='gptq' with an integer scheme "
+                              f"({', '.join(INT_SCHEMES)}); got algorithm={self.algorithm!r}, scheme={self.scheme!r}")
         check_regexes("targets", self.targets)
         check_regexes("ignore", self.ignore)
         if self.act_quant not in ("", *ACTIVATION_KINDS):
@@ -136,6 +143,7 @@ class QuantizePruner(QuantAccounting, Pruner):
 
     config_class = QuantizeConfig
     config: QuantizeConfig
+    dense_in_step: ClassVar[bool] = True
 
     @classmethod
     def example_config(cls) -> QuantizeConfig:
@@ -183,12 +191,38 @@ class QuantizePruner(QuantAccounting, Pruner):
         return factor, perm
 
     def quantize_target(self, target: Target, stats: InputStats | None) -> None:
+        self.quantize_group([target], stats)
+
+    def quantize_group(self, targets: list[Target], stats: InputStats | None) -> None:
+        """Quantize ``targets``, matrices that read one input (``stats``): with GPTQ, as one row-stacked
+        matrix (rows are independent and share the factor), so the column loop runs once for q/k/v
+        and once for gate/up."""
+        gptq = self.config.algorithm == "gptq" and stats is not None and stats.tokens > 0 and stats.gram is not None
+        if gptq and stats is not None and len(targets) > 1 and stackable(self.scheme, targets):
+            factor, perm = self._factor(stats)
+            ws = [t.weight() for t in targets]
+            w = torch.cat([x.float() for x in ws])
+            zeros = (w == 0) if self.config.keep_zeros else None
+            res = gptq_quantize(w, factor, self.scheme.for_weight(ws[0].dtype), blocksize=self.config.blocksize,
+                                perm=perm, keep_zero=zeros, clip_search=self.config.clip_search)
+            start = 0
+            for t, x in zip(targets, ws, strict=True):
+                rows = slice(start, start + x.shape[0])
+                start += x.shape[0]
+                self.losses[t.name] = float(res.row_loss[rows].sum())
+                record_quantized(x, res.weight[rows], t.name, self.inexact)
+                self.bits = self.bits + matrix_bits(t.shape, self.scheme)
+            return
+        for t in targets:
+            self._quantize_one(t, stats if gptq else None)
+
+    def _quantize_one(self, target: Target, stats: InputStats | None) -> None:
         w = target.weight()
         zeros = (w == 0) if self.config.keep_zeros else None
-        if self.config.algorithm == "gptq" and stats is not None and stats.tokens and stats.gram is not None:
+        if stats is not None:
             factor, perm = self._factor(stats)
             res = gptq_quantize(w, factor, self.scheme.for_weight(w.dtype), blocksize=self.config.blocksize, perm=perm,
-                                keep_zero=zeros)
+                                keep_zero=zeros, clip_search=self.config.clip_search)
             dq = res.weight
             self.losses[target.name] = res.loss
         else:
@@ -203,9 +237,11 @@ class QuantizePruner(QuantAccounting, Pruner):
     def run(self, ctx: PruneContext) -> None:
         try:
             if self.uses_calibration():
-                # sequential: each layer sees the quantized layers' outputs; otherwise the runner
-                # keeps the dense outputs for the next layer
-                for step in ctx.runner().steps(final_outputs=False, overwrite_inputs=ctx.runtime.sequential):
+                # sequential: each layer sees the quantized layers' outputs (a recording pass, then the
+                # runner's pass with the quantized weights); dense inputs: the recording pass also keeps
+                # the dense outputs for the next layer (one forward per layer, see layer_step)
+                for step in ctx.runner(sequential=True).steps(final_outputs=False,
+                                                              overwrite_inputs=ctx.runtime.sequential):
                     self.layer_step(ctx, step)
             else:
                 self._run_data_free(ctx)
@@ -224,11 +260,16 @@ class QuantizePruner(QuantAccounting, Pruner):
                 for t in targets:
                     self.quantize_target(t, None)
                 return
+            keep = not ctx.runtime.sequential and step.index < ctx.arch.num_layers - 1
             stats = {t.name: InputStats(want_gram=True) for t in targets}
-            with record_inputs(targets, stats, stop_in=step.layer, share_inputs=True):
-                step.run()
-            for t in targets:
-                self.quantize_target(t, stats.pop(t.name))
+            with record_inputs(targets, stats, stop_in=None if keep else step.layer, share_inputs=True):
+                outputs = step.run(replace_inputs=keep)
+            if keep:
+                step.dense_outputs = outputs  # taken before this layer is quantized, in place of its inputs
+            for group in shared_input_groups(targets, stats):
+                self.quantize_group(group, stats[group[0].name])
+                for t in group:
+                    del stats[t.name]
         finally:
             self._factor_of = None
 
@@ -251,6 +292,21 @@ class QuantizePruner(QuantAccounting, Pruner):
                 self.quantize_target(t, None)
             if home != device:
                 layer.to(home)
+
+
+def shared_input_groups(targets: list[Target], stats: dict[str, InputStats]) -> list[list[Target]]:
+    """``targets`` grouped by their statistics object (matrices reading one input share it), in order."""
+    groups: dict[int, list[Target]] = {}
+    for t in targets:
+        groups.setdefault(id(stats[t.name]), []).append(t)
+    return list(groups.values())
+
+
+def stackable(scheme: QuantScheme, targets: list[Target]) -> bool:
+    """Whether ``targets`` can be solved as one row-stacked matrix: one dtype and device, and a scheme
+    without a per-tensor parameter (NVFP4's tensor scale is taken over the whole matrix)."""
+    ws = [t.weight() for t in targets]
+    return scheme.name != "nvfp4" and len({(w.dtype, w.device, w.shape[1]) for w in ws}) == 1
 
 
 def record_quantized(w: torch.Tensor, dq: torch.Tensor, name: str, inexact: list[str]) -> None:

@@ -87,6 +87,23 @@ def _upper_factor_of_inverse(H: torch.Tensor) -> torch.Tensor | None:
     L, info = torch.linalg.cholesky_ex(H.flip(0, 1))
     if int(info) != 0:
         return None
-    eye = torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
-    U = torch.linalg.solve_triangular(L, eye, upper=False).flip(0, 1)
+    U = lower_inverse(L).flip(0, 1)
     return U if all_finite(U) else None
+
+
+def lower_inverse(L: torch.Tensor, leaf: int = 256) -> torch.Tensor:
+    """``L^-1`` of a lower triangular ``L: [n, n]``, by halves: with ``L = [[A, 0], [C, D]]``,
+    ``L^-1 = [[A^-1, 0], [-D^-1 C A^-1, D^-1]]``. The off-diagonal block is two matrix products, so
+    the whole inverse costs about ``n^3 / 3`` flops in GEMMs, against ``n^3`` for a triangular solve
+    with the identity as right-hand side; blocks of ``leaf`` or fewer rows use that solve."""
+    n = L.shape[0]
+    if n <= leaf:
+        return torch.linalg.solve_triangular(L, torch.eye(n, dtype=L.dtype, device=L.device), upper=False)
+    h = n // 2
+    A, D = lower_inverse(L[:h, :h], leaf), lower_inverse(L[h:, h:], leaf)
+    out = torch.zeros_like(L)
+    out[:h, :h] = A
+    out[h:, h:] = D
+    torch.mm(D, L[h:, :h] @ A, out=out[h:, :h])
+    out[h:, :h].neg_()
+    return out

@@ -59,6 +59,34 @@ def int_params(W: torch.Tensor, bits: int, symmetric: bool,
     return scale, torch.round(-lo / scale).clamp_(0, 2**bits - 1)
 
 
+def int_params_searched(W: torch.Tensor, bits: int, symmetric: bool, scale_dtype: torch.dtype = torch.float32,
+                        steps: int = 20, min_shrink: float = 0.5) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """:func:`int_params` with the range shrunk per row to the factor of ``1, 1 - d, ..., min_shrink``
+    (``d = (1 - min_shrink) / steps``) whose rounding error ``sum (q(w) - w)^2`` is least: clipping a
+    few large weights buys a finer step for all the others (the GPTQ reference code's ``mse`` grid
+    search on the quantizer range, with the squared error).
+
+    Returns:
+        ``(scale [out, 1], zero [out, 1] or None)`` fp32; shrink 1 gives :func:`int_params`' values.
+    """
+    best_scale, best_zero = int_params(W, bits, symmetric, scale_dtype)
+    best = (int_quantize(W, best_scale, best_zero, bits)[0] - W).square().sum(1, keepdim=True)
+    lo = W.amin(dim=1, keepdim=True).clamp(max=0)
+    hi = W.amax(dim=1, keepdim=True).clamp(min=0)
+    for k in range(1, steps + 1):
+        f = 1.0 - (1.0 - min_shrink) * k / steps
+        span = torch.cat([lo * f, hi * f], dim=1) if not symmetric else torch.cat([-(W.abs().amax(1, True) * f),
+                                                                                W.abs().amax(1, True) * f], dim=1)
+        scale, zero = int_params(span, bits, symmetric, scale_dtype)
+        err = (int_quantize(W, scale, zero, bits)[0] - W).square().sum(1, keepdim=True)
+        better = err < best
+        best = torch.where(better, err, best)
+        best_scale = torch.where(better, scale, best_scale)
+        if zero is not None and best_zero is not None:
+            best_zero = torch.where(better, zero, best_zero)
+    return best_scale, best_zero
+
+
 def int_quantize(
     W: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, bits: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
