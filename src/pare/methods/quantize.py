@@ -197,40 +197,37 @@ class QuantizePruner(QuantAccounting, Pruner):
         """Quantize ``targets``, matrices that read one input (``stats``): with GPTQ, as one row-stacked
         matrix (rows are independent and share the factor), so the column loop runs once for q/k/v
         and once for gate/up."""
-        gptq = self.config.algorithm == "gptq" and stats is not None and stats.tokens > 0 and stats.gram is not None
-        if gptq and stats is not None and len(targets) > 1 and stackable(self.scheme, targets):
-            factor, perm = self._factor(stats)
-            ws = [t.weight() for t in targets]
-            w = torch.cat([x.float() for x in ws])
-            zeros = (w == 0) if self.config.keep_zeros else None
-            res = gptq_quantize(w, factor, self.scheme.for_weight(ws[0].dtype), blocksize=self.config.blocksize,
-                                perm=perm, keep_zero=zeros, clip_search=self.config.clip_search)
-            start = 0
-            for t, x in zip(targets, ws, strict=True):
-                rows = slice(start, start + x.shape[0])
-                start += x.shape[0]
-                self.losses[t.name] = float(res.row_loss[rows].sum())
-                record_quantized(x, res.weight[rows], t.name, self.inexact)
-                self.bits = self.bits + matrix_bits(t.shape, self.scheme)
+        if self.config.algorithm != "gptq" or stats is None or stats.tokens == 0 or stats.gram is None:
+            for t in targets:
+                self._round(t)
             return
-        for t in targets:
-            self._quantize_one(t, stats if gptq else None)
+        for group in ([targets] if stackable(self.scheme, targets) else [[t] for t in targets]):
+            self._gptq_rows(group, stats)
 
-    def _quantize_one(self, target: Target, stats: InputStats | None) -> None:
-        w = target.weight()
+    def _gptq_rows(self, targets: list[Target], stats: InputStats) -> None:
+        """GPTQ on ``targets`` stacked by rows (one matrix when ``targets`` has one element)."""
+        factor, perm = self._factor(stats)
+        ws = [t.weight() for t in targets]
+        w = torch.cat([x.float() for x in ws])
         zeros = (w == 0) if self.config.keep_zeros else None
-        if stats is not None:
-            factor, perm = self._factor(stats)
-            res = gptq_quantize(w, factor, self.scheme.for_weight(w.dtype), blocksize=self.config.blocksize, perm=perm,
-                                keep_zero=zeros, clip_search=self.config.clip_search)
-            dq = res.weight
-            self.losses[target.name] = res.loss
-        else:
-            if self.config.algorithm == "gptq":
-                log.warning("%s received no calibration tokens: rounded to nearest instead", target.name)
-            dq = quantize(w, self.scheme.for_weight(w.dtype)).dequant
-            if zeros is not None:
-                dq = dq.masked_fill(zeros.to(dq.device), 0.0)
+        res = gptq_quantize(w, factor, self.scheme.for_weight(ws[0].dtype), blocksize=self.config.blocksize,
+                            perm=perm, keep_zero=zeros, clip_search=self.config.clip_search)
+        start = 0
+        for t, x in zip(targets, ws, strict=True):
+            rows = slice(start, start + x.shape[0])
+            start += x.shape[0]
+            self.losses[t.name] = float(res.row_loss[rows].sum())
+            record_quantized(x, res.weight[rows], t.name, self.inexact)
+            self.bits = self.bits + matrix_bits(t.shape, self.scheme)
+
+    def _round(self, target: Target) -> None:
+        """Round ``target`` to nearest (RTN): no data, or GPTQ without calibration tokens."""
+        if self.config.algorithm == "gptq":
+            log.warning("%s received no calibration tokens: rounded to nearest instead", target.name)
+        w = target.weight()
+        dq = quantize(w, self.scheme.for_weight(w.dtype)).dequant
+        if self.config.keep_zeros:
+            dq = dq.masked_fill((w == 0).to(dq.device), 0.0)
         record_quantized(w, dq, target.name, self.inexact)
         self.bits = self.bits + matrix_bits(target.shape, self.scheme)
 
