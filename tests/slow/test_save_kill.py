@@ -30,6 +30,26 @@ pytestmark = [pytest.mark.slow,
 KILLS = 10
 
 
+def _private_tqdm_locks() -> None:
+    """Give every tqdm class in this (forked) process a lock of its own.
+
+    tqdm's write lock holds a multiprocessing semaphore shared with pytest across the fork, taken even by
+    disabled bars; a child killed while holding it blocks pytest's next bar forever. ``tqdm.set_lock`` on
+    the base class is not enough: a subclass that made its lock before the fork (``tqdm.auto.tqdm``, which
+    transformers uses) keeps its own ``_lock``, so every class in the tree gets the new lock.
+    """
+    import threading
+
+    from tqdm import tqdm as base
+
+    lock = threading.RLock()
+    classes = [base]
+    while classes:
+        cls = classes.pop()
+        cls.set_lock(lock)
+        classes.extend(cls.__subclasses__())
+
+
 def _saving_child(model, report, out: Path) -> int:
     """Fork a process that saves ``model`` to ``out`` until killed; return its pid once it has started."""
     read, write = os.pipe()
@@ -37,13 +57,7 @@ def _saving_child(model, report, out: Path) -> int:
     if pid == 0:  # the child: never returns into pytest
         code = 1
         try:
-            # tqdm's class-wide lock is a multiprocessing semaphore shared with pytest across the fork
-            # (taken even by disabled bars): a child killed while holding it would block pytest's next bar
-            import threading
-
-            from tqdm import tqdm as _tqdm
-
-            _tqdm.set_lock(threading.RLock())
+            _private_tqdm_locks()
             os.close(read)
             os.write(write, b"s")
             os.close(write)
