@@ -236,14 +236,18 @@ def compare_speed(
     """
     if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
         raise ConfigError(f"rounds must be an integer >= 1, got {rounds!r}")
-    sizes = {"prompt_len": prompt_len, "new_tokens": new_tokens, "batch_size": batch_size}
+
+    def once(m: nn.Module) -> SpeedResult:
+        return measure_speed(m, prompt_len=prompt_len, new_tokens=new_tokens, batch_size=batch_size, repeats=1,
+                             warmup=0)
+
     for m in (reference, model):
-        measure_speed(m, **sizes, repeats=1, warmup=0)
+        once(m)
     got: dict[str, list[SpeedResult]] = {"model": [], "reference": []}
     for i in range(rounds):
         pair = [("reference", reference), ("model", model)]
         for key, m in pair if i % 2 == 0 else pair[::-1]:
-            got[key].append(measure_speed(m, **sizes, repeats=1, warmup=0))
+            got[key].append(once(m))
     pairs = list(zip(got["model"], got["reference"], strict=True))
     prefill = [m.prefill_tokens_per_s / r.prefill_tokens_per_s for m, r in pairs]
     decode = [m.decode_tokens_per_s / r.decode_tokens_per_s for m, r in pairs]
@@ -257,5 +261,7 @@ def compare_speed(
         reference_prefill_tokens_per_s=statistics.median(s.prefill_tokens_per_s for s in got["reference"]),
         reference_decode_tokens_per_s=statistics.median(s.decode_tokens_per_s for s in got["reference"]),
         rounds=rounds,
-        **sizes,
+        prompt_len=prompt_len,
+        new_tokens=new_tokens,
+        batch_size=batch_size,
     )
