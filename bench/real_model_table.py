@@ -229,10 +229,16 @@ def write_table(args: argparse.Namespace, names: list[str], started: float) -> N
         "| prefill x dense (IQR) | decode x dense (IQR) | prefill tok/s | decode tok/s | prune s | peak RSS MB |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
+    dense_params = next((r.get("params") for r in rows if r["name"] == "dense"), None)
     for r in rows:
+        removes = r["removes"] + (f" ({', '.join(map(str, r['removed']))})" if isinstance(r.get("removed"), list)
+                                  and all(isinstance(i, int) for i in r["removed"]) else "")
+        params = _fmt(r.get("params"), ",")
+        if dense_params and r.get("params") is not None and r["name"] != "dense":
+            params += f" ({r['params'] / dense_params - 1:+.1%})"
         lines.append(
-            f"| {r['name']} | {r['family']} | {r['removes']} | {_fmt(r.get('ppl'), '.2f')} | "
-            f"{_fmt(r.get('zeroshot_mean'), '.3f')} | {_fmt(r.get('params'), ',')} | "
+            f"| {r['name']} | {r['family']} | {removes} | {_fmt(r.get('ppl'), '.2f')} | "
+            f"{_fmt(r.get('zeroshot_mean'), '.3f')} | {params} | "
             f"{_fmt(r.get('nonzero_params'), ',')} | {_fmt(r.get('size_on_disk_bytes'), ',')} | "
             f"{_ratio(r, 'prefill')} | {_ratio(r, 'decode')} | "
             f"{_fmt(r.get('prefill_tokens_per_s'), ',.0f')} | {_fmt(r.get('decode_tokens_per_s'), ',.1f')} | "
