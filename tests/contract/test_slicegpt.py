@@ -134,14 +134,25 @@ def _model_copy(model):
     return copy.deepcopy(model)
 
 
+MOE = ("mixtral", "qwen2_moe", "qwen3_moe")
+
+
+@pytest.mark.parametrize("slice_head", [True, False])
 @pytest.mark.parametrize("model_type", [a for a in ROTATABLE if a not in ATTN_IS_HIDDEN])
-def test_per_layer_rotation_saves_and_reloads_with_pare_load(model_type, tmp_path):
+def test_per_layer_rotation_saves_and_reloads_with_pare_load(model_type, slice_head, tmp_path):
     model = _model(model_type)
-    report = pare.prune(model, SliceGPTConfig(slicing=0.25, rotation="per-layer"), CALIB, runtime=RT)
+    cfg = SliceGPTConfig(slicing=0.25, rotation="per-layer", slice_head=slice_head)
+    if not slice_head and model_type in MOE:
+        with pytest.raises(ConfigError, match="slice_head"):
+            check(model, cfg)
+        return
+    report = pare.prune(model, cfg, CALIB, runtime=RT)
     assert not report.uniform
     shortcuts = report.edits[-1]
-    assert shortcuts.op == "residual_shortcuts" and shortcuts.width == model.config.hidden_size
-    assert 0 not in shortcuts.layers  # the first layer's shortcut is folded into the embeddings
+    assert shortcuts.op == "residual_shortcuts" and shortcuts.width == model.config.hidden_size == 48
+    assert shortcuts.layers == tuple(range(model.config.num_hidden_layers))  # every residual addition
+    assert shortcuts.head_width == (None if slice_head else 64)
+    assert model.get_output_embeddings().weight.shape[1] == (48 if slice_head else 64)
     before = _logits(model)
     assert torch.isfinite(before).all()
     pare.save(model, None, tmp_path / "m", report=report)
