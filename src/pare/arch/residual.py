@@ -338,7 +338,9 @@ def layer_stages(arch: ModelArch, index: int) -> list[Stage]:
     owner = {p.module: name for name, _r, _w, block in blocks
              for p in writers if p.module == block or p.module.startswith(block + ".")}
     cut = len(prefix) + 1
-    groups = [blocks] if roles.parallel_residual or len(blocks) < 2 else [[b] for b in blocks]
+    # one norm for two blocks (GPT-J) means both read the same input: a parallel layer
+    parallel = roles.parallel_residual or len(roles.norms) < 2
+    groups = [blocks] if parallel or len(blocks) < 2 else [[b] for b in blocks]
     stages = []
     for group in groups:
         names = tuple(name for name, *_ in group)
