@@ -16,6 +16,10 @@ Resumable: every finished row is written to ``--cache-dir`` (one JSON file per r
 every setting that changes it) and read back instead of being recomputed, so several processes can
 share the rows (``--rows`` picks which kinds a process computes).
 
+SliceGPT rows use the config's defaults (shared: unit-length tokens in the moments; per-layer: raw
+moments) unless ``--unit-tokens`` / ``--no-unit-tokens`` says otherwise; per-layer keeps the head at the
+full hidden size (``--no-slice-head``, the reference's ``do_slice_head=False``) unless ``--slice-head``.
+
     python bench/slicegpt_real.py [--slicing 0.2 0.25 0.3 --rows dense shared per-layer width shortgpt]
 
 Prints one JSON object per row as it finishes (or is read from the cache), then a summary object.
