@@ -186,7 +186,7 @@ class QuantizePruner(QuantAccounting, Pruner):
         perm = act_order_perm(H) if self.config.act_order else None
         if perm is not None:
             H = H[perm][:, perm]
-        factor = inverse_hessian_factor(H, self.config.damp)
+        factor = inverse_hessian_factor(H, self.config.damp, overwrite=True)  # H is a tensor of its own
         self._factor_of = (stats, factor, perm)
         return factor, perm
 
