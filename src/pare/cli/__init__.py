@@ -103,6 +103,9 @@ def _eval_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--speed", action=argparse.BooleanOptionalAction, default=None,
                    help="measure tokens/s (default: yes, or no with --tasks/--lm-eval)")
     p.add_argument("--device", default=None)
+    p.add_argument("--device-map", dest="device_map", default=None,
+                   help="place a model larger than one device over the GPUs, then the CPU, with accelerate: auto, "
+                        "balanced, balanced_low_0 or sequential (not with --device)")
     p.add_argument("--json", action="store_true")
     p.add_argument("-v", "--verbose", action="store_true")
 
