@@ -20,6 +20,7 @@ GENERIC: dict[str, Any] = {
     "hidden_size": 64, "word_embed_proj_dim": 64,
     "n_embd": 64, "d_model": 64, "dim": 64, "embed_dim": 64, "n_embed": 64,
     "intermediate_size": 128, "ffn_dim": 128, "n_inner": 128, "ffn_hidden_size": 128, "d_ff": 128,
+    "encoder_ffn_dim": 128, "decoder_ffn_dim": 128,
     "num_hidden_layers": LAYERS, "n_layer": LAYERS, "n_layers": LAYERS, "num_layers": LAYERS,
     "num_attention_heads": 4, "n_head": 4, "n_heads": 4, "num_heads": 4,
     "num_key_value_heads": 2, "head_dim": 16, "attention_head_dim": 16,

@@ -60,11 +60,11 @@ def test_head_cut_keeps_per_head_state_consistent(model_type: str, tmp_path: Pat
     """Half the query heads cut: sinks, output gates and whole-projection q norms keep the kept heads'
     entries, and the result reloads with identical logits (pare.load and the Auto class)."""
     import torch
-    from coverage import _logits, reload
-    from tiny_configs import build, tiny_config
     from transformers import AutoModelForCausalLM
 
     import pare
+    from coverage import _logits, reload
+    from tiny_configs import build, tiny_config
 
     model = build(AutoModelForCausalLM, tiny_config(model_type))
     ids = torch.randint(3, 200, (4, 16), generator=torch.Generator().manual_seed(0))

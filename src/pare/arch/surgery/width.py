@@ -129,8 +129,17 @@ def _prune_dense_mlp(layer: Any, mlp: MLPRoles, keep: torch.Tensor) -> None:
         width = (fused.weight.shape[1] if mlp.gate_up.conv1d else fused.weight.shape[0]) // 2
         slice_out(fused, mlp.gate_up.conv1d, torch.cat([keep, keep + width]))
     for proj in (mlp.gate, mlp.up):
-        if proj is not None:
-            slice_out(layer.get_submodule(proj.path), proj.conv1d, keep)
+        if proj is None:
+            continue
+        module = layer.get_submodule(proj.path)
+        rows = module.weight.shape[1] if proj.conv1d else module.weight.shape[0]
+        if rows == 2 * old:  # fc1 holding [gate; up] halves, split in forward (Moshi's gating MLP)
+            slice_out(module, proj.conv1d, torch.cat([keep, keep + old]))
+        elif rows == old:
+            slice_out(module, proj.conv1d, keep)
+        else:
+            raise ConfigError(f"{proj.path} has {rows} output channels for a down projection reading {old}: "
+                              "pare does not know how they pair, so the MLP width cannot be cut")
     slice_in(down, mlp.down.conv1d, keep)
     parent = layer.get_submodule(mlp.path) if mlp.path else layer
     if hasattr(parent, "intermediate_size"):
