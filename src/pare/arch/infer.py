@@ -198,8 +198,9 @@ def _experts(layer: nn.Module, modules: dict[str, nn.Module], config: Any) -> Ex
         if router is None:
             return None
         num_experts, two_i, last = getattr(module, gu).shape
-        if two_i == _hidden_size(config) and last != two_i:
-            two_i = last  # gpt-oss stores gate_up as [E, H, 2I] (down as [E, I, H])
+        down_shape = getattr(module, dn).shape
+        if last == 2 * down_shape[1] and two_i == down_shape[2]:
+            two_i = last  # gpt-oss stores gate_up as [E, H, 2I] and down as [E, I, H]
         shared = None
         name = next((n for n in ("shared_expert", "shared_experts") if f"{prefix}{n}.down_proj" in modules), None)
         if name is not None:  # Qwen2-MoE's shared_expert, DeepSeek's shared_experts (n_shared_experts wide)
@@ -222,11 +223,6 @@ def _experts(layer: nn.Module, modules: dict[str, nn.Module], config: Any) -> Ex
             shared_gate=shared_gate,
         )
     return None
-
-
-def _hidden_size(config: Any) -> int | None:
-    value = getattr(decoder_config(config), "hidden_size", None)
-    return int(value) if isinstance(value, int) else None
 
 
 def _has(module: nn.Module, path: str) -> bool:
