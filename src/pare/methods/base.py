@@ -550,8 +550,14 @@ class SparsityPruner(Pruner):
             outputs = step.run(replace_inputs=True) if keep else None
         if keep:
             step.dense_outputs = outputs  # taken before this layer is pruned, in place of its inputs
+        self.prune_targets(step.index, targets, stats)
+
+    def prune_targets(self, index: int, targets: list[Target], stats: dict[str, InputStats]) -> None:
+        """Prune one layer's ``targets`` from their statistics (popped from ``stats`` as each is done,
+        so a layer's Gram matrices are freed early). One at a time by default; a method whose rows are
+        independent may solve the matrices that share an input together."""
         for t in targets:
-            self.prune_target(t, stats[t.name], self.target_sparsity(step.index, t))
+            self.prune_target(t, stats[t.name], self.target_sparsity(index, t))
             del stats[t.name]
 
     def end_layers(self, ctx: PruneContext) -> None:
