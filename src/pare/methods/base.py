@@ -25,6 +25,7 @@ from __future__ import annotations
 import logging
 import re
 from abc import ABC, abstractmethod
+from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
@@ -554,11 +555,16 @@ class SparsityPruner(Pruner):
 
     def prune_targets(self, index: int, targets: list[Target], stats: dict[str, InputStats]) -> None:
         """Prune one layer's ``targets`` from their statistics (popped from ``stats`` as each is done,
-        so a layer's Gram matrices are freed early). One at a time by default; a method whose rows are
-        independent may solve the matrices that share an input together."""
+        so a layer's Gram matrices are freed early; the last reader of a shared object is told so).
+        One at a time by default; a method whose rows are independent may solve the matrices that
+        share an input together."""
+        readers = Counter(id(s) for s in stats.values())  # q/k/v and gate/up share one object
         for t in targets:
-            self.prune_target(t, stats[t.name], self.target_sparsity(index, t))
-            del stats[t.name]
+            st = stats.pop(t.name)
+            readers[id(st)] -= 1
+            st.last_reader = readers[id(st)] == 0
+            self.prune_target(t, st, self.target_sparsity(index, t))
+            del st
 
     def end_layers(self, ctx: PruneContext) -> None:
         """After the last layer step: the per-layer summary in the report."""

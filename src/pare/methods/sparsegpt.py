@@ -165,7 +165,10 @@ class SparseGPTPruner(QuantAccounting, SparsityPruner):
         if self._factor_of is not None and self._factor_of[0] is stats:
             return self._factor_of[1]
         self._factor_of = None  # release the previous factor before building the next
-        factor = inverse_hessian_factor(stats.hessian(), self.config.percdamp, model_dtype)
+        # the last matrix reading these statistics takes their Gram matrix over (the joint pass reads it
+        # again for act-order); either way the Hessian is a tensor of its own, the factor's work buffer
+        release = stats.last_reader and self.scheme is None
+        factor = inverse_hessian_factor(stats.hessian(release), self.config.percdamp, model_dtype, overwrite=True)
         self._factor_of = (stats, factor)
         return factor
 
@@ -176,7 +179,7 @@ class SparseGPTPruner(QuantAccounting, SparsityPruner):
             self._act_of = None
             H = stats.hessian()
             perm = act_order_perm(H)
-            self._act_of = (stats, inverse_hessian_factor(H[perm][:, perm], self.config.percdamp), perm)
+            self._act_of = (stats, inverse_hessian_factor(H[perm][:, perm], self.config.percdamp, overwrite=True), perm)
         return self._act_of[1], self._act_of[2]
 
     def prune_targets(self, index: int, targets: list[Target], stats: dict[str, InputStats]) -> None:
@@ -185,14 +188,14 @@ class SparseGPTPruner(QuantAccounting, SparsityPruner):
         each OBS column loop runs once per input instead of once per matrix."""
         for group in shared_input_groups(targets, stats):
             sparsities = {self.target_sparsity(index, t) for t in group}
-            st = stats[group[0].name]
+            own = {t.name: stats.pop(t.name) for t in group}
+            st = own[group[0].name]
             if len(group) > 1 and len(sparsities) == 1 and self._stackable(group, st):
+                st.last_reader = True  # the stacked solve is its only reader
                 self._prune_rows(group, st, sparsities.pop())
             else:
-                for t in group:
-                    self.prune_target(t, stats[t.name], self.target_sparsity(index, t))
-            for t in group:
-                del stats[t.name]
+                super().prune_targets(index, group, own)
+            del own, st
 
     def _stackable(self, targets: list[Target], stats: InputStats) -> bool:
         cfg = self.config
