@@ -551,12 +551,19 @@ class SparsityPruner(Pruner):
             outputs = step.run(replace_inputs=True) if keep else None
         if keep:
             step.dense_outputs = outputs  # taken before this layer is pruned, in place of its inputs
+        self.prune_targets(step.index, targets, stats)
+
+    def prune_targets(self, index: int, targets: list[Target], stats: dict[str, InputStats]) -> None:
+        """Prune one layer's ``targets`` from their statistics (popped from ``stats`` as each is done,
+        so a layer's Gram matrices are freed early; the last reader of a shared object is told so).
+        One at a time by default; a method whose rows are independent may solve the matrices that
+        share an input together."""
         readers = Counter(id(s) for s in stats.values())  # q/k/v and gate/up share one object
         for t in targets:
             st = stats.pop(t.name)
             readers[id(st)] -= 1
             st.last_reader = readers[id(st)] == 0
-            self.prune_target(t, st, self.target_sparsity(step.index, t))
+            self.prune_target(t, st, self.target_sparsity(index, t))
             del st
 
     def end_layers(self, ctx: PruneContext) -> None:
