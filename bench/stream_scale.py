@@ -10,9 +10,10 @@ With ``--device cuda`` (when a GPU is there) the same comparison is the GPU chec
 peak GPU memory (``torch.cuda.max_memory_allocated``) of each run.
 
 ``big``: a random-weight Llama (hidden 5120, MLP 13824, bf16; one random layer repeated) larger than
-half this machine's RAM, written once under ``--dir`` and deleted after: Wanda (and SparseGPT with
-``--sparsegpt``) 50% with ``--stream`` must finish with a peak RSS within one layer + activations
-+ 2 GiB, and the output must load with ``from_pretrained(device_map="meta")`` with no missing or unexpected weight.
+half this machine's RAM, written once under ``--dir`` (reused when already there; deleted after
+unless ``--keep``): each of ``--methods`` (Wanda, SparseGPT) at 50% with ``--stream`` must finish
+with a peak RSS within one layer + activations + 2 GiB, and the output must load with
+``from_pretrained(device_map="meta")`` with no missing or unexpected weight.
 
 Run the script itself through /work/notes/heavy-run (one machine slot for the whole bench); every
 pare run is a child process with one thread, under nice.
@@ -262,8 +263,7 @@ def big(args: argparse.Namespace) -> dict:
         out["model_bytes"] = json.loads((src / "model.safetensors.index.json").read_text())["metadata"]["total_size"]
     out["write_seconds"] = time.perf_counter() - start
     out["larger_than_half_ram"] = out["model_bytes"] > ram / 2
-    methods = ["wanda", *(["sparsegpt"] if args.sparsegpt else [])]
-    for method in methods:
+    for method in [m for m in args.methods.split(",") if m]:
         figs = plan_figures(str(src), args.nsamples, args.seqlen, 1, method)
         dest = root / f"out-{method}"
         res = run_pare(["prune", "--model", str(src), "--method", method, "--sparsity", "0.5", "--calib", str(TEXT),
@@ -313,7 +313,8 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--layers", type=int, default=20, help="big: decoder layers (20 x 634 MB + 1 GB of embeddings)")
-    p.add_argument("--sparsegpt", action="store_true", help="big: SparseGPT too")
+    p.add_argument("--methods", default="wanda", help="big: comma-separated methods to run streamed (e.g. "
+                   "wanda,sparsegpt; empty: only write the model, with --keep)")
     p.add_argument("--keep", action="store_true", help="big: keep the random model on disk")
     p.add_argument("--seed", type=int, default=None)
     args = p.parse_args()

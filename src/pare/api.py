@@ -29,24 +29,29 @@ log = logging.getLogger(__name__)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "spiece.model")
 
 
-def load_model(name_or_path: str, dtype: str | torch.dtype = "auto", device: str | None = None):
+def load_model(name_or_path: str, dtype: str | torch.dtype = "auto", device: str | None = None,
+               device_map: str | None = None):
     """Load a causal LM and its tokenizer by hub id or local path, with a clear error when missing.
+
+    ``device_map`` (``auto``...) places the layers over the GPUs, then the CPU, with accelerate.
 
     Returns:
         ``(model, tokenizer)``; the model is in eval mode.
     """
     from transformers import AutoTokenizer
 
-    from pare.io.load import auto_class
+    from pare.io.load import auto_class, check_device_map
 
     dtype = parse_dtype(dtype) or "auto"
+    check_device_map(device_map)
     if device is not None:
         usable_device(device)
     try:
         config = causal_lm_config(name_or_path)  # T5 and other non-causal models: said so, not "cannot load"
         if Path(name_or_path).is_dir():
             weight_files(name_or_path)  # tampered index or truncated weights: refused before transformers reads
-        model = auto_class(config).from_pretrained(name_or_path, dtype=dtype)
+        model = auto_class(config).from_pretrained(
+            name_or_path, dtype=dtype, **({"device_map": device_map} if device_map is not None else {}))
     except PareError:
         raise
     except (OSError, ValueError) as exc:

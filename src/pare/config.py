@@ -18,6 +18,7 @@ import json
 import re
 import types
 import typing
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
@@ -277,9 +278,36 @@ class RuntimeConfig(BaseConfig):
         True, "feed each layer the outputs of the already-pruned layers (False: dense inputs)"
     )
     progress: bool = help_field(True, "show progress bars")
+    devices: tuple[str, ...] = help_field((), "compute devices to split the calibration batches across, e.g. "
+                                          "cuda:0,cuda:1 (one device: as --device)")
 
     def __post_init__(self) -> None:
+        if isinstance(self.devices, str):
+            object.__setattr__(self, "devices", (self.devices,))
+        if isinstance(self.devices, list):
+            object.__setattr__(self, "devices", tuple(self.devices))
         self._check_field_types()
+        names = tuple(n.strip() for d in self.devices for n in d.split(",") if n.strip())
+        object.__setattr__(self, "devices", names)  # --devices cuda:0,cuda:1 as well as cuda:0 cuda:1
+        for name in names:
+            device_name(name)
+        if len(set(names)) != len(names):
+            raise ConfigError(f"devices lists a device twice: {list(names)}")
+        if names and self.device is not None:
+            raise ConfigError(f"give the compute device once: device={self.device!r} or devices={list(names)}, "
+                              "not both")
+
+    def compute_device(self) -> torch.device:
+        """The device the work runs on, checked to work here (see :func:`usable_devices`)."""
+        if not self.devices:
+            return usable_device(self.device)
+        found = usable_devices(self.devices)
+        if len(found) > 1:
+            raise ConfigError(f"devices={list(self.devices)}: splitting the calibration batches across several "
+                              "devices is not available in this version of pare; prune with one device (--device "
+                              f"{self.devices[0]}, or --stream to hold one layer at a time), and evaluate a model "
+                              "larger than one device with `pare eval --device-map auto`")
+        return found[0]
 
 
 DTYPES = ("float32", "float16", "bfloat16", "float64")
@@ -298,10 +326,13 @@ def usable_device(device: str | torch.device | None) -> torch.device:
     """The compute device to use (None: cuda when available, else cpu), checked to work here."""
     if device is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError) as exc:
-        raise ConfigError(f"device {device!r} is not a device name: use cpu, cuda, cuda:1, mps...") from exc
+    dev = device if isinstance(device, torch.device) else device_name(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {str(device)!r} cannot be used on this machine: CUDA is not available (no GPU, "
+                          "or a torch built without CUDA); usable here: cpu")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ConfigError(f"device {str(device)!r}: this machine has {torch.cuda.device_count()} CUDA device(s), "
+                          f"numbered from 0")
     if dev.type != "cpu":
         try:
             torch.empty(0, device=dev)
@@ -311,6 +342,26 @@ def usable_device(device: str | torch.device | None) -> torch.device:
             raise ConfigError(f"device {device!r} cannot be used on this machine ({exc}); usable here: {usable}") \
                 from exc
     return dev
+
+
+def device_name(name: str) -> torch.device:
+    """``name`` as a torch device, or a ConfigError that says what a device name looks like."""
+    try:
+        return torch.device(name)
+    except (RuntimeError, TypeError) as exc:
+        raise ConfigError(f"device {name!r} is not a device name: use cpu, cuda, cuda:1, mps...") from exc
+
+
+def usable_devices(names: Sequence[str]) -> list[torch.device]:
+    """Every device of ``names`` checked to work here (:func:`usable_device`): CUDA present, the index
+    below the number of GPUs; one kind of device (a CPU does not share the work of GPUs)."""
+    found = [usable_device(n) for n in names]
+    if len(found) > 1 and "cuda" in {d.type for d in found} and len(found) > torch.cuda.device_count():
+        raise ConfigError(f"devices {list(names)}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    kinds = sorted({d.type for d in found})
+    if len(kinds) > 1:
+        raise ConfigError(f"devices {list(names)} mix {' and '.join(kinds)}: give devices of one kind")
+    return found
 
 
 def read_config_file(path: str | Path) -> dict[str, Any]:

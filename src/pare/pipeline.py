@@ -23,7 +23,7 @@ from torch import nn
 from pare.arch import ArchOverride, describe
 from pare.arch.roles import ModelArch
 from pare.arch.surgery.shadow import meta_copy
-from pare.config import PruneConfig, RuntimeConfig, stage_for_config, usable_device
+from pare.config import PruneConfig, RuntimeConfig, stage_for_config
 from pare.errors import ConfigError
 from pare.eval.cost import measure_cost
 from pare.methods.base import PruneContext, Pruner
@@ -65,7 +65,7 @@ class Pipeline:
         self.tokenizer = tokenizer
         self.history = list(history)  # reports of the prunes applied before this run (a saved model's)
         self.runtime = runtime or RuntimeConfig()
-        self.device = usable_device(self.runtime.device)  # before any work
+        self.device = self.runtime.compute_device()  # before any work
         self.arch_override = arch_override
         self.stages: list[Pruner] = [stage_for_config(cfg)(cfg) for cfg in stage_configs(configs)]
         self._arch: ModelArch | None = describe(model, arch_override)

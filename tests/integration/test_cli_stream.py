@@ -46,3 +46,35 @@ def test_stream_refusals(model_dir: Path, text_file: Path, tmp_path: Path, capsy
                           str(text_file), "--seqlen", "16", "--stream", "--out", str(tmp_path / "o")])
     assert "cannot stream" in err
     assert not (tmp_path / "o").exists()
+
+
+def _recipe(tmp_path: Path, model_dir: Path, text_file: Path, stages: list) -> Path:
+    recipe = tmp_path / "recipe.json"
+    recipe.write_text(json.dumps({"model": str(model_dir), "stages": stages, "calibration": {
+        "dataset": str(text_file), "seqlen": 16, "nsamples": 8, "batch_size": 4}}))
+    return recipe
+
+
+def test_run_recipe_stream_gives_the_in_memory_model(model_dir: Path, text_file: Path, tmp_path: Path,
+                                                     capsys) -> None:
+    recipe = _recipe(tmp_path, model_dir, text_file, [{"sparsegpt": {"sparsity": 0.5}},
+                                                     {"quantize": {"scheme": "int4", "group_size": 32}}])
+    assert main(["run", str(recipe), "--out", str(tmp_path / "mem"), "--no-progress"]) == 0
+    capsys.readouterr()
+    assert main(["run", str(recipe), "--out", str(tmp_path / "st"), "--no-progress", "--stream", "--activations",
+                 "disk", "--json"]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert [s["method"] for s in shown["stages"]] == ["sparsegpt", "quantize"]
+    a = AutoModelForCausalLM.from_pretrained(tmp_path / "mem").state_dict()
+    b = AutoModelForCausalLM.from_pretrained(tmp_path / "st").state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    manifest = json.loads((tmp_path / "st" / "pare.json").read_text())
+    assert [s["method"] for s in manifest["stages"]] == ["sparsegpt", "quantize"]
+
+
+def test_run_recipe_stream_refuses_a_whole_model_stage(model_dir: Path, text_file: Path, tmp_path: Path,
+                                                       capsys) -> None:
+    recipe = _recipe(tmp_path, model_dir, text_file, [{"wanda": {}}, {"shortgpt": {"num_layers": 1}}])
+    err = _error(capsys, ["run", str(recipe), "--out", str(tmp_path / "o"), "--stream"])
+    assert "stage 2 (shortgpt) cannot stream" in err and "iB of weights" in err
+    assert not (tmp_path / "o").exists()

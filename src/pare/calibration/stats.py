@@ -31,12 +31,15 @@ class InputStats:
         tokens: number of input rows seen.
         sq_sum: ``sum_t X[t, j]^2`` per input column, fp32 ``[in]`` (Wanda: ``||X_j||_2^2``).
         want_gram: also accumulate ``X^T X`` (read through :attr:`gram`).
+        last_reader: set by the caller while the last target that reads these statistics is pruned
+            (a method may then take the Gram matrix over with ``hessian(release=True)``).
     """
 
     tokens: int = 0
     sq_sum: torch.Tensor | None = None
     want_gram: bool = False
     extra: dict = field(default_factory=dict)
+    last_reader: bool = False
     _gram: torch.Tensor | None = field(default=None, repr=False)  # upper block triangle while recording
     _mirrored: bool = field(default=False, repr=False)
 
@@ -71,10 +74,14 @@ class InputStats:
         assert self.sq_sum is not None, "no inputs were recorded"
         return self.sq_sum.sqrt()
 
-    def hessian(self) -> torch.Tensor:
-        """``H = 2/n X^T X`` (the OBS layer-wise Hessian)."""
+    def hessian(self, release: bool = False) -> torch.Tensor:
+        """``H = 2/n X^T X`` (the OBS layer-wise Hessian), a new tensor; with ``release`` the Gram matrix
+        itself, scaled in place and handed over (no ``[in, in]`` copy; the statistics keep none)."""
         gram = self.gram
         assert gram is not None and self.tokens > 0, "no Gram matrix was recorded"
+        if release:
+            self._gram = None
+            return gram.mul_(2.0 / self.tokens)
         return gram * (2.0 / self.tokens)
 
 

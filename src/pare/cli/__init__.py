@@ -103,6 +103,9 @@ def _eval_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--speed", action=argparse.BooleanOptionalAction, default=None,
                    help="measure tokens/s (default: yes, or no with --tasks/--lm-eval)")
     p.add_argument("--device", default=None)
+    p.add_argument("--device-map", dest="device_map", default=None,
+                   help="place a model larger than one device over the GPUs, then the CPU, with accelerate: auto, "
+                        "balanced, balanced_low_0 or sequential (not with --device)")
     p.add_argument("--json", action="store_true")
     p.add_argument("-v", "--verbose", action="store_true")
 
@@ -123,6 +126,7 @@ def _run_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None, help="show progress bars")
     p.add_argument("--json", action="store_true", default=None, help="print the stage reports as JSON")
     p.add_argument("-v", "--verbose", action="store_true", default=None)
+    add_config_options(p.add_argument_group("streaming (every stage with a per-layer step)"), StreamConfig, set())
 
 
 def _report_parser(sub: argparse._SubParsersAction) -> None:
@@ -376,6 +380,12 @@ def _cmd_run(args: argparse.Namespace) -> int:
         eval_tasks=recipe.eval.get("tasks"), eval_limit=recipe.eval.get("limit"), report=top.get("report", False),
         seqlen=(data.get("calibration") or {}).get("seqlen") if isinstance(data.get("calibration"), dict) else None,
     )
+    stream = StreamConfig.from_dict({k: getattr(args, k) for k in StreamConfig.__dataclass_fields__
+                                     if getattr(args, k, None) is not None})
+    if stream.stream:
+        from pare.cli.stream import stream_cmd
+
+        return stream_cmd(ns, recipe.stages, recipe.calibration, runtime, stream)
     return run_cmd(ns, recipe.stages, recipe.calibration, runtime)
 
 

@@ -129,16 +129,16 @@ def model_dir_bytes(path: str | Path) -> int | None:
     return sum(f.stat().st_size for f in p.glob("*.safetensors")) + sum(f.stat().st_size for f in p.glob("*.bin"))
 
 
-def _load_any(name_or_path: str, dtype: str | None = None):
+def _load_any(name_or_path: str, dtype: str | None = None, device_map: str | None = None):
     from transformers import AutoTokenizer
 
     from pare.api import load_model
     from pare.io import load, read_manifest
 
     if Path(name_or_path).is_dir() and read_manifest(name_or_path):
-        model = load(name_or_path, dtype=parse_dtype(dtype))
+        model = load(name_or_path, dtype=parse_dtype(dtype), device_map=device_map)
         return model, AutoTokenizer.from_pretrained(name_or_path)
-    return load_model(name_or_path, dtype=dtype or "auto")
+    return load_model(name_or_path, dtype=dtype or "auto", device_map=device_map)
 
 
 def _positive(flag: str, value: int | None, what: str) -> None:
@@ -160,7 +160,13 @@ def _check_task_flags(tasks: str | None, limit: int | None, limit_flag: str, bat
 def eval_cmd(args: argparse.Namespace) -> int:
     from pare.api import evaluate
     from pare.calibration.sources import split_label
+    from pare.io.load import check_device_map
 
+    device_map = getattr(args, "device_map", None)
+    check_device_map(device_map)
+    if device_map is not None and args.device is not None:
+        raise ConfigError("give --device (the whole model on one device) or --device-map (accelerate places the "
+                          "layers over the GPUs, then the CPU), not both")
     if args.device is not None:
         usable_device(args.device)  # before loading anything
     _check_task_flags(args.tasks, args.limit, "--limit", args.batch_size, "--batch-size")
@@ -171,7 +177,7 @@ def eval_cmd(args: argparse.Namespace) -> int:
     task_mode = bool(args.tasks or args.lm_eval)
     ppl = args.ppl if args.ppl is not None else ("none" if task_mode else "wikitext2")
     speed = args.speed if args.speed is not None else not task_mode
-    model, tok = _load_any(args.model)
+    model, tok = _load_any(args.model, device_map=device_map)
     dataset = None if ppl in ("", "none") else ppl
     seqlen = default_seqlen(model) if args.seqlen is None else args.seqlen
     res = evaluate(model, tok, dataset=dataset, seqlen=seqlen,
@@ -180,6 +186,10 @@ def eval_cmd(args: argparse.Namespace) -> int:
                    task_limit=args.limit, task_batch_size=16 if args.batch_size is None else args.batch_size)
     res["size_on_disk_bytes"] = model_dir_bytes(args.model)
     res["model"] = args.model
+    if device_map is not None:
+        # accelerate's placement; transformers records none when everything fits on the one device there is
+        placed = getattr(model, "hf_device_map", None) or {"": next(model.parameters()).device}
+        res["device_map"] = {k: str(v) for k, v in placed.items()}
     if args.lm_eval:
         from pare.eval.zeroshot import run_lm_eval
 
@@ -299,7 +309,7 @@ def _run_cmd(args: argparse.Namespace, stages: Sequence[PruneConfig], calib: Cal
         raise ConfigError("--eval-limit applies to --eval-tasks; for perplexity use --eval-max-windows")
     if args.out:  # fail before any long work (pare.save checks again)
         check_output(args.out, bool(args.overwrite), args.model)
-    usable_device(runtime.device)
+    runtime.compute_device()
     parse_dtype(args.dtype)
     model, tok = _load_any(args.model, args.dtype)
     # every stage built once, the model described once; the first stage's options are checked before the

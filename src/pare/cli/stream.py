@@ -1,4 +1,5 @@
-"""``pare prune ... --stream``: prune a model larger than memory, layer by layer from disk."""
+"""``pare prune ... --stream`` and ``pare run recipe.yaml --stream``: prune a model larger than memory,
+layer by layer from disk (a recipe: one streamed pass per stage)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import argparse
 import dataclasses
 import json
 import types
+from collections.abc import Sequence
 from pathlib import Path
 
 from pare.config import CalibrationConfig, PruneConfig, RuntimeConfig, parse_dtype
@@ -14,9 +16,9 @@ from pare.report import Report
 from pare.stream.config import StreamConfig
 
 
-def stream_cmd(args: argparse.Namespace, config: PruneConfig, calib: CalibrationConfig, runtime: RuntimeConfig,
-               stream: StreamConfig) -> int:
-    """Check everything, stream the prune into ``--out``, print the summary."""
+def stream_cmd(args: argparse.Namespace, configs: PruneConfig | Sequence[PruneConfig], calib: CalibrationConfig,
+               runtime: RuntimeConfig, stream: StreamConfig) -> int:
+    """Check everything, stream the prune (or every stage of a recipe) into ``--out``, print the summary."""
     from pare.cli.commands import (
         _arch_override,
         _print_run_summary,
@@ -28,7 +30,7 @@ def stream_cmd(args: argparse.Namespace, config: PruneConfig, calib: Calibration
     from pare.io import read_manifest
     from pare.io.load import causal_lm_config
     from pare.io.save import manifest_stages
-    from pare.stream import plan_stream, stream_prune
+    from pare.stream.recipe import stream_recipe
 
     if not args.out:
         raise ConfigError("--stream writes each pruned layer into --out as it goes: pass --out DIR (--no-save "
@@ -48,20 +50,20 @@ def stream_cmd(args: argparse.Namespace, config: PruneConfig, calib: Calibration
         except (OSError, ValueError) as exc:
             raise ModelNotFoundError(f"cannot read a model config from {source!r}: {exc}") from exc
         calib = dataclasses.replace(calib, seqlen=min(calib.seqlen, default_seqlen(skeleton)))  # type: ignore[arg-type]
+    stages = [configs] if isinstance(configs, PruneConfig) else list(configs)
     with transformers_bars(runtime.progress):
-        tokenizer = _tokenizer(source) if _needs_text(config) else None
-        plan = plan_stream(source, config, args.out, calib, tokenizer, runtime, stream, dtype=dtype,
-                           batch_size=calib.batch_size, overwrite=bool(args.overwrite),
-                           arch_override=_arch_override(args.arch_override))
+        tokenizer = _tokenizer(source) if any(_needs_text(c) for c in stages) else None
         earlier = [Report.from_dict(r) for r in manifest_stages(manifest)]
-        report, out = stream_prune(plan, runtime, resume=stream.resume, overwrite=bool(args.overwrite),
-                                   tokenizer=tokenizer or _tokenizer(source, required=False), earlier=earlier,
-                                   figures={"size_on_disk_bytes_before": model_dir_bytes(source)})
+        reports, out = stream_recipe(source, stages, args.out, calib, tokenizer or _tokenizer(source, required=False),
+                                     runtime, stream, dtype=dtype, batch_size=calib.batch_size,
+                                     overwrite=bool(args.overwrite), arch_override=_arch_override(args.arch_override),
+                                     earlier=earlier, figures={"size_on_disk_bytes_before": model_dir_bytes(source)})
     said = _write_run_report(out) if args.report else []
     if args.json:
-        print(json.dumps(report.to_dict(), indent=2, default=str))
+        shown = reports[0].to_dict() if len(reports) == 1 else {"stages": [r.to_dict() for r in reports]}
+        print(json.dumps(shown, indent=2, default=str))
     else:
-        _print_run_summary([report], args)
+        _print_run_summary(reports, args)
     for line in said:
         print(line)
     return 0

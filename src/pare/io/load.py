@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
-from pare.errors import CorruptFileError, ModelNotFoundError, NotCausalLMError, PareError
+from pare.errors import ConfigError, CorruptFileError, ModelNotFoundError, NotCausalLMError, PareError
 from pare.io.manifest import check_manifest
 from pare.io.save import MANIFEST
 from pare.report import REPORT_VERSION
@@ -165,7 +165,19 @@ def _state_dict(files: list[Path]) -> dict[str, torch.Tensor]:
     return state
 
 
-def _from_pretrained(path: Path, dtype: torch.dtype | None, pare_saved: bool) -> PreTrainedModel:
+DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
+"""accelerate's placement strategies ``device_map`` accepts (a model larger than one device)."""
+
+
+def check_device_map(device_map: str | None) -> None:
+    """A ConfigError unless ``device_map`` is None or one of :data:`DEVICE_MAPS`."""
+    if device_map is not None and device_map not in DEVICE_MAPS:
+        raise ConfigError(f"device_map must be one of {', '.join(DEVICE_MAPS)} (accelerate places the layers over "
+                          f"the GPUs, then the CPU), got {device_map!r}")
+
+
+def _from_pretrained(path: Path, dtype: torch.dtype | None, pare_saved: bool,
+                     device_map: str | None = None) -> PreTrainedModel:
     """``from_pretrained``, refusing weights it would have to initialise at random in a pare directory.
 
     Raises:
@@ -173,7 +185,8 @@ def _from_pretrained(path: Path, dtype: torch.dtype | None, pare_saved: bool) ->
             the config does not describe the saved model.
     """
     loaded: Any = auto_class(AutoConfig.from_pretrained(path)).from_pretrained(
-        path, dtype=dtype or "auto", output_loading_info=True)
+        path, dtype=dtype or "auto", output_loading_info=True,
+        **({"device_map": device_map} if device_map is not None else {}))
     model: PreTrainedModel = loaded[0]
     info: dict[str, Any] = loaded[1]
     tied = bool(getattr(model.config, "tie_word_embeddings", False))
@@ -194,13 +207,16 @@ def _from_pretrained(path: Path, dtype: torch.dtype | None, pare_saved: bool) ->
 
 
 def load(path: str | Path, device: str | torch.device | None = None,
-         dtype: torch.dtype | None = None) -> PreTrainedModel:
+         dtype: torch.dtype | None = None, device_map: str | None = None) -> PreTrainedModel:
     """Load a pruned model, rebuilding non-uniform shapes from the manifest when needed.
 
     Args:
         path: directory written by :func:`pare.save` (or any Hugging Face model directory).
         device: where to put the model (default: CPU).
         dtype: override the saved dtype.
+        device_map: place the layers over the GPUs (then the CPU) with accelerate (``auto``,
+            ``balanced``, ``sequential``...: see :data:`DEVICE_MAPS`), for a model larger than one
+            device; not with ``device``. Models whose shapes only the manifest describes are refused.
 
     Raises:
         ModelNotFoundError: no ``config.json`` in ``path``.
@@ -216,8 +232,14 @@ def load(path: str | Path, device: str | torch.device | None = None,
     manifest = read_manifest(p) or {}
     edits = manifest.get("edits") or []
     files = weight_files(p)  # tampered or truncated files fail here, before transformers opens them
+    check_device_map(device_map)
+    if device_map is not None and device is not None:
+        raise ConfigError("give device or device_map, not both")
+    if device_map is not None and not (manifest.get("uniform", True) or not edits):
+        raise ConfigError(f"{str(p)!r} has shapes its config cannot describe (pare.load rebuilds them from the "
+                          "manifest), so accelerate cannot place it with a device map; load it on one device")
     if manifest.get("uniform", True) or not edits:
-        model = _from_pretrained(p, dtype, pare_saved=bool(manifest))
+        model = _from_pretrained(p, dtype, pare_saved=bool(manifest), device_map=device_map)
     else:
         from pare.arch.surgery import replay
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 import logging
 import re
 from abc import ABC, abstractmethod
+from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
@@ -550,9 +551,13 @@ class SparsityPruner(Pruner):
             outputs = step.run(replace_inputs=True) if keep else None
         if keep:
             step.dense_outputs = outputs  # taken before this layer is pruned, in place of its inputs
+        readers = Counter(id(s) for s in stats.values())  # q/k/v and gate/up share one object
         for t in targets:
-            self.prune_target(t, stats[t.name], self.target_sparsity(step.index, t))
-            del stats[t.name]
+            st = stats.pop(t.name)
+            readers[id(st)] -= 1
+            st.last_reader = readers[id(st)] == 0
+            self.prune_target(t, st, self.target_sparsity(step.index, t))
+            del st
 
     def end_layers(self, ctx: PruneContext) -> None:
         """After the last layer step: the per-layer summary in the report."""

@@ -20,7 +20,7 @@ from pare.arch.roles import ModelArch
 from pare.arch.targets import Target, check_selection, layer_targets, select
 from pare.calibration.runner import LayerStep
 from pare.calibration.stats import InputStats, record_inputs
-from pare.config import PruneConfig, check_regexes, help_field, register, usable_device
+from pare.config import PruneConfig, check_regexes, help_field, register
 from pare.errors import ConfigError
 from pare.methods.base import PruneContext, Pruner
 from pare.ops.hessian import InverseHessianFactor, inverse_hessian_factor
@@ -186,7 +186,7 @@ class QuantizePruner(QuantAccounting, Pruner):
         perm = act_order_perm(H) if self.config.act_order else None
         if perm is not None:
             H = H[perm][:, perm]
-        factor = inverse_hessian_factor(H, self.config.damp)
+        factor = inverse_hessian_factor(H, self.config.damp, overwrite=True)  # H is a tensor of its own
         self._factor_of = (stats, factor, perm)
         return factor, perm
 
@@ -280,7 +280,7 @@ class QuantizePruner(QuantAccounting, Pruner):
                                     "from_pretrained runs the weights with unquantized activations")
 
     def _run_data_free(self, ctx: PruneContext) -> None:
-        device = usable_device(ctx.runtime.device)
+        device = ctx.device
         for i, layer in enumerate(ctx.arch.layer_modules(ctx.model)):
             home = next(layer.parameters()).device
             if home != device:

@@ -152,7 +152,10 @@ class SparseGPTPruner(QuantAccounting, SparsityPruner):
         if self._factor_of is not None and self._factor_of[0] is stats:
             return self._factor_of[1]
         self._factor_of = None  # release the previous factor before building the next
-        factor = inverse_hessian_factor(stats.hessian(), self.config.percdamp, model_dtype)
+        # the last matrix reading these statistics takes their Gram matrix over (the joint pass reads it
+        # again for act-order); either way the Hessian is a tensor of its own, the factor's work buffer
+        release = stats.last_reader and self.scheme is None
+        factor = inverse_hessian_factor(stats.hessian(release), self.config.percdamp, model_dtype, overwrite=True)
         self._factor_of = (stats, factor)
         return factor
 
@@ -163,7 +166,7 @@ class SparseGPTPruner(QuantAccounting, SparsityPruner):
             self._act_of = None
             H = stats.hessian()
             perm = act_order_perm(H)
-            self._act_of = (stats, inverse_hessian_factor(H[perm][:, perm], self.config.percdamp), perm)
+            self._act_of = (stats, inverse_hessian_factor(H[perm][:, perm], self.config.percdamp, overwrite=True), perm)
         return self._act_of[1], self._act_of[2]
 
     def prune_target(self, target: Target, stats: InputStats | None, sparsity: float) -> None:

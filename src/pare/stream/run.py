@@ -24,7 +24,7 @@ import torch
 
 from pare.arch import ArchOverride, describe
 from pare.calibration.stream import MappedBatches, StreamRunner
-from pare.config import CalibrationConfig, PruneConfig, RuntimeConfig, stage_for_config, usable_device
+from pare.config import CalibrationConfig, PruneConfig, RuntimeConfig, stage_for_config
 from pare.errors import ConfigError
 from pare.eval.cost import measure_cost
 from pare.io.checkpoint import Checkpoint, KeyMap
@@ -74,7 +74,7 @@ def plan_stream(source: str, config: PruneConfig, out: str | Path, calibration: 
         ConfigError: a method that needs the whole model (with the memory it would need), pickled
             weights, an output that cannot be written, not enough memory for one layer.
     """
-    device = usable_device(runtime.device)
+    device = runtime.compute_device()
     if str(out).strip():  # an empty path is refused just below
         PartialOutput(out).discard_if_published()
     path = check_output(out, overwrite, source)
