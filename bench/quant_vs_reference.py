@@ -36,7 +36,8 @@ quantization error counted), ``pare_clip`` (``clip_search``), and the interleave
 passes with dampening 0.1. ``--reference-mse`` adds ``reference_mse``, the reference with its
 ``memoryless_mse`` range observer; ``--reference-damp D`` adds the reference recipe with dampening D in both modifiers.
 
-``prune_seconds`` is the wall time of ``pare.prune`` / ``oneshot`` alone. The peer venv::
+``prune_seconds`` is the wall time of ``pare.prune`` / ``oneshot`` alone, ``cpu_seconds`` its process CPU
+time (steadier than wall time on a shared machine). The peer venv::
 
     python3 -m venv bench/.venv-llmc && bench/.venv-llmc/bin/pip install torch==2.13.0 \
         && bench/.venv-llmc/bin/pip install llmcompressor==0.14.0.1
@@ -100,13 +101,13 @@ def worker_pare(a: argparse.Namespace) -> dict:
                               keep_zeros=True, damp=damp, **extra)]
     else:
         cfg = pare.SparseGPTConfig(pattern="2:4", quantize="int4", group_size=a.group_size, **extra)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     runtime = pare.RuntimeConfig(device="cpu", progress=False, sequential=sequential)
     report = pare.run(model, cfg, ids, runtime=runtime, batch_size=a.batch_size)[-1] if isinstance(cfg, list) \
         else pare.prune(model, cfg, ids, runtime=runtime, batch_size=a.batch_size)
-    seconds = time.perf_counter() - t0
+    seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
     save_file(decoder_weights(model), a.out)
-    out: dict = {"prune_seconds": seconds}
+    out: dict = {"prune_seconds": seconds, "cpu_seconds": cpu}
     if "quantization" in report.scores:
         q = report.scores["quantization"]
         out["bits"] = {"bits_per_param": q.get("bits_per_param"), "quantized_bytes": q.get("bytes")}
@@ -142,12 +143,12 @@ def worker_peer(a: argparse.Namespace) -> dict:
         "sparse24-int4": [SparseGPTModifier(mask_structure="2:4", **sparse), GPTQModifier(**gptq)],
     }[a.setting]
     ds = Dataset.from_dict({"input_ids": ids.tolist(), "attention_mask": torch.ones_like(ids).tolist()})
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     oneshot(model=model, dataset=ds, recipe=recipe, num_calibration_samples=ids.shape[0],
             max_seq_length=ids.shape[1], batch_size=a.batch_size, shuffle_calibration_samples=False)
-    seconds = time.perf_counter() - t0
+    seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
     save_file(decoder_weights(model), a.out)
-    return {"prune_seconds": seconds}
+    return {"prune_seconds": seconds, "cpu_seconds": cpu}
 
 
 def prepare(a: argparse.Namespace) -> tuple[Path, object]:
@@ -272,7 +273,8 @@ def main(a: argparse.Namespace) -> None:
         ref = res.get("reference", {"error": "skipped"})
         line = {"setting": setting, "model": a.model, **res,
                 "ratios": {"ppl_ratio": ratio(res["pare"], ref, "ppl"),
-                           "time_ratio": ratio(res["pare"], ref, "prune_seconds")},
+                           "time_ratio": ratio(res["pare"], ref, "prune_seconds"),
+                           "cpu_time_ratio": ratio(res["pare"], ref, "cpu_seconds")},
                 "dense_ppl": dense, "calibration": {"source": "c4 train", "nsamples": a.nsamples, "seqlen": a.seqlen},
                 "eval": {"text": "wikipedia/articles.utf8", "tokens": int(ev.numel()), "seqlen": a.eval_seqlen},
                 "threads": a.threads, "group_size": a.group_size,

@@ -9,13 +9,19 @@ ones are skipped) plus the table as ``table.json`` and ``table.md``:
     papers, parameters, bytes on disk (saved in the checkpoint's dtype, bf16), prefill and decode
     tokens/s, prune seconds and peak RSS during the prune.
 
+Speed is a paired measurement: on a shared machine a figure taken minutes apart from another is not
+comparable with it, so each worker loads the dense model beside its pruned one and times the two in
+alternating rounds (order swapped every round), and reports the median over rounds of pruned / dense
+tokens/s (and the absolute medians). The dense row pairs dense with a second copy of itself: its
+ratios show how much the measurement wanders.
+
 Every pruned model is saved, reloaded from disk and evaluated as reloaded, so the figures are those
 of the artifact a user would ship. This machine is small: ``--ppl-windows`` scores only the first
 windows of WikiText-2 and ``--task-limit`` the first items of each task; the table's header states
 the budget. A second run with a larger ``--task-limit`` (or tasks once zero-shot exists) adds what
 is missing without pruning again.
 
-    python bench/real_model_table.py --ppl-windows 4 --task-limit 50
+    python bench/real_model_table.py --ppl-windows 4 --task-limit 50 --speed-rounds 7
     pare report bench/results/real_model_table/*/model --html real.html   # the compression curve
 """
 
@@ -125,6 +131,7 @@ def worker(name: str, args: argparse.Namespace) -> None:
         result.update(_prune_and_save(name, args, model_dir))
         result.pop("ppl", None)  # a new prune: the old measurements are stale
         result.pop("zeroshot", None)
+        result.pop("speed_rounds", None)
         _write_json(result_path, result)
     source = args.model if name == "dense" else model_dir
     if name == "dense":
@@ -136,9 +143,8 @@ def worker(name: str, args: argparse.Namespace) -> None:
     result["size_on_disk_bytes"] = model_dir_bytes(source)
     if result.get("ppl") is None or result.get("ppl_windows") != args.ppl_windows:
         res = pare.evaluate(model, tok, dataset="wikitext2", seqlen=2048, batch_size=1,
-                            max_windows=args.ppl_windows, speed=True, progress=False)
-        result.update({k: res[k] for k in ("ppl", "n_tokens", "params", "nonzero_params",
-                                           "prefill_tokens_per_s", "decode_tokens_per_s")})
+                            max_windows=args.ppl_windows, speed=False, progress=False)
+        result.update({k: res[k] for k in ("ppl", "n_tokens", "params", "nonzero_params")})
         result["ppl_windows"] = args.ppl_windows
         _write_json(result_path, result)
     if args.task_limit and (result.get("zeroshot") is None or result.get("task_limit") != args.task_limit):
@@ -146,9 +152,19 @@ def worker(name: str, args: argparse.Namespace) -> None:
         if zs is not None:
             result.update({"zeroshot": zs["tasks"], "zeroshot_mean": zs["mean_acc"], "task_limit": args.task_limit})
             _write_json(result_path, result)
+    if args.speed_rounds and result.get("speed_rounds") != args.speed_rounds:
+        dense_model = pare.load_model(str(args.model), dtype=torch.float32)[0]
+        for key in [k for k in result if k.startswith(("prefill_", "decode_", "dense_"))]:
+            del result[key]  # figures of an earlier measurement, some under names no longer written
+        result.update(paired_speed(model, dense_model, args.speed_rounds))
+        del dense_model
+        _write_json(result_path, result)
     manifest = read_manifest(model_dir) if name != "dense" else None
     if manifest is not None:  # the measurements go into the manifest so `pare report` can plot them
         dense = _load_json(args.out / "dense" / "result.json")
+        # the dense speed timed beside this model, not the dense row's own (another time, another load)
+        dense.update({k: result[f"dense_{k}"] for k in ("prefill_tokens_per_s", "decode_tokens_per_s")
+                      if result.get(f"dense_{k}") is not None})
         for entry in [manifest, *manifest.get("history", [])[-1:]]:
             for key, dst in (("ppl", "ppl"), ("params", "params"), ("size_on_disk_bytes", "size_on_disk_bytes"),
                              ("prefill_tokens_per_s", "prefill_tokens_per_s"),
@@ -162,42 +178,30 @@ def worker(name: str, args: argparse.Namespace) -> None:
         (model_dir / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str), encoding="utf-8")
 
 
-def speed_pass(args: argparse.Namespace, names: list[str]) -> None:
-    """Prefill/decode tokens/s of every finished configuration, measured in one process in alternating
-    rounds (median per configuration): on a shared machine, speeds taken minutes apart are not comparable."""
-    import statistics
+def paired_speed(model: Any, dense: Any, rounds: int) -> dict[str, Any]:
+    """``model``'s prefill and decode tokens/s beside ``dense``'s, timed in alternating rounds in this process."""
+    from pare.eval.speed import compare_speed
 
-    import torch
-
-    import pare
-    from pare.eval.speed import measure_speed
-
-    torch.set_num_threads(args.threads)
-    models = {}
-    for name in names:
-        run_dir = args.out / name.replace(":", "-").replace("%", "pct")
-        if name == "dense":
-            models[name] = pare.load_model(str(args.model), dtype=torch.float32)[0]
-        elif (run_dir / "model" / "pare.json").is_file():
-            models[name] = pare.load(run_dir / "model", dtype=torch.float32)
-    got: dict[str, list[tuple[float, float]]] = {n: [] for n in models}
-    for _ in range(args.speed_rounds):
-        for name, model in models.items():
-            sp = measure_speed(model, prompt_len=128, new_tokens=16, repeats=1)
-            got[name].append((sp.prefill_tokens_per_s, sp.decode_tokens_per_s))
-    for name, values in got.items():
-        path = args.out / name.replace(":", "-").replace("%", "pct") / "result.json"
-        result = _load_json(path)
-        result["prefill_tokens_per_s"] = statistics.median(v[0] for v in values)
-        result["decode_tokens_per_s"] = statistics.median(v[1] for v in values)
-        result["speed"] = f"median of {args.speed_rounds} alternating rounds in one process"
-        _write_json(path, result)
-        print(json.dumps({"config": name, "prefill": result["prefill_tokens_per_s"],
-                          "decode": result["decode_tokens_per_s"]}), flush=True)
+    sp = compare_speed(model, dense, rounds=rounds, prompt_len=128, new_tokens=32)
+    return {"speed_rounds": rounds,
+            "speed": f"paired with dense in one process: median of {rounds} alternating rounds of pruned / dense "
+                     f"(prompt {sp.prompt_len} tokens, {sp.new_tokens} decode steps, batch 1, fp32)",
+            **{f"{phase}_{k}": getattr(sp, f"{phase}_{k}") for phase in ("prefill", "decode")
+               for k in ("ratio", "ratio_iqr", "tokens_per_s")},
+            **{f"dense_{phase}_tokens_per_s": getattr(sp, f"reference_{phase}_tokens_per_s")
+               for phase in ("prefill", "decode")}}
 
 
 def _fmt(value: Any, spec: str) -> str:
     return "-" if value is None else format(value, spec)
+
+
+def _ratio(row: dict[str, Any], phase: str) -> str:
+    """``1.11 (1.05-1.16)``: the median ratio to dense and the interquartile range of the rounds' ratios."""
+    ratio, iqr = row.get(f"{phase}_ratio"), row.get(f"{phase}_ratio_iqr")
+    if ratio is None:
+        return "-"
+    return f"{ratio:.2f}" + (f" ({iqr[0]:.2f}-{iqr[1]:.2f})" if iqr else "")
 
 
 def write_table(args: argparse.Namespace, names: list[str], started: float) -> None:
@@ -212,8 +216,7 @@ def write_table(args: argparse.Namespace, names: list[str], started: float) -> N
                    "zeroshot": f"first {args.task_limit} items of each of {', '.join(TASKS)}"
                    if args.task_limit else "not run",
                    "calibration": f"{args.calib_samples} windows of {args.calib_seqlen} C4 tokens",
-                   "speed": next((r["speed"] for r in rows if r.get("speed")),
-                                 "each configuration measured in its own worker (prompt 128, 32 new tokens)")},
+                   "speed": next((r["speed"] for r in rows if r.get("speed")), "not measured")},
         "wall_seconds_this_run": round(time.time() - started, 1),
     }
     _write_json(args.out / "table.json", {"header": header, "rows": rows})
@@ -223,14 +226,21 @@ def write_table(args: argparse.Namespace, names: list[str], started: float) -> N
         f"tokens/s: {header['budget']['speed']}.",
         "",
         "| config | family | removes | WikiText-2 PPL | zero-shot mean acc | params | non-zero | bytes on disk "
-        "| prefill tok/s | decode tok/s | prune s | peak RSS MB |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| prefill x dense (IQR) | decode x dense (IQR) | prefill tok/s | decode tok/s | prune s | peak RSS MB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
+    dense_params = next((r.get("params") for r in rows if r["name"] == "dense"), None)
     for r in rows:
+        removes = r["removes"] + (f" ({', '.join(map(str, r['removed']))})" if isinstance(r.get("removed"), list)
+                                  and all(isinstance(i, int) for i in r["removed"]) else "")
+        params = _fmt(r.get("params"), ",")
+        if dense_params and r.get("params") is not None and r["name"] != "dense":
+            params += f" ({r['params'] / dense_params - 1:+.1%})"
         lines.append(
-            f"| {r['name']} | {r['family']} | {r['removes']} | {_fmt(r.get('ppl'), '.2f')} | "
-            f"{_fmt(r.get('zeroshot_mean'), '.3f')} | {_fmt(r.get('params'), ',')} | "
+            f"| {r['name']} | {r['family']} | {removes} | {_fmt(r.get('ppl'), '.2f')} | "
+            f"{_fmt(r.get('zeroshot_mean'), '.3f')} | {params} | "
             f"{_fmt(r.get('nonzero_params'), ',')} | {_fmt(r.get('size_on_disk_bytes'), ',')} | "
+            f"{_ratio(r, 'prefill')} | {_ratio(r, 'decode')} | "
             f"{_fmt(r.get('prefill_tokens_per_s'), ',.0f')} | {_fmt(r.get('decode_tokens_per_s'), ',.1f')} | "
             f"{_fmt(r.get('prune_seconds'), '.0f')} | {_fmt(r.get('peak_rss_mb'), ',.0f')} |")
     (args.out / "table.md").write_text("\n".join(lines) + "\n")
@@ -250,8 +260,9 @@ def main() -> None:
                         "(default: all)")
     parser.add_argument("--jobs", type=int, default=1, help="configurations run at once (each its own process)")
     parser.add_argument("--table-only", action="store_true", help="only rewrite the table from the JSONs")
-    parser.add_argument("--speed-rounds", type=int, default=0,
-                        help="re-measure tokens/s of every finished configuration in this many alternating rounds")
+    parser.add_argument("--speed-rounds", type=int, default=7,
+                        help="rounds of the paired dense / pruned speed measurement (0: no speed); a "
+                        "configuration measured with another number of rounds is measured again")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -268,11 +279,10 @@ def main() -> None:
         names = ["dense", *[n for n in wanted if n != "dense"]]  # in the order given
     started = time.time()
     args.out.mkdir(parents=True, exist_ok=True)
-    if args.speed_rounds:
-        speed_pass(args, names)
-    elif not args.table_only:
+    if not args.table_only:
         passthrough = [f"--{k.replace('_', '-')}={getattr(args, k)}" for k in
-                       ("model", "out", "ppl_windows", "task_limit", "calib_samples", "calib_seqlen", "threads")]
+                       ("model", "out", "ppl_windows", "task_limit", "calib_samples", "calib_seqlen", "threads",
+                        "speed_rounds")]
         def run(name: str) -> None:
             t0 = time.time()
             proc = subprocess.run([sys.executable, __file__, "--worker", name, *passthrough], check=False)

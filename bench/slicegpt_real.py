@@ -16,6 +16,10 @@ Resumable: every finished row is written to ``--cache-dir`` (one JSON file per r
 every setting that changes it) and read back instead of being recomputed, so several processes can
 share the rows (``--rows`` picks which kinds a process computes).
 
+SliceGPT rows use the config's defaults (shared: unit-length tokens in the moments; per-layer: raw
+moments) unless ``--unit-tokens`` / ``--no-unit-tokens`` says otherwise; per-layer keeps the head at the
+full hidden size (``--no-slice-head``, the reference's ``do_slice_head=False``) unless ``--slice-head``.
+
     python bench/slicegpt_real.py [--slicing 0.2 0.25 0.3 --rows dense shared per-layer width shortgpt]
 
 Prints one JSON object per row as it finishes (or is read from the cache), then a summary object.
@@ -62,7 +66,7 @@ def params(model: torch.nn.Module) -> int:
 def settings(args: argparse.Namespace, name: str = "") -> dict[str, Any]:
     """Everything a row's figures depend on (its cache key); SliceGPT's moment option only for its rows."""
     keys = ["nsamples", "seqlen", "eval_windows", "eval_seqlen", "tasks", "limit", "prompt_len", "round_to",
-            "width_importance"] + (["unit_tokens"] if name.startswith("slicegpt") else [])
+            "width_importance"] + (["unit_tokens", "slice_head"] if name.startswith("slicegpt") else [])
     return {k: getattr(args, k) for k in keys}
 
 
@@ -125,19 +129,28 @@ def width_ratio_for(target: int, calib: torch.Tensor) -> float:
     return round(ratios[best], 6)
 
 
+def slice_name(args: argparse.Namespace, rotation: str, s: float) -> str:
+    """A SliceGPT row's name: its rotation, slicing and the options that differ from the defaults."""
+    unit = {None: "", True: " unit", False: " raw"}[args.unit_tokens]
+    head = " sliced head" if rotation == "per-layer" and args.slice_head else ""
+    return f"slicegpt {rotation} {s}{unit}{head}"
+
+
 def slicegpt_row(args: argparse.Namespace, s: float, rotation: str, calib: torch.Tensor,
                  test: torch.Tensor) -> dict:
-    name = f"slicegpt {rotation} {s}" + ("" if args.unit_tokens else " raw")
+    name = slice_name(args, rotation, s)
     row = cached(args, name)
     if row is not None:
         return row
     m = load()
     t0 = time.perf_counter()
-    cfg = SliceGPTConfig(slicing=s, rotation=rotation, round_to=args.round_to, unit_tokens=args.unit_tokens)
+    cfg = SliceGPTConfig(slicing=s, rotation=rotation, round_to=args.round_to, unit_tokens=args.unit_tokens,
+                         slice_head=args.slice_head)
     rep = pare.prune(m, cfg, calib, runtime=RUNTIME)
     sc = rep.scores["slicegpt"]
     info: dict[str, Any] = {"slicing": s, "hidden": sc["hidden_after"], "prune_s": round(time.perf_counter() - t0, 1),
-                            "head_tied": sc["head_tied"], "kept_energy_min": round(min(sc["kept_energy"]), 4),
+                            "head_tied": sc["head_tied"], "head_width": sc["head_width"],
+                            "kept_energy_min": round(min(sc["kept_energy"]), 4),
                             "kept_energy_mean": round(sum(sc["kept_energy"]) / len(sc["kept_energy"]), 4)}
     if rotation == "per-layer":
         shortcuts = sum(b.numel() for n, b in m.named_buffers() if "shortcut" in n)
@@ -188,9 +201,10 @@ def main() -> None:
     ap.add_argument("--limit", type=int, default=30, help="zero-shot documents per task (0: no zero-shot)")
     ap.add_argument("--prompt-len", type=int, default=256)
     ap.add_argument("--round-to", type=int, default=1, help="SliceGPT round_to (1: any size the heads allow)")
-    ap.add_argument("--unit-tokens", action=argparse.BooleanOptionalAction,
-                    default=SliceGPTConfig.__dataclass_fields__["unit_tokens"].default,
-                    help="SliceGPT unit_tokens (--no-unit-tokens: raw moments, as the paper)")
+    ap.add_argument("--unit-tokens", action=argparse.BooleanOptionalAction, default=None,
+                    help="SliceGPT unit_tokens (default: the config's, unit for shared, raw for per-layer)")
+    ap.add_argument("--slice-head", action=argparse.BooleanOptionalAction, default=False,
+                    help="per-layer SliceGPT: slice the head too (default: full head, as the reference code)")
     ap.add_argument("--width-importance", default="activation")
     ap.add_argument("--cache-dir", default=str(REPO / "bench" / "results" / "slicegpt_real"))
     args = ap.parse_args()
@@ -211,12 +225,12 @@ def main() -> None:
                 rows.append(slicegpt_row(args, s, rotation, calib, test))
         if {"width", "shortgpt", "ppl-window"} & set(args.rows):
             # equal parameters to the shared variant (the per-layer one has the same weights plus its shortcuts)
-            shared = cached(args, f"slicegpt shared {s}" + ("" if args.unit_tokens else " raw"))
+            shared = cached(args, slice_name(args, "shared", s))
             if shared is None:
                 print(json.dumps({"skipped": f"baselines at {s}: the shared row is not computed yet"}), flush=True)
                 continue
             rows += baseline_rows(args, s, shared["params"], calib, test)
-    print(json.dumps({"summary": rows, **settings(args), "unit_tokens": args.unit_tokens,
+    print(json.dumps({"summary": rows, **settings(args), "unit_tokens": args.unit_tokens, "slice_head": args.slice_head,
                       "torch_threads": torch.get_num_threads()}, default=str))
 
 

@@ -20,6 +20,7 @@ GENERIC: dict[str, Any] = {
     "hidden_size": 64, "word_embed_proj_dim": 64,
     "n_embd": 64, "d_model": 64, "dim": 64, "embed_dim": 64, "n_embed": 64,
     "intermediate_size": 128, "ffn_dim": 128, "n_inner": 128, "ffn_hidden_size": 128, "d_ff": 128,
+    "encoder_ffn_dim": 128, "decoder_ffn_dim": 128,
     "num_hidden_layers": LAYERS, "n_layer": LAYERS, "n_layers": LAYERS, "num_layers": LAYERS,
     "num_attention_heads": 4, "n_head": 4, "n_heads": 4, "num_heads": 4,
     "num_key_value_heads": 2, "head_dim": 16, "attention_head_dim": 16,
@@ -54,6 +55,12 @@ MROPE = {
 
 KEEP_LISTS = ("architectures", "mrope_section", "block_types_pattern")
 
+QSA = {"indexer_n_heads": 2, "indexer_kv_heads": 1, "indexer_head_dim": 16, "indexer_budget": 8,
+       "indexer_compress_ratio": 2}
+"""Qwen4-Exp's query-sparse attention indexer: every field or none."""
+MLA_FULL_KV = {"num_key_value_heads": 4}
+"""Latent attention with a sparse indexer: as many KV heads as query heads."""
+
 SHRINK: dict[str, dict[str, Any]] = {
     # model_type -> extra fields (dotted into sub-configs: "text_config.head_dim"), applied last.
     "mamba": {"hidden_size": 64, "state_size": 8, "expand": 2, "time_step_rank": 8},
@@ -71,11 +78,22 @@ SHRINK: dict[str, dict[str, Any]] = {
     "deepseek_v2": {"num_experts_per_tok": 2},
     "kimi_linear": {"num_experts_per_token": 2},
     "granitemoehybrid": {"layer_types": ["mamba", "attention", "mamba", "attention"]},
-    "zamba2": {"layers_block_type": ["mamba", "hybrid", "mamba", "hybrid"], "hybrid_layer_ids": [1, 3],
-               "n_mamba_heads": 4},
     "nemotron_h": {"num_hidden_layers": 8},
     "ctrl": {"dff": 128},
     "xlstm": {"embedding_dim": 64, "num_blocks": LAYERS},
+    # defaults the models cannot build from (head_dim or kv heads left None, experts unnamed)
+    "hunyuan_v1_dense": {"head_dim": 16}, "hunyuan_v1_moe": {"head_dim": 16}, "ministral": {"head_dim": 16},
+    "hunyuan_vl": {"text_config.head_dim": 16},
+    "nemotron": {"num_key_value_heads": 2},
+    "dots1": {"num_local_experts": 4, "n_shared_experts": 1, "num_experts_per_tok": 2},
+    "bailing_hybrid": {"num_expert_group": 1, "topk_group": 1, "num_experts_per_token": 2},
+    "cohere_compass_text": {"rope_parameters": {"full_attention": {"rope_type": "default", "rope_theta": 10000.0}}},
+    "zamba2": {"layers_block_type": ["mamba", "hybrid", "mamba", "hybrid"], "hybrid_layer_ids": [1, 3],
+               "n_mamba_heads": 4, "attention_hidden_size": 128},
+    "lfm2_moe": {"layer_types": ["conv", "full_attention", "conv", "full_attention"]},
+    "dbrx": {"attn_config.rope_theta": 10000.0, "attn_config.clip_qkv": 8.0},
+    "qwen4_exp_text": QSA, "qwen4_exp": {f"text_config.{k}": v for k, v in QSA.items()},
+    "axk2": MLA_FULL_KV, "deepseek_v32": MLA_FULL_KV, "glm_moe_dsa": MLA_FULL_KV,
 }
 
 
@@ -146,6 +164,9 @@ def shrink_dict(values: dict[str, Any], extra: dict[str, Any] | None = None, mro
     cut: dict[str, Any] = {}
     for key, value in values.items():
         if key in KEEP_LISTS or not isinstance(value, (list, tuple)):
+            continue
+        if key in GENERIC and value and all(type(v) is int for v in value):  # per-layer sizes (Gemma 3n's MLP)
+            cut[key] = out[key] = [GENERIC[key]] * (new_layers or len(value))
             continue
         if old_layers and new_layers and len(value) == old_layers and old_layers != new_layers:
             cut[key] = keep_every_kind(list(value), new_layers)

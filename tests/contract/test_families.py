@@ -44,3 +44,39 @@ def test_family_works_or_is_refused_with_a_reason(model_type: str) -> None:
     for m, status in got.items():
         if status == "refused":
             assert row[m]["reason"].split(":")[0].endswith("Error")  # a named pare error with its reason
+
+
+HEAD_STATE: dict[str, tuple[str, int]] = {
+    # family -> (a per-head tensor of layer 0 that must follow the cut, its size per kept head)
+    "gpt_oss": ("self_attn.sinks", 1),  # attention sinks: one logit per query head
+    "afmoe": ("self_attn.gate_proj.weight", 16),  # output gate: head_dim rows per query head
+    "olmo2": ("self_attn.q_norm.weight", 16),  # q norm over the whole projection
+    "qwen3_next": ("self_attn.q_proj.weight", 32),  # [q_h; gate_h] rows per head (layer 3: attention)
+}
+
+
+@pytest.mark.parametrize("model_type", sorted(HEAD_STATE))
+def test_head_cut_keeps_per_head_state_consistent(model_type: str, tmp_path: Path) -> None:
+    """Half the query heads cut: sinks, output gates and whole-projection q norms keep the kept heads'
+    entries, and the result reloads with identical logits (pare.load and the Auto class)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    import pare
+    from coverage import _logits, reload
+    from tiny_configs import build, tiny_config
+
+    model = build(AutoModelForCausalLM, tiny_config(model_type))
+    ids = torch.randint(3, 200, (4, 16), generator=torch.Generator().manual_seed(0))
+    report = pare.prune(model, pare.OsscarConfig(mlp_ratio=0.0, attn_ratio=0.5), ids,
+                        runtime=pare.RuntimeConfig(device="cpu", progress=False), batch_size=2)
+    heads = [e for e in report.edits if type(e).__name__ == "Heads"]
+    assert heads and all(e.num_heads == 2 for e in heads)
+    name, per_head = HEAD_STATE[model_type]
+    layer = pare.arch.describe(model).layer_modules(model)[heads[0].layer]
+    assert layer.get_parameter(name).shape[0] == 2 * per_head
+    want = _logits(model, ids)
+    pare.save(model, None, tmp_path / "out", report)
+    assert torch.equal(_logits(pare.load(tmp_path / "out").eval(), ids), want)
+    auto, _ = reload("causal", tmp_path / "out", type(model))
+    assert torch.equal(_logits(auto, ids), want)

@@ -13,7 +13,7 @@ from pare.errors import ConfigError, NotEnoughDataError
 from pare.eval.memory import peak_rss_mb
 from pare.eval.perplexity import PerplexityResult, perplexity
 from pare.eval.size import count_nonzero, count_parameters, dir_size_bytes, linear_sparsity, nonzero
-from pare.eval.speed import SpeedResult, measure_speed
+from pare.eval.speed import PairedSpeed, SpeedResult, compare_speed, measure_speed
 
 
 @pytest.fixture(scope="module")
@@ -95,6 +95,24 @@ def test_measure_speed_runs_greedy_decode_with_the_cache(model: LlamaForCausalLM
     assert (result.prompt_len, result.new_tokens, result.batch_size, result.device) == (16, 4, 2, "cpu")
     with pytest.raises(ConfigError, match="context"):
         measure_speed(model, prompt_len=120, new_tokens=16)
+
+
+def test_compare_speed_times_both_in_alternating_rounds(model: LlamaForCausalLM) -> None:
+    calls: list[int] = []
+    hook = model.register_forward_hook(lambda *_: calls.append(1))  # both "models" are this one
+    try:
+        result = compare_speed(model, model, rounds=3, prompt_len=8, new_tokens=2)
+    finally:
+        hook.remove()
+    assert isinstance(result, PairedSpeed)
+    assert len(calls) == (2 + 2 * 3) * (1 + 2)  # warm-ups and rounds, each a prefill and 2 decode steps
+    assert result.rounds == 3 and (result.prompt_len, result.new_tokens, result.batch_size) == (8, 2, 1)
+    for phase in ("prefill", "decode"):
+        q1, q3 = getattr(result, f"{phase}_ratio_iqr")
+        assert 0 < q1 <= getattr(result, f"{phase}_ratio") <= q3
+        assert getattr(result, f"{phase}_tokens_per_s") > 0 and getattr(result, f"reference_{phase}_tokens_per_s") > 0
+    with pytest.raises(ConfigError, match="rounds"):
+        compare_speed(model, model, rounds=0)
 
 
 def test_sizes(model: LlamaForCausalLM, tmp_path: Path) -> None:

@@ -115,6 +115,23 @@ def test_html_is_self_contained_with_one_image_per_plot(runs: list[Path], tmp_pa
     assert "](r_plots/00-compression-curve.png)" in (tmp_path / "r.md").read_text()
 
 
+def test_speed_bars_are_ratios_to_the_dense_measured_beside_each_run(tmp_path: Path) -> None:
+    from pare.reporting.plots import speed_values
+
+    fig = {"ppl_after": 12.0, "params_after": 1000}
+    quiet = _stage("wanda", {"sparsity": 0.5}, figures={**fig, "prefill_tokens_per_s_after": 210.0})
+    loaded = _stage("osscar", {"mlp_ratio": 0.25}, figures={**fig, "prefill_tokens_per_s_before": 100.0,
+                                                            "prefill_tokens_per_s_after": 130.0})
+    runs = read_runs([_save(tmp_path, "quiet", quiet), _save(tmp_path, "loaded", loaded)])
+    names, values, line, ratio = speed_values(runs, "prefill_tokens_per_s")
+    assert ratio and line == 1.0 and names == ["dense", "quiet", "loaded"]
+    assert values == pytest.approx([1.0, 1.05, 1.3])  # 210 / 200 and 130 / 100: each against its own dense
+    del loaded["figures"]["prefill_tokens_per_s_before"], quiet["figures"]["prefill_tokens_per_s_before"]
+    runs = read_runs([_save(tmp_path, "a", quiet), _save(tmp_path, "b", loaded)])
+    assert speed_values(runs, "prefill_tokens_per_s") == (["a", "b"], [210.0, 130.0], None, False)
+    assert speed_values(runs, "decode_tokens_per_s") is None
+
+
 def test_without_matplotlib_tables_and_a_note(runs: list[Path], tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setattr(reporting, "have_matplotlib", lambda: False)
     out = write_report(runs, html=tmp_path / "r.html", md=tmp_path / "r.md")

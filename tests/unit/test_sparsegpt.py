@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from pare.ops.masks import layer_mask, nm_mask, row_mask
-from pare.ops.sparsegpt import block_counts, inverse_hessian_factor, sparsegpt_prune
+from pare.ops.sparsegpt import block_counts, inverse_hessian_factor, nm_candidates, nm_group_obs_mask, sparsegpt_prune
 from pare.ops.wanda import wanda_mask
 
 
@@ -201,3 +201,28 @@ def test_nm_obs_selection_is_the_best_sequential_mask_of_a_single_group() -> Non
     err_score = ((x @ w.t()) - (x @ score.t())).square().sum(0)
     assert bool((err_obs <= err_score * (1 + 1e-4) + 1e-4).all())
     assert bool((err_obs < err_score * 0.99).any())
+
+
+def _played_group_mask(wg: torch.Tensor, ug: torch.Tensor, cands: torch.Tensor) -> torch.Tensor:
+    """The group's OBS loss by playing every candidate through the M columns, one column at a time."""
+    losses = []
+    for cand in cands:
+        w, loss = wg.clone(), torch.zeros(wg.shape[1], dtype=torch.float64)
+        for a in range(wg.shape[0]):
+            err = w[a] / ug[a, a] if cand[a] else torch.zeros_like(w[a])
+            loss += err.square()
+            w[a + 1:] -= ug[a, a + 1:, None] * err
+        losses.append(loss)
+    return cands[torch.stack(losses).argmin(0)].t()
+
+
+@pytest.mark.parametrize("nm", [(1, 4), (2, 4), (3, 4), (2, 8), (4, 8)])
+def test_nm_group_obs_mask_equals_the_column_by_column_play(nm: tuple[int, int]) -> None:
+    """The forward-substitution form of the group's OBS loss picks the same mask, row by row, as
+    playing each candidate through the group's columns (float64, so no near-tie flips)."""
+    cands = nm_candidates(nm)
+    for seed in range(5):
+        a = torch.randn(nm[1], nm[1], generator=_gen(seed), dtype=torch.float64)
+        ug = torch.linalg.cholesky(a @ a.t() + 0.1 * torch.eye(nm[1], dtype=torch.float64), upper=True)
+        wg = torch.randn(nm[1], 300, generator=_gen(100 + seed), dtype=torch.float64)
+        assert torch.equal(nm_group_obs_mask(wg, ug, cands), _played_group_mask(wg, ug, cands))

@@ -168,6 +168,8 @@ def _match_roles(modules: dict[str, nn.Module], override: ArchOverride | None) -
             if role in roles or leaf not in names:
                 continue
             in_attn = any(k in parent for k in ("attn", "attention"))
+            if role in MLP_ROLES and in_attn:
+                continue  # a gate inside attention (AFMoE's output gate) is not the MLP's
             if role in ATTN_ROLES and role != "o" and not in_attn and leaf in ("q", "k", "v"):
                 continue
             if role == "o" and leaf == "c_proj" and not in_attn:
@@ -195,7 +197,10 @@ def _experts(layer: nn.Module, modules: dict[str, nn.Module], config: Any) -> Ex
         router = next((f"{prefix}{n}" for n in ("gate", "router") if f"{prefix}{n}" in modules), None)
         if router is None:
             return None
-        num_experts, two_i, _ = getattr(module, gu).shape
+        num_experts, two_i, last = getattr(module, gu).shape
+        down_shape = getattr(module, dn).shape
+        if last == 2 * down_shape[1] and two_i == down_shape[2]:
+            two_i = last  # gpt-oss stores gate_up as [E, H, 2I] and down as [E, I, H]
         shared = None
         name = next((n for n in ("shared_expert", "shared_experts") if f"{prefix}{n}.down_proj" in modules), None)
         if name is not None:  # Qwen2-MoE's shared_expert, DeepSeek's shared_experts (n_shared_experts wide)
@@ -258,6 +263,7 @@ def _attention(
     path = _parent(o.path)
     q_norm = f"{path}.q_norm" if f"{path}.q_norm" in modules else None
     k_norm = f"{path}.k_norm" if f"{path}.k_norm" in modules else None
+    extra = _per_head_state(modules, roles, path, layer_heads, head_dim)
     if "qkv" in roles:
         qkv = proj("qkv")
         qkv_mod = modules[qkv.path]
@@ -266,15 +272,49 @@ def _attention(
         return AttentionRoles(
             path=path, o=o, num_heads=layer_heads, num_kv_heads=layer_kv, head_dim=head_dim,
             qkv=qkv, qkv_layout=layout,  # type: ignore[arg-type]
-            q_norm=q_norm, k_norm=k_norm,
+            q_norm=q_norm, k_norm=k_norm, **extra,
         )
     k = proj("k")
     k_mod = modules[k.path]
     layer_kv = int(weight_of(k_mod).shape[1] if k.conv1d else weight_of(k_mod).shape[0]) // head_dim
     return AttentionRoles(
         path=path, o=o, num_heads=layer_heads, num_kv_heads=layer_kv, head_dim=head_dim,
-        q=proj("q"), k=k, v=proj("v"), q_norm=q_norm, k_norm=k_norm,
+        q=proj("q"), k=k, v=proj("v"), q_norm=q_norm, k_norm=k_norm, **extra,
+        q_gate=_rows(modules[roles["q"]]) == 2 * layer_heads * head_dim,
     )
+
+
+def _rows(module: nn.Module) -> int:
+    w = weight_of(module)
+    return int(w.shape[1] if _is_conv1d(module) else w.shape[0])
+
+
+SINK_NAMES = ("sinks", "s_aux", "attention_sinks", "sink")
+"""Parameters of an attention block holding one logit per query head (gpt-oss' attention sinks)."""
+
+
+def _per_head_state(modules: dict[str, nn.Module], roles: dict[str, str], path: str, heads: int,
+                    head_dim: int) -> dict[str, Any]:
+    """The output gate, sinks and unknown projections of the attention block at ``path`` (see
+    :class:`AttentionRoles`)."""
+    prefix = f"{path}." if path else ""
+    claimed = {roles[r] for r in ATTN_ROLES if r in roles}
+    gate, unknown = None, []
+    for rel, module in modules.items():
+        if not rel.startswith(prefix) or rel in claimed or not _is_projection(module):
+            continue
+        leaf = rel.rsplit(".", 1)[-1]
+        if gate is None and "gate" in leaf and _rows(module) == heads * head_dim:
+            gate = Proj(rel, conv1d=_is_conv1d(module))
+        else:
+            unknown.append(rel)
+    block = modules.get(path) if path else None
+    sinks = None
+    if block is not None:
+        sinks = next((n for n, p in block.named_parameters(recurse=False)
+                      if n in SINK_NAMES and p.dim() == 1 and p.numel() == heads), None)
+        sinks = f"{path}.{sinks}" if sinks else None
+    return {"gate": gate, "sinks": sinks, "unknown": tuple(unknown)}
 
 
 def _mlp(modules: dict[str, nn.Module], roles: dict[str, str]) -> MLPRoles | None:

@@ -310,25 +310,94 @@ def _layer_sites(model: nn.Module, arch: ModelArch, i: int, roles: LayerRoles,
     return list(sites.values())
 
 
-@contextlib.contextmanager
-def projected_writes(model: nn.Module, arch: ModelArch, index: int, proj: torch.Tensor) -> Iterator[None]:
-    """Within the block, every write of layer ``index`` into the stream is multiplied by ``proj``
-    (``[H, H]``, e.g. the projection ``P P^T`` onto kept directions): with the layer's input projected
-    too, the layer computes in the original coordinates what its rotated and sliced version computes.
-    Hooks on the writer modules, always removed."""
+@dataclass(frozen=True)
+class Stage:
+    """One residual addition of a decoder layer: the blocks whose outputs are added to the stream at the
+    same point (attention, then the MLP, in a sequential layer; both at once in a parallel layer).
+    SliceGPT's per-layer scheme gives every stage its own basis: the stage's readers read the stream in
+    the basis it entered with, its writers write in the stage's own, and the residual passes a shortcut
+    ``Q_in^T Q_out`` between them.
 
-    def hook(_m: nn.Module, _args: tuple, out: Any) -> Any:
-        if isinstance(out, (tuple, list)):
-            return type(out)([out[0] @ proj.to(out[0].dtype), *out[1:]])
-        return out @ proj.to(out.dtype)
+    Attributes:
+        blocks: the block names (``attention``, ``mlp``).
+        outputs: paths inside the layer of the modules whose outputs the layer adds to the stream, in
+            call order (o_proj, down_proj, a MoE block).
+        writers: the stage's writer ports (full module names).
+    """
+
+    blocks: tuple[str, ...]
+    outputs: tuple[str, ...]
+    writers: tuple[Port, ...]
+
+
+def layer_stages(arch: ModelArch, index: int) -> list[Stage]:
+    """The residual additions of layer ``index`` in order (see :class:`Stage`)."""
+    prefix, roles = arch.layer_prefix(index), arch.layers[index]
+    blocks = _blocks(prefix, roles)
+    writers = writers_of(arch, index)
+    owner = {p.module: name for name, _r, _w, block in blocks
+             for p in writers if p.module == block or p.module.startswith(block + ".")}
+    cut = len(prefix) + 1
+    # one norm for two blocks (GPT-J) means both read the same input: a parallel layer
+    parallel = roles.parallel_residual or len(roles.norms) < 2
+    groups = [blocks] if parallel or len(blocks) < 2 else [[b] for b in blocks]
+    stages = []
+    for group in groups:
+        names = tuple(name for name, *_ in group)
+        stages.append(Stage(names, tuple(block[cut:] for *_, block in group),
+                            tuple(p for p in writers if owner.get(p.module) in names)))
+    return stages
+
+
+@contextlib.contextmanager
+def stage_shortcuts(layer: nn.Module, stages: list[Stage], residual: list[torch.Tensor | None],
+                    written: list[torch.Tensor | None], stream: torch.Tensor,
+                    record: list[torch.Tensor] | None = None) -> Iterator[list[torch.Tensor]]:
+    """Within the block, layer ``layer`` computes SliceGPT's per-stage residual: at stage ``s`` the
+    stream ``r`` that entered it becomes ``r R_s + sum_b y_b W_s`` (``R_s = residual[s]``, ``W_s = written[s]``,
+    None: identity) instead of ``r + sum_b y_b``, through hooks on the stage's output modules (the layer's
+    own ``forward`` adds ``r``; the first output's hook adds ``r (R_s - I)``). ``stream`` is the layer's
+    input. A non-square ``R_s`` (the last stage widening into an unsliced head) cannot be added inside
+    the layer: its outputs are zeroed there and collected in the yielded list (one tensor), and the
+    caller computes ``out R_s + collected``. ``record`` receives the stream after each non-last stage
+    (before ``R`` and ``W``: what the next stage's norm would read unsliced). Hooks always removed."""
+    state = {"r": stream}
+    collected: list[torch.Tensor] = []
+
+    def hook(s: int, first: bool, last_of_stage: bool) -> Any:
+        def apply(_m: nn.Module, _args: tuple, out: Any) -> Any:
+            y = out[0] if isinstance(out, (tuple, list)) else out
+            r, res, w = state["r"], residual[s], written[s]
+            wide = res is not None and res.shape[0] != res.shape[1]
+            if w is not None:
+                y = y @ w.to(y.dtype)
+            if wide:  # (OPT flattens tokens inside its MLP: shapes follow r's where they meet it)
+                lead = y.shape[:-1]
+                y = y.reshape(*r.shape[:-1], y.shape[-1])
+                collected[:] = [y if not collected else collected[0] + y]
+                new = r.new_zeros(*lead, r.shape[-1])
+            elif first and res is not None:
+                eye = torch.eye(res.shape[0], dtype=r.dtype, device=r.device)
+                new = y + (r @ (res.to(r.dtype) - eye)).reshape(y.shape)
+            else:
+                new = y
+            if last_of_stage and s + 1 < len(stages):
+                if record is not None:
+                    raw = out[0] if isinstance(out, (tuple, list)) else out
+                    record.append(r + raw.reshape(r.shape))
+                state["r"] = r + new.reshape(r.shape)
+            return type(out)([new, *out[1:]]) if isinstance(out, (tuple, list)) else new
+        return apply
 
     with removed_after() as handles:
-        for name in dict.fromkeys(p.module for p in writers_of(arch, index)):
-            handles.append(model.get_submodule(name).register_forward_hook(hook))
-        yield
+        for s, stage in enumerate(stages):
+            for j, path in enumerate(stage.outputs):
+                handles.append(layer.get_submodule(path).register_forward_hook(
+                    hook(s, j == 0, j == len(stage.outputs) - 1)))
+        yield collected
 
 
 __all__ = [
-    "NormSite", "Port", "ResidualPlan", "StreamPort", "norm_kind", "projected_writes", "residual_plan", "stream_ports",
-    "writers_of",
+    "NormSite", "Port", "ResidualPlan", "Stage", "StreamPort", "layer_stages", "norm_kind",
+    "residual_plan", "stage_shortcuts", "stream_ports", "writers_of",
 ]

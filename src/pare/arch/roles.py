@@ -44,6 +44,14 @@ class AttentionRoles:
 
     Either ``q``/``k``/``v`` or ``qkv`` (fused, with ``qkv_layout``) is set. ``o`` is the output
     projection. Counts are those of this layer.
+
+    Per-head state a head cut must follow: ``gate`` is an output gate projection with one
+    ``head_dim`` block per query head (AFMoE's ``gate_proj``: ``out * sigmoid(gate(x))``);
+    ``q_gate`` says ``q`` stores ``[q_h; gate_h]`` per head (Qwen3-Next, ``2 * heads * head_dim``
+    rows); ``sinks`` names a parameter of the attention block with one entry per query head
+    (gpt-oss' attention sinks); ``q_norm``/``k_norm`` act per head_dim, or over the whole
+    projection (OLMo 2). ``unknown`` lists other projections in the block, which make head cuts
+    refused: pare does not know how they are laid out per head.
     """
 
     path: str
@@ -58,13 +66,17 @@ class AttentionRoles:
     qkv_layout: QkvLayout = "concat"
     q_norm: str | None = None
     k_norm: str | None = None
+    gate: Proj | None = None
+    q_gate: bool = False
+    sinks: str | None = None
+    unknown: tuple[str, ...] = ()
 
     @property
     def inputs(self) -> tuple[Proj, ...]:
         """Projections that read the block's input (hidden size on their input side)."""
         if self.qkv is not None:
             return (self.qkv,)
-        return tuple(p for p in (self.q, self.k, self.v) if p is not None)
+        return tuple(p for p in (self.q, self.k, self.v, self.gate) if p is not None)
 
     @property
     def group_size(self) -> int:

@@ -170,7 +170,7 @@ def capture(
     """
     try:
         return _capture(model, arch, batches, device, store, run_layers=False)
-    except (ValueError, TypeError):
+    except (ValueError, TypeError, IndexError):  # IndexError: MVP / TrOCR index a layer's output tuple
         log.debug("capture with stand-in outputs failed; running the layers", exc_info=True)
         return _capture(model, arch, batches, device, store, run_layers=True)
 

@@ -174,3 +174,94 @@ def measure_speed(
     logger.info("speed: prefill %.1f tok/s, decode %.1f tok/s on %s",
                 result.prefill_tokens_per_s, result.decode_tokens_per_s, result.device)
     return result
+
+
+@dataclass(frozen=True)
+class PairedSpeed:
+    """Throughput of a model relative to a reference, both timed in the same rounds of one process.
+
+    On a machine shared with other work, two speeds measured minutes apart differ by more than most
+    cuts change them; timing the two models alternately and taking the median of the per-round ratios
+    cancels the load both saw.
+
+    Attributes:
+        prefill_ratio / decode_ratio: median over rounds of model / reference tokens per second.
+        prefill_ratio_iqr / decode_ratio_iqr: the ratios' interquartile range ``(q1, q3)``.
+        prefill_tokens_per_s / decode_tokens_per_s: the model's median tokens per second.
+        reference_prefill_tokens_per_s / reference_decode_tokens_per_s: the reference's medians.
+        rounds: timed rounds (each times both models once).
+        prompt_len / new_tokens / batch_size: as in :func:`measure_speed`.
+    """
+
+    prefill_ratio: float
+    decode_ratio: float
+    prefill_ratio_iqr: tuple[float, float]
+    decode_ratio_iqr: tuple[float, float]
+    prefill_tokens_per_s: float
+    decode_tokens_per_s: float
+    reference_prefill_tokens_per_s: float
+    reference_decode_tokens_per_s: float
+    rounds: int
+    prompt_len: int
+    new_tokens: int
+    batch_size: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _quartiles(values: list[float]) -> tuple[float, float]:
+    if len(values) < 2:
+        return values[0], values[0]
+    q = statistics.quantiles(values, n=4, method="inclusive")
+    return q[0], q[2]
+
+
+def compare_speed(
+    model: nn.Module,
+    reference: nn.Module,
+    rounds: int = 7,
+    prompt_len: int = 128,
+    new_tokens: int = 32,
+    batch_size: int = 1,
+) -> PairedSpeed:
+    """Prefill and decode throughput of ``model`` as a ratio to ``reference`` (e.g. the dense model).
+
+    One untimed warm-up each, then ``rounds`` rounds that each time both models once on the same
+    prompt (:func:`measure_speed` with ``repeats=1``); which one goes first swaps every round, so
+    neither always runs on caches the other warmed.
+
+    Raises:
+        ConfigError: ``rounds`` below 1, or what :func:`measure_speed` refuses.
+    """
+    if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
+        raise ConfigError(f"rounds must be an integer >= 1, got {rounds!r}")
+
+    def once(m: nn.Module) -> SpeedResult:
+        return measure_speed(m, prompt_len=prompt_len, new_tokens=new_tokens, batch_size=batch_size, repeats=1,
+                             warmup=0)
+
+    for m in (reference, model):
+        once(m)
+    got: dict[str, list[SpeedResult]] = {"model": [], "reference": []}
+    for i in range(rounds):
+        pair = [("reference", reference), ("model", model)]
+        for key, m in pair if i % 2 == 0 else pair[::-1]:
+            got[key].append(once(m))
+    pairs = list(zip(got["model"], got["reference"], strict=True))
+    prefill = [m.prefill_tokens_per_s / r.prefill_tokens_per_s for m, r in pairs]
+    decode = [m.decode_tokens_per_s / r.decode_tokens_per_s for m, r in pairs]
+    return PairedSpeed(
+        prefill_ratio=statistics.median(prefill),
+        decode_ratio=statistics.median(decode),
+        prefill_ratio_iqr=_quartiles(prefill),
+        decode_ratio_iqr=_quartiles(decode),
+        prefill_tokens_per_s=statistics.median(s.prefill_tokens_per_s for s in got["model"]),
+        decode_tokens_per_s=statistics.median(s.decode_tokens_per_s for s in got["model"]),
+        reference_prefill_tokens_per_s=statistics.median(s.prefill_tokens_per_s for s in got["reference"]),
+        reference_decode_tokens_per_s=statistics.median(s.decode_tokens_per_s for s in got["reference"]),
+        rounds=rounds,
+        prompt_len=prompt_len,
+        new_tokens=new_tokens,
+        batch_size=batch_size,
+    )

@@ -145,7 +145,9 @@ def _experts(edit: dict[str, Any], where: str, sizes: _Sizes, n: int | None) -> 
 
 def _residual_shortcuts(edit: dict[str, Any], where: str, sizes: _Sizes, n: int | None) -> int | None:
     _index_list(edit, "layers", where, n if n is not None else 1 << 30)
-    _int(edit, "width", where, 1, sizes.hidden)
+    width = _int(edit, "width", where, 1, sizes.hidden)
+    if edit.get("head_width") is not None:
+        _int(edit, "head_width", where, width, 1 << 20)
     return n
 
 

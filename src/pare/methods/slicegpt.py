@@ -15,17 +15,16 @@ Ashkboos et al., 2024, "SliceGPT: Compress Large Language Models by Deleting Row
 
 ``rotation="shared"`` uses one ``Q`` for every layer (the sum of the layers' moments, each token
 scaled to unit length by default): the result is an ordinary model of a smaller ``hidden_size`` that
-plain ``AutoModelForCausalLM.from_pretrained`` loads. ``rotation="per-layer"`` is the paper's
-variant with one basis per decoder layer (the paper has one per attention and one per MLP block):
-layer ``l``'s readers and writers work in ``Q_(l+1)``, the PCA basis of the layer's input *and output*
-(trace-normalised moments summed), so what the layer writes into the stream is kept (a basis taken
-from the layer's input alone slices away every direction the layer adds: on SmolLM2 that collapsed
-the model); the PCA is taken as
-in the paper's sequential pass, on the signals of the already sliced layers. The layer's input is
-carried from the previous basis by the shortcut ``Q_l^T Q_(l+1)``; the first layer's is folded into the
-embeddings (``Q_0 = Q_1``). The other shortcuts sit on the residual path inside transformers' layer
-``forward``, where no weight can absorb them: a wrapper applies them, and ``pare.save`` stores them
-with the weights (edit ``residual_shortcuts``) for ``pare.load``.
+plain ``AutoModelForCausalLM.from_pretrained`` loads. ``rotation="per-layer"`` is the paper's own
+scheme (the reference code's ``rotate_and_slice_sequential``): a basis per residual addition (the
+embeddings' from the first layer's input, then one after attention and one after the MLP of every
+layer; one per parallel layer), each the PCA basis (raw moments by default, as the paper) of the stream
+right after that addition, computed on the already sliced signals. Every block reads the stream in
+the basis it was written in and writes in its own; the residual passes ``Q_in^T Q_out`` at each
+addition. These shortcuts sit inside transformers' layer ``forward``, where no weight can absorb them:
+a wrapper applies them (hooks on the blocks' outputs, attached per call), and ``pare.save`` stores
+them with the weights (edit ``residual_shortcuts``) for ``pare.load``. ``slice_head=False`` (the
+reference's default) keeps the last addition, the final norm and the head at the full hidden size.
 
 Norms over ``k`` channels divide by ``sqrt(k)`` where the original divided by ``sqrt(H)``: every
 reader is multiplied by ``sqrt(H / k)`` (the reference code keeps ``H`` in its own norm class).
@@ -41,14 +40,17 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from pare.arch.residual import ResidualPlan, projected_writes, residual_plan
+from pare.arch.residual import ResidualPlan, Stage, layer_stages, residual_plan, stage_shortcuts
 from pare.arch.roles import ModelArch
 from pare.arch.surgery.rotation import (
-    add_shortcuts,
+    add_stage_shortcuts,
     check_fusable,
     final_weight_stays,
     fuse_norms,
+    head_tensors,
     reader_scale,
+    restore_head,
+    rotate_stages,
     rotate_stream,
     scale_readers,
     untie_head,
@@ -83,7 +85,10 @@ class SliceGPTConfig(PruneConfig):
         round_to: the kept hidden size is a multiple of this (rounded down, further down where the
             config's head count needs it).
         damp: added to the moment's diagonal, times its mean, before the eigendecomposition.
-        unit_tokens: scale every token of the stream to unit length before gathering moments.
+        unit_tokens: scale every token of the stream to unit length before gathering moments (None: yes
+            for ``shared``, no for ``per-layer``, whose default follows the paper's raw moments).
+        slice_head: ``per-layer`` only: slice the last layer's output, the final norm and the head too
+            (False: they keep the full hidden size, as the reference code's default ``do_slice_head=False``).
     """
 
     method: ClassVar[str] = "slicegpt"
@@ -92,7 +97,9 @@ class SliceGPTConfig(PruneConfig):
     rotation: str = help_field("shared", "shared (one rotation, plain from_pretrained) | per-layer (pare.load)")
     round_to: int = help_field(8, "kept hidden size is a multiple of this")
     damp: float = help_field(0.01, "relative diagonal damping of the moment before the eigendecomposition")
-    unit_tokens: bool = help_field(True, "weigh every token equally (scale it to unit length) in the moments")
+    unit_tokens: bool | None = help_field(
+        None, "weigh every token equally (unit length) in the moments (default: shared yes, per-layer no)")
+    slice_head: bool = help_field(True, "per-layer: slice the last layer's output and the head too")
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -122,6 +129,11 @@ class SliceGPTPruner(StructuralPruner):
                                   "the config cannot describe a sliced hidden size with the same heads; only "
                                   "slicing=0 (a pure rotation) applies to this family")
             self.kept(model, arch, plan)
+            last = layer_stages(arch, arch.num_layers - 1)[-1]
+            if self.config.rotation == "per-layer" and not self.config.slice_head and any(
+                    p.kind == "experts" for p in last.writers):
+                raise ConfigError("slice_head=False keeps the last layer's writers at the full hidden size, which "
+                                  "fused MoE experts cannot do here; use slice_head=True")
 
     def kept(self, model: nn.Module, arch: ModelArch, plan: ResidualPlan) -> int:
         """The kept hidden size: ``(1 - slicing) H`` rounded down to ``round_to`` (and to the expert
@@ -152,43 +164,57 @@ class SliceGPTPruner(StructuralPruner):
         embed: Any = model.get_submodule(arch.embed_path)
         hidden = int(embed.weight.shape[1])
         k = self.kept(model, arch, plan)
+        per_layer = cfg.rotation == "per-layer"
+        wide_head = per_layer and not cfg.slice_head and k < hidden
+        stages = {i: layer_stages(arch, i) for i in range(arch.num_layers)}
         was_tied = arch.tied
-        keep_final = final_weight_stays(model, plan, was_tied)
+        keep_final = final_weight_stays(model, plan, was_tied) and not wide_head
         if was_tied and not keep_final:
             untie_head(model, arch.lm_head_path, arch.embed_path)
-            ctx.report.notes.append(
-                "the head was tied to the embeddings; the final norm's weight differs per channel, so it was folded "
-                f"into an untied copy of the head (+{embed.weight.shape[0] * k:,} parameters after slicing)")
+            why = ("the head keeps the full hidden size (slice_head=False)" if wide_head else
+                   "the final norm's weight differs per channel, so it was folded into an untied copy of the head")
+            ctx.report.notes.append(f"the head was tied to the embeddings; {why} "
+                                    f"(+{embed.weight.shape[0] * (hidden if wide_head else k):,} parameters)")
         fuse_norms(model, plan, keep_final)
         zero_mean = any(s.kind == "layernorm" for s in plan.sites)
-        if cfg.rotation == "shared":
-            bases, energy = self._shared_bases(self._moments(ctx), k, zero_mean)
+        head_width = hidden if wide_head else k
+        if per_layer:
+            bases, energy = self._stage_bases(ctx, stages, k, head_width, zero_mean)
+            rotate_stages(model, plan, stages, bases)
         else:
-            bases, energy = self._sequential_bases(ctx, k, zero_mean)
-        rotate_stream(model, plan, bases)
+            bases, energy = self._shared_bases(self._moments(ctx), k, zero_mean)
+            rotate_stream(model, plan, bases)
         if k < hidden:
+            saved = head_tensors(model, stages[arch.num_layers - 1][-1].writers, plan.sites[-1].norm,
+                                 arch.lm_head_path) if wide_head else []
             arch = ctx.describe()
             pin_derived_widths(model, arch)
             ctx.report.edits.append(prune_hidden(model, arch, torch.arange(k)))
-            scale_readers(model, plan, reader_scale(hidden, k), keep_final)
+            scale_readers(model, plan, reader_scale(hidden, k), keep_final, head=not wide_head)
+            restore_head(model, saved)
         ctx.report.uniform = sync_config(model, ctx.describe())
-        if cfg.rotation == "per-layer":
-            edit = add_shortcuts(arch.layer_modules(model), bases, k)
+        if per_layer:
+            edit = add_stage_shortcuts(arch.layer_modules(model), stages, bases, k, head_width)
             ctx.report.edits.append(edit)
             ctx.report.uniform = False
             ctx.report.notes.append(
-                f"rotation=per-layer: the inputs of {len(edit.layers)} layers pass a shortcut matrix Q_l^T Q_(l+1) "
-                "(a wrapper around the layer); the saved model loads with pare.load, not plain from_pretrained")
+                f"rotation=per-layer: each residual addition of {len(edit.layers)} layers passes a shortcut matrix "
+                "Q_in^T Q_out (a wrapper around the layer); the saved model loads with pare.load, not plain "
+                "from_pretrained")
         ctx.report.scores["slicegpt"] = {
             "hidden_before": hidden, "hidden_after": k, "rotation": cfg.rotation,
-            "head_tied": bool(was_tied and keep_final),
+            "head_tied": bool(was_tied and keep_final), "head_width": head_width,
             "kept_energy": energy,
         }
+
+    def _unit_tokens(self) -> bool:
+        u = self.config.unit_tokens
+        return self.config.rotation == "shared" if u is None else u
 
     def _moments(self, ctx: PruneContext) -> list[torch.Tensor]:
         """``sum_t x_t x_t^T`` (fp64) of the stream entering each layer, and entering the final norm."""
         runner = ctx.runner(sequential=True)
-        unit = self.config.unit_tokens
+        unit = self._unit_tokens()
         moments: list[torch.Tensor] = []
         for step in runner.steps():
             moments.append(sum(rot.second_moment(x, unit) for x in step.inputs))  # type: ignore[arg-type]
@@ -211,35 +237,56 @@ class SliceGPTPruner(StructuralPruner):
         energy = [_kept_energy(q, m, k) for m in moments]
         return [q] * len(moments), energy
 
-    def _sequential_bases(self, ctx: PruneContext, k: int, zero_mean: bool) -> tuple[list[torch.Tensor], list[float]]:
-        """SliceGPT's per-layer bases, computed as the paper does on the signals of the already sliced
-        layers: layer ``l`` works in ``bases[l + 1]``, the PCA basis of its input and its output together
-        (trace-normalised moments summed), so what it writes into the stream is kept as well as what it
-        reads; the PCA is taken on the previous layers' sliced stream and the output this gives.
-        Slicing is simulated in the original coordinates (input and writes projected onto the kept
-        directions), which is exactly what the rotated, sliced layer computes.
-        ``bases[0]`` (the embeddings) is ``bases[1]``: the first layer needs no shortcut."""
+    def _stage_bases(self, ctx: PruneContext, stages: dict[int, list[Stage]], k: int, head_width: int,
+                     zero_mean: bool) -> tuple[list[torch.Tensor], list[float]]:
+        """SliceGPT's sequential per-stage bases (``rotate_and_slice_sequential`` of the reference code):
+        the embeddings' basis from the first layer's input; then, for each residual addition in order,
+        the PCA basis of the stream right after it, computed on the already sliced signals (every earlier
+        stage's residual and writes projected onto its kept directions, which is what the rotated,
+        sliced model computes, in the original coordinates). Returns the bases (``[H, H]``, the first
+        ``k`` columns kept; ``head_width`` for the last) and each one's kept energy."""
         runner = ctx.runner(sequential=True)
-        unit = self.config.unit_tokens
+        unit = self._unit_tokens()
         bases: list[torch.Tensor] = []
         energy: list[float] = []
-        for step in runner.steps():
-            outs = step.run(keep_outputs=True) or []
-            m_in = sum(rot.second_moment(x, unit) for x in step.inputs)
-            m_out = sum(rot.second_moment(y, unit) for y in outs)
-            assert isinstance(m_in, torch.Tensor) and isinstance(m_out, torch.Tensor)
-            # the basis serves the layer's reads (its input) and its writes (its output), equally weighted
-            moment = m_in / m_in.trace().clamp_min(1e-30) + m_out / m_out.trace().clamp_min(1e-30)
-            q = self._basis(moment, k, zero_mean)
+
+        def add(moment: torch.Tensor, width: int) -> torch.Tensor | None:
+            q = self._basis(moment, width, zero_mean)
             bases.append(q)
-            energy.append(_kept_energy(q, moment, k))
-            p = q[:, :k]
-            proj = (p @ p.T).to(step.device)
-            with torch.no_grad(), projected_writes(ctx.model, ctx.arch, step.index, proj):
-                step.dense_outputs = [
-                    step.forward_batch(b, step.inputs[b].to(step.device) @ proj.to(step.inputs[b].dtype))
-                    .detach().to(step.inputs[b].device) for b in range(len(step.inputs))]
-        return [bases[0], *bases], energy
+            energy.append(_kept_energy(q, moment, width))
+            return None if width == q.shape[0] else q[:, :width] @ q[:, :width].T
+
+        last = max(stages)
+        for step in runner.steps():
+            if not bases:
+                p0 = add(sum(rot.second_moment(x, unit) for x in step.inputs), k)  # type: ignore[arg-type]
+                if p0 is not None:
+                    step.inputs[:] = [x @ p0.to(x.device, x.dtype) for x in step.inputs]
+            mine = stages[step.index]
+            projs: list[torch.Tensor | None] = [None] * len(mine)
+            for s in range(len(mine)):
+                width = head_width if step.index == last and s == len(mine) - 1 else k
+                seen = self._stage_signals(step, mine, projs, s)
+                projs[s] = add(sum(rot.second_moment(x, unit) for x in seen), width)  # type: ignore[arg-type]
+                if s == len(mine) - 1:
+                    p = projs[s]
+                    step.dense_outputs = seen if p is None else [y @ p.to(y.device, y.dtype) for y in seen]
+        return bases, energy
+
+    @torch.no_grad()
+    def _stage_signals(self, step: Any, stages: list[Stage], projs: list[torch.Tensor | None],
+                       s: int) -> list[torch.Tensor]:
+        """Per batch, the stream right after stage ``s`` of ``step``'s layer (not yet projected), with the
+        earlier stages' residual and writes projected by ``projs``."""
+        out = []
+        for b in range(len(step.inputs)):
+            x = step.inputs[b].to(step.device)
+            mats = [None if p is None else p.to(step.device) for p in projs]
+            record: list[torch.Tensor] = []
+            with stage_shortcuts(step.layer, stages, mats, mats, x, record):
+                y = step.forward_batch(b, x)
+            out.append((y if s == len(stages) - 1 else record[s]).detach().to(step.inputs[b].device))
+        return out
 
 
 def _kept_energy(q: torch.Tensor, moment: torch.Tensor, k: int) -> float:

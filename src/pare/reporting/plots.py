@@ -136,27 +136,49 @@ def compression_curve(runs: list[Run]) -> Plot | None:
                 "compression-curve")
 
 
+def speed_values(runs: list[Run], key: str) -> tuple[list[str], list[float], float | None, bool] | None:
+    """Bars of ``key`` (``prefill_tokens_per_s`` or ``decode_tokens_per_s``): names, values, the dense line
+    and whether the values are ratios. When every run that has the figure also has its own "before" (the
+    dense model measured beside it), each bar is after / before and the line is 1: runs measured at
+    different times, under different loads, then compare. Otherwise tokens/s, with the first dense figure
+    as the line. None when no run has the figure."""
+    measured = [r for r in runs if isinstance(r.after(key), (int, float))]
+    if not measured:
+        return None
+    if all(isinstance(r.before(key), (int, float)) and r.before(key) > 0 for r in measured):
+        return ["dense"] + [r.name for r in runs], [1.0] + [
+            r.after(key) / r.before(key) if isinstance(r.after(key), (int, float)) else 0.0 for r in runs], 1.0, True
+    dense = next((r.before(key) for r in runs if isinstance(r.before(key), (int, float))), None)
+    names = (["dense"] if dense is not None else []) + [r.name for r in runs]
+    values = ([dense] if dense is not None else []) + [r.after(key) or 0.0 for r in runs]
+    return names, values, dense, False
+
+
 def speed_plot(runs: list[Run]) -> Plot | None:
-    """Prefill and decode tokens/s of each run (and the dense model) as bars."""
-    kinds = [("prefill_tokens_per_s", "prefill tokens/s"), ("decode_tokens_per_s", "decode tokens/s")]
-    have = [k for k in kinds if any(isinstance(r.after(k[0]), (int, float)) for r in runs)]
+    """Prefill and decode speed of each run as bars: a ratio to the dense model measured beside it where
+    every run has one (:func:`speed_values`), else tokens/s."""
+    kinds = [("prefill_tokens_per_s", "prefill"), ("decode_tokens_per_s", "decode")]
+    have = [(k, label, v) for k, label in kinds if (v := speed_values(runs, k)) is not None]
     if not have:
         return None
     fig, axes = _figure(len(have), 4.8, max(2.6, 0.32 * (len(runs) + 1) + 1.2))
-    for ax, (key, label) in zip(axes, have, strict=True):
-        dense = next((r.before(key) for r in runs if isinstance(r.before(key), (int, float))), None)
-        names = (["dense"] if dense is not None else []) + [r.name for r in runs]
-        values = ([dense] if dense is not None else []) + [r.after(key) or 0.0 for r in runs]
-        colors = ([DENSE] if dense is not None else []) + [PALETTE[i % len(PALETTE)] for i in range(len(runs))]
+    ratios = all(v[3] for _, _, v in have)
+    for ax, (_, label, (names, values, dense, ratio)) in zip(axes, have, strict=True):
+        has_dense = names[0] == "dense"
+        colors = ([DENSE] if has_dense else []) + [PALETTE[i % len(PALETTE)] for i in range(len(runs))]
         ax.barh(range(len(names)), values, color=colors)
         ax.set_yticks(range(len(names)), names, fontsize=8)
         ax.invert_yaxis()
-        ax.set_xlabel(label)
+        ax.set_xlabel(f"{label} \u00d7 dense" if ratio else f"{label} tokens/s")
         _plain_axis(ax.xaxis)
         if dense:
             ax.axvline(dense, color=DENSE, linewidth=0.8, linestyle="--")
-    return Plot("Speed", "Prefill and decode tokens per second on the measuring machine (the dashed line is "
-                "the dense model).", _png(fig), "speed")
+    caption = ("Prefill and decode tokens per second of each run as a ratio to the dense model's, measured "
+               "beside it (the dashed line is dense, 1): runs timed at different moments compare."
+               if ratios else
+               "Prefill and decode tokens per second on the measuring machine (the dashed line is the dense "
+               "model; runs timed at different moments are only as comparable as the machine's load was steady).")
+    return Plot("Speed", caption, _png(fig), "speed")
 
 
 # --------------------------------------------------------------------------- per run

@@ -146,12 +146,17 @@ class Experts(LayerEdit):
 
 @dataclass(frozen=True)
 class ResidualShortcuts(Edit):
-    """Decoder layers ``layers`` are wrapped so that their input first passes a ``[width, width]``
-    shortcut matrix (SliceGPT's per-layer rotation); the matrices are saved with the weights."""
+    """Decoder layers ``layers`` are wrapped so that each residual addition (each stage: attention, MLP;
+    one for a parallel layer) passes a shortcut matrix ``Q_in^T Q_out`` (SliceGPT's per-layer rotation);
+    the matrices are saved with the weights. Every stage writes ``width`` channels except the last
+    stage of the last layer, which writes ``head_width`` (the hidden size before slicing when the head
+    is not sliced: that stage's writers, the final norm and the head keep it)."""
 
     op: ClassVar[str] = "residual_shortcuts"
+    optional: ClassVar[frozenset[str]] = frozenset({"head_width"})
     layers: tuple[int, ...]
     width: int
+    head_width: int | None = None  # None: width (the head is sliced as everything else)
 
 
 EDIT_TYPES: dict[str, type[Edit]] = {

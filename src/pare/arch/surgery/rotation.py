@@ -13,9 +13,11 @@ writer, embedding and norm.
   number for every channel (folding it into the head would change the embedding too).
 - :func:`rotate_stream`: the embeddings rotated by ``Q_0``, the readers and writers of layer ``l`` by
   ``Q_(l+1)``; the head and the final norm's bias by the last ``Q``.
-- :class:`ResidualShortcut`: the per-layer variant's ``Q_l^T Q_(l+1)`` on a layer's input (the
-  residual additions sit inside transformers' layer forward, so the shortcut cannot be folded into any
-  weight except at the first layer, whose input is the embeddings: there ``Q_0 = Q_1``).
+- :func:`rotate_stages` and :class:`StageShortcuts`: the per-layer variant (SliceGPT's own scheme), a
+  basis per residual addition; the residual passes ``Q_in^T Q_out`` at each addition (they sit inside
+  transformers' layer forward, so no weight can absorb them: a wrapper applies them with hooks on the
+  blocks' outputs). :func:`head_tensors` / :func:`restore_head` keep the last stage, the final norm and
+  the head at the full hidden size when the head is not sliced.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from pare.arch.residual import NormSite, Port, ResidualPlan
+from pare.arch.residual import NormSite, Port, ResidualPlan, Stage, layer_stages, stage_shortcuts
 from pare.arch.surgery.edits import Edit, ResidualShortcuts
 from pare.arch.wrapper import LayerWrapper
 from pare.errors import ConfigError
@@ -172,11 +174,14 @@ def rotate_stream(model: nn.Module, plan: ResidualPlan, bases: Sequence[torch.Te
                 b.copy_(rot.rotate_rows(b, q))
 
 
-def scale_readers(model: nn.Module, plan: ResidualPlan, factor: float, keep_final_weight: bool) -> None:
+def scale_readers(model: nn.Module, plan: ResidualPlan, factor: float, keep_final_weight: bool,
+                  head: bool = True) -> None:
     """Multiply every reader by ``factor`` (``sqrt(H / k)``: a norm over ``k`` channels divides by
     ``sqrt(k)`` where the original divided by ``sqrt(H)``); a final norm that kept its weight takes
-    the factor itself."""
+    the factor itself; ``head=False``: the final norm and head keep the full width, so no factor."""
     for site in plan.sites:
+        if site.layer is None and not head:
+            continue
         if site.layer is None and keep_final_weight:
             w, _ = _norm_params(model, site)
             w.mul_(factor)
@@ -185,41 +190,128 @@ def scale_readers(model: nn.Module, plan: ResidualPlan, factor: float, keep_fina
             reader_weight(model, port).mul_(factor)
 
 
-class ResidualShortcut(LayerWrapper):
-    """A decoder layer whose hidden-state input first passes ``x <- x @ S`` (``S: [k, k]``, SliceGPT's
-    shortcut ``B_l^T B_(l+1)`` from the previous layer's basis into this layer's). The wrapped layer's
-    ``forward`` runs unchanged, so the residual path and every reader see the same rotated input."""
+def rotate_stages(model: nn.Module, plan: ResidualPlan, stages: dict[int, list[Stage]],
+                  bases: Sequence[torch.Tensor]) -> None:
+    """SliceGPT's per-stage rotation with orthogonal ``[H, H]`` matrices: ``bases[0]`` for the embeddings,
+    then one per stage (:func:`~pare.arch.residual.layer_stages`) in model order: a stage's readers read
+    in the basis before it, its writers write in its own; the head (and the final norm's bias) read in
+    the last. The residual paths need :class:`StageShortcuts` unless consecutive bases are equal."""
+    for name in plan.embeddings:
+        emb: Any = model.get_submodule(name)
+        emb.weight.data.copy_(rot.rotate_rows(emb.weight.data, bases[0]))
+    j = 0
+    for i in sorted(stages):
+        for stage in stages[i]:
+            q_in, q_out = bases[j], bases[j + 1]
+            for site in plan.sites:
+                if site.layer == i and site.norm_blocks & set(stage.blocks):
+                    for port in site.readers:
+                        view = reader_weight(model, port)
+                        view.copy_(rot.rotate_input(view, q_in))
+            for port in stage.writers:
+                w = writer_weight(model, port)
+                w.copy_(rot.rotate_output(w, q_out))
+                b = port_bias(model, port)
+                if b is not None:
+                    b.copy_(rot.rotate_rows(b, q_out))
+            j += 1
+    final = plan.sites[-1]
+    for port in final.readers:
+        view = reader_weight(model, port)
+        view.copy_(rot.rotate_input(view, bases[-1]))
+    _, b = _norm_params(model, final)
+    if b is not None:
+        b.copy_(rot.rotate_rows(b, bases[-1]))
 
-    def __init__(self, inner: nn.Module, shortcut: torch.Tensor) -> None:
+
+class StageShortcuts(LayerWrapper):
+    """A decoder layer whose residual additions pass SliceGPT's shortcuts: at stage ``s`` (attention,
+    MLP) the stream ``r`` becomes ``r S_s + (the stage's outputs)`` with ``S_s = B_in^T B_out``
+    (buffer ``shortcut_s``, ``[k, k]``; ``[k, H]`` for a last stage that widens into an unsliced head).
+    The wrapped layer's ``forward`` runs unchanged; hooks on the stage's output modules, attached for
+    the call only, turn its ``r + y`` into ``r S_s + y`` (:func:`~pare.arch.residual.stage_shortcuts`)."""
+
+    def __init__(self, inner: nn.Module, stages: Sequence[Stage], shortcuts: Sequence[torch.Tensor]) -> None:
         super().__init__(inner)
-        self.register_buffer("shortcut", shortcut)
+        self.stages = list(stages)
+        for s, m in enumerate(shortcuts):
+            self.register_buffer(f"shortcut_{s}", m)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        s = self.shortcut
-        if args:
-            args = (args[0] @ s.to(args[0].dtype), *args[1:])
-        else:
-            kwargs["hidden_states"] = kwargs["hidden_states"] @ s.to(kwargs["hidden_states"].dtype)
-        return self.inner(*args, **kwargs)
+        x = args[0] if args else kwargs["hidden_states"]
+        mats: list[torch.Tensor | None] = [getattr(self, f"shortcut_{s}") for s in range(len(self.stages))]
+        with stage_shortcuts(self.inner, self.stages, mats, [None] * len(mats), x) as wide:
+            out = self.inner(*args, **kwargs)
+        if not wide:
+            return out
+        last = mats[-1]
+        assert last is not None
+        y = out[0] if isinstance(out, (tuple, list)) else out
+        y = y @ last.to(y.dtype) + wide[0]
+        return type(out)([y, *out[1:]]) if isinstance(out, (tuple, list)) else y
 
 
-def add_shortcuts(layers: nn.ModuleList, bases: Sequence[torch.Tensor], k: int) -> ResidualShortcuts:
-    """Wrap layer ``l`` in a :class:`ResidualShortcut` with ``S_l = B_l^T B_(l+1)`` (``B = Q[:, :k]``)
-    wherever the two bases differ (``bases`` as in :func:`rotate_stream`).
+def add_stage_shortcuts(layers: nn.ModuleList, stages: dict[int, list[Stage]], bases: Sequence[torch.Tensor],
+                        k: int, head_width: int) -> ResidualShortcuts:
+    """Wrap every layer in :class:`StageShortcuts` with ``S = B_in^T B_out`` per stage (``B = Q[:, :k]``;
+    the last stage of the last layer keeps ``head_width`` columns), ``bases`` as in :func:`rotate_stages`.
 
     Returns:
         The edit: ``pare.load`` wraps the same layers before loading the weights (the shortcuts are
         saved with them).
     """
-    wrapped = []
-    for i in range(len(layers)):
-        if bases[i] is bases[i + 1] or torch.equal(bases[i], bases[i + 1]):
-            continue
-        b0, b1 = bases[i][:, :k], bases[i + 1][:, :k]
+    j, last = 0, max(stages)
+    for i in sorted(stages):
+        mats = []
+        for s in range(len(stages[i])):
+            width = head_width if i == last and s == len(stages[i]) - 1 else k
+            mats.append(bases[j][:, :k].T @ bases[j + 1][:, :width])
+            j += 1
         ref = next(layers[i].parameters())
-        layers[i] = ResidualShortcut(layers[i], (b0.T @ b1).to(ref.device, ref.dtype))
-        wrapped.append(i)
-    return ResidualShortcuts(layers=tuple(wrapped), width=k)
+        layers[i] = StageShortcuts(layers[i], stages[i], [m.to(ref.device, ref.dtype) for m in mats])
+    return ResidualShortcuts(layers=tuple(sorted(stages)), width=k, head_width=None if head_width == k else head_width)
+
+
+def _widen(module: Any, name: str, dim: int, width: int, value: torch.Tensor | None = None) -> None:
+    """Give ``module.name`` size ``width`` along ``dim`` (``value`` when given, else uninitialised)."""
+    old = getattr(module, name)
+    shape = list(old.shape)
+    shape[dim] = width
+    data = value if value is not None else torch.empty(shape, dtype=old.dtype, device=old.device)
+    setattr(module, name, nn.Parameter(data.to(old.device, old.dtype).contiguous(), requires_grad=old.requires_grad))
+    if isinstance(module, nn.Linear):
+        module.out_features, module.in_features = module.weight.shape
+    elif hasattr(module, "nf") and hasattr(module, "nx"):  # GPT-2 Conv1D, stored [in, out]
+        module.nx, module.nf = module.weight.shape
+    if hasattr(module, "normalized_shape"):
+        module.normalized_shape = (width,)
+
+
+def head_tensors(model: nn.Module, writers: Sequence[Port], final_norm: str,
+                 head: str) -> list[tuple[str, str, int, torch.Tensor]]:
+    """``(module, parameter, dim, tensor)`` of every parameter that keeps the full hidden size when the head
+    is not sliced: the last stage's writers (output side), the final norm, the head (input side)."""
+    out = []
+    for port in writers:
+        if port.kind == "experts":
+            raise ConfigError("an unsliced head needs a last layer without fused experts (slice_head=True works)")
+        mod: Any = model.get_submodule(port.module)
+        out.append((port.module, "weight", 1 if port.kind == "conv1d" else 0, mod.weight.data.clone()))
+        if getattr(mod, "bias", None) is not None:
+            out.append((port.module, "bias", 0, mod.bias.data.clone()))
+    norm: Any = model.get_submodule(final_norm)
+    for name in ("weight", "bias"):
+        if isinstance(getattr(norm, name, None), torch.Tensor):
+            out.append((final_norm, name, 0, getattr(norm, name).data.clone()))
+    lm_head: Any = model.get_submodule(head)
+    out.append((head, "weight", 1, lm_head.weight.data.clone()))
+    return out
+
+
+def restore_head(model: nn.Module, saved: Sequence[tuple[str, str, int, torch.Tensor]]) -> None:
+    """Put back the full-width tensors :func:`head_tensors` took (after the hidden size was cut)."""
+    for module, name, dim, value in saved:
+        _widen(model.get_submodule(module), name, dim, int(value.shape[dim]), value)
 
 
 def _replay_shortcuts(model: nn.Module, edit: ResidualShortcuts, override: Any = None) -> None:
@@ -227,17 +319,30 @@ def _replay_shortcuts(model: nn.Module, edit: ResidualShortcuts, override: Any =
 
     arch = describe(model, override)
     layers = arch.layer_modules(model)
-    k = edit.width
+    k, last = edit.width, arch.num_layers - 1
+    stages = {i: layer_stages(arch, i) for i in edit.layers}
+    wide = edit.head_width or k
+    if wide != k:
+        shapes = [(p.module, n, d) for p in layer_stages(arch, last)[-1].writers
+                  for n, d in (("weight", 1 if p.kind == "conv1d" else 0), ("bias", 0))]
+        shapes += [(arch.final_norm_path or "", "weight", 0), (arch.final_norm_path or "", "bias", 0),
+                   (arch.lm_head_path, "weight", 1)]
+        for module, name, dim in shapes:
+            mod = model.get_submodule(module)
+            if isinstance(getattr(mod, name, None), torch.Tensor):
+                _widen(mod, name, dim, wide)
     for i in edit.layers:
         ref = next(layers[i].parameters())
-        layers[i] = ResidualShortcut(layers[i], torch.zeros(k, k, dtype=ref.dtype, device=ref.device))
+        mats = [torch.zeros(k, wide if i == last and s == len(stages[i]) - 1 else k, dtype=ref.dtype, device=ref.device)
+                for s in range(len(stages[i]))]
+        layers[i] = StageShortcuts(layers[i], stages[i], mats)
 
 
 REPLAY: dict[type[Edit], Callable[[nn.Module, Any, Any], None]] = {ResidualShortcuts: _replay_shortcuts}
 
 
 def has_shortcuts(model: nn.Module) -> bool:
-    return any(isinstance(m, ResidualShortcut) for m in model.modules())
+    return any(isinstance(m, StageShortcuts) for m in model.modules())
 
 
 def reader_scale(hidden: int, kept: int) -> float:
@@ -246,16 +351,19 @@ def reader_scale(hidden: int, kept: int) -> float:
 
 __all__ = [
     "REPLAY",
-    "ResidualShortcut",
-    "add_shortcuts",
+    "StageShortcuts",
+    "add_stage_shortcuts",
     "center_writers",
     "check_fusable",
     "final_weight_stays",
     "fuse_norms",
     "has_shortcuts",
+    "head_tensors",
     "port_bias",
     "reader_scale",
     "reader_weight",
+    "restore_head",
+    "rotate_stages",
     "rotate_stream",
     "scale_readers",
     "untie_head",

@@ -108,15 +108,38 @@ def _sub(layer: nn.Module, proj: Proj | None) -> nn.Module | None:
 
 
 # --------------------------------------------------------------------------- MLP channels
+def _inner_norms(parent: nn.Module, width: int) -> list[nn.Module]:
+    """Norms inside an MLP block that act on its intermediate channels (BitNet's ``ffn_sub_norm``)."""
+    out = []
+    for m in parent.children():
+        weight = getattr(m, "weight", None)
+        if "norm" in type(m).__name__.lower() and isinstance(weight, torch.Tensor) and weight.shape == (width,):
+            out.append(m)
+    return out
+
+
 def _prune_dense_mlp(layer: Any, mlp: MLPRoles, keep: torch.Tensor) -> None:
     down = layer.get_submodule(mlp.down.path)
+    old = down.weight.shape[0] if mlp.down.conv1d else down.weight.shape[1]
+    if mlp.path:  # an MLP directly in the layer shares it with the stream's norms
+        for norm in _inner_norms(layer.get_submodule(mlp.path), int(old)):
+            _slice_norm(norm, keep, 1.0)
     if mlp.gate_up is not None:
         fused = layer.get_submodule(mlp.gate_up.path)
         width = (fused.weight.shape[1] if mlp.gate_up.conv1d else fused.weight.shape[0]) // 2
         slice_out(fused, mlp.gate_up.conv1d, torch.cat([keep, keep + width]))
     for proj in (mlp.gate, mlp.up):
-        if proj is not None:
-            slice_out(layer.get_submodule(proj.path), proj.conv1d, keep)
+        if proj is None:
+            continue
+        module = layer.get_submodule(proj.path)
+        rows = module.weight.shape[1] if proj.conv1d else module.weight.shape[0]
+        if rows == 2 * old:  # fc1 holding [gate; up] halves, split in forward (Moshi's gating MLP)
+            slice_out(module, proj.conv1d, torch.cat([keep, keep + old]))
+        elif rows == old:
+            slice_out(module, proj.conv1d, keep)
+        else:
+            raise ConfigError(f"{proj.path} has {rows} output channels for a down projection reading {old}: "
+                              "pare does not know how they pair, so the MLP width cannot be cut")
     slice_in(down, mlp.down.conv1d, keep)
     parent = layer.get_submodule(mlp.path) if mlp.path else layer
     if hasattr(parent, "intermediate_size"):
@@ -152,6 +175,13 @@ def _prune_experts(layer: Any, roles: LayerRoles, keep: torch.Tensor) -> None:
     gu = getattr(experts, ex.gate_up_param).data  # [E, 2I, H]
     dn = getattr(experts, ex.down_param).data  # [E, H, I]
     n_exp, two_i, hidden = gu.shape
+    if dn.shape[1] != hidden or two_i != 2 * dn.shape[2]:
+        raise ConfigError(
+            f"{ex.path} stores its experts as {ex.gate_up_param} {list(gu.shape)} / {ex.down_param} "
+            f"{list(dn.shape)}, not [experts, 2 x width, hidden] / [experts, hidden, width] (gpt-oss keeps them "
+            "transposed with gate and up interleaved), so pare cannot cut their width; heads, depth and weight "
+            "sparsity of the other linears work"
+        )
     width = two_i // 2
     check_expert_width(int(keep.shape[-1]), gu.dtype)
     if keep.dim() == 1:
@@ -291,8 +321,8 @@ def prune_heads(
 
     GQA stays valid: the KV heads kept are those with a kept query head, and every kept KV group
     must keep the same number of query heads. Separate q/k/v, fused concat qkv (Phi-3, GPT-2
-    ``c_attn``) and per-head interleaved qkv (GPT-NeoX) are handled; q_norm/k_norm act per
-    head_dim and are untouched.
+    ``c_attn``) and per-head interleaved qkv (GPT-NeoX) are handled; so are per-head output gates and
+    sinks, and q/k norms over the whole projection (see :class:`AttentionRoles`).
 
     Returns:
         The :class:`~pare.arch.surgery.edits.Heads` edit.
@@ -328,7 +358,13 @@ def prune_heads(
 
 
 def check_fused_layout(att: AttentionRoles) -> None:
-    """Refuse to cut heads out of a fused q/k/v projection whose row order pare does not know."""
+    """Refuse to cut heads out of a fused q/k/v projection whose row order pare does not know, or out
+    of an attention block holding projections pare has no per-head rule for."""
+    if att.unknown:
+        raise ConfigError(
+            f"the attention block {att.path!r} also holds {list(att.unknown)}, whose per-head layout pare does "
+            "not know, so heads cannot be cut without breaking them; weight sparsity, depth and MLP width work"
+        )
     if att.qkv is not None and att.qkv_layout == "unknown":
         raise ConfigError(
             f"the fused projection {att.qkv.path!r} stacks q/k/v in an order pare has no rule for on this "
@@ -353,10 +389,29 @@ def _slice_attention(layer: Any, att: AttentionRoles, q_heads: torch.Tensor, kv_
         slice_out(fused, att.qkv.conv1d, rows)
     else:
         assert att.q is not None and att.k is not None and att.v is not None
-        slice_out(layer.get_submodule(att.q.path), att.q.conv1d, q_rows)
+        gated_rows = (q_heads[:, None] * 2 * d + torch.arange(2 * d, device=q_heads.device)).flatten()
+        slice_out(layer.get_submodule(att.q.path), att.q.conv1d, gated_rows if att.q_gate else q_rows)
         slice_out(layer.get_submodule(att.k.path), att.k.conv1d, kv_rows)
         slice_out(layer.get_submodule(att.v.path), att.v.conv1d, kv_rows)
     slice_in(layer.get_submodule(att.o.path), att.o.conv1d, q_rows)
+    _slice_per_head_state(layer, att, q_heads, q_rows, kv_rows)
+
+
+def _slice_per_head_state(layer: Any, att: AttentionRoles, q_heads: torch.Tensor, q_rows: torch.Tensor,
+                          kv_rows: torch.Tensor) -> None:
+    """Output gate rows and sinks follow the kept query heads; a q/k norm over the whole projection
+    (OLMo 2) keeps the kept heads' channels (one over head_dim is shared by every head)."""
+    if att.gate is not None:
+        slice_out(layer.get_submodule(att.gate.path), att.gate.conv1d, q_rows)
+    if att.sinks is not None:
+        owner, _, name = att.sinks.rpartition(".")
+        block = layer.get_submodule(owner) if owner else layer
+        _set_param(block, name, getattr(block, name).data[q_heads.to(getattr(block, name).device)])
+    for norm_path, rows, heads in ((att.q_norm, q_rows, att.num_heads), (att.k_norm, kv_rows, att.num_kv_heads)):
+        norm = layer.get_submodule(norm_path) if norm_path else None
+        weight = getattr(norm, "weight", None)
+        if weight is not None and heads > 1 and weight.numel() == heads * att.head_dim:
+            _slice_norm(norm, rows, 1.0)
 
 
 # --------------------------------------------------------------------------- hidden size
@@ -497,6 +552,8 @@ def sync_config(model: nn.Module, arch: ModelArch) -> bool:
             uniform = False  # keep the stated (wider) expert width: pare.load cuts both from it
         elif values and values is shared and f.shared_count:
             pass  # stated by the expert width times the multiplier
+        elif values and values is dense and name and _per_layer(cfg, name, arch, dense):
+            pass  # a per-layer list (Gemma 3n's intermediate_size) states every layer's width
         elif values:
             width = _uniform(values)
             if width is None or not name:
@@ -523,6 +580,16 @@ def sync_config(model: nn.Module, arch: ModelArch) -> bool:
         if f.kv_heads or hasattr(cfg, "num_key_value_heads"):
             _field_set(cfg, f.kv_heads or "num_key_value_heads", kv)
     return uniform
+
+
+def _per_layer(cfg: Any, name: str, arch: ModelArch, widths: list[int]) -> bool:
+    """Write ``widths`` into a per-layer list field (one entry per layer, every layer a dense MLP);
+    False when the field is a single number."""
+    current = getattr(cfg, name, None)
+    if not isinstance(current, list) or len(current) != arch.num_layers or len(widths) != arch.num_layers:
+        return False
+    setattr(cfg, name, list(widths))
+    return True
 
 
 def _shared_follows_experts(cfg: Any, count: str | None, moe: list[int], shared: list[int]) -> bool:

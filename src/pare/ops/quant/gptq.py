@@ -177,7 +177,7 @@ def _nm_joint_mask(Wg: torch.Tensor, Ug: torch.Tensor, cands: torch.Tensor, grid
         loss += err.square()
         if a + 1 < m:
             w[:, a + 1:] -= Ug[a, a + 1:, None] * err[:, None, :]
-    return cands[loss.argmin(0)].t()  # [M, out]
+    return cands.index_select(0, torch.min(loss, 0).indices).t()  # [M, out] (torch.min: argmin(0) is slow on CPU)
 
 
 def _block(Wt: torch.Tensor, U1: torch.Tensor, cols: torch.Tensor, grid: _Grid, Mt: torch.Tensor,
