@@ -40,6 +40,7 @@ from pare.calibration.runner import LayerStep, LayerwiseRunner, on_device
 from pare.calibration.stats import STAT_GRAM, InputStats, SharedInputChanged, record_inputs
 from pare.config import PruneConfig, RuntimeConfig, check_ratio, check_regexes, help_field
 from pare.errors import ConfigError
+from pare.eval.memory import return_freed_memory
 from pare.eval.size import nonzero, nonzero_by_parameter
 from pare.ops.masks import parse_pattern
 from pare.ops.owl import layer_outlier_ratio, owl_sparsities
@@ -564,7 +565,10 @@ class SparsityPruner(Pruner):
             readers[id(st)] -= 1
             st.last_reader = readers[id(st)] == 0
             self.prune_target(t, st, self.target_sparsity(index, t))
+            solved = st.want_gram and st.last_reader
             del st
+            if solved:
+                return_freed_memory()  # an [in, in] solve leaves heap holes the next matrix need not pay for
 
     def end_layers(self, ctx: PruneContext) -> None:
         """After the last layer step: the per-layer summary in the report."""
