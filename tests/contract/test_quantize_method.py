@@ -87,6 +87,33 @@ def test_joint_sparsegpt_keeps_two_of_four_and_quantizes_the_rest(scheme: str, g
     assert q["bits_per_param"] == pytest.approx(0.5 * qs.bits + 0.5 * 2 + (16 / 32 if scheme == "int4" else 8 / 32))
 
 
+@pytest.mark.parametrize("cfg", [
+    pare.SparseGPTConfig(pattern="2:4", quantize="int4", group_size=32),
+    pare.SparseGPTConfig(pattern="2:4", quantize="int4", group_size=32, joint="interleaved"),
+    pare.SparseGPTConfig(pattern="2:4"),
+    pare.SparseGPTConfig(sparsity=0.5, quantize="int4", group_size=32),
+    pare.SparseGPTConfig(sparsity=0.5),
+], ids=["joint", "interleaved", "2:4", "50%+int4", "50%"])
+def test_sparsegpt_stacks_matrices_sharing_an_input_with_the_results_of_one_at_a_time(monkeypatch, cfg) -> None:
+    """q/k/v and gate/up are solved as one row-stacked matrix (rows are independent with per-row and
+    N:M masks): same weights and per-matrix losses as solving each matrix alone."""
+    from pare.methods.sparsegpt import SparseGPTPruner
+
+    stacked = tiny_model("llama")
+    r1 = pare.prune(stacked, cfg, tiny_batch(4, 32), runtime=QUIET)
+    calls = []
+    monkeypatch.setattr(SparseGPTPruner, "_stackable", lambda self, targets, stats: calls.append(1) and False)
+    alone = tiny_model("llama")
+    r2 = pare.prune(alone, cfg, tiny_batch(4, 32), runtime=QUIET)
+    assert calls  # the one-at-a-time path ran
+    for (name, a), b in zip(_linears(stacked).items(), _linears(alone).values(), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6, msg=name)
+    for name, loss in r2.scores["sparsegpt_loss"].items():
+        assert r1.scores["sparsegpt_loss"][name] == pytest.approx(loss, rel=1e-4), name
+    if cfg.quantize:
+        assert r1.scores["quantization"]["bytes"] == r2.scores["quantization"]["bytes"]
+
+
 def test_joint_mxfp4_values_are_e2m1_times_a_power_of_two() -> None:
     model = tiny_model("llama")
     pare.prune(model, pare.SparseGPTConfig(sparsity=0.5, quantize="mxfp4"), tiny_batch(4, 32), runtime=QUIET)

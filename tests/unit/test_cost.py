@@ -100,3 +100,26 @@ def test_a_child_of_a_large_process_reports_its_own_peak() -> None:
     got = _fresh(_BIG_PARENT.format(child=_SMALL_CHILD.format(path=memory.__file__)))
     assert got["peak"] >= got["rss"] * 0.9
     assert got["peak"] < 256, got  # a bare Python with psutil; the parent held 512 MiB
+
+
+def test_freed_heap_memory_goes_back_to_the_system() -> None:
+    """Many freed blocks of a few MiB (below glibc's raised mmap threshold) stay resident until trimmed."""
+    import sys
+
+    import psutil
+    import torch
+
+    from pare.eval.memory import return_freed_memory
+
+    big = torch.empty(16 * 2**20, dtype=torch.uint8)  # freeing a mmapped block raises glibc's mmap threshold
+    big.fill_(1)
+    del big
+    blocks = [torch.ones(2**20, dtype=torch.float32) for _ in range(100)]  # 400 MiB from the heap
+    del blocks[:-1]  # holes below the one still alive: free() alone cannot give them back
+    before = psutil.Process().memory_info().rss
+    trimmed = return_freed_memory()
+    after = psutil.Process().memory_info().rss
+    if not sys.platform.startswith("linux"):
+        assert trimmed is False
+    else:
+        assert after < before - 200 * 2**20, (before, after)

@@ -24,6 +24,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from pare.calibration.runner import LayerStep, LayerwiseRunner
+from pare.eval.memory import return_freed_memory
 
 log = logging.getLogger(__name__)
 
@@ -149,5 +150,6 @@ class StreamRunner(LayerwiseRunner):
                 outputs = step.run(keep_outputs=True, replace_inputs=self.overwrite)
             self.io.layer_done(i, layer, outputs)
             free_layer(layer)
+            return_freed_memory()  # the layer's heap holes must not add to the next layer's peak
             if outputs is not None:
                 hidden = list(outputs) if not isinstance(outputs, MappedBatches) else outputs

@@ -38,3 +38,22 @@ def peak_rss_mb() -> float:
         return float(getattr(info, "peak_wset", info.rss)) / 2**20
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / 2**20 if sys.platform == "darwin" else peak / 2**10
+
+
+def return_freed_memory() -> bool:
+    """Hand the C heap's free pages back to the system (glibc ``malloc_trim``); False where there is none.
+
+    glibc raises its mmap threshold (up to 32 MiB) each time a large block is freed, so after the first
+    large tensor the many blocks of a few MiB that a layer's work allocates come from the heap, whose
+    free holes the system keeps counting as resident. A streamed run calls this after each layer, so
+    that one layer's holes do not add to the next layer's peak.
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        return bool(libc.malloc_trim(0))
+    except (OSError, AttributeError):
+        return False

@@ -40,6 +40,7 @@ from pare.calibration.runner import LayerStep, LayerwiseRunner, on_device
 from pare.calibration.stats import STAT_GRAM, InputStats, SharedInputChanged, record_inputs
 from pare.config import PruneConfig, RuntimeConfig, check_ratio, check_regexes, help_field
 from pare.errors import ConfigError
+from pare.eval.memory import return_freed_memory
 from pare.eval.size import nonzero, nonzero_by_parameter
 from pare.ops.masks import parse_pattern
 from pare.ops.owl import layer_outlier_ratio, owl_sparsities
@@ -551,13 +552,23 @@ class SparsityPruner(Pruner):
             outputs = step.run(replace_inputs=True) if keep else None
         if keep:
             step.dense_outputs = outputs  # taken before this layer is pruned, in place of its inputs
+        self.prune_targets(step.index, targets, stats)
+
+    def prune_targets(self, index: int, targets: list[Target], stats: dict[str, InputStats]) -> None:
+        """Prune one layer's ``targets`` from their statistics (popped from ``stats`` as each is done,
+        so a layer's Gram matrices are freed early; the last reader of a shared object is told so).
+        One at a time by default; a method whose rows are independent may solve the matrices that
+        share an input together."""
         readers = Counter(id(s) for s in stats.values())  # q/k/v and gate/up share one object
         for t in targets:
             st = stats.pop(t.name)
             readers[id(st)] -= 1
             st.last_reader = readers[id(st)] == 0
-            self.prune_target(t, st, self.target_sparsity(step.index, t))
+            self.prune_target(t, st, self.target_sparsity(index, t))
+            solved = st.want_gram and st.last_reader
             del st
+            if solved:
+                return_freed_memory()  # an [in, in] solve leaves heap holes the next matrix need not pay for
 
     def end_layers(self, ctx: PruneContext) -> None:
         """After the last layer step: the per-layer summary in the report."""

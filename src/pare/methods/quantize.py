@@ -299,11 +299,12 @@ def shared_input_groups(targets: list[Target], stats: dict[str, InputStats]) -> 
     return list(groups.values())
 
 
-def stackable(scheme: QuantScheme, targets: list[Target]) -> bool:
-    """Whether ``targets`` can be solved as one row-stacked matrix: one dtype and device, and a scheme
-    without a per-tensor parameter (NVFP4's tensor scale is taken over the whole matrix)."""
+def stackable(scheme: QuantScheme | None, targets: list[Target]) -> bool:
+    """Whether ``targets`` can be solved as one row-stacked matrix: one dtype and device, and no scheme
+    (pruning only) or one without a per-tensor parameter (NVFP4's tensor scale is taken over the whole
+    matrix)."""
     ws = [t.weight() for t in targets]
-    return scheme.name != "nvfp4" and len({(w.dtype, w.device, w.shape[1]) for w in ws}) == 1
+    return (scheme is None or scheme.name != "nvfp4") and len({(w.dtype, w.device, w.shape[1]) for w in ws}) == 1
 
 
 def record_quantized(w: torch.Tensor, dq: torch.Tensor, name: str, inexact: list[str]) -> None:

@@ -26,13 +26,26 @@ from pare.calibration.stats import STAT_GRAM, InputStats
 from pare.config import help_field, register
 from pare.errors import ConfigError
 from pare.methods.base import PruneContext, SparsityConfig, SparsityPruner
-from pare.methods.quantize import QuantAccounting, record_quantized, report_quantization, scheme_of
+from pare.methods.quantize import (
+    QuantAccounting,
+    record_quantized,
+    report_quantization,
+    scheme_of,
+    shared_input_groups,
+    stackable,
+)
 from pare.ops.finite import check_finite_weight
 from pare.ops.masks import make_mask
 from pare.ops.quant.bits import BitsAccount, matrix_bits
-from pare.ops.quant.gptq import PruneSpec, act_order_perm, gptq_quantize
+from pare.ops.quant.gptq import GPTQResult, PruneSpec, act_order_perm, gptq_quantize
 from pare.ops.quant.scheme import INT_SCHEMES, SCHEMES, QuantScheme, quantize
-from pare.ops.sparsegpt import NM_SELECT, InverseHessianFactor, inverse_hessian_factor, sparsegpt_prune_factored
+from pare.ops.sparsegpt import (
+    NM_SELECT,
+    InverseHessianFactor,
+    inverse_hessian_factor,
+    sparsegpt_prune_factored,
+    sparsegpt_prune_rows,
+)
 
 log = logging.getLogger(__name__)
 
@@ -169,6 +182,73 @@ class SparseGPTPruner(QuantAccounting, SparsityPruner):
             self._act_of = (stats, inverse_hessian_factor(H[perm][:, perm], self.config.percdamp, overwrite=True), perm)
         return self._act_of[1], self._act_of[2]
 
+    def prune_targets(self, index: int, targets: list[Target], stats: dict[str, InputStats]) -> None:
+        """Prune one layer's targets; matrices that read one input (q/k/v, gate/up) are solved as one
+        row-stacked matrix when their rows are independent (per-row or N:M masks, one sparsity), so
+        each OBS column loop runs once per input instead of once per matrix."""
+        for group in shared_input_groups(targets, stats):
+            sparsities = {self.target_sparsity(index, t) for t in group}
+            own = {t.name: stats.pop(t.name) for t in group}
+            st = own[group[0].name]
+            if len(group) > 1 and len(sparsities) == 1 and self._stackable(group, st):
+                st.last_reader = True  # the stacked solve is its only reader
+                self._prune_rows(group, st, sparsities.pop())
+            else:
+                super().prune_targets(index, group, own)
+            del own, st
+
+    def _stackable(self, targets: list[Target], stats: InputStats) -> bool:
+        cfg = self.config
+        rows_independent = cfg.nm is not None or cfg.mask_group == "row"
+        has_data = stats.tokens > 0 and stats.gram is not None
+        return rows_independent and has_data and stackable(self.scheme, targets)
+
+    def _prune_rows(self, targets: list[Target], stats: InputStats, sparsity: float) -> None:
+        """SparseGPT (and the joint quantization) of ``targets`` stacked by rows; they share ``stats``."""
+        cfg = self.config
+        ws = [t.weight() for t in targets]
+        for t, w in zip(targets, ws, strict=True):
+            check_finite_weight(w, t.name)
+        factor = self._factor(stats, ws[0].dtype)
+        w = torch.cat([x.float() for x in ws])
+        if self.scheme is None:
+            pruned, row_loss = sparsegpt_prune_rows(w, factor, sparsity, cfg.nm, cfg.blocksize, cfg.mask_group,
+                                                    cfg.nm_select)
+        else:
+            res = self._joint(w, factor, stats, sparsity, self.scheme.for_weight(ws[0].dtype))
+            pruned, row_loss = res.weight, res.row_loss
+        start = 0
+        for t, x in zip(targets, ws, strict=True):
+            rows = slice(start, start + x.shape[0])
+            start += x.shape[0]
+            self.losses[t.name] = float(row_loss[rows].sum())
+            if self.scheme is None:
+                x.copy_(pruned[rows].to(device=x.device, dtype=x.dtype))
+            else:
+                record_quantized(x, pruned[rows], t.name, self.inexact)
+                self._count_bits(t, x)
+
+    def _joint(self, w: torch.Tensor, factor: InverseHessianFactor, stats: InputStats, sparsity: float,
+               scheme: QuantScheme) -> GPTQResult:
+        """Prune and quantize ``w: [out, in]`` (fp32) in the configured joint pass; ``row_loss`` holds both
+        the pruning and the quantization losses."""
+        cfg = self.config
+        if cfg.joint == "prune-then-gptq":
+            pruned, prune_loss = sparsegpt_prune_rows(w, factor, sparsity, cfg.nm, cfg.blocksize, cfg.mask_group,
+                                                      cfg.nm_select)
+            act, perm = self._act_factor(stats)
+            res = gptq_quantize(pruned, act, scheme, blocksize=cfg.blocksize, perm=perm, keep_zero=pruned == 0,
+                                clip_search=cfg.clip_search)
+            res.row_loss += prune_loss
+            res.loss = float(res.row_loss.sum())
+            return res
+        spec = PruneSpec(sparsity, cfg.nm, cfg.mask_group, cfg.nm_select, cfg.nm_quant)
+        return gptq_quantize(w, factor, scheme, blocksize=cfg.blocksize, prune=spec, clip_search=cfg.clip_search)
+
+    def _count_bits(self, target: Target, w: torch.Tensor) -> None:
+        nonzero = None if self.config.nm is not None else int(torch.count_nonzero(w))  # what a bitmask format stores
+        self.bits = self.bits + matrix_bits(target.shape, self.scheme, nm=self.config.nm, nonzero=nonzero)
+
     def prune_target(self, target: Target, stats: InputStats | None, sparsity: float) -> None:
         w = target.weight()
         cfg = self.config
@@ -189,22 +269,10 @@ class SparseGPTPruner(QuantAccounting, SparsityPruner):
                 w.copy_(pruned)
                 self.losses[target.name] = loss
                 return
-            scheme = self.scheme.for_weight(w.dtype)
-            if cfg.joint == "prune-then-gptq":
-                pruned, loss = sparsegpt_prune_factored(w, factor, sparsity, cfg.nm, cfg.blocksize, cfg.mask_group,
-                                                        cfg.nm_select)
-                act, perm = self._act_factor(stats)
-                pruned = pruned.float()
-                res = gptq_quantize(pruned, act, scheme, blocksize=cfg.blocksize, perm=perm, keep_zero=pruned == 0,
-                                    clip_search=cfg.clip_search)
-                res.loss += loss
-            else:
-                spec = PruneSpec(sparsity, cfg.nm, cfg.mask_group, cfg.nm_select, cfg.nm_quant)
-                res = gptq_quantize(w, factor, scheme, blocksize=cfg.blocksize, prune=spec, clip_search=cfg.clip_search)
+            res = self._joint(w.float(), factor, stats, sparsity, self.scheme.for_weight(w.dtype))
             record_quantized(w, res.weight, target.name, self.inexact)
             self.losses[target.name] = res.loss
-        nonzero = None if cfg.nm is not None else int(torch.count_nonzero(w))  # what a bitmask format stores
-        self.bits = self.bits + matrix_bits(target.shape, self.scheme, nm=cfg.nm, nonzero=nonzero)
+        self._count_bits(target, w)
 
     def run(self, ctx: PruneContext) -> None:
         try:

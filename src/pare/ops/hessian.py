@@ -127,15 +127,19 @@ def _upper_factor_of_inverse_(H: torch.Tensor, damp: float, last: bool, block: i
     rows of ``H`` are kept (half a matrix) to put ``H`` back when the factorisation fails.
     """
     n = H.shape[0]
-    saved = [] if last else [H[i:i + block, i:].clone() for i in range(0, n, block)]
+    saved = None if last else _upper_rows(H, block)
     _reverse_(H, block)
     H.diagonal().add_(damp)
     L = H.mT  # column-major: what cholesky_ex writes its lower factor into
     info = torch.empty((), dtype=torch.int32, device=H.device)
     torch.linalg.cholesky_ex(L, out=(L, info))
     if int(info) != 0:
-        for k, i in enumerate(range(0, n, block)):
-            H[i:i + block, i:] = saved[k]
+        assert saved is not None, "the last try keeps no copy"
+        offset = 0
+        for i in range(0, n, block):
+            rows = H[i:i + block, i:]
+            rows.copy_(saved[offset:offset + rows.numel()].view_as(rows))
+            offset += rows.numel()
         _mirror_upper_exactly_(H, block)
         return None
     del saved
@@ -145,6 +149,20 @@ def _upper_factor_of_inverse_(H: torch.Tensor, damp: float, last: bool, block: i
     if all_finite(U):
         return U
     return None
+
+
+def _upper_rows(H: torch.Tensor, block: int) -> torch.Tensor:
+    """The upper block rows ``H[i:i+block, i:]`` packed one after the other in one flat tensor (one
+    allocation, given back whole when freed: many block-sized ones would leave heap holes)."""
+    n = H.shape[0]
+    starts = range(0, n, block)
+    out = torch.empty(sum(min(block, n - i) * (n - i) for i in starts), dtype=H.dtype, device=H.device)
+    offset = 0
+    for i in starts:
+        rows = H[i:i + block, i:]
+        out[offset:offset + rows.numel()].view_as(rows).copy_(rows)
+        offset += rows.numel()
+    return out
 
 
 def _reverse_(H: torch.Tensor, block: int = 256) -> None:

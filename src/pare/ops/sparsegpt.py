@@ -37,7 +37,8 @@ from pare.ops.hessian import InverseHessianFactor, inverse_hessian_factor
 
 log = logging.getLogger(__name__)
 
-__all__ = ["InverseHessianFactor", "inverse_hessian_factor", "sparsegpt_prune", "sparsegpt_prune_factored"]
+__all__ = ["InverseHessianFactor", "inverse_hessian_factor", "sparsegpt_prune", "sparsegpt_prune_factored",
+           "sparsegpt_prune_rows"]
 
 SUB = 16  # columns per inner sub-block of the lazy updates
 NM_SELECT = ("obs", "score")
@@ -153,6 +154,8 @@ def _prune_block(W1: torch.Tensor, U1: torch.Tensor, mask1: torch.Tensor | None,
     Mt = torch.zeros_like(Wt, dtype=torch.bool) if mask1 is None else mask1.t().contiguous()
     Et = torch.empty_like(Wt)
     sub = SUB if nm is None else max(nm[1], SUB // nm[1] * nm[1])
+    # per-column row views made once: the loop below is Python-bound, a handful of vector ops per column
+    w_rows, e_rows, m_rows, d_rows = Wt.unbind(0), Et.unbind(0), Mt.unbind(0), d.unbind(0)
     for j1 in range(0, count, sub):
         j2 = min(j1 + sub, count)
         for i in range(j1, j2):
@@ -164,10 +167,9 @@ def _prune_block(W1: torch.Tensor, U1: torch.Tensor, mask1: torch.Tensor | None,
                     idx = torch.topk((Wt[i:i + m] / d[i:i + m, None]).square(), nm[0], dim=0, largest=False,
                                      sorted=False).indices + i
                     Mt.scatter_(0, idx, True)
-            err = Wt[i] * Mt[i] / d[i]
+            err = torch.mul(w_rows[i], m_rows[i], out=e_rows[i]).div_(d_rows[i])
             if i + 1 < j2:
                 Wt[i + 1:j2].addr_(U1[i, i + 1:j2], err, alpha=-1.0)
-            Et[i] = err
         if j2 < count:
             Wt[j2:].addmm_(U1[j1:j2, j2:].t(), Et[j1:j2], alpha=-1.0)
     Wt.masked_fill_(Mt, 0.0)  # pruned weights become exact zeros
@@ -201,6 +203,22 @@ def sparsegpt_prune_factored(
         ``(W_pruned [out, in] in W's dtype, loss)``, the loss being the OBS estimate of
         ``sum_rows ||w X - w' X||^2 / 2`` in units of ``H``.
     """
+    pruned, row_loss = sparsegpt_prune_rows(W, factor, sparsity, nm, blocksize, mask_group, nm_select)
+    return pruned.to(device=W.device, dtype=W.dtype), float(row_loss.sum())
+
+
+def sparsegpt_prune_rows(
+    W: torch.Tensor,
+    factor: InverseHessianFactor,
+    sparsity: float,
+    nm: tuple[int, int] | None = None,
+    blocksize: int = 128,
+    mask_group: str = "row",
+    nm_select: str = "obs",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`sparsegpt_prune_factored` with the loss of each row: ``(W_pruned [out, in] fp32 on the
+    factor's device, row_loss [out])``. With ``mask_group="row"`` or N:M the rows are independent, so
+    matrices sharing a factor (q/k/v, gate/up) can be pruned as one row-stacked matrix."""
     rows, cols = W.shape
     if nm is not None and (blocksize % nm[1] or cols % nm[1]):
         raise ConfigError(f"the {nm[0]}:{nm[1]} pattern needs blocksize ({blocksize}) and the input width ({cols}) "
@@ -215,17 +233,17 @@ def sparsegpt_prune_factored(
     cands = nm_candidates(nm, U.device) if nm is not None and nm_select == "obs" else None
     per_row = mask_group == "row"
     counts = block_counts(1 if per_row else rows, cols, blocksize, sparsity) if nm is None else []
-    loss = torch.zeros((), dtype=torch.float32, device=U.device)
+    row_loss = torch.zeros(rows, dtype=torch.float32, device=U.device)
     for b, i1 in enumerate(range(0, cols, blocksize)):
         i2 = min(i1 + blocksize, cols)
         W1 = Wf[:, i1:i2]  # a view: updated in place
         U1 = U[i1:i2, i1:i2]
         mask1 = block_mask(W1, U1.diagonal(), counts[b], per_row) if nm is None else None
         Err1 = _prune_block(W1, U1, mask1, nm, cands)
-        loss += Err1.square().sum() / 2
+        row_loss += Err1.square().sum(1) / 2
         if i2 < cols:
             Wf[:, i2:].addmm_(Err1, U[i1:i2, i2:], alpha=-1.0)
-    return Wf.to(device=W.device, dtype=W.dtype), float(loss)
+    return Wf, row_loss
 
 
 def sparsegpt_prune(

@@ -118,7 +118,21 @@ def _inner_norms(parent: nn.Module, width: int) -> list[nn.Module]:
     return out
 
 
+def _check_plain_mlp(layer: Any, mlp: MLPRoles) -> None:
+    """Refuse an MLP block holding linears besides its roles (Zamba2's per-layer LoRA adapters on a
+    shared MLP): they read or write the intermediate channels in a way pare does not know."""
+    if not mlp.path:
+        return
+    known = {p.path for p in (*mlp.inputs, mlp.down)}
+    extra = [f"{mlp.path}.{n}" for n, m in layer.get_submodule(mlp.path).named_modules()
+             if n and isinstance(m, nn.Linear) and f"{mlp.path}.{n}" not in known]
+    if extra:
+        raise ConfigError(f"the MLP block {mlp.path!r} also holds {extra[:3]} (adapters or other linears pare has "
+                          "no rule for), so its channels cannot be cut; weight sparsity and depth work")
+
+
 def _prune_dense_mlp(layer: Any, mlp: MLPRoles, keep: torch.Tensor) -> None:
+    _check_plain_mlp(layer, mlp)
     down = layer.get_submodule(mlp.down.path)
     old = down.weight.shape[0] if mlp.down.conv1d else down.weight.shape[1]
     if mlp.path:  # an MLP directly in the layer shares it with the stream's norms
