@@ -278,8 +278,8 @@ class RuntimeConfig(BaseConfig):
         True, "feed each layer the outputs of the already-pruned layers (False: dense inputs)"
     )
     progress: bool = help_field(True, "show progress bars")
-    devices: tuple[str, ...] = help_field((), "compute devices to split the calibration batches across, e.g. "
-                                          "cuda:0,cuda:1 (one device: as --device)")
+    devices: tuple[str, ...] = help_field((), "compute devices, comma- or space-separated; one device "
+                                          "acts as --device (several are refused until batches can be split)")
 
     def __post_init__(self) -> None:
         if isinstance(self.devices, str):
@@ -288,7 +288,7 @@ class RuntimeConfig(BaseConfig):
             object.__setattr__(self, "devices", tuple(self.devices))
         self._check_field_types()
         names = tuple(n.strip() for d in self.devices for n in d.split(",") if n.strip())
-        object.__setattr__(self, "devices", names)  # --devices cuda:0,cuda:1 as well as cuda:0 cuda:1
+        object.__setattr__(self, "devices", names)  # "a,b" and "a b" both accepted
         for name in names:
             device_name(name)
         if len(set(names)) != len(names):
