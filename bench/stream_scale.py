@@ -16,7 +16,7 @@ with a peak RSS within one layer + activations + 2 GiB, and the output must load
 ``from_pretrained(device_map="meta")`` with no missing or unexpected weight.
 
 Run the script itself through /work/notes/heavy-run (one machine slot for the whole bench); every
-pare run is a child process with one thread, under nice.
+pare run is a child process with one thread, under nice (level ``PARE_BENCH_NICE``, default 10).
 """
 
 from __future__ import annotations
@@ -68,7 +68,7 @@ def own_peak_rss() -> int:
 
 def run_pare(argv: list[str]) -> dict:
     """``pare argv`` in a child process; its report (``--json``) and its measured cost."""
-    cmd = ["nice", "-n", "10", sys.executable, __file__, "child", "--", *argv]
+    cmd = ["nice", "-n", os.environ.get("PARE_BENCH_NICE", "10"), sys.executable, __file__, "child", "--", *argv]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
     lines = proc.stdout.strip().splitlines()
@@ -168,7 +168,8 @@ def kill_and_resume(common: list[str], work: Path, num_layers: int, seed: int | 
     argv = [*common, "--out", str(out), "--stream"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     cmd = [sys.executable, __file__, "child", "--", *argv]
-    proc = subprocess.Popen(["nice", "-n", "10", *cmd], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    nice = ["nice", "-n", os.environ.get("PARE_BENCH_NICE", "10")]
+    proc = subprocess.Popen([*nice, *cmd], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             env=env)
     killed_after = None
     while proc.poll() is None:
