@@ -169,10 +169,23 @@ def test_a_lora_target_that_matches_nothing_is_refused_before_any_work() -> None
     ({"tokens": 0}, "tokens must be a positive"), ({"mode": "qlora"}, "mode must be one of"),
     ({"mode": "distill"}, "needs the unpruned model"), ({"lora_masked": True, "lora_dropout": 0.1}, "lora_dropout=0"),
     ({"resume": True}, "checkpoint_dir"), ({"data": ""}, "data must name"),
+    # an option the chosen training would ignore is refused rather than dropped silently
+    ({"mode": "full", "targets": ("mlp",)}, "targets would be ignored"), ({"mode": "full", "lora_r": 4}, "lora_r"),
+    ({"mode": "distill", "teacher": "t", "distill_train": "full", "lora_masked": True}, "lora_masked would be"),
+    ({"mode": "lora", "temperature": 4.0}, "temperature would be ignored"),
 ])
 def test_bad_options_are_clear_errors(options: dict, match: str) -> None:
     with pytest.raises(ConfigError, match=match):
         RecoverConfig(**options)
+
+
+def test_tokens_may_be_given_as_on_the_command_line() -> None:
+    assert RecoverConfig.from_dict({"tokens": "2M"}).tokens == 2_000_000
+    assert RecoverConfig.from_dict({"tokens": "1.5e5"}).tokens == 150_000
+    with pytest.raises(ConfigError, match="number of tokens such as"):
+        RecoverConfig.from_dict({"tokens": "2 million"})
+    with pytest.raises(ConfigError, match="tokens must be a positive"):
+        RecoverConfig.from_dict({"tokens": "0k"})
 
 
 def test_recover_after_a_2_4_prune_saves_with_the_history(tmp_path: Path) -> None:
@@ -189,16 +202,18 @@ def test_recover_after_a_2_4_prune_saves_with_the_history(tmp_path: Path) -> Non
         assert torch.equal(AutoModelForCausalLM.from_pretrained(tmp_path / "o")(ids).logits, model(ids).logits)
 
 
-def test_gradual_pruning_reaches_the_final_sparsity_with_nested_masks() -> None:
+@pytest.mark.parametrize("method", ["magnitude", "wanda", "sparsegpt"])
+def test_gradual_pruning_reaches_the_final_sparsity_with_nested_masks(method: str) -> None:
     model = tiny_model("llama")
     ids = tiny_batch(16, 16)
-    cfg = GradualConfig(prune={"magnitude": {}}, final_sparsity=0.6, prune_steps=3,
-                        recover={"mode": "full", "data": "calibration", "tokens": 64, "seqlen": 16, "lr": 1e-2})
+    cfg = GradualConfig(prune={method: {}}, final_sparsity=0.6, prune_steps=3,
+                        recover={"mode": "full", "data": "calibration", "tokens": "64", "seqlen": 16, "lr": 1e-2})
     report = pare.run(model, [cfg], ids, runtime=RT)[0]
     rounds = report.scores["gradual"]["rounds"]
     assert [r["sparsity"] for r in rounds] == pytest.approx(cfg.sparsities()) and rounds[-1]["sparsity"] == 0.6
     assert report.overall_sparsity == pytest.approx(0.6, abs=0.01)
-    assert all(r["recovery"]["zeros_kept"] for r in rounds)
+    assert all(r["recovery"]["zeros_kept"] and r["earlier_zeros_kept"] for r in rounds)
+    assert all(r["recovery"]["tokens"] == 64 for r in rounds)
 
 
 @pytest.mark.parametrize(("prune", "match"), [({"sparsegpt": {"pattern": "2:4"}}, "unstructured"),

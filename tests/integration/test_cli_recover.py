@@ -32,7 +32,7 @@ def _recover(pruned: Path, out: Path, text: Path, *extra: str) -> int:
 
 def test_token_counts_take_suffixes() -> None:
     assert token_count("2M") == 2_000_000 and token_count("500k") == 500_000 and token_count("0.5M") == 500_000
-    assert token_count("123") == 123
+    assert token_count("123") == 123 and token_count("2e6") == 2_000_000 and token_count("1.5E5") == 150_000
 
 
 def test_recover_keeps_2_4_and_the_history(pruned_dir: Path, text_file: Path, tmp_path: Path, capsys) -> None:
@@ -68,6 +68,8 @@ def test_an_unfinished_runs_checkpoint_needs_resume(pruned_dir: Path, text_file:
     (["--tokens", "0"], "tokens must be a positive"),
     (["--method", "lora", "--targets", "nothing_matches"], "matches no"),
     (["--method", "distill"], "teacher"),
+    (["--method", "distill", "--teacher", "/no/such/model"], "is not a directory"),
+    (["--method", "full", "--targets", "mlp"], "targets would be ignored"),
 ])
 def test_bad_input_is_a_clear_error_and_writes_nothing(pruned_dir: Path, text_file: Path, tmp_path: Path, capsys,
                                                        args: list[str], message: str) -> None:

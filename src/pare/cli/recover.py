@@ -10,7 +10,6 @@ says otherwise; ``--resume`` continues a killed run from there, and a finished r
 from __future__ import annotations
 
 import argparse
-import re
 import shutil
 from pathlib import Path
 
@@ -18,15 +17,15 @@ from pare.cli.options import add_config_options, build_config, positive_int
 from pare.config import CalibrationConfig, RuntimeConfig
 from pare.errors import ConfigError
 
-_SUFFIX = {"": 1, "k": 1_000, "m": 1_000_000, "g": 1_000_000_000, "b": 1_000_000_000}
-
 
 def token_count(text: str) -> int:
-    """``2M``, ``500k``, ``0.5M`` or ``2000000`` as a number of tokens (an argparse type)."""
-    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([kKmMgGbB]?)\s*", text)
-    if not match:
-        raise argparse.ArgumentTypeError(f"must be a number of tokens such as 2000000, 500K or 2M, got {text!r}")
-    return round(float(match.group(1)) * _SUFFIX[match.group(2).lower()])
+    """``2M``, ``500k``, ``0.5M``, ``2e6`` or ``2000000`` as a number of tokens (an argparse type)."""
+    from pare.recovery.data import parse_token_count
+
+    try:
+        return parse_token_count(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def add_recover_parser(sub: argparse._SubParsersAction) -> None:
@@ -40,7 +39,7 @@ def add_recover_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", default=None, help="output directory (written atomically)")
     p.add_argument("--overwrite", action="store_true", default=None, help="replace an existing --out")
     p.add_argument("--method", dest="mode", choices=MODES, default=None, help="what to train (default lora)")
-    p.add_argument("--tokens", type=token_count, default=None, help="training tokens: 2000000, 500K, 2M")
+    p.add_argument("--tokens", type=token_count, default=None, help="training tokens: 2000000, 2e6, 500K, 2M")
     p.add_argument("--device", default=None, help="compute device (cpu, cuda, cuda:1...)")
     p.add_argument("--dtype", default=None, help="load dtype (auto, float32, bfloat16, float16)")
     p.add_argument("--eval", default=None, help="perplexity before and after on this set (e.g. wikitext2)")

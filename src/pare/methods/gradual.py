@@ -27,7 +27,7 @@ from pare.errors import ConfigError
 from pare.methods.base import PruneContext, Pruner, SparsityConfig, measure_sparsity
 from pare.methods.recover import RecoverConfig, RecoverStage
 from pare.recovery.data import CALIBRATION
-from pare.recovery.masks import model_targets
+from pare.recovery.masks import apply_masks_, model_targets, target_params, zero_masks, zeros_kept
 from pare.recovery.schedule import SCHEDULES, sparsity_schedule
 from pare.report import Report
 
@@ -126,14 +126,22 @@ class GradualStage(Pruner):
         history = list(ctx.history)
         pruned: Report | None = None
         recover_cfg = self.config.recover_config()
+        params = target_params(ctx.model, model_targets(ctx.model, ctx.arch))
         for k, sparsity in enumerate(self.config.sparsities()):
             prune_cfg = self.config.prune_config(sparsity)
+            earlier = zero_masks(params)
             pruned = self._stage(ctx, stage_for_config(prune_cfg)(prune_cfg), history)
+            nested = zeros_kept(params, earlier)
+            if not nested:  # a prune that moved weights (an OBS update) revived some: the schedule promises nesting
+                apply_masks_(params, earlier)
+                ctx.report.notes.append(f"round {k + 1}: the prune revived weights of earlier rounds; they were "
+                                        "set back to zero")
             history.append(pruned)
             recovered = self._stage(ctx, RecoverStage(recover_cfg), history)
             history.append(recovered)
             rounds.append({"step": k + 1, "sparsity": sparsity, "measured": pruned.overall_sparsity,
-                           "prune_seconds": pruned.prune_seconds, "recovery": recovered.scores["recovery"]})
+                           "earlier_zeros_kept": nested, "prune_seconds": pruned.prune_seconds,
+                           "recovery": recovered.scores["recovery"]})
         ctx.report.scores["gradual"] = {"schedule": self.config.schedule, "rounds": rounds}
         last = pruned.modules if pruned is not None else {}
         ctx.report.modules = measure_sparsity(t for t in model_targets(ctx.model, ctx.arch) if t.name in last)

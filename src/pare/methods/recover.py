@@ -15,7 +15,7 @@ import contextlib
 import logging
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -30,7 +30,7 @@ from pare.errors import ConfigError
 from pare.methods.base import PruneContext, Pruner, measure_sparsity
 from pare.recovery import distill as kd
 from pare.recovery import lora
-from pare.recovery.data import CALIBRATION, Windows, training_windows
+from pare.recovery.data import CALIBRATION, Windows, parse_token_count, training_windows
 from pare.recovery.masks import (
     apply_masks_,
     masked_gradients,
@@ -46,6 +46,8 @@ log = logging.getLogger(__name__)
 MODES = ("lora", "full", "distill")
 _NOT_FINGERPRINTED = ("resume", "checkpoint_dir", "checkpoint_every", "eval_every")
 """Options a resumed run may change: they decide where and how often to write, not the weights."""
+_LORA_OPTIONS = ("lora_r", "lora_alpha", "lora_dropout", "targets", "lora_masked")
+"""Options that only LoRA training reads."""
 
 
 def _positive(name: str, value: Any, *, zero: bool = False) -> None:
@@ -142,8 +144,35 @@ class RecoverConfig(PruneConfig):
             raise ConfigError("mode='distill' needs the unpruned model as teacher (--teacher DIR or teacher: DIR)")
         if self.mode != "distill" and (self.teacher or self.hidden_weight):
             raise ConfigError(f"teacher and hidden_weight apply to mode='distill', not {self.mode!r}")
+        self._check_unused()
         if self.resume and not self.checkpoint_dir:
             raise ConfigError("resume needs the checkpoint_dir of the run to continue")
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> RecoverConfig:
+        """As :meth:`BaseConfig.from_dict`; ``tokens`` may also be text as on the command line (``2M``)."""
+        tokens = data.get("tokens") if isinstance(data, dict) else None
+        if isinstance(tokens, str):
+            try:
+                data = {**data, "tokens": parse_token_count(tokens)}
+            except ValueError as exc:
+                raise ConfigError(f"RecoverConfig.tokens {exc}") from None
+        return super().from_dict(data)
+
+    def _check_unused(self) -> None:
+        """Options the chosen training ignores, set to something else than their default, are refused:
+        a ``--lora-r`` or ``--targets`` given to full fine-tuning would otherwise do nothing, silently."""
+        defaults = {f.name: f.default for f in fields(self)}
+        unused = list(_LORA_OPTIONS) if not self.uses_lora else []
+        if self.mode != "distill":
+            unused += ["temperature", "distill_train"]
+        changed = [name for name in unused if getattr(self, name) != defaults[name]]
+        if changed:
+            training = f"mode={self.mode!r}" + (f", distill_train={self.distill_train!r}" if self.mode == "distill"
+                                                 else "")
+            raise ConfigError(f"{', '.join(changed)} would be ignored with {training}: the LoRA options apply to "
+                              "mode='lora' or to distillation with distill_train='lora', temperature and "
+                              "distill_train to mode='distill'; leave them out")
 
     @property
     def uses_lora(self) -> bool:
@@ -186,6 +215,9 @@ class RecoverStage(Pruner):
         if cfg.teacher:
             from pare.io.load import causal_lm_config
 
+            if _looks_like_path(cfg.teacher) and not Path(cfg.teacher).expanduser().is_dir():
+                raise ConfigError(f"the teacher {cfg.teacher!r} is not a directory: pass the unpruned model's "
+                                  "directory or hub id")
             try:
                 vocab = getattr(causal_lm_config(cfg.teacher), "vocab_size", None)
             except (OSError, ValueError) as exc:
@@ -372,3 +404,8 @@ def _tokenizer_of(model: nn.Module) -> Any:
         return AutoTokenizer.from_pretrained(name)
     except (OSError, ValueError) as exc:
         raise ConfigError(f"cannot load the tokenizer of {name!r} for recovery ({exc}): pass it") from exc
+
+
+def _looks_like_path(name: str) -> bool:
+    """Whether ``name`` is meant as a local path rather than a hub id (``org/model``)."""
+    return name.startswith(("/", ".", "~")) or name.count("/") > 1 or Path(name).exists()

@@ -11,6 +11,7 @@ same batches as an uninterrupted one.
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,6 +23,20 @@ log = logging.getLogger(__name__)
 
 CALIBRATION = "calibration"
 """The ``data`` value that trains on the calibration windows the pipeline already holds."""
+
+_SUFFIX = {"": 1, "k": 1_000, "m": 1_000_000, "g": 1_000_000_000, "b": 1_000_000_000}
+
+
+def parse_token_count(text: str) -> int:
+    """``2M``, ``500k``, ``0.5M``, ``2e6`` or ``2000000`` as a number of tokens.
+
+    Raises:
+        ValueError: ``text`` is not a non-negative number with an optional k / M / G (B) suffix.
+    """
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([kKmMgGbB]?)\s*", text)
+    if not match:
+        raise ValueError(f"must be a number of tokens such as 2000000, 2e6, 500K or 2M, got {text!r}")
+    return round(float(match.group(1)) * _SUFFIX[match.group(2).lower()])
 
 
 @dataclass

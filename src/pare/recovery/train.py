@@ -229,13 +229,16 @@ def train(model: nn.Module, params: dict[str, nn.Parameter], windows: Windows, l
             result.losses.append(float(loss.detach()))
             result.tokens += tokens_per_step
             elapsed = time.perf_counter() - began
-            bar.set_postfix(loss=f"{result.losses[-1]:.3f}",
-                            tok_s=f"{(done - start) * tokens_per_step / max(elapsed, 1e-9):.0f}")
-            bar.update(1)
             if has_heldout and (done == settings.steps or (settings.eval_every and done % settings.eval_every == 0)):
                 result.heldout.append((done, heldout_loss(model, windows.heldout, settings.batch_size, device,
                                                           settings.precision)))
                 log.info("step %d: held-out loss %.4f", done, result.heldout[-1][1])
+            postfix = {"loss": f"{result.losses[-1]:.3f}",
+                       "tok_s": f"{(done - start) * tokens_per_step / max(elapsed, 1e-9):.0f}"}
+            if result.heldout:
+                postfix["heldout"] = f"{result.heldout[-1][1]:.3f}"
+            bar.set_postfix(postfix)
+            bar.update(1)
             if ckpt is not None and settings.checkpoint_every and done % settings.checkpoint_every == 0 \
                     and done < settings.steps:
                 save_checkpoint(ckpt, params, opt, sched, result, done, settings.fingerprint)
