@@ -16,6 +16,7 @@ import argparse
 import contextlib
 import fcntl
 import json
+import logging
 import os
 import time
 from collections.abc import Iterator
@@ -99,6 +100,8 @@ def nm_holds(model: torch.nn.Module, n: int = 2, m: int = 4) -> bool:
     return True
 
 
+RECOVERIES = ("lora", "lora-masked", "distill")
+
 TRAIN_OPTIONS = ("data", "tokens", "seqlen", "batch_size", "lr", "lora_r")
 """Options that change only the recovery rows: the dense and pruned rows (and pruned models) are reused."""
 
@@ -116,6 +119,8 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--batch-size", type=int, default=2)
     ap.add_argument("--lr", type=float, default=5e-4)
     ap.add_argument("--lora-r", type=int, default=8)
+    ap.add_argument("--eval-every", type=int, default=0, help="held-out loss every this many training steps, "
+                    "logged as it is measured (0: before and after only)")
     ap.add_argument("--eval", default="wikitext2")
     ap.add_argument("--eval-windows", type=int, default=8)
     ap.add_argument("--eval-seqlen", type=int, default=256)
@@ -123,6 +128,8 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--limit", type=int, default=40)
     ap.add_argument("--cuts", default=",".join(CUTS), help=f"comma-separated, of {', '.join(CUTS)}; two "
                     "processes may share a --cache with different --cuts")
+    ap.add_argument("--recoveries", default=",".join(RECOVERIES), help=f"comma-separated, of {', '.join(RECOVERIES)} "
+                    "(lora-masked: SparseGPT 2:4 only); a budget point may run LoRA alone")
     ap.add_argument("--summary-only", action="store_true", help="only rewrite --json from the cached rows")
     ap.add_argument("--cache", default=str(HERE / ".cache" / "recovery_real"))
     ap.add_argument("--json", default=str(HERE / "results" / "recovery_real.json"))
@@ -131,6 +138,7 @@ def parse_args() -> argparse.Namespace:
 
 def main() -> int:
     args = parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     if not Path(args.model, "config.json").is_file():
         emit({"skipped": f"no model at {args.model}: run ../shared/models/fetch-real-models"})
         return 0
@@ -140,9 +148,12 @@ def main() -> int:
     unknown = sorted(set(args.cuts.split(",")) - set(CUTS))
     if unknown:
         raise SystemExit(f"unknown cuts {unknown}: choose from {', '.join(CUTS)}")
+    unknown = sorted(set(args.recoveries.split(",")) - set(RECOVERIES))
+    if unknown:
+        raise SystemExit(f"unknown recoveries {unknown}: choose from {', '.join(RECOVERIES)}")
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     cache = Path(args.cache)
-    skip = {"cache", "json", "cuts", "summary_only"}
+    skip = {"cache", "json", "cuts", "recoveries", "summary_only", "eval_every"}  # eval_every: logging only
     base = {k: v for k, v in vars(args).items() if k not in skip | set(TRAIN_OPTIONS)}
     pruned_rows = Rows(cache / "rows", base)
     rows = Rows(cache / "rows", {**base, **{k: getattr(args, k) for k in TRAIN_OPTIONS}})
@@ -214,14 +225,15 @@ def variants(cut: str, args: argparse.Namespace) -> dict[str, dict[str, Any]]:
     if cut.startswith("sparsegpt"):
         out["lora-masked"] = {"mode": "lora", "lora_masked": True}
     out["distill"] = {"mode": "distill", "teacher": args.model}
-    return out
+    wanted = args.recoveries.split(",")
+    return {name: opts for name, opts in out.items() if name in wanted}
 
 
 def recover(pruned_dir: Path, cut: str, opts: dict[str, Any], tok: Any, args: argparse.Namespace) -> dict[str, Any]:
     model = pare.load(pruned_dir)
     history = [Report.from_dict(d) for d in manifest_stages(read_manifest(pruned_dir))]
     cfg = RecoverConfig(data=args.data, tokens=args.tokens, seqlen=args.seqlen, batch_size=args.batch_size,
-                        lr=args.lr, lora_r=args.lora_r, lora_alpha=2.0 * args.lora_r, eval_every=0,
+                        lr=args.lr, lora_r=args.lora_r, lora_alpha=2.0 * args.lora_r, eval_every=args.eval_every,
                         eval_windows=8, **opts)
     rep = pare.run(model, [cfg], tokenizer=tok, runtime=RuntimeConfig(device=args.device, progress=False),
                    history=history)[0]
