@@ -241,3 +241,49 @@ def test_dense_mode_one_pass_chooses_as_sequential_scoring_of_the_dense_model():
     ranked = pare.prune(model, ExpertsConfig(num_experts=5, allocation="global"), CALIB, runtime=QUIET)
     for row_dense, row_ranked in zip(dense.scores["experts"], ranked.scores["experts"], strict=True):
         torch.testing.assert_close(torch.tensor(row_dense["scores"]), torch.tensor(row_ranked["scores"]))
+
+
+def _full_forwards(monkeypatch) -> None:
+    """Sequential expert pruning with a full forward of every pruned layer (no block replay)."""
+    from pare.methods.experts import ExpertsPruner
+
+    monkeypatch.setattr(ExpertsPruner, "_replayable", lambda *_: False)
+
+
+@pytest.mark.parametrize("model_type", MOE_ARCHS)
+def test_sequential_replay_matches_full_forwards(model_type, monkeypatch):
+    """Sequential removal runs each layer once and updates its outputs from the MoE block alone (only
+    tokens whose routing changed run their experts again): the scores, the experts kept and the pruned
+    model equal those of a full forward of every pruned layer."""
+    replayed = moe_model(model_type)
+    got = pare.prune(replayed, ExpertsConfig(num_experts=5), CALIB, runtime=QUIET).scores["experts"]
+    reference = moe_model(model_type)
+    with monkeypatch.context() as m:
+        _full_forwards(m)
+        want = pare.prune(reference, ExpertsConfig(num_experts=5), CALIB, runtime=QUIET).scores["experts"]
+    assert [r["kept"] for r in got] == [r["kept"] for r in want]
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(torch.tensor(a["scores"]), torch.tensor(b["scores"]), rtol=1e-5, atol=1e-7)
+    rerouted = [r["rerouted_tokens"] for r in got[:-1]]  # the last layer's outputs are not needed
+    assert all(0 < n <= CALIB.numel() for n in rerouted) and "rerouted_tokens" not in got[-1]
+    torch.testing.assert_close(_logits(replayed), _logits(reference), rtol=1e-5, atol=1e-5)
+
+
+def test_a_layer_that_does_not_add_its_block_output_gets_full_forwards(monkeypatch):
+    """A layer whose output is not residual + block output (here: a hook doubles it) fails the check
+    against a full forward, and its outputs are recomputed in full, as without the replay."""
+
+    def doubled(model):
+        for layer in describe(model).layer_modules(model):
+            layer.register_forward_hook(lambda _m, _a, out: (out[0] * 2, *out[1:]) if isinstance(out, tuple)
+                                        else out * 2)
+        return model
+
+    replayed, reference = doubled(moe_model("qwen3_moe")), doubled(moe_model("qwen3_moe"))
+    got = pare.prune(replayed, ExpertsConfig(num_experts=5), CALIB, runtime=QUIET).scores["experts"]
+    with monkeypatch.context() as m:
+        _full_forwards(m)
+        want = pare.prune(reference, ExpertsConfig(num_experts=5), CALIB, runtime=QUIET).scores["experts"]
+    assert [r["kept"] for r in got] == [r["kept"] for r in want]
+    for a, b in zip(got[1:], want[1:], strict=True):  # from layer 1 on, inputs depend on the fallback
+        torch.testing.assert_close(torch.tensor(a["scores"]), torch.tensor(b["scores"]), rtol=1e-5, atol=1e-7)
