@@ -287,3 +287,27 @@ def test_a_layer_that_does_not_add_its_block_output_gets_full_forwards(monkeypat
     assert [r["kept"] for r in got] == [r["kept"] for r in want]
     for a, b in zip(got[1:], want[1:], strict=True):  # from layer 1 on, inputs depend on the fallback
         torch.testing.assert_close(torch.tensor(a["scores"]), torch.tensor(b["scores"]), rtol=1e-5, atol=1e-7)
+
+
+def test_a_block_that_calls_its_experts_twice_gets_full_forwards(monkeypatch):
+    """A MoE block whose forward calls its experts module more than once cannot be replayed from one
+    recorded call: pruning falls back to a full forward of each pruned layer and matches that path."""
+
+    def twice(model):
+        for layer in describe(model).layer_modules(model):
+            def again(block, args, _out):
+                hidden = args[0].reshape(-1, args[0].shape[-1])
+                _logits, weights, index = block.gate(hidden)
+                block.experts(hidden, index, weights)  # a second call; its result is not used
+            layer.mlp.register_forward_hook(again)
+        return model
+
+    replayed, reference = twice(moe_model("qwen3_moe")), twice(moe_model("qwen3_moe"))
+    got = pare.prune(replayed, ExpertsConfig(num_experts=5), CALIB, runtime=QUIET).scores["experts"]
+    with monkeypatch.context() as m:
+        _full_forwards(m)
+        want = pare.prune(reference, ExpertsConfig(num_experts=5), CALIB, runtime=QUIET).scores["experts"]
+    assert all("rerouted_tokens" not in r for r in got)
+    assert [r["kept"] for r in got] == [r["kept"] for r in want]
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(torch.tensor(a["scores"]), torch.tensor(b["scores"]), rtol=1e-5, atol=1e-7)

@@ -51,6 +51,10 @@ class BlockCall:
     experts_out: torch.Tensor
 
 
+class NotReplayable(RuntimeError):
+    """The MoE block did not call its experts module exactly once per call: its calls cannot be replayed."""
+
+
 def _first(out: Any) -> torch.Tensor:
     return out[0] if isinstance(out, (tuple, list)) else out
 
@@ -62,6 +66,9 @@ def record_blocks(block: nn.Module, experts: nn.Module, calls: list[BlockCall]) 
     The experts module's routing is read by a pre-hook that runs before any other (a statistics hook
     may hand the module other rows), its output by a forward hook that runs after the others (the
     output the block goes on with). Hooks are always removed.
+
+    Raises:
+        NotReplayable: a call of ``block`` did not call ``experts`` exactly once.
     """
     routing: list[tuple[torch.Tensor, torch.Tensor]] = []
     outputs: list[torch.Tensor] = []
@@ -75,8 +82,7 @@ def record_blocks(block: nn.Module, experts: nn.Module, calls: list[BlockCall]) 
 
     def after_block(_module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
         if len(routing) != 1 or len(outputs) != 1:
-            raise RuntimeError(f"the MoE block called its experts {len(routing)} times in one forward; "
-                               "its outputs cannot be replayed")
+            raise NotReplayable(f"the MoE block called its experts {len(routing)} times in one forward")
         (index, weights), experts_out = routing.pop(), outputs.pop()
         calls.append(BlockCall(args, kwargs, _first(output).detach(), index, weights, experts_out))
 
@@ -129,4 +135,4 @@ def replay_block(block: nn.Module, experts: nn.Module, call: BlockCall, kept: to
     return out, sum(ran)
 
 
-__all__ = ["BlockCall", "record_blocks", "replay_block"]
+__all__ = ["BlockCall", "NotReplayable", "record_blocks", "replay_block"]

@@ -38,7 +38,7 @@ from pare.arch.surgery.experts import (
     remove_experts,
     sync_expert_config,
 )
-from pare.calibration.moe_replay import BlockCall, record_blocks, replay_block
+from pare.calibration.moe_replay import BlockCall, NotReplayable, record_blocks, replay_block
 from pare.calibration.runner import LayerStep
 from pare.calibration.stats import RoutingStats, record_routing, record_routing_once
 from pare.config import PruneConfig, check_ratio, help_field, register
@@ -168,8 +168,10 @@ class ExpertsPruner(StructuralPruner):
                 if ex is None:
                     continue
                 if sequential and step.index < last and self._replayable(step, ex):
-                    rows.append(self._prune_replaying(ctx, step, ex, top_k))
-                    continue
+                    row = self._prune_replaying(ctx, step, ex, top_k)
+                    if row is not None:
+                        rows.append(row)
+                        continue
                 st = self._record(step, ex.num_experts, keep_outputs=not sequential and step.index < last)
                 layer_scores = ops.expert_scores(cfg.importance, st.sums, st.tokens)
                 rows.append(self._cut(ctx, step.index, st, layer_scores, cfg.kept(ex.num_experts), top_k))
@@ -209,8 +211,9 @@ class ExpertsPruner(StructuralPruner):
                 and self._additive.get(type(step.layer), True))
 
     def _prune_replaying(self, ctx: PruneContext, step: LayerStep, ex: ExpertsRoles,
-                         top_k: int | None) -> dict[str, Any]:
-        """Score, cut and update one layer's outputs with a single forward of the layer.
+                         top_k: int | None) -> dict[str, Any] | None:
+        """Score, cut and update one layer's outputs with a single forward of the layer (None, nothing
+        cut, when the block cannot be recorded for a replay: the caller takes the two-forward path).
 
         The forward records the routing statistics and every call of the MoE block; after the cut the
         outputs become ``y + block_new(x) - block_old(x)``, the pruned block run on its recorded inputs
@@ -225,8 +228,15 @@ class ExpertsPruner(StructuralPruner):
         calls: list[BlockCall] = []
         unchecked = type(step.layer) not in self._additive
         recording = record_routing_once(experts, st) if st.outputs else record_routing(experts, st)
-        with recording, record_blocks(block, experts, calls):
-            outputs = step.run(keep_outputs=True) if unchecked else step.run(replace_inputs=True)
+        try:
+            with recording, record_blocks(block, experts, calls):
+                outputs = step.run(keep_outputs=True) if unchecked else step.run(replace_inputs=True)
+        except NotReplayable as exc:
+            if not unchecked:  # the inputs were already replaced: a class that passed cannot fail later
+                raise
+            log.info("%s: %s; its outputs are recomputed with full forwards", type(step.layer).__name__, exc)
+            self._additive[type(step.layer)] = False
+            return None
         assert outputs is not None
         layer_scores = ops.expert_scores(cfg.importance, st.sums, st.tokens)
         row = self._cut(ctx, step.index, st, layer_scores, cfg.kept(ex.num_experts), top_k)
