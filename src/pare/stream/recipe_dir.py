@@ -23,7 +23,6 @@ prune, with its ``.stage-K.stream/`` work directory while it runs):
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import json
 import logging
@@ -39,7 +38,7 @@ import torch
 from pare.config import CalibrationConfig, PruneConfig, RuntimeConfig
 from pare.errors import ConfigError
 from pare.io.outdir import MANIFEST, saved_model_problem
-from pare.io.partial import WORK_FILE, replace_atomically
+from pare.io.partial import WORK_FILE, lock_exclusive, replace_atomically
 
 log = logging.getLogger(__name__)
 
@@ -213,13 +212,8 @@ class RecipeWork:
             tmp.write_text(json.dumps({"pare": "streamed recipe", "out": str(self.out), "settings": self.settings},
                                       indent=1), encoding="utf-8")
             replace_atomically(tmp, self.path / RECORD)
-        fd = os.open(self.path / LOCK, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            raise ConfigError(f"another pare process runs a streamed recipe to {str(self.out)!r} (its work directory "
-                              f"{str(self.path)!r} is locked): wait for it, or choose another --out") from None
+        fd = lock_exclusive(self.path / LOCK, f"another pare process runs a streamed recipe to {str(self.out)!r} "
+                            f"(its work directory {str(self.path)!r} is locked): wait for it, or choose another --out")
         try:
             yield self
         finally:
