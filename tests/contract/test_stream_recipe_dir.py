@@ -34,8 +34,17 @@ def configs() -> list[pare.PruneConfig]:
 
 
 def run(src: Path, out: Path, resume: bool = False, overwrite: bool = False, ids=None):
-    return stream_recipe(str(src), configs(), out, tiny_batch(4, 16) if ids is None else ids, None, RUNTIME,
-                         StreamConfig(stream=True, resume=resume), batch_size=2, overwrite=overwrite)
+    return stream_recipe(
+        str(src),
+        configs(),
+        out,
+        tiny_batch(4, 16) if ids is None else ids,
+        None,
+        RUNTIME,
+        StreamConfig(stream=True, resume=resume),
+        batch_size=2,
+        overwrite=overwrite,
+    )
 
 
 def interrupted_after_stage_one(src: Path, out: Path, monkeypatch: pytest.MonkeyPatch, also=None) -> None:
@@ -90,8 +99,9 @@ def test_resume_with_other_settings_is_refused(src: Path, tmp_path: Path, monkey
     assert (out / "pare.json").is_file() and not recipe_work_dir(out).exists()
 
 
-def test_user_files_in_the_work_directory_are_never_deleted(src: Path, tmp_path: Path,
-                                                            monkeypatch: pytest.MonkeyPatch, caplog) -> None:
+def test_user_files_in_the_work_directory_are_never_deleted(
+    src: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog
+) -> None:
     out = tmp_path / "out"
     work = recipe_work_dir(out)
     interrupted_after_stage_one(src, out, monkeypatch, also=lambda: (work / "mine.txt").write_text("keep"))
@@ -103,8 +113,9 @@ def test_user_files_in_the_work_directory_are_never_deleted(src: Path, tmp_path:
     assert "mine.txt" in caplog.text
 
 
-def test_a_published_run_killed_before_removing_its_work_directory(src: Path, tmp_path: Path,
-                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_published_run_killed_before_removing_its_work_directory(
+    src: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     out = tmp_path / "out"
     monkeypatch.setattr(RecipeWork, "remove", lambda self: None)  # killed right after publishing
     run(src, out)
@@ -130,8 +141,9 @@ def test_a_deletion_killed_midway_is_finished_by_the_next_run(src: Path, tmp_pat
     assert not aside.exists() and foreign.is_dir()
 
 
-def test_two_runs_to_one_output_do_not_share_the_work_directory(src: Path, tmp_path: Path,
-                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+def test_two_runs_to_one_output_do_not_share_the_work_directory(
+    src: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     out = tmp_path / "out"
     interrupted_after_stage_one(src, out, monkeypatch)
     settings = recipe_settings(str(src), configs(), tiny_batch(4, 16), RUNTIME, 2, None)

@@ -54,21 +54,41 @@ def recipe_work_dir(out: str | Path) -> Path:
     return out.parent / f".{out.name}.recipe"
 
 
-def recipe_settings(source: str, configs: Sequence[PruneConfig], calibration: CalibrationConfig | torch.Tensor | None,
-                    runtime: RuntimeConfig, batch_size: int | None, dtype: torch.dtype | None) -> dict[str, Any]:
+def recipe_settings(
+    source: str,
+    configs: Sequence[PruneConfig],
+    calibration: CalibrationConfig | torch.Tensor | None,
+    runtime: RuntimeConfig,
+    batch_size: int | None,
+    dtype: torch.dtype | None,
+) -> dict[str, Any]:
     """What must not change between a streamed recipe and its ``--resume`` (JSON)."""
     root = Path(source)
-    files = {p.name: [p.stat().st_size, int(p.stat().st_mtime)] for p in sorted(root.glob("*.safetensors"))} \
-        if root.is_dir() else {}
+    files = (
+        {p.name: [p.stat().st_size, int(p.stat().st_mtime)] for p in sorted(root.glob("*.safetensors"))}
+        if root.is_dir()
+        else {}
+    )
     if isinstance(calibration, torch.Tensor):
         calib: Any = hashlib.sha256(calibration.to(torch.int64).contiguous().numpy().tobytes()).hexdigest()
     else:
         calib = None if calibration is None else calibration.to_dict()
-    return json.loads(json.dumps({
-        "source": str(root.absolute()) if root.is_dir() else source, "files": files,
-        "stages": [c.to_dict() for c in configs], "calibration": calib, "batch_size": batch_size,
-        "dtype": str(dtype), "sequential": runtime.sequential, "device": runtime.device,
-        "devices": list(runtime.devices)}, default=str))
+    return json.loads(
+        json.dumps(
+            {
+                "source": str(root.absolute()) if root.is_dir() else source,
+                "files": files,
+                "stages": [c.to_dict() for c in configs],
+                "calibration": calib,
+                "batch_size": batch_size,
+                "dtype": str(dtype),
+                "sequential": runtime.sequential,
+                "device": runtime.device,
+                "devices": list(runtime.devices),
+            },
+            default=str,
+        )
+    )
 
 
 def _own(entry: Path) -> bool:
@@ -154,27 +174,39 @@ class RecipeWork:
             return
         if path.is_symlink() or not path.is_dir():
             kind = "a symbolic link" if path.is_symlink() else "a file"
-            raise ConfigError(f"{str(path)!r}, where a streamed recipe to {str(self.out)!r} keeps its intermediate "
-                              f"models, is {kind}: pare will not write through it nor remove it; remove it yourself, "
-                              "or choose another --out")
+            raise ConfigError(
+                f"{str(path)!r}, where a streamed recipe to {str(self.out)!r} keeps its intermediate "
+                f"models, is {kind}: pare will not write through it nor remove it; remove it yourself, "
+                "or choose another --out"
+            )
         record = self._record()
         if record is None:
-            raise ConfigError(f"{str(path)!r}, where a streamed recipe to {str(self.out)!r} keeps its intermediate "
-                              f"models, exists but was not made by pare (no readable {RECORD}): pare will not write "
-                              "into it nor remove it; remove it yourself, or choose another --out")
+            raise ConfigError(
+                f"{str(path)!r}, where a streamed recipe to {str(self.out)!r} keeps its intermediate "
+                f"models, exists but was not made by pare (no readable {RECORD}): pare will not write "
+                "into it nor remove it; remove it yourself, or choose another --out"
+            )
         if self._published_by(record) and not self.foreign():
-            log.warning("removing %s: the intermediate models of the streamed recipe that published %s (it was "
-                        "stopped before it removed them)", path, self.out)
+            log.warning(
+                "removing %s: the intermediate models of the streamed recipe that published %s (it was "
+                "stopped before it removed them)",
+                path,
+                self.out,
+            )
             self.remove()
             return
         if not resume:
-            raise ConfigError(f"an interrupted streamed recipe to {str(self.out)!r} left its finished stages in "
-                              f"{str(path)!r}: pass --resume to continue it, or remove that directory to start over")
+            raise ConfigError(
+                f"an interrupted streamed recipe to {str(self.out)!r} left its finished stages in "
+                f"{str(path)!r}: pass --resume to continue it, or remove that directory to start over"
+            )
         before = record.get("settings") or {}
         changed = sorted(k for k in {*before, *self.settings} if before.get(k) != self.settings.get(k))
         if changed:
-            raise ConfigError(f"--resume: the interrupted streamed recipe to {str(self.out)!r} used other settings "
-                              f"({changed}); resume with the same ones, or remove {str(path)!r} to start over")
+            raise ConfigError(
+                f"--resume: the interrupted streamed recipe to {str(self.out)!r} used other settings "
+                f"({changed}); resume with the same ones, or remove {str(path)!r} to start over"
+            )
 
     def _record(self) -> dict[str, Any] | None:
         return _read_record(self.path / RECORD)
@@ -189,7 +221,7 @@ class RecipeWork:
         except (OSError, ValueError):
             return False
         done = [s.get("config") for s in manifest_stages(manifest)] if isinstance(manifest, dict) else []
-        return isinstance(stages, list) and bool(stages) and done[-len(stages):] == stages
+        return isinstance(stages, list) and bool(stages) and done[-len(stages) :] == stages
 
     def foreign(self) -> list[str]:
         """Entries of the work directory that a streamed recipe does not write."""
@@ -209,11 +241,16 @@ class RecipeWork:
         self.path.mkdir(exist_ok=True)
         if self._record() is None:
             tmp = self.path / (RECORD + ".partial")
-            tmp.write_text(json.dumps({"pare": "streamed recipe", "out": str(self.out), "settings": self.settings},
-                                      indent=1), encoding="utf-8")
+            tmp.write_text(
+                json.dumps({"pare": "streamed recipe", "out": str(self.out), "settings": self.settings}, indent=1),
+                encoding="utf-8",
+            )
             replace_atomically(tmp, self.path / RECORD)
-        fd = lock_exclusive(self.path / LOCK, f"another pare process runs a streamed recipe to {str(self.out)!r} "
-                            f"(its work directory {str(self.path)!r} is locked): wait for it, or choose another --out")
+        fd = lock_exclusive(
+            self.path / LOCK,
+            f"another pare process runs a streamed recipe to {str(self.out)!r} "
+            f"(its work directory {str(self.path)!r} is locked): wait for it, or choose another --out",
+        )
         try:
             yield self
         finally:
@@ -238,8 +275,12 @@ class RecipeWork:
                     shutil.rmtree(entry, ignore_errors=True)
                 else:
                     entry.unlink(missing_ok=True)
-        log.warning("left %s in place: it holds entries a streamed recipe does not write (%s); its intermediate "
-                    "models were removed, remove the rest yourself", self.path, ", ".join(others[:5]))
+        log.warning(
+            "left %s in place: it holds entries a streamed recipe does not write (%s); its intermediate "
+            "models were removed, remove the rest yourself",
+            self.path,
+            ", ".join(others[:5]),
+        )
 
     def _remove_deleted(self) -> None:
         """Finish deleting what a run killed in :meth:`remove` renamed aside (its process is gone)."""
@@ -248,8 +289,14 @@ class RecipeWork:
         pattern = re.compile(rf"{re.escape(self.path.name)}\.del-(\d+)")
         for entry in self.path.parent.iterdir():
             m = pattern.fullmatch(entry.name)
-            if m and not entry.is_symlink() and entry.is_dir() and not _alive(int(m.group(1))) \
-                    and _is_record(entry / RECORD):
+            if (
+                m
+                and not entry.is_symlink()
+                and entry.is_dir()
+                and not _alive(int(m.group(1)))
+                and _is_record(entry / RECORD)
+            ):
                 _delete_record_last(entry)
-                log.warning("removed %s, left behind by a streamed recipe to %s stopped while deleting it",
-                            entry, self.out)
+                log.warning(
+                    "removed %s, left behind by a streamed recipe to %s stopped while deleting it", entry, self.out
+                )
