@@ -45,6 +45,7 @@ from pare.ops.sparsegpt import (
     inverse_hessian_factor,
     sparsegpt_prune_factored,
     sparsegpt_prune_rows,
+    stack_rows_fp32,
 )
 
 log = logging.getLogger(__name__)
@@ -210,10 +211,11 @@ class SparseGPTPruner(QuantAccounting, SparsityPruner):
         for t, w in zip(targets, ws, strict=True):
             check_finite_weight(w, t.name)
         factor = self._factor(stats, ws[0].dtype)
-        w = torch.cat([x.float() for x in ws])
+        w = stack_rows_fp32(ws, factor.U.device)
         if self.scheme is None:
             pruned, row_loss = sparsegpt_prune_rows(w, factor, sparsity, cfg.nm, cfg.blocksize, cfg.mask_group,
-                                                    cfg.nm_select)
+                                                    cfg.nm_select, overwrite=True)
+            del w  # now the storage of ``pruned``
         else:
             res = self._joint(w, factor, stats, sparsity, self.scheme.for_weight(ws[0].dtype))
             pruned, row_loss = res.weight, res.row_loss
@@ -223,7 +225,7 @@ class SparseGPTPruner(QuantAccounting, SparsityPruner):
             start += x.shape[0]
             self.losses[t.name] = float(row_loss[rows].sum())
             if self.scheme is None:
-                x.copy_(pruned[rows].to(device=x.device, dtype=x.dtype))
+                x.copy_(pruned[rows])  # converts in place: no second copy of the rows
             else:
                 record_quantized(x, pruned[rows], t.name, self.inexact)
                 self._count_bits(t, x)
