@@ -221,3 +221,28 @@ def test_two_gpus_equal_one(method: str) -> None:
     report = Pipeline(two, [config], runtime).run(ids, batch_size=2)[0]
     assert report.runtime["devices"] == ["cuda:0", "cuda:1"]
     assert_same_up_to_rounding(one.state_dict(), two.state_dict())
+
+
+def test_a_split_streamed_run_resumes_only_split_alike(tmp_path: Path) -> None:
+    src = saved(tmp_path, "llama")
+    ids = tiny_batch(8, 16)
+    config = pare.SparseGPTConfig(sparsity=0.5)
+
+    def streamed(out: Path, devices: list[str] | None, resume: bool = False, event=None) -> Path:
+        plan = plan_stream(
+            str(src), config, out, ids, None, RUNTIME, StreamConfig(stream=True), batch_size=2, devices=devices
+        )
+        return stream_prune(plan, RUNTIME, resume=resume, event=event)[1]
+
+    def stop_after_layer_one(stage: str, layer: int) -> None:
+        if (stage, layer) == ("recorded", 1):
+            raise KeyboardInterrupt
+
+    whole = streamed(tmp_path / "whole", ["cpu", "cpu"])
+    with pytest.raises(KeyboardInterrupt):
+        streamed(tmp_path / "o", ["cpu", "cpu"], event=stop_after_layer_one)
+    with pytest.raises(ConfigError, match=r"other settings \(\['devices'\]\)"):
+        streamed(tmp_path / "o", None, resume=True)  # one device would sum in another order
+    out = streamed(tmp_path / "o", ["cpu", "cpu"], resume=True)
+    a, b = (AutoModelForCausalLM.from_pretrained(p).state_dict() for p in (whole, out))
+    assert all(torch.equal(a[k], b[k]) for k in a)

@@ -170,7 +170,8 @@ def stream_prune(plan: StreamPlan, runtime: RuntimeConfig, *, resume: bool = Fal
                               f"{record.get('done', -1) + 1} of {plan.arch.num_layers} done) in {str(part.work)!r}: "
                               "pass --resume to continue it, or remove that directory to start over")
         if record is not None and record.get("fingerprint") != wanted:
-            changed = sorted(k for k in wanted if (record.get("fingerprint") or {}).get(k) != wanted[k])
+            before = record.get("fingerprint") or {}
+            changed = sorted(k for k in {*before, *wanted} if before.get(k) != wanted.get(k))
             raise ConfigError(f"--resume: the interrupted run to {str(plan.out)!r} used other settings ({changed}); "
                               f"resume with the same ones, or remove {str(part.work)!r} to start over")
         if record is None:
