@@ -290,8 +290,8 @@ class QuantizePruner(QuantAccounting, Pruner):
         """Solve ``targets`` in call order (:class:`InlineSolver`); False, with the weights put back,
         when the layer's matrices do not read their inputs as its roles say (record it otherwise).
         With one batch the forward that solved the layer gave its outputs (``step.dense_outputs``)."""
-        if not step.inputs or any(t.expert is not None for t in targets):
-            return False
+        if not step.inputs or step.replicas is not None or any(t.expert is not None for t in targets):
+            return False  # nothing recorded, batches split across devices (layer copies), or fused experts
         saved = [t.weight().clone() for t in targets]
         accounting = self.layer_state()
         solver = InlineSolver(role_groups(step.layer, step.roles, targets), lambda: InputStats(want_gram=True),
