@@ -8,8 +8,10 @@ import torch
 from pare.errors import ConfigError
 from pare.ops.quant.bits import matrix_bits
 from pare.ops.quant.scheme import QuantScheme
+from pare.reporting.plots import PALETTE
 from pare.study.grid import build_grid, parse_orders, parse_prune, parse_quant
 from pare.study.pareto import best_within, pareto_front
+from pare.study.report import distinct_colours, matrix_budget_bytes
 from pare.study.storage import cheapest_layout, holds_nm
 
 
@@ -147,3 +149,23 @@ def test_storage_layouts() -> None:
     most = W.clone()
     most[:, :56] = 0
     assert cheapest_layout(most, None)[0] == "bitmask"
+
+
+def _result(pid: str, bytes_: int, matrix: int, other: int) -> dict:
+    return {"point": {"id": pid, "prune": "none", "quant": pid, "order": "-"}, "bytes": bytes_,
+            "matrix_bytes": matrix, "other_bytes": other}
+
+
+def test_matrix_budget_sits_on_the_bytes_axis() -> None:
+    results = [_result("int4", 60, 30, 30), _result("dense", 150, 120, 30)]
+    assert matrix_budget_bytes(results, 0.25) == 30 + 0.25 * 120
+    assert matrix_budget_bytes(results, 0.125) == 45.0
+    assert matrix_budget_bytes(results[:1], 0.25) is None  # no dense point: no reference
+
+
+def test_quantization_specs_get_distinct_colours() -> None:
+    pytest.importorskip("matplotlib")
+    assert distinct_colours(3) == list(PALETTE[:3])
+    for n in (len(PALETTE) + 1, 20):
+        colours = distinct_colours(n)
+        assert len(colours) == n and len(set(colours)) == n
