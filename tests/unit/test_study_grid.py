@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from pare.errors import ConfigError
+from pare.methods.quantize import QuantizeConfig
 from pare.ops.quant.bits import matrix_bits
 from pare.ops.quant.scheme import QuantScheme
 from pare.reporting.plots import PALETTE
@@ -169,3 +170,35 @@ def test_quantization_specs_get_distinct_colours() -> None:
     for n in (len(PALETTE) + 1, 20):
         colours = distinct_colours(n)
         assert len(colours) == n and len(set(colours)) == n
+
+
+def test_quant_spec_options() -> None:
+    q = parse_quant("GPTQ-int4-g64, act-order=True ,damp=0.1")
+    assert q.label == "gptq-int4-g64,act_order=true,damp=0.1"
+    assert q.options == (("act_order", True), ("damp", 0.1))
+    cfg = q.config()
+    assert cfg.algorithm == "gptq" and cfg.act_order and cfg.damp == 0.1 and cfg.group_size == 64
+    rtn = q.config("rtn")  # the quantize-first re-rounding: GPTQ's own options left out
+    assert rtn.algorithm == "rtn" and not rtn.act_order and rtn.damp == QuantizeConfig().damp
+    assert parse_quant("int4-g64").label == "int4-g64" and parse_quant("int4-g64").options == ()
+    points = build_grid("none; sparsegpt:2:4", "gptq-int4-g64,act_order=true", "prune-first,quant-first,joint")
+    ids = [p.id for p in points]
+    assert ids == ["gptq-int4-g64-act_order-true".replace("_", "-"),
+                   "sparsegpt-2-4__gptq-int4-g64-act-order-true__prune-first",
+                   "sparsegpt-2-4__gptq-int4-g64-act-order-true__quant-first",
+                   "sparsegpt-2-4__int4-g64__joint"]  # the joint pass shares the spec's scheme only
+    assert points[0].stages[0]["act_order"] is True
+    assert points[2].stages[0]["act_order"] is True and points[2].stages[2]["act_order"] is False
+
+
+@pytest.mark.parametrize(("spec", "words"), [
+    ("gptq-int4-g64,act_order", ["KEY=VALUE", "act_order=true"]),
+    ("gptq-int4-g64,group_size=32", ["group_size is set by the spec"]),
+    ("int4-g64,act_order=true", ["act_order applies to GPTQ only", "gptq-int4-g64,"]),
+    ("gptq-int4-g64,bogus=1", ["bogus"]),
+])
+def test_bad_quant_spec_options(spec: str, words: list[str]) -> None:
+    with pytest.raises(ConfigError) as err:
+        parse_quant(spec)
+    for w in words:
+        assert w in str(err.value)
