@@ -193,13 +193,13 @@ def _quality_plot(results: list[dict[str, Any]], ref: int | None, key: str, lowe
     for r in front:
         ax.annotate(_label(r), (r["bytes"] / 1e6, r[key]), fontsize=6.5, xytext=(3, 3), textcoords="offset points")
     for frac in BUDGETS[1:]:
-        for at, style, text, dy in ((ref * frac if ref else None, "--", f"{frac:.1%}", -10),
-                                    (matrix_budget_bytes(results, frac), ":", f"{frac:.1%} matrices", -20)):
+        for at, style, text in ((ref * frac if ref else None, "--", f"{frac:.1%}"),
+                                (matrix_budget_bytes(results, frac), ":", f"{frac:.1%} of matrices")):
             if at is None:
                 continue
             ax.axvline(at / 1e6, color="#c0392b", linestyle=style, linewidth=0.8)
-            ax.annotate(text, (at / 1e6, 1), xycoords=("data", "axes fraction"), fontsize=7,
-                        color="#c0392b", xytext=(2, dy), textcoords="offset points")
+            ax.annotate(text, (at / 1e6, 1), xycoords=("data", "axes fraction"), fontsize=7, rotation=90,
+                        color="#c0392b", xytext=(-9, -3), textcoords="offset points", va="top")
     for q in quants:
         ax.scatter([], [], color=colours[quants.index(q)], marker="o", label=f"quant {q}")
     for pr in prunes:
