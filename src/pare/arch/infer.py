@@ -201,6 +201,7 @@ def _experts(layer: nn.Module, modules: dict[str, nn.Module], config: Any) -> Ex
         down_shape = getattr(module, dn).shape
         if last == 2 * down_shape[1] and two_i == down_shape[2]:
             two_i = last  # gpt-oss stores gate_up as [E, H, 2I] and down as [E, I, H]
+        num_experts = min(num_experts, down_shape[0])  # LongCat's gate_up also holds unused rows of its zero experts
         shared = None
         name = next((n for n in ("shared_expert", "shared_experts") if f"{prefix}{n}.down_proj" in modules), None)
         if name is not None:  # Qwen2-MoE's shared_expert, DeepSeek's shared_experts (n_shared_experts wide)
