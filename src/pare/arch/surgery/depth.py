@@ -104,8 +104,9 @@ def _dense_prefix(config: Any, arch: ModelArch, kept: list[int]) -> dict[str, An
 
 def _segments(config: Any, kept: list[int], n: int) -> dict[str, int]:
     for names in SEGMENTS:
-        sizes = [getattr(config, name, None) for name in names]
-        if not all(isinstance(v, int) for v in sizes) or sum(sizes) != n:
+        values = [getattr(config, name, None) for name in names]
+        sizes = [v for v in values if isinstance(v, int)]
+        if len(sizes) != len(names) or sum(sizes) != n:
             continue
         out, start = {}, 0
         for name, size in zip(names, sizes, strict=True):
@@ -193,8 +194,8 @@ def _built(model: nn.Module, arch: ModelArch, changes: dict[str, Any] | None = N
 
     full: Any = copy.deepcopy(model.config)  # type: ignore[union-attr]
     target = decoder_config(full)
-    for cfg in {id(full): full, id(target): target}.values():
-        if isinstance(getattr(cfg, "dtype", None), str):  # left a string by save_pretrained; Apertus' xIELU needs a dtype
+    for cfg in {id(full): full, id(target): target}.values():  # save_pretrained leaves dtype a string,
+        if isinstance(getattr(cfg, "dtype", None), str):  # which Apertus' xIELU cannot build with
             cfg.dtype = getattr(torch, cfg.dtype)
     for name, value in (changes or {}).items():
         setattr(target, name, value)
