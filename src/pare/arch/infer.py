@@ -241,6 +241,11 @@ def _parent(rel: str) -> str:
 def config_head_counts(config: Any) -> tuple[int, int, int]:
     """(heads, kv_heads, head_dim) as the (text) config states them."""
     config = decoder_config(config)
+    if getattr(config, "num_attention_heads", None) is None:
+        raise UnsupportedArchitectureError(
+            f"the {getattr(config, 'model_type', '?')} config states no num_attention_heads for the decoder pare "
+            "found (an encoder-decoder text model, as Florence-2's BART, names its decoder's heads otherwise); "
+            "pare reads a decoder's head count from that field, so it does not prune this model")
     heads = int(config.num_attention_heads)
     kv = getattr(config, "num_key_value_heads", None) or heads
     head_dim = getattr(config, "head_dim", None) or int(config.hidden_size) // heads
