@@ -61,6 +61,27 @@ class InputStats:
         it) is ignored here, see :class:`RouterWeightedStats`."""
         self.add(x)
 
+    def merge_(self, other: InputStats, device: torch.device) -> None:
+        """Add ``other``'s sums (the same kind of statistics, recorded over other tokens, e.g. another
+        device's share of the batches) to these, kept on ``device``: token count, ``sq_sum`` and the
+        Gram matrix's upper block triangle (mirrored again when next read)."""
+        if type(other) is not type(self) or other.want_gram != self.want_gram:
+            raise ValueError(f"cannot add {type(other).__name__}(want_gram={other.want_gram}) statistics to "
+                             f"{type(self).__name__}(want_gram={self.want_gram})")
+        if other.extra or self.extra:
+            raise ValueError(f"{type(self).__name__} holds extra statistics that are not plain sums; they cannot "
+                             "be added across devices")
+        if other.tokens == 0:
+            return
+        self.tokens += other.tokens
+        if other.sq_sum is not None:
+            sq = other.sq_sum.to(device)
+            self.sq_sum = sq if self.sq_sum is None else self.sq_sum.to(device).add_(sq)
+        if other._gram is not None:
+            gram = other._gram.to(device)
+            self._gram = gram if self._gram is None else self._gram.to(device).add_(gram)
+            self._mirrored = False
+
     @property
     def gram(self) -> torch.Tensor | None:
         """``X^T X`` in fp32 ``[in, in]`` when asked for (SparseGPT / OBS Hessian up to 2/n), else None."""

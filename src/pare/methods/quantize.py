@@ -19,7 +19,7 @@ from torch import nn
 from pare.arch.roles import ModelArch
 from pare.arch.targets import Target, check_selection, layer_targets, select
 from pare.calibration.runner import LayerStep
-from pare.calibration.stats import InputStats, record_inputs
+from pare.calibration.stats import InputStats
 from pare.config import PruneConfig, check_regexes, help_field, register
 from pare.errors import ConfigError
 from pare.methods.base import PruneContext, Pruner
@@ -249,6 +249,9 @@ class QuantizePruner(QuantAccounting, Pruner):
     def stream_refusal(self) -> str | None:
         return None
 
+    def split_refusal(self) -> str | None:
+        return None
+
     def layer_step(self, ctx: PruneContext, step: LayerStep) -> None:
         """Quantize one layer: GPTQ from the statistics of its inputs, or RTN (no data)."""
         targets = self._selected(ctx.arch, step.index, step.layer)
@@ -258,9 +261,7 @@ class QuantizePruner(QuantAccounting, Pruner):
                     self.quantize_target(t, None)
                 return
             keep = not ctx.runtime.sequential and step.index < ctx.arch.num_layers - 1
-            stats = {t.name: InputStats(want_gram=True) for t in targets}
-            with record_inputs(targets, stats, stop_in=None if keep else step.layer, share_inputs=True):
-                outputs = step.run(replace_inputs=keep)
+            stats, outputs = step.record(targets, lambda _t: InputStats(want_gram=True), replace_inputs=keep)
             if keep:
                 step.dense_outputs = outputs  # taken before this layer is quantized, in place of its inputs
             for group in shared_input_groups(targets, stats):
