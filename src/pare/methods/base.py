@@ -37,9 +37,9 @@ from tqdm.auto import tqdm
 from pare.arch.roles import ModelArch
 from pare.arch.targets import Target, check_selection, layer_targets, select
 from pare.calibration.runner import LayerStep, LayerwiseRunner, on_device
-from pare.calibration.stats import STAT_GRAM, InputStats, SharedInputChanged
+from pare.calibration.stats import STAT_GRAM, InputStats, SharedInputChanged, expert_inputs_problem
 from pare.config import PruneConfig, RuntimeConfig, check_ratio, check_regexes, help_field
-from pare.errors import ConfigError
+from pare.errors import ConfigError, UnsupportedArchitectureError
 from pare.eval.memory import return_freed_memory
 from pare.eval.size import nonzero, nonzero_by_parameter
 from pare.ops.masks import parse_pattern
@@ -60,6 +60,22 @@ DENSE_ZEROS_NOTE = (
     "Unstructured/N:M sparsity leaves a dense checkpoint of the same size and dense speed: the zeros "
     "are stored. Gains need a sparse format or kernels (the N:M pattern is recorded for them)."
 )
+
+
+def check_expert_inputs(model: nn.Module, arch: ModelArch, targets: list[Target]) -> None:
+    """Before any work: each fused experts module among ``targets`` lets pare record its experts' inputs
+    (:func:`~pare.calibration.stats.expert_inputs_problem`), else UnsupportedArchitectureError."""
+    from pare.arch.infer import text_config
+
+    hidden = int(getattr(text_config(model), arch.fields.hidden))
+    seen: set[int] = set()
+    for t in targets:
+        if t.expert is None or id(t.module) in seen:
+            continue
+        seen.add(id(t.module))
+        why = expert_inputs_problem(t.module, t.gate_up_param or t.param, hidden)
+        if why is not None:
+            raise UnsupportedArchitectureError(why)
 
 
 @dataclass
@@ -414,6 +430,8 @@ class SparsityPruner(Pruner):
         if cfg.layer_sparsity and len(cfg.layer_sparsity) != len(per_layer):
             raise ConfigError(f"layer_sparsity has {len(cfg.layer_sparsity)} values but the model has "
                               f"{len(per_layer)} decoder layers: give one value per layer")
+        if self.stats:
+            check_expert_inputs(model, arch, [t for ts in per_layer for t in ts])
         nm = cfg.nm
         odd = [t for ts in per_layer for t in ts if nm is not None and t.shape[1] % nm[1]]
         if nm is not None and odd:
