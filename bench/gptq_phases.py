@@ -71,7 +71,8 @@ def main(a: argparse.Namespace) -> None:
         model.model.layers = model.model.layers[: a.layers]
         model.config.num_hidden_layers = a.layers
     ids = calibration_windows(AutoTokenizer.from_pretrained(a.model), "c4", a.nsamples, a.seqlen, seed=0)
-    cfg: Any = QuantizeConfig(scheme="int4", group_size=a.group_size, algorithm="gptq", act_order=True) \
+    cfg: Any = QuantizeConfig(scheme="int4", group_size=a.group_size, algorithm="gptq", act_order=True,
+                              true_sequential=a.true_sequential) \
         if a.setting == "gptq" else pare.SparseGPTConfig(pattern="2:4", quantize="int4", group_size=a.group_size)
     install()
     runtime = pare.RuntimeConfig(device="cpu", progress=False, sequential=not a.dense_inputs)
@@ -80,6 +81,7 @@ def main(a: argparse.Namespace) -> None:
     total = time.process_time() - t0
     phases = {k: round(v, 2) for k, v in sorted(SPENT.items())}
     print(json.dumps({"setting": a.setting, "layers": a.layers or "all", "dense_inputs": a.dense_inputs,
+                      "true_sequential": a.true_sequential, "batch_size": a.batch_size,
                       "cpu_seconds": phases, "total": round(total, 2),
                       "other": round(total - sum(SPENT.values()), 2)}), flush=True)
 
@@ -95,6 +97,9 @@ def parse() -> argparse.Namespace:
     p.add_argument("--group-size", type=int, default=64)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--dense-inputs", action="store_true", help="RuntimeConfig(sequential=False)")
+    p.add_argument("--true-sequential", action="store_true",
+                   help="gptq: QuantizeConfig(true_sequential=True) (with one batch, the layer's one forward is "
+                        "counted as propagate_forward)")
     return p.parse_args()
 
 

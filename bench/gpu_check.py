@@ -5,7 +5,11 @@ For each of ``--methods`` (Wanda and SparseGPT at 50% by default) on SmolLM2-135
 seconds, the peak GPU memory it allocated (``torch.cuda.max_memory_allocated`` on its device) and
 its own peak RSS; whether the streamed weights equal the in-memory ones; then ``pare eval
 --device-map auto`` of the in-memory output (accelerate's placement over the GPUs) against
-``pare eval --device DEVICE``. Without CUDA it prints ``{"skipped": ...}`` and exits 0.
+``pare eval --device DEVICE``. With two GPUs or more, each method also runs with ``--devices
+cuda:0,cuda:1`` (the calibration batches split across both), in memory and streamed, with the peak
+memory of each GPU, and its weights are compared with the one-device run's (masks equal, largest
+weight difference: the statistics are summed in another order). Without CUDA it prints
+``{"skipped": ...}`` and exits 0.
 
     python bench/gpu_check.py [--device cuda] [--model DIR] [--methods wanda,sparsegpt] [--out results.json]
 
@@ -30,19 +34,23 @@ TEXT = Path(os.environ.get("PARE_DATA_DIR", "/work/shared/data")) / "tinystories
 
 
 def child(argv: list[str], device: str) -> int:
-    """Run ``pare argv`` here and print seconds, peak GPU memory and peak RSS as the last line."""
+    """Run ``pare argv`` here and print seconds, peak GPU memory (per device when ``device`` lists
+    several, comma-separated) and peak RSS as the last line."""
     import torch
 
     from pare.cli import main
     from pare.eval.memory import peak_rss_mb
 
-    dev = torch.device(device)
-    torch.cuda.reset_peak_memory_stats(dev)
+    devs = [torch.device(d) for d in device.split(",")]
+    for dev in devs:
+        torch.cuda.reset_peak_memory_stats(dev)
     start = time.perf_counter()
     rc = main(argv)
-    torch.cuda.synchronize(dev)
+    for dev in devs:
+        torch.cuda.synchronize(dev)
+    peaks = [torch.cuda.max_memory_allocated(dev) for dev in devs]
     print(json.dumps({"rc": rc, "seconds": time.perf_counter() - start,
-                      "max_cuda_allocated_bytes": torch.cuda.max_memory_allocated(dev),
+                      "max_cuda_allocated_bytes": peaks[0] if len(devs) == 1 else peaks,
                       "peak_rss_mb": peak_rss_mb()}))
     return rc
 
@@ -68,6 +76,31 @@ def same_weights(a: Path, b: Path) -> bool:
     return sorted(sa) == sorted(sb) and all(torch.equal(sa[k], sb[k]) for k in sa)
 
 
+def compare_weights(a: Path, b: Path) -> dict:
+    """Whether the zeros of ``a`` and ``b`` are the same, and the largest weight difference."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    sa = AutoModelForCausalLM.from_pretrained(a).state_dict()
+    sb = AutoModelForCausalLM.from_pretrained(b).state_dict()
+    return {"masks_equal": sorted(sa) == sorted(sb) and all(torch.equal(sa[k] == 0, sb[k] == 0) for k in sa),
+            "max_abs_diff": max(float((sa[k].float() - sb[k].float()).abs().max()) for k in sa)}
+
+
+def two_gpus(common: list[str], method: str, work: Path, device: str) -> dict:
+    """``--devices cuda:0,cuda:1`` in memory and streamed, against the one-device in-memory output."""
+    rows: dict = {}
+    argv = [a for a in common if a not in ("--device", device)]
+    for kind, extra in (("in_memory", []), ("streamed", ["--stream"])):
+        out = work / f"{method}-two-{kind}"
+        res = run([*argv, "--devices", "cuda:0,cuda:1", "--out", str(out), *extra], "cuda:0,cuda:1")
+        report = res.pop("report", None) or {}
+        rows[kind] = {**res, "prune_seconds": report.get("prune_seconds")}
+        if "error" not in res and (work / f"{method}-in_memory").is_dir():
+            rows[kind]["against_one_device"] = compare_weights(work / f"{method}-in_memory", out)
+    return rows
+
+
 def check(args: argparse.Namespace, work: Path) -> dict:
     import torch
 
@@ -86,6 +119,8 @@ def check(args: argparse.Namespace, work: Path) -> dict:
             rows[kind] = {**res, "prune_seconds": report.get("prune_seconds")}
         if all("error" not in r for r in rows.values()):
             rows["streamed_equals_in_memory"] = same_weights(work / f"{method}-in_memory", work / f"{method}-streamed")
+        if torch.cuda.device_count() >= 2:
+            rows["two_gpus"] = two_gpus(common, method, work, args.device)
         out["methods"][method] = rows
         print(json.dumps({method: rows}), file=sys.stderr)
     first = next((m for m in out["methods"] if "error" not in out["methods"][m]["in_memory"]), None)

@@ -25,7 +25,11 @@ Settings (pare's configuration / the reference's recipe):
   ``[SparseGPTModifier(2:4), GPTQModifier(W4A16 at G)]`` recipe.
 
 pare's variants run in the same invocation (``--variants`` picks some): for ``gptq-w4a16``,
-``pare_clip`` (``clip_search``: each group's range shrunk to the least rounding error) and
+``pare_two_pass`` (``true_sequential=False``, pare's default: a recording forward per layer, then
+one with the quantized weights; the same as ``pare`` unless ``--pare-extra`` sets
+``true_sequential``, which solves each layer's matrices in call order, one forward per layer when
+``--batch-size`` covers every window), ``pare_clip`` (``clip_search``: each
+group's range shrunk to the least rounding error) and
 ``pare_dense_inputs`` (``RuntimeConfig(sequential=False)``: each layer calibrated on the dense
 model's activations, one forward per layer instead of two); for
 ``sparse24-int4``, ``pare_interleaved`` (``joint="interleaved"``: the paper's one pass, each column
@@ -34,7 +38,9 @@ masked and quantized before its error is spread), ``pare_two_stage`` (pare's own
 (``percdamp=0.1``), ``pare_nm_quant`` (interleaved, each group of 4 chosen with its kept weights'
 quantization error counted), ``pare_clip`` (``clip_search``), and the interleaved and two-stage
 passes with dampening 0.1. ``--reference-mse`` adds ``reference_mse``, the reference with its
-``memoryless_mse`` range observer; ``--reference-damp D`` adds the reference recipe with dampening D in both modifiers.
+``memoryless_mse`` range observer; ``--pare-extra JSON`` adds config fields to pare's headline run
+(recorded in the output as ``pare_extra``); ``--reference-damp D`` adds the reference recipe with
+dampening D in both modifiers.
 
 ``prune_seconds`` is the wall time of ``pare.prune`` / ``oneshot`` alone, ``cpu_seconds`` its process CPU
 time (steadier than wall time on a shared machine). The peer venv::
@@ -230,13 +236,14 @@ def main(a: argparse.Namespace) -> None:
         if setting in ("gptq-w4a16", "sparse24-int4"):
             tag += f"-g{a.group_size}"
         res: dict = {}
-        variants = [("pare", sys.executable, None)]
+        variants = [("pare", sys.executable, json.loads(a.pare_extra) if a.pare_extra else None)]
         if setting == "sparsegpt-0.5":
             variants.append(("pare_block", sys.executable, {"mask_group": "block"}))
         if setting == "sparsegpt-2:4":
             variants.append(("pare_score", sys.executable, {"nm_select": "score"}))
         if setting == "gptq-w4a16":
-            variants += [("pare_clip", sys.executable, {"clip_search": True}),
+            variants += [("pare_two_pass", sys.executable, {"true_sequential": False}),
+                         ("pare_clip", sys.executable, {"clip_search": True}),
                          ("pare_dense_inputs", sys.executable, {"sequential": False})]
         if setting == "sparse24-int4":
             variants += [("pare_interleaved", sys.executable, {"joint": "interleaved"}),
@@ -277,7 +284,8 @@ def main(a: argparse.Namespace) -> None:
                            "cpu_time_ratio": ratio(res["pare"], ref, "cpu_seconds")},
                 "dense_ppl": dense, "calibration": {"source": "c4 train", "nsamples": a.nsamples, "seqlen": a.seqlen},
                 "eval": {"text": "wikipedia/articles.utf8", "tokens": int(ev.numel()), "seqlen": a.eval_seqlen},
-                "threads": a.threads, "group_size": a.group_size,
+                "threads": a.threads, "group_size": a.group_size, "batch_size": a.batch_size,
+                "pare_extra": json.loads(a.pare_extra) if a.pare_extra else None,
                 "group_note": ("int4 groups of this size on every decoder linear for both tools (SmolLM2's 576-wide "
                                "inputs are not a multiple of 128, so g128 is impossible on q/k/v/o/gate/up)")
                 if setting in ("gptq-w4a16", "sparse24-int4") else None}
@@ -298,6 +306,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
                    help="int4 group (SmolLM2's 576-wide inputs are not a multiple of 128: both tools refuse 128)")
     p.add_argument("--timeout", type=int, default=7200)
     p.add_argument("--skip-reference", action="store_true", help="run pare only")
+    p.add_argument("--pare-extra", default="",
+                   help='JSON of config fields for pare\'s headline run, e.g. \'{"true_sequential": true}\'')
     p.add_argument("--reference-damp", type=float, default=0.0,
                    help="sparse24-int4: also run the reference recipe with this dampening in both modifiers")
     p.add_argument("--reference-mse", action="store_true",

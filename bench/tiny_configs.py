@@ -24,7 +24,7 @@ GENERIC: dict[str, Any] = {
     "num_hidden_layers": LAYERS, "n_layer": LAYERS, "n_layers": LAYERS, "num_layers": LAYERS,
     "num_attention_heads": 4, "n_head": 4, "n_heads": 4, "num_heads": 4,
     "num_key_value_heads": 2, "head_dim": 16, "attention_head_dim": 16,
-    "vocab_size": VOCAB,
+    "vocab_size": VOCAB, "unpadded_vocab_size": VOCAB,
     "moe_intermediate_size": 32, "shared_expert_intermediate_size": 48, "expert_intermediate_size": 32,
     "num_experts": 4, "num_local_experts": 4, "n_routed_experts": 4, "num_experts_per_tok": 2,
     "moe_topk": 2, "top_k": 2, "n_group": 1, "topk_group": 1, "n_shared_experts": 1,
@@ -60,6 +60,9 @@ QSA = {"indexer_n_heads": 2, "indexer_kv_heads": 1, "indexer_head_dim": 16, "ind
 """Qwen4-Exp's query-sparse attention indexer: every field or none."""
 MLA_FULL_KV = {"num_key_value_heads": 4}
 """Latent attention with a sparse indexer: as many KV heads as query heads."""
+_DOTS3_SLIDING = {"num_attention_heads": 4, "num_key_value_heads": 4, "kv_lora_rank": 16, "qk_nope_head_dim": 8}
+DOTS3 = {**MLA_FULL_KV, "head_dim": 16, "per_layer_config": {"02": _DOTS3_SLIDING, "03": _DOTS3_SLIDING}}
+"""dots3: layers 2 and 3 of the tiny model slide, with their own sizes; their head_dim = nope + rope dims."""
 
 SHRINK: dict[str, dict[str, Any]] = {
     # model_type -> extra fields (dotted into sub-configs: "text_config.head_dim"), applied last.
@@ -70,7 +73,6 @@ SHRINK: dict[str, dict[str, Any]] = {
     "recurrent_gemma": {"lru_width": 64, "block_types": ["recurrent", "recurrent", "attention"]},
     "jamba": {"attn_layer_period": 2, "attn_layer_offset": 1, "expert_layer_period": 2, "expert_layer_offset": 1,
               "mamba_dt_rank": 8, "mamba_d_conv": 4},
-    "zamba": {"attn_layer_period": 2, "attn_layer_offset": 1, "mamba_dt_rank": 8},
     "openai-gpt": {"n_positions": 512},
     "gemma3": {"mm_tokens_per_image": 4},
     "zaya": {"num_experts_per_tok": 1},
@@ -78,9 +80,23 @@ SHRINK: dict[str, dict[str, Any]] = {
     "deepseek_v2": {"num_experts_per_tok": 2},
     "kimi_linear": {"num_experts_per_token": 2},
     "granitemoehybrid": {"layer_types": ["mamba", "attention", "mamba", "attention"]},
-    "nemotron_h": {"num_hidden_layers": 8},
+    "nemotron_h": {"num_hidden_layers": 8,  # two layers of each kind
+                   "layers_block_type": ["linear_attention", "moe", "full_attention", "mlp"] * 2},
     "ctrl": {"dff": 128},
-    "xlstm": {"embedding_dim": 64, "num_blocks": LAYERS},
+    "xlstm": {"embedding_dim": 64, "num_blocks": LAYERS, "qk_dim_factor": 1.0},  # qk_dim rounds up to 64
+    "zamba": {"attn_layer_period": 2, "attn_layer_offset": 1, "mamba_dt_rank": 8,
+              "layers_block_type": ["linear_attention", "hybrid", "linear_attention", "hybrid"],  # 2 share weights
+              "attention_hidden_size": 128, "attention_head_dim": 32},  # attention reads [hidden, embeddings]
+    "hrm_text": {"num_layers_per_stack": None},  # re-derived from num_hidden_layers (H_cycles x (L_cycles + 1))
+    # Dory's dict lists an attention and an MLP block per layer: regenerated from the layer count instead
+    "dory": {"n_input_layers": 1, "n_recurrent_layers": 2, "n_output_layers": 1, "layer_types": None},
+    "longcat_flash": {"expert_ffn_hidden_size": 32, "zero_expert_num": 2},
+    "blt": {"encoder_hash_byte_group_vocab": 512, "encoder_config.hidden_size_global": 64,
+            "decoder_config.hidden_size_global": 64},
+    "dots3_note_text": DOTS3,
+    "dots3_note": {**{f"text_config.{k}": v for k, v in DOTS3.items()}, "vision_config.adapter_in_dim": 64,
+                   "vision_config.adapter_out_dim": 64, "audio_config.adapter_input_size": 64,
+                   "audio_config.adapter_out_dim": 64},
     # defaults the models cannot build from (head_dim or kv heads left None, experts unnamed)
     "hunyuan_v1_dense": {"head_dim": 16}, "hunyuan_v1_moe": {"head_dim": 16}, "ministral": {"head_dim": 16},
     "hunyuan_vl": {"text_config.head_dim": 16},

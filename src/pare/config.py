@@ -278,8 +278,10 @@ class RuntimeConfig(BaseConfig):
         True, "feed each layer the outputs of the already-pruned layers (False: dense inputs)"
     )
     progress: bool = help_field(True, "show progress bars")
-    devices: tuple[str, ...] = help_field((), "compute devices, comma- or space-separated; one device "
-                                          "acts as --device (several are refused until batches can be split)")
+    devices: tuple[str, ...] = help_field((), "compute devices, comma- or space-separated (cuda:0,cuda:1): the "
+                                          "calibration batches are split across them, one copy of the current "
+                                          "layer on each (wanda, sparsegpt, magnitude, quantize); one device "
+                                          "acts as --device")
 
     def __post_init__(self) -> None:
         if isinstance(self.devices, str):
@@ -292,22 +294,23 @@ class RuntimeConfig(BaseConfig):
         for name in names:
             device_name(name)
         if len(set(names)) != len(names):
-            raise ConfigError(f"devices lists a device twice: {list(names)}")
+            raise ConfigError(f"devices lists a device twice: {list(names)}; each device holds a copy of the current "
+                              "layer and a share of the batches, so list each one once")
         if names and self.device is not None:
             raise ConfigError(f"give the compute device once: device={self.device!r} or devices={list(names)}, "
                               "not both")
 
     def compute_device(self) -> torch.device:
-        """The device the work runs on, checked to work here (see :func:`usable_devices`)."""
+        """The device the work runs on (the first of :meth:`compute_devices`), checked to work here."""
+        return self.compute_devices()[0]
+
+    def compute_devices(self) -> list[torch.device]:
+        """The devices the work runs on, checked to work here (see :func:`usable_devices`): with several,
+        the layer-wise runner splits the calibration batches across them (the first device holds the
+        layer the method changes and the summed statistics)."""
         if not self.devices:
-            return usable_device(self.device)
-        found = usable_devices(self.devices)
-        if len(found) > 1:
-            raise ConfigError(f"devices={list(self.devices)}: splitting the calibration batches across several "
-                              "devices is not available in this version of pare; prune with one device (--device "
-                              f"{self.devices[0]}, or --stream to hold one layer at a time), and evaluate a model "
-                              "larger than one device with `pare eval --device-map auto`")
-        return found[0]
+            return [usable_device(self.device)]
+        return usable_devices(self.devices)
 
 
 DTYPES = ("float32", "float16", "bfloat16", "float64")
@@ -352,11 +355,13 @@ def device_name(name: str) -> torch.device:
         raise ConfigError(f"device {name!r} is not a device name: use cpu, cuda, cuda:1, mps...") from exc
 
 
-def usable_devices(names: Sequence[str]) -> list[torch.device]:
+def usable_devices(names: Sequence[str | torch.device | None]) -> list[torch.device]:
     """Every device of ``names`` checked to work here (:func:`usable_device`): CUDA present, the index
-    below the number of GPUs; one kind of device (a CPU does not share the work of GPUs)."""
+    below the number of GPUs; one kind of device (a CPU does not share the work of GPUs). A device may
+    repeat here (the layer-wise runner's tests split batches across ``["cpu", "cpu"]``);
+    :class:`RuntimeConfig` refuses repeats."""
     found = [usable_device(n) for n in names]
-    if len(found) > 1 and "cuda" in {d.type for d in found} and len(found) > torch.cuda.device_count():
+    if len(found) > 1 and "cuda" in {d.type for d in found} and len(set(found)) > torch.cuda.device_count():
         raise ConfigError(f"devices {list(names)}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     kinds = sorted({d.type for d in found})
     if len(kinds) > 1:

@@ -23,7 +23,7 @@ from torch import nn
 from pare.arch import ArchOverride, describe
 from pare.arch.roles import ModelArch
 from pare.arch.surgery.shadow import meta_copy
-from pare.config import PruneConfig, RuntimeConfig, stage_for_config
+from pare.config import PruneConfig, RuntimeConfig, stage_for_config, usable_devices
 from pare.errors import ConfigError
 from pare.eval.cost import measure_cost
 from pare.methods.base import PruneContext, Pruner
@@ -48,6 +48,19 @@ def stage_configs(configs: PruneConfig | Sequence[PruneConfig]) -> list[PruneCon
     return items
 
 
+def check_split(stages: Sequence[Pruner], devices: Sequence[torch.device]) -> None:
+    """Refuse, before any work, several devices for a stage that cannot split its batches across them."""
+    if len(devices) < 2:
+        return
+    for k, stage in enumerate(stages):
+        refusal = stage.split_refusal()
+        if refusal:
+            where = f"stage {k + 1} ({stage.config.method})" if len(stages) > 1 else stage.config.method
+            raise ConfigError(f"devices={[str(d) for d in devices]}: {where} cannot split its calibration batches "
+                              f"across several devices: {refusal}. Prune with one device (--device "
+                              f"{devices[0]}); wanda, sparsegpt, magnitude and quantize split their batches")
+
+
 class Pipeline:
     """Stages built once, the model described once, the whole recipe checked: ready to run.
 
@@ -56,18 +69,24 @@ class Pipeline:
         configs: one method config or a list of them, applied in order.
         runtime: device / offload / sequential options (the device is resolved and checked here).
         arch_override: corrections for architectures pare cannot infer; used by every description.
+        devices: the compute devices as given, in place of the runtime's (internal: a device may repeat,
+            so the tests split batches across ``["cpu", "cpu"]``).
     """
 
     def __init__(self, model: nn.Module, configs: PruneConfig | Sequence[PruneConfig],
                  runtime: RuntimeConfig | None = None, arch_override: ArchOverride | None = None,
-                 *, tokenizer: Any = None, history: Sequence[Report] = ()) -> None:
+                 *, tokenizer: Any = None, history: Sequence[Report] = (),
+                 devices: Sequence[str | torch.device] | None = None) -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.history = list(history)  # reports of the prunes applied before this run (a saved model's)
         self.runtime = runtime or RuntimeConfig()
-        self.device = self.runtime.compute_device()  # before any work
+        # before any work
+        self.devices = usable_devices(list(devices)) if devices else self.runtime.compute_devices()
+        self.device = self.devices[0]
         self.arch_override = arch_override
         self.stages: list[Pruner] = [stage_for_config(cfg)(cfg) for cfg in stage_configs(configs)]
+        check_split(self.stages, self.devices)
         self._arch: ModelArch | None = describe(model, arch_override)
         self.check_all(self._arch)
 
@@ -143,13 +162,18 @@ class Pipeline:
             reports.append(report)
         return reports
 
+    def _devices_info(self) -> dict[str, Any]:
+        """The report's ``devices`` entry, only when the batches were split across several."""
+        return {"devices": [str(d) for d in self.devices]} if len(self.devices) > 1 else {}
+
     def _run_stage(self, stage: Pruner, arch: ModelArch, ids: torch.Tensor | None,
                    calibration: dict[str, Any] | None, batch_size: int, history: list[Report]) -> Report:
         model, cfg = self.model, stage.config
         uses = stage.needs() != "nothing"
         first = next(model.parameters(), None)
         run_info: dict[str, Any] = {
-            "device": str(self.device), "dtype": None if first is None else str(first.dtype),
+            "device": str(self.device), **self._devices_info(),
+            "dtype": None if first is None else str(first.dtype),
             "sequential": self.runtime.sequential, "offload": self.runtime.offload, "batch_size": batch_size,
         }
         override = None if self.arch_override is None else self.arch_override.to_dict()
@@ -157,7 +181,7 @@ class Pipeline:
                         runtime=run_info, arch_override=override)
         ctx = PruneContext(model, arch, ids if uses else None, self.runtime, report, batch_size,
                            device=self.device, arch_override=self.arch_override, tokenizer=self.tokenizer,
-                           history=history)
+                           history=history, devices=list(self.devices))
         params_before = sum(p.numel() for p in model.parameters())
         stage.start(ctx)
         with torch.no_grad(), measure_cost() as cost:

@@ -129,3 +129,14 @@ def test_override_names_modules_of_a_renamed_llama() -> None:
     arch = describe(model, override)
     assert arch.layers[0].attention is not None
     assert arch.layers[0].attention.q is not None and arch.layers[0].attention.q.path == "self_attn.wq"
+
+
+def test_a_decoder_config_without_a_head_count_is_refused_with_the_reason() -> None:
+    """Florence-2's BART decoder names its heads ``decoder_attention_heads``: a pare error, no traceback."""
+    from types import SimpleNamespace
+
+    from pare.arch.infer import config_head_counts
+
+    with pytest.raises(UnsupportedArchitectureError, match="num_attention_heads"):
+        config_head_counts(SimpleNamespace(model_type="florence2", hidden_size=64))
+    assert config_head_counts(SimpleNamespace(num_attention_heads=4, hidden_size=64)) == (4, 4, 16)

@@ -241,3 +241,67 @@ def test_dense_mode_one_pass_chooses_as_sequential_scoring_of_the_dense_model():
     ranked = pare.prune(model, ExpertsConfig(num_experts=5, allocation="global"), CALIB, runtime=QUIET)
     for row_dense, row_ranked in zip(dense.scores["experts"], ranked.scores["experts"], strict=True):
         torch.testing.assert_close(torch.tensor(row_dense["scores"]), torch.tensor(row_ranked["scores"]))
+
+
+def _replayed_and_full(model_type, monkeypatch, prepare=lambda model: model):
+    """Sequential removal (keep 5 of 8) as pare runs it and with a full forward of every pruned layer
+    (no block replay), on two copies of one model (``prepare`` applied to each): their report rows,
+    after checking that both keep the same experts, and the two pruned models."""
+    from pare.methods.experts import ExpertsPruner
+
+    replayed, reference = prepare(moe_model(model_type)), prepare(moe_model(model_type))
+    got = pare.prune(replayed, ExpertsConfig(num_experts=5), CALIB, runtime=QUIET).scores["experts"]
+    with monkeypatch.context() as m:
+        m.setattr(ExpertsPruner, "_replayable", lambda *_: False)
+        want = pare.prune(reference, ExpertsConfig(num_experts=5), CALIB, runtime=QUIET).scores["experts"]
+    assert [r["kept"] for r in got] == [r["kept"] for r in want]
+    return got, want, replayed, reference
+
+
+def _assert_scores_close(got, want):
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(torch.tensor(a["scores"]), torch.tensor(b["scores"]), rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("model_type", MOE_ARCHS)
+def test_sequential_replay_matches_full_forwards(model_type, monkeypatch):
+    """Sequential removal runs each layer once and updates its outputs from the MoE block alone (only
+    tokens whose routing changed run their experts again): the scores, the experts kept and the pruned
+    model equal those of a full forward of every pruned layer."""
+    got, want, replayed, reference = _replayed_and_full(model_type, monkeypatch)
+    _assert_scores_close(got, want)
+    rerouted = [r["rerouted_tokens"] for r in got[:-1]]  # the last layer's outputs are not needed
+    assert all(0 < n <= CALIB.numel() for n in rerouted) and "rerouted_tokens" not in got[-1]
+    torch.testing.assert_close(_logits(replayed), _logits(reference), rtol=1e-5, atol=1e-5)
+
+
+def test_a_layer_that_does_not_add_its_block_output_gets_full_forwards(monkeypatch):
+    """A layer whose output is not residual + block output (here: a hook doubles it) fails the check
+    against a full forward, and its outputs are recomputed in full, as without the replay."""
+
+    def doubled(model):
+        for layer in describe(model).layer_modules(model):
+            layer.register_forward_hook(lambda _m, _a, out: (out[0] * 2, *out[1:]) if isinstance(out, tuple)
+                                        else out * 2)
+        return model
+
+    got, want, *_ = _replayed_and_full("qwen3_moe", monkeypatch, doubled)
+    _assert_scores_close(got[1:], want[1:])  # from layer 1 on, the inputs depend on the fallback
+
+
+def test_a_block_that_calls_its_experts_twice_gets_full_forwards(monkeypatch):
+    """A MoE block whose forward calls its experts module more than once cannot be replayed from one
+    recorded call: pruning falls back to a full forward of each pruned layer and matches that path."""
+
+    def twice(model):
+        for layer in describe(model).layer_modules(model):
+            def again(block, args, _out):
+                hidden = args[0].reshape(-1, args[0].shape[-1])
+                _logits, weights, index = block.gate(hidden)
+                block.experts(hidden, index, weights)  # a second call; its result is not used
+            layer.mlp.register_forward_hook(again)
+        return model
+
+    got, want, *_ = _replayed_and_full("qwen3_moe", monkeypatch, twice)
+    assert all("rerouted_tokens" not in r for r in got)
+    _assert_scores_close(got, want)

@@ -114,6 +114,22 @@ def test_sparsegpt_stacks_matrices_sharing_an_input_with_the_results_of_one_at_a
         assert r1.scores["quantization"]["bytes"] == r2.scores["quantization"]["bytes"]
 
 
+def test_sparsegpt_solves_a_stack_over_the_size_cap_one_matrix_at_a_time(monkeypatch) -> None:
+    """Above ``STACK_MAX_BYTES`` (a big model's gate/up) the matrices are solved one at a time, so no
+    stacked fp32 copy sits beside a streamed layer's Gram matrices; the weights are the stacked ones."""
+    import pare.methods.sparsegpt as sgpt
+
+    cfg = pare.SparseGPTConfig(sparsity=0.5)
+    stacked = tiny_model("llama")
+    pare.prune(stacked, cfg, tiny_batch(4, 32), runtime=QUIET)
+    monkeypatch.setattr(sgpt, "STACK_MAX_BYTES", 0)
+    monkeypatch.setattr(sgpt.SparseGPTPruner, "_prune_rows", lambda *a: pytest.fail("stacked over the cap"))
+    alone = tiny_model("llama")
+    pare.prune(alone, cfg, tiny_batch(4, 32), runtime=QUIET)
+    for (name, a), b in zip(_linears(stacked).items(), _linears(alone).values(), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6, msg=name)
+
+
 def test_joint_mxfp4_values_are_e2m1_times_a_power_of_two() -> None:
     model = tiny_model("llama")
     pare.prune(model, pare.SparseGPTConfig(sparsity=0.5, quantize="mxfp4"), tiny_batch(4, 32), runtime=QUIET)

@@ -56,9 +56,13 @@ def test_a_cuda_index_past_the_last_gpu_is_refused() -> None:
 
 
 @pytest.mark.skipif(not CUDA or torch.cuda.device_count() < 2, reason="needs two GPUs")
-def test_several_gpus_are_refused_until_batches_are_split() -> None:
-    with pytest.raises(ConfigError, match="not available in this version"):
-        RuntimeConfig(devices=("cuda:0,cuda:1",)).compute_device()
+def test_several_gpus_split_the_batches(model_dir: Path, text_file: Path, capsys) -> None:
+    assert RuntimeConfig(devices=("cuda:0,cuda:1",)).compute_devices() == [torch.device("cuda:0"),
+                                                                          torch.device("cuda:1")]
+    base = ["prune", "--model", str(model_dir), "--no-save", "--no-progress", "--devices", "cuda:0,cuda:1",
+            "--calib", str(text_file), "--nsamples", "4", "--seqlen", "16"]
+    assert main([*base, "--method", "wanda"]) == 0
+    assert "cannot split its calibration batches" in _error(capsys, [*base, "--method", "slicegpt"])
 
 
 def test_prune_devices_option(model_dir: Path, tmp_path: Path, capsys) -> None:

@@ -74,3 +74,28 @@ def test_keep_experts_in_groups_keeps_as_many_of_each_group():
     scores = torch.tensor([9.0, 8.0, 7.0, 6.0, 1.0, 2.0, 3.0, 4.0])  # group 0 outscores group 1 everywhere
     assert ops.keep_experts(scores, 4).tolist() == [0, 1, 2, 3]
     assert ops.keep_experts(scores, 4, groups=2).tolist() == [0, 1, 6, 7]  # the best two of each group
+
+
+def test_routing_changed_maps_kept_experts_back_and_compares_gates():
+    # before: 4 experts, top-2; after: experts [0, 2, 3] kept (new index 1 is old expert 2)
+    old_index = torch.tensor([[0, 2], [1, 3], [3, 0], [2, 0]])
+    old_gate = torch.tensor([[0.6, 0.4], [0.7, 0.3], [0.5, 0.5], [0.8, 0.2]])
+    new_index = torch.tensor([[0, 1], [2, 0], [2, 0], [1, 0]])
+    new_gate = torch.tensor([[0.6, 0.4], [0.6, 0.4], [0.5, 0.5], [0.8 + 1e-3, 0.2]])
+    kept = torch.tensor([0, 2, 3])
+    changed = ops.routing_changed(old_index, old_gate, new_index, new_gate, kept, num_before=4)
+    # token 0: same experts and gates; 1: expert 1 was removed; 2: same; 3: a gate moved by 1e-3
+    assert changed.tolist() == [False, True, False, True]
+    tiny = new_gate.clone()
+    tiny[3, 0] = 0.8 * (1 + 1e-7)  # within rtol: rounding of a renormalised gate
+    assert ops.routing_changed(old_index, old_gate, new_index, tiny, kept, 4).tolist() == [False, True, False, False]
+
+
+def test_routing_changed_dropped_slots_and_other_top_k():
+    kept = torch.tensor([0, 1, 3])
+    old_index = torch.tensor([[0, 4], [1, 2]])  # 4 = E: a slot the router dropped
+    new_index = torch.tensor([[0, 3], [1, 0]])  # 3 = E': dropped after the cut
+    gate = torch.tensor([[1.0, 0.0], [0.5, 0.5]])
+    assert ops.routing_changed(old_index, gate, new_index, gate, kept, 4).tolist() == [False, True]
+    one = ops.routing_changed(old_index, gate, new_index[:, :1], gate[:, :1], kept, 4)
+    assert one.tolist() == [True, True]  # another top-k: every token runs again

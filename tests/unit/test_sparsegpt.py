@@ -226,3 +226,21 @@ def test_nm_group_obs_mask_equals_the_column_by_column_play(nm: tuple[int, int])
         ug = torch.linalg.cholesky(a @ a.t() + 0.1 * torch.eye(nm[1], dtype=torch.float64), upper=True)
         wg = torch.randn(nm[1], 300, generator=_gen(100 + seed), dtype=torch.float64)
         assert torch.equal(nm_group_obs_mask(wg, ug, cands), _played_group_mask(wg, ug, cands))
+
+
+def test_prune_rows_overwrite_uses_the_stacked_buffer_and_gives_the_copying_result():
+    """The stacked fp32 work buffer of q/k/v or gate/up is pruned in place (no second copy), with
+    bitwise the result of the copying call."""
+    from pare.ops.sparsegpt import sparsegpt_prune_rows, stack_rows_fp32
+
+    g = torch.Generator().manual_seed(3)
+    X = torch.randn(256, 32, generator=g)
+    factor = inverse_hessian_factor(2 / 256 * X.T @ X)
+    ws = [torch.randn(rows, 32, generator=g).to(torch.bfloat16) for rows in (16, 8, 8)]
+    stacked = stack_rows_fp32(ws, factor.U.device)
+    assert stacked.dtype == torch.float32 and torch.equal(stacked, torch.cat([w.float() for w in ws]))
+    copied, loss_copied = sparsegpt_prune_rows(stacked, factor, 0.5)
+    assert not torch.equal(copied, stacked)  # the copying call left its input alone
+    pruned, loss = sparsegpt_prune_rows(stacked, factor, 0.5, overwrite=True)
+    assert pruned.data_ptr() == stacked.data_ptr()
+    assert torch.equal(pruned, copied) and torch.equal(loss, loss_copied)

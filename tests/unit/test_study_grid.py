@@ -6,10 +6,13 @@ import pytest
 import torch
 
 from pare.errors import ConfigError
+from pare.methods.quantize import QuantizeConfig
 from pare.ops.quant.bits import matrix_bits
 from pare.ops.quant.scheme import QuantScheme
+from pare.reporting.plots import PALETTE
 from pare.study.grid import build_grid, parse_orders, parse_prune, parse_quant
 from pare.study.pareto import best_within, pareto_front
+from pare.study.report import distinct_colours, matrix_budget_bytes
 from pare.study.storage import cheapest_layout, holds_nm
 
 
@@ -73,6 +76,10 @@ def test_bad_prune_specs_say_what_works(spec: str, words: list[str]) -> None:
     ("mxfp4-g64", ["fixes its own block size"]),
     ("mxfp4-asym", ["symmetric by definition"]),
     ("awq-int4", ["unknown scheme 'awq-int4'"]),
+    ("gptq-int4-g64,act_order", ["KEY=VALUE", "act_order=true"]),
+    ("gptq-int4-g64,group_size=32", ["group_size is set by the spec"]),
+    ("int4-g64,act_order=true", ["act_order applies to GPTQ only", "gptq-int4-g64,"]),
+    ("gptq-int4-g64,bogus=1", ["bogus"]),
 ])
 def test_bad_quant_specs_say_what_works(spec: str, words: list[str]) -> None:
     with pytest.raises(ConfigError) as info:
@@ -147,3 +154,42 @@ def test_storage_layouts() -> None:
     most = W.clone()
     most[:, :56] = 0
     assert cheapest_layout(most, None)[0] == "bitmask"
+
+
+def _result(pid: str, bytes_: int, matrix: int, other: int) -> dict:
+    return {"point": {"id": pid, "prune": "none", "quant": pid, "order": "-"}, "bytes": bytes_,
+            "matrix_bytes": matrix, "other_bytes": other}
+
+
+def test_matrix_budget_sits_on_the_bytes_axis() -> None:
+    results = [_result("int4", 60, 30, 30), _result("dense", 150, 120, 30)]
+    assert matrix_budget_bytes(results, 0.25) == 30 + 0.25 * 120
+    assert matrix_budget_bytes(results, 0.125) == 45.0
+    assert matrix_budget_bytes(results[:1], 0.25) is None  # no dense point: no reference
+
+
+def test_quantization_specs_get_distinct_colours() -> None:
+    pytest.importorskip("matplotlib")
+    assert distinct_colours(3) == list(PALETTE[:3])
+    for n in (len(PALETTE) + 1, 20):
+        colours = distinct_colours(n)
+        assert len(colours) == n and len(set(colours)) == n
+
+
+def test_quant_spec_options() -> None:
+    q = parse_quant("GPTQ-int4-g64, act-order=True ,damp=0.1")
+    assert q.label == "gptq-int4-g64,act_order=true,damp=0.1"
+    assert q.options == (("act_order", True), ("damp", 0.1))
+    cfg = q.config()
+    assert cfg.algorithm == "gptq" and cfg.act_order and cfg.damp == 0.1 and cfg.group_size == 64
+    rtn = q.config("rtn")  # the quantize-first re-rounding: GPTQ's own options left out
+    assert rtn.algorithm == "rtn" and not rtn.act_order and rtn.damp == QuantizeConfig().damp
+    assert parse_quant("int4-g64").label == "int4-g64" and parse_quant("int4-g64").options == ()
+    points = build_grid("none; sparsegpt:2:4", "gptq-int4-g64,act_order=true", "prune-first,quant-first,joint")
+    ids = [p.id for p in points]
+    assert ids == ["gptq-int4-g64-act_order-true".replace("_", "-"),
+                   "sparsegpt-2-4__gptq-int4-g64-act-order-true__prune-first",
+                   "sparsegpt-2-4__gptq-int4-g64-act-order-true__quant-first",
+                   "sparsegpt-2-4__int4-g64__joint"]  # the joint pass shares the spec's scheme only
+    assert points[0].stages[0]["act_order"] is True
+    assert points[2].stages[0]["act_order"] is True and points[2].stages[2]["act_order"] is False

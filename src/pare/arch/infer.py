@@ -201,6 +201,7 @@ def _experts(layer: nn.Module, modules: dict[str, nn.Module], config: Any) -> Ex
         down_shape = getattr(module, dn).shape
         if last == 2 * down_shape[1] and two_i == down_shape[2]:
             two_i = last  # gpt-oss stores gate_up as [E, H, 2I] and down as [E, I, H]
+        num_experts = min(num_experts, down_shape[0])  # LongCat's gate_up also holds unused rows of its zero experts
         shared = None
         name = next((n for n in ("shared_expert", "shared_experts") if f"{prefix}{n}.down_proj" in modules), None)
         if name is not None:  # Qwen2-MoE's shared_expert, DeepSeek's shared_experts (n_shared_experts wide)
@@ -240,6 +241,11 @@ def _parent(rel: str) -> str:
 def config_head_counts(config: Any) -> tuple[int, int, int]:
     """(heads, kv_heads, head_dim) as the (text) config states them."""
     config = decoder_config(config)
+    if getattr(config, "num_attention_heads", None) is None:
+        raise UnsupportedArchitectureError(
+            f"the {getattr(config, 'model_type', '?')} config states no num_attention_heads for the decoder pare "
+            "found (an encoder-decoder text model, as Florence-2's BART, names its decoder's heads otherwise); "
+            "pare reads a decoder's head count from that field, so it does not prune this model")
     heads = int(config.num_attention_heads)
     kv = getattr(config, "num_key_value_heads", None) or heads
     head_dim = getattr(config, "head_dim", None) or int(config.hidden_size) // heads

@@ -72,6 +72,8 @@ BUILTIN_OVERRIDES: dict[str, ArchOverride] = {
             num_experts="num_experts",
         )
     ),
+    # LongCat-Flash: each layer holds two attention/MLP pairs; num_hidden_layers is derived as 2 * num_layers.
+    "longcat_flash": ArchOverride(fields=ConfigFields(layers="num_layers")),
     "qwen3_moe": ArchOverride(
         fields=ConfigFields(moe_intermediate="moe_intermediate_size", num_experts="num_experts")
     ),

@@ -11,8 +11,9 @@ layer's outputs with the pruned weights and feeds them to the next layer.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,9 +22,11 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from pare.arch.roles import LayerRoles, ModelArch
+from pare.arch.targets import Target
 from pare.arch.wrapper import LayerWrapper
-from pare.calibration.stats import InputsRecorded
-from pare.config import usable_device
+from pare.calibration.replicas import Replicas, batch_shares, merge_stats, retarget, run_concurrently
+from pare.calibration.stats import InputsRecorded, InputStats, record_inputs
+from pare.config import usable_devices
 
 log = logging.getLogger(__name__)
 
@@ -220,6 +223,8 @@ class LayerStep:
         prefix: its full module name (``model.layers.3``).
         inputs: per batch, the hidden states entering the layer (on the storage device).
         calls: per batch, the other arguments the model passes to this layer.
+        replicas: with several compute devices, the layer's copies and each device's share of the
+            batches (:mod:`pare.calibration.replicas`); None on one device.
     """
 
     index: int
@@ -231,12 +236,17 @@ class LayerStep:
     device: torch.device
     dense_outputs: list[torch.Tensor] | None = field(default=None)
     returns_tuple: bool = False  # what the layer's forward returned last (a tuple or the tensor)
+    replicas: Replicas | None = None
 
-    def forward_batch(self, b: int, hidden: torch.Tensor | None = None) -> torch.Tensor:
-        """Run the layer on batch ``b`` (or on ``hidden`` with batch ``b``'s arguments)."""
+    def forward_batch(self, b: int, hidden: torch.Tensor | None = None, layer: nn.Module | None = None,
+                      device: torch.device | None = None) -> torch.Tensor:
+        """Run the layer (or its replica ``layer`` on ``device``) on batch ``b`` (or on ``hidden`` with
+        batch ``b``'s arguments)."""
         call = self.calls[b]
-        x = (self.inputs[b] if hidden is None else hidden).to(self.device)
-        out = self.layer(x, *_to(call.args, self.device), **_to(call.kwargs, self.device))
+        layer = self.layer if layer is None else layer
+        device = self.device if device is None else device
+        x = (self.inputs[b] if hidden is None else hidden).to(device)
+        out = layer(x, *_to(call.args, device), **_to(call.kwargs, device))
         self.returns_tuple = isinstance(out, (tuple, list))
         return first_tensor(out)
 
@@ -244,13 +254,31 @@ class LayerStep:
         """Run the layer over every batch (e.g. with statistic hooks attached). A forward that
         a hook ends early with :class:`InputsRecorded` has no output, so ``keep_outputs`` must
         then be False. ``replace_inputs`` puts each batch's output in place of its input (one set
-        of activations in memory instead of two) and returns :attr:`inputs`."""
+        of activations in memory instead of two) and returns :attr:`inputs`.
+
+        With several devices every replica runs its share of the batches (hooks attached to
+        :attr:`layer` see only the first share: gather statistics with :meth:`record`)."""
+        if self.replicas is None:
+            outs = self._run_share(self.layer, self.device, range(len(self.inputs)), keep_outputs, replace_inputs)
+        else:
+            reps = self.replicas
+            parts = run_concurrently(
+                [functools.partial(self._run_share, layer, d, share, keep_outputs, replace_inputs)
+                 for layer, d, share in zip(reps.layers(), reps.devices, reps.shares, strict=True)], reps.devices)
+            outs = [y for part in parts for y in part]
+        if replace_inputs:
+            return self.inputs
+        return outs if keep_outputs else None
+
+    def _run_share(self, layer: nn.Module, device: torch.device, batches: range, keep_outputs: bool,
+                   replace_inputs: bool) -> list[torch.Tensor]:
+        """:meth:`run` over ``batches`` with ``layer`` on ``device``; the outputs kept, if asked."""
         outs = []
         keep = keep_outputs or replace_inputs
         with torch.no_grad():
-            for b in range(len(self.inputs)):
+            for b in batches:
                 try:
-                    y = self.forward_batch(b)
+                    y = self.forward_batch(b, layer=layer, device=device)
                 except InputsRecorded:
                     if keep:
                         raise RuntimeError("a forward stopped early cannot keep its outputs") from None
@@ -259,9 +287,38 @@ class LayerStep:
                     self.inputs[b] = y.detach().to(self.inputs[b].device)
                 elif keep_outputs:
                     outs.append(y.detach().to(self.inputs[b].device))
+        return outs
+
+    def record(self, targets: list[Target], new_stats: Callable[[Target], InputStats], *, share_inputs: bool = True,
+               keep_outputs: bool = False, replace_inputs: bool = False
+               ) -> tuple[dict[str, InputStats], list[torch.Tensor] | None]:
+        """Run the layer over every batch with each target's inputs recorded (:func:`record_inputs`) into
+        a fresh ``new_stats(target)``; returns the statistics and what :meth:`run` returns. When no
+        output is wanted the forwards stop once every input is recorded.
+
+        With several devices each replica records its share of the batches on its own device, and the
+        sums are added onto the first device (:func:`pare.calibration.replicas.merge_stats`)."""
+        stop = not (keep_outputs or replace_inputs)
+        if self.replicas is None:
+            stats = {t.name: new_stats(t) for t in targets}
+            with record_inputs(targets, stats, stop_in=self.layer if stop else None, share_inputs=share_inputs):
+                outs = self.run(keep_outputs=keep_outputs, replace_inputs=replace_inputs)
+            return stats, outs
+        reps = self.replicas
+        layers = reps.layers()
+        per = [{t.name: new_stats(t) for t in targets} for _ in layers]
+
+        def share(k: int) -> list[torch.Tensor]:
+            mine = retarget(targets, self.layer, layers[k])
+            with record_inputs(mine, per[k], stop_in=layers[k] if stop else None, share_inputs=share_inputs):
+                return self._run_share(layers[k], reps.devices[k], reps.shares[k], keep_outputs, replace_inputs)
+
+        parts = run_concurrently([functools.partial(share, k) for k in range(len(layers))], reps.devices)
+        for other in per[1:]:
+            merge_stats(per[0], other, self.device)
         if replace_inputs:
-            return self.inputs
-        return outs if keep_outputs else None
+            return per[0], self.inputs
+        return per[0], [y for part in parts for y in part] if keep_outputs else None
 
 
 class LayerwiseRunner:
@@ -276,6 +333,9 @@ class LayerwiseRunner:
         offload: keep every layer but the current one (and the activations) on the CPU.
         sequential: feed each layer the outputs of the already-pruned layers (False: dense outputs).
         progress: show a progress bar over layers.
+        devices: several compute devices (instead of ``device``): the batches are split across replicas
+            of each layer, one per device (:mod:`pare.calibration.replicas`). A device may repeat (the
+            tests split batches across ``["cpu", "cpu"]``).
     """
 
     def __init__(
@@ -288,10 +348,12 @@ class LayerwiseRunner:
         offload: bool = True,
         sequential: bool = True,
         progress: bool = True,
+        devices: Sequence[str | torch.device] | None = None,
     ) -> None:
         self.model = model
         self.arch = arch
-        self.device = usable_device(device)
+        self.devices = usable_devices(list(devices) if devices else [device])
+        self.device = self.devices[0]
         self.offload = offload
         self.sequential = sequential
         self.progress = progress
@@ -325,7 +387,7 @@ class LayerwiseRunner:
         step's ``inputs`` must not be kept past its turn."""
         model, arch = self.model, self.arch
         captured = self.capture()
-        hidden = captured.hidden
+        hidden = self.place(captured.hidden)
         layers = arch.layer_modules(model)
         wanted = set(range(len(layers)) if layer_indices is None else layer_indices)
         bar = tqdm(range(len(layers)), desc="layers", disable=not self.progress, leave=False)
@@ -338,7 +400,7 @@ class LayerwiseRunner:
                 continue
             layer_home = model_device(layer)
             layer.to(self.device)
-            step = LayerStep(i, layer, arch.layers[i], arch.layer_prefix(i), hidden, captured.calls[i], self.device)
+            step = self.step(i, layer, hidden, captured.calls[i])
             if i in wanted:
                 if not self.sequential:
                     step.dense_outputs = step.run(keep_outputs=True)
@@ -350,9 +412,28 @@ class LayerwiseRunner:
                 hidden = dense
             else:
                 hidden = step.run(keep_outputs=True, replace_inputs=overwrite_inputs) or []
+            if step.replicas is not None:
+                step.replicas.release()
             if self.offload:
                 layer.to(layer_home if layer_home.type == "cpu" else torch.device("cpu"))
         self.final_hidden = hidden or None
+
+    def step(self, index: int, layer: nn.Module, inputs: list[torch.Tensor], calls: list[LayerCall]) -> LayerStep:
+        """The :class:`LayerStep` of ``layer`` (on the first device), with its replicas on the others."""
+        replicas = Replicas(layer, self.devices, len(inputs)) if len(self.devices) > 1 and inputs else None
+        return LayerStep(index, layer, self.arch.layers[index], self.arch.layer_prefix(index), inputs, calls,
+                         self.device, replicas=replicas)
+
+    def place(self, hidden: list[torch.Tensor]) -> list[torch.Tensor]:
+        """With several devices and the activations kept on the devices (not offloaded to the CPU), each
+        batch moved to the device of its share; otherwise ``hidden`` as it is."""
+        if len(self.devices) == 1 or self.store.type == "cpu":
+            return hidden
+        shares = batch_shares(len(hidden), len(self.devices))
+        for device, share in zip(self.devices, shares, strict=True):
+            for b in share:
+                hidden[b] = hidden[b].to(device)
+        return hidden
 
 
 @torch.no_grad()

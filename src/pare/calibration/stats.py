@@ -61,6 +61,27 @@ class InputStats:
         it) is ignored here, see :class:`RouterWeightedStats`."""
         self.add(x)
 
+    def merge_(self, other: InputStats, device: torch.device) -> None:
+        """Add ``other``'s sums (the same kind of statistics, recorded over other tokens, e.g. another
+        device's share of the batches) to these, kept on ``device``: token count, ``sq_sum`` and the
+        Gram matrix's upper block triangle (mirrored again when next read)."""
+        if type(other) is not type(self) or other.want_gram != self.want_gram:
+            raise ValueError(f"cannot add {type(other).__name__}(want_gram={other.want_gram}) statistics to "
+                             f"{type(self).__name__}(want_gram={self.want_gram})")
+        if other.extra or self.extra:
+            raise ValueError(f"{type(self).__name__} holds extra statistics that are not plain sums; they cannot "
+                             "be added across devices")
+        if other.tokens == 0:
+            return
+        self.tokens += other.tokens
+        if other.sq_sum is not None:
+            sq = other.sq_sum.to(device)
+            self.sq_sum = sq if self.sq_sum is None else self.sq_sum.to(device).add_(sq)
+        if other._gram is not None:
+            gram = other._gram.to(device)
+            self._gram = gram if self._gram is None else self._gram.to(device).add_(gram)
+            self._mirrored = False
+
     @property
     def gram(self) -> torch.Tensor | None:
         """``X^T X`` in fp32 ``[in, in]`` when asked for (SparseGPT / OBS Hessian up to 2/n), else None."""
@@ -95,6 +116,8 @@ class RouterWeightedStats(InputStats):
 
 
 def _takes_two(fn: Any) -> bool:
+    if isinstance(fn, nn.Module):
+        fn = fn.forward  # a module's own signature is (*args, **kwargs)
     try:
         params = inspect.signature(fn).parameters.values()
     except (TypeError, ValueError):
@@ -103,22 +126,40 @@ def _takes_two(fn: Any) -> bool:
     return len(positional) >= 2 and all(p.default is p.empty for p in positional[:2])
 
 
+def expert_inputs_problem(experts: nn.Module, gate_up: str, hidden: int) -> str | None:
+    """Why pare cannot record each expert's inputs of a fused experts module (checked before any work),
+    or None: the call must carry the routing, the activation must be a module attribute, and the
+    fused weight must be stored ``[experts, out, hidden]``."""
+    name = type(experts).__name__
+    try:
+        positional = [p for p in inspect.signature(experts.forward).parameters.values()
+                      if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    except (TypeError, ValueError):
+        positional = []
+    if len(positional) < 3:
+        return (f"{name} is called without routing indices and weights (tokens are routed before the call), so pare "
+                "cannot tell which tokens each expert saw: exclude the experts from this method (ignore='experts') "
+                "or use magnitude pruning for them")
+    if getattr(experts, "act_fn", None) is None:
+        return (f"{name} computes its experts' activation in its own code (no act_fn), so pare cannot take each "
+                "expert's intermediate inputs: exclude the experts from this method (ignore='experts') or use "
+                "magnitude pruning for them")
+    shape = list(getattr(experts, gate_up).shape)
+    if shape[-1] != hidden:
+        return (f"{name} stores its experts' {gate_up} as {shape} with the hidden size {hidden} not last (pare reads "
+                "fused experts as [experts, out, in]): exclude the experts from this method (ignore='experts')")
+    return None
+
+
 def _expert_inputs(experts: nn.Module, args: tuple, kwargs: dict, gate_up: str, num_experts: int):
     """Per expert: the routed tokens ``x_e [n_e, H]``, its activated intermediate ``[n_e, I]`` and the
     router's gate values of those tokens for it ``[n_e]``."""
     hidden, top_k_index, top_k_weights = _routing_call(experts, args, kwargs)
     w = getattr(experts, gate_up).data
-    act: Any = getattr(experts, "act_fn", None)
-    if act is None:
-        raise UnsupportedArchitectureError(
-            f"{type(experts).__name__} computes its experts' activation in its own code (no act_fn), so pare cannot "
-            "take each expert's intermediate inputs: exclude the experts from this method (ignore='experts') or "
-            "use magnitude pruning for them")
-    if w.shape[-1] != hidden.shape[-1]:
-        raise UnsupportedArchitectureError(
-            f"{type(experts).__name__} stores its experts' {gate_up} as {list(w.shape)} with the hidden size "
-            f"{hidden.shape[-1]} not last (pare reads fused experts as [experts, out, in]): exclude the experts from "
-            "this method (ignore='experts')")
+    why = expert_inputs_problem(experts, gate_up, hidden.shape[-1])
+    if why is not None:
+        raise UnsupportedArchitectureError(why)
+    act: Any = experts.act_fn
     joint = _takes_two(act)  # a fused gated activation act(gate, up) (Inkling's softcapped SwiGLU)
     for e in range(num_experts):
         hit = top_k_index == e

@@ -109,9 +109,9 @@ class StreamRunner(LayerwiseRunner):
 
     def __init__(self, model: nn.Module, arch, input_ids: torch.Tensor, io: LayerIO, device: torch.device,
                  batch_size: int = 8, sequential: bool = True, progress: bool = True, start: int = 0,
-                 store: torch.device | None = None) -> None:
+                 store: torch.device | None = None, devices: Sequence[torch.device] | None = None) -> None:
         super().__init__(model, arch, input_ids, device=device, batch_size=batch_size, offload=False,
-                         sequential=True, progress=progress)
+                         sequential=True, progress=progress, devices=devices)
         self.io = io
         self.start = start
         self.overwrite = sequential  # sequential: each layer's outputs replace its inputs
@@ -134,13 +134,14 @@ class StreamRunner(LayerwiseRunner):
         """
         layers = self.arch.layer_modules(self.model)
         last = len(layers) - 1
+        if hidden is not None and not isinstance(hidden, MappedBatches):
+            hidden = self.place(hidden)
         bar = tqdm(range(self.start, len(layers)), desc="layers (streamed)", disable=not self.progress,
                    leave=False)
         for i in bar:
             layer = layers[i]
             self.io.load_layer(i, layer, self.device)
-            step = LayerStep(i, layer, self.arch.layers[i], self.arch.layer_prefix(i), hidden or [],
-                             calls[i] if calls else [], self.device)
+            step = self.step(i, layer, hidden or [], calls[i] if calls else [])
             yield step
             if hidden is None or i == last:
                 outputs = None
@@ -148,6 +149,8 @@ class StreamRunner(LayerwiseRunner):
                 outputs = step.dense_outputs
             else:
                 outputs = step.run(keep_outputs=True, replace_inputs=self.overwrite)
+            if step.replicas is not None:
+                step.replicas.release()
             self.io.layer_done(i, layer, outputs)
             free_layer(layer)
             return_freed_memory()  # the layer's heap holes must not add to the next layer's peak

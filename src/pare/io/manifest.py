@@ -18,7 +18,7 @@ from pare.errors import CorruptFileError
 
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*|[0-9]+")
 MLP_WIDTH_FIELDS = ("intermediate_size", "ffn_dim", "n_inner", "moe_intermediate_size",
-                    "shared_expert_intermediate_size")
+                    "shared_expert_intermediate_size", "shared_experts_intermediate_size")
 
 
 def _fail(where: str, problem: str) -> CorruptFileError:

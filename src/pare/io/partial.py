@@ -69,6 +69,22 @@ def replace_atomically(tmp: Path, final: Path) -> None:
     _fsync_dir(final.parent)
 
 
+def lock_exclusive(path: Path, busy: str) -> int:
+    """Open (or create) the lock file ``path`` and take its exclusive lock; returns the descriptor
+    (closing it releases the lock).
+
+    Raises:
+        ConfigError: ``busy``, when another open descriptor (another process) holds the lock.
+    """
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise ConfigError(busy) from None
+    return fd
+
+
 class PartialOutput:
     """The work directory of one streamed prune to ``out``, locked while this process uses it.
 
@@ -89,13 +105,8 @@ class PartialOutput:
             ConfigError: another process holds the lock (a streamed prune to the same output runs).
         """
         self.work.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.work / LOCK, os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            raise ConfigError(f"another pare process is streaming into {str(self.out)!r} (its work directory "
-                              f"{str(self.work)!r} is locked): wait for it, or choose another --out") from None
+        fd = lock_exclusive(self.work / LOCK, f"another pare process is streaming into {str(self.out)!r} (its work "
+                            f"directory {str(self.work)!r} is locked): wait for it, or choose another --out")
         self._lock = fd
         try:
             yield self

@@ -37,9 +37,9 @@ from tqdm.auto import tqdm
 from pare.arch.roles import ModelArch
 from pare.arch.targets import Target, check_selection, layer_targets, select
 from pare.calibration.runner import LayerStep, LayerwiseRunner, on_device
-from pare.calibration.stats import STAT_GRAM, InputStats, SharedInputChanged, record_inputs
+from pare.calibration.stats import STAT_GRAM, InputStats, SharedInputChanged, expert_inputs_problem
 from pare.config import PruneConfig, RuntimeConfig, check_ratio, check_regexes, help_field
-from pare.errors import ConfigError
+from pare.errors import ConfigError, UnsupportedArchitectureError
 from pare.eval.memory import return_freed_memory
 from pare.eval.size import nonzero, nonzero_by_parameter
 from pare.ops.masks import parse_pattern
@@ -62,6 +62,22 @@ DENSE_ZEROS_NOTE = (
 )
 
 
+def check_expert_inputs(model: nn.Module, arch: ModelArch, targets: list[Target]) -> None:
+    """Before any work: each fused experts module among ``targets`` lets pare record its experts' inputs
+    (:func:`~pare.calibration.stats.expert_inputs_problem`), else UnsupportedArchitectureError."""
+    from pare.arch.infer import text_config
+
+    hidden = int(getattr(text_config(model), arch.fields.hidden))
+    seen: set[int] = set()
+    for t in targets:
+        if t.expert is None or id(t.module) in seen:
+            continue
+        seen.add(id(t.module))
+        why = expert_inputs_problem(t.module, t.gate_up_param or t.param, hidden)
+        if why is not None:
+            raise UnsupportedArchitectureError(why)
+
+
 @dataclass
 class PruneContext:
     """Everything a stage may use.
@@ -73,7 +89,9 @@ class PruneContext:
         runtime: device / offload / sequential settings as given.
         report: filled in by the stage (scores, edits, notes).
         batch_size: windows per forward in the runner.
-        device: the resolved compute device (checked once per run).
+        device: the resolved compute device (checked once per run; the first of ``devices``).
+        devices: every compute device; with several the runner splits the calibration batches across
+            them (:mod:`pare.calibration.replicas`).
         arch_override: the caller's architecture corrections: a stage that describes the model again
             (after cutting it) passes them on.
         tokenizer: the model's tokenizer when the caller has it (a recovery stage tokenizes its text).
@@ -91,6 +109,11 @@ class PruneContext:
     arch_override: ArchOverride | None = None
     tokenizer: Any = None
     history: list[Report] = field(default_factory=list)
+    devices: list[torch.device] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if not self.devices:
+            self.devices = [self.device]
 
     @property
     def dtype(self) -> torch.dtype | None:
@@ -114,7 +137,7 @@ class PruneContext:
             self.model, self.arch, ids, device=self.device,
             batch_size=self.batch_size, offload=self.runtime.offload,
             sequential=self.runtime.sequential if sequential is None else sequential,
-            progress=self.runtime.progress,
+            progress=self.runtime.progress, devices=self.devices,
         )
 
 
@@ -217,6 +240,13 @@ class Pruner(ABC):
         stage has a per-layer step and needs nothing outside one layer), else why it cannot."""
         return (f"{self.config.method} works on the whole model at once (it scores or changes more than one "
                 "decoder layer at a time), so it cannot stream layer by layer from disk")
+
+    def split_refusal(self) -> str | None:
+        """None when this run can split its calibration batches across several devices (its per-layer
+        step needs only statistics that are sums over the batches, which the runner gathers per device
+        and adds up: input norms, Gram matrices), else why it cannot."""
+        return (f"{self.config.method} needs more from its calibration passes than per-input sums the runner can "
+                "add up across devices (outputs, gradients or scores over the whole model)")
 
 
 class StructuralPruner(Pruner):
@@ -400,6 +430,8 @@ class SparsityPruner(Pruner):
         if cfg.layer_sparsity and len(cfg.layer_sparsity) != len(per_layer):
             raise ConfigError(f"layer_sparsity has {len(cfg.layer_sparsity)} values but the model has "
                               f"{len(per_layer)} decoder layers: give one value per layer")
+        if self.stats:
+            check_expert_inputs(model, arch, [t for ts in per_layer for t in ts])
         nm = cfg.nm
         odd = [t for ts in per_layer for t in ts if nm is not None and t.shape[1] % nm[1]]
         if nm is not None and odd:
@@ -448,9 +480,9 @@ class SparsityPruner(Pruner):
             targets = self._selected(ctx.arch, step.index, step.layer)
             # the first layer's inputs are the same when it is pruned: its statistics are kept
             first = step.index == 0
-            stats = {t.name: self.new_stats(t) if first else InputStats() for t in targets}
-            with record_inputs(targets, stats, share_inputs=True):
-                step.dense_outputs = step.run(keep_outputs=True)  # reused as the next layer's inputs
+            # the outputs are reused as the next layer's inputs
+            stats, step.dense_outputs = step.record(targets, self.new_stats if first else lambda _t: InputStats(),
+                                                    keep_outputs=True)
             if first:
                 self._reused_stats[0] = stats
             scores = (wanda_scores(t.weight(), _norms(t, stats[t.name])) for t in targets)
@@ -510,6 +542,9 @@ class SparsityPruner(Pruner):
                 self.layer_step(ctx, step)
         self.end_layers(ctx)
 
+    def split_refusal(self) -> str | None:
+        return None
+
     def stream_refusal(self) -> str | None:
         if self.config.profile == "owl":
             return ("profile='owl' scores every layer in a first pass before pruning any, so it cannot stream "
@@ -537,17 +572,15 @@ class SparsityPruner(Pruner):
             return
         keep = not ctx.runtime.sequential and step.index < ctx.arch.num_layers - 1
         reused = self._reused_stats.pop(step.index, None)
-        stats = reused or {t.name: self.new_stats(t) for t in targets}
+        stats = reused or {}
         if reused is None:
             try:
-                with record_inputs(targets, stats, stop_in=None if keep else step.layer, share_inputs=True):
-                    outputs = step.run(replace_inputs=keep)
+                stats, outputs = step.record(targets, self.new_stats, replace_inputs=keep)
             except SharedInputChanged:
                 if keep:  # the inputs were already replaced: a second pass would see other ones
                     raise
-                stats = {t.name: self.new_stats(t) for t in targets}  # Zaya: one input, two readers
-                with record_inputs(targets, stats, stop_in=step.layer, share_inputs=False):
-                    outputs = step.run()
+                # Zaya: one input, two readers
+                stats, outputs = step.record(targets, self.new_stats, share_inputs=False)
         else:
             outputs = step.run(replace_inputs=True) if keep else None
         if keep:

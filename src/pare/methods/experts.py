@@ -9,7 +9,10 @@ router rows. ``merge=True`` instead folds each removed expert into its most simi
 
 ``allocation="uniform"`` keeps the same count in every layer, so the config states it and the result
 reloads with ``from_pretrained``; layers are visited in order, each scored on the outputs of the
-already-pruned layers before it (``RuntimeConfig(sequential=False)``: on the dense model's).
+already-pruned layers before it (``RuntimeConfig(sequential=False)``: on the dense model's). Each layer
+runs once: after the cut its outputs are updated from its MoE block alone, re-run on the recorded block
+inputs with the experts computed only for tokens whose routing changed
+(:mod:`pare.calibration.moe_replay`; merging, which changes kept experts too, runs the layer again).
 ``allocation="global"`` scores every layer on the dense model first and ranks experts of all layers
 together (per-layer counts, replayed by ``pare.load``). Shared experts (Qwen2-MoE, DeepSeek) are never
 removed. A group-limited router (DeepSeek's ``n_group``) loses the same number of experts in every
@@ -25,7 +28,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from pare.arch.roles import ModelArch
+from pare.arch.roles import ExpertsRoles, ModelArch
 from pare.arch.surgery.experts import (
     current_top_k,
     expert_groups,
@@ -35,6 +38,7 @@ from pare.arch.surgery.experts import (
     remove_experts,
     sync_expert_config,
 )
+from pare.calibration.moe_replay import BlockCall, NotReplayable, record_blocks, replay_block
 from pare.calibration.runner import LayerStep
 from pare.calibration.stats import RoutingStats, record_routing, record_routing_once
 from pare.config import PruneConfig, check_ratio, help_field, register
@@ -158,10 +162,16 @@ class ExpertsPruner(StructuralPruner):
             sequential = ctx.runtime.sequential
             last = ctx.arch.num_layers - 1
             runner = ctx.runner(sequential=True)
+            self._additive: dict[type, bool] = {}
             for step in runner.steps(final_outputs=False, overwrite_inputs=sequential):
                 ex = step.roles.experts
                 if ex is None:
                     continue
+                if sequential and step.index < last and self._replayable(step, ex):
+                    row = self._prune_replaying(ctx, step, ex, top_k)
+                    if row is not None:
+                        rows.append(row)
+                        continue
                 st = self._record(step, ex.num_experts, keep_outputs=not sequential and step.index < last)
                 layer_scores = ops.expert_scores(cfg.importance, st.sums, st.tokens)
                 rows.append(self._cut(ctx, step.index, st, layer_scores, cfg.kept(ex.num_experts), top_k))
@@ -192,6 +202,62 @@ class ExpertsPruner(StructuralPruner):
         if keep_outputs:
             step.dense_outputs = outputs
         return st
+
+    def _replayable(self, step: LayerStep, ex: ExpertsRoles) -> bool:
+        """Whether the layer's outputs after the cut can come from its MoE block alone (moe_replay):
+        experts removed (merging changes the kept experts too), a block below the layer, and a
+        layer class not found to combine its block otherwise."""
+        return (not self.config.merge and "." in ex.path
+                and self._additive.get(type(step.layer), True))
+
+    def _prune_replaying(self, ctx: PruneContext, step: LayerStep, ex: ExpertsRoles,
+                         top_k: int | None) -> dict[str, Any] | None:
+        """Score, cut and update one layer's outputs with a single forward of the layer (None, nothing
+        cut, when the block cannot be recorded for a replay: the caller takes the two-forward path).
+
+        The forward records the routing statistics and every call of the MoE block; after the cut the
+        outputs become ``y + block_new(x) - block_old(x)``, the pruned block run on its recorded inputs
+        with its experts only on tokens whose routing changed (:mod:`pare.calibration.moe_replay`). The
+        first layer of each class is checked against a full forward of the pruned layer on one batch
+        (its inputs kept for that); a class that fails gets full forwards from then on.
+        """
+        cfg = self.config
+        experts = step.layer.get_submodule(ex.path)
+        block = step.layer.get_submodule(ex.path.rsplit(".", 1)[0])
+        st = RoutingStats(ex.num_experts, outputs=cfg.importance in ("reap", "reconstruction"))
+        calls: list[BlockCall] = []
+        unchecked = type(step.layer) not in self._additive
+        recording = record_routing_once(experts, st) if st.outputs else record_routing(experts, st)
+        try:
+            with recording, record_blocks(block, experts, calls):
+                outputs = step.run(keep_outputs=True) if unchecked else step.run(replace_inputs=True)
+        except NotReplayable as exc:
+            if not unchecked:  # the inputs were already replaced: a class that passed cannot fail later
+                raise
+            log.info("%s: %s; its outputs are recomputed with full forwards", type(step.layer).__name__, exc)
+            self._additive[type(step.layer)] = False
+            return None
+        assert outputs is not None
+        layer_scores = ops.expert_scores(cfg.importance, st.sums, st.tokens)
+        row = self._cut(ctx, step.index, st, layer_scores, cfg.kept(ex.num_experts), top_k)
+        if len(row["kept"]) < ex.num_experts or top_k is not None:
+            kept = torch.as_tensor(row["kept"])
+            row["rerouted_tokens"] = 0
+            with torch.no_grad():
+                for b, call in enumerate(calls):
+                    new, n = replay_block(block, experts, call, kept, ex.num_experts)
+                    outputs[b].add_((new - call.out).to(outputs[b].device, outputs[b].dtype))
+                    row["rerouted_tokens"] += n
+                if unchecked:
+                    full = step.forward_batch(0)
+                    err = float((outputs[0] - full.to(outputs[0].device)).abs().max())
+                    self._additive[type(step.layer)] = err <= 1e-4 * float(full.abs().max()) + 1e-6
+                    if not self._additive[type(step.layer)]:
+                        log.info("%s does not add its MoE block's output to its residual (max diff %.3g): its "
+                                 "outputs are recomputed with full forwards", type(step.layer).__name__, err)
+                        outputs = step.run(keep_outputs=True)
+        step.dense_outputs = outputs
+        return row
 
     def _dense_stats(self, ctx: PruneContext) -> dict[int, RoutingStats]:
         out: dict[int, RoutingStats] = {}

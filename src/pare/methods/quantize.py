@@ -16,10 +16,11 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from pare.arch.roles import ModelArch
+from pare.arch.roles import LayerRoles, ModelArch
 from pare.arch.targets import Target, check_selection, layer_targets, select
+from pare.calibration.inline import GroupInputMismatch, InlineSolver
 from pare.calibration.runner import LayerStep
-from pare.calibration.stats import InputStats, record_inputs
+from pare.calibration.stats import InputStats
 from pare.config import PruneConfig, check_regexes, help_field, register
 from pare.errors import ConfigError
 from pare.methods.base import PruneContext, Pruner
@@ -63,6 +64,10 @@ class QuantizeConfig(PruneConfig):
             rounding error (:func:`pare.ops.quant.rtn.int_params_searched`).
         keep_zeros: weights that are exactly zero (an earlier pruning stage's) stay zero: GPTQ spreads
             its errors onto the other weights only, RTN leaves them at zero even with a zero point.
+        true_sequential: GPTQ with sequential calibration: a layer's matrices are solved in the order
+            its forward reads them (q/k/v, o, gate/up, down), each from inputs computed with the
+            earlier ones already quantized (:mod:`pare.calibration.inline`); with one calibration
+            batch (``batch_size >= nsamples``) that is one forward per layer instead of two.
     """
 
     method: ClassVar[str] = "quantize"
@@ -81,6 +86,8 @@ class QuantizeConfig(PruneConfig):
     keep_zeros: bool = help_field(False, "weights already zero (pruned) stay zero, so a pruned model stays sparse")
     clip_search: bool = help_field(False, "GPTQ, integer schemes: shrink each group's range to the least rounding "
                                    "error")
+    true_sequential: bool = help_field(False, "GPTQ: solve a layer's matrices in call order, each on inputs "
+                                       "from the already-quantized ones (one forward per layer with one batch)")
 
     def __post_init__(self) -> None:
         super().__post_init__()  # every field's type
@@ -95,6 +102,8 @@ class QuantizeConfig(PruneConfig):
         if self.clip_search and (self.algorithm != "gptq" or self.scheme not in INT_SCHEMES):
             raise ConfigError(f"clip_search applies to algorithm='gptq' with an integer scheme "
                               f"({', '.join(INT_SCHEMES)}); got algorithm={self.algorithm!r}, scheme={self.scheme!r}")
+        if self.true_sequential and self.algorithm != "gptq":
+            raise ConfigError("true_sequential applies to algorithm='gptq' only (RTN reads no inputs)")
         check_regexes("targets", self.targets)
         check_regexes("ignore", self.ignore)
         if self.act_quant not in ("", *ACTIVATION_KINDS):
@@ -232,6 +241,10 @@ class QuantizePruner(QuantAccounting, Pruner):
         self.bits = self.bits + matrix_bits(target.shape, self.scheme)
 
     def run(self, ctx: PruneContext) -> None:
+        if self.config.true_sequential and not ctx.runtime.sequential:
+            raise ConfigError("true_sequential solves each layer on the outputs of its already-quantized "
+                              "matrices, so it needs sequential calibration (RuntimeConfig(sequential=True)); "
+                              "drop one of the two")
         try:
             if self.uses_calibration():
                 # sequential: each layer sees the quantized layers' outputs (a recording pass, then the
@@ -249,6 +262,9 @@ class QuantizePruner(QuantAccounting, Pruner):
     def stream_refusal(self) -> str | None:
         return None
 
+    def split_refusal(self) -> str | None:
+        return None
+
     def layer_step(self, ctx: PruneContext, step: LayerStep) -> None:
         """Quantize one layer: GPTQ from the statistics of its inputs, or RTN (no data)."""
         targets = self._selected(ctx.arch, step.index, step.layer)
@@ -257,10 +273,10 @@ class QuantizePruner(QuantAccounting, Pruner):
                 for t in targets:
                     self.quantize_target(t, None)
                 return
+            if self.config.true_sequential and self._true_sequential(step, targets):
+                return
             keep = not ctx.runtime.sequential and step.index < ctx.arch.num_layers - 1
-            stats = {t.name: InputStats(want_gram=True) for t in targets}
-            with record_inputs(targets, stats, stop_in=None if keep else step.layer, share_inputs=True):
-                outputs = step.run(replace_inputs=keep)
+            stats, outputs = step.record(targets, lambda _t: InputStats(want_gram=True), replace_inputs=keep)
             if keep:
                 step.dense_outputs = outputs  # taken before this layer is quantized, in place of its inputs
             for group in shared_input_groups(targets, stats):
@@ -269,6 +285,33 @@ class QuantizePruner(QuantAccounting, Pruner):
                     del stats[t.name]
         finally:
             self._factor_of = None
+
+    def _true_sequential(self, step: LayerStep, targets: list[Target]) -> bool:
+        """Solve ``targets`` in call order (:class:`InlineSolver`); False, with the weights put back,
+        when the layer's matrices do not read their inputs as its roles say (record it otherwise).
+        With one batch the forward that solved the layer gave its outputs (``step.dense_outputs``)."""
+        if not step.inputs or step.replicas is not None or any(t.expert is not None for t in targets):
+            return False  # nothing recorded, batches split across devices (layer copies), or fused experts
+        saved = [t.weight().clone() for t in targets]
+        accounting = self.layer_state()
+        solver = InlineSolver(role_groups(step.layer, step.roles, targets), lambda: InputStats(want_gram=True),
+                              self.quantize_group)
+        try:
+            if len(step.inputs) == 1:
+                solver.one_forward(lambda: step.run(replace_inputs=True), step.layer)
+                step.dense_outputs = step.inputs  # the quantized layer's outputs (the runner passes them on)
+            else:
+                solver.passes(step.run, step.layer)
+        except GroupInputMismatch as why:
+            log.debug("layer %d: %s; recording its inputs in one pass instead", step.index, why)
+            for t, w in zip(targets, saved, strict=True):
+                t.weight().copy_(w)
+            self.restore_layer_state(accounting)
+            step.dense_outputs = None
+            return False
+        for group in solver.unsolved:  # never called on the calibration data
+            self.quantize_group(group, None)
+        return True
 
     def end_layers(self, ctx: PruneContext) -> None:
         report_quantization(ctx, self.scheme, self.bits, self.inexact, self.losses)
@@ -289,6 +332,19 @@ class QuantizePruner(QuantAccounting, Pruner):
                 self.quantize_target(t, None)
             if home != device:
                 layer.to(home)
+
+
+def role_groups(layer: nn.Module, roles: LayerRoles, targets: list[Target]) -> list[list[Target]]:
+    """``targets`` grouped by the input the architecture's roles say they read: the attention's input
+    projections (q/k/v) in one group, the MLP's (gate/up) in another, every other matrix alone."""
+    block_of: dict[int, int] = {}
+    for b, block in enumerate((roles.attention, roles.mlp)):
+        for proj in block.inputs if block is not None else ():
+            block_of[id(layer.get_submodule(proj.path))] = b
+    groups: dict[object, list[Target]] = {}
+    for t in targets:
+        groups.setdefault(block_of.get(id(t.module), t.name), []).append(t)
+    return list(groups.values())
 
 
 def shared_input_groups(targets: list[Target], stats: dict[str, InputStats]) -> list[list[Target]]:

@@ -43,11 +43,16 @@ from pare.ops.sparsegpt import (
     NM_SELECT,
     InverseHessianFactor,
     inverse_hessian_factor,
-    sparsegpt_prune_factored,
     sparsegpt_prune_rows,
+    stack_rows_fp32,
 )
 
 log = logging.getLogger(__name__)
+
+# Matrices sharing an input are solved as one row-stacked fp32 matrix up to this size; larger ones (a
+# big model's gate/up) one at a time: the same weights, without the stack beside the Gram matrices in
+# a streamed layer's memory.
+STACK_MAX_BYTES = 128 * 2**20
 
 JOINT_MODES = ("interleaved", "prune-then-gptq")
 
@@ -201,7 +206,8 @@ class SparseGPTPruner(QuantAccounting, SparsityPruner):
         cfg = self.config
         rows_independent = cfg.nm is not None or cfg.mask_group == "row"
         has_data = stats.tokens > 0 and stats.gram is not None
-        return rows_independent and has_data and stackable(self.scheme, targets)
+        small = sum(t.shape[0] for t in targets) * targets[0].shape[1] * 4 <= STACK_MAX_BYTES
+        return rows_independent and has_data and small and stackable(self.scheme, targets)
 
     def _prune_rows(self, targets: list[Target], stats: InputStats, sparsity: float) -> None:
         """SparseGPT (and the joint quantization) of ``targets`` stacked by rows; they share ``stats``."""
@@ -210,10 +216,11 @@ class SparseGPTPruner(QuantAccounting, SparsityPruner):
         for t, w in zip(targets, ws, strict=True):
             check_finite_weight(w, t.name)
         factor = self._factor(stats, ws[0].dtype)
-        w = torch.cat([x.float() for x in ws])
+        w = stack_rows_fp32(ws, factor.U.device)
         if self.scheme is None:
             pruned, row_loss = sparsegpt_prune_rows(w, factor, sparsity, cfg.nm, cfg.blocksize, cfg.mask_group,
-                                                    cfg.nm_select)
+                                                    cfg.nm_select, overwrite=True)
+            del w  # now the storage of ``pruned``
         else:
             res = self._joint(w, factor, stats, sparsity, self.scheme.for_weight(ws[0].dtype))
             pruned, row_loss = res.weight, res.row_loss
@@ -223,7 +230,7 @@ class SparseGPTPruner(QuantAccounting, SparsityPruner):
             start += x.shape[0]
             self.losses[t.name] = float(row_loss[rows].sum())
             if self.scheme is None:
-                x.copy_(pruned[rows].to(device=x.device, dtype=x.dtype))
+                x.copy_(pruned[rows])  # converts in place: no second copy of the rows
             else:
                 record_quantized(x, pruned[rows], t.name, self.inexact)
                 self._count_bits(t, x)
@@ -264,10 +271,10 @@ class SparseGPTPruner(QuantAccounting, SparsityPruner):
             check_finite_weight(w, target.name)
             factor = self._factor(stats, w.dtype)
             if self.scheme is None:
-                pruned, loss = sparsegpt_prune_factored(w, factor, sparsity, cfg.nm, cfg.blocksize, cfg.mask_group,
+                pruned, row_loss = sparsegpt_prune_rows(w, factor, sparsity, cfg.nm, cfg.blocksize, cfg.mask_group,
                                                         cfg.nm_select)
-                w.copy_(pruned)
-                self.losses[target.name] = loss
+                w.copy_(pruned)  # converts in place: no copy in the weight's dtype beside the fp32 result
+                self.losses[target.name] = float(row_loss.sum())
                 return
             res = self._joint(w.float(), factor, stats, sparsity, self.scheme.for_weight(w.dtype))
             record_quantized(w, res.weight, target.name, self.inexact)

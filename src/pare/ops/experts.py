@@ -40,6 +40,32 @@ def routed_pairs(top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> tupl
     return token, top_k_index.reshape(-1).long(), top_k_weights.reshape(-1).float()
 
 
+def routing_changed(old_index: torch.Tensor, old_weights: torch.Tensor, new_index: torch.Tensor,
+                    new_weights: torch.Tensor, kept: torch.Tensor, num_before: int, rtol: float = 1e-5) -> torch.Tensor:
+    """Which tokens a router sends elsewhere after experts were removed.
+
+    Args:
+        old_index, old_weights: ``[T, k]`` the choice before the cut (experts ``0..E-1``; an index
+            ``>= E`` marks a slot the router dropped).
+        new_index, new_weights: ``[T, k']`` the choice after it, in the kept experts' numbering.
+        kept: ``[E']`` the kept experts' indices before the cut.
+        num_before: ``E``.
+        rtol: gate values within this relative difference count as unchanged.
+
+    Returns:
+        ``[T]`` bool: True where the token's experts (slot by slot) or gate values differ; every token
+        when ``k' != k`` (or the weights are not one per slot).
+    """
+    if old_index.shape != new_index.shape or old_weights.shape != new_weights.shape:
+        return torch.ones(new_index.shape[0], dtype=torch.bool, device=new_index.device)
+    kept = kept.to(new_index.device)
+    inside = new_index < kept.numel()
+    mapped = torch.where(inside, kept[new_index.long().clamp(max=kept.numel() - 1)], -1)
+    before = torch.where(old_index < num_before, old_index.long(), -1)
+    close = torch.isclose(new_weights.float(), old_weights.float(), rtol=rtol, atol=0.0)
+    return ~((mapped == before) & close).all(dim=-1)
+
+
 def expert_sums(expert: torch.Tensor, gate: torch.Tensor, out_norm: torch.Tensor,
                 num_experts: int) -> dict[str, torch.Tensor]:
     """Per-expert sums over routed pairs.
@@ -174,4 +200,5 @@ __all__ = [
     "merge_groups",
     "merge_params",
     "routed_pairs",
+    "routing_changed",
 ]

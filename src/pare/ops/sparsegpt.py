@@ -215,16 +215,20 @@ def sparsegpt_prune_rows(
     blocksize: int = 128,
     mask_group: str = "row",
     nm_select: str = "obs",
+    overwrite: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`sparsegpt_prune_factored` with the loss of each row: ``(W_pruned [out, in] fp32 on the
     factor's device, row_loss [out])``. With ``mask_group="row"`` or N:M the rows are independent, so
-    matrices sharing a factor (q/k/v, gate/up) can be pruned as one row-stacked matrix."""
+    matrices sharing a factor (q/k/v, gate/up) can be pruned as one row-stacked matrix. With
+    ``overwrite`` a contiguous fp32 ``W`` on the factor's device is the work buffer (no copy: a
+    stacked gate/up of a large model is hundreds of MB); the result is then ``W`` itself."""
     rows, cols = W.shape
     if nm is not None and (blocksize % nm[1] or cols % nm[1]):
         raise ConfigError(f"the {nm[0]}:{nm[1]} pattern needs blocksize ({blocksize}) and the input width ({cols}) "
                           f"to be multiples of {nm[1]}")
     U = factor.U
-    Wf = W.detach().to(device=U.device, dtype=torch.float32, copy=True)
+    in_place = overwrite and W.dtype == torch.float32 and W.device == U.device and W.is_contiguous()
+    Wf = W.detach() if in_place else W.detach().to(device=U.device, dtype=torch.float32, copy=True)
     Wf[:, factor.dead] = 0.0
     if mask_group not in ("row", "block"):
         raise ConfigError(f"mask_group must be 'row' or 'block', got {mask_group!r}")
@@ -244,6 +248,18 @@ def sparsegpt_prune_rows(
         if i2 < cols:
             Wf[:, i2:].addmm_(Err1, U[i1:i2, i2:], alpha=-1.0)
     return Wf, row_loss
+
+
+def stack_rows_fp32(ws: list[torch.Tensor], device: torch.device) -> torch.Tensor:
+    """The matrices ``ws`` (one input width, any float dtype) stacked by rows into one new contiguous fp32
+    tensor on ``device``, converted one at a time (``torch.cat`` of converted copies holds twice the
+    stacked size)."""
+    out = torch.empty(sum(w.shape[0] for w in ws), ws[0].shape[1], dtype=torch.float32, device=device)
+    start = 0
+    for w in ws:
+        out[start:start + w.shape[0]].copy_(w.detach())
+        start += w.shape[0]
+    return out
 
 
 def sparsegpt_prune(

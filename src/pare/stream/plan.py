@@ -33,11 +33,15 @@ class MemoryPlan:
     forward: int
     method: int
     process: int
+    replicas: int = 0
+    """Copies of the current layer on the same device (several devices listed as one, e.g. the tests'
+    ``["cpu", "cpu"]``); copies on other devices do not count here."""
 
     def device_need(self, activations_on_device: bool) -> int:
         """Peak on the compute device while a layer is processed."""
         acts = self.activations if activations_on_device else 0
-        return max(self.layer + acts + self.forward + self.method, self.outside + acts + self.forward)
+        layers = self.layer * (1 + self.replicas)
+        return max(layers + acts + self.forward + self.method, self.outside + acts + self.forward)
 
     def ram_need(self, where: str, device: torch.device) -> int:
         """Peak RAM of the process: everything on a CPU device; a layer in transit otherwise."""
@@ -69,8 +73,12 @@ def _bytes_of(module: nn.Module) -> int:
 
 
 def plan_memory(model: nn.Module, arch: ModelArch, nsamples: int, seqlen: int, batch_size: int, dense: bool,
-                gram: bool, act_dtype: torch.dtype) -> MemoryPlan:
-    """The :class:`MemoryPlan` of streaming ``model`` (a skeleton) with these calibration figures."""
+                gram: bool, act_dtype: torch.dtype, replicas: int = 0) -> MemoryPlan:
+    """The :class:`MemoryPlan` of streaming ``model`` (a skeleton) with these calibration figures.
+
+    With several compute devices the plan is that of the first one, which holds the layer, the summed
+    statistics and the method's work; counting all the activations there is an upper bound on its
+    share. ``replicas``: copies of the layer on that same device."""
     layers = arch.layer_modules(model)
     layer = max((_bytes_of(m) for m in layers), default=0)
     outside = _bytes_of(model) - sum(_bytes_of(m) for m in layers)
@@ -93,7 +101,7 @@ def plan_memory(model: nn.Module, arch: ModelArch, nsamples: int, seqlen: int, b
     mask_work = largest * (4 + 8 + 1)  # scores in float32, sort indices, the mask
     method = mask_work + (gram_bytes + 2 * 4 * widest * widest if gram else 0)
     process = psutil.Process(os.getpid()).memory_info().rss
-    return MemoryPlan(layer, outside, acts, forward, method, process)
+    return MemoryPlan(layer, outside, acts, forward, method, process, replicas)
 
 
 def available_bytes(device: torch.device) -> int:

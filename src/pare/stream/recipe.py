@@ -8,13 +8,14 @@ of the in-memory recipe sees the model every earlier stage left and the same cal
 and so does its streamed pass, so the final weights are the in-memory recipe's (bitwise on the
 CPU). The intermediate models are written in ``.<out>.recipe/stage-K/`` beside the output (each
 published only when complete, so ``--resume`` skips finished stages and resumes the interrupted
-one) and removed once the output is in place.
+one) and removed once the output is in place; that directory keeps the guards of a save
+(:mod:`pare.stream.recipe_dir`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
-import shutil
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -29,15 +30,12 @@ from pare.io.save import manifest_stages
 from pare.report import Report
 from pare.stream.config import StreamConfig, fmt_bytes
 from pare.stream.files import build_skeleton
+from pare.stream.recipe_dir import RecipeWork, recipe_settings, recipe_work_dir
 from pare.stream.run import plan_stream, stream_prune, whole_model_bytes
 
 log = logging.getLogger(__name__)
 
-
-def recipe_work_dir(out: str | Path) -> Path:
-    """Where the intermediate models of a streamed recipe to ``out`` live."""
-    out = Path(out).absolute()
-    return out.parent / f".{out.name}.recipe"
+__all__ = ["check_streamable", "recipe_work_dir", "stream_recipe"]
 
 
 def check_streamable(source: str, configs: Sequence[PruneConfig], dtype: torch.dtype | None = None) -> None:
@@ -85,34 +83,33 @@ def stream_recipe(source: str, configs: Sequence[PruneConfig], out: str | Path,
     """
     if len(configs) > 1:  # one stage: plan_stream says the same
         check_streamable(source, configs, dtype)
-    work = recipe_work_dir(out)
+    work = RecipeWork(out, recipe_settings(source, configs, calibration, runtime, batch_size, dtype))
+    work.check(stream.resume)
     last = len(configs) - 1
-    dests = [Path(out) if k == last else work / f"stage-{k + 1}" for k in range(len(configs))]
-    if work.exists() and not stream.resume:
-        raise ConfigError(f"an interrupted streamed recipe to {str(out)!r} left its finished stages in {str(work)!r}: "
-                          "pass --resume to continue it, or remove that directory to start over")
+    dests = [Path(out) if k == last else work.stage_dir(k) for k in range(len(configs))]
     for k, cfg in enumerate(configs):  # every later stage checked on the source's shapes (none changes them)
         if k and not (stream.resume and _finished(dests[k], cfg)):
             plan_stream(source, cfg, dests[k], calibration, tokenizer, runtime, stream, dtype=dtype,
                         batch_size=batch_size, overwrite=overwrite or k < last, arch_override=arch_override)
     current, reports = source, list(earlier or [])
     ran: list[Report] = []
-    for k, cfg in enumerate(configs):
-        if k < last and stream.resume and _finished(dests[k], cfg):
-            log.warning("--resume: stage %d (%s) was finished in %s", k + 1, cfg.method, dests[k])
-            report = Report.from_dict(manifest_stages(read_manifest(dests[k]))[-1])
-        else:
-            if k < last:
-                dests[k].parent.mkdir(parents=True, exist_ok=True)
-            plan = plan_stream(current, cfg, dests[k], calibration, tokenizer, runtime, stream, dtype=dtype,
-                               batch_size=batch_size, overwrite=overwrite or k < last, arch_override=arch_override)
-            report, _ = stream_prune(plan, runtime, resume=stream.resume, overwrite=overwrite or k < last,
-                                     tokenizer=tokenizer, earlier=reports, figures=figures if k == 0 else None)
-            del plan
-        reports.append(report)
-        ran.append(report)
-        current = str(dests[k])
-    shutil.rmtree(work, ignore_errors=True)
+    with work.locked() if last else contextlib.nullcontext():  # one stage: no intermediate model
+        for k, cfg in enumerate(configs):
+            if k < last and stream.resume and _finished(dests[k], cfg):
+                log.warning("--resume: stage %d (%s) was finished in %s", k + 1, cfg.method, dests[k])
+                report = Report.from_dict(manifest_stages(read_manifest(dests[k]))[-1])
+            else:
+                plan = plan_stream(current, cfg, dests[k], calibration, tokenizer, runtime, stream, dtype=dtype,
+                                   batch_size=batch_size, overwrite=overwrite or k < last,
+                                   arch_override=arch_override)
+                report, _ = stream_prune(plan, runtime, resume=stream.resume, overwrite=overwrite or k < last,
+                                         tokenizer=tokenizer, earlier=reports, figures=figures if k == 0 else None)
+                del plan
+            reports.append(report)
+            ran.append(report)
+            current = str(dests[k])
+        if last:
+            work.remove()
     return ran, Path(out)
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,13 +25,14 @@ import torch
 
 from pare.arch import ArchOverride, describe
 from pare.calibration.stream import MappedBatches, StreamRunner
-from pare.config import CalibrationConfig, PruneConfig, RuntimeConfig, stage_for_config
+from pare.config import CalibrationConfig, PruneConfig, RuntimeConfig, stage_for_config, usable_devices
 from pare.errors import ConfigError
 from pare.eval.cost import measure_cost
 from pare.io.checkpoint import Checkpoint, KeyMap
 from pare.io.outdir import check_output
 from pare.io.partial import PartialOutput
 from pare.methods.base import PruneContext
+from pare.pipeline import check_split
 from pare.report import Report
 from pare.stream.config import StreamConfig, fmt_bytes
 from pare.stream.files import Event, StreamFiles, build_skeleton, fingerprint
@@ -56,6 +58,7 @@ class StreamPlan:
     activations: str
     memory: MemoryPlan
     batch_size: int
+    devices: list[torch.device]
 
 
 def whole_model_bytes(model: Any) -> int:
@@ -67,14 +70,21 @@ def whole_model_bytes(model: Any) -> int:
 def plan_stream(source: str, config: PruneConfig, out: str | Path, calibration: CalibrationConfig | torch.Tensor | None,
                 tokenizer: Any, runtime: RuntimeConfig, stream: StreamConfig, dtype: torch.dtype | None = None,
                 batch_size: int | None = None, overwrite: bool = False,
-                arch_override: ArchOverride | None = None) -> StreamPlan:
+                arch_override: ArchOverride | None = None,
+                devices: Sequence[str | torch.device] | None = None) -> StreamPlan:
     """Check everything a streamed run needs, before any weight is read.
+
+    Args:
+        devices: the compute devices as given, in place of the runtime's (internal: a device may
+            repeat, so the tests split batches across ``["cpu", "cpu"]``).
 
     Raises:
         ConfigError: a method that needs the whole model (with the memory it would need), pickled
-            weights, an output that cannot be written, not enough memory for one layer.
+            weights, an output that cannot be written, not enough memory for one layer, several
+            devices for a method that cannot split its batches.
     """
-    device = runtime.compute_device()
+    all_devices = usable_devices(list(devices)) if devices else runtime.compute_devices()
+    device = all_devices[0]
     if str(out).strip():  # an empty path is refused just below
         PartialOutput(out).discard_if_published()
     path = check_output(out, overwrite, source)
@@ -91,6 +101,7 @@ def plan_stream(source: str, config: PruneConfig, out: str | Path, calibration: 
     if not runtime.sequential and not stage.dense_in_step:
         raise ConfigError(f"--stream with dense inputs (--no-sequential) needs a per-layer step that keeps the dense "
                           f"outputs itself; {config.method}'s does not: stream it with sequential inputs")
+    check_split([stage], all_devices)
     stage.check(model, arch)
     keymap = KeyMap(model, ckpt.weight_map)
     tied = getattr(model, "all_tied_weights_keys", None) or {}
@@ -101,12 +112,14 @@ def plan_stream(source: str, config: PruneConfig, out: str | Path, calibration: 
     ids, info, batch = _calibration(model, stage, calibration, tokenizer, batch_size)
     nsamples, seqlen = (int(ids.shape[0]), int(ids.shape[1])) if ids is not None else (0, 0)
     memory = plan_memory(model, arch, nsamples, seqlen, batch, dense=not runtime.sequential,
-                         gram="gram" in getattr(type(stage), "stats", frozenset()), act_dtype=_dtype(model))
+                         gram="gram" in getattr(type(stage), "stats", frozenset()), act_dtype=_dtype(model),
+                         replicas=sum(d == device for d in all_devices[1:]))
     budget = stream.max_bytes or available_bytes(device)
     ram = budget if device.type == "cpu" else available_bytes(torch.device("cpu"))
     where = choose_activations(memory, stream.activations, device, budget, ram) if ids is not None else "device"
     log.info("streaming plan: %s; activations on %s", memory.describe(where, device), where)
-    return StreamPlan(source, path, model, arch, stage, ckpt, keymap, ids, info, device, where, memory, batch)
+    return StreamPlan(source, path, model, arch, stage, ckpt, keymap, ids, info, device, where, memory, batch,
+                      all_devices)
 
 
 def _dtype(model: Any) -> torch.dtype:
@@ -146,6 +159,8 @@ def stream_prune(plan: StreamPlan, runtime: RuntimeConfig, *, resume: bool = Fal
     settings = {"method": plan.stage.config.to_dict(), "calibration": plan.calibration, "batch_size": plan.batch_size,
                 "sequential": runtime.sequential, "dtype": str(plan.model.dtype), "device": plan.device.type,
                 "activations": plan.activations}
+    if len(plan.devices) > 1:  # the sums are taken in another order: a resume must split the batches alike
+        settings["devices"] = [str(d) for d in plan.devices]
     wanted = fingerprint(plan.source, plan.ckpt, settings, plan.ids)
     part = PartialOutput(plan.out)
     with part.locked():
@@ -155,7 +170,8 @@ def stream_prune(plan: StreamPlan, runtime: RuntimeConfig, *, resume: bool = Fal
                               f"{record.get('done', -1) + 1} of {plan.arch.num_layers} done) in {str(part.work)!r}: "
                               "pass --resume to continue it, or remove that directory to start over")
         if record is not None and record.get("fingerprint") != wanted:
-            changed = sorted(k for k in wanted if (record.get("fingerprint") or {}).get(k) != wanted[k])
+            before = record.get("fingerprint") or {}
+            changed = sorted(k for k in {*before, *wanted} if before.get(k) != wanted.get(k))
             raise ConfigError(f"--resume: the interrupted run to {str(plan.out)!r} used other settings ({changed}); "
                               f"resume with the same ones, or remove {str(part.work)!r} to start over")
         if record is None:
@@ -175,12 +191,14 @@ def _run_layers(plan: StreamPlan, runtime: RuntimeConfig, part: PartialOutput, r
                 event: Event | None) -> Report:
     model, arch, stage = plan.model, plan.arch, plan.stage
     cfg = stage.config
-    run_info = {"device": str(plan.device), "dtype": str(model.dtype), "sequential": runtime.sequential,
+    several = {"devices": [str(d) for d in plan.devices]} if len(plan.devices) > 1 else {}
+    run_info = {"device": str(plan.device), **several, "dtype": str(model.dtype), "sequential": runtime.sequential,
                 "offload": runtime.offload, "batch_size": plan.batch_size,
                 "stream": {"activations": plan.activations, "resumed_after_layer": record.get("done")}}
     report = Report(method=cfg.method, config=cfg.to_dict(), calibration=plan.calibration, runtime=run_info,
                     arch_override=None)
-    ctx = PruneContext(model, arch, plan.ids, runtime, report, plan.batch_size, device=plan.device)
+    ctx = PruneContext(model, arch, plan.ids, runtime, report, plan.batch_size, device=plan.device,
+                       devices=list(plan.devices))
     params = sum(p.numel() for p in model.parameters())
     files = StreamFiles(model, arch, plan.ckpt, plan.keymap, part, stage, record,
                         mapped=plan.activations == "disk", event=event)
@@ -188,7 +206,7 @@ def _run_layers(plan: StreamPlan, runtime: RuntimeConfig, part: PartialOutput, r
     start = int(record.get("done", -1)) + 1
     runner = StreamRunner(model, arch, plan.ids if plan.ids is not None else torch.zeros(1, 1, dtype=torch.long),
                           files, plan.device, batch_size=plan.batch_size, sequential=runtime.sequential,
-                          progress=runtime.progress, start=start, store=store)
+                          progress=runtime.progress, start=start, store=store, devices=plan.devices)
     files.load_outside(plan.device)
     files.write_outside()
     calls, hidden = None, None

@@ -7,9 +7,11 @@ Point specs are short strings separated by ``;``:
   (``sparsegpt:2:4``); a width ratio (``osscar:0.25`` = ``mlp_ratio``, ``slicegpt:0.25`` =
   ``slicing``); a layer count (``ppl-window:4``, ``shortgpt:4``, ``angular:4`` = ``num_layers``).
   ``KEY=VALUE`` sets any other option of the method (``sparsegpt:0.5,percdamp=0.1``).
-- quantization: ``none``, or ``[rtn-|gptq-]SCHEME[-gN][-asym]``: ``int4-g128``, ``gptq-int4-g128``,
-  ``int8-g0`` (per channel), ``mxfp4``, ``mxfp6`` (= ``mxfp6-e2m3``), ``mxfp8`` (= ``mxfp8-e4m3``),
-  ``nvfp4``. Without ``-gN`` the group is pare's default (128 for integers; MX and NVFP4 fix their own).
+- quantization: ``none``, or ``[rtn-|gptq-]SCHEME[-gN][-asym][,KEY=VALUE...]``: ``int4-g128``,
+  ``gptq-int4-g128``, ``int8-g0`` (per channel), ``mxfp4``, ``mxfp6`` (= ``mxfp6-e2m3``), ``mxfp8``
+  (= ``mxfp8-e4m3``), ``nvfp4``. Without ``-gN`` the group is pare's default (128 for integers; MX and
+  NVFP4 fix their own). ``KEY=VALUE`` sets another option of the quantize stage
+  (``gptq-int4-g64,act_order=true``, ``gptq-int3-g64,damp=0.1``).
 
 Orders (how a pruning spec and a quantization spec combine into one point):
 
@@ -40,7 +42,11 @@ MAIN_OPTION = {"osscar": "mlp_ratio", "slicegpt": "slicing", "ppl-window": "num_
 """The option a pruning spec's bare argument sets, for methods other than the sparsity ones."""
 SCHEME_ALIASES = {"mxfp8": "mxfp8-e4m3", "mxfp6": "mxfp6-e2m3"}
 PRUNE_EXAMPLES = "none; sparsegpt:0.5; sparsegpt:2:4; wanda:0.5; osscar:0.25; ppl-window:4; sparsegpt:0.5,percdamp=0.1"
-QUANT_EXAMPLES = "none; int8; int4-g128; int4-g64-asym; gptq-int4-g128; mxfp8; mxfp6; mxfp4; nvfp4"
+QUANT_EXAMPLES = "none; int8; int4-g128; int4-g64-asym; gptq-int4-g128; gptq-int4-g128,act_order=true; mxfp8; mxfp4"
+SPEC_SET = ("scheme", "group_size", "symmetric", "algorithm", "keep_zeros")
+"""Quantize-stage options a quantization spec's text (and the order) set, so not given as KEY=VALUE."""
+GPTQ_ONLY = ("act_order", "damp", "blocksize", "clip_search")
+"""Options of the GPTQ algorithm, left out of the RTN stage that re-rounds a quantize-first point."""
 
 
 @dataclass(frozen=True)
@@ -57,24 +63,28 @@ class PruneSpec:
 
 @dataclass(frozen=True)
 class QuantSpec:
-    """A parsed quantization spec: scheme, group size (None: the scheme's default), symmetry, algorithm."""
+    """A parsed quantization spec: scheme, group size (None: the scheme's default), symmetry, algorithm,
+    and any other quantize-stage options (``KEY=VALUE``) as sorted pairs."""
 
     label: str
     scheme: str | None = None
     group_size: int | None = None
     symmetric: bool = True
     algorithm: str = "rtn"
+    options: tuple[tuple[str, Any], ...] = ()
 
     def config(self, algorithm: str | None = None, keep_zeros: bool = True) -> PruneConfig:
-        """The quantize stage (``algorithm`` overrides the spec's)."""
+        """The quantize stage (``algorithm`` overrides the spec's; an RTN override drops GPTQ's options)."""
+        algo = algorithm or self.algorithm
+        opts = {k: v for k, v in self.options if algo == "gptq" or k not in GPTQ_ONLY}
         return stage_class("quantize").config_class.from_dict({
-            "scheme": self.scheme, "group_size": self.group_size, "symmetric": self.symmetric,
-            "algorithm": algorithm or self.algorithm, "keep_zeros": keep_zeros})
+            **opts, "scheme": self.scheme, "group_size": self.group_size, "symmetric": self.symmetric,
+            "algorithm": algo, "keep_zeros": keep_zeros})
 
     @property
     def scheme_label(self) -> str:
-        """The spec without its algorithm prefix (what a joint pass uses)."""
-        return self.label.removeprefix("gptq-").removeprefix("rtn-")
+        """The spec without its algorithm prefix and options (what a joint pass uses)."""
+        return self.label.partition(",")[0].removeprefix("gptq-").removeprefix("rtn-")
 
 
 @dataclass(frozen=True)
@@ -172,9 +182,11 @@ def _prune_label(name: str, items: list[str]) -> str:
 
 def parse_quant(spec: str) -> QuantSpec:
     """A quantization spec (see the module doc for the grammar)."""
-    text = spec.strip().lower()
-    if text == "none":
+    base, _, rest = spec.strip().partition(",")
+    text = base.strip().lower()
+    if text == "none" and not rest.strip():
         return QuantSpec("none")
+    options = _quant_options(spec, rest)
     algorithm = "rtn"
     for prefix in ("gptq-", "rtn-"):
         if text.startswith(prefix):
@@ -193,12 +205,35 @@ def parse_quant(spec: str) -> QuantSpec:
                           f"[rtn-|gptq-]SCHEME[-gN][-asym], e.g. {QUANT_EXAMPLES}")
     if group is not None and (scheme in MX_SCHEMES or scheme == "nvfp4"):
         raise ConfigError(f"quantization spec {spec!r}: {scheme} fixes its own block size; drop -g{group}")
-    out = QuantSpec(spec.strip().lower(), scheme, group, symmetric, algorithm)
+    gptq_only = [k for k, _ in options if k in GPTQ_ONLY]
+    if gptq_only and algorithm != "gptq":
+        raise ConfigError(f"quantization spec {spec!r}: {', '.join(gptq_only)} applies to GPTQ only; write "
+                          f"gptq-{base.strip().lower().removeprefix('rtn-')},...")
+    label = base.strip().lower() + "".join(f",{k}={str(v).lower()}" for k, v in options)
+    out = QuantSpec(label, scheme, group, symmetric, algorithm, options)
     try:
         out.config()
     except ConfigError as exc:
         raise ConfigError(f"quantization spec {spec!r}: {exc}") from None
     return out
+
+
+def _quant_options(spec: str, rest: str) -> tuple[tuple[str, Any], ...]:
+    """A quantization spec's ``KEY=VALUE`` items (after its first comma), sorted by key."""
+    opts: dict[str, Any] = {}
+    for item in (s.strip() for s in rest.split(",")):
+        if not item:
+            continue
+        key, eq, value = item.partition("=")
+        key = key.strip().replace("-", "_")
+        if not eq or not key:
+            raise ConfigError(f"quantization spec {spec!r}: {item!r} must be KEY=VALUE, e.g. "
+                              "gptq-int4-g64,act_order=true")
+        if key in SPEC_SET:
+            raise ConfigError(f"quantization spec {spec!r}: {key} is set by the spec's text or the order, not "
+                              "as KEY=VALUE; write e.g. gptq-int4-g64-asym")
+        opts[key] = yaml.safe_load(value)
+    return tuple(sorted(opts.items()))
 
 
 def parse_orders(text: str) -> tuple[str, ...]:

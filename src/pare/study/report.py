@@ -76,6 +76,17 @@ def matrix_reference_bytes(results: list[dict[str, Any]]) -> int | None:
     return dense[0].get("matrix_bytes") if dense else None
 
 
+def matrix_budget_bytes(results: list[dict[str, Any]], frac: float) -> float | None:
+    """The whole-checkpoint bytes of a model whose decoder matrices take ``frac`` of the dense point's
+    and whose other values (embeddings, norms) are the dense point's: where a decoder-matrix budget
+    falls on a bytes axis (None without a dense point)."""
+    dense = [r for r in results if r["point"]["id"] == "dense"]
+    if not dense or not isinstance(dense[0].get("matrix_bytes"), int) or not isinstance(
+            dense[0].get("other_bytes"), int):
+        return None
+    return dense[0]["other_bytes"] + frac * dense[0]["matrix_bytes"]
+
+
 def budget_rows(results: list[dict[str, Any]], ref: int | None, key: str = "bytes") -> list[tuple[str, ...]]:
     """For each budget (a fraction of ``ref``, measured on ``key``: ``bytes`` for the whole checkpoint,
     ``matrix_bytes`` for the decoder matrices alone), the best point by perplexity and by zero-shot mean
@@ -147,6 +158,18 @@ def order_rows(results: list[dict[str, Any]]) -> tuple[tuple[str, ...], list[tup
 
 
 # --------------------------------------------------------------------------- plots
+def distinct_colours(n: int) -> list[str]:
+    """``n`` colours, all different while ``n`` is at most 20: the report palette, else matplotlib's
+    ``tab20`` (a palette that repeats would draw two quantization specs alike)."""
+    if n <= len(PALETTE):
+        return list(PALETTE[:n])
+    from matplotlib import colormaps
+    from matplotlib.colors import to_hex
+
+    cmap = colormaps["tab20"]
+    return [to_hex(cmap(i % cmap.N)) for i in range(n)]
+
+
 def _quality_plot(results: list[dict[str, Any]], ref: int | None, key: str, lower: bool, ylabel: str,
                   slug: str) -> Plot | None:
     usable = [r for r in results if isinstance(r.get(key), (int, float))]
@@ -155,9 +178,10 @@ def _quality_plot(results: list[dict[str, Any]], ref: int | None, key: str, lowe
     fig, (ax,) = _figure(1, 7.5, 4.6)
     quants = sorted({r["point"]["quant"] for r in usable})
     prunes = sorted({r["point"]["prune"] for r in usable})
+    colours = distinct_colours(len(quants))
     for r in usable:
         p = r["point"]
-        colour = PALETTE[quants.index(p["quant"]) % len(PALETTE)]
+        colour = colours[quants.index(p["quant"])]
         marker = MARKERS[prunes.index(p["prune"]) % len(MARKERS)]
         hollow = p["order"] == "quant-first"
         ax.scatter(r["bytes"] / 1e6, r[key], s=34, marker=marker, edgecolors=colour,
@@ -168,13 +192,16 @@ def _quality_plot(results: list[dict[str, Any]], ref: int | None, key: str, lowe
             label="Pareto front")
     for r in front:
         ax.annotate(_label(r), (r["bytes"] / 1e6, r[key]), fontsize=6.5, xytext=(3, 3), textcoords="offset points")
-    if ref:
-        for frac in BUDGETS[1:]:
-            ax.axvline(ref * frac / 1e6, color="#c0392b", linestyle="--", linewidth=0.8)
-            ax.annotate(f"{frac:.1%}", (ref * frac / 1e6, 1), xycoords=("data", "axes fraction"), fontsize=7,
-                        color="#c0392b", xytext=(2, -10), textcoords="offset points")
+    for frac in BUDGETS[1:]:
+        for at, style, text in ((ref * frac if ref else None, "--", f"{frac:.1%}"),
+                                (matrix_budget_bytes(results, frac), ":", f"{frac:.1%} of matrices")):
+            if at is None:
+                continue
+            ax.axvline(at / 1e6, color="#c0392b", linestyle=style, linewidth=0.8)
+            ax.annotate(text, (at / 1e6, 1), xycoords=("data", "axes fraction"), fontsize=7, rotation=90,
+                        color="#c0392b", xytext=(-9, -3), textcoords="offset points", va="top")
     for q in quants:
-        ax.scatter([], [], color=PALETTE[quants.index(q) % len(PALETTE)], marker="o", label=f"quant {q}")
+        ax.scatter([], [], color=colours[quants.index(q)], marker="o", label=f"quant {q}")
     for pr in prunes:
         ax.scatter([], [], color="#555", marker=MARKERS[prunes.index(pr) % len(MARKERS)], label=f"prune {pr}")
     ax.legend(fontsize=6.5, loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False)
@@ -184,7 +211,8 @@ def _quality_plot(results: list[dict[str, Any]], ref: int | None, key: str, lowe
         _log_y(ax)
     caption = ("Every point of the study; filled markers: prune first, joint or a single stage; hollow: "
                "quantize first. The line is the Pareto front (no point is both smaller and better); dashed "
-               "lines: 25% and 12.5% of the 16-bit bytes.")
+               "lines: 25% and 12.5% of the 16-bit bytes; dotted: the decoder matrices at 25% and 12.5% of "
+               "theirs, the other values as the dense model's.")
     return Plot(f"{ylabel} against bytes", caption, _png(fig), slug)
 
 

@@ -32,10 +32,16 @@ from torch import nn
 
 from pare.arch.roles import ModelArch
 from pare.arch.surgery.edits import Edit, RemoveLayers, RemoveSublayer
+from pare.arch.surgery.tables import cut_tables, table_cuts
 from pare.errors import ConfigError
 
 INDEX_LISTS = ("mlp_only_layers",)
 """Config lists that hold layer *indices* (remapped, removed ones dropped)."""
+LAYER_COUNT_ALIASES = ("num_blocks",)
+"""Second layer-count fields kept equal to the first when they were (xLSTM builds ``num_blocks`` blocks)."""
+SEGMENTS = (("n_input_layers", "n_recurrent_layers", "n_output_layers"),)
+"""Config fields that split the layers, in order, into consecutive segments (Dory: an input stack, a
+stack looped over, an output stack); each counts its kept layers after a cut."""
 
 if TYPE_CHECKING:
     from pare.arch.overrides import ArchOverride
@@ -96,6 +102,20 @@ def _dense_prefix(config: Any, arch: ModelArch, kept: list[int]) -> dict[str, An
     return {"first_k_dense_replace": sum(1 for i in kept if i < value)}
 
 
+def _segments(config: Any, kept: list[int], n: int) -> dict[str, int]:
+    for names in SEGMENTS:
+        values = [getattr(config, name, None) for name in names]
+        sizes = [v for v in values if isinstance(v, int)]
+        if len(sizes) != len(names) or sum(sizes) != n:
+            continue
+        out, start = {}, 0
+        for name, size in zip(names, sizes, strict=True):
+            out[name] = sum(1 for i in kept if start <= i < start + size)
+            start += size
+        return out
+    return {}
+
+
 def _config_changes(config: Any, arch: ModelArch, kept: list[int], n: int) -> dict[str, Any]:
     changes: dict[str, Any] = {}
     for name in arch.fields.per_layer_lists:
@@ -108,7 +128,11 @@ def _config_changes(config: Any, arch: ModelArch, kept: list[int], n: int) -> di
             changes[name] = [kept.index(i) for i in value if i in kept]
     changes.update(_moe_layout(config, arch, kept))
     changes.update(_dense_prefix(config, arch, kept))
+    changes.update(_segments(config, kept, n))
     changes[arch.fields.layers] = len(kept)
+    for name in LAYER_COUNT_ALIASES:
+        if name != arch.fields.layers and getattr(config, name, None) == n:
+            changes[name] = len(kept)
     return changes
 
 
@@ -129,8 +153,10 @@ def _shapes(layer: nn.Module) -> list[tuple[str, tuple[int, ...]]]:
 
 
 def _signature(layer: nn.Module) -> list[tuple[str, str]]:
-    """Module names and classes (not shapes: a width cut earlier in a chain is replayed from the manifest)."""
-    return [(n, type(m).__name__) for n, m in layer.named_modules()]
+    """Module and parameter names, module classes (not shapes: a width cut earlier in a chain is replayed
+    from the manifest). Parameters count: GPT-NeoX-Japanese gives only the last layer's attention a
+    ``dense_bias``, so the layer moved there by a cut would reload with a random one."""
+    return [(n, type(m).__name__) for n, m in layer.named_modules()] + [(n, "") for n, _ in layer.named_parameters()]
 
 
 def removal_problem(model: nn.Module, arch: ModelArch, removed: Sequence[int]) -> str | None:
@@ -168,6 +194,9 @@ def _built(model: nn.Module, arch: ModelArch, changes: dict[str, Any] | None = N
 
     full: Any = copy.deepcopy(model.config)  # type: ignore[union-attr]
     target = decoder_config(full)
+    for cfg in {id(full): full, id(target): target}.values():  # save_pretrained leaves dtype a string,
+        if isinstance(getattr(cfg, "dtype", None), str):  # which Apertus' xIELU cannot build with
+            cfg.dtype = getattr(torch, cfg.dtype)
     for name, value in (changes or {}).items():
         setattr(target, name, value)
     with torch.device("meta"):
@@ -177,7 +206,8 @@ def _built(model: nn.Module, arch: ModelArch, changes: dict[str, Any] | None = N
 def _sync_build_attributes(model: nn.Module, arch: ModelArch) -> list[str]:
     """Give the kept layers' modules the number-valued attributes a model built from the shortened
     config has (Beam's ``attn_residual_add_idx = 2 * (layer_idx + 1)``, set at build time from the
-    layer index), so the pruned model computes what its reload computes. Returns what was changed."""
+    layer index; LongCat's two attention blocks per layer, cache slots ``2i`` and ``2i + 1``), so the
+    pruned model computes what its reload computes. Returns what was changed."""
     try:
         built = _built_layers(model, arch)
     except Exception:
@@ -192,7 +222,7 @@ def _sync_build_attributes(model: nn.Module, arch: ModelArch) -> list[str]:
             if other is None or type(other) is not type(module):
                 continue
             for key, value in vars(module).items():
-                if key.startswith("_") or key == "layer_idx" or type(value) not in (int, float):
+                if key.startswith("_") or type(value) not in (int, float):
                     continue
                 new = vars(other).get(key)
                 if type(new) is type(value) and new != value:
@@ -210,11 +240,10 @@ def _rebuild_problem(model: nn.Module, arch: ModelArch, kept: list[int], changes
         built = _built(model, arch, changes)
     except Exception as exc:  # any failure means the config cannot express the cut
         return f"the shortened config cannot be built ({type(exc).__name__}: {exc})"
-    outside = _outside_shapes(built, arch.layers_path)
-    for name, shape in _outside_shapes(model, arch.layers_path).items():
-        if outside.get(name, shape) != shape:
-            return (f"the shortened config also resizes {name} ({list(shape)} -> {list(outside[name])}), a per-layer "
-                    "table outside the decoder layers that pare does not cut")
+    _, why = table_cuts(_outside_shapes(model, arch.layers_path), _outside_shapes(built, arch.layers_path),
+                        arch.num_layers, len(kept))
+    if why is not None:
+        return why
     layers: Any = built.get_submodule(arch.layers_path)
     have = arch.layer_modules(model)
     if len(layers) != len(kept):
@@ -293,6 +322,10 @@ def remove_layers(model: nn.Module, arch: ModelArch, indices: Sequence[int], che
     kept = [i for i in range(n) if i not in set(removed)]
     config = _config(model)
     changes = _config_changes(config, arch, kept, n)
+    if check:  # per-layer tables outside the layers (Gemma 3n / 4): keep the kept layers' blocks
+        cuts, _ = table_cuts(_outside_shapes(model, arch.layers_path),
+                             _outside_shapes(_built(model, arch, changes), arch.layers_path), n, len(kept))
+        cut_tables(model, cuts, kept)
     new_layers = [layers[i] for i in kept]
     layers._modules.clear()
     for i, layer in enumerate(new_layers):
@@ -341,7 +374,7 @@ def layers_removed(model: nn.Module, arch: ModelArch, indices: Sequence[int]) ->
         if isinstance(getattr(m, "layer_idx", None), int)
     ]
     names = (*arch.fields.per_layer_lists, *INDEX_LISTS, "decoder_sparse_step", "first_k_dense_replace",
-             arch.fields.layers)
+             arch.fields.layers, *LAYER_COUNT_ALIASES, *(name for names in SEGMENTS for name in names))
     before = {k: copy.deepcopy(getattr(config, k)) for k in names if hasattr(config, k)}
     try:
         yield remove_layers(model, arch, indices, check=False)

@@ -118,6 +118,14 @@ def _inner_norms(parent: nn.Module, width: int) -> list[nn.Module]:
     return out
 
 
+def _slice_channel_scales(block: nn.Module, width: int, keep: torch.Tensor) -> None:
+    """Keep the kept channels of the MLP block's own per-channel vectors (Dory's ``suv_gate`` / ``suv_up``,
+    which scale the gate and up outputs)."""
+    for name, p in list(block.named_parameters(recurse=False)):
+        if p.dim() == 1 and p.shape[0] == width:
+            setattr(block, name, nn.Parameter(p.data[keep.to(p.device)].clone(), requires_grad=p.requires_grad))
+
+
 def _check_plain_mlp(layer: Any, mlp: MLPRoles) -> None:
     """Refuse an MLP block holding linears besides its roles (Zamba2's per-layer LoRA adapters on a
     shared MLP): they read or write the intermediate channels in a way pare does not know."""
@@ -138,6 +146,7 @@ def _prune_dense_mlp(layer: Any, mlp: MLPRoles, keep: torch.Tensor) -> None:
     if mlp.path:  # an MLP directly in the layer shares it with the stream's norms
         for norm in _inner_norms(layer.get_submodule(mlp.path), int(old)):
             _slice_norm(norm, keep, 1.0)
+        _slice_channel_scales(layer.get_submodule(mlp.path), int(old), keep)
     if mlp.gate_up is not None:
         fused = layer.get_submodule(mlp.gate_up.path)
         width = (fused.weight.shape[1] if mlp.gate_up.conv1d else fused.weight.shape[0]) // 2
