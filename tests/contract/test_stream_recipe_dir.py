@@ -117,7 +117,7 @@ def test_a_published_run_killed_before_removing_its_work_directory(
     src: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     out = tmp_path / "out"
-    monkeypatch.setattr(RecipeWork, "remove", lambda self: None)  # killed right after publishing
+    monkeypatch.setattr(RecipeWork, "discard", lambda self: None)  # killed right after publishing
     run(src, out)
     monkeypatch.undo()
     work = recipe_work_dir(out)

@@ -109,7 +109,7 @@ def stream_recipe(source: str, configs: Sequence[PruneConfig], out: str | Path,
             ran.append(report)
             current = str(dests[k])
         if last:
-            work.remove()
+            work.discard()
     return ran, Path(out)
 
 

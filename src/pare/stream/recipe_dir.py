@@ -193,7 +193,7 @@ class RecipeWork:
                 path,
                 self.out,
             )
-            self.remove()
+            self.discard()
             return
         if not resume:
             raise ConfigError(
@@ -257,7 +257,7 @@ class RecipeWork:
             os.close(fd)
 
     # ----------------------------------------------------------------------- once the output is in place
-    def remove(self) -> None:
+    def discard(self) -> None:
         """Delete the intermediate models: the directory renamed aside, then deleted; a user's entries
         are left where they are (the record removed first, so the rest is no longer resumable)."""
         if not self.path.is_dir() or self.path.is_symlink():
