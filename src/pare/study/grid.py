@@ -140,8 +140,8 @@ def parse_prune(spec: str) -> PruneSpec:
         if not item:
             continue
         if "=" in item:
-            key, _, value = item.partition("=")
-            opts[key.strip().replace("-", "_")] = yaml.safe_load(value)
+            key, value = _key_value(item)
+            opts[key] = value
         elif k == 0:
             opts.update(_main_option(name, item, spec))
         else:
@@ -224,16 +224,21 @@ def _quant_options(spec: str, rest: str) -> tuple[tuple[str, Any], ...]:
     for item in (s.strip() for s in rest.split(",")):
         if not item:
             continue
-        key, eq, value = item.partition("=")
-        key = key.strip().replace("-", "_")
-        if not eq or not key:
+        key, value = _key_value(item)
+        if "=" not in item or not key:
             raise ConfigError(f"quantization spec {spec!r}: {item!r} must be KEY=VALUE, e.g. "
                               "gptq-int4-g64,act_order=true")
         if key in SPEC_SET:
             raise ConfigError(f"quantization spec {spec!r}: {key} is set by the spec's text or the order, not "
                               "as KEY=VALUE; write e.g. gptq-int4-g64-asym")
-        opts[key] = yaml.safe_load(value)
+        opts[key] = value
     return tuple(sorted(opts.items()))
+
+
+def _key_value(item: str) -> tuple[str, Any]:
+    """A spec's ``KEY=VALUE`` item: the option name (dashes as underscores) and its YAML value."""
+    key, _, value = item.partition("=")
+    return key.strip().replace("-", "_"), yaml.safe_load(value)
 
 
 def parse_orders(text: str) -> tuple[str, ...]:
