@@ -114,6 +114,33 @@ def test_sparsegpt_stacks_matrices_sharing_an_input_with_the_results_of_one_at_a
         assert r1.scores["quantization"]["bytes"] == r2.scores["quantization"]["bytes"]
 
 
+def test_joint_prune_then_gptq_prunes_the_stacked_buffer_in_place(monkeypatch) -> None:
+    """The joint pass prunes the row-stacked fp32 copy of q/k/v (gate/up) in place, so no second fp32
+    copy of the stack is made before GPTQ; a matrix solved alone (an fp32 model's own weight) is not
+    overwritten, and the weights equal the one-at-a-time results (test above)."""
+    import pare.methods.sparsegpt as sgpt
+
+    calls: list[tuple[int, bool]] = []
+    prune_rows = sgpt.sparsegpt_prune_rows
+
+    def spy(W, *args, **kwargs):
+        pruned, loss = prune_rows(W, *args, **kwargs)
+        calls.append((W.shape[0], pruned.data_ptr() == W.data_ptr()))
+        return pruned, loss
+
+    monkeypatch.setattr(sgpt, "sparsegpt_prune_rows", spy)
+    model = tiny_model("llama")
+    layer = model.model.layers[0]
+    q, gate, o = layer.self_attn.q_proj, layer.mlp.gate_proj, layer.self_attn.o_proj
+    stacked_rows = {q.out_features + 2 * layer.self_attn.k_proj.out_features,
+                    gate.out_features + layer.mlp.up_proj.out_features}
+    pare.prune(model, pare.SparseGPTConfig(pattern="2:4", quantize="int4", group_size=32), tiny_batch(4, 32),
+               runtime=QUIET)
+    assert {rows for rows, _ in calls} == stacked_rows | {o.out_features, layer.mlp.down_proj.out_features}
+    for rows, in_place in calls:
+        assert in_place == (rows in stacked_rows), rows
+
+
 def test_sparsegpt_solves_a_stack_over_the_size_cap_one_matrix_at_a_time(monkeypatch) -> None:
     """Above ``STACK_MAX_BYTES`` (a big model's gate/up) the matrices are solved one at a time, so no
     stacked fp32 copy sits beside a streamed layer's Gram matrices; the weights are the stacked ones."""

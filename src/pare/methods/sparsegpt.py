@@ -222,7 +222,8 @@ class SparseGPTPruner(QuantAccounting, SparsityPruner):
                                                     cfg.nm_select, overwrite=True)
             del w  # now the storage of ``pruned``
         else:
-            res = self._joint(w, factor, stats, sparsity, self.scheme.for_weight(ws[0].dtype))
+            res = self._joint(w, factor, stats, sparsity, self.scheme.for_weight(ws[0].dtype), overwrite=True)
+            del w  # prune-then-gptq pruned it in place
             pruned, row_loss = res.weight, res.row_loss
         start = 0
         for t, x in zip(targets, ws, strict=True):
@@ -236,13 +237,14 @@ class SparseGPTPruner(QuantAccounting, SparsityPruner):
                 self._count_bits(t, x)
 
     def _joint(self, w: torch.Tensor, factor: InverseHessianFactor, stats: InputStats, sparsity: float,
-               scheme: QuantScheme) -> GPTQResult:
+               scheme: QuantScheme, overwrite: bool = False) -> GPTQResult:
         """Prune and quantize ``w: [out, in]`` (fp32) in the configured joint pass; ``row_loss`` holds both
-        the pruning and the quantization losses."""
+        the pruning and the quantization losses. With ``overwrite`` (``w`` is a work copy, e.g. the
+        row-stacked q/k/v), ``prune-then-gptq`` prunes ``w`` in place instead of into a second copy."""
         cfg = self.config
         if cfg.joint == "prune-then-gptq":
             pruned, prune_loss = sparsegpt_prune_rows(w, factor, sparsity, cfg.nm, cfg.blocksize, cfg.mask_group,
-                                                      cfg.nm_select)
+                                                      cfg.nm_select, overwrite=overwrite)
             act, perm = self._act_factor(stats)
             res = gptq_quantize(pruned, act, scheme, blocksize=cfg.blocksize, perm=perm, keep_zero=pruned == 0,
                                 clip_search=cfg.clip_search)
