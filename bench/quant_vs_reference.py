@@ -37,7 +37,10 @@ masked and quantized before its error is spread), ``pare_two_stage`` (pare's own
 2:4, then GPTQ with ``keep_zeros`` on the pruned model's activations), ``pare_damp0.1``
 (``percdamp=0.1``), ``pare_nm_quant`` (interleaved, each group of 4 chosen with its kept weights'
 quantization error counted), ``pare_clip`` (``clip_search``), and the interleaved and two-stage
-passes with dampening 0.1. ``--reference-mse`` adds ``reference_mse``, the reference with its
+passes with dampening 0.1, ``pare_damp0.03`` / ``pare_damp0.3``, ``pare_score`` (``nm_select="score"``,
+the reference's 2:4 rule) and ``pare_dense_inputs``; the reference's run also writes its output with
+the 2:4 mask of its SparseGPT stage re-applied after its GPTQ stage (``reference_mask24``: what a 2:4
+storage would keep of it). ``--reference-mse`` adds ``reference_mse``, the reference with its
 ``memoryless_mse`` range observer; ``--pare-extra JSON`` adds config fields to pare's headline run
 (recorded in the output as ``pare_extra``); ``--reference-damp D`` adds the reference recipe with
 dampening D in both modifiers.
@@ -148,13 +151,40 @@ def worker_peer(a: argparse.Namespace) -> dict:
         "gptq-w4a16": [GPTQModifier(**gptq)],
         "sparse24-int4": [SparseGPTModifier(mask_structure="2:4", **sparse), GPTQModifier(**gptq)],
     }[a.setting]
+    masks: dict[str, torch.Tensor] = {}
+    if a.setting == "sparse24-int4":  # the same SparseGPT stage, recording each matrix's 2:4 mask
+        recipe[0] = _mask_recording(SparseGPTModifier, masks)(mask_structure="2:4", **sparse)
     ds = Dataset.from_dict({"input_ids": ids.tolist(), "attention_mask": torch.ones_like(ids).tolist()})
     t0, c0 = time.perf_counter(), time.process_time()
     oneshot(model=model, dataset=ds, recipe=recipe, num_calibration_samples=ids.shape[0],
             max_seq_length=ids.shape[1], batch_size=a.batch_size, shuffle_calibration_samples=False)
     seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
     save_file(decoder_weights(model), a.out)
-    return {"prune_seconds": seconds, "cpu_seconds": cpu}
+    if masks:  # the GPTQ stage refilled pruned weights: what a 2:4 storage of its output would keep
+        with torch.no_grad():
+            for name, mask in masks.items():
+                model.get_submodule(name).weight.masked_fill_(mask, 0.0)
+        save_file(decoder_weights(model), masked_path(a.out))
+    return {"prune_seconds": seconds, "cpu_seconds": cpu, "masks_recorded": len(masks)}
+
+
+def masked_path(out: str | Path) -> Path:
+    """Where the peer worker writes its output with the SparseGPT stage's mask re-applied."""
+    return Path(str(out).removesuffix(".safetensors") + "-mask24.safetensors")
+
+
+def _mask_recording(base: type, masks: dict) -> type:
+    """``base`` (llm-compressor's SparseGPTModifier) that records each matrix's zeros right after its
+    SparseGPT step, before the GPTQ stage of the same layer refills some of them."""
+
+    class MaskRecording(base):  # type: ignore[misc, valid-type]
+        def compress_modules(self) -> None:
+            names = {m: self._module_names[m] for m in self._num_samples}
+            super().compress_modules()
+            for m, name in names.items():
+                masks[name] = (m.weight == 0).detach().clone()
+
+    return MaskRecording
 
 
 def prepare(a: argparse.Namespace) -> tuple[Path, object]:
@@ -194,6 +224,9 @@ def evaluate(weights: Path | None, ev, a: argparse.Namespace) -> dict:
         zeros = sum(int((w == 0).sum()) for w in state.values())
         out["sparsity"] = zeros / sum(w.numel() for w in state.values())
         groups = [w.reshape(w.shape[0], -1, a.group_size) for w in state.values()]
+        out["groups_of_4_with_2_zeros"] = (sum(int(((w.reshape(w.shape[0], -1, 4) == 0).sum(-1) >= 2).sum())
+                                                for w in state.values())
+                                            / sum(w.numel() // 4 for w in state.values()))
         out["max_distinct_per_group"] = max(int(torch.sort(g, dim=-1).values.diff(dim=-1).ne(0).sum(-1).max()) + 1
                                             for g in groups)
     out["ppl"] = perplexity(model, ev, a.eval_seqlen, batch_size=4, progress=False).ppl
@@ -252,8 +285,14 @@ def main(a: argparse.Namespace) -> None:
                          ("pare_nm_quant", sys.executable, {"joint": "interleaved", "nm_quant": True}),
                          ("pare_clip", sys.executable, {"clip_search": True}),
                          ("pare_interleaved_damp0.1", sys.executable, {"joint": "interleaved", "percdamp": 0.1}),
-                         ("pare_two_stage_damp0.1", sys.executable, {"two_stage": True, "damp": 0.1})]
+                         ("pare_two_stage_damp0.1", sys.executable, {"two_stage": True, "damp": 0.1}),
+                         ("pare_damp0.03", sys.executable, {"percdamp": 0.03}),
+                         ("pare_damp0.3", sys.executable, {"percdamp": 0.3}),
+                         ("pare_score", sys.executable, {"nm_select": "score"}),
+                         ("pare_dense_inputs", sys.executable, {"sequential": False})]
         variants = [v for v in variants if v[0] in ("pare", "reference") or not a.variants or v[0] in a.variants]
+        if a.skip_pare:
+            variants = [v for v in variants if v[0] != "pare"]
         if not a.skip_reference:
             variants.append(("reference", str(peer), None))
             if a.reference_mse and setting in ("gptq-w4a16", "sparse24-int4"):
@@ -271,17 +310,24 @@ def main(a: argparse.Namespace) -> None:
             if kind == "reference" and a.reuse_reference and out.is_file():
                 res[kind] = {"reused": True}
             else:
+                if kind == "reference":
+                    masked_path(out).unlink(missing_ok=True)
                 worker = "peer" if kind.startswith("reference") else "pare"
                 res[kind] = run_worker(python, worker, setting, out, calib, a, extra)
             if "error" not in res[kind]:
                 res[kind].update(evaluate(out, ev, a))
+            if kind == "reference" and masked_path(out).is_file() and "error" not in res[kind]:
+                res["reference_mask24"] = evaluate(masked_path(out), ev, a)
+                print("PARTIAL " + json.dumps({"setting": setting, "variant": "reference_mask24",
+                                               **res["reference_mask24"]}), file=sys.stderr, flush=True)
             print("PARTIAL " + json.dumps({"setting": setting, "variant": kind, **res[kind]}), file=sys.stderr,
                   flush=True)
         ref = res.get("reference", {"error": "skipped"})
+        own = res.get("pare", {"error": "skipped"})
         line = {"setting": setting, "model": a.model, **res,
-                "ratios": {"ppl_ratio": ratio(res["pare"], ref, "ppl"),
-                           "time_ratio": ratio(res["pare"], ref, "prune_seconds"),
-                           "cpu_time_ratio": ratio(res["pare"], ref, "cpu_seconds")},
+                "ratios": {"ppl_ratio": ratio(own, ref, "ppl"),
+                           "time_ratio": ratio(own, ref, "prune_seconds"),
+                           "cpu_time_ratio": ratio(own, ref, "cpu_seconds")},
                 "dense_ppl": dense, "calibration": {"source": "c4 train", "nsamples": a.nsamples, "seqlen": a.seqlen},
                 "eval": {"text": "wikipedia/articles.utf8", "tokens": int(ev.numel()), "seqlen": a.eval_seqlen},
                 "threads": a.threads, "group_size": a.group_size, "batch_size": a.batch_size,
@@ -306,6 +352,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
                    help="int4 group (SmolLM2's 576-wide inputs are not a multiple of 128: both tools refuse 128)")
     p.add_argument("--timeout", type=int, default=7200)
     p.add_argument("--skip-reference", action="store_true", help="run pare only")
+    p.add_argument("--skip-pare", action="store_true",
+                   help="leave out pare's headline run (its variants and the reference still run)")
     p.add_argument("--pare-extra", default="",
                    help='JSON of config fields for pare\'s headline run, e.g. \'{"true_sequential": true}\'')
     p.add_argument("--reference-damp", type=float, default=0.0,
