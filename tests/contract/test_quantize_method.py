@@ -114,6 +114,27 @@ def test_sparsegpt_stacks_matrices_sharing_an_input_with_the_results_of_one_at_a
         assert r1.scores["quantization"]["bytes"] == r2.scores["quantization"]["bytes"]
 
 
+def test_joint_pass_defaults_to_its_own_dampening() -> None:
+    """Unset ``percdamp``: 0.01 pruning alone, ``JOINT_PERCDAMP`` in the joint pass (both solves); a set
+    value wins, and the unset value survives a dict round trip."""
+    from pare.methods.sparsegpt import JOINT_PERCDAMP, PRUNE_PERCDAMP, SparseGPTConfig
+
+    assert (PRUNE_PERCDAMP, JOINT_PERCDAMP) == (0.01, 0.1)
+    joint = SparseGPTConfig(pattern="2:4", quantize="int4", group_size=32)
+    assert SparseGPTConfig(pattern="2:4").damp == 0.01 and joint.damp == 0.1
+    assert SparseGPTConfig(pattern="2:4", quantize="int4", group_size=32, percdamp=0.03).damp == 0.03
+    assert SparseGPTConfig.from_dict(joint.to_dict()) == joint
+    weights = []
+    for damp in (None, JOINT_PERCDAMP, PRUNE_PERCDAMP):
+        model = tiny_model("llama")
+        cfg = SparseGPTConfig(pattern="2:4", quantize="int4", group_size=32, percdamp=damp)
+        pare.prune(model, cfg, tiny_batch(4, 32), runtime=QUIET)
+        weights.append(_linears(model))
+    for name, w in weights[0].items():
+        assert torch.equal(w, weights[1][name]), name
+    assert any(not torch.equal(w, weights[2][name]) for name, w in weights[0].items())
+
+
 def test_joint_prune_then_gptq_prunes_the_stacked_buffer_in_place(monkeypatch) -> None:
     """The joint pass prunes the row-stacked fp32 copy of q/k/v (gate/up) in place, so no second fp32
     copy of the stack is made before GPTQ; a matrix solved alone (an fp32 model's own weight) is not

@@ -55,6 +55,10 @@ log = logging.getLogger(__name__)
 STACK_MAX_BYTES = 128 * 2**20
 
 JOINT_MODES = ("interleaved", "prune-then-gptq")
+# Default dampening (fraction of the mean Hessian diagonal): the paper's when pruning alone; ten times
+# that in the joint prune + quantize pass, where the README's SmolLM2 runs found it better.
+PRUNE_PERCDAMP = 0.01
+JOINT_PERCDAMP = 0.1
 
 
 @dataclass(frozen=True)
@@ -63,7 +67,9 @@ class SparseGPTConfig(SparsityConfig):
 
     Attributes:
         blocksize: columns per lazy-update block (and per adaptive mask selection).
-        percdamp: dampening added to the Hessian diagonal, as a fraction of its mean.
+        percdamp: dampening added to the Hessian diagonal, as a fraction of its mean; unset: 0.01
+            (the paper's) when pruning alone, :data:`JOINT_PERCDAMP` with ``quantize`` (both
+            solves of the joint pass; see :attr:`damp`).
         mask_group: unstructured only: choose the pruned weights inside each block per ``row``
             (every row keeps exactly ``floor(in * sparsity)`` zeros; pare's default) or over the
             whole ``block`` (the reference code's choice; uneven rows).
@@ -91,7 +97,8 @@ class SparseGPTConfig(SparsityConfig):
     method: ClassVar[str] = "sparsegpt"
 
     blocksize: int = help_field(128, "columns per lazy-update block (the mask is chosen per block)")
-    percdamp: float = help_field(0.01, "Hessian dampening as a fraction of its mean diagonal")
+    percdamp: float | None = help_field(None, "Hessian dampening as a fraction of its mean diagonal (default "
+                                        f"{PRUNE_PERCDAMP}; {JOINT_PERCDAMP} with quantize)")
     mask_group: str = help_field("row", "unstructured: pick pruned weights per 'row' of each block, or per 'block'")
     nm_select: str = help_field("obs", "N:M: pick each group by its exact OBS loss ('obs') or per-column "
                                 "scores ('score', the reference)")
@@ -116,7 +123,8 @@ class SparseGPTConfig(SparsityConfig):
         if self.mask_group not in ("row", "block"):
             raise ConfigError(f"mask_group must be 'row' (per output row) or 'block' (reference), "
                               f"got {self.mask_group!r}")
-        if isinstance(self.percdamp, bool) or not isinstance(self.percdamp, (int, float)) or self.percdamp < 0:
+        if self.percdamp is not None and (isinstance(self.percdamp, bool)
+                                          or not isinstance(self.percdamp, (int, float)) or self.percdamp < 0):
             raise ConfigError(f"percdamp must be a number >= 0 (0.01 in the paper), got {self.percdamp!r}")
         if self.nm_select not in NM_SELECT:
             raise ConfigError(f"nm_select must be one of {', '.join(NM_SELECT)}, got {self.nm_select!r}")
@@ -134,6 +142,13 @@ class SparseGPTConfig(SparsityConfig):
         if not self.quantize and (self.group_size is not None or not self.symmetric):
             raise ConfigError("group_size and symmetric apply with quantize (e.g. quantize='int4'); set quantize or "
                               "drop them")
+
+    @property
+    def damp(self) -> float:
+        """The dampening used: ``percdamp``, or when unset the default of the pass (pruning alone or joint)."""
+        if self.percdamp is not None:
+            return float(self.percdamp)
+        return JOINT_PERCDAMP if self.quantize else PRUNE_PERCDAMP
 
     def quant_scheme(self) -> QuantScheme | None:
         """The joint pass's quantization scheme, or None when pruning alone."""
@@ -173,7 +188,7 @@ class SparseGPTPruner(QuantAccounting, SparsityPruner):
         # the last matrix reading these statistics takes their Gram matrix over (the joint pass reads it
         # again for act-order); either way the Hessian is a tensor of its own, the factor's work buffer
         release = stats.last_reader and self.scheme is None
-        factor = inverse_hessian_factor(stats.hessian(release), self.config.percdamp, model_dtype, overwrite=True)
+        factor = inverse_hessian_factor(stats.hessian(release), self.config.damp, model_dtype, overwrite=True)
         self._factor_of = (stats, factor)
         return factor
 
@@ -184,7 +199,7 @@ class SparseGPTPruner(QuantAccounting, SparsityPruner):
             self._act_of = None
             H = stats.hessian()
             perm = act_order_perm(H)
-            self._act_of = (stats, inverse_hessian_factor(H[perm][:, perm], self.config.percdamp, overwrite=True), perm)
+            self._act_of = (stats, inverse_hessian_factor(H[perm][:, perm], self.config.damp, overwrite=True), perm)
         return self._act_of[1], self._act_of[2]
 
     def prune_targets(self, index: int, targets: list[Target], stats: dict[str, InputStats]) -> None:
