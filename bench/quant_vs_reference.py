@@ -21,7 +21,7 @@ Settings (pare's configuration / the reference's recipe):
   ``actorder="static"`` is what pare's ``act_order`` does). ``--group-size`` G defaults to 64:
   SmolLM2's inputs (576) are not a multiple of 128, which both tools refuse.
 - ``sparse24-int4``: pare's joint pass ``SparseGPTConfig(pattern="2:4", quantize="int4",
-  group_size=G)`` (its default ``joint="prune-then-gptq"``) / the reference's
+  group_size=G)`` (its defaults ``joint="prune-then-gptq"`` and, since 2026-12-02, dampening 0.1) / the reference's
   ``[SparseGPTModifier(2:4), GPTQModifier(W4A16 at G)]`` recipe.
 
 pare's variants run in the same invocation (``--variants`` picks some): for ``gptq-w4a16``,
@@ -35,8 +35,9 @@ model's activations, one forward per layer instead of two); for
 ``sparse24-int4``, ``pare_interleaved`` (``joint="interleaved"``: the paper's one pass, each column
 masked and quantized before its error is spread), ``pare_two_stage`` (pare's own recipe: SparseGPT
 2:4, then GPTQ with ``keep_zeros`` on the pruned model's activations), ``pare_damp0.1``
-(``percdamp=0.1``), ``pare_nm_quant`` (interleaved, each group of 4 chosen with its kept weights'
-quantization error counted), ``pare_clip`` (``clip_search``), and the interleaved and two-stage
+(``percdamp=0.1``, now the joint pass's default: the same weights as ``pare``; the joint variants
+that set no dampening take that default), ``pare_nm_quant`` (interleaved, each group of 4 chosen with
+its kept weights' quantization error counted), ``pare_clip`` (``clip_search``), and the interleaved and two-stage
 passes with dampening 0.1, ``pare_damp0.03`` / ``pare_damp0.3``, ``pare_score`` (``nm_select="score"``,
 the reference's 2:4 rule) and ``pare_dense_inputs``; the reference's run also writes its output with
 the 2:4 mask of its SparseGPT stage re-applied after its GPTQ stage (``reference_mask24``: what a 2:4
@@ -263,7 +264,7 @@ def main(a: argparse.Namespace) -> None:
     calib, ev = prepare(a)
     work = calib.parent
     peer = PEER_VENV / "bin" / "python"
-    dense = evaluate(None, ev, a)["ppl"]
+    dense = None if a.skip_dense else evaluate(None, ev, a)["ppl"]
     for setting in a.settings:
         tag = f"{setting.replace(':', '_')}-{a.nsamples}x{a.seqlen}"
         if setting in ("gptq-w4a16", "sparse24-int4"):
@@ -352,6 +353,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
                    help="int4 group (SmolLM2's 576-wide inputs are not a multiple of 128: both tools refuse 128)")
     p.add_argument("--timeout", type=int, default=7200)
     p.add_argument("--skip-reference", action="store_true", help="run pare only")
+    p.add_argument("--skip-dense", action="store_true", help="leave out the dense model's PPL (dense_ppl: null)")
     p.add_argument("--skip-pare", action="store_true",
                    help="leave out pare's headline run (its variants and the reference still run)")
     p.add_argument("--pare-extra", default="",
