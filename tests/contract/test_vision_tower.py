@@ -1,5 +1,5 @@
 """Vision-tower pruning (``component="vision"``): weight sparsity, MLP width and depth of the vision encoder
-layers of SigLIP / CLIP towers (LLaVA, Gemma 3, Idefics3, SmolVLM) and Qwen-VL towers; the text decoder
+layers of SigLIP / CLIP towers (LLaVA with either, Gemma 3, Idefics3, SmolVLM) and Qwen-VL towers; the text decoder
 stays bit-identical, the saved model reloads with ``AutoModelForImageTextToText`` and answers an image +
 text prompt; cuts that would break a patch embedding, a position table, a head layout or a layer index
 read from outside the tower are refused before any work. Tiny random models from
@@ -30,11 +30,20 @@ from tiny_configs import build, tiny_config
 RUNTIME = pare.RuntimeConfig(device="cpu", progress=False)
 VISION = ArchOverride(component="vision")
 
-VISION_FAMILIES = ("llava", "gemma3", "smolvlm", "idefics3", "qwen2_vl", "qwen2_5_vl", "qwen3_vl")
+VISION_FAMILIES = ("llava", "llava_siglip", "gemma3", "smolvlm", "idefics3", "qwen2_vl", "qwen2_5_vl", "qwen3_vl")
+PROMPTS = {"llava_siglip": "llava", "qwen3_vl": "qwen2_vl"}
+"""Families whose image + text prompt is built as another's."""
 
 
 def _config(family: str, **vision: Any) -> Any:
-    config = tiny_config(family)
+    config = tiny_config("llava" if family == "llava_siglip" else family)
+    if family == "llava_siglip":  # LLaVA with a SigLIP tower (no CLS token: every patch is a feature)
+        from transformers import SiglipVisionConfig
+
+        config.vision_feature_select_strategy = "full"
+        config.vision_config = SiglipVisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                                                  num_attention_heads=4, image_size=32, patch_size=8,
+                                                  vision_use_head=False)
     v = config.vision_config
     if family == "gemma3":
         v.vision_use_head = False  # as Gemma 3's checkpoints: no attention-pooling head
@@ -52,12 +61,24 @@ def _model(family: str, **vision: Any) -> Any:
 
 
 def _inputs(model: Any, family: str) -> dict[str, torch.Tensor]:
-    return FAMILIES.get(family, FAMILIES["qwen2_vl"])(model.config)
+    return FAMILIES[PROMPTS.get(family, family)](model.config)
 
 
 def _text_part(model: Any) -> dict[str, torch.Tensor]:
     return {k: v.clone() for k, v in model.state_dict().items()
             if "language_model" in k or "text_model" in k or "lm_head" in k}
+
+
+def _reloads_the_same(model: Any, report: pare.Report, inputs: dict[str, torch.Tensor],
+                      path: Path) -> tuple[Any, torch.Tensor]:
+    """Save, reload with ``AutoModelForImageTextToText``: (the reloaded model, the logits both give)."""
+    with torch.no_grad():
+        want = model(**inputs).logits
+    pare.save(model, None, path, report)
+    reloaded = AutoModelForImageTextToText.from_pretrained(path).eval()
+    with torch.no_grad():
+        assert torch.equal(reloaded(**inputs).logits, want)
+    return reloaded, want
 
 
 def _stage(method: str) -> pare.PruneConfig:
@@ -68,8 +89,8 @@ def _stage(method: str) -> pare.PruneConfig:
             "angular": pare.AngularConfig(num_layers=1)}[method]
 
 
-FAST = {("llava", "width"), ("gemma3", "shortgpt"), ("smolvlm", "wanda"), ("idefics3", "width"),
-        ("qwen2_vl", "width"), ("qwen2_5_vl", "shortgpt"), ("qwen3_vl", "wanda")}
+FAST = {("llava", "width"), ("llava_siglip", "angular"), ("gemma3", "shortgpt"), ("smolvlm", "wanda"),
+        ("idefics3", "width"), ("qwen2_vl", "width"), ("qwen2_5_vl", "shortgpt"), ("qwen3_vl", "wanda")}
 """One method per family in ``make test``; the rest with ``make test-matrix``."""
 CASES = [c if c in FAST else pytest.param(*c, marks=pytest.mark.matrix)
          for c in [(f, m) for f in VISION_FAMILIES for m in ("wanda", "width", "shortgpt", "angular", "magnitude")]]
@@ -100,14 +121,10 @@ def test_vision_cut_keeps_the_decoder_and_reloads_with_the_auto_class(family: st
     if method in ("wanda", "magnitude"):
         first = cut.layer_modules(model)[0].get_submodule(cut.layers[0].mlp.down.path).weight
         assert float((first == 0).float().mean()) == pytest.approx(0.5, abs=0.02)
-    with torch.no_grad():
-        want = model(**inputs).logits
+    reloaded, want = _reloads_the_same(model, report, inputs, tmp_path / "out")
     if family != "llava" or method not in ("shortgpt", "angular"):  # LLaVA never reads its last layer
         assert not torch.equal(want, dense)  # the tower's cut reaches the answer
-    pare.save(model, None, tmp_path / "out", report)
-    reloaded = AutoModelForImageTextToText.from_pretrained(tmp_path / "out").eval()
     with torch.no_grad():
-        assert torch.equal(reloaded(**inputs).logits, want)
         answer = reloaded.generate(**inputs, max_new_tokens=3, do_sample=False)
     assert answer.shape[1] == inputs["input_ids"].shape[1] + 3
     assert torch.equal(pare.load(tmp_path / "out")(**inputs).logits, want)
@@ -161,12 +178,8 @@ def test_qwen2_5_full_attention_blocks_follow_a_depth_cut(tmp_path: Path) -> Non
     report = pare.prune(model, pare.LayersConfig(layers="1"), component="vision")
     assert model.config.vision_config.fullatt_block_indexes == [2]
     assert model.model.visual.fullatt_block_indexes == [2]  # the copy the tower's forward reads
-    with torch.no_grad():
-        want = model(**inputs).logits
-    pare.save(model, None, tmp_path / "out", report)
-    reloaded = AutoModelForImageTextToText.from_pretrained(tmp_path / "out").eval()
-    with torch.no_grad():
-        assert torch.equal(reloaded(**inputs).logits, want)
+    reloaded, _ = _reloads_the_same(model, report, inputs, tmp_path / "out")
+    assert reloaded.config.vision_config.fullatt_block_indexes == [2]
 
 
 def test_qwen3_deepstack_indexes_follow_and_their_layers_are_refused(tmp_path: Path) -> None:
@@ -179,13 +192,8 @@ def test_qwen3_deepstack_indexes_follow_and_their_layers_are_refused(tmp_path: P
     assert report.scores["removed_layers"] == [1, 3]
     assert model.config.vision_config.deepstack_visual_indexes == [0, 1]
     assert model.model.visual.deepstack_visual_indexes == [0, 1]
-    inputs = _inputs(model, "qwen3_vl")
-    with torch.no_grad():
-        want = model(**inputs).logits
-    pare.save(model, None, tmp_path / "out", report)
-    reloaded = AutoModelForImageTextToText.from_pretrained(tmp_path / "out").eval()
-    with torch.no_grad():
-        assert torch.equal(reloaded(**inputs).logits, want)
+    reloaded, _ = _reloads_the_same(model, report, _inputs(model, "qwen3_vl"), tmp_path / "out")
+    assert reloaded.model.visual.deepstack_visual_indexes == [0, 1]
 
 
 def test_patchify_lays_out_patches_as_the_qwen2_vl_processor() -> None:

@@ -358,11 +358,14 @@ def _cmd_prune(args: argparse.Namespace, given: set[str]) -> int:
     if stream_cfg.stream:
         from pare.cli.stream import stream_cmd
 
-        if args.component == "vision":
-            raise ConfigError("--stream reads decoder layers from disk; --component vision prunes in memory: drop "
-                              "--stream")
+        _check_streamable(args.component)
         return stream_cmd(args, method_cfg, calib_cfg, runtime_cfg, stream_cfg)
     return run_cmd(args, [method_cfg], calib_cfg, runtime_cfg)
+
+
+def _check_streamable(component: str | None) -> None:
+    if component == "vision":
+        raise ConfigError("--stream reads decoder layers from disk; --component vision prunes in memory: drop --stream")
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
@@ -385,6 +388,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         model=model, out=args.out or top.get("out"), overwrite=args.overwrite or top.get("overwrite", False),
         no_save=args.no_save or top.get("no_save", False),
         dtype=top.get("dtype"), arch_override=top.get("arch_override"), json=args.json or top.get("json", False),
+        component=top.get("component"), images=top.get("images"),
         eval=recipe.ppl or None, eval_seqlen=recipe.eval.get("seqlen"), eval_batch_size=recipe.eval.get("batch_size"),
         eval_max_windows=recipe.eval.get("max_windows"), speed=recipe.eval.get("speed", True),
         eval_tasks=recipe.eval.get("tasks"), eval_limit=recipe.eval.get("limit"), report=top.get("report", False),
@@ -395,6 +399,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if stream.stream:
         from pare.cli.stream import stream_cmd
 
+        _check_streamable(ns.component)
         return stream_cmd(ns, recipe.stages, recipe.calibration, runtime, stream)
     return run_cmd(ns, recipe.stages, recipe.calibration, runtime)
 
