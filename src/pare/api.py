@@ -235,10 +235,14 @@ def prune(
                batch_size=batch_size, component=component)[0]
 
 
-def check(model: nn.Module, config: PruneConfig, arch_override: ArchOverride | None = None) -> None:
+def check(model: nn.Module, config: PruneConfig, arch_override: ArchOverride | None = None,
+          component: str | None = None) -> None:
     """Raise ConfigError when ``config`` cannot apply to ``model`` (GQA head counts, layer indices,
-    module regexes, N:M widths...), before any long work such as a dense evaluation."""
-    Pipeline(model, [config], arch_override=arch_override)
+    module regexes, N:M widths...), before any long work such as a dense evaluation; ``component`` as
+    in :func:`run`."""
+    from pare.arch.overrides import with_component
+
+    Pipeline(model, [config], arch_override=with_component(arch_override, component))
 
 
 def evaluate(
