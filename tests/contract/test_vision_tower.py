@@ -122,7 +122,7 @@ def test_vision_cut_keeps_the_decoder_and_reloads_with_the_auto_class(family: st
         first = cut.layer_modules(model)[0].get_submodule(cut.layers[0].mlp.down.path).weight
         assert float((first == 0).float().mean()) == pytest.approx(0.5, abs=0.02)
     reloaded, want = _reloads_the_same(model, report, inputs, tmp_path / "out")
-    if family != "llava" or method not in ("shortgpt", "angular"):  # LLaVA never reads its last layer
+    if not family.startswith("llava") or method not in ("shortgpt", "angular"):  # LLaVA never reads its last layer
         assert not torch.equal(want, dense)  # the tower's cut reaches the answer
     with torch.no_grad():
         answer = reloaded.generate(**inputs, max_new_tokens=3, do_sample=False)
