@@ -152,7 +152,7 @@ def worker_peer(a: argparse.Namespace) -> dict:
         "gptq-w4a16": [GPTQModifier(**gptq)],
         "sparse24-int4": [SparseGPTModifier(mask_structure="2:4", **sparse), GPTQModifier(**gptq)],
     }[a.setting]
-    masks: dict[str, torch.Tensor] = {}
+    masks: dict[torch.nn.Module, torch.Tensor] = {}
     if a.setting == "sparse24-int4":  # the same SparseGPT stage, recording each matrix's 2:4 mask
         recipe[0] = _mask_recording(SparseGPTModifier, masks)(mask_structure="2:4", **sparse)
     ds = Dataset.from_dict({"input_ids": ids.tolist(), "attention_mask": torch.ones_like(ids).tolist()})
@@ -163,8 +163,9 @@ def worker_peer(a: argparse.Namespace) -> dict:
     save_file(decoder_weights(model), a.out)
     if masks:  # the GPTQ stage refilled pruned weights: what a 2:4 storage of its output would keep
         with torch.no_grad():
-            for name, mask in masks.items():
-                model.get_submodule(name).weight.masked_fill_(mask, 0.0)
+            for module in model.modules():
+                if module in masks:
+                    module.weight.masked_fill_(masks[module], 0.0)
         save_file(decoder_weights(model), masked_path(a.out))
     return {"prune_seconds": seconds, "cpu_seconds": cpu, "masks_recorded": len(masks)}
 
@@ -180,10 +181,10 @@ def _mask_recording(base: type, masks: dict) -> type:
 
     class MaskRecording(base):  # type: ignore[misc, valid-type]
         def compress_modules(self) -> None:
-            names = {m: self._module_names[m] for m in self._num_samples}
+            modules = list(self._num_samples)
             super().compress_modules()
-            for m, name in names.items():
-                masks[name] = (m.weight == 0).detach().clone()
+            for m in modules:
+                masks[m] = (m.weight == 0).detach().clone()
 
     return MaskRecording
 
