@@ -39,12 +39,22 @@ def prune_methods() -> dict[str, Any]:
     return {name: cls for name, cls in METHODS.items() if not cls.runs_elsewhere}
 
 
-def _prune_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    methods = prune_methods()
-    p = sub.add_parser("prune", help="prune a model and save it", description="Prune a model and save it.",
-                       allow_abbrev=False)
+def _prune_parser(sub: argparse._SubParsersAction, methods: dict[str, Any] | None = None,
+                  name: str = "prune") -> argparse.ArgumentParser:
+    """The ``prune`` parser with every method's options, or (for a focused ``--help``) only ``methods``'."""
+    every = methods is None
+    methods = prune_methods() if methods is None else methods
+    if name == "quantize":
+        p = sub.add_parser(name, allow_abbrev=False,
+                           description="Quantize weights and save (the same as pare prune --method quantize).")
+        p.add_argument("--method", dest="algorithm", help="rtn or gptq (the same as --algorithm)")
+    else:
+        only = "" if every else f" Options of {', '.join(methods)} only (`pare prune --help` lists every method's)."
+        p = sub.add_parser(name, help="prune a model and save it", description="Prune a model and save it." + only,
+                           allow_abbrev=False)
     p.add_argument("--model", help="hub id or local directory")
-    p.add_argument("--method", help=f"one of {', '.join(sorted(methods))}")
+    if name != "quantize":
+        p.add_argument("--method", help=f"one of {', '.join(sorted(prune_methods()))}")
     p.add_argument("--out", "--save_model", dest="out", help="output directory (written atomically)")
     p.add_argument("--overwrite", action="store_true", default=None,
                    help="replace an existing --out (only a directory that holds a saved model)")
@@ -75,10 +85,33 @@ def _prune_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     add_config_options(calib, CalibrationConfig, taken)
     add_config_options(p.add_argument_group("runtime"), RuntimeConfig, taken)
     add_config_options(p.add_argument_group("streaming (models larger than memory)"), StreamConfig, taken)
-    group = p.add_argument_group("method options (each applies to the methods that define it)")
+    title = ("method options (each applies to the methods that define it)" if every
+             else f"options of {', '.join(methods)}")
+    group = p.add_argument_group(title)
+    if name == "quantize":
+        taken.add("algorithm")
     for cls in methods.values():
         add_config_options(group, cls.config_class, taken)
     return p
+
+
+def focused_help(argv: list[str]) -> str | None:
+    """The help of ``pare quantize --help`` and ``pare prune --method M --help``: the common options and
+    that method's only (``pare prune --help`` without a method lists every method's); None for any other
+    command line, or a method pare does not know (argparse then prints the full help or the error)."""
+    if argv[:1] not in (["prune"], ["quantize"]) or not {"-h", "--help"} & set(argv):
+        return None
+    if argv[0] == "quantize":
+        method: str | None = "quantize"
+    else:
+        method = next((a.split("=", 1)[1] for a in argv if a.startswith("--method=")), None)
+        if method is None and "--method" in argv[:-1]:
+            method = argv[argv.index("--method") + 1]
+    methods = prune_methods()
+    if method not in methods:
+        return None
+    top = argparse.ArgumentParser(prog="pare", allow_abbrev=False)
+    return _prune_parser(top.add_subparsers(), {method: methods[method]}, name=argv[0]).format_help()
 
 
 def _eval_parser(sub: argparse._SubParsersAction) -> None:
@@ -228,6 +261,10 @@ def quantize_argv(argv: list[str]) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    help_text = focused_help(argv)
+    if help_text is not None:
+        print(help_text, end="")
+        return 0
     if argv[:1] == ["quantize"]:
         argv = quantize_argv(argv)
     parser, prune_parser = build_parser()
