@@ -26,10 +26,14 @@ TOP_KINDS: dict[str, type] = {"model": str, "method": str, "out": str, "overwrit
                               "eval": str, "speed": bool,
                               "eval_seqlen": int, "eval_batch_size": int, "eval_max_windows": int,
                               "eval_tasks": str, "eval_limit": int,
-                              "arch_override": str, "dtype": str, "verbose": bool, "json": bool, "report": bool}
+                              "arch_override": str, "dtype": str, "verbose": bool, "json": bool, "report": bool,
+                              "component": str, "images": str}
 """The options that are not config fields, with their types when they come from a config file."""
 COMMON = set(TOP_KINDS) | {"config"}
 ARCH_OVERRIDE_HELP = "YAML/JSON ArchOverride for unknown architectures"
+COMPONENT_HELP = "text (the decoder, default) or vision (a vision-language model's vision tower)"
+IMAGES_HELP = ("--component vision: a safetensors file whose 'pixel_values' [N, C, H, W] come from the model's image "
+               "processor (default: --nsamples random normalised images)")
 
 
 def prune_methods() -> dict[str, Any]:
@@ -71,6 +75,8 @@ def _prune_parser(sub: argparse._SubParsersAction, methods: dict[str, Any] | Non
     p.add_argument("--speed", action=argparse.BooleanOptionalAction, default=None,
                    help="with --eval, also measure prefill/decode tokens/s (default: yes)")
     p.add_argument("--arch-override", default=None, help=ARCH_OVERRIDE_HELP)
+    p.add_argument("--component", default=None, choices=("text", "vision"), help=COMPONENT_HELP)
+    p.add_argument("--images", default=None, help=IMAGES_HELP)
     p.add_argument("--dtype", default=None, help="load dtype (auto, float32, bfloat16, float16)")
     p.add_argument("--json", action="store_true", default=None, help="print the report as JSON")
     p.add_argument("--report", action="store_true", default=None,
@@ -184,6 +190,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
                          allow_abbrev=False)
     ins.add_argument("model")
     ins.add_argument("--arch-override", default=None, help=ARCH_OVERRIDE_HELP)
+    ins.add_argument("--component", default=None, choices=("text", "vision"), help=COMPONENT_HELP)
     ins.add_argument("--json", action="store_true")
     ins.add_argument("-v", "--verbose", action="store_true")
     sub.add_parser("methods", help="list the pruning methods and their options")
@@ -388,8 +395,14 @@ def _cmd_prune(args: argparse.Namespace, given: set[str]) -> int:
     if stream_cfg.stream:
         from pare.cli.stream import stream_cmd
 
+        _check_streamable(args.component)
         return stream_cmd(args, method_cfg, calib_cfg, runtime_cfg, stream_cfg)
     return run_cmd(args, [method_cfg], calib_cfg, runtime_cfg)
+
+
+def _check_streamable(component: str | None) -> None:
+    if component == "vision":
+        raise ConfigError("--stream reads decoder layers from disk; --component vision prunes in memory: drop --stream")
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
@@ -412,6 +425,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         model=model, out=args.out or top.get("out"), overwrite=args.overwrite or top.get("overwrite", False),
         no_save=args.no_save or top.get("no_save", False),
         dtype=top.get("dtype"), arch_override=top.get("arch_override"), json=args.json or top.get("json", False),
+        component=top.get("component"), images=top.get("images"),
         eval=recipe.ppl or None, eval_seqlen=recipe.eval.get("seqlen"), eval_batch_size=recipe.eval.get("batch_size"),
         eval_max_windows=recipe.eval.get("max_windows"), speed=recipe.eval.get("speed", True),
         eval_tasks=recipe.eval.get("tasks"), eval_limit=recipe.eval.get("limit"), report=top.get("report", False),
@@ -422,6 +436,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if stream.stream:
         from pare.cli.stream import stream_cmd
 
+        _check_streamable(ns.component)
         return stream_cmd(ns, recipe.stages, recipe.calibration, runtime, stream)
     return run_cmd(ns, recipe.stages, recipe.calibration, runtime)
 
