@@ -74,6 +74,12 @@ BUILTIN_OVERRIDES: dict[str, ArchOverride] = {
     ),
     # LongCat-Flash: each layer holds two attention/MLP pairs; num_hidden_layers is derived as 2 * num_layers.
     "longcat_flash": ArchOverride(fields=ConfigFields(layers="num_layers")),
+    # GIT: a BERT-style stack (post-norm layers, no _no_split_modules) beside its image encoder's layers.
+    "git": ArchOverride(
+        layers_path="git.encoder.layer",
+        names={"q": "attention.self.query", "k": "attention.self.key", "v": "attention.self.value",
+               "o": "attention.output.dense", "up": "intermediate.dense", "down": "output.dense"},
+    ),
     "qwen3_moe": ArchOverride(
         fields=ConfigFields(moe_intermediate="moe_intermediate_size", num_experts="num_experts")
     ),

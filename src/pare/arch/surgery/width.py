@@ -208,11 +208,13 @@ def _prune_experts(layer: Any, roles: LayerRoles, keep: torch.Tensor) -> None:
     width = two_i // 2
     check_expert_width(int(keep.shape[-1]), gu.dtype)
     if keep.dim() == 1:
-        keep = keep.unsqueeze(0).expand(n_exp, -1)
+        keep = keep.unsqueeze(0).expand(dn.shape[0], -1)
     keep = keep.to(gu.device)
+    _set_param(experts, ex.down_param, torch.gather(dn, 2, keep.unsqueeze(1).expand(-1, dn.shape[1], -1)))
+    if n_exp > keep.shape[0]:  # LongCat's gate_up also holds rows of its zero experts, never read: cut alike
+        keep = torch.cat([keep, keep[:1].expand(n_exp - keep.shape[0], -1)])
     rows = torch.cat([keep, keep + width], dim=1)
     _set_param(experts, ex.gate_up_param, torch.gather(gu, 1, rows.unsqueeze(-1).expand(-1, -1, hidden)))
-    _set_param(experts, ex.down_param, torch.gather(dn, 2, keep.unsqueeze(1).expand(-1, dn.shape[1], -1)))
     if hasattr(experts, "intermediate_dim"):
         experts.intermediate_dim = keep.shape[1]
 
@@ -544,6 +546,15 @@ def _field_set(config: Any, name: str | None, value: int) -> None:
     setattr(config, name, value)
 
 
+def size_fields(arch: ModelArch) -> tuple[str, ...]:
+    """The config fields :func:`sync_config` may rewrite (sizes of the hidden stream, MLPs, experts and
+    attention), so a caller can put them back when the config cannot state the cut model."""
+    f = arch.fields
+    names = (f.hidden, f.intermediate, f.moe_intermediate, f.shared_intermediate, f.heads,
+             f.kv_heads or "num_key_value_heads", "head_dim", "word_embed_proj_dim")
+    return tuple(dict.fromkeys(n for n in names if n))
+
+
 def _uniform(values: list[int]) -> int | None:
     return values[0] if values and all(v == values[0] for v in values) else None
 
@@ -787,6 +798,7 @@ __all__ = [
     "prune_heads",
     "prune_hidden",
     "prune_mlp_channels",
+    "size_fields",
     "slice_in",
     "slice_out",
     "sync_config",
