@@ -44,6 +44,7 @@ EXPECTED: dict[str, dict[str, str]] = {
     # sizes for pare.load to replay the cut (a field that also sizes what the cut leaves alone)
     "hunyuan_v1_moe": OK, "inkling_text": OK, "recurrent_gemma": OK,
     "git": OK,  # override: the BERT-style text stack beside the image encoder
+    "ctrl": OK, "modernbert-decoder": OK,  # overrides name their MLPs (a Sequential; a fused GLU Wi)
     "dbrx": {m: "refused" for m in OK},  # experts as 2-D w1 / v1 / w2 matrices: the reason names them
 }
 
