@@ -525,6 +525,17 @@ def _moe_fields(config: Any, fields: ConfigFields, layers: list[LayerRoles]) -> 
     return dataclasses.replace(fields, **changes) if changes else fields
 
 
+def _inner_output_embeddings(model: nn.Module) -> nn.Module | None:
+    """The output embeddings of a causal LM held whole inside ``model`` (Nemotron-H Omni keeps its
+    ``language_model`` with its own ``lm_head`` and does not say so), or None."""
+    for child in model.children():
+        get = getattr(child, "get_output_embeddings", None)
+        head = get() if callable(get) and child is not model else None
+        if isinstance(head, nn.Module):
+            return head
+    return None
+
+
 def _unread_experts(layer: nn.Module) -> str | None:
     """The raw matrices of an experts block no role reads (DBRX's ``w1`` / ``v1`` / ``w2``, each
     ``[experts * width, hidden]``), as ``path [shape]`` text; None when the layer has none."""
@@ -563,7 +574,7 @@ def describe(model: nn.Module, override: ArchOverride | None = None) -> ModelArc
     get_in: Any = model.get_input_embeddings
     get_out: Any = model.get_output_embeddings
     embed = get_in()
-    head = get_out()
+    head = get_out() or _inner_output_embeddings(model)
     named = dict(model.named_modules())
     names = {id(m): n for n, m in named.items()}
     embed_path = _module_name(names, embed)
