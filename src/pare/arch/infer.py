@@ -489,6 +489,8 @@ def _config_fields(config: Any, override: ArchOverride | None, layers: list[Laye
         fields = dataclasses.replace(fields, kv_heads=None)
     if fields.head_dim and getattr(config, fields.head_dim, None) is None:
         fields = dataclasses.replace(fields, head_dim=None)
+    if fields.intermediate and not hasattr(config, fields.intermediate):
+        fields = dataclasses.replace(fields, intermediate=None)  # GPT-NeoX-Japanese: hidden * a multiple
     lists = tuple(
         k for k, v in sorted(vars(config).items())
         if isinstance(v, (list, tuple)) and len(v) == num_layers and k not in ("architectures",)
