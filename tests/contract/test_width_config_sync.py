@@ -83,3 +83,18 @@ def test_dbrx_refusal_names_its_expert_layout() -> None:
 
     with pytest.raises(UnsupportedArchitectureError, match=r"ffn\.experts\.mlp\.w1 \[512, 64\].*cannot rename"):
         describe(_model("dbrx", "causal"))
+
+
+@pytest.mark.parametrize("model_type", ["falcon_h1", "hunyuan_v1_moe", "hrm_text", "gemma3n_text"])
+def test_hidden_cut_the_surgery_cannot_make_is_refused_before_any_work(model_type: str) -> None:
+    """A Mamba mixer, a router holding its matrix in ``gate.wg``, a second stack of layers, Gemma 3n's
+    AltUp / LAuReL blocks: the hidden size is refused when the pipeline is made (these ran into shape
+    errors in the middle of the cut before), naming what would work."""
+    from pare.errors import ConfigError
+    from pare.pipeline import Pipeline
+
+    model = _model(model_type, "causal")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ConfigError, match=r"hidden=False"):
+        Pipeline(model, pare.WidthConfig(pruning_ratio=0.5, heads=False))
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
