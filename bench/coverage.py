@@ -62,7 +62,7 @@ _DRAFT = ("a speculative-decoding draft model: its forward needs the main Gemma 
           "shared KV states, so it does not run on token ids alone")
 WHY_NOT_BUILT = {
     # model_type -> why transformers cannot build or run its tiny model here (shown before the exception)
-    "gemma3n": "needs timm and torchvision (its vision and audio towers are timm models), not installed here; "
+    "gemma3n": "needs timm and torchvision (its vision tower is a timm model), not installed here; "
                "its text decoder gemma3n_text is covered",
     "gemma4_assistant": _DRAFT,
     "gemma4_unified_assistant": _DRAFT,
