@@ -149,6 +149,7 @@ def run(
     batch_size: int | None = None,
     after_stage: AfterStage | None = None,
     history: Sequence[Report] = (),
+    component: str | None = None,
 ) -> list[Report]:
     """Apply ``stages`` (a recipe) to ``model`` in place, in order, with one calibration set.
 
@@ -166,17 +167,39 @@ def run(
         after_stage: called after each stage with the model and its report (figures after it).
         history: the reports of the prunes applied to ``model`` before (a saved model's manifest
             stages); stages that look back (recovery) see them.
+        component: ``text`` (the decoder; default) or ``vision`` (a vision-language model's vision tower,
+            :mod:`pare.arch.vision`); then ``calibration`` is images ``pixel_values [N, C, H, W]`` from the
+            model's image processor, or None for random normalised pixels
+            (:mod:`pare.calibration.images`).
 
     Returns:
         One report per stage; ``pare.save(model, tok, out, reports)`` writes them all as the manifest.
     """
-    pipeline = Pipeline(model, stages, runtime, arch_override, tokenizer=tokenizer, history=history)
+    from pare.arch.overrides import with_component
+
+    pipeline = Pipeline(model, stages, runtime, with_component(arch_override, component), tokenizer=tokenizer,
+                        history=history)
+    if pipeline.arch.vision is not None:
+        return pipeline.run(*_vision_calibration(pipeline, calibration), batch_size or 8, after_stage)
     ids, calib_info, batch = calibration_for(model, calibration, tokenizer, batch_size) \
         if pipeline.needs_calibration() else (None, None, batch_size or 8)
     if pipeline.needs_calibration() and ids is None:
         method = next(s.config.method for s in pipeline.stages if s.needs() != "nothing")
         raise ConfigError(f"method {method!r} needs calibration data: pass token windows or a CalibrationConfig")
     return pipeline.run(ids, calib_info, batch, after_stage)
+
+
+def _vision_calibration(pipeline: Pipeline, calibration: Any) -> tuple[torch.Tensor | None, dict[str, Any] | None]:
+    """The images a vision-tower run calibrates on (None when no stage needs them) and their record."""
+    from pare.calibration.images import vision_calibration
+
+    if not pipeline.needs_calibration():
+        return None, None
+    if isinstance(calibration, CalibrationConfig):
+        raise ConfigError("component='vision' calibrates on images: pass pixel_values [N, C, H, W] from the "
+                          "model's image processor, or None for random normalised pixels (a CalibrationConfig "
+                          "builds text windows)")
+    return vision_calibration(pipeline.arch, calibration)
 
 
 def prune(
@@ -188,6 +211,7 @@ def prune(
     runtime: RuntimeConfig | None = None,
     arch_override: ArchOverride | None = None,
     batch_size: int | None = None,
+    component: str | None = None,
 ) -> Report:
     """Prune ``model`` in place with the method of ``config`` and return the report (a one-stage
     :func:`run`).
@@ -201,18 +225,24 @@ def prune(
         runtime: device / offload / sequential options.
         arch_override: corrections for architectures pare cannot infer.
         batch_size: windows per forward (default: the CalibrationConfig's, else 8).
+        component: ``text`` (default) or ``vision``: which part of a vision-language model to prune (see
+            :func:`run`).
     """
     if not isinstance(config, PruneConfig):
         raise ConfigError(f"config must be a method config such as pare.WandaConfig(sparsity=0.5), got "
                           f"{type(config).__name__}; from a dict: pare.config_from_dict(d)")
     return run(model, [config], calibration, tokenizer=tokenizer, runtime=runtime, arch_override=arch_override,
-               batch_size=batch_size)[0]
+               batch_size=batch_size, component=component)[0]
 
 
-def check(model: nn.Module, config: PruneConfig, arch_override: ArchOverride | None = None) -> None:
+def check(model: nn.Module, config: PruneConfig, arch_override: ArchOverride | None = None,
+          component: str | None = None) -> None:
     """Raise ConfigError when ``config`` cannot apply to ``model`` (GQA head counts, layer indices,
-    module regexes, N:M widths...), before any long work such as a dense evaluation."""
-    Pipeline(model, [config], arch_override=arch_override)
+    module regexes, N:M widths...), before any long work such as a dense evaluation; ``component`` as
+    in :func:`run`."""
+    from pare.arch.overrides import with_component
+
+    Pipeline(model, [config], arch_override=with_component(arch_override, component))
 
 
 def evaluate(

@@ -61,6 +61,20 @@ def check_split(stages: Sequence[Pruner], devices: Sequence[torch.device]) -> No
                               f"{devices[0]}); wanda, sparsegpt, magnitude and quantize split their batches")
 
 
+def check_component(stages: Sequence[Pruner], arch: ModelArch) -> None:
+    """Refuse, before any work, a stage that does not prune the described component (a vision tower)."""
+    if arch.vision is None:
+        return
+    from pare.config import STAGES
+
+    refused = [s.config.method for s in stages if not s.prunes_vision]
+    if refused:
+        able = [name for name, cls in STAGES.items() if getattr(cls, "prunes_vision", False)]
+        raise ConfigError(f"component='vision': {', '.join(refused)} do(es) not prune a vision tower (it needs "
+                          f"text logits, a language-modelling loss or decoder-only structure); the methods that "
+                          f"do: {', '.join(able)}")
+
+
 class Pipeline:
     """Stages built once, the model described once, the whole recipe checked: ready to run.
 
@@ -98,6 +112,7 @@ class Pipeline:
                 stages before it.
         """
         shadow: nn.Module | None = None  # the meta-device copy the earlier stages' previews cut
+        check_component(self.stages, arch)
         for k, stage in enumerate(self.stages):
             if shadow is None:
                 stage.check(self.model, arch)
@@ -129,6 +144,11 @@ class Pipeline:
                 from exc
         except Exception:
             log.debug("stage %d (%s) is checked when it runs", k + 1, stage.config.method, exc_info=True)
+
+    @property
+    def arch(self) -> ModelArch:
+        """The model's description as the next stage will see it."""
+        return self._arch if self._arch is not None else describe(self.model, self.arch_override)
 
     def needs_calibration(self) -> bool:
         """Whether any stage needs the calibration windows (all stages share one set)."""

@@ -27,7 +27,8 @@ from pare.config import STAGES, CalibrationConfig, PruneConfig, RuntimeConfig, c
 from pare.errors import ConfigError
 
 TOP_KEYS: dict[str, type] = {"model": str, "out": str, "overwrite": bool, "no_save": bool, "dtype": str,
-                             "arch_override": str, "json": bool, "verbose": bool, "report": bool}
+                             "arch_override": str, "json": bool, "verbose": bool, "report": bool,
+                             "component": str, "images": str}
 """Top-level recipe keys besides ``calibration``, ``runtime``, ``stages`` and ``eval``, with their types."""
 
 EVAL_KEYS: dict[str, type] = {"seqlen": int, "max_windows": int, "batch_size": int, "speed": bool, "tasks": str,

@@ -166,6 +166,30 @@ def test_prune_help_lists_only_what_prune_runs(model_dir: Path, capsys) -> None:
         assert "not run by `pare prune`" in message and where in message
 
 
+def test_help_of_one_method_lists_its_options_only(capsys) -> None:
+    import dataclasses
+
+    from pare.cli.options import file_only
+    from pare.methods import METHODS
+
+    assert main(["prune", "--method", "wanda", "--help"]) == 0
+    wanda = capsys.readouterr().out
+    assert "usage: pare prune" in wanda and "--calib" in wanda and "--model" in wanda and "--sparsity" in wanda
+    assert "--num-layers" not in wanda and "--scheme" not in wanda  # shortgpt's and quantize's
+    assert main(["prune", "--method=shortgpt", "-h"]) == 0
+    assert "--num-layers" in capsys.readouterr().out
+    assert main(["quantize", "--help"]) == 0
+    quant = capsys.readouterr().out
+    assert "usage: pare quantize" in quant and "--sparsity" not in quant and "[--algorithm" not in quant
+    assert "--method ALGORITHM" in quant and "rtn or gptq" in quant
+    flags = set(re.findall(r"(?<![\w-])--[a-z][a-z0-9_-]*", quant))
+    config = METHODS["quantize"].config_class
+    for f in dataclasses.fields(config):
+        assert f.name in file_only(config) or f.name == "algorithm" or _flag(f.name) in flags, f.name
+    full = _help(capsys, ["prune", "--method", "not-a-method", "--help"])  # unknown: the full help
+    assert "--num-layers" in full and "--scheme" in full
+
+
 def test_unknown_model_type_is_reported(tmp_path: Path, capsys) -> None:
     path = tmp_path / "odd"
     path.mkdir()

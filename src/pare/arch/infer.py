@@ -552,11 +552,16 @@ def describe(model: nn.Module, override: ArchOverride | None = None) -> ModelArc
     Args:
         model: a transformers ``*ForCausalLM`` (any device, any dtype).
         override: corrections for architectures inference gets wrong; defaults to the built-in
-            override of the model's ``model_type`` if any.
+            override of the model's ``model_type`` if any. With ``component="vision"`` the vision tower
+            of a vision-language model is described instead of its decoder (:mod:`pare.arch.vision`).
 
     Raises:
         UnsupportedArchitectureError: naming what could not be inferred and how to override it.
     """
+    if override is not None and override.component == "vision":
+        from pare.arch.vision import describe_vision
+
+        return describe_vision(model, override)
     config = text_config(model)
     model_type = getattr(model.config, "model_type", type(model).__name__)
     if override is None:

@@ -7,10 +7,11 @@ architecture that inference cannot handle, pass an :class:`ArchOverride` to
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
-from pare.arch.roles import ConfigFields, QkvLayout
+from pare.arch.roles import COMPONENTS, ConfigFields, QkvLayout
+from pare.errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -24,6 +25,10 @@ class ArchOverride:
         qkv_layout: layout of a fused q/k/v projection.
         fields: config field names for each size.
         parallel_residual: attention and MLP read the same input (GPT-NeoX, GPT-J).
+        component: which part of a vision-language model the description covers: ``text`` (the
+            decoder, the default) or ``vision`` (the vision tower's encoder layers; see
+            :mod:`pare.arch.vision`). It travels with the override into the manifest, so
+            ``pare.load`` replays a vision cut on the vision tower.
     """
 
     layers_path: str | None = None
@@ -31,6 +36,11 @@ class ArchOverride:
     qkv_layout: QkvLayout | None = None
     fields: ConfigFields | None = None
     parallel_residual: bool | None = None
+    component: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.component is not None and self.component not in COMPONENTS:
+            raise ConfigError(f"component must be one of {list(COMPONENTS)}, got {self.component!r}")
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-able dict that :meth:`from_dict` reads back (recorded in the manifest)."""
@@ -48,6 +58,15 @@ class ArchOverride:
                 values["per_layer_lists"] = tuple(values["per_layer_lists"])
             data["fields"] = ConfigFields(**values)
         return cls(**data)
+
+
+def with_component(override: ArchOverride | None, component: str | None) -> ArchOverride | None:
+    """``override`` describing ``component`` (``text`` or ``vision``); ``override`` itself when None."""
+    if component is None:
+        return override
+    if component not in COMPONENTS:
+        raise ConfigError(f"component must be one of {list(COMPONENTS)}, got {component!r}")
+    return ArchOverride(component=component) if override is None else replace(override, component=component)
 
 
 _NO_GQA = ConfigFields(kv_heads=None, head_dim=None)

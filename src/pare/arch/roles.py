@@ -10,10 +10,13 @@ description; none of them looks for module names itself.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import nn
+
+COMPONENTS = ("text", "vision")
+"""The parts of a model pare can describe: the text decoder, or a vision-language model's vision tower."""
 
 QkvLayout = Literal["concat", "per_head", "unknown"]
 """How a fused q/k/v projection stacks its outputs.
@@ -241,6 +244,41 @@ class ConfigFields:
     ``n_shared_experts``: shared width = ``moe_intermediate_size * n_shared_experts``)."""
 
 
+@dataclass(frozen=True)
+class VisionRoles:
+    """What a vision tower's cut must respect, besides its encoder layers (see :mod:`pare.arch.vision`).
+
+    Attributes:
+        tower: dotted path of the vision tower (``model.vision_tower``, ``model.visual``).
+        config_attr: the attribute of the model's config holding the tower's config (``vision_config``).
+        inputs: ``images`` (the tower takes ``pixel_values [B, C, H, W]``) or ``patches`` (Qwen-VL: the
+            images flattened into patch rows ``[B * P, C * T * p * p]`` with ``grid_thw``).
+        channels, image_size, patch_size: what a calibration image must be (``image_size`` 0: any
+            multiple of ``patch_size * merge_size``).
+        temporal_patch_size, merge_size: Qwen-VL's frames per patch and patches merged per side.
+        patch_embed: the patch embedding (a convolution whose output channels are the hidden size).
+        position_table: a learned position-embedding table (rows: positions, columns: hidden), if any.
+        index_fields: config fields that hold encoder-layer indexes something outside the layers reads
+            (``vision_feature_layer``, ``deepstack_visual_indexes``, ``fullatt_block_indexes``), each as
+            ``"vision_config.NAME"`` or ``"NAME"`` (the top-level config); a depth cut remaps them.
+        not_cut: sizes pare does not cut in this tower, each with the reason (``pare inspect`` prints them,
+            the width methods refuse with them).
+    """
+
+    tower: str
+    config_attr: str
+    inputs: Literal["images", "patches"]
+    channels: int
+    image_size: int
+    patch_size: int
+    temporal_patch_size: int = 1
+    merge_size: int = 1
+    patch_embed: str | None = None
+    position_table: str | None = None
+    index_fields: tuple[str, ...] = ()
+    not_cut: tuple[str, ...] = ()
+
+
 @dataclass
 class ModelArch:
     """Where everything is in a causal LM. Build it with :func:`pare.arch.describe`."""
@@ -255,6 +293,22 @@ class ModelArch:
     fields: ConfigFields
     layers: list[LayerRoles] = field(default_factory=list)
     extra_embeddings: tuple[str, ...] = ()
+    vision: VisionRoles | None = None
+    """Set when the description covers a vision tower (``component="vision"``) instead of the decoder."""
+
+    @property
+    def component(self) -> str:
+        """``text`` or ``vision``: which part of the model :attr:`layers` are."""
+        return "text" if self.vision is None else "vision"
+
+    def config_of(self, config: Any) -> Any:
+        """The part of ``config`` (a model's config, or a copy of it) that holds the described layers'
+        sizes: the decoder's config, or the vision tower's (``config.vision_config``)."""
+        if self.vision is not None:
+            return getattr(config, self.vision.config_attr)
+        from pare.arch.infer import decoder_config
+
+        return decoder_config(config)
 
     def layer_modules(self, model: nn.Module) -> nn.ModuleList:
         mods = model.get_submodule(self.layers_path)

@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 from pare.arch.roles import LayerRoles, ModelArch
 from pare.arch.targets import Target
 from pare.arch.wrapper import LayerWrapper
+from pare.calibration.images import model_inputs
 from pare.calibration.replicas import Replicas, batch_shares, merge_stats, retarget, run_concurrently
 from pare.calibration.stats import InputsRecorded, InputStats, record_inputs
 from pare.config import usable_devices
@@ -165,7 +166,8 @@ class _CaptureDone(Exception):
 def capture(
     model: nn.Module, arch: ModelArch, batches: list[torch.Tensor], device: torch.device, store: torch.device
 ) -> Captured:
-    """Record every decoder layer's inputs for each batch of token ids ``[B, L]``.
+    """Record every decoder layer's inputs for each batch of token ids ``[B, L]`` (of images
+    ``[B, C, H, W]`` when ``arch`` describes a vision tower: :func:`~pare.calibration.images.model_inputs`).
 
     Only the modules outside the decoder layers run (embeddings, rotary tables, mask building). A
     model whose loop unpacks what a layer returns (Bamba: ``hidden, attn = layer(...)``) cannot take
@@ -208,7 +210,7 @@ def _capture(model: nn.Module, arch: ModelArch, batches: list[torch.Tensor], dev
         for batch in batches:
             interner.by_id.clear()  # ids are only unique among live objects: reset per forward
             with contextlib.suppress(_CaptureDone):
-                base(input_ids=batch.to(device), use_cache=False)
+                base(**model_inputs(arch, batch, device))
     return Captured(hidden=hidden, calls=calls)
 
 

@@ -26,10 +26,14 @@ TOP_KINDS: dict[str, type] = {"model": str, "method": str, "out": str, "overwrit
                               "eval": str, "speed": bool,
                               "eval_seqlen": int, "eval_batch_size": int, "eval_max_windows": int,
                               "eval_tasks": str, "eval_limit": int,
-                              "arch_override": str, "dtype": str, "verbose": bool, "json": bool, "report": bool}
+                              "arch_override": str, "dtype": str, "verbose": bool, "json": bool, "report": bool,
+                              "component": str, "images": str}
 """The options that are not config fields, with their types when they come from a config file."""
 COMMON = set(TOP_KINDS) | {"config"}
 ARCH_OVERRIDE_HELP = "YAML/JSON ArchOverride for unknown architectures"
+COMPONENT_HELP = "text (the decoder, default) or vision (a vision-language model's vision tower)"
+IMAGES_HELP = ("--component vision: a safetensors file whose 'pixel_values' [N, C, H, W] come from the model's image "
+               "processor (default: --nsamples random normalised images)")
 
 
 def prune_methods() -> dict[str, Any]:
@@ -39,12 +43,22 @@ def prune_methods() -> dict[str, Any]:
     return {name: cls for name, cls in METHODS.items() if not cls.runs_elsewhere}
 
 
-def _prune_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    methods = prune_methods()
-    p = sub.add_parser("prune", help="prune a model and save it", description="Prune a model and save it.",
-                       allow_abbrev=False)
+def _prune_parser(sub: argparse._SubParsersAction, methods: dict[str, Any] | None = None,
+                  name: str = "prune") -> argparse.ArgumentParser:
+    """The ``prune`` parser with every method's options, or (for a focused ``--help``) only ``methods``'."""
+    every = methods is None
+    methods = prune_methods() if methods is None else methods
+    if name == "quantize":
+        p = sub.add_parser(name, allow_abbrev=False,
+                           description="Quantize weights and save (the same as pare prune --method quantize).")
+        p.add_argument("--method", dest="algorithm", help="rtn or gptq (the same as --algorithm)")
+    else:
+        only = "" if every else f" Options of {', '.join(methods)} only (`pare prune --help` lists every method's)."
+        p = sub.add_parser(name, help="prune a model and save it", description="Prune a model and save it." + only,
+                           allow_abbrev=False)
     p.add_argument("--model", help="hub id or local directory")
-    p.add_argument("--method", help=f"one of {', '.join(sorted(methods))}")
+    if name != "quantize":
+        p.add_argument("--method", help=f"one of {', '.join(sorted(prune_methods()))}")
     p.add_argument("--out", "--save_model", dest="out", help="output directory (written atomically)")
     p.add_argument("--overwrite", action="store_true", default=None,
                    help="replace an existing --out (only a directory that holds a saved model)")
@@ -61,6 +75,8 @@ def _prune_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--speed", action=argparse.BooleanOptionalAction, default=None,
                    help="with --eval, also measure prefill/decode tokens/s (default: yes)")
     p.add_argument("--arch-override", default=None, help=ARCH_OVERRIDE_HELP)
+    p.add_argument("--component", default=None, choices=("text", "vision"), help=COMPONENT_HELP)
+    p.add_argument("--images", default=None, help=IMAGES_HELP)
     p.add_argument("--dtype", default=None, help="load dtype (auto, float32, bfloat16, float16)")
     p.add_argument("--json", action="store_true", default=None, help="print the report as JSON")
     p.add_argument("--report", action="store_true", default=None,
@@ -75,10 +91,33 @@ def _prune_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     add_config_options(calib, CalibrationConfig, taken)
     add_config_options(p.add_argument_group("runtime"), RuntimeConfig, taken)
     add_config_options(p.add_argument_group("streaming (models larger than memory)"), StreamConfig, taken)
-    group = p.add_argument_group("method options (each applies to the methods that define it)")
+    title = ("method options (each applies to the methods that define it)" if every
+             else f"options of {', '.join(methods)}")
+    group = p.add_argument_group(title)
+    if name == "quantize":
+        taken.add("algorithm")
     for cls in methods.values():
         add_config_options(group, cls.config_class, taken)
     return p
+
+
+def focused_help(argv: list[str]) -> str | None:
+    """The help of ``pare quantize --help`` and ``pare prune --method M --help``: the common options and
+    that method's only (``pare prune --help`` without a method lists every method's); None for any other
+    command line, or a method pare does not know (argparse then prints the full help or the error)."""
+    if argv[:1] not in (["prune"], ["quantize"]) or not {"-h", "--help"} & set(argv):
+        return None
+    if argv[0] == "quantize":
+        method: str | None = "quantize"
+    else:
+        method = next((a.split("=", 1)[1] for a in argv if a.startswith("--method=")), None)
+        if method is None and "--method" in argv[:-1]:
+            method = argv[argv.index("--method") + 1]
+    methods = prune_methods()
+    if method not in methods:
+        return None
+    top = argparse.ArgumentParser(prog="pare", allow_abbrev=False)
+    return _prune_parser(top.add_subparsers(), {method: methods[method]}, name=argv[0]).format_help()
 
 
 def _eval_parser(sub: argparse._SubParsersAction) -> None:
@@ -151,6 +190,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
                          allow_abbrev=False)
     ins.add_argument("model")
     ins.add_argument("--arch-override", default=None, help=ARCH_OVERRIDE_HELP)
+    ins.add_argument("--component", default=None, choices=("text", "vision"), help=COMPONENT_HELP)
     ins.add_argument("--json", action="store_true")
     ins.add_argument("-v", "--verbose", action="store_true")
     sub.add_parser("methods", help="list the pruning methods and their options")
@@ -228,6 +268,10 @@ def quantize_argv(argv: list[str]) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    help_text = focused_help(argv)
+    if help_text is not None:
+        print(help_text, end="")
+        return 0
     if argv[:1] == ["quantize"]:
         argv = quantize_argv(argv)
     parser, prune_parser = build_parser()
@@ -351,8 +395,14 @@ def _cmd_prune(args: argparse.Namespace, given: set[str]) -> int:
     if stream_cfg.stream:
         from pare.cli.stream import stream_cmd
 
+        _check_streamable(args.component)
         return stream_cmd(args, method_cfg, calib_cfg, runtime_cfg, stream_cfg)
     return run_cmd(args, [method_cfg], calib_cfg, runtime_cfg)
+
+
+def _check_streamable(component: str | None) -> None:
+    if component == "vision":
+        raise ConfigError("--stream reads decoder layers from disk; --component vision prunes in memory: drop --stream")
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
@@ -375,6 +425,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         model=model, out=args.out or top.get("out"), overwrite=args.overwrite or top.get("overwrite", False),
         no_save=args.no_save or top.get("no_save", False),
         dtype=top.get("dtype"), arch_override=top.get("arch_override"), json=args.json or top.get("json", False),
+        component=top.get("component"), images=top.get("images"),
         eval=recipe.ppl or None, eval_seqlen=recipe.eval.get("seqlen"), eval_batch_size=recipe.eval.get("batch_size"),
         eval_max_windows=recipe.eval.get("max_windows"), speed=recipe.eval.get("speed", True),
         eval_tasks=recipe.eval.get("tasks"), eval_limit=recipe.eval.get("limit"), report=top.get("report", False),
@@ -385,6 +436,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if stream.stream:
         from pare.cli.stream import stream_cmd
 
+        _check_streamable(ns.component)
         return stream_cmd(ns, recipe.stages, recipe.calibration, runtime, stream)
     return run_cmd(ns, recipe.stages, recipe.calibration, runtime)
 

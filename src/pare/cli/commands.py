@@ -20,13 +20,31 @@ from pare.eval.perplexity import model_context_length
 from pare.report import Report
 
 
-def _arch_override(path: str | None):
+def _arch_override(path: str | None, component: str | None = None):
+    from pare.arch.overrides import with_component
+
     if not path:
-        return None
+        return with_component(None, component)
     from pare.arch import ArchOverride
     from pare.config import read_config_file
 
-    return ArchOverride.from_dict(read_config_file(path))
+    return with_component(ArchOverride.from_dict(read_config_file(path)), component)
+
+
+def _images(path: str | None) -> Any:
+    """The ``pixel_values`` tensor of a safetensors file (``--images``), or None."""
+    if not path:
+        return None
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        tensors = load_file(path)
+    except (OSError, SafetensorError) as exc:
+        raise ConfigError(f"--images {path!r}: cannot read it as a safetensors file ({exc})") from exc
+    if "pixel_values" not in tensors:
+        raise ConfigError(f"--images {path!r} holds {sorted(tensors)}, not 'pixel_values' [N, C, H, W]")
+    return tensors["pixel_values"].float()
 
 
 def print_table(rows: Sequence[Sequence[Any]], header: Sequence[str]) -> None:
@@ -69,8 +87,9 @@ def inspect_cmd(args: argparse.Namespace) -> int:
     from pare.io.load import meta_model
 
     model = meta_model(args.model)
-    arch = describe(model, _arch_override(args.arch_override))
+    arch = describe(model, _arch_override(args.arch_override, args.component))
     parts = params_by_part(model, arch)
+    vision = _vision_section(model, arch, _arch_override(args.arch_override))
     layers = []
     for r in arch.layers:
         a, m, e, la = r.attention, r.mlp, r.experts, r.mla
@@ -85,12 +104,17 @@ def inspect_cmd(args: argparse.Namespace) -> int:
             "parallel": r.parallel_residual,
         })
     if args.json:
-        print(json.dumps({"model_type": arch.model_type, "layers_path": arch.layers_path,
-                          "tied": arch.tied, "params": parts, "layers": layers, "not_cut": arch.mixers(),
-                          "latent_attention": arch.latent_attention()}, indent=2))
+        print(json.dumps({"model_type": arch.model_type, "component": arch.component,
+                          "layers_path": arch.layers_path, "tied": arch.tied, "params": parts, "layers": layers,
+                          "not_cut": arch.mixers(), "latent_attention": arch.latent_attention(),
+                          "vision": vision}, indent=2))
         return 0
-    print(f"{args.model}: {arch.model_type}, {arch.num_layers} decoder layers at {arch.layers_path}, "
-          f"lm_head {'tied to' if arch.tied else 'separate from'} {arch.embed_path}")
+    if arch.vision is not None:
+        print(f"{args.model}: {arch.model_type} vision tower, {arch.num_layers} encoder layers at {arch.layers_path}, "
+              f"patch embedding {arch.embed_path}")
+    else:
+        print(f"{args.model}: {arch.model_type}, {arch.num_layers} decoder layers at {arch.layers_path}, "
+              f"lm_head {'tied to' if arch.tied else 'separate from'} {arch.embed_path}")
     r0 = arch.layers[0]
     if r0.attention:
         at = r0.attention
@@ -115,11 +139,46 @@ def inspect_cmd(args: argparse.Namespace) -> int:
              "head_dim": f.head_dim, "layers": f.layers, "moe_intermediate": f.moe_intermediate,
              "num_experts": f.num_experts, "per-layer lists": ", ".join(f.per_layer_lists) or None}
     print("config fields: " + "; ".join(f"{k}={v}" for k, v in sizes.items() if v))
+    _print_vision(vision)
     print()
     print_table([tuple(_fmt(v) for v in d.values()) for d in layers], tuple(layers[0].keys()))
     print()
     print_table([(k, _fmt(v)) for k, v in parts.items()], ("part", "params"))
     return 0
+
+
+def _vision_section(model: nn.Module, arch: Any, override: Any) -> dict[str, Any] | str | None:
+    """The vision tower's cuttable roles (:func:`pare.arch.vision.vision_summary`), why pare does not prune
+    it, or None for a model without one."""
+    from pare.arch import describe
+    from pare.arch.overrides import with_component
+    from pare.arch.vision import components, vision_summary
+    from pare.errors import UnsupportedArchitectureError
+
+    if arch.vision is None and "vision" not in components(model):
+        return None
+    try:
+        varch = arch if arch.vision is not None else describe(model, with_component(override, "vision"))
+    except UnsupportedArchitectureError as exc:
+        return f"not pruned: {exc}"
+    return vision_summary(model, varch)
+
+
+def _print_vision(vision: dict[str, Any] | str | None) -> None:
+    if vision is None:
+        return
+    if isinstance(vision, str):
+        print(f"vision tower: {vision}")
+        return
+    print(f"vision tower (--component vision): {vision['layers']} layers at {vision['layers_path']}; "
+          f"attention {', '.join(vision['attention'])} ({vision['heads']} heads of {vision['head_dim']}); "
+          f"mlp {', '.join(vision['mlp'])} (width {vision['mlp_width']})")
+    print(f"  cut: {'; '.join(vision['cuttable'])}")
+    for why in vision["not_cut"]:
+        print(f"  not cut: {why}")
+    if vision["remapped_by_depth"]:
+        print(f"  remapped by a depth cut: {', '.join(vision['remapped_by_depth'])}")
+    print(f"  calibration: {vision['calibration']}")
 
 
 def model_dir_bytes(path: str | Path) -> int | None:
@@ -314,13 +373,23 @@ def _run_cmd(args: argparse.Namespace, stages: Sequence[PruneConfig], calib: Cal
     model, tok = _load_any(args.model, args.dtype)
     # every stage built once, the model described once; the first stage's options are checked before the
     # calibration text and the dense evaluation (later stages: on the model the earlier ones leave)
-    pipeline = Pipeline(model, stages, runtime, _arch_override(args.arch_override), tokenizer=tok,
-                        history=_earlier_reports(args.model))
+    pipeline = Pipeline(model, stages, runtime, _arch_override(args.arch_override, getattr(args, "component", None)),
+                        tokenizer=tok, history=_earlier_reports(args.model))
     if getattr(args, "seqlen", None) is None:  # no --seqlen: as pare eval, 2048 or the model's context when shorter
         calib = dataclasses.replace(calib, seqlen=min(calib.seqlen, default_seqlen(model)))
     _check_eval_seqlen(model, args)
-    ids = calibration_ids(tok, calib, model) if pipeline.needs_calibration() else None
-    if ids is not None:
+    calib_info: dict[str, Any] | None = None
+    if pipeline.arch.vision is not None:
+        from pare.calibration.images import vision_calibration
+
+        ids, calib_info = vision_calibration(pipeline.arch, _images(getattr(args, "images", None)), calib.nsamples,
+                                             calib.seed) if pipeline.needs_calibration() else (None, None)
+    else:
+        if getattr(args, "images", None):
+            raise ConfigError("--images calibrates a vision tower: add --component vision")
+        ids = calibration_ids(tok, calib, model) if pipeline.needs_calibration() else None
+        calib_info = None if ids is None else calib.to_dict()
+    if ids is not None and pipeline.arch.vision is None:
         check_token_ids(model, ids)  # a tokenizer of another model: refused before the dense evaluation
     evaluating = bool(args.eval or args.eval_tasks)
     before = _evaluate_figures(model, tok, args, calib.seqlen, runtime) if evaluating else {}
@@ -334,7 +403,7 @@ def _run_cmd(args: argparse.Namespace, stages: Sequence[PruneConfig], calib: Cal
         if after and runtime.offload:
             model.to("cpu")
 
-    reports = pipeline.run(ids, None if ids is None else calib.to_dict(), calib.batch_size, after_stage)
+    reports = pipeline.run(ids, calib_info, calib.batch_size, after_stage)
     for key, value in before.items():
         reports[0].figures[f"{key}_before"] = value
     reports[0].figures["size_on_disk_bytes_before"] = model_dir_bytes(args.model)

@@ -17,7 +17,9 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
+from torch import nn
 
+from pare.arch.roles import ModelArch
 from pare.arch.surgery.depth import first_valid_span
 from pare.config import help_field, register
 from pare.errors import ConfigError
@@ -77,7 +79,14 @@ class AngularPruner(CountedDepthPruner):
     """Angular-distance span selection, then whole-layer removal."""
 
     config_class = AngularConfig
+    prunes_vision: ClassVar[bool] = True
     config: AngularConfig
+
+    def check(self, model: nn.Module, arch: ModelArch) -> None:
+        super().check(model, arch)
+        if arch.vision is not None and self.config.tokens == "last":
+            raise ConfigError("component='vision': tokens='last' scores the last token of each text window; an "
+                              "image's patches have no last token that sums it up: use tokens='all'")
 
     @torch.no_grad()
     def run(self, ctx: PruneContext) -> None:

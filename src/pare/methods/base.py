@@ -67,9 +67,7 @@ DENSE_ZEROS_NOTE = (
 def check_expert_inputs(model: nn.Module, arch: ModelArch, targets: list[Target]) -> None:
     """Before any work: each fused experts module among ``targets`` lets pare record its experts' inputs
     (:func:`~pare.calibration.stats.expert_inputs_problem`), else UnsupportedArchitectureError."""
-    from pare.arch.infer import text_config
-
-    hidden = int(getattr(text_config(model), arch.fields.hidden))
+    hidden = int(getattr(arch.config_of(model.config), arch.fields.hidden))
     seen: set[int] = set()
     for t in targets:
         if t.expert is None or id(t.module) in seen:
@@ -158,6 +156,9 @@ class Pruner(ABC):
     changes_shapes: ClassVar[bool] = False
     """Whether the stage changes shapes (layers, heads, channels): then the stages after it are checked
     against its :meth:`preview`."""
+    prunes_vision: ClassVar[bool] = False
+    """Whether the stage also prunes a vision tower (``component="vision"``: its per-layer step needs only
+    the layers' inputs, no logits, loss or decoder-only structure)."""
     runs_elsewhere: ClassVar[str] = ""
     """Where the stage runs when ``pare prune --method NAME`` does not (its options stay out of that
     command's help, and the command refuses the method with this text); empty: ``pare prune`` runs it."""

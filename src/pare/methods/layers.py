@@ -176,6 +176,7 @@ class LayersPruner(StructuralPruner):
     """Delete the given layers (no scoring)."""
 
     config_class = LayersConfig
+    prunes_vision: ClassVar[bool] = True
     config: LayersConfig
     needs_calibration: ClassVar[bool] = False
 

@@ -44,6 +44,7 @@ class MagnitudePruner(SparsityPruner):
     """Zero the smallest-magnitude weights of every target matrix."""
 
     config_class = MagnitudeConfig
+    prunes_vision: ClassVar[bool] = True
     config: MagnitudeConfig
     needs_calibration: ClassVar[bool] = False
 

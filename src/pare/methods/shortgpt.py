@@ -49,6 +49,7 @@ class ShortGPTPruner(CountedDepthPruner):
     """Block Influence ranking over calibration tokens, then whole-layer removal."""
 
     config_class = ShortGPTConfig
+    prunes_vision: ClassVar[bool] = True
     config: ShortGPTConfig
 
     @torch.no_grad()

@@ -49,6 +49,7 @@ class WandaPruner(SparsityPruner):
     """Zero the lowest ``|W| * ||X||`` scores of every row (or of every group of M inputs)."""
 
     config_class = WandaConfig
+    prunes_vision: ClassVar[bool] = True
     config: WandaConfig
     stats: ClassVar[frozenset[str]] = frozenset({STAT_NORMS})
 

@@ -502,12 +502,51 @@ def _check_mla(model: nn.Module, arch: ModelArch, cfg: WidthConfig) -> None:
                               "another ratio or set hidden=False")
 
 
+def _check_vision(model: nn.Module, arch: ModelArch, cfg: WidthConfig) -> None:
+    """A vision tower's width cut: its MLP channels only, scored without the language-modelling loss, one
+    width for every layer (what its config states, so the model reloads with its Auto class)."""
+    assert arch.vision is not None
+    hidden_why, heads_why = arch.vision.not_cut[:2]
+    for asked, why, flag in ((cfg.hidden, hidden_why, "hidden=False (--no-hidden)"),
+                             (cfg.heads, heads_why, "heads=False (--no-heads)")):
+        if asked and cfg.pruning_ratio > 0:
+            raise ConfigError(f"component='vision': the vision tower's {why}; set {flag} and cut its MLP width")
+    if cfg.importance == "taylor":
+        raise ConfigError("component='vision': importance=taylor needs the language-modelling loss of text "
+                          "windows, which the vision tower's calibration images do not give; use magnitude, "
+                          "activation or flap")
+    if cfg.allocation != "uniform":
+        raise ConfigError("component='vision': allocation=global gives each layer its own MLP width, which the "
+                          "vision config cannot state (the model would not reload with its Auto class); use "
+                          "allocation=uniform")
+    if cfg.mlp and cfg.pruning_ratio > 0:
+        _check_vision_mlp(model, arch, cfg)
+
+
+def _check_vision_mlp(model: nn.Module, arch: ModelArch, cfg: WidthConfig) -> None:
+    """The vision MLP width a uniform cut keeps is one the vision config can state, for the layers alone."""
+    from pare.arch.surgery.vision import ratio_problem, width_outside_problem
+
+    n = arch.mlp_width(model, 0)
+    width = imp.round_width((1 - cfg.pruning_ratio) * n, n, cfg.round_to, minimum=cfg.round_to)
+    embed = int(getattr(arch.config_of(model.config), arch.fields.hidden))
+    why = ratio_problem(width, embed) if arch.fields.intermediate == "mlp_ratio" else None
+    if why is not None:
+        works = [round(1 - k * embed / n, 4) for k in range(1, n // embed)]
+        raise ConfigError(f"component='vision': pruning_ratio {cfg.pruning_ratio} keeps {width} of {n} MLP "
+                          f"channels, but {why}; ratios that work: {works or 'none'}")
+    why = width_outside_problem(model, arch, width)
+    if why is not None:
+        raise ConfigError(f"component='vision': the MLP width cannot be cut: {why}. Weight sparsity and depth work")
+
+
 # ---------------------------------------------------------------------------- the pruner
 @register
 class WidthPruner(StructuralPruner):
     """Score every width channel, choose what to keep, then cut heads, MLP channels and hidden."""
 
     config_class = WidthConfig
+    prunes_vision: ClassVar[bool] = True
     config: WidthConfig
     needs_calibration: ClassVar[bool] = True
 
@@ -519,6 +558,8 @@ class WidthPruner(StructuralPruner):
 
     def check(self, model: nn.Module, arch: ModelArch) -> None:
         cfg = self.config
+        if arch.vision is not None:
+            _check_vision(model, arch, cfg)
         why = arch.nothing_to_cut(cfg.mlp, cfg.heads) if not cfg.hidden else None
         if why:
             raise ConfigError(why)

@@ -8,6 +8,8 @@ rewrites everything transformers reads by layer index, so the result reloads wit
 * ``num_hidden_layers`` (``n_layer`` for GPT-2, through the config's attribute map),
 * per-layer config lists (``layer_types``: sliding/full attention, which also decides the mask and
   the cache layer kind, and Gemma-3's rotary table),
+* a vision tower's layer indexes read from outside it (``vision_feature_layer``, Qwen-VL's
+  ``fullatt_block_indexes`` / ``deepstack_visual_indexes``: :mod:`pare.arch.surgery.vision`),
 * index lists: Qwen-MoE's ``mlp_only_layers`` / ``decoder_sparse_step``, rewritten as
   ``decoder_sparse_step=1`` plus an explicit list of dense layers so no MoE layer turns dense;
   DeepSeek's ``first_k_dense_replace`` (a dense prefix) counts the dense layers kept.
@@ -33,6 +35,7 @@ from torch import nn
 from pare.arch.roles import ModelArch
 from pare.arch.surgery.edits import Edit, RemoveLayers, RemoveSublayer
 from pare.arch.surgery.tables import cut_tables, table_cuts
+from pare.arch.surgery.vision import apply_index_changes, index_changes, index_fields_kept
 from pare.errors import ConfigError
 
 INDEX_LISTS = ("mlp_only_layers",)
@@ -70,10 +73,10 @@ def check_layer_indices(indices: Sequence[int], num_layers: int) -> list[int]:
     return out
 
 
-def _config(model: nn.Module) -> Any:
-    from pare.arch.infer import text_config
-
-    return text_config(model)  # a vision-language model's text_config holds the decoder's fields
+def _config(model: nn.Module, arch: ModelArch) -> Any:
+    """The config holding the described layers' fields (a vision-language model's ``text_config``, or its
+    ``vision_config`` when the vision tower is described)."""
+    return arch.config_of(model.config)
 
 
 def _renumber(layers: nn.ModuleList) -> None:
@@ -170,7 +173,10 @@ def removal_problem(model: nn.Module, arch: ModelArch, removed: Sequence[int]) -
     n = arch.num_layers
     drop = set(removed)
     kept = [i for i in range(n) if i not in drop]
-    config = _config(model)
+    config = _config(model, arch)
+    _, why = index_changes(model, arch, kept)
+    if why is not None:
+        return why
     kinds = _kinds(config, n)
     if kinds is not None:
         for kind in dict.fromkeys(kinds):
@@ -190,10 +196,8 @@ def _built_layers(model: nn.Module, arch: ModelArch, changes: dict[str, Any] | N
 
 def _built(model: nn.Module, arch: ModelArch, changes: dict[str, Any] | None = None) -> nn.Module:
     """The model the config (with ``changes``) builds, on the meta device."""
-    from pare.arch.infer import decoder_config
-
     full: Any = copy.deepcopy(model.config)  # type: ignore[union-attr]
-    target = decoder_config(full)
+    target = arch.config_of(full)
     for cfg in {id(full): full, id(target): target}.values():  # save_pretrained leaves dtype a string,
         if isinstance(getattr(cfg, "dtype", None), str):  # which Apertus' xIELU cannot build with
             cfg.dtype = getattr(torch, cfg.dtype)
@@ -320,7 +324,7 @@ def remove_layers(model: nn.Module, arch: ModelArch, indices: Sequence[int], che
         if why is not None:
             raise ConfigError(f"cannot remove layers {removed} from this {arch.model_type} model: {why}")
     kept = [i for i in range(n) if i not in set(removed)]
-    config = _config(model)
+    config = _config(model, arch)
     changes = _config_changes(config, arch, kept, n)
     if check:  # per-layer tables outside the layers (Gemma 3n / 4): keep the kept layers' blocks
         cuts, _ = table_cuts(_outside_shapes(model, arch.layers_path),
@@ -333,6 +337,9 @@ def remove_layers(model: nn.Module, arch: ModelArch, indices: Sequence[int], che
     _renumber(layers)
     for name, value in changes.items():
         setattr(config, name, value)
+    indexes, _ = index_changes(model, arch, kept)  # refused above by removal_problem when check is set
+    if indexes:
+        apply_index_changes(model, arch, indexes)
     keeps_old_scale = bool(getattr(config, "scale_attn_by_inverse_layer_idx", False))
     if check and not keeps_old_scale:  # GPT-2 keeps its old per-layer scale (a non-uniform edit)
         _sync_build_attributes(model, _with_layers(arch, kept))
@@ -341,7 +348,7 @@ def remove_layers(model: nn.Module, arch: ModelArch, indices: Sequence[int], che
     return RemoveLayers(
         removed=tuple(removed), kept=tuple(kept), num_layers_before=n, num_layers_after=len(kept),
         layers_path=arch.layers_path,
-        config={k: list(v) if isinstance(v, tuple) else v for k, v in changes.items()},
+        config={k: list(v) if isinstance(v, tuple) else v for k, v in {**changes, **indexes}.items()},
         uniform=False if scaled else None,
     )
 
@@ -355,7 +362,9 @@ def _replay_remove_layers(model: nn.Module, edit: RemoveLayers, override: ArchOv
         from pare.arch import describe
 
         remove_layers(model, describe(model, override), edit.removed)
-    if getattr(_config(model), "scale_attn_by_inverse_layer_idx", False):
+    from pare.arch.infer import text_config
+
+    if getattr(text_config(model), "scale_attn_by_inverse_layer_idx", False):
         for new, old in enumerate(edit.kept):
             for module in layers[new].modules():
                 if hasattr(module, "scale_attn_by_inverse_layer_idx") and hasattr(module, "scaling"):
@@ -368,7 +377,7 @@ def layers_removed(model: nn.Module, arch: ModelArch, indices: Sequence[int]) ->
     """Temporarily remove layers (e.g. to score a candidate window); everything is restored on exit."""
     layers = arch.layer_modules(model)
     originals = list(layers)
-    config = _config(model)
+    config = _config(model, arch)
     slots = [
         (m, m.layer_idx) for layer in originals for m in layer.modules()
         if isinstance(getattr(m, "layer_idx", None), int)
@@ -377,7 +386,8 @@ def layers_removed(model: nn.Module, arch: ModelArch, indices: Sequence[int]) ->
              arch.fields.layers, *LAYER_COUNT_ALIASES, *(name for names in SEGMENTS for name in names))
     before = {k: copy.deepcopy(getattr(config, k)) for k in names if hasattr(config, k)}
     try:
-        yield remove_layers(model, arch, indices, check=False)
+        with index_fields_kept(model, arch):
+            yield remove_layers(model, arch, indices, check=False)
     finally:
         layers._modules.clear()
         for i, layer in enumerate(originals):

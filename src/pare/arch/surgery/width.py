@@ -292,7 +292,7 @@ def config_rejects_heads(model: nn.Module, arch: ModelArch, heads: int, kv_heads
     (head_dim kept, as :func:`sync_config` writes them; ``hidden``: a new hidden size), or None when it
     accepts them. Llama and Gemma configs, for one, require the hidden size to be a multiple of the
     head count."""
-    cfg: Any = text_config(model)
+    cfg: Any = arch.config_of(model.config)
     att = next((r.attention for r in arch.layers if r.attention is not None), None)
     if att is None or arch.model_type in ATTN_WIDTH_IS_HIDDEN:
         return None
@@ -602,7 +602,11 @@ def sync_config(model: nn.Module, arch: ModelArch) -> bool:
     ``num_key_value_heads`` and an explicit ``head_dim`` when every layer agrees. ``arch`` must
     describe the model *after* the surgery (call :func:`pare.arch.describe` again).
     """
-    cfg: Any = text_config(model)
+    if arch.vision is not None:
+        from pare.arch.surgery.vision import sync_vision_config
+
+        return sync_vision_config(model, arch)
+    cfg: Any = arch.config_of(model.config)
     f = arch.fields
     uniform = True
     hidden = int(model.get_input_embeddings().weight.shape[1])  # type: ignore[operator]
@@ -675,7 +679,7 @@ def _shared_follows_experts(cfg: Any, count: str | None, moe: list[int], shared:
 def pin_derived_widths(model: nn.Module, arch: ModelArch) -> None:
     """Write an MLP width the config leaves to a default (GPT-2's ``n_inner=None`` means 4 x hidden) as
     the number it stands for, before any cut: a later hidden-size cut would otherwise change it."""
-    cfg: Any = text_config(model)
+    cfg: Any = arch.config_of(model.config)
     name = arch.fields.intermediate
     if not name or not hasattr(cfg, name) or getattr(cfg, name) is not None:
         return
@@ -708,7 +712,7 @@ def enable_bias(model: nn.Module, arch: ModelArch, kind: str) -> bool:
     """Make every projection governed by ``mlp_bias``/``attention_bias`` carry a (zero) bias and set
     the flag, so transformers rebuilds the biases on reload. False when the family has no flag."""
     flag = BIAS_FLAGS[kind]
-    cfg: Any = text_config(model)
+    cfg: Any = arch.config_of(model.config)
     if not hasattr(cfg, flag):
         return False
     governed = _biased_by_flag(model, arch, flag)
@@ -735,9 +739,7 @@ def _biased_by_flag(model: nn.Module, arch: ModelArch, flag: str) -> set[str] | 
     """The linears (``"<layer>.<path>"``) that gain a bias when the config's ``flag`` is set, read from a
     model built on the meta device with it; None when that model cannot be built."""
     full: Any = copy.deepcopy(model.config)
-    from pare.arch.infer import decoder_config
-
-    setattr(decoder_config(full), flag, True)
+    setattr(arch.config_of(full), flag, True)
     try:
         with torch.device("meta"):
             built = type(model)(full)
