@@ -35,7 +35,6 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from pare.arch.infer import text_config
 from pare.arch.roles import ModelArch
 from pare.arch.targets import Target, check_selection, layer_targets, select
 from pare.calibration.runner import LayerStep, LayerwiseRunner, on_device
@@ -264,7 +263,7 @@ class StructuralPruner(Pruner):
 
         # whether the config alone describes the model now (not after an earlier non-uniform prune)
         self._described_before = config_describes(ctx.model)
-        cfg = text_config(ctx.model)
+        cfg = ctx.arch.config_of(ctx.model.config)
         self._sizes_before = {n: copy.deepcopy(getattr(cfg, n)) for n in size_fields(ctx.arch) if hasattr(cfg, n)}
 
     def finish(self, ctx: PruneContext) -> None:
@@ -289,7 +288,7 @@ class StructuralPruner(Pruner):
         report.uniform = config_describes(ctx.model)
         if report.uniform or edits_rebuild(ctx.model, report.edits, ctx.arch_override):
             return
-        cfg = text_config(ctx.model)
+        cfg = ctx.arch.config_of(ctx.model.config)
         for name, value in self._sizes_before.items():
             setattr(cfg, name, value)
         log.debug("%s: the config cannot state the cut; its sizes are kept and pare.load replays the edits",
