@@ -39,6 +39,7 @@ from pare.arch.surgery.width import (
     cut_mlp_to,
     enable_bias,
     expert_alignment,
+    hidden_cut_problem,
     pin_derived_widths,
     prune_heads,
     prune_hidden,
@@ -568,6 +569,10 @@ class WidthPruner(StructuralPruner):
         if cfg.heads and first is not None and cfg.pruning_ratio > 0:
             hidden = kept_hidden(model, arch, cfg) if cfg.hidden else None
             check_savable_heads(model, arch, cfg.pruning_ratio, cfg.head_mode, "pruning_ratio", hidden)
+        why = hidden_cut_problem(model, arch) if cfg.hidden and cfg.pruning_ratio > 0 else None
+        if why is not None:
+            raise ConfigError(f"the hidden size of this {arch.model_type} model cannot be cut: {why}; use "
+                              "hidden=False (--no-hidden) to cut heads and MLP channels only")
         if (cfg.hidden and cfg.pruning_ratio > 0 and first is not None
                 and arch.model_type not in ATTN_WIDTH_IS_HIDDEN and attention_follows_hidden(model, arch)):
             raise ConfigError(f"{arch.model_type} derives head_dim from the hidden size, so the hidden size cannot "
