@@ -158,14 +158,14 @@ def test_vision_head_cut_is_masking_the_heads_and_reloads_with_pare_load(family:
     masked = copy.deepcopy(model)
     dense_o = [o.weight.detach().clone() for _, o in _attention(model)]
     text = _text_part(model)
-    vc = model.config.vision_config
-    stated = vc.num_heads if hasattr(vc, "num_heads") else vc.num_attention_heads
+    vc, heads_field = model.config.vision_config, describe(model, VISION).fields.heads
+    stated = getattr(vc, heads_field)
     report = pare.prune(model, pare.WidthConfig(pruning_ratio=0.5, hidden=False, mlp=False, importance="activation"),
                         None, runtime=RUNTIME, batch_size=2, component="vision")
     assert not report.uniform and [e.op for e in report.edits] == ["heads"] * len(dense_o)
     arch = describe(model, VISION)
     assert [r.attention.num_heads for r in arch.layers] == [stated // 2] * arch.num_layers
-    assert (vc.num_heads if hasattr(vc, "num_heads") else vc.num_attention_heads) == stated
+    assert getattr(vc, heads_field) == stated  # the config keeps the dense count
     d = arch.layers[0].attention.head_dim
     for (attn, o), (_, o_masked), before in zip(_attention(model), _attention(masked), dense_o, strict=True):
         assert attn.num_heads == stated // 2 and attn.head_dim == d
