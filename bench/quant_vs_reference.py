@@ -40,7 +40,7 @@ that set no dampening take that default), ``pare_nm_quant`` (interleaved, each g
 its kept weights' quantization error counted), ``pare_clip`` (``clip_search``), and the interleaved and two-stage
 passes with dampening 0.1, ``pare_damp0.03`` / ``pare_damp0.3``, ``pare_score`` (``nm_select="score"``,
 the reference's 2:4 rule) and ``pare_dense_inputs``; the reference's run also writes its output with
-the 2:4 mask of its SparseGPT stage re-applied after its GPTQ stage (``reference_mask24``: what a 2:4
+the 2:4 mask of its SparseGPT stage re-applied after its GPTQ stage (``reference.mask24``: what a 2:4
 storage would keep of it). ``--reference-mse`` adds ``reference_mse``, the reference with its
 ``memoryless_mse`` range observer; ``--pare-extra JSON`` adds config fields to pare's headline run
 (recorded in the output as ``pare_extra``); ``--reference-damp D`` adds the reference recipe with
@@ -52,7 +52,12 @@ time (steadier than wall time on a shared machine). The peer venv::
     python3 -m venv bench/.venv-llmc && bench/.venv-llmc/bin/pip install torch==2.13.0 \
         && bench/.venv-llmc/bin/pip install llmcompressor==0.14.0.1
 
-Usage: ``python bench/quant_vs_reference.py [--settings ...] [--nsamples 32] [--seqlen 256]``
+``--repeats R`` runs every variant R times in rounds (pare, reference, pare's variants, then again), so
+a pair is measured back to back under the same machine load; each variant's figures are then the
+medians of its runs (``runs`` holds them), and each ratio is the median of the rounds' ratios
+(``per_round``). ``variant_ratios`` gives pare's other variants against the reference the same way.
+
+Usage: ``python bench/quant_vs_reference.py [--settings ...] [--nsamples 32] [--seqlen 256] [--repeats 2]``
 """
 
 from __future__ import annotations
@@ -61,6 +66,7 @@ import argparse
 import json
 import os
 import re
+import statistics
 import subprocess
 import sys
 import time
@@ -258,6 +264,66 @@ def ratio(a: dict, b: dict, key: str) -> float | None:
     return a[key] / b[key]
 
 
+def run_variant(kind: str, python: str, extra: dict | None, setting: str, out: Path, calib: Path, ev,
+                a: argparse.Namespace, first: dict | None) -> dict:
+    """One run of one variant, evaluated; a repeat whose weights equal the first run's reuses its scores."""
+    import hashlib
+
+    peer = PEER_VENV / "bin" / "python"
+    if kind.startswith("reference") and not peer.is_file():
+        return {"error": f"no llm-compressor venv at {PEER_VENV}"}
+    if kind == "reference" and a.reuse_reference and out.is_file():
+        res: dict = {"reused": True}
+    else:
+        if kind == "reference":
+            masked_path(out).unlink(missing_ok=True)
+        res = run_worker(python, "peer" if kind.startswith("reference") else "pare", setting, out, calib, a, extra)
+    if "error" in res:
+        return res
+    if kind == "reference" and masked_path(out).is_file():  # sparse24-int4: its 2:4 mask re-applied
+        res["mask24"] = evaluate(masked_path(out), ev, a)
+    res["weights_sha256"] = hashlib.sha256(out.read_bytes()).hexdigest()
+    if first is not None and first.get("weights_sha256") == res["weights_sha256"] and "ppl" in first:
+        res.update({k: first[k] for k in ("sparsity", "max_distinct_per_group", "ppl")})
+        res["scores_from_round_1"] = True  # the same weights: the same figures
+    else:
+        res.update(evaluate(out, ev, a))
+    return res
+
+
+SUMMED = ("prune_seconds", "cpu_seconds", "ppl")
+
+
+def summarise(rounds: list[dict]) -> dict:
+    """Each variant's result: the run itself for one round; else the medians of its runs, and the runs."""
+    if len(rounds) == 1:
+        return rounds[0]
+    out: dict = {}
+    for kind in rounds[0]:
+        runs = [r[kind] for r in rounds]
+        good = [run for run in runs if "error" not in run]
+        if not good:
+            out[kind] = runs[0]
+            continue
+        out[kind] = {**{k: v for k, v in good[0].items() if k not in SUMMED},
+                     **{k: statistics.median(run[k] for run in good) for k in SUMMED},
+                     "statistic": "median", "runs": runs}
+    return out
+
+
+def round_ratios(rounds: list[dict], kind: str) -> dict:
+    """``kind`` against the reference: the median over rounds of each round's ratio (a pair run back to back)."""
+    ref_key = "reference"
+    per_round = [{name: ratio(r[kind], r.get(ref_key, {"error": "skipped"}), key)
+                  for name, key in (("ppl_ratio", "ppl"), ("time_ratio", "prune_seconds"),
+                                    ("cpu_time_ratio", "cpu_seconds"))} for r in rounds]
+    out: dict = {name: (None if any(pr[name] is None for pr in per_round)
+                        else statistics.median(pr[name] for pr in per_round)) for name in per_round[0]}
+    if len(rounds) > 1:
+        out["per_round"] = per_round
+    return out
+
+
 def main(a: argparse.Namespace) -> None:
     import torch
 
@@ -270,7 +336,6 @@ def main(a: argparse.Namespace) -> None:
         tag = f"{setting.replace(':', '_')}-{a.nsamples}x{a.seqlen}"
         if setting in ("gptq-w4a16", "sparse24-int4"):
             tag += f"-g{a.group_size}"
-        res: dict = {}
         variants = [("pare", sys.executable, json.loads(a.pare_extra) if a.pare_extra else None)]
         if setting == "sparsegpt-0.5":
             variants.append(("pare_block", sys.executable, {"mask_group": "block"}))
@@ -304,32 +369,19 @@ def main(a: argparse.Namespace) -> None:
         late = ("pare_nm_quant", "pare_clip", "pare_interleaved_damp0.1", "pare_two_stage_damp0.1")
         # the headline pair first, then pare's main variants and the reference's, then the rest (stable)
         variants.sort(key=lambda v: (v[0] != "pare", v[0] != "reference", v[0] in late))
-        for kind, python, extra in variants:
-            out = work / f"{kind}-{tag}.safetensors"
-            if kind.startswith("reference") and not peer.is_file():
-                res[kind] = {"error": f"no llm-compressor venv at {PEER_VENV}"}
-                continue
-            if kind == "reference" and a.reuse_reference and out.is_file():
-                res[kind] = {"reused": True}
-            else:
-                if kind == "reference":
-                    masked_path(out).unlink(missing_ok=True)
-                worker = "peer" if kind.startswith("reference") else "pare"
-                res[kind] = run_worker(python, worker, setting, out, calib, a, extra)
-            if "error" not in res[kind]:
-                res[kind].update(evaluate(out, ev, a))
-            if kind == "reference" and masked_path(out).is_file() and "error" not in res[kind]:
-                res["reference_mask24"] = evaluate(masked_path(out), ev, a)
-                print("PARTIAL " + json.dumps({"setting": setting, "variant": "reference_mask24",
-                                               **res["reference_mask24"]}), file=sys.stderr, flush=True)
-            print("PARTIAL " + json.dumps({"setting": setting, "variant": kind, **res[kind]}), file=sys.stderr,
-                  flush=True)
-        ref = res.get("reference", {"error": "skipped"})
-        own = res.get("pare", {"error": "skipped"})
-        line = {"setting": setting, "model": a.model, **res,
-                "ratios": {"ppl_ratio": ratio(own, ref, "ppl"),
-                           "time_ratio": ratio(own, ref, "prune_seconds"),
-                           "cpu_time_ratio": ratio(own, ref, "cpu_seconds")},
+        rounds: list[dict] = []
+        for r in range(a.repeats):  # every variant once per round: pare, reference, ..., then again
+            rounds.append({})
+            for kind, python, extra in variants:
+                first = rounds[0].get(kind) if r else None
+                rounds[r][kind] = run_variant(kind, python, extra, setting, work / f"{kind}-{tag}.safetensors",
+                                              calib, ev, a, first)
+                print("PARTIAL " + json.dumps({"setting": setting, "variant": kind, "round": r + 1,
+                                               **rounds[r][kind]}), file=sys.stderr, flush=True)
+        res = summarise(rounds)
+        ratios = {kind: round_ratios(rounds, kind) for kind in res if not kind.startswith("reference")}
+        line = {"setting": setting, "model": a.model, **res, "ratios": ratios.pop("pare", None),
+                "variant_ratios": ratios, "repeats": a.repeats,
                 "dense_ppl": dense, "calibration": {"source": "c4 train", "nsamples": a.nsamples, "seqlen": a.seqlen},
                 "eval": {"text": "wikipedia/articles.utf8", "tokens": int(ev.numel()), "seqlen": a.eval_seqlen},
                 "threads": a.threads, "group_size": a.group_size, "batch_size": a.batch_size,
@@ -353,6 +405,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--group-size", type=int, default=64,
                    help="int4 group (SmolLM2's 576-wide inputs are not a multiple of 128: both tools refuse 128)")
     p.add_argument("--timeout", type=int, default=7200)
+    p.add_argument("--repeats", type=int, default=1,
+                   help="rounds of every variant (pare, reference, pare's variants, then again): figures are "
+                        "medians over the rounds, ratios the median of each round's ratio")
     p.add_argument("--skip-reference", action="store_true", help="run pare only")
     p.add_argument("--skip-dense", action="store_true", help="leave out the dense model's PPL (dense_ppl: null)")
     p.add_argument("--skip-pare", action="store_true",

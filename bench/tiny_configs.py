@@ -82,6 +82,8 @@ SHRINK: dict[str, dict[str, Any]] = {
     "granitemoehybrid": {"layer_types": ["mamba", "attention", "mamba", "attention"]},
     "nemotron_h": {"num_hidden_layers": 8,  # two layers of each kind
                    "layers_block_type": ["linear_attention", "moe", "full_attention", "mlp"] * 2},
+    "nemotron_h_omni": {"text_config.num_hidden_layers": 8,  # its language model is a Nemotron-H: as above
+                        "text_config.layers_block_type": ["linear_attention", "moe", "full_attention", "mlp"] * 2},
     "ctrl": {"dff": 128},
     "xlstm": {"embedding_dim": 64, "num_blocks": LAYERS, "qk_dim_factor": 1.0},  # qk_dim rounds up to 64
     "zamba": {"attn_layer_period": 2, "attn_layer_offset": 1, "mamba_dt_rank": 8,

@@ -25,7 +25,8 @@ EXPECTED: dict[str, dict[str, str]] = {
     "llama4_text": {**OK, "sparsity": "refused", "width": "refused"},  # tokens routed before the experts
     # hybrids and state-space models
     "mamba": NO_WIDTH, "mamba2": NO_WIDTH, "jamba": OK, "bamba": OK, "qwen3_next": OK, "lfm2": OK,
-    "granitemoehybrid": OK, "falcon_h1": NO_WIDTH,
+    "granitemoehybrid": OK,
+    "falcon_h1": OK,  # the attention's o_proj, not the Mamba mixer's out_proj (branch h18w)
     # width tracebacks fixed on branch h18: an attention output gate, an MLP sub-norm, per-layer MLP widths
     "afmoe": OK, "bitnet": OK,
     "zamba2": NO_WIDTH,  # LoRA adapters on the shared MLP: its width is refused
@@ -33,12 +34,18 @@ EXPECTED: dict[str, dict[str, str]] = {
     "gemma3n_text": OK, "gemma4_text": OK, "nemotron_h": OK,
     # tiny configs and depth rules added on branch h18 (issue 18's unbuilt and refused types)
     "apertus": OK,  # a config saved once keeps dtype a string; the shortened config is built with a dtype
-    "gpt_neox_japanese": {**OK, "width": "refused"},  # only the last layer has dense_bias: it is kept
+    "gpt_neox_japanese": OK,  # only the last layer has dense_bias: it is kept; width replayed by pare.load
     "dory": OK,  # input / looped / output segments recounted; the MLP's per-channel scales follow a cut
     "dots3_note_text": OK, "inkling2_text": OK, "zamba": OK,
-    "longcat_flash": {**OK, "width": "refused"},  # override: num_layers; two cache slots per layer
+    "longcat_flash": OK,  # override: num_layers; two cache slots per layer; zero experts' rows cut alike
     "xlstm": NO_WIDTH,  # num_blocks follows num_hidden_layers
-    "hrm_text": {**OK, "depth": "refused", "width": "refused"},  # two stacks looped: not cut in depth
+    "hrm_text": {**OK, "depth": "refused"},  # two stacks looped: not cut in depth
+    # MLP width saved before any refusal at save time (branch h18w): the config states the cut, or keeps its
+    # sizes for pare.load to replay the cut (a field that also sizes what the cut leaves alone)
+    "hunyuan_v1_moe": OK, "inkling_text": OK, "recurrent_gemma": OK,
+    "git": OK,  # override: the BERT-style text stack beside the image encoder
+    "ctrl": OK, "modernbert-decoder": OK,  # overrides name their MLPs (a Sequential; a fused GLU Wi)
+    "dbrx": {m: "refused" for m in OK},  # experts as 2-D w1 / v1 / w2 matrices: the reason names them
 }
 
 

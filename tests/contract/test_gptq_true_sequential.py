@@ -19,7 +19,7 @@ def _linears(model) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in model.named_parameters() if "layers." in n and p.dim() == 2}
 
 
-def _quantized(true_sequential: bool, batch_size: int, ids: torch.Tensor) -> tuple[dict[str, torch.Tensor], int]:
+def _quantized(true_sequential: bool | None, batch_size: int, ids: torch.Tensor) -> tuple[dict[str, torch.Tensor], int]:
     """The decoder weights after GPTQ, and how many times the decoder layers ran."""
     model = tiny_model("llama")
     calls = [0]
@@ -80,6 +80,23 @@ def test_wrong_groups_fall_back_to_recording_the_layer_in_one_pass(monkeypatch) 
         else:  # the two-pass recording over two batches: the same up to the Gram's summation order
             same = sum(int((two_pass[n] == w).sum()) for n, w in fallback.items())
             assert same >= 0.99 * sum(w.numel() for w in fallback.values())
+
+
+def test_unset_is_on_with_one_batch_and_off_with_several() -> None:
+    ids = tiny_batch(4, 32)
+    layers = tiny_model("llama").config.num_hidden_layers
+    for batch_size in (4, 2):
+        auto, calls = _quantized(None, batch_size, ids)
+        chosen, calls_chosen = _quantized(batch_size == 4, batch_size, ids)
+        assert calls == calls_chosen, batch_size
+        assert all(torch.equal(w, chosen[n]) for n, w in auto.items()), batch_size
+    assert pare.QuantizeConfig(**CFG).true_sequential is None
+    assert _quantized(None, 4, ids)[1] == layers  # one forward per layer: the solve in call order
+
+
+def test_unset_follows_dense_inputs_without_error() -> None:
+    dense = pare.RuntimeConfig(progress=False, device="cpu", sequential=False)
+    pare.prune(tiny_model("llama"), pare.QuantizeConfig(**CFG), tiny_batch(4, 32), runtime=dense, batch_size=4)
 
 
 def test_true_sequential_config_errors() -> None:

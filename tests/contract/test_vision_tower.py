@@ -1,12 +1,14 @@
-"""Vision-tower pruning (``component="vision"``): weight sparsity, MLP width and depth of the vision encoder
-layers of SigLIP / CLIP towers (LLaVA with either, Gemma 3, Idefics3, SmolVLM) and Qwen-VL towers; the text decoder
-stays bit-identical, the saved model reloads with ``AutoModelForImageTextToText`` and answers an image +
-text prompt; cuts that would break a patch embedding, a position table, a head layout or a layer index
-read from outside the tower are refused before any work. Tiny random models from
+"""Vision-tower pruning (``component="vision"``): weight sparsity, MLP width, attention heads and depth of the
+vision encoder layers of SigLIP / CLIP towers (LLaVA with either, Gemma 3, Idefics3, SmolVLM) and Qwen-VL towers;
+the text decoder stays bit-identical, the saved model reloads with ``AutoModelForImageTextToText`` (with
+``pare.load`` after a head cut, which the config cannot state) and answers an image + text prompt; cuts that
+would break a patch embedding, a position table, a head layout or a layer index read from outside the tower
+are refused before any work. Tiny random models from
 ``bench/tiny_configs.py``."""
 
 from __future__ import annotations
 
+import copy
 import sys
 from pathlib import Path
 from typing import Any
@@ -130,6 +132,82 @@ def test_vision_cut_keeps_the_decoder_and_reloads_with_the_auto_class(family: st
     assert torch.equal(pare.load(tmp_path / "out")(**inputs).logits, want)
 
 
+def _attention(model: Any) -> list[tuple[Any, Any]]:
+    """Per vision layer: (the attention module, its output projection)."""
+    arch = describe(model, VISION)
+    out = []
+    for r, layer in zip(arch.layers, arch.layer_modules(model), strict=True):
+        out.append((layer.get_submodule(r.attention.path), layer.get_submodule(r.attention.o.path)))
+    return out
+
+
+def _kept_heads(dense_o: torch.Tensor, cut_o: torch.Tensor, head_dim: int) -> list[int]:
+    """Which dense heads the cut output projection's column blocks are (matched by their weights)."""
+    dense = dense_o.reshape(dense_o.shape[0], -1, head_dim).transpose(0, 1)
+    cut = cut_o.reshape(cut_o.shape[0], -1, head_dim).transpose(0, 1)
+    return [next(h for h in range(len(dense)) if torch.equal(dense[h], c)) for c in cut]
+
+
+@pytest.mark.parametrize("family", VISION_FAMILIES)
+def test_vision_head_cut_is_masking_the_heads_and_reloads_with_pare_load(family: str, tmp_path: Path) -> None:
+    """Half the heads of every vision layer go: the pruned model answers as the dense one with those heads'
+    output columns zeroed; the config keeps the dense head count, so only ``pare.load`` rebuilds it (plain
+    ``from_pretrained`` refuses the shapes), with the same logits and a bit-identical text decoder."""
+    model = _model(family)
+    inputs = _inputs(model, family)
+    masked = copy.deepcopy(model)
+    dense_o = [o.weight.detach().clone() for _, o in _attention(model)]
+    text = _text_part(model)
+    vc, heads_field = model.config.vision_config, describe(model, VISION).fields.heads
+    stated = getattr(vc, heads_field)
+    report = pare.prune(model, pare.WidthConfig(pruning_ratio=0.5, hidden=False, mlp=False, importance="activation"),
+                        None, runtime=RUNTIME, batch_size=2, component="vision")
+    assert not report.uniform and [e.op for e in report.edits] == ["heads"] * len(dense_o)
+    arch = describe(model, VISION)
+    assert [r.attention.num_heads for r in arch.layers] == [stated // 2] * arch.num_layers
+    assert getattr(vc, heads_field) == stated  # the config keeps the dense count
+    d = arch.layers[0].attention.head_dim
+    for (attn, o), (_, o_masked), before in zip(_attention(model), _attention(masked), dense_o, strict=True):
+        assert attn.num_heads == stated // 2 and attn.head_dim == d
+        gone = sorted(set(range(stated)) - set(_kept_heads(before, o.weight.detach(), d)))
+        assert len(gone) == stated // 2
+        with torch.no_grad():
+            o_masked.weight[:, torch.cat([torch.arange(h * d, (h + 1) * d) for h in gone])] = 0
+    after = model.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in text.items())
+    with torch.no_grad():
+        want = model(**inputs).logits
+        torch.testing.assert_close(want, masked(**inputs).logits, rtol=1e-5, atol=1e-5)
+    pare.save(model, None, tmp_path / "out", report)
+    with pytest.raises(RuntimeError, match="ignore_mismatched_sizes"):
+        AutoModelForImageTextToText.from_pretrained(tmp_path / "out")
+    reloaded = pare.load(tmp_path / "out")
+    with torch.no_grad():
+        assert torch.equal(reloaded(**inputs).logits, want)
+        answer = reloaded.generate(**inputs, max_new_tokens=3, do_sample=False)
+    assert answer.shape[1] == inputs["input_ids"].shape[1] + 3
+    state = reloaded.state_dict()
+    assert all(torch.equal(state[k], v) for k, v in text.items())
+
+
+def test_vision_heads_and_mlp_cut_together_reload_with_pare_load(tmp_path: Path) -> None:
+    model = _model("llava")
+    inputs = _inputs(model, "llava")
+    report = pare.prune(model, pare.WidthConfig(pruning_ratio=0.5, hidden=False, importance="flap"), None,
+                        runtime=RUNTIME, batch_size=2, component="vision")
+    vc = model.config.vision_config
+    assert (vc.intermediate_size, vc.num_attention_heads) == (64, 4)  # the width is stated, the heads are not
+    assert sorted({e.op for e in report.edits}) == ["heads", "mlp_channels"] and not report.uniform
+    with torch.no_grad():
+        want = model(**inputs).logits
+    pare.save(model, None, tmp_path / "out", report)
+    reloaded = pare.load(tmp_path / "out")
+    layer = reloaded.model.vision_tower.encoder.layers[0]
+    assert layer.self_attn.q_proj.weight.shape == (32, 64) and layer.mlp.fc1.weight.shape == (64, 64)
+    with torch.no_grad():
+        assert torch.equal(reloaded(**inputs).logits, want)
+
+
 def test_calibration_images_are_used_and_recorded() -> None:
     reports, masks = [], []
     for seed in (0, 1):
@@ -236,12 +314,12 @@ def test_mllama_vision_tower_is_refused_with_its_two_stacks() -> None:
 
 @pytest.mark.parametrize(("options", "match"), [
     ({"heads": False}, r"hidden size 64: the output channels of the patch embedding convolution.*--no-hidden"),
-    ({"hidden": False}, r"head_dim = hidden size / num_heads.*--no-heads"),
+    ({"hidden": False, "pruning_ratio": 0.3}, r"fraction 0.3 of the attention heads cannot be realised with 4 query"),
     ({"hidden": False, "heads": False, "importance": "taylor"}, r"taylor needs the language-modelling loss"),
     ({"hidden": False, "heads": False, "allocation": "global"}, r"allocation=global.*cannot state"),
 ])
 def test_width_cuts_that_break_the_tower_are_refused(options: dict[str, Any], match: str) -> None:
-    _refused(_model("llava"), pare.WidthConfig(pruning_ratio=0.5, **options), match)
+    _refused(_model("llava"), pare.WidthConfig(**{"pruning_ratio": 0.5, **options}), match)
 
 
 def test_width_shared_with_a_pooling_head_is_refused() -> None:

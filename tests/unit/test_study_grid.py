@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -13,6 +15,7 @@ from pare.reporting.plots import PALETTE
 from pare.study.grid import build_grid, parse_orders, parse_prune, parse_quant
 from pare.study.pareto import best_within, pareto_front
 from pare.study.report import distinct_colours, matrix_budget_bytes
+from pare.study.run import normalised
 from pare.study.storage import cheapest_layout, holds_nm
 
 
@@ -193,3 +196,13 @@ def test_quant_spec_options() -> None:
                    "sparsegpt-2-4__int4-g64__joint"]  # the joint pass shares the spec's scheme only
     assert points[0].stages[0]["act_order"] is True
     assert points[2].stages[0]["act_order"] is True and points[2].stages[2]["act_order"] is False
+
+
+def test_a_point_stored_before_an_option_existed_is_still_done() -> None:
+    point = build_grid("none", "gptq-int4-g64", "prune-first")[0].to_dict()
+    older = json.loads(json.dumps(point))
+    del older["stages"][0]["true_sequential"]  # written by a pare without the option
+    assert normalised(older) == normalised(point)
+    other = json.loads(json.dumps(point))
+    other["stages"][0]["damp"] = 0.1
+    assert normalised(other) != normalised(point)

@@ -180,7 +180,23 @@ def _match_roles(modules: dict[str, nn.Module], override: ArchOverride | None) -
                 continue
             roles[role] = rel
             break
+    if "o" not in forced:
+        _output_beside_queries(projections, roles)
     return roles
+
+
+def _output_beside_queries(projections: dict[str, nn.Module], roles: dict[str, str]) -> None:
+    """Take for ``o`` the output projection in the block holding the queries when the first one found
+    sits elsewhere (Falcon-H1's layer holds a Mamba mixer, whose ``out_proj`` comes first, beside its
+    attention's ``o_proj``)."""
+    query = roles.get("q") or roles.get("qkv")
+    if query is None or "o" not in roles or _parent(roles["o"]) == _parent(query):
+        return
+    claimed = set(roles.values())
+    found = next((rel for rel in projections if rel not in claimed and _parent(rel) == _parent(query)
+                  and rel.rsplit(".", 1)[-1] in ROLE_NAMES["o"]), None)
+    if found is not None:
+        roles["o"] = found
 
 
 def _experts(layer: nn.Module, modules: dict[str, nn.Module], config: Any) -> ExpertsRoles | None:
@@ -203,8 +219,9 @@ def _experts(layer: nn.Module, modules: dict[str, nn.Module], config: Any) -> Ex
             two_i = last  # gpt-oss stores gate_up as [E, H, 2I] and down as [E, I, H]
         num_experts = min(num_experts, down_shape[0])  # LongCat's gate_up also holds unused rows of its zero experts
         shared = None
-        name = next((n for n in ("shared_expert", "shared_experts") if f"{prefix}{n}.down_proj" in modules), None)
-        if name is not None:  # Qwen2-MoE's shared_expert, DeepSeek's shared_experts (n_shared_experts wide)
+        name = next((n for n in ("shared_expert", "shared_experts", "shared_mlp")
+                     if f"{prefix}{n}.down_proj" in modules), None)
+        if name is not None:  # Qwen2-MoE's shared_expert, DeepSeek's shared_experts, HunYuan-MoE's shared_mlp
             shared = MLPRoles(
                 path=f"{prefix}{name}",
                 gate=Proj(f"{prefix}{name}.gate_proj"),
@@ -472,6 +489,8 @@ def _config_fields(config: Any, override: ArchOverride | None, layers: list[Laye
         fields = dataclasses.replace(fields, kv_heads=None)
     if fields.head_dim and getattr(config, fields.head_dim, None) is None:
         fields = dataclasses.replace(fields, head_dim=None)
+    if fields.intermediate and not hasattr(config, fields.intermediate):
+        fields = dataclasses.replace(fields, intermediate=None)  # GPT-NeoX-Japanese: hidden * a multiple
     lists = tuple(
         k for k, v in sorted(vars(config).items())
         if isinstance(v, (list, tuple)) and len(v) == num_layers and k not in ("architectures",)
@@ -506,6 +525,25 @@ def _moe_fields(config: Any, fields: ConfigFields, layers: list[LayerRoles]) -> 
             and any(e.shared is not None for e in experts)):
         changes["shared_count"] = "n_shared_experts"
     return dataclasses.replace(fields, **changes) if changes else fields
+
+
+def _inner_output_embeddings(model: nn.Module) -> nn.Module | None:
+    """The output embeddings of a causal LM held whole inside ``model`` (Nemotron-H Omni keeps its
+    ``language_model`` with its own ``lm_head`` and does not say so), or None."""
+    for child in model.children():
+        get = getattr(child, "get_output_embeddings", None)
+        head = get() if callable(get) and child is not model else None
+        if isinstance(head, nn.Module):
+            return head
+    return None
+
+
+def _unread_experts(layer: nn.Module) -> str | None:
+    """The raw matrices of an experts block no role reads (DBRX's ``w1`` / ``v1`` / ``w2``, each
+    ``[experts * width, hidden]``), as ``path [shape]`` text; None when the layer has none."""
+    found = [f"{name} {list(p.shape)}" for name, p in layer.named_parameters()
+             if "expert" in name and p.dim() == 2 and not _is_projection(layer.get_submodule(_parent(name)))]
+    return ", ".join(found) if found else None
 
 
 def describe(model: nn.Module, override: ArchOverride | None = None) -> ModelArch:
@@ -543,7 +581,7 @@ def describe(model: nn.Module, override: ArchOverride | None = None) -> ModelArc
     get_in: Any = model.get_input_embeddings
     get_out: Any = model.get_output_embeddings
     embed = get_in()
-    head = get_out()
+    head = get_out() or _inner_output_embeddings(model)
     named = dict(model.named_modules())
     names = {id(m): n for n, m in named.items()}
     embed_path = _module_name(names, embed)
@@ -552,6 +590,13 @@ def describe(model: nn.Module, override: ArchOverride | None = None) -> ModelArc
         missing.append("input embeddings")
     if lm_head_path is None:
         missing.append("lm_head (output embeddings)")
+    unread = _unread_experts(layer_list[0]) if any("MLP" in m for m in missing) else None
+    if unread is not None:
+        raise UnsupportedArchitectureError(
+            f"pare cannot describe {type(model).__name__} (model_type={model_type!r}): its experts are stored as "
+            f"{unread}, not the fused 3-D parameters pare reads ([experts, 2 x width, hidden] gate_up and "
+            "[experts, hidden, width] down, Mixtral's layout in transformers 5), and an override cannot rename "
+            "them, so weight sparsity, depth and width are refused for this family")
     if missing:
         found = sorted(n for n, m in layer_list[0].named_modules() if n and _is_projection(m))
         raise UnsupportedArchitectureError(

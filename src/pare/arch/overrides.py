@@ -93,6 +93,20 @@ BUILTIN_OVERRIDES: dict[str, ArchOverride] = {
     ),
     # LongCat-Flash: each layer holds two attention/MLP pairs; num_hidden_layers is derived as 2 * num_layers.
     "longcat_flash": ArchOverride(fields=ConfigFields(layers="num_layers")),
+    # CTRL: the MLP is an nn.Sequential (Linear, ReLU, Linear) sized by dff.
+    "ctrl": ArchOverride(
+        names={"q": "multi_head_attention.Wq", "k": "multi_head_attention.Wk", "v": "multi_head_attention.Wv",
+               "o": "multi_head_attention.dense", "up": "ffn.0", "down": "ffn.2"},
+        fields=ConfigFields(intermediate="dff"),
+    ),
+    # ModernBERT decoder: Wi holds the [input; gate] halves of its GLU, Wo writes the stream.
+    "modernbert-decoder": ArchOverride(names={"o": "attn.Wo", "gate_up": "mlp.Wi", "down": "mlp.Wo"}),
+    # GIT: a BERT-style stack (post-norm layers, no _no_split_modules) beside its image encoder's layers.
+    "git": ArchOverride(
+        layers_path="git.encoder.layer",
+        names={"q": "attention.self.query", "k": "attention.self.key", "v": "attention.self.value",
+               "o": "attention.output.dense", "up": "intermediate.dense", "down": "output.dense"},
+    ),
     "qwen3_moe": ArchOverride(
         fields=ConfigFields(moe_intermediate="moe_intermediate_size", num_experts="num_experts")
     ),

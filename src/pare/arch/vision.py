@@ -2,11 +2,16 @@
 
 The tower's encoder layers (SigLIP / CLIP / Idefics3 ``encoder.layers``, Qwen-VL ``visual.blocks``) become
 the :class:`~pare.arch.roles.ModelArch`'s layers, with the sizes of ``config.vision_config``, so weight
-sparsity, MLP-width and depth methods walk them as they walk decoder layers. What surrounds the layers
+sparsity, MLP-width, head and depth methods walk them as they walk decoder layers. What surrounds the layers
 is recorded in :class:`~pare.arch.roles.VisionRoles`: the inputs the tower takes (for calibration), the
 patch embedding and position table the hidden size is tied to, and the config fields that index the
 layers from outside (LLaVA's ``vision_feature_layer``, Qwen2.5-VL's ``fullatt_block_indexes``,
 Qwen3-VL's ``deepstack_visual_indexes``), which a depth cut remaps (:mod:`pare.arch.surgery.vision`).
+
+Attention heads are cut (the same number in every layer), but not written in the config: these towers
+build ``head_dim = hidden_size // num_heads`` from it, so fewer heads of the same ``head_dim`` cannot be
+stated there. The config keeps the dense head count, the manifest records the cut, and ``pare.load``
+replays it (``from_pretrained`` refuses the shapes; see :func:`pare.arch.surgery.vision.heads_differ`).
 
 Not cut, and refused with the reason before any work:
 
@@ -14,9 +19,6 @@ Not cut, and refused with the reason before any work:
   position table's width, every layer's norms, the attention width (these towers rebuild
   ``head_dim = hidden_size // num_heads``) and the projector's input (which Idefics3 and Qwen-VL read
   through a pixel shuffle / patch merge that interleaves channels);
-* attention heads: these towers build ``head_dim = hidden_size // num_heads`` from the config, so a
-  model with fewer heads of the same ``head_dim`` cannot be written in the config and would not reload
-  with ``AutoModelForImageTextToText``;
 * a tower with more than one encoder stack (Mllama: a local and a gated global transformer, read by
   ``intermediate_layers_indices`` into a projector sized by their count).
 """
@@ -41,10 +43,6 @@ VISION_NAMES = {"qkv": "attn.qkv", "o": "attn.proj", "up": "mlp.linear_fc1", "do
 INDEX_FIELDS = ("vision_feature_layer", "fullatt_block_indexes", "deepstack_visual_indexes",
                 "intermediate_layers_indices", "vision_feature_layers")
 """Config fields holding layer indexes of the vision tower (top-level or in ``vision_config``)."""
-
-HEADS_NOT_CUT = ("attention heads: the tower builds head_dim = hidden size / num_heads from its config, so fewer "
-                 "heads of the same head_dim cannot be written in the config (the model would not reload with "
-                 "its Auto class)")
 
 
 def vision_tower_path(model: nn.Module) -> str | None:
@@ -119,7 +117,7 @@ def _vision_roles(model: nn.Module, tower_path: str, vc: Any) -> VisionRoles:
     not_cut = [f"hidden size {hidden}: the output channels of the patch embedding convolution ({patch})"
                + (f", the width of the position-embedding table ({table})" if table else "")
                + ", every layer's norms, the attention width (head_dim = hidden size / num_heads is rebuilt from "
-               "it) and the projector's input, which pare does not cut", HEADS_NOT_CUT]
+               "it) and the projector's input, which pare does not cut"]
     return VisionRoles(
         tower=tower_path, config_attr="vision_config", inputs="patches" if patches else "images",
         channels=int(getattr(vc, "num_channels", None) or getattr(vc, "in_channels", None) or 3),
@@ -175,7 +173,9 @@ def vision_summary(model: nn.Module, arch: ModelArch) -> dict[str, Any]:
         "attention": [p.path for p in (*att.inputs, att.o)], "heads": att.num_heads, "head_dim": att.head_dim,
         "mlp": [p.path for p in (*mlp.inputs, mlp.down)], "mlp_width": arch.mlp_width(model, 0),
         "cuttable": ["weight sparsity of every linear above (wanda, magnitude)",
-                     "MLP width (width --no-hidden --no-heads)", "depth: whole layers (shortgpt, angular, layers)"],
+                     "MLP width (width --no-hidden --no-heads)",
+                     "attention heads, the same number per layer (width --no-hidden --no-mlp; reload with pare.load)",
+                     "depth: whole layers (shortgpt, angular, layers)"],
         "not_cut": list(arch.vision.not_cut),
         "remapped_by_depth": list(arch.vision.index_fields),
         "calibration": f"{arch.vision.inputs}: pixel_values [N, {arch.vision.channels}, H, W]"

@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 from safetensors.torch import load_file
+from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
 from pare.errors import ConfigError, CorruptFileError, ModelNotFoundError, NotCausalLMError, PareError
@@ -206,6 +207,18 @@ def _from_pretrained(path: Path, dtype: torch.dtype | None, pare_saved: bool,
     )
 
 
+def tied_head_keys(model: nn.Module) -> set[str]:
+    """The state-dict keys of the output embeddings when the config ties them to the input ones (a
+    saved model leaves them out): ``lm_head.weight``, GPT-NeoX-Japanese's ``embed_out.weight``..."""
+    config: Any = getattr(model, "config", None)
+    if not getattr(config, "tie_word_embeddings", False):
+        return set()
+    get: Any = getattr(model, "get_output_embeddings", None)
+    head = get() if callable(get) else None
+    names = {f"{n}.weight" for n, m in model.named_modules() if head is not None and m is head}
+    return names | {k for k in model.state_dict() if "lm_head" in k}
+
+
 def load(path: str | Path, device: str | torch.device | None = None,
          dtype: torch.dtype | None = None, device_map: str | None = None) -> PreTrainedModel:
     """Load a pruned model, rebuilding non-uniform shapes from the manifest when needed.
@@ -252,7 +265,7 @@ def load(path: str | Path, device: str | torch.device | None = None,
         replay(model, edits, manifest_override(manifest))
         state = _state_dict(files)
         missing, unexpected = model.load_state_dict(state, strict=False)
-        tied = {k for k in missing if "lm_head" in k and getattr(config, "tie_word_embeddings", False)}
+        tied = set(missing) & tied_head_keys(model)
         if unexpected or set(missing) - tied:
             raise PareError(
                 f"{str(p)!r}: weights do not fit the rebuilt model (missing {sorted(set(missing) - tied)[:5]}, "

@@ -129,12 +129,14 @@ def _shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:
 def state_differences(model: nn.Module, rebuilt: nn.Module) -> list[str]:
     """What ``rebuilt`` lacks, adds or shapes differently from ``model`` (empty when they match).
 
-    A tied ``lm_head`` missing from ``model`` is fine, as in ``pare.load``.
+    A tied output embedding (``lm_head``) missing from ``model`` is fine, as in ``pare.load``.
     """
+    from pare.io.load import tied_head_keys
+
     have, want = _shapes(model), _shapes(rebuilt)
-    tied = bool(getattr(getattr(model, "config", None), "tie_word_embeddings", False))
+    tied = tied_head_keys(rebuilt)
     lost = sorted(k for k in set(have) - set(want))
-    extra = sorted(k for k in set(want) - set(have) if not (tied and "lm_head" in k))
+    extra = sorted(k for k in set(want) - set(have) if k not in tied)
     shaped = sorted(k for k in set(have) & set(want) if have[k] != want[k])
     out = []
     if lost:
@@ -154,6 +156,16 @@ def config_describes(model: nn.Module) -> bool:
         return not state_differences(model, skeleton(model))
     except Exception:  # a config transformers cannot rebuild: nothing to compare with
         log.debug("the config of %s cannot be rebuilt on the meta device", type(model).__name__, exc_info=True)
+        return False
+
+
+def edits_rebuild(model: nn.Module, edits: Sequence[Edit | dict[str, Any]], override: Any = None) -> bool:
+    """Whether ``model.config`` with ``edits`` replayed (described with ``override``) rebuilds exactly
+    ``model``'s parameter names and shapes."""
+    try:
+        return not state_differences(model, skeleton(model, edits, override))
+    except Exception:  # edits that cannot be replayed on this config do not rebuild the model
+        log.debug("the edits do not replay on the config of %s", type(model).__name__, exc_info=True)
         return False
 
 

@@ -22,6 +22,7 @@ The math itself lives in :mod:`pare.ops`.
 
 from __future__ import annotations
 
+import copy
 import logging
 import re
 from abc import ABC, abstractmethod
@@ -257,22 +258,41 @@ class StructuralPruner(Pruner):
     changes_shapes: ClassVar[bool] = True
 
     def start(self, ctx: PruneContext) -> None:
+        from pare.arch.surgery.width import size_fields
         from pare.io.save import config_describes
 
         # whether the config alone describes the model now (not after an earlier non-uniform prune)
         self._described_before = config_describes(ctx.model)
+        cfg = ctx.arch.config_of(ctx.model.config)
+        self._sizes_before = {n: copy.deepcopy(getattr(cfg, n)) for n in size_fields(ctx.arch) if hasattr(cfg, n)}
 
     def finish(self, ctx: PruneContext) -> None:
-        from pare.io.save import config_describes
-
         report = ctx.report
-        if report.edits and report.uniform and self._described_before and not config_describes(ctx.model):
-            report.uniform = False  # a shape the config has no field for (Bloom's MLP width): pare.load replays
+        if report.edits and self._described_before:
+            self._settle_config(ctx)
         if report.figures["params_after"] == report.figures["params_before"]:
             unchanged = (f"{report.method} removed nothing with these options (a ratio of 0, or widths that round "
                          "back to the full size): the model is unchanged")
             log.warning(unchanged)
             report.notes.append(unchanged)
+
+    def _settle_config(self, ctx: PruneContext) -> None:
+        """Say whether the config alone rebuilds the cut model (``report.uniform``: plain
+        ``from_pretrained``), whatever the stage guessed; when it does not and a size field the stage
+        rewrote also sizes something the cut left alone (Idefics2's connector, HRM's second stack,
+        RecurrentGemma's MLP built from half the field), put the fields back as they were before the
+        stage, so ``pare.load`` rebuilds the model as it was and replays the cut."""
+        from pare.io.save import config_describes, edits_rebuild
+
+        report = ctx.report
+        report.uniform = config_describes(ctx.model)
+        if report.uniform or edits_rebuild(ctx.model, report.edits, ctx.arch_override):
+            return
+        cfg = ctx.arch.config_of(ctx.model.config)
+        for name, value in self._sizes_before.items():
+            setattr(cfg, name, value)
+        log.debug("%s: the config cannot state the cut; its sizes are kept and pare.load replays the edits",
+                  report.method)
 
 
 @dataclass(frozen=True)

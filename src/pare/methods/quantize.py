@@ -67,7 +67,9 @@ class QuantizeConfig(PruneConfig):
         true_sequential: GPTQ with sequential calibration: a layer's matrices are solved in the order
             its forward reads them (q/k/v, o, gate/up, down), each from inputs computed with the
             earlier ones already quantized (:mod:`pare.calibration.inline`); with one calibration
-            batch (``batch_size >= nsamples``) that is one forward per layer instead of two.
+            batch (``batch_size >= nsamples``) that is one forward per layer instead of two. None (the
+            default): on exactly then (one batch, sequential calibration), where it needs fewer forwards
+            than the two-pass solve; off with several batches, where it would need a pass per group.
     """
 
     method: ClassVar[str] = "quantize"
@@ -86,8 +88,9 @@ class QuantizeConfig(PruneConfig):
     keep_zeros: bool = help_field(False, "weights already zero (pruned) stay zero, so a pruned model stays sparse")
     clip_search: bool = help_field(False, "GPTQ, integer schemes: shrink each group's range to the least rounding "
                                    "error")
-    true_sequential: bool = help_field(False, "GPTQ: solve a layer's matrices in call order, each on inputs "
-                                       "from the already-quantized ones (one forward per layer with one batch)")
+    true_sequential: bool | None = help_field(None, "GPTQ: solve a layer's matrices in call order, each on inputs "
+                                              "from the already-quantized ones (one forward per layer with one "
+                                              "batch); default: on when one batch holds every window")
 
     def __post_init__(self) -> None:
         super().__post_init__()  # every field's type
@@ -273,7 +276,7 @@ class QuantizePruner(QuantAccounting, Pruner):
                 for t in targets:
                     self.quantize_target(t, None)
                 return
-            if self.config.true_sequential and self._true_sequential(step, targets):
+            if self._wants_true_sequential(ctx, step) and self._true_sequential(step, targets):
                 return
             keep = not ctx.runtime.sequential and step.index < ctx.arch.num_layers - 1
             stats, outputs = step.record(targets, lambda _t: InputStats(want_gram=True), replace_inputs=keep)
@@ -285,6 +288,13 @@ class QuantizePruner(QuantAccounting, Pruner):
                     del stats[t.name]
         finally:
             self._factor_of = None
+
+    def _wants_true_sequential(self, ctx: PruneContext, step: LayerStep) -> bool:
+        """The option as given; unset: on when one batch holds every window (one forward per layer instead
+        of the two-pass solve's two), with sequential calibration (each layer on the quantized ones' outputs)."""
+        if self.config.true_sequential is not None:
+            return self.config.true_sequential
+        return ctx.runtime.sequential and len(step.inputs) == 1
 
     def _true_sequential(self, step: LayerStep, targets: list[Target]) -> bool:
         """Solve ``targets`` in call order (:class:`InlineSolver`); False, with the weights put back,

@@ -39,6 +39,7 @@ from pare.arch.surgery.width import (
     cut_mlp_to,
     enable_bias,
     expert_alignment,
+    hidden_cut_problem,
     pin_derived_widths,
     prune_heads,
     prune_hidden,
@@ -502,14 +503,14 @@ def _check_mla(model: nn.Module, arch: ModelArch, cfg: WidthConfig) -> None:
 
 
 def _check_vision(model: nn.Module, arch: ModelArch, cfg: WidthConfig) -> None:
-    """A vision tower's width cut: its MLP channels only, scored without the language-modelling loss, one
-    width for every layer (what its config states, so the model reloads with its Auto class)."""
+    """A vision tower's width cut: its MLP channels and attention heads, scored without the language-modelling
+    loss, one MLP width and one head count for every layer. The MLP width is written in the vision config (the
+    model reloads with its Auto class); a head count cannot be (see :mod:`pare.arch.vision`), so a head cut
+    reloads with ``pare.load``."""
     assert arch.vision is not None
-    hidden_why, heads_why = arch.vision.not_cut[:2]
-    for asked, why, flag in ((cfg.hidden, hidden_why, "hidden=False (--no-hidden)"),
-                             (cfg.heads, heads_why, "heads=False (--no-heads)")):
-        if asked and cfg.pruning_ratio > 0:
-            raise ConfigError(f"component='vision': the vision tower's {why}; set {flag} and cut its MLP width")
+    if cfg.hidden and cfg.pruning_ratio > 0:
+        raise ConfigError(f"component='vision': the vision tower's {arch.vision.not_cut[0]}; set hidden=False "
+                          "(--no-hidden) and cut its MLP width or attention heads")
     if cfg.importance == "taylor":
         raise ConfigError("component='vision': importance=taylor needs the language-modelling loss of text "
                           "windows, which the vision tower's calibration images do not give; use magnitude, "
@@ -565,9 +566,15 @@ class WidthPruner(StructuralPruner):
         first = next((r.attention for r in arch.layers if r.attention is not None), None)
         if first is None and cfg.pruning_ratio > 0 and any(r.mla for r in arch.layers):
             _check_mla(model, arch, cfg)
-        if cfg.heads and first is not None and cfg.pruning_ratio > 0:
+        if cfg.heads and first is not None and cfg.pruning_ratio > 0 and arch.vision is not None:
+            resolve_heads(first, cfg.pruning_ratio, cfg.head_mode)  # the config never holds the count: realisable?
+        elif cfg.heads and first is not None and cfg.pruning_ratio > 0:
             hidden = kept_hidden(model, arch, cfg) if cfg.hidden else None
             check_savable_heads(model, arch, cfg.pruning_ratio, cfg.head_mode, "pruning_ratio", hidden)
+        why = hidden_cut_problem(model, arch) if cfg.hidden and cfg.pruning_ratio > 0 else None
+        if why is not None:
+            raise ConfigError(f"the hidden size of this {arch.model_type} model cannot be cut: {why}; use "
+                              "hidden=False (--no-hidden) to cut heads and MLP channels only")
         if (cfg.hidden and cfg.pruning_ratio > 0 and first is not None
                 and arch.model_type not in ATTN_WIDTH_IS_HIDDEN and attention_follows_hidden(model, arch)):
             raise ConfigError(f"{arch.model_type} derives head_dim from the hidden size, so the hidden size cannot "

@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from pare.config import CalibrationConfig
+from pare.config import CalibrationConfig, stage_class
 from pare.errors import ConfigError, PareError
 from pare.study.grid import Point
 from pare.study.point import StudySettings, run_point
@@ -48,6 +48,16 @@ def write_json_atomic(path: Path, data: Any) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def normalised(point: dict[str, Any]) -> dict[str, Any]:
+    """A point's dict (as JSON) with each stage read back through its config class: an option pare gained
+    after the point ran counts at its default, so the stored result of the same stages is still done."""
+    try:
+        stages = [stage_class(s["method"]).config_class.from_dict(s).to_dict() for s in point.get("stages", [])]
+    except (PareError, KeyError, TypeError):
+        stages = point.get("stages", [])  # unreadable: compared as stored (so it runs again)
+    return json.loads(json.dumps({**point, "stages": stages}))
 
 
 def _needs_calibration(points: list[Point]) -> bool:
@@ -134,7 +144,7 @@ class Study:
             stored = json.loads(path.read_text())["point"]
         except (ValueError, KeyError, TypeError):
             return False  # unreadable: run it again
-        return bool(stored == json.loads(json.dumps(point.to_dict())))
+        return bool(normalised(stored) == normalised(point.to_dict()))
 
     def pending(self) -> list[Point]:
         return [p for p in self.points if not self.done(p)]

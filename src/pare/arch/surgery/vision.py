@@ -21,6 +21,9 @@
   read in ``forward``) is rewritten with the config.
 * Width: :func:`sync_vision_config` writes a uniform MLP width into the vision config
   (``intermediate_size``, or Qwen2-VL's integer ``mlp_ratio`` when the width is a multiple of ``embed_dim``).
+  A head cut is not written there (:func:`heads_differ`): :func:`~pare.arch.surgery.width.prune_heads` slices
+  the q/k/v rows and output columns of the removed heads and sets the attention module's ``num_heads``
+  (``head_dim`` and the scale do not change), and ``pare.load`` replays the recorded ``heads`` edits.
 """
 
 from __future__ import annotations
@@ -125,9 +128,26 @@ def ratio_problem(width: int, hidden: int) -> str | None:
             f"(embed_dim {hidden}) cannot be written; widths that can: multiples of {hidden}")
 
 
+def heads_differ(model: nn.Module, arch: ModelArch) -> bool:
+    """Whether a layer of the tower has fewer attention heads than its config states.
+
+    The config keeps the dense count: these towers build ``head_dim = hidden_size // num_heads`` from it,
+    so writing the kept count would rebuild every projection with another ``head_dim`` (``from_pretrained``
+    then fails on the shapes). The head cut lives in the manifest's edits, which ``pare.load`` replays.
+    """
+    stated = int(getattr(arch.config_of(model.config), arch.fields.heads))
+    return any(r.attention is not None and r.attention.num_heads != stated for r in arch.layers)
+
+
 def sync_vision_config(model: nn.Module, arch: ModelArch) -> bool:
     """Write the tower's MLP width into its config when every layer has the same; True when the config
-    alone describes the tower (heads and hidden size are never cut, so only the width can differ)."""
+    alone describes the tower (the hidden size is never cut; a head cut never is in the config, see
+    :func:`heads_differ`)."""
+    return _write_width(model, arch) and not heads_differ(model, arch)
+
+
+def _write_width(model: nn.Module, arch: ModelArch) -> bool:
+    """Write the tower's MLP width into its config when every layer has the same (True), else False."""
     cfg = arch.config_of(model.config)
     widths = {arch.mlp_width(model, r.index) for r in arch.layers if r.mlp is not None}
     name = arch.fields.intermediate

@@ -208,11 +208,13 @@ def _prune_experts(layer: Any, roles: LayerRoles, keep: torch.Tensor) -> None:
     width = two_i // 2
     check_expert_width(int(keep.shape[-1]), gu.dtype)
     if keep.dim() == 1:
-        keep = keep.unsqueeze(0).expand(n_exp, -1)
+        keep = keep.unsqueeze(0).expand(dn.shape[0], -1)
     keep = keep.to(gu.device)
+    _set_param(experts, ex.down_param, torch.gather(dn, 2, keep.unsqueeze(1).expand(-1, dn.shape[1], -1)))
+    if n_exp > keep.shape[0]:  # LongCat's gate_up also holds rows of its zero experts, never read: cut alike
+        keep = torch.cat([keep, keep[:1].expand(n_exp - keep.shape[0], -1)])
     rows = torch.cat([keep, keep + width], dim=1)
     _set_param(experts, ex.gate_up_param, torch.gather(gu, 1, rows.unsqueeze(-1).expand(-1, -1, hidden)))
-    _set_param(experts, ex.down_param, torch.gather(dn, 2, keep.unsqueeze(1).expand(-1, dn.shape[1], -1)))
     if hasattr(experts, "intermediate_dim"):
         experts.intermediate_dim = keep.shape[1]
 
@@ -480,6 +482,41 @@ def _hidden_layer(layer: Any, roles: LayerRoles, idx: torch.Tensor, rms_scale: f
         _slice_norm(layer.get_submodule(name), idx, rms_scale)
 
 
+def _described_blocks(roles: LayerRoles) -> list[str]:
+    """Paths (inside the layer) of the modules the roles describe: blocks, projections and norms."""
+    out = [p.path for p in stream_ports(roles)] + list(roles.norms)
+    for block in (roles.attention, roles.mla, roles.mlp, roles.experts):
+        if block is not None and block.path:
+            out.append(block.path if block is not roles.experts else block.path.rpartition(".")[0] or block.path)
+    return out
+
+
+def hidden_cut_problem(model: nn.Module, arch: ModelArch) -> str | None:
+    """Why :func:`prune_hidden` cannot cut this model's hidden size, or None: a matrix of a decoder
+    layer sized by the hidden size outside every block the roles describe (a Mamba or recurrent mixer,
+    a second attention), a router that keeps its matrix in a module of its own (``gate.wg``), or decoder
+    layers outside the list pare describes (HRM's second stack)."""
+    layers: Any = arch.layer_modules(model)
+    embed: Any = model.get_submodule(arch.embed_path)
+    hidden = int(embed.weight.shape[1])
+    for roles in arch.layers:
+        layer = layers[roles.index]
+        blocks = tuple(f"{b}." for b in _described_blocks(roles))
+        loose = [f"{name} {list(p.shape)}" for name, p in layer.named_parameters()
+                 if not name.startswith(blocks) and hidden in p.shape and p.dim() > 1]
+        loose += [f"{port.path} (no weight of its own)" for port in stream_ports(roles) if port.sort != "experts"
+                  and not isinstance(getattr(layer.get_submodule(port.path), port.param, None), torch.Tensor)]
+        if loose:
+            return (f"layer {roles.index}'s {', '.join(loose[:3])} also read or write the hidden stream, and pare "
+                    "has no rule to cut them with it")
+    cls = type(layers[0])
+    own = {id(m) for m in layers}
+    others = [n for n, m in model.named_modules() if type(m) is cls and id(m) not in own]
+    if others:
+        return f"the model holds {len(others)} more {cls.__name__} layers outside {arch.layers_path} ({others[0]}...)"
+    return None
+
+
 def _sync_hidden_attrs(model: nn.Module, old: int, new: int) -> None:
     for module in model.modules():
         for name in ("hidden_size", "hidden_dim", "embed_dim", "embedding_dim"):
@@ -542,6 +579,15 @@ def _field_set(config: Any, name: str | None, value: int) -> None:
     if isinstance(derived, property) and derived.fset is None:
         return  # computed from other fields (Falcon's head_dim): nothing to write
     setattr(config, name, value)
+
+
+def size_fields(arch: ModelArch) -> tuple[str, ...]:
+    """The config fields :func:`sync_config` may rewrite (sizes of the hidden stream, MLPs, experts and
+    attention), so a caller can put them back when the config cannot state the cut model."""
+    f = arch.fields
+    names = (f.hidden, f.intermediate, f.moe_intermediate, f.shared_intermediate, f.heads,
+             f.kv_heads or "num_key_value_heads", "head_dim", "word_embed_proj_dim")
+    return tuple(dict.fromkeys(n for n in names if n))
 
 
 def _uniform(values: list[int]) -> int | None:
@@ -785,10 +831,12 @@ __all__ = [
     "enable_bias",
     "expert_alignment",
     "head_count_for_ratio",
+    "hidden_cut_problem",
     "pin_derived_widths",
     "prune_heads",
     "prune_hidden",
     "prune_mlp_channels",
+    "size_fields",
     "slice_in",
     "slice_out",
     "sync_config",
