@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import pare
+from pare.api import check
 from pare.cli import quantize_argv
 from pare.errors import ConfigError
 from pare.ops.quant.mx import E2M1, fp_round
@@ -203,6 +204,21 @@ def test_config_errors_say_what_works() -> None:
         pare.SparseGPTConfig(group_size=64)
     with pytest.raises(ConfigError, match="multiple of 128"):
         pare.prune(tiny_model("llama"), pare.QuantizeConfig(scheme="int4"), runtime=QUIET)
+
+
+@pytest.mark.parametrize("cfg", [pare.QuantizeConfig(scheme="int4", group_size=8, algorithm="gptq"),
+                                 pare.SparseGPTConfig(pattern="2:4", quantize="int4", group_size=8)],
+                         ids=["gptq", "joint"])
+def test_gptq_group_sizes_its_solver_cannot_take_are_refused_before_any_work(cfg) -> None:
+    model = tiny_model("llama")
+    before = _linears(model)
+    with pytest.raises(ConfigError, match="multiple of 16 and divides"):
+        check(model, cfg)
+    with pytest.raises(ConfigError, match="multiple of 16"):
+        pare.prune(model, cfg, tiny_batch(4, 32), runtime=QUIET)
+    assert all(torch.equal(w, before[n]) for n, w in _linears(model).items())
+    rtn = pare.QuantizeConfig(scheme="int4", group_size=8)  # RTN takes the same groups
+    check(model, rtn)
 
 
 def test_quantize_command_is_prune_with_the_quantize_method() -> None:

@@ -27,7 +27,7 @@ from pare.methods.base import PruneContext, Pruner
 from pare.ops.hessian import InverseHessianFactor, inverse_hessian_factor
 from pare.ops.quant.act import ACTIVATION_KINDS, TokenQuantHook
 from pare.ops.quant.bits import BitsAccount, matrix_bits
-from pare.ops.quant.gptq import act_order_perm, gptq_quantize
+from pare.ops.quant.gptq import act_order_perm, check_gptq_width, gptq_quantize
 from pare.ops.quant.scheme import INT_SCHEMES, SCHEMES, QuantScheme, fixed_group, quantize
 
 log = logging.getLogger(__name__)
@@ -183,7 +183,10 @@ class QuantizePruner(QuantAccounting, Pruner):
         check_selection(names, self.config.targets, self.config.ignore)
         for i, layer in enumerate(layers):
             for t in self._selected(arch, i, layer):
-                self.scheme.check_width(t.shape[1], t.name)
+                if self.config.algorithm == "gptq":
+                    check_gptq_width(self.scheme, t.shape[1], t.name)
+                else:
+                    self.scheme.check_width(t.shape[1], t.name)
                 if self.config.act_quant and t.expert is not None:
                     raise ConfigError(f"act_quant={self.config.act_quant!r} simulates the inputs of linear "
                                       f"modules; {t.name} is a slice of a fused expert parameter. Leave the experts "

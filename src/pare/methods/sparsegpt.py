@@ -37,7 +37,7 @@ from pare.methods.quantize import (
 from pare.ops.finite import check_finite_weight
 from pare.ops.masks import make_mask
 from pare.ops.quant.bits import BitsAccount, matrix_bits
-from pare.ops.quant.gptq import GPTQResult, PruneSpec, act_order_perm, gptq_quantize
+from pare.ops.quant.gptq import GPTQResult, PruneSpec, act_order_perm, check_gptq_width, gptq_quantize
 from pare.ops.quant.scheme import INT_SCHEMES, SCHEMES, QuantScheme, quantize
 from pare.ops.sparsegpt import (
     NM_SELECT,
@@ -177,7 +177,7 @@ class SparseGPTPruner(QuantAccounting, SparsityPruner):
         if self.scheme is not None:
             for i, layer in enumerate(arch.layer_modules(model)):
                 for t in self._selected(arch, i, layer):
-                    self.scheme.check_width(t.shape[1], t.name)
+                    check_gptq_width(self.scheme, t.shape[1], t.name)  # both joint modes run the GPTQ solver
 
     def _factor(self, stats: InputStats, model_dtype: torch.dtype) -> InverseHessianFactor:
         """The inverse-Hessian factor of ``stats``; targets that share the statistics object (q/k/v,

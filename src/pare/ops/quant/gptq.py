@@ -233,6 +233,18 @@ def _block(Wt: torch.Tensor, U1: torch.Tensor, cols: torch.Tensor, grid: _Grid, 
     return Et
 
 
+def check_gptq_width(scheme: QuantScheme, cols: int, what: str) -> None:
+    """ConfigError unless GPTQ can quantize a matrix of ``cols`` inputs with ``scheme``'s groups: the
+    group size divides ``cols`` and is a multiple of the lazy updates' sub-block (or the whole row)."""
+    scheme.check_width(cols, what)
+    g = scheme.group(cols)
+    if g < cols and g % SUB:
+        raise ConfigError(f"GPTQ needs a group size that is a multiple of {SUB} (or 0, per channel), got {g} "
+                          f"for {what} ({cols} inputs): use a group size that is a multiple of {SUB} and divides "
+                          f"{cols} (or 0, per channel); RTN (pare quantize --method rtn) takes any group size "
+                          "that divides it")
+
+
 def gptq_quantize(
     W: torch.Tensor,
     factor: InverseHessianFactor,
@@ -265,7 +277,6 @@ def gptq_quantize(
         A :class:`GPTQResult`: pruned weights exact zeros and every other weight on the scheme's grid.
     """
     rows, cols = W.shape
-    scheme.check_width(cols, "the matrix")
     nm = prune.nm if prune is not None else None
     if prune is not None and perm is not None:
         raise ConfigError("act_order cannot be combined with pruning: N:M groups and SparseGPT's blocks follow "
@@ -273,9 +284,8 @@ def gptq_quantize(
     if keep_zero is not None and (prune is not None or tuple(keep_zero.shape) != (rows, cols)):
         raise ConfigError("keep_zero is a [out, in] mask of an already pruned matrix; it cannot be combined with "
                           "joint pruning")
+    check_gptq_width(scheme, cols, "the matrix")
     g = scheme.group(cols)
-    if g < cols and g % SUB:
-        raise ConfigError(f"GPTQ needs a group size that is a multiple of {SUB} (or 0, per channel), got {g}")
     if g < cols:
         blocksize = max(blocksize, g) // g * g
     if nm is not None and (blocksize % nm[1] or cols % nm[1]):
