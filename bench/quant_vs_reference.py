@@ -149,7 +149,8 @@ def worker_peer(a: argparse.Namespace) -> dict:
     damp = extra.get("damp", 0.01)
     sparse = {"sparsity": 0.5, "block_size": 128, "dampening_frac": damp, "ignore": ignore}
     w4a16 = QuantizationScheme(targets=["Linear"], weights=QuantizationArgs(
-        num_bits=4, type="int", symmetric=True, strategy="group", group_size=a.group_size,  # W4A16 at this group
+        num_bits=4, type="int", symmetric=True,  # W4A16 at this group (0: one scale per output channel)
+        **({"strategy": "group", "group_size": a.group_size} if a.group_size else {"strategy": "channel"}),
         **({"observer": extra["observer"]} if "observer" in extra else {})))
     gptq = {"config_groups": {"group_0": w4a16}, "ignore": ["lm_head"], "block_size": 128, "dampening_frac": damp}
     recipe: list = {
@@ -231,7 +232,7 @@ def evaluate(weights: Path | None, ev, a: argparse.Namespace) -> dict:
         model.load_state_dict(state, strict=False)
         zeros = sum(int((w == 0).sum()) for w in state.values())
         out["sparsity"] = zeros / sum(w.numel() for w in state.values())
-        groups = [w.reshape(w.shape[0], -1, a.group_size) for w in state.values()]
+        groups = [w.reshape(w.shape[0], -1, a.group_size or w.shape[1]) for w in state.values()]  # 0: per row
         out["groups_of_4_with_2_zeros"] = (sum(int(((w.reshape(w.shape[0], -1, 4) == 0).sum(-1) >= 2).sum())
                                                 for w in state.values())
                                             / sum(w.numel() // 4 for w in state.values()))
